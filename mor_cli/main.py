@@ -1,0 +1,44 @@
+"""`mor <group> <command> ...`: one CLI, a group per role, each imported lazily.
+
+Every group module exposes `main(argv) -> int`; so does this one, so tests
+call it directly instead of spawning processes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# group -> (module defining it, one-line help). pki and audit arrive with the secure transport.
+GROUPS: dict[str, tuple[str, str]] = {
+    "silo": ("silo_agent.cli", "silo operator: train a DP reward model, inspect the privacy ledger"),
+    "coordinator": ("coordinator.cli", "consortium operator: build the VLM, train and evaluate the reference"),
+    "demo": ("mor_cli.demo", "run the whole consortium locally with embedded defaults"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mor <group> <command> [options]", "", "groups:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in GROUPS.items()]
+    lines += ["", "Run `mor <group> --help` for a group's commands."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    group, rest = argv[0], argv[1:]
+    if group not in GROUPS:
+        print(f"mor: unknown group {group!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    module = importlib.import_module(GROUPS[group][0])
+    return module.main(rest)
+
+
+def entry_point() -> None:
+    sys.exit(main())

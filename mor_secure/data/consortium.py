@@ -1,0 +1,155 @@
+"""The consortium's data layout: which easy-VQA images go where, and how noisy each silo is.
+
+The benchmark's point (DESIGN.md section 2) is heterogeneity: each silo
+labels one question kind reliably and the others noisily, so no single
+reward model is good everywhere and the router has something to learn. This
+file is the one place that says so, validated strictly so a typo in the YAML
+fails loudly instead of silently changing an experiment.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from mor_secure.config import StrictModel, load_config
+from mor_secure.data.easyvqa import EASYVQA_TEST_IMAGES, EASYVQA_TRAIN_IMAGES
+from mor_secure.data.records import QuestionKind
+
+# Names of the shared splits; a silo may not take one, since split names and
+# silo names share one namespace in `ConsortiumSplits.image_ids`.
+SHARED_SPLIT_NAMES: tuple[str, ...] = ("sft", "calibration", "test")
+
+# Shares like 0.33 are written in decimal but summed in binary floating point.
+_SHARE_SUM_TOLERANCE = 1e-9
+
+
+class SplitSpec(StrictModel):
+    """Sizes of the shared splits, in images; the silos' private pool is what remains."""
+
+    sft_images: int = Field(
+        default=1200,
+        gt=0,
+        description="easy-VQA train images for supervised fine-tuning of the base VLM.",
+    )
+    calibration_images: int = Field(
+        default=400,
+        gt=0,
+        description="easy-VQA train images for the coordinator's public calibration set (router training).",
+    )
+    test_images: int | None = Field(
+        default=None,
+        gt=0,
+        le=EASYVQA_TEST_IMAGES,
+        description=(
+            "easy-VQA test images for evaluation: null means all "
+            f"{EASYVQA_TEST_IMAGES}; a number picks a seeded subset of that many."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _leave_a_private_pool(self) -> SplitSpec:
+        shared = self.sft_images + self.calibration_images
+        if shared >= EASYVQA_TRAIN_IMAGES:
+            raise ValueError(
+                f"sft_images + calibration_images = {shared} leaves no private images for the "
+                f"silos (easy-VQA has {EASYVQA_TRAIN_IMAGES} train images); lower them so their "
+                f"sum is below {EASYVQA_TRAIN_IMAGES}"
+            )
+        return self
+
+    @property
+    def private_pool_images(self) -> int:
+        """Images left for the silos after the shared splits."""
+        return EASYVQA_TRAIN_IMAGES - self.sft_images - self.calibration_images
+
+
+class SiloDataSpec(StrictModel):
+    """One silo's slice of the private pool and the quality of its labels."""
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
+        description="Silo name (lowercase letters, digits, '-'); the same name as in its certificate.",
+    )
+    image_share: float = Field(
+        gt=0.0,
+        le=1.0,
+        description="Share of the private image pool this silo holds (0 < share <= 1).",
+    )
+    reliable_kinds: list[QuestionKind] = Field(
+        min_length=1,
+        description="Question kinds this silo labels correctly: its domain of expertise.",
+    )
+    label_flip_rate: float = Field(
+        ge=0.0,
+        le=0.5,
+        description=(
+            "Probability that a pair on a kind NOT in reliable_kinds has chosen and rejected "
+            "swapped (0 = clean, 0.5 = pure noise)."
+        ),
+    )
+    max_pairs_per_kind: int | None = Field(
+        default=None,
+        gt=0,
+        description="Cap on this silo's pairs per question kind (deterministic subsample); null = no cap.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_reliable_kinds(self) -> SiloDataSpec:
+        if len(set(self.reliable_kinds)) != len(self.reliable_kinds):
+            raise ValueError(f"silo {self.name!r}: reliable_kinds lists a kind twice: {self.reliable_kinds}")
+        return self
+
+
+class ConsortiumSpec(StrictModel):
+    """The whole benchmark consortium: seed, shared splits and silos."""
+
+    seed: int = Field(default=0, description="Seed of every split and pair draw; same seed, same data.")
+    splits: SplitSpec = Field(default_factory=SplitSpec, description="Sizes of the shared splits.")
+    silos: list[SiloDataSpec] = Field(
+        min_length=1,
+        description="The silos, in order; each takes consecutive images of the shuffled private pool.",
+    )
+
+    @model_validator(mode="after")
+    def _silos_fit_together(self) -> ConsortiumSpec:
+        names = [silo.name for silo in self.silos]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"silo names must be unique; repeated: {duplicates}")
+        reserved = sorted(set(names) & set(SHARED_SPLIT_NAMES))
+        if reserved:
+            raise ValueError(f"silo names {reserved} are reserved for shared splits; rename the silos")
+        share_sum = sum(silo.image_share for silo in self.silos)
+        if share_sum > 1.0 + _SHARE_SUM_TOLERANCE:
+            raise ValueError(
+                f"silo image_share values sum to {share_sum:.6g} > 1; "
+                "lower them so the silos fit in the private pool"
+            )
+        pool = self.splits.private_pool_images
+        empty = [silo.name for silo in self.silos if silo_image_count(silo.image_share, pool) == 0]
+        if empty:
+            raise ValueError(
+                f"silos {empty} would get no image from the private pool of {pool}; "
+                "raise their image_share or shrink the shared splits"
+            )
+        return self
+
+    def silo(self, name: str) -> SiloDataSpec:
+        """The silo called `name`; KeyError naming the known silos otherwise."""
+        for silo in self.silos:
+            if silo.name == name:
+                return silo
+        raise KeyError(f"no silo {name!r} in the consortium; known silos: {[s.name for s in self.silos]}")
+
+
+def silo_image_count(image_share: float, pool_size: int) -> int:
+    """floor(image_share * pool_size), robust to binary rounding (0.29 * 100 is 28.999...)."""
+    return math.floor(image_share * pool_size + _SHARE_SUM_TOLERANCE)
+
+
+def load_consortium(path: str | Path) -> ConsortiumSpec:
+    """Load a consortium YAML; `ConfigError` naming the file on any problem."""
+    return load_config(path, ConsortiumSpec)

@@ -1,0 +1,229 @@
+"""Import a silo operator's own preference data (TRL-style JSONL) as `PreferencePair`s.
+
+Why so strict: a silo trains a DP reward model on this data and the result
+is hard to inspect afterwards, so a malformed row must stop the import with
+a message the operator can act on, not be silently dropped. The import is
+all-or-nothing, and every problem of the file is reported at once (up to a
+cap) as "FILE:LINE: reason", so one pass fixes them all.
+
+Row format, one JSON object per line (blank lines skipped):
+    {"prompt": "...", "chosen": "...", "rejected": "...",
+     "images": ["relative/path.png"], "kind": "color"}   # kind optional
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import IO, Any
+
+from PIL import Image
+
+from mor_secure.data.records import QUESTION_KINDS, PreferencePair
+
+# Bounds on what one import may hold, so a wrong file (a binary dump, a
+# whole dataset on one line) fails fast instead of exhausting memory.
+MAX_LINE_BYTES = 1 << 20
+MAX_ROWS = 1_000_000
+# More problems than this are counted, not listed: the first ones show the pattern.
+MAX_LISTED_PROBLEMS = 50
+
+_TEXT_FIELDS = ("prompt", "chosen", "rejected")
+_REQUIRED_FIELDS = (*_TEXT_FIELDS, "images")
+_ALLOWED_FIELDS = frozenset((*_REQUIRED_FIELDS, "kind"))
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """One reason a file cannot be imported; `line` is 1-based, 0 for the file as a whole."""
+
+    path: Path
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}" if self.line else f"{self.path}: {self.reason}"
+
+
+class DataImportError(ValueError):
+    """The file was not imported; `problems` lists why (at most MAX_LISTED_PROBLEMS, `omitted` more)."""
+
+    def __init__(self, path: Path, problems: list[RowProblem], omitted: int = 0) -> None:
+        self.problems = problems
+        self.omitted = omitted
+        total = len(problems) + omitted
+        lines = [f"{path}: {total} problem(s), nothing imported:", *(str(problem) for problem in problems)]
+        if omitted:
+            lines.append(f"... and {omitted} more")
+        super().__init__("\n".join(lines))
+
+
+class _ProblemList:
+    """Collects problems, listing the first MAX_LISTED_PROBLEMS and counting the rest."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.listed: list[RowProblem] = []
+        self.omitted = 0
+
+    def add(self, line: int, reason: str) -> None:
+        if len(self.listed) < MAX_LISTED_PROBLEMS:
+            self.listed.append(RowProblem(self.path, line, reason))
+        else:
+            self.omitted += 1
+
+    def raise_if_any(self) -> None:
+        if self.listed:
+            raise DataImportError(self.path, self.listed, self.omitted)
+
+
+def import_preference_jsonl(jsonl_path: str | Path, image_root: str | Path) -> tuple[PreferencePair, ...]:
+    """Every row of `jsonl_path` as a pair, images resolved under `image_root`; else DataImportError."""
+    jsonl_path = Path(jsonl_path)
+    problems = _ProblemList(jsonl_path)
+    root = Path(image_root).resolve()
+    if not root.is_dir():
+        problems.add(0, f"image root {image_root} is not a directory")
+    if not jsonl_path.is_file():
+        problems.add(0, "file not found")
+    problems.raise_if_any()
+
+    images = _ImageChecker(root)
+    pairs: list[PreferencePair] = []
+    rows = 0
+    with jsonl_path.open("rb") as handle:
+        for line_number, raw in _numbered_lines(handle):
+            if raw is None:
+                problems.add(line_number, f"line longer than {MAX_LINE_BYTES} bytes")
+                continue
+            if not raw.strip():
+                continue
+            rows += 1
+            if rows > MAX_ROWS:
+                problems.add(line_number, f"more than {MAX_ROWS} rows; split the file")
+                break
+            pair, reasons = _parse_row(raw, images)
+            for reason in reasons:
+                problems.add(line_number, reason)
+            if pair is not None:
+                pairs.append(pair)
+    if rows == 0 and not problems.listed:
+        problems.add(0, "no rows: the file is empty or blank")
+    problems.raise_if_any()
+    return tuple(pairs)
+
+
+def _numbered_lines(handle: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based line number, line) pairs; None for a line over MAX_LINE_BYTES, which is skipped unread."""
+    line_number = 0
+    while chunk := handle.readline(MAX_LINE_BYTES + 1):
+        line_number += 1
+        if len(chunk) > MAX_LINE_BYTES and not chunk.endswith(b"\n"):
+            # Consume the rest of the line in bounded chunks, never holding it whole.
+            while (rest := handle.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                pass
+            yield line_number, None
+        else:
+            yield line_number, chunk
+
+
+def _parse_row(raw: bytes, images: _ImageChecker) -> tuple[PreferencePair | None, list[str]]:
+    """The row's pair, or None and every reason it is invalid."""
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, ["not valid UTF-8"]
+    except json.JSONDecodeError as exc:
+        return None, [f"invalid JSON: {exc.msg} at column {exc.colno}"]
+    if not isinstance(row, dict):
+        return None, [f"a row must be a JSON object, got {_json_type(row)}"]
+
+    reasons: list[str] = []
+    unknown = sorted(set(row) - _ALLOWED_FIELDS)
+    if unknown:
+        reasons.append(f"unknown field(s) {unknown}; allowed: {sorted(_ALLOWED_FIELDS)}")
+    reasons += [f"missing field '{name}'" for name in _REQUIRED_FIELDS if name not in row]
+    for name in _TEXT_FIELDS:
+        if name in row:
+            reasons += _text_problems(name, row[name])
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    # Compared without surrounding spaces: "yes" against "yes " is the same answer.
+    if isinstance(chosen, str) and isinstance(rejected, str) and chosen.strip() == rejected.strip() != "":
+        reasons.append(f"chosen and rejected are the same answer ({chosen!r})")
+    kind = row.get("kind")
+    if "kind" in row and kind not in QUESTION_KINDS:
+        reasons.append(f"kind must be one of {list(QUESTION_KINDS)} or omitted, got {kind!r}")
+    image = images.check(row["images"], reasons) if "images" in row else None
+
+    if reasons or image is None:
+        return None, reasons
+    image_id, image_path = image
+    pair = PreferencePair(
+        image_id=image_id,
+        image_path=image_path,
+        prompt=row["prompt"],
+        chosen=chosen,
+        rejected=rejected,
+        kind=kind,
+    )
+    return pair, []
+
+
+def _text_problems(name: str, value: Any) -> list[str]:
+    if not isinstance(value, str):
+        return [f"field '{name}' must be a string, got {_json_type(value)}"]
+    if not value.strip():
+        return [f"field '{name}' is empty"]
+    return []
+
+
+class _ImageChecker:
+    """Resolves row image paths safely under the root; opens each distinct file once."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._verdicts: dict[Path, str | None] = {}
+
+    def check(self, images: Any, reasons: list[str]) -> tuple[str, Path] | None:
+        """(image_id, absolute path) of the row's single image, or None with reasons appended."""
+        if not (isinstance(images, list) and len(images) == 1 and isinstance(images[0], str) and images[0]):
+            reasons.append(f"field 'images' must be a list holding one non-empty path string, got {images!r:.80}")
+            return None
+        relative = images[0]
+        # Reject both POSIX and Windows absolute forms: the file must work on every silo host.
+        if PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).is_absolute():
+            reasons.append(f"image path {relative!r} must be relative to the image root")
+            return None
+        # resolve() also follows symlinks, so a link pointing outside the root is caught too.
+        resolved = (self.root / relative).resolve()
+        if not resolved.is_relative_to(self.root):
+            reasons.append(f"image path {relative!r} escapes the image root {self.root}")
+            return None
+        if resolved not in self._verdicts:
+            self._verdicts[resolved] = _image_problem(resolved)
+        problem = self._verdicts[resolved]
+        if problem is not None:
+            reasons.append(f"image {relative!r}: {problem}")
+            return None
+        return "import:" + resolved.relative_to(self.root).as_posix(), resolved
+
+
+def _image_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return f"file not found ({path})"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    # PIL signals corrupt or unsupported files with many exception types
+    # (OSError, SyntaxError, ValueError, DecompressionBombError, ...).
+    except Exception as exc:  # noqa: BLE001
+        return f"not an image PIL can read ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type, as the user wrote it in the file."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)

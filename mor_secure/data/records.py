@@ -1,0 +1,44 @@
+"""Plain record types shared by loaders, pair builders, importers and models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+QuestionKind = Literal["color", "shape", "yes_no"]
+QUESTION_KINDS: tuple[QuestionKind, ...] = ("color", "shape", "yes_no")
+
+
+@dataclass(frozen=True)
+class VQARecord:
+    """One question about one image, with its ground-truth answer.
+
+    `image_id` is unique across every source split (e.g. "easyvqa-train/17"),
+    so disjointness of splits can be checked on it directly.
+    """
+
+    image_id: str
+    image_path: Path
+    question: str
+    answer: str
+    kind: QuestionKind
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A preference over two answers to one (image, prompt).
+
+    `kind` is None for users' imported data whose question kind is unknown.
+    `label_flipped` records (for synthetic benchmark pairs only) that an
+    unreliable annotator swapped chosen and rejected; evaluation always uses
+    clean pairs.
+    """
+
+    image_id: str
+    image_path: Path
+    prompt: str
+    chosen: str
+    rejected: str
+    kind: QuestionKind | None = None
+    label_flipped: bool = False

@@ -1,0 +1,47 @@
+"""Architecture b: frozen pretrained encoders + a small DP-trained interaction head.
+
+Only the head is trained (and is all that DP-SGD sees); the encoders' features
+are cached, so an epoch costs a few milliseconds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..encoders import EFFICIENTNET_FEATURES, MINILM_FEATURES, ImageFeatureEncoder, TextFeatureEncoder
+from ..reward_heads import InteractionHead
+from ..reward_model import RewardModel, Standardisation, register
+
+HEAD_FILE = "head.safetensors"
+
+
+@register
+class FrozenEncoderRewardModel(RewardModel):
+    architecture = "frozen_encoders"
+
+    def __init__(self, *, width: int = 64, cache_dir: str | Path | None = None,
+                 standardisation: Standardisation | None = None):
+        super().__init__(InteractionHead(EFFICIENTNET_FEATURES, MINILM_FEATURES, MINILM_FEATURES, width=width),
+                         standardisation)
+        self.width = width
+        self.image_encoder = ImageFeatureEncoder(cache_dir)
+        self.text_encoder = TextFeatureEncoder()
+
+    def side_inputs(self, images: Sequence[str | Path], prompts: Sequence[str],
+                    responses: Sequence[str]) -> tuple[torch.Tensor, ...]:
+        return (self.image_encoder.encode(images), self.text_encoder.encode(list(prompts)),
+                self.text_encoder.encode(list(responses)))
+
+    def _save_weights(self, directory: Path) -> dict:
+        save_file(self.module.state_dict(), str(directory / HEAD_FILE))
+        return {"width": self.width}
+
+    @classmethod
+    def _load(cls, directory: Path, settings: dict, standardisation: Standardisation) -> FrozenEncoderRewardModel:
+        model = cls(width=settings["width"], standardisation=standardisation)
+        model.module.load_state_dict(load_file(str(directory / HEAD_FILE)))
+        return model

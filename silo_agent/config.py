@@ -1,0 +1,51 @@
+"""The silo operator's YAML: which data, which architecture, how much privacy to spend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from mor_secure.config import StrictModel
+from mor_secure.privacy import TrainingConfig
+
+Architecture = Literal["lora_vlm", "frozen_encoders", "small_cnn"]
+
+
+class PrivacyBudget(StrictModel):
+    """The silo's lifetime privacy budget; every spend is charged against it in the ledger."""
+
+    epsilon: float = Field(10.0, gt=0, description="Total epsilon this silo will ever spend (basic composition).")
+    delta: float = Field(2e-5, gt=0, lt=1, description="Total delta this silo will ever spend.")
+
+
+class SiloConfig(StrictModel):
+    """`mor silo train --config silo.yaml`. Relative paths are relative to this file."""
+
+    name: str = Field(description="The silo's name; must match a silo in the consortium file.")
+    consortium: Path = Field(description="Consortium YAML shared by every party (splits, silo data specs).")
+    workdir: Path = Field(description="Where the reward model, privacy ledger and privacy report are written.")
+    architecture: Architecture = Field(description="Reward-model architecture: lora_vlm, frozen_encoders or small_cnn.")
+    base_model: Path | None = Field(None, description="Shared VLM checkpoint directory; required for lora_vlm.")
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=0.5, description="Share of the silo's pairs held back (never trained on) to standardise scores.")
+    public_pretraining_steps: int = Field(
+        800, gt=0, description="small_cnn only: steps of public (non-private) trunk pre-training on the SFT split.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Bradley-Terry DP-SGD settings.")
+    privacy_budget: PrivacyBudget = Field(default_factory=PrivacyBudget, description="Lifetime budget for the ledger.")
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> SiloConfig:
+        if self.architecture == "lora_vlm" and self.base_model is None:
+            raise ValueError("architecture lora_vlm needs base_model: the path of the shared VLM checkpoint")
+        if self.architecture != "lora_vlm" and self.base_model is not None:
+            raise ValueError(f"base_model is only used by lora_vlm; remove it or set architecture: lora_vlm "
+                             f"(architecture is {self.architecture})")
+        dp = self.training.dp
+        if dp.enabled and (dp.target_epsilon > self.privacy_budget.epsilon or dp.target_delta > self.privacy_budget.delta):
+            raise ValueError(
+                f"training.dp targets (epsilon {dp.target_epsilon}, delta {dp.target_delta}) exceed the whole "
+                f"privacy_budget (epsilon {self.privacy_budget.epsilon}, delta {self.privacy_budget.delta}); "
+                "lower the targets or raise the budget")
+        return self

@@ -1,0 +1,95 @@
+"""The consortium YAML is validated strictly, with messages that say what to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from mor_secure.config import ConfigError
+from mor_secure.data import ConsortiumSpec, SiloDataSpec, SplitSpec, load_consortium
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+SILO_YAML = """
+  - name: {name}
+    image_share: {share}
+    reliable_kinds: [shape]
+    label_flip_rate: 0.2
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "consortium.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _silos(*name_and_share: tuple[str, float]) -> str:
+    return "silos:" + "".join(SILO_YAML.format(name=name, share=share) for name, share in name_and_share)
+
+
+def test_the_demo_consortium_loads() -> None:
+    spec = load_consortium(REPO_ROOT / "mor_cli" / "demo_configs" / "consortium.yaml")
+    assert spec.seed == 0 and spec.splits == SplitSpec()
+    assert [(s.name, s.reliable_kinds, s.image_share, s.label_flip_rate) for s in spec.silos] == [
+        ("hospital-a", ["shape"], 0.33, 0.4),
+        ("bank-b", ["color"], 0.33, 0.4),
+        ("hospital-c", ["yes_no"], 0.33, 0.4),
+    ]
+    assert spec.silo("bank-b").reliable_kinds == ["color"]
+    with pytest.raises(KeyError, match="hospital-a"):
+        spec.silo("bank-z")
+
+
+def test_unknown_key_is_rejected_with_the_file_name(tmp_path: Path) -> None:
+    path = _write(tmp_path, "seed: 0\nsede: 1\n" + _silos(("hospital-a", 0.5)))
+    with pytest.raises(ConfigError, match=r"consortium\.yaml.*sede"):
+        load_consortium(path)
+
+
+def test_shares_summing_over_one_are_rejected(tmp_path: Path) -> None:
+    path = _write(tmp_path, _silos(("hospital-a", 0.6), ("bank-b", 0.5)))
+    with pytest.raises(ConfigError, match="sum to 1.1 > 1"):
+        load_consortium(path)
+
+
+def test_duplicate_silo_names_are_rejected(tmp_path: Path) -> None:
+    path = _write(tmp_path, _silos(("hospital-a", 0.3), ("hospital-a", 0.3)))
+    with pytest.raises(ConfigError, match=r"repeated: \['hospital-a'\]"):
+        load_consortium(path)
+
+
+def test_shared_splits_must_leave_a_private_pool() -> None:
+    with pytest.raises(ValidationError, match="leaves no private images"):
+        SplitSpec(sft_images=3000, calibration_images=1000)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"name": "Hospital A"}, "name"),
+        ({"image_share": 0.0}, "image_share"),
+        ({"label_flip_rate": 0.6}, "label_flip_rate"),
+        ({"reliable_kinds": []}, "reliable_kinds"),
+        ({"reliable_kinds": ["shape", "shape"]}, "lists a kind twice"),
+        ({"reliable_kinds": ["texture"]}, "reliable_kinds"),
+    ],
+)
+def test_bad_silo_fields_are_rejected(fields: dict[str, object], expected: str) -> None:
+    values = {"name": "hospital-a", "image_share": 0.3, "reliable_kinds": ["shape"], "label_flip_rate": 0.2}
+    with pytest.raises(ValidationError, match=expected):
+        SiloDataSpec(**{**values, **fields})
+
+
+def test_reserved_names_and_empty_silos_are_rejected() -> None:
+    def silo(name: str, share: float) -> SiloDataSpec:
+        return SiloDataSpec(name=name, image_share=share, reliable_kinds=["color"], label_flip_rate=0.1)
+
+    with pytest.raises(ValidationError, match="reserved"):
+        ConsortiumSpec(silos=[silo("test", 0.5)])
+    with pytest.raises(ValidationError, match="would get no image"):
+        ConsortiumSpec(silos=[silo("tiny", 0.0001)])
+    with pytest.raises(ValidationError, match="silos"):
+        ConsortiumSpec(silos=[])

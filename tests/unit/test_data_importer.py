@@ -1,0 +1,138 @@
+"""Importing users' JSONL preferences: all rows or nothing, every problem with its line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mor_secure.data import DataImportError, PreferencePair, import_preference_jsonl
+from mor_secure.data import importer
+
+PROMPT = "what color is the shape?"
+
+
+def _png(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 4), (200, 30, 30)).save(path)
+
+
+def _row(image: str = "img/a.png", **overrides: object) -> str:
+    row = {"prompt": PROMPT, "chosen": "red", "rejected": "blue", "images": [image]}
+    row.update(overrides)
+    return json.dumps(row)
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def image_root(tmp_path: Path) -> Path:
+    root = tmp_path / "images"
+    _png(root / "img" / "a.png")
+    _png(root / "img" / "b.png")
+    return root
+
+
+def test_a_good_file_imports_every_row(tmp_path: Path, image_root: Path) -> None:
+    jsonl = _write(
+        tmp_path / "prefs.jsonl",
+        [_row(), "", _row("img/b.png", kind="color"), _row("img/../img/a.png", chosen="yes", rejected="no")],
+    )
+    pairs = import_preference_jsonl(jsonl, image_root)
+    a_png, b_png = (image_root / "img/a.png").resolve(), (image_root / "img/b.png").resolve()
+    assert pairs == (
+        PreferencePair("import:img/a.png", a_png, PROMPT, "red", "blue"),
+        PreferencePair("import:img/b.png", b_png, PROMPT, "red", "blue", "color"),
+        # "img/../img/a.png" is normalised, so the same file gets the same image id.
+        PreferencePair("import:img/a.png", a_png, PROMPT, "yes", "no"),
+    )
+
+
+def test_every_bad_row_is_reported_with_its_line_and_nothing_is_imported(tmp_path: Path, image_root: Path) -> None:
+    (tmp_path / "outside.png").write_bytes((image_root / "img/a.png").read_bytes())
+    jsonl = _write(
+        tmp_path / "prefs.jsonl",
+        [
+            _row(),                                     # 1 good
+            '{"prompt": "broken", ',                    # 2 bad JSON
+            json.dumps({"prompt": "p", "chosen": "a", "images": ["img/a.png"]}),  # 3 missing rejected
+            _row("img/b.png"),                          # 4 good
+            _row(chosen="red", rejected="red"),         # 5 chosen == rejected
+            _row("img/missing.png"),                    # 6 missing image
+            _row("../outside.png"),                     # 7 escapes the root
+        ],
+    )
+    with pytest.raises(DataImportError) as caught:
+        import_preference_jsonl(jsonl, image_root)
+    problems = caught.value.problems
+    assert [p.line for p in problems] == [2, 3, 5, 6, 7]
+    reasons = {p.line: p.reason for p in problems}
+    assert reasons[2].startswith("invalid JSON")
+    assert reasons[3] == "missing field 'rejected'"
+    assert reasons[5] == "chosen and rejected are the same answer ('red')"
+    assert "file not found" in reasons[6]
+    assert "escapes the image root" in reasons[7]
+    message_lines = str(caught.value).splitlines()
+    assert f"{jsonl}:5: chosen and rejected are the same answer ('red')" in message_lines
+    assert all(p.path == jsonl for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("line", "expected_reason"),
+    [
+        ("[1, 2]", "a row must be a JSON object, got array"),
+        (_row(score=1), "unknown field(s) ['score']"),
+        (_row(prompt=3), "field 'prompt' must be a string, got number"),
+        (_row(chosen="  "), "field 'chosen' is empty"),
+        (_row(kind="texture"), "kind must be one of"),
+        (_row(images=["img/a.png", "img/b.png"]), "field 'images' must be a list holding one"),
+        (_row("/etc/passwd"), "must be relative to the image root"),
+        (_row("img/not-an-image.png"), "not an image PIL can read"),
+    ],
+)
+def test_each_kind_of_bad_row_is_named(tmp_path: Path, image_root: Path, line: str, expected_reason: str) -> None:
+    (image_root / "img" / "not-an-image.png").write_text("hello")
+    jsonl = _write(tmp_path / "prefs.jsonl", [_row(), line])
+    with pytest.raises(DataImportError) as caught:
+        import_preference_jsonl(jsonl, image_root)
+    assert len(caught.value.problems) == 1
+    assert caught.value.problems[0].line == 2
+    assert expected_reason in caught.value.problems[0].reason
+
+
+def test_long_lines_row_limit_and_problem_cap(
+    tmp_path: Path, image_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(importer, "MAX_LINE_BYTES", 64)
+    jsonl = _write(tmp_path / "long.jsonl", ["x" * 200, '{"a": 1}'])
+    with pytest.raises(DataImportError) as caught:
+        import_preference_jsonl(jsonl, image_root)
+    assert [(p.line, p.reason) for p in caught.value.problems][0] == (1, "line longer than 64 bytes")
+    assert caught.value.problems[1].line == 2
+    monkeypatch.undo()
+
+    monkeypatch.setattr(importer, "MAX_ROWS", 3)
+    jsonl = _write(tmp_path / "many.jsonl", [_row()] * 5)
+    with pytest.raises(DataImportError, match=r"many.jsonl:4: more than 3 rows"):
+        import_preference_jsonl(jsonl, image_root)
+    monkeypatch.undo()
+
+    jsonl = _write(tmp_path / "bad.jsonl", ["nope"] * 60)
+    with pytest.raises(DataImportError) as caught:
+        import_preference_jsonl(jsonl, image_root)
+    assert len(caught.value.problems) == 50 and caught.value.omitted == 10
+    assert str(caught.value).splitlines()[-1] == "... and 10 more"
+
+
+def test_missing_file_root_or_rows_are_reported(tmp_path: Path, image_root: Path) -> None:
+    with pytest.raises(DataImportError, match="file not found"):
+        import_preference_jsonl(tmp_path / "absent.jsonl", image_root)
+    with pytest.raises(DataImportError, match="is not a directory"):
+        import_preference_jsonl(_write(tmp_path / "p.jsonl", [_row()]), tmp_path / "no-root")
+    with pytest.raises(DataImportError, match="no rows"):
+        import_preference_jsonl(_write(tmp_path / "blank.jsonl", ["", "  "]), image_root)

@@ -28,7 +28,7 @@ from mor_secure.data import load_consortium, make_pairs, make_splits
 from mor_secure.data.records import QUESTION_KINDS, PreferencePair
 from mor_secure.models.reward_model import RewardModel
 from mor_secure.models.tiny_vlm import build_tiny_vlm, load_vlm
-from silo_agent.training import load_silo_config, train_silo
+from silo_agent.training import feature_cache_dir, load_silo_config, train_silo
 
 PROG = "mor demo"
 SILOS = ("hospital-a", "bank-b", "hospital-c")
@@ -97,6 +97,7 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> in
         dp_rel, dp_oth, dp_kinds = _accuracy_split(dp_outcome.model, pairs_by_kind, reliable)
         nondp_config = config.model_copy(update={
             "workdir": config.workdir.with_name(f"{silo}-nondp"),
+            "feature_cache": feature_cache_dir(config),  # same frozen features: don't recompute them
             "training": config.training.model_copy(update={
                 "dp": config.training.dp.model_copy(update={"enabled": False})})})
         nondp_outcome = train_silo(nondp_config, progress=progress)

@@ -28,6 +28,8 @@ class SiloConfig(StrictModel):
     workdir: Path = Field(description="Where the reward model, privacy ledger and privacy report are written.")
     architecture: Architecture = Field(description="Reward-model architecture: lora_vlm, frozen_encoders or small_cnn.")
     base_model: Path | None = Field(None, description="Shared VLM checkpoint directory; required for lora_vlm.")
+    feature_cache: Path | None = Field(
+        None, description="frozen_encoders only: where frozen image features are cached (default: <workdir>/feature_cache).")
     validation_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of the silo's pairs held back (never trained on) to standardise scores.")
     public_pretraining_steps: int = Field(

@@ -44,8 +44,9 @@ def load_silo_config(path: str | Path) -> SiloConfig:
     """Load a silo YAML and resolve its relative paths against the file's directory."""
     config = load_config(path, SiloConfig)
     updates = {"consortium": resolve_relative(path, config.consortium), "workdir": resolve_relative(path, config.workdir)}
-    if config.base_model is not None:
-        updates["base_model"] = resolve_relative(path, config.base_model)
+    for optional in ("base_model", "feature_cache"):
+        if getattr(config, optional) is not None:
+            updates[optional] = resolve_relative(path, getattr(config, optional))
     return config.model_copy(update=updates)
 
 
@@ -54,8 +55,12 @@ def build_reward_model(config: SiloConfig) -> RewardModel:
     if config.architecture == "lora_vlm":
         return LoraVLMRewardModel(base_model=config.base_model, seed=config.training.seed)
     if config.architecture == "frozen_encoders":
-        return FrozenEncoderRewardModel(cache_dir=config.workdir / "feature_cache")
+        return FrozenEncoderRewardModel(cache_dir=feature_cache_dir(config))
     return SmallCNNRewardModel(seed=config.training.seed)
+
+
+def feature_cache_dir(config: SiloConfig) -> Path:
+    return config.feature_cache or config.workdir / "feature_cache"
 
 
 def open_ledger(config: SiloConfig) -> PrivacyLedger:

@@ -2,6 +2,11 @@
 
 Only the head is trained (and is all that DP-SGD sees); the encoders' features
 are cached, so an epoch costs a few milliseconds.
+
+Image features are L2-normalised like the MiniLM embeddings. Raw mean-pooled
+EfficientNet features have norm ~12.6, so under per-sample clipping (C = 1) the
+image projection's gradient took the whole clipping budget: measured here,
+yes/no pairwise accuracy under DP at epsilon 8 was 0.51 raw (0.93 without DP).
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ class FrozenEncoderRewardModel(RewardModel):
 
     def side_inputs(self, images: Sequence[str | Path], prompts: Sequence[str],
                     responses: Sequence[str]) -> tuple[torch.Tensor, ...]:
-        return (self.image_encoder.encode(images), self.text_encoder.encode(list(prompts)),
+        image_features = torch.nn.functional.normalize(self.image_encoder.encode(images), dim=-1)
+        return (image_features, self.text_encoder.encode(list(prompts)),
                 self.text_encoder.encode(list(responses)))
 
     def _save_weights(self, directory: Path) -> dict:

@@ -16,6 +16,7 @@ from mor_secure.privacy.dp_training import (
     train_bradley_terry,
 )
 from mor_secure.privacy.ledger import BudgetExceededError, PrivacyLedger, PrivacySpend
+from mor_secure.privacy.randomized_response import debiased_mean, flip_probability, randomize_bits
 
 __all__ = [
     "Accountant",
@@ -27,7 +28,10 @@ __all__ = [
     "TrainingConfig",
     "TrainingResult",
     "bradley_terry_loss",
+    "debiased_mean",
     "epsilon_spent",
+    "flip_probability",
     "noise_multiplier_for",
+    "randomize_bits",
     "train_bradley_terry",
 ]

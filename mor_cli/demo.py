@@ -20,10 +20,12 @@ from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
 from coordinator.answer_eval import evaluate_answers
 from coordinator.cli import vlm_corpus
 from coordinator.reference import train_reference
-from mor_secure.cli_errors import run_reporting_errors
+from mor_secure.cli_errors import parse_args, run_reporting_errors
 from mor_secure.data import load_consortium, make_pairs, make_splits
 from mor_secure.data.records import QUESTION_KINDS, PreferencePair
 from mor_secure.models.reward_model import RewardModel
@@ -72,6 +74,8 @@ def _print_table(rows: list[dict]) -> None:
 
 def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> int:
     started = time.monotonic()
+    if not progress:
+        hf_logging.disable_progress_bar()  # checkpoint save/load bars too, not only ours
     if workdir.exists():
         # Demo runs own their workdir; a stale ledger would (rightly) refuse a second training.
         print(f"demo: removing the previous demo run in {workdir}")
@@ -132,6 +136,8 @@ def main(argv: Sequence[str]) -> int:
     run.add_argument("--workdir", default="runs/demo", help="directory the demo owns (replaced on each run)")
     run.add_argument("--write-results", type=Path, help="also write the results JSON here")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
+    if isinstance(args, int):
+        return args
     return run_reporting_errors(PROG, lambda: run_demo(Path(args.workdir), write_results=args.write_results,
                                                        progress=not args.no_progress and sys.stderr.isatty()))

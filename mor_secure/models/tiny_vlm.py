@@ -43,7 +43,7 @@ CHAT_TEMPLATE = (
     "{%- if part['type'] == 'image' -%}<image>"
     "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"
-    "<|end|>\n"
+    "<|end|>"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
 )

@@ -365,7 +365,11 @@ def _run_epochs(
                 # to a zero gradient and the accountant counts the step; skipping
                 # it would reveal that the batch was empty. Its loss is the mean
                 # of nothing (NaN) and stays out of the history.
-                loss.backward()
+                with warnings.catch_warnings():
+                    # Opacus' hooks fire on layers fed by frozen features (inputs need no grad);
+                    # torch warns about that once per run, which is expected here, not a fault.
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
                 optimizer.step()
                 batch_rows = chosen[0].shape[0]
                 if batch_rows:

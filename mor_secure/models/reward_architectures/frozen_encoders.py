@@ -33,6 +33,7 @@ class FrozenEncoderRewardModel(RewardModel):
         super().__init__(InteractionHead(EFFICIENTNET_FEATURES, MINILM_FEATURES, MINILM_FEATURES, width=width),
                          standardisation)
         self.width = width
+        self.cache_dir = None if cache_dir is None else str(Path(cache_dir).resolve())
         self.image_encoder = ImageFeatureEncoder(cache_dir)
         self.text_encoder = TextFeatureEncoder()
 
@@ -44,10 +45,10 @@ class FrozenEncoderRewardModel(RewardModel):
 
     def _save_weights(self, directory: Path) -> dict:
         save_file(self.module.state_dict(), str(directory / HEAD_FILE))
-        return {"width": self.width}
+        return {"width": self.width, "cache_dir": self.cache_dir}
 
     @classmethod
     def _load(cls, directory: Path, settings: dict, standardisation: Standardisation) -> FrozenEncoderRewardModel:
-        model = cls(width=settings["width"], standardisation=standardisation)
+        model = cls(width=settings["width"], cache_dir=settings.get("cache_dir"), standardisation=standardisation)
         model.module.load_state_dict(load_file(str(directory / HEAD_FILE)))
         return model

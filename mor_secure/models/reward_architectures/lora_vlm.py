@@ -73,7 +73,9 @@ class LoraVLMRewardModel(RewardModel):
             config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
             backbone = get_peft_model(vlm, config)
         else:
-            backbone = PeftModel.from_pretrained(vlm, adapter_dir, is_trainable=False)
+            # is_trainable keeps the LoRA weights marked trainable, so trainable_parameters() reports
+            # what DP-SGD trained; scoring runs under no_grad either way.
+            backbone = PeftModel.from_pretrained(vlm, adapter_dir, is_trainable=True)
         super().__init__(LoraVLMScorer(backbone, vlm.config.text_config.hidden_size), standardisation)
         self.settings = {"base_model": str(Path(base_model).resolve()), "rank": rank, "alpha": alpha}
 

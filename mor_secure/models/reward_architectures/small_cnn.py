@@ -101,6 +101,10 @@ def pretrain_trunk(trunk: nn.Module, records: Sequence[VQARecord], *, steps: int
     if not images:
         raise ValueError("trunk pre-training needs public records with colour and shape answers")
     torch.manual_seed(seed)
+    # The trunk may already be frozen (side_inputs freezes it): training it must unfreeze it,
+    # or pre-training would silently change nothing.
+    for parameter in trunk.parameters():
+        parameter.requires_grad_(True)
     pixels = torch.stack([to_uint8_tensor(p, IMAGE_SIZE) for p in images]).float() / 255.0
     colour = torch.tensor([labels[p]["color"] for p in images])
     shape = torch.tensor([labels[p]["shape"] for p in images])

@@ -1,0 +1,272 @@
+"""Reward callables for TRL's `GRPOTrainer` (DESIGN §2.3): the fused Mixture-of-Rewards and its baselines.
+
+TRL calls a reward function as `f(prompts=..., completions=..., **columns)`,
+where `columns` are the training dataset's other columns, one value per
+completion (each prompt row repeated `num_generations` times), plus a few
+TRL extras (`completion_ids`, `trainer_state`, `log_metric`, ...). For
+conversational prompts each completion is a list of messages
+(`[{"role": "assistant", "content": "blue"}]`), otherwise a string. It logs
+each function under its `__name__`.
+
+Every silo-backed reward here is one class, `SiloMixtureReward`, that
+differs only in where the weights w_k come from: the router (the method),
+1/K (uniform baseline) or a single silo (single-silo baseline). Each silo is
+asked ONCE per call with all of the step's completions: a round trip per row
+would dominate a networked silo's cost, and silos' rate caps count calls.
+
+These classes compute R = sum_k w_k r_k in the clear (tests, baselines,
+single-machine runs). In deployment the same weights go to the silos and the
+sum is formed under secure aggregation (DESIGN §4); the reward interface to
+TRL stays the same.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .answer_eval import normalise_answer
+from .router import fused_reward
+from .silo_client import SiloClient
+
+# Reward of an empty (or whitespace-only) completion under a silo mixture. Silos
+# refuse to score empty responses, and scores are standardised (mean 0, std 1
+# on each silo's validation pairs), so -3 sits below nearly every real answer:
+# an empty answer is never right, and the policy should learn to avoid it.
+EMPTY_COMPLETION_REWARD = -3.0
+
+# Router rows must sum to 1; allow float32 round-off.
+_WEIGHT_SUM_TOLERANCE = 1e-4
+
+
+def completion_text(completion: Any) -> str:
+    """The text of one TRL completion: a plain string, or the assistant messages' text joined."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, Sequence) and all(isinstance(m, dict) for m in completion):
+        parts: list[str] = []
+        for message in completion:
+            if message.get("role", "assistant") != "assistant":
+                continue
+            content = message.get("content")
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, Sequence):
+                parts.extend(p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text")
+            elif content is not None:
+                raise TypeError("assistant message content must be a string or a list of parts, "
+                                f"got {type(content).__name__}")
+        return "".join(parts)
+    raise TypeError(
+        "a completion must be a string (plain prompts) or a list of message dicts (conversational prompts), "
+        f"got {type(completion).__name__}"
+    )
+
+
+def completion_texts(completions: Sequence[Any]) -> list[str]:
+    """`completion_text` of every completion."""
+    if isinstance(completions, (str, bytes)) or not isinstance(completions, Sequence):
+        raise TypeError(f"completions must be a list, got {type(completions).__name__}")
+    return [completion_text(c) for c in completions]
+
+
+def _column(kwargs: dict[str, Any], name: str, rows: int, reward_name: str) -> list[Any]:
+    """Dataset column `name` as passed by TRL, checked to hold one value per completion."""
+    if name not in kwargs or kwargs[name] is None:
+        known = sorted(k for k in kwargs if k not in {"trainer_state", "log_extra", "log_metric", "completion_ids"})
+        raise ValueError(
+            f"{reward_name} needs the dataset column {name!r} (build the dataset with coordinator.grpo.grpo_dataset); "
+            f"columns passed: {known}"
+        )
+    values = list(kwargs[name])
+    if len(values) != rows:
+        raise ValueError(f"{reward_name}: column {name!r} has {len(values)} values for {rows} completions; "
+                         "expected one value per completion")
+    return values
+
+
+class ConstantReward:
+    """The same reward for every completion: zero advantages, so a step costs generation + KL only (benchmarks)."""
+
+    def __init__(self, value: float = 0.0) -> None:
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"value must be a finite number, got {value!r}")
+        self.value = float(value)
+        self.__name__ = "constant_reward"
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+        return [self.value] * len(completions)
+
+
+class ExactMatchReward:
+    """1.0 when the normalised completion equals the dataset's `answer`, else 0.0.
+
+    The oracle ceiling: it reads ground truth no silo shares, so it bounds what
+    any learned reward can reach on the same GRPO budget.
+    """
+
+    def __init__(self) -> None:
+        self.__name__ = "exact_match_reward"
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+        texts = completion_texts(completions)
+        answers = _column(kwargs, "answer", len(texts), self.__name__)
+        return [float(normalise_answer(t) == normalise_answer(str(a))) for t, a in zip(texts, answers, strict=True)]
+
+
+class SiloMixtureReward:
+    """R(x, y) = sum_k w_k(x) r_k(x, y) over the given silos; subclasses say where w comes from.
+
+    Needs the dataset columns `image_path` and `question` (what the silos and
+    the router see). An empty completion is not sent to the silos (they
+    refuse empty responses) and gets `empty_reward`.
+    """
+
+    def __init__(self, clients: Sequence[SiloClient], *, name: str,
+                 empty_reward: float = EMPTY_COMPLETION_REWARD) -> None:
+        clients = list(clients)
+        if not clients:
+            raise ValueError(f"{name} needs at least one silo client")
+        for index, client in enumerate(clients):
+            if not callable(getattr(client, "score", None)) or not isinstance(getattr(client, "name", None), str):
+                raise ValueError(f"clients[{index}] is a {type(client).__name__}, expected a SiloClient "
+                                 "(a `.name` string and a `.score(images, prompts, responses)` method)")
+        names = [c.name for c in clients]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"{name}: each silo may appear once; repeated: {duplicates}")
+        if not math.isfinite(empty_reward):
+            raise ValueError(f"empty_reward must be finite, got {empty_reward!r}")
+        self.clients = clients
+        self.empty_reward = float(empty_reward)
+        self.__name__ = name
+
+    @property
+    def silo_names(self) -> tuple[str, ...]:
+        """Silo names in column order of the weights and scores."""
+        return tuple(c.name for c in self.clients)
+
+    def weights(self, images: Sequence[str], questions: Sequence[str]) -> torch.Tensor:
+        """[N, K] weights, each row summing to 1, in `silo_names` order."""
+        raise NotImplementedError
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+        texts = completion_texts(completions)
+        rows = len(texts)
+        if len(prompts) != rows:
+            raise ValueError(f"{self.__name__}: got {len(prompts)} prompts for {rows} completions; expected one each")
+        if rows == 0:
+            return []
+        images = [str(p) for p in _column(kwargs, "image_path", rows, self.__name__)]
+        questions = [str(q) for q in _column(kwargs, "question", rows, self.__name__)]
+
+        with torch.no_grad():
+            weights = self._checked_weights(self.weights(images, questions), rows)
+        log_metric: Callable[[str, float], None] | None = kwargs.get("log_metric")
+        if log_metric is not None:
+            # The coordinator's own routing decision; never a silo's score (that stays secret, DESIGN §4).
+            for k, silo in enumerate(self.silo_names):
+                log_metric(f"router_weight/{silo}", weights[:, k].mean().item())
+
+        answered = [i for i, t in enumerate(texts) if t.strip()]
+        rewards = torch.full((rows,), self.empty_reward)
+        if answered:
+            scores = self._scores([images[i] for i in answered], [questions[i] for i in answered],
+                                  [texts[i].strip() for i in answered])
+            rewards[answered] = fused_reward(weights[answered], scores)
+        return rewards.tolist()
+
+    def _scores(self, images: list[str], questions: list[str], responses: list[str]) -> torch.Tensor:
+        """[M, K] standardised scores: one `score` call per silo, with every row at once."""
+        columns = []
+        for client in self.clients:
+            scores = client.score(images, questions, responses)
+            if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (len(responses),):
+                shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+                raise RuntimeError(f"{self.__name__}: silo {client.name!r} returned {shape} scores for "
+                                   f"{len(responses)} completions; expected a [{len(responses)}] tensor")
+            scores = scores.detach().float().cpu()
+            if not torch.isfinite(scores).all():
+                raise RuntimeError(f"{self.__name__}: silo {client.name!r} returned non-finite scores")
+            columns.append(scores)
+        return torch.stack(columns, dim=1)
+
+    def _checked_weights(self, weights: torch.Tensor, rows: int) -> torch.Tensor:
+        expected = (rows, len(self.clients))
+        if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != expected:
+            shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+            raise RuntimeError(f"{self.__name__}: weights have shape {shape}, expected {expected} "
+                               "(one row per completion, one column per silo)")
+        weights = weights.detach().float().cpu()
+        if not torch.isfinite(weights).all() or (weights < 0).any():
+            raise RuntimeError(f"{self.__name__}: weights must be finite and non-negative")
+        if ((weights.sum(dim=1) - 1).abs() > _WEIGHT_SUM_TOLERANCE).any():
+            raise RuntimeError(f"{self.__name__}: each row of weights must sum to 1 (a convex mixture of silos)")
+        return weights
+
+
+class UniformSiloReward(SiloMixtureReward):
+    """Baseline: the plain average of the silos' scores (w_k = 1/K everywhere)."""
+
+    def __init__(self, clients: Sequence[SiloClient], *, empty_reward: float = EMPTY_COMPLETION_REWARD) -> None:
+        super().__init__(clients, name="uniform_silo_reward", empty_reward=empty_reward)
+
+    def weights(self, images: Sequence[str], questions: Sequence[str]) -> torch.Tensor:
+        return torch.full((len(images), len(self.clients)), 1.0 / len(self.clients))
+
+
+class SingleSiloReward(UniformSiloReward):
+    """Baseline: one silo's score alone (a mixture of one)."""
+
+    def __init__(self, client: SiloClient, *, empty_reward: float = EMPTY_COMPLETION_REWARD) -> None:
+        super().__init__([client], empty_reward=empty_reward)
+        self.__name__ = f"single_silo_reward/{client.name}"
+
+
+class FusedSiloReward(SiloMixtureReward):
+    """The method: router weights w(x) = g(features(image, question), objective), fused over the silos.
+
+    `router` needs `.silo_names`, `.objective_names`, `.objective_id(name)` and
+    `.weights(features, objective_ids)`; `features` needs `.encode(images,
+    prompts)` (e.g. `coordinator.router.RouterFeatures`). Clients may come in
+    any order: they are matched to the router's silos by name. Weights are
+    computed once per distinct (image, question) in a call, not once per
+    completion, since a step holds each prompt `num_generations` times.
+    """
+
+    def __init__(self, clients: Sequence[SiloClient], router: Any, features: Any, *, objective: str,
+                 empty_reward: float = EMPTY_COMPLETION_REWARD) -> None:
+        clients = list(clients)
+        by_name = {c.name: c for c in clients}
+        router_silos = list(router.silo_names)
+        missing = [s for s in router_silos if s not in by_name]
+        extra = [s for s in by_name if s not in router_silos]
+        if missing or extra or len(by_name) != len(clients):
+            raise ValueError(
+                f"the silo clients must be exactly the router's silos {router_silos}; "
+                f"missing clients: {missing}, clients the router does not know: {extra}"
+            )
+        super().__init__([by_name[s] for s in router_silos], name="fused_silo_reward", empty_reward=empty_reward)
+        if objective not in router.objective_names:
+            raise ValueError(f"unknown objective {objective!r}; the router knows {list(router.objective_names)}")
+        self.router = router
+        self.features = features
+        self.objective = objective
+        self._objective_id = int(router.objective_id(objective))
+
+    def weights(self, images: Sequence[str], questions: Sequence[str]) -> torch.Tensor:
+        keys = list(zip(images, questions, strict=True))
+        distinct = list(dict.fromkeys(keys))
+        row_of = {key: i for i, key in enumerate(distinct)}
+        features = self.features.encode([i for i, _ in distinct], [q for _, q in distinct])
+        if not isinstance(features, torch.Tensor) or features.dim() != 2 or features.shape[0] != len(distinct):
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise RuntimeError(f"router features have shape {shape}, expected [{len(distinct)}, F] "
+                               "(one row per distinct image and question)")
+        objective_ids = torch.full((len(distinct),), self._objective_id, dtype=torch.long)
+        distinct_weights = self.router.weights(features, objective_ids)
+        distinct_weights = self._checked_weights(distinct_weights, len(distinct))
+        return distinct_weights[torch.tensor([row_of[k] for k in keys], dtype=torch.long)]

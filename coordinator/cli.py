@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from mor_secure.cli_errors import parse_args, run_reporting_errors
+from mor_secure.cli_errors import run_command
 from mor_secure.config import load_config
 from mor_secure.data import load_consortium, make_splits
 from mor_secure.models.tiny_vlm import TinyVLMConfig, build_tiny_vlm, load_vlm
@@ -65,8 +65,4 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    args = parse_args(_parser(), argv)
-    if isinstance(args, int):
-        return args
-    action = {"build-vlm": _build, "train-reference": _train_reference, "evaluate-policy": _evaluate}[args.command]
-    return run_reporting_errors(PROG, lambda: action(args))
+    return run_command(_parser(), argv, {"build-vlm": _build, "train-reference": _train_reference, "evaluate-policy": _evaluate})

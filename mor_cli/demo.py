@@ -25,7 +25,7 @@ from transformers.utils import logging as hf_logging
 from coordinator.answer_eval import evaluate_answers
 from coordinator.cli import vlm_corpus
 from coordinator.reference import train_reference
-from mor_secure.cli_errors import parse_args, run_reporting_errors
+from mor_secure.cli_errors import run_command
 from mor_secure.data import load_consortium, make_pairs, make_splits
 from mor_secure.data.records import QUESTION_KINDS, PreferencePair
 from mor_secure.models.reward_model import RewardModel
@@ -132,12 +132,10 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> in
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description="Run the whole consortium locally.")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="build, train and compare everything (about 10 minutes on 2 cores)")
+    run = commands.add_parser("run", help="build, train and compare everything (about 6 minutes on 2 cores)")
     run.add_argument("--workdir", default="runs/demo", help="directory the demo owns (replaced on each run)")
     run.add_argument("--write-results", type=Path, help="also write the results JSON here")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    args = parse_args(parser, argv)
-    if isinstance(args, int):
-        return args
-    return run_reporting_errors(PROG, lambda: run_demo(Path(args.workdir), write_results=args.write_results,
-                                                       progress=not args.no_progress and sys.stderr.isatty()))
+    return run_command(parser, argv, {"run": lambda args: run_demo(
+        Path(args.workdir), write_results=args.write_results,
+        progress=not args.no_progress and sys.stderr.isatty())})

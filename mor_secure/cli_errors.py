@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from mor_secure.config import ConfigError
 from mor_secure.data.importer import DataImportError
@@ -16,18 +15,20 @@ USER_ERRORS = (ConfigError, DataImportError, BudgetExceededError, FileNotFoundEr
 EXIT_USER_ERROR = 1
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
-    """argparse without SystemExit: `--help` gives 0 and a usage error 2, as exit codes to return."""
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str],
+                actions: Mapping[str, Callable[[argparse.Namespace], int]]) -> int:
+    """Parse `argv`, run the action named by `args.command`, and return an exit code.
+
+    argparse's SystemExit becomes a return value (`--help` 0, usage error 2), so
+    every group keeps `main(argv) -> int`; user errors print as
+    `PROG: error: message` and give 1; anything else is a bug and keeps its traceback.
+    """
     try:
-        return parser.parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else 0
-
-
-def run_reporting_errors(prog: str, action: Callable[[], int]) -> int:
-    """Run `action`; print user errors as `prog: error: message` and return 1."""
     try:
-        return action()
+        return actions[args.command](args)
     except USER_ERRORS as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

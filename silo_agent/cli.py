@@ -6,7 +6,7 @@ import argparse
 import json
 from collections.abc import Sequence
 
-from mor_secure.cli_errors import parse_args, run_reporting_errors
+from mor_secure.cli_errors import run_command
 
 from .training import load_silo_config, open_ledger, train_silo
 
@@ -47,8 +47,4 @@ def _ledger(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    args = parse_args(_parser(), argv)
-    if isinstance(args, int):
-        return args
-    action = {"train": _train, "ledger": _ledger}[args.command]
-    return run_reporting_errors(PROG, lambda: action(args))
+    return run_command(_parser(), argv, {"train": _train, "ledger": _ledger})

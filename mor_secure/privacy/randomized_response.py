@@ -41,11 +41,7 @@ def randomize_bits(bits: torch.Tensor, *, epsilon: float, generator: torch.Gener
     controls reproducibility; a deployed silo should seed it from OS entropy,
     since anyone who knows the seed can undo the noise.
     """
-    if not isinstance(bits, torch.Tensor) or bits.dtype != torch.bool:
-        raise ValueError(
-            f"bits must be a torch.bool tensor, got {type(bits).__name__}"
-            + (f" of dtype {bits.dtype}" if isinstance(bits, torch.Tensor) else "")
-        )
+    _check_bool_tensor("bits", bits)
     if not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     p = flip_probability(epsilon=epsilon)
@@ -61,16 +57,20 @@ def debiased_mean(noisy_bits: torch.Tensor, *, epsilon: float) -> float:
     clipping would bias it, and averages of several estimates (e.g. over
     rounds) are only unbiased if each one is.
     """
-    if not isinstance(noisy_bits, torch.Tensor) or noisy_bits.dtype != torch.bool:
-        raise ValueError(
-            f"noisy_bits must be a torch.bool tensor, got {type(noisy_bits).__name__}"
-            + (f" of dtype {noisy_bits.dtype}" if isinstance(noisy_bits, torch.Tensor) else "")
-        )
+    _check_bool_tensor("noisy_bits", noisy_bits)
     if noisy_bits.numel() == 0:
         raise ValueError("noisy_bits is empty: the mean of no bits is undefined")
     p = flip_probability(epsilon=epsilon)
     observed = noisy_bits.double().mean().item()
     return (observed - p) / (1.0 - 2.0 * p)
+
+
+def _check_bool_tensor(name: str, value: object) -> None:
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.bool:
+        raise ValueError(
+            f"{name} must be a torch.bool tensor, got {type(value).__name__}"
+            + (f" of dtype {value.dtype}" if isinstance(value, torch.Tensor) else "")
+        )
 
 
 def _check_epsilon(epsilon: float) -> None:

@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUNS ?= runs/demo
 
-.PHONY: install demo test test-slow bench results clean
+.PHONY: install demo test test-slow bench bench-grpo results results-table clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,17 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/dp_overhead.py
 
+# Needs the demo's artefacts in $(RUNS) (run `make demo` first).
+bench-grpo: $(STAMP)
+	$(PY) benchmarks/grpo_step.py --workdir $(RUNS)
+
 results: $(STAMP)
 	$(VENV)/bin/mor demo run --workdir runs/results --write-results docs/results/dp_reward_models.json
+
+# The full MoR-vs-baselines table (3 seeds, every baseline): docs/results/mor_vs_baselines.json,
+# docs/results.md and docs/results/mor_training_*.png. About 80 minutes on 2 cores; resumes if interrupted.
+results-table: $(STAMP)
+	$(VENV)/bin/mor demo table --workdir runs/table
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

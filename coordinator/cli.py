@@ -15,6 +15,9 @@ from mor_secure.models.tiny_vlm import TinyVLMConfig, build_tiny_vlm, load_vlm
 from .answer_eval import evaluate_answers
 from .reference import SFTConfig, train_reference
 
+# The heavier commands (router, GRPO, evaluation) import their modules when run, so that
+# `mor coordinator --help` and the light commands stay fast.
+
 PROG = "mor coordinator"
 
 
@@ -40,6 +43,40 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate-policy", help="exact-match accuracy per kind on the held-out test split")
     evaluate.add_argument("--consortium", required=True)
     evaluate.add_argument("--model", required=True, help="policy checkpoint directory")
+
+    router = commands.add_parser("train-router", help="calibrate the router on the public calibration split")
+    router.add_argument("--consortium", required=True)
+    router.add_argument("--pool", required=True, help="silo pool YAML (coordinator/pool.py)")
+    router.add_argument("--out", required=True, help="router directory to write")
+    router.add_argument("--config", help="optional YAML of CalibrationConfig fields")
+    router.add_argument("--feature-cache", help="directory caching the router's image features")
+    router.add_argument("--no-progress", action="store_true")
+
+    align = commands.add_parser("align", help="GRPO the policy with one reward: mor, uniform, single:<silo>, oracle")
+    align.add_argument("--consortium", required=True)
+    align.add_argument("--policy", required=True, help="starting policy (the reference) checkpoint directory")
+    align.add_argument("--pool", help="silo pool YAML; needed by every reward but oracle")
+    align.add_argument("--reward", default="mor", help="mor (needs --router), uniform, single:<silo> or oracle")
+    align.add_argument("--router", help="router directory written by train-router (reward mor)")
+    align.add_argument("--objective", default="correct", help="router objective to optimise (reward mor)")
+    align.add_argument("--config", help="optional YAML of GRPOSettings fields (output_dir is --out)")
+    align.add_argument("--out", required=True, help="GRPO output directory (checkpoints, logs, final/)")
+    align.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    align.add_argument("--feature-cache", help="directory caching the router's image features")
+
+    full = commands.add_parser("evaluate", help="MoR vs baselines over seeds: JSON, Markdown table and plots")
+    full.add_argument("--consortium", required=True)
+    full.add_argument("--pool", required=True, help="silo pool YAML")
+    full.add_argument("--reference", required=True, help="reference policy checkpoint directory")
+    full.add_argument("--out", required=True, help="working directory (runs, routers); finished runs are reused")
+    full.add_argument("--config", help="optional YAML of EvaluationConfig fields")
+    full.add_argument("--fedavg-rm", help="FedAvg reward model directory (enables method fedavg_rm)")
+    full.add_argument("--centralized-rm", help="centralised reward model directory (enables centralized_rm)")
+    full.add_argument("--results-json", help="where to write the summary JSON (default <out>/mor_vs_baselines.json)")
+    full.add_argument("--results-md", help="where to write the Markdown table (default <out>/results.md)")
+    full.add_argument("--plots", help="path prefix of the PNG plots (default <out>/training)")
+    full.add_argument("--feature-cache", help="directory caching the router's image features")
+    full.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -64,5 +101,78 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_router(args: argparse.Namespace) -> int:
+    from .calibration import CalibrationConfig, calibrate_router
+    from .pool import in_process_clients, load_pool
+    from .router import RouterFeatures, save_router
+
+    config = load_config(args.config, CalibrationConfig) if args.config else CalibrationConfig()
+    splits = make_splits(load_consortium(args.consortium))
+    result = calibrate_router(in_process_clients(load_pool(args.pool)), splits.calibration,
+                              RouterFeatures(args.feature_cache), config, progress=not args.no_progress)
+    out = save_router(result.router, args.out)
+    (out / "calibration.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(result.silo_accuracy, indent=2))
+    print(f"router written to {out} ({result.records} calibration questions)")
+    return 0
+
+
+def _align(args: argparse.Namespace) -> int:
+    from .evaluation import grpo_prompts
+    from .grpo import GRPOSettings, train_grpo
+    from .pool import in_process_clients, load_pool
+    from .rewards import ExactMatchReward, FusedSiloReward, SingleSiloReward, UniformSiloReward
+    from .router import RouterFeatures, load_router
+
+    settings = (load_config(args.config, GRPOSettings, overrides={"output_dir": args.out}) if args.config
+                else GRPOSettings(output_dir=args.out))
+    splits = make_splits(load_consortium(args.consortium))
+    if args.reward == "oracle":
+        reward = ExactMatchReward()
+    else:
+        if not args.pool:
+            raise ValueError(f"reward {args.reward!r} needs --pool (the silos to ask for scores)")
+        clients = in_process_clients(load_pool(args.pool))
+        if args.reward == "mor":
+            if not args.router:
+                raise ValueError("reward mor needs --router (write one with `mor coordinator train-router`)")
+            reward = FusedSiloReward(clients, load_router(args.router), RouterFeatures(args.feature_cache),
+                                     objective=args.objective)
+        elif args.reward == "uniform":
+            reward = UniformSiloReward(clients)
+        elif args.reward.startswith("single:"):
+            by_name = {c.name: c for c in clients}
+            name = args.reward.removeprefix("single:")
+            if name not in by_name:
+                raise ValueError(f"unknown silo {name!r} in --reward; the pool has {sorted(by_name)}")
+            reward = SingleSiloReward(by_name[name])
+        else:
+            raise ValueError(f"unknown --reward {args.reward!r}: use mor, uniform, single:<silo> or oracle")
+    prompts = grpo_prompts(splits.calibration, None)
+    final = train_grpo(args.policy, prompts, reward, settings, resume=args.resume)
+    print(f"aligned policy written to {final}")
+    return 0
+
+
+def _evaluate_all(args: argparse.Namespace) -> int:
+    from .evaluation import Evaluation, EvaluationConfig, publish
+    from .pool import client_for_model, in_process_clients, load_pool
+
+    config = load_config(args.config, EvaluationConfig) if args.config else EvaluationConfig()
+    baselines = {name: client_for_model(name, path) for name, path in
+                 (("fedavg_rm", args.fedavg_rm), ("centralized_rm", args.centralized_rm)) if path}
+    out = Path(args.out)
+    evaluation = Evaluation(load_consortium(args.consortium), in_process_clients(load_pool(args.pool)),
+                            args.reference, out, config, baselines=baselines, feature_cache=args.feature_cache,
+                            progress=not args.no_progress)
+    markdown = publish(evaluation, evaluation.run_all(), json_path=args.results_json or out / "mor_vs_baselines.json",
+                       markdown_path=args.results_md or out / "results.md", plots_prefix=args.plots or out / "training")
+    print(markdown)
+    return 0
+
+
 def main(argv: Sequence[str]) -> int:
-    return run_command(_parser(), argv, {"build-vlm": _build, "train-reference": _train_reference, "evaluate-policy": _evaluate})
+    return run_command(_parser(), argv, {
+        "build-vlm": _build, "train-reference": _train_reference, "evaluate-policy": _evaluate,
+        "train-router": _train_router, "align": _align, "evaluate": _evaluate_all,
+    })

@@ -111,6 +111,12 @@ class GRPOSettings(StrictModel):
         description="Sampling temperature of the completions (TRL applies it to the log-probs it trains on too).",
     )
     seed: int = Field(0, description="Seed of sampling, prompt order and initialisation of anything random.")
+    train_vision: bool = Field(
+        False,
+        description="Also update the vision tower and projector. Off by default: GRPO then reshapes how the "
+        "language model reads the (frozen) image features, and the noisy policy gradient of a few hundred steps "
+        "cannot erode what SFT taught the vision tower (docs/grpo.md has the measurements).",
+    )
     save_steps: int = Field(
         20, gt=0, description="Write a resumable checkpoint (output_dir/checkpoint-N) every this many steps.",
     )
@@ -242,7 +248,7 @@ RewardFunction = Callable[..., list[float]]
 
 
 def train_grpo(policy_dir: str | Path, records: Sequence[VQARecord], reward: RewardFunction,
-               settings: GRPOSettings, *, resume: bool = False) -> Path:
+               settings: GRPOSettings, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> Path:
     """Align the policy at `policy_dir` with GRPO on `records`; returns `settings.output_dir / "final"`.
 
     The frozen KL reference is the checkpoint at `policy_dir` (TRL reloads it
@@ -251,7 +257,8 @@ def train_grpo(policy_dir: str | Path, records: Sequence[VQARecord], reward: Rew
     (model, optimizer, scheduler, RNG and step count); without it, an
     output_dir that already holds checkpoints is refused rather than mixed.
     Works unchanged under `accelerate launch`: every process runs this
-    function; TRL shards generation and gathers rewards.
+    function; TRL shards generation and gathers rewards. `callbacks` are
+    `transformers.TrainerCallback`s (e.g. `answer_eval.AccuracyCallback`).
     """
     from trl import GRPOTrainer
 
@@ -275,8 +282,11 @@ def train_grpo(policy_dir: str | Path, records: Sequence[VQARecord], reward: Rew
                          "give more records or lower per_device_train_batch_size")
     dataset = grpo_dataset(records)
     model, processor = load_vlm(policy_dir)
+    if not settings.train_vision:
+        for module in (model.model.vision_tower, model.model.multi_modal_projector):
+            module.requires_grad_(False)
     trainer = GRPOTrainer(model=model, processing_class=processor, reward_funcs=[reward], args=args,
-                          train_dataset=dataset)
+                          train_dataset=dataset, callbacks=list(callbacks) or None)
     if checkpoint is not None:
         logger.info("resuming GRPO from %s", checkpoint)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)

@@ -1,9 +1,13 @@
-"""`mor demo run`: the whole consortium on one machine with embedded defaults.
+"""`mor demo run` / `mor demo table`: the whole consortium on one machine with embedded defaults.
 
-Stage of the project: the coordinator builds the tiny VLM and SFTs the
-reference policy; three silos with different architectures train DP reward
-models on their private partitions; every reward model (and the same model
-without DP, for comparison) is scored on clean held-out pairs.
+`run`: the coordinator builds the tiny VLM and SFTs the reference policy;
+three silos with different architectures train DP reward models on their
+private partitions; every reward model (and the same model without DP, for
+comparison) is scored on clean held-out pairs; the coordinator calibrates the
+router and aligns the reference with GRPO under MoR and under the uniform
+average, and compares them with the reference (one seed).
+
+`table` (in `mor_cli.table`): the full MoR-vs-baselines evaluation.
 
 This module is the only place, besides the `mor` entry point, that uses both
 roles; they still share nothing but files on disk.
@@ -24,8 +28,12 @@ from transformers.utils import logging as hf_logging
 
 from coordinator.answer_eval import evaluate_answers
 from coordinator.cli import vlm_corpus
+from coordinator.evaluation import Evaluation, EvaluationConfig
+from coordinator.pool import in_process_clients, load_pool
 from coordinator.reference import train_reference
+from coordinator.results_report import results_markdown, summarise
 from mor_secure.cli_errors import run_command
+from mor_secure.config import load_config
 from mor_secure.data import load_consortium, make_pairs, make_splits
 from mor_secure.data.records import QUESTION_KINDS, PreferencePair
 from mor_secure.models.reward_model import RewardModel
@@ -47,6 +55,39 @@ def _install_configs(workdir: Path) -> Path:
     for silo in SILOS:
         shutil.copyfile(source / "silos" / f"{silo}.yaml", workdir / "silos" / f"{silo}.yaml")
     return workdir / "consortium.yaml"
+
+
+def build_reference(workdir: Path, consortium_path: Path, *, progress: bool) -> Path:
+    """The coordinator's first stage: build the tiny base VLM and SFT it on the public split."""
+    splits = make_splits(load_consortium(consortium_path))
+    base = build_tiny_vlm(workdir / "vlm" / "base", vlm_corpus(consortium_path))
+    return train_reference(base, splits.sft, workdir / "vlm" / "reference", progress=progress)
+
+
+def embedded_config(name: str, workdir: Path) -> Path:
+    """Copy the embedded YAML `name` into the workdir (so the run records what it used); return its path."""
+    path = workdir / name
+    shutil.copyfile(resources.files("mor_cli") / "demo_configs" / name, path)
+    return path
+
+
+def write_pool(workdir: Path) -> Path:
+    """The coordinator's pool file: each demo silo's saved reward model (in-process pool)."""
+    lines = ["# Written by `mor demo`: the silos the coordinator asks for scores (coordinator/pool.py).", "silos:"]
+    for silo in SILOS:
+        lines += [f"  - name: {silo}", f"    reward_model: silos/{silo}/reward_model"]
+    path = workdir / "pool.yaml"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def evaluation_for(workdir: Path, consortium_path: Path, config_name: str, *, progress: bool,
+                   baselines: dict | None = None) -> Evaluation:
+    """The `Evaluation` of the demo's silos, reference and embedded evaluation config `config_name`."""
+    config = load_config(embedded_config(config_name, workdir), EvaluationConfig)
+    return Evaluation(load_consortium(consortium_path), in_process_clients(load_pool(write_pool(workdir))),
+                      workdir / "vlm" / "reference", workdir / "evaluation", config, baselines=baselines,
+                      feature_cache=workdir / "router_cache", progress=progress)
 
 
 def _accuracy_split(model: RewardModel, pairs_by_kind: dict[str, list[PreferencePair]],
@@ -84,8 +125,7 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> in
     splits = make_splits(load_consortium(consortium_path))
 
     print("== coordinator: tiny VLM and reference policy ==")
-    base = build_tiny_vlm(workdir / "vlm" / "base", vlm_corpus(consortium_path))
-    reference = train_reference(base, splits.sft, workdir / "vlm" / "reference", progress=progress)
+    reference = build_reference(workdir, consortium_path, progress=progress)
     reference_accuracy = evaluate_answers(*load_vlm(reference), splits.test)
     print("reference policy, held-out exact match: "
           + ", ".join(f"{k} {v:.3f}" for k, v in reference_accuracy.items()))
@@ -115,6 +155,19 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> in
             "reliable_kinds": list(reliable), "dp_acc_by_kind": dp_kinds, "nondp_acc_by_kind": nd_kinds,
         })
     _print_table(rows)
+
+    print("\n== coordinator: router calibration, GRPO with MoR and with the uniform average (1 seed) ==")
+    evaluation = evaluation_for(workdir, consortium_path, "demo_evaluation.yaml", progress=progress)
+    runs = evaluation.run_all()
+    kinds = [k for k in QUESTION_KINDS if k in runs[0].accuracy]
+    routing = evaluation.routing_table()["correct"]
+    print("router: mean weight per silo on held-out questions of each kind (objective 'correct')")
+    for kind, weights in routing.items():
+        print(f"  {kind:<7} " + "  ".join(f"{silo} {w:.2f}" for silo, w in weights.items()))
+    print(results_markdown(summarise(runs, kinds), kinds=kinds, title="MoR vs reference vs uniform (demo, 1 seed)",
+                           notes=[f"Sampled answers (temperature 1, {evaluation.config.eval_samples} per question) on "
+                                  f"{len(evaluation.test)} held-out questions; `make results-table` runs every "
+                                  "baseline over 3 seeds."]))
     minutes = (time.monotonic() - started) / 60
     print(f"\ndemo finished in {minutes:.1f} min; everything it wrote is under {workdir}")
     if write_results is not None:
@@ -123,6 +176,9 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> in
             "reference_policy_accuracy": reference_accuracy,
             "eval_pairs_per_kind": {k: len(v) for k, v in pairs_by_kind.items()},
             "silos": rows,
+            "mor_demo": {r.method: {"accuracy": r.accuracy, "greedy_accuracy": r.greedy_accuracy,
+                                    "reward_pairwise_accuracy": r.reward_pairwise_accuracy} for r in runs},
+            "routing": routing,
             "minutes": minutes,
         }, indent=2) + "\n", encoding="utf-8")
         print(f"results written to {write_results}")
@@ -132,10 +188,24 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> in
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description="Run the whole consortium locally.")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="build, train and compare everything (about 6 minutes on 2 cores)")
+    run = commands.add_parser("run", help="build, train and compare everything (about 14 minutes on 2 cores)")
     run.add_argument("--workdir", default="runs/demo", help="directory the demo owns (replaced on each run)")
     run.add_argument("--write-results", type=Path, help="also write the results JSON here")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    table = commands.add_parser("table", help="MoR vs every baseline over 3 seeds (about 80 minutes on 2 cores)")
+    table.add_argument("--workdir", default="runs/table",
+                       help="working directory; finished stages (silo models, baselines, runs) are reused")
+    table.add_argument("--results-dir", type=Path, default=Path("docs/results"),
+                       help="where mor_vs_baselines.json and the plots go")
+    table.add_argument("--results-md", type=Path, default=Path("docs/results.md"), help="the Markdown table")
+    table.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    def _table(args: argparse.Namespace) -> int:
+        from .table import run_table
+
+        return run_table(Path(args.workdir), results_dir=args.results_dir, results_md=args.results_md,
+                         progress=not args.no_progress and sys.stderr.isatty())
+
     return run_command(parser, argv, {"run": lambda args: run_demo(
         Path(args.workdir), write_results=args.write_results,
-        progress=not args.no_progress and sys.stderr.isatty())})
+        progress=not args.no_progress and sys.stderr.isatty()), "table": _table})

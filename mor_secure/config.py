@@ -7,8 +7,9 @@ validated on assignment too.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -26,11 +27,12 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-def load_config(path: str | Path, model: type[ModelT]) -> ModelT:
+def load_config(path: str | Path, model: type[ModelT], *, overrides: Mapping[str, Any] | None = None) -> ModelT:
     """Load `path` (YAML) into `model`, raising `ConfigError` with the file name on any problem.
 
-    Relative paths inside the file are left as written; callers that need them
-    resolved use `resolve_relative(path, value)`.
+    `overrides` are top-level values set by the caller (e.g. a command's
+    `--out`); they replace the file's. Relative paths inside the file are left
+    as written; callers that need them resolved use `resolve_relative(path, value)`.
     """
     path = Path(path)
     if not path.is_file():
@@ -43,6 +45,7 @@ def load_config(path: str | Path, model: type[ModelT]) -> ModelT:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    raw = {**raw, **(overrides or {})}
     try:
         return model.model_validate(raw)
     except ValidationError as exc:

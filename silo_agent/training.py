@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mor_secure.config import load_config, resolve_relative
-from mor_secure.data import ConsortiumSpec, load_consortium, make_splits, pairs_for_silo
+from mor_secure.data import ConsortiumSpec, ConsortiumSplits, PreferencePair, load_consortium, make_splits, pairs_for_silo
 from mor_secure.data.preferences import silo_seed
 from mor_secure.models.reward_architectures import (
     FrozenEncoderRewardModel,
@@ -68,6 +68,15 @@ def open_ledger(config: SiloConfig) -> PrivacyLedger:
                          delta_budget=config.privacy_budget.delta)
 
 
+def split_silo_pairs(config: SiloConfig, spec: ConsortiumSpec,
+                     splits: ConsortiumSplits) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, validation) pairs of the silo: a seeded shuffle, the first `validation_fraction` held back."""
+    pairs = list(pairs_for_silo(splits, spec, config.name))
+    random.Random(silo_seed(spec.seed, config.name) + 1).shuffle(pairs)
+    n_validation = max(1, int(len(pairs) * config.validation_fraction))
+    return pairs[n_validation:], pairs[:n_validation]
+
+
 def train_silo(config: SiloConfig, *, progress: bool = True) -> SiloTrainingOutcome:
     """Run the whole job. An unaffordable run is refused before any data is touched."""
     config.workdir.mkdir(parents=True, exist_ok=True)
@@ -77,10 +86,7 @@ def train_silo(config: SiloConfig, *, progress: bool = True) -> SiloTrainingOutc
         ledger.check_affordable(epsilon=dp.target_epsilon, delta=dp.target_delta)
     spec: ConsortiumSpec = load_consortium(config.consortium)
     splits = make_splits(spec)
-    pairs = list(pairs_for_silo(splits, spec, config.name))
-    random.Random(silo_seed(spec.seed, config.name) + 1).shuffle(pairs)
-    n_validation = max(1, int(len(pairs) * config.validation_fraction))
-    validation, train = pairs[:n_validation], pairs[n_validation:]
+    train, validation = split_silo_pairs(config, spec, splits)
     logger.info("silo %s: %d training pairs, %d validation pairs", config.name, len(train), len(validation))
 
     model = build_reward_model(config)

@@ -1,0 +1,86 @@
+"""GRPO step time with the fused Mixture-of-Rewards against a constant reward, as a ratio in one run.
+
+A constant reward costs nothing, so the constant-reward step is GRPO's own
+cost (generation, reference log-probs, KL, backward, optimizer). The fused
+step adds what MoR adds: router features and weights for each prompt, and one
+batched `score` call per silo with every completion of the step. Both runs
+use the same policy, prompts, seed and settings, alternate in short blocks in
+one process (so background load hits both alike), and report the median of
+TRL's own per-step `step_time`. Target: fused / constant <= 1.3.
+
+Caches are warmed first (each silo's and the router's image features of the
+prompt images): a silo computes an image's features once, so the steady state
+is what a long run pays; the cold first pass is printed separately.
+
+Needs the demo's artefacts (`make demo` writes them):
+
+    .venv/bin/python benchmarks/grpo_step.py --workdir runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from coordinator.answer_eval import balanced_sample
+from coordinator.grpo import GRPOSettings, train_grpo
+from coordinator.pool import in_process_clients, load_pool
+from coordinator.rewards import ConstantReward, FusedSiloReward
+from coordinator.router import RouterFeatures, load_router
+from mor_secure.data import load_consortium, make_splits
+
+TARGET_RATIO = 1.3
+
+
+def _step_times(policy: Path, prompts: list, reward, steps: int, seed: int) -> list[float]:
+    with tempfile.TemporaryDirectory() as out:
+        settings = GRPOSettings(output_dir=Path(out), steps=steps, seed=seed, save_steps=10**6, logging_steps=1,
+                                trl_overrides={"disable_tqdm": True})
+        train_grpo(policy, prompts, reward, settings)
+        history = json.loads((Path(out) / "trainer_state.json").read_text())["log_history"]
+    return [h["step_time"] for h in history if "step_time" in h]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="runs/demo", help="demo working directory (consortium, pool, router)")
+    parser.add_argument("--steps", type=int, default=20, help="GRPO steps per block")
+    parser.add_argument("--blocks", type=int, default=3, help="alternating blocks per reward")
+    parser.add_argument("--prompts-per-kind", type=int, default=200)
+    args = parser.parse_args()
+
+    workdir = Path(args.workdir)
+    for needed in ("consortium.yaml", "pool.yaml", "router", "vlm/reference"):
+        if not (workdir / needed).exists():
+            raise SystemExit(f"{workdir / needed} not found: run `make demo` first (it writes the demo artefacts)")
+    splits = make_splits(load_consortium(workdir / "consortium.yaml"))
+    prompts = balanced_sample(list(splits.sft), args.prompts_per_kind, seed=0)
+    features = RouterFeatures(workdir / "router_cache")
+    fused = FusedSiloReward(in_process_clients(load_pool(workdir / "pool.yaml")), load_router(workdir / "router"),
+                            features, objective="correct")
+    images = [str(r.image_path) for r in prompts]
+    started = time.perf_counter()
+    fused(prompts=[r.question for r in prompts], completions=[r.answer for r in prompts], image_path=images,
+          question=[r.question for r in prompts])
+    print(f"cold pass over {len(prompts)} prompts (features computed once per image): "
+          f"{time.perf_counter() - started:.1f} s")
+
+    policy = workdir / "vlm" / "reference"
+    times: dict[str, list[float]] = {"constant": [], "fused": []}
+    for block in range(args.blocks):
+        for name, reward in (("constant", ConstantReward()), ("fused", fused)):
+            block_times = _step_times(policy, prompts, reward, args.steps, seed=block)
+            times[name].extend(block_times[1:])  # the first step of a run pays start-up
+            print(f"block {block} {name}: median step {statistics.median(block_times[1:]):.3f} s", flush=True)
+    constant, fusedt = statistics.median(times["constant"]), statistics.median(times["fused"])
+    ratio = fusedt / constant
+    print(f"median GRPO step: constant reward {constant:.3f} s, fused MoR reward {fusedt:.3f} s "
+          f"-> ratio {ratio:.2f}x (target <= {TARGET_RATIO}x: {'met' if ratio <= TARGET_RATIO else 'MISSED'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Router calibration: public calibration pairs -> per-silo correctness bits -> a trained router (DESIGN §2.2).
+
+The coordinator holds the public calibration split (images, questions,
+answers). For every objective it builds preference pairs from it, asks each
+silo ONE batched question per objective ("which of these pairs do you rank
+right?", optionally through randomized response charged to the silo's
+ledger) and fits the router to the bits.
+
+Objectives. The benchmark needs at least two, so that routing *by objective*
+is exercised:
+
+- ``correct``: chosen = the true one-word answer, rejected = a wrong answer of
+  the same kind. The silo that is right is the one reliable on that kind.
+- ``correct_and_brief``: chosen = the true one-word answer; rejected = a wrong
+  one-word answer on half of the pairs and the true answer padded with words
+  ("the answer is blue") on the other half. A silo that is right here must
+  also prefer the terse answer, which no silo was trained for, so the router
+  learns different weights for this objective than for ``correct``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from mor_secure.config import StrictModel
+from mor_secure.data import QUESTION_KINDS, PreferencePair, QuestionKind, VQARecord, make_pairs
+
+from .router import Router, RouterConfig, RouterFeatures, train_router
+from .silo_client import SiloClient
+
+Objective = Literal["correct", "correct_and_brief"]
+OBJECTIVES: tuple[str, ...] = ("correct", "correct_and_brief")
+
+# Padded forms of a correct answer: right, but not brief.
+_VERBOSE_TEMPLATES = ("the answer is {answer}", "i think it is {answer}", "{answer}, i am fairly sure")
+
+
+class CalibrationConfig(StrictModel):
+    """How the router is calibrated (`mor coordinator train-router --config`)."""
+
+    objectives: list[Objective] = Field(
+        default_factory=lambda: list(OBJECTIVES),
+        description="Objectives the router learns weights for; GRPO then optimises one of them.",
+    )
+    max_records_per_kind: int | None = Field(
+        600, gt=0,
+        description="Cap on calibration questions per kind (seeded subsample); easy-VQA is 74% yes/no, and "
+        "a capped, balanced set costs the silos fewer scores. null = use every question.",
+    )
+    exclude_kinds: list[QuestionKind] = Field(
+        default_factory=list,
+        description="Question kinds left out of calibration (the leave-one-silo-out experiment).",
+    )
+    randomized_response_epsilon: float | None = Field(
+        None, gt=0, allow_inf_nan=False,
+        description="When set, each silo answers its bits through randomized response at this epsilon per "
+        "objective, charged to its ledger; the router's loss is forward-corrected for the flips. null = exact bits.",
+    )
+    seed: int = Field(0, description="Seed of the subsample and of the rejected answers drawn.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="Router size and training schedule.")
+
+    @field_validator("objectives")
+    @classmethod
+    def _distinct_objectives(cls, objectives: list[str]) -> list[str]:
+        if not objectives or len(set(objectives)) != len(objectives):
+            raise ValueError(f"objectives must be a non-empty list without repeats, got {objectives}; "
+                             f"choose from {list(OBJECTIVES)}")
+        return objectives
+
+    @field_validator("exclude_kinds")
+    @classmethod
+    def _keep_a_kind(cls, kinds: list[str]) -> list[str]:
+        if set(kinds) >= set(QUESTION_KINDS):
+            raise ValueError(f"exclude_kinds {kinds} leaves no calibration data; keep at least one of "
+                             f"{list(QUESTION_KINDS)}")
+        return kinds
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """The trained router and what the bits said (the coordinator's own view; no silo score is kept)."""
+
+    router: Router
+    records: int
+    silo_accuracy: dict[str, dict[str, dict[str, float]]]  # objective -> silo -> kind -> share of bits = 1
+
+    def to_dict(self) -> dict:
+        return {"records": self.records, "silos": list(self.router.silo_names),
+                "objectives": list(self.router.objective_names), "silo_accuracy": self.silo_accuracy}
+
+
+def calibration_records(records: Sequence[VQARecord], config: CalibrationConfig) -> list[VQARecord]:
+    """The calibration questions used: excluded kinds dropped, at most `max_records_per_kind` per kind."""
+    rng = random.Random(config.seed)
+    by_kind: dict[str, list[VQARecord]] = defaultdict(list)
+    for record in records:
+        if record.kind not in config.exclude_kinds:
+            by_kind[record.kind].append(record)
+    kept: list[VQARecord] = []
+    for kind in sorted(by_kind):
+        group = by_kind[kind]
+        cap = config.max_records_per_kind
+        kept.extend(group if cap is None or len(group) <= cap else rng.sample(group, cap))
+    if not kept:
+        raise ValueError("no calibration records left after exclude_kinds and the per-kind cap")
+    return kept
+
+
+def objective_pairs(records: Sequence[VQARecord], objective: str, *, seed: int) -> list[PreferencePair]:
+    """One clean pair per record for `objective` (see the module docstring)."""
+    pairs = list(make_pairs(records, seed=seed))
+    if objective == "correct":
+        return pairs
+    if objective != "correct_and_brief":
+        raise ValueError(f"unknown objective {objective!r}; known: {list(OBJECTIVES)}")
+    rng = random.Random(seed + 1)
+    brief = []
+    for pair in pairs:
+        if rng.random() < 0.5:
+            verbose = rng.choice(_VERBOSE_TEMPLATES).format(answer=pair.chosen)
+            pair = PreferencePair(image_id=pair.image_id, image_path=pair.image_path, prompt=pair.prompt,
+                                  chosen=pair.chosen, rejected=verbose, kind=pair.kind)
+        brief.append(pair)
+    return brief
+
+
+def calibrate_router(clients: Sequence[SiloClient], records: Sequence[VQARecord], features: RouterFeatures,
+                     config: CalibrationConfig, *, progress: bool = False) -> CalibrationResult:
+    """Ask every silo for its bits on every objective's pairs and train the router on them."""
+    clients = list(clients)
+    if not clients:
+        raise ValueError("calibration needs at least one silo client")
+    chosen = calibration_records(records, config)
+    rows_features = features.encode([r.image_path for r in chosen], [r.question for r in chosen], progress=progress)
+
+    feature_blocks, objective_blocks, bit_blocks = [], [], []
+    silo_accuracy: dict[str, dict[str, dict[str, float]]] = {}
+    for objective_id, objective in enumerate(config.objectives):
+        pairs = objective_pairs(chosen, objective, seed=config.seed)
+        bits = torch.stack([client.correctness_bits(pairs, randomized_response_epsilon=config.randomized_response_epsilon)
+                            for client in clients], dim=1)
+        silo_accuracy[objective] = _accuracy_by_kind(bits, pairs, [c.name for c in clients])
+        feature_blocks.append(rows_features)
+        objective_blocks.append(torch.full((len(pairs),), objective_id, dtype=torch.long))
+        bit_blocks.append(bits)
+
+    flips = None
+    if config.randomized_response_epsilon is not None:
+        from mor_secure.privacy.randomized_response import flip_probability
+
+        flips = [flip_probability(epsilon=config.randomized_response_epsilon)] * len(clients)
+    router = train_router(torch.cat(feature_blocks), torch.cat(objective_blocks), torch.cat(bit_blocks),
+                          silo_names=[c.name for c in clients], objective_names=config.objectives,
+                          config=config.router, flip_probabilities=flips, progress=progress)
+    return CalibrationResult(router=router, records=len(chosen), silo_accuracy=silo_accuracy)
+
+
+def mean_weights_by_kind(router: Router, features: torch.Tensor, kinds: Sequence[str],
+                         objective: str) -> dict[str, dict[str, float]]:
+    """kind -> silo -> the router's mean weight on that kind's rows (how it routes, in one table)."""
+    if features.shape[0] != len(kinds):
+        raise ValueError(f"features has {features.shape[0]} rows for {len(kinds)} kinds; expected one each")
+    objective_ids = torch.full((len(kinds),), router.objective_id(objective), dtype=torch.long)
+    with torch.no_grad():
+        weights = router.weights(features, objective_ids)
+    table = {}
+    for kind in sorted(set(kinds)):
+        rows = torch.tensor([k == kind for k in kinds])
+        table[kind] = {silo: round(weights[rows, i].mean().item(), 4) for i, silo in enumerate(router.silo_names)}
+    return table
+
+
+def _accuracy_by_kind(bits: torch.Tensor, pairs: Sequence[PreferencePair],
+                      silos: Sequence[str]) -> dict[str, dict[str, float]]:
+    kinds = [p.kind for p in pairs]
+    table: dict[str, dict[str, float]] = {}
+    for index, silo in enumerate(silos):
+        table[silo] = {}
+        for kind in sorted(set(kinds)):
+            rows = torch.tensor([k == kind for k in kinds])
+            table[silo][kind] = round(bits[rows, index].float().mean().item(), 4)
+    return table

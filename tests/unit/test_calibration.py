@@ -1,0 +1,123 @@
+"""Router calibration end to end: objective pairs -> one bits call per silo and objective -> a router.
+
+The silos here are fakes (this is a test of the calibration code around
+them): silo k is right exactly on kind k for "which answer is correct"
+pairs, and only `brief-expert` is right on "terse vs padded" pairs. Features
+are the real `RouterFeatures` of real easy-VQA records.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from coordinator.calibration import (
+    OBJECTIVES,
+    CalibrationConfig,
+    calibrate_router,
+    calibration_records,
+    mean_weights_by_kind,
+    objective_pairs,
+)
+from coordinator.router import RouterConfig, RouterFeatures
+from coordinator.silo_client import SiloDescription
+from mor_secure.data import QUESTION_KINDS, PreferencePair
+
+SILO_OF_KIND = {"color": "color-expert", "shape": "shape-expert", "yes_no": "yes-no-expert"}
+
+
+class KindExpert:
+    """Right on correct-vs-wrong pairs of one kind; on terse-vs-padded pairs right only if `likes_brief`."""
+
+    def __init__(self, name: str, kind: str | None, *, likes_brief: bool = False) -> None:
+        self.name, self.kind, self.likes_brief = name, kind, likes_brief
+        self.calls: list[int] = []
+
+    def describe(self) -> SiloDescription:
+        return SiloDescription(name=self.name, architecture="fake", trainable_params=0)
+
+    def score(self, images, prompts, responses) -> torch.Tensor:
+        raise AssertionError("calibration must ask for bits, never for raw scores")
+
+    def correctness_bits(self, pairs: Sequence[PreferencePair], *, randomized_response_epsilon=None) -> torch.Tensor:
+        self.calls.append(len(pairs))
+        padded = [p.chosen in p.rejected and p.chosen != p.rejected for p in pairs]
+        return torch.tensor([self.likes_brief if is_padded else p.kind == self.kind
+                             for p, is_padded in zip(pairs, padded, strict=True)])
+
+
+@pytest.fixture(scope="module")
+def features(tmp_path_factory: pytest.TempPathFactory) -> RouterFeatures:
+    return RouterFeatures(tmp_path_factory.mktemp("router-cache"))
+
+
+def test_objective_pairs_keep_the_true_answer_chosen(consortium) -> None:
+    _, splits = consortium
+    records = list(splits.calibration)
+    correct = objective_pairs(records, "correct", seed=0)
+    brief = objective_pairs(records, "correct_and_brief", seed=0)
+    assert [p.chosen for p in correct] == [p.chosen for p in brief] == [r.answer for r in records]
+    assert all(p.rejected != p.chosen and len(p.rejected.split()) == 1 for p in correct)
+    padded = [p for p in brief if p.chosen in p.rejected and p.rejected != p.chosen]
+    assert 0.3 < len(padded) / len(brief) < 0.7  # about half the pairs test brevity
+    with pytest.raises(ValueError, match="unknown objective"):
+        objective_pairs(records, "kind", seed=0)
+
+
+def test_calibration_records_cap_and_exclusion(consortium) -> None:
+    _, splits = consortium
+    capped = calibration_records(splits.calibration, CalibrationConfig(max_records_per_kind=5))
+    assert {k: sum(r.kind == k for r in capped) for k in QUESTION_KINDS} == dict.fromkeys(QUESTION_KINDS, 5)
+    without_shape = calibration_records(splits.calibration, CalibrationConfig(exclude_kinds=["shape"]))
+    assert without_shape and all(r.kind != "shape" for r in without_shape)
+    with pytest.raises(ValueError, match="leaves no calibration data"):
+        CalibrationConfig(exclude_kinds=list(QUESTION_KINDS))
+    with pytest.raises(ValueError, match="without repeats"):
+        CalibrationConfig(objectives=["correct", "correct"])
+
+
+def test_router_routes_each_kind_to_its_silo_and_objective_changes_routing(consortium, features) -> None:
+    _, splits = consortium
+    silos = [KindExpert(SILO_OF_KIND[k], k) for k in QUESTION_KINDS] + [KindExpert("brief-expert", None,
+                                                                                  likes_brief=True)]
+    config = CalibrationConfig(max_records_per_kind=None, router=RouterConfig(epochs=60))
+    result = calibrate_router(silos, splits.calibration, features, config)
+
+    assert all(len(s.calls) == len(OBJECTIVES) for s in silos), "one batched bits call per silo per objective"
+    assert result.silo_accuracy["correct"]["shape-expert"]["shape"] == 1.0
+    test = list(splits.test)
+    test_features = features.encode([r.image_path for r in test], [r.question for r in test])
+    kinds = [r.kind for r in test]
+    correct = mean_weights_by_kind(result.router, test_features, kinds, "correct")
+    for kind, silo in SILO_OF_KIND.items():
+        assert correct[kind][silo] >= 0.8, (kind, correct[kind])
+    brief = mean_weights_by_kind(result.router, test_features, kinds, "correct_and_brief")
+    for kind in QUESTION_KINDS:
+        assert brief[kind]["brief-expert"] > correct[kind]["brief-expert"] + 0.2, (kind, brief[kind])
+
+
+def test_leave_one_kind_out_never_shows_that_kind(consortium, features) -> None:
+    _, splits = consortium
+    silos = [KindExpert(SILO_OF_KIND[k], k) for k in QUESTION_KINDS]
+    config = CalibrationConfig(exclude_kinds=["shape"], router=RouterConfig(epochs=5))
+    result = calibrate_router(silos, splits.calibration, features, config)
+    assert all("shape" not in by_kind for by_silo in result.silo_accuracy.values() for by_kind in by_silo.values())
+    assert result.records == sum(r.kind != "shape" for r in splits.calibration)
+
+
+def test_randomized_response_needs_a_ledger_and_config_checks(consortium, features, tmp_path: Path) -> None:
+    from coordinator.silo_client import InProcessSiloClient
+    from mor_secure.models.reward_architectures import SmallCNNRewardModel
+
+    _, splits = consortium
+    client = InProcessSiloClient("no-ledger", SmallCNNRewardModel(seed=0))
+    config = CalibrationConfig(randomized_response_epsilon=1.0, max_records_per_kind=3, router=RouterConfig(epochs=1))
+    with pytest.raises(RuntimeError, match="no privacy ledger"):
+        calibrate_router([client], splits.calibration, features, config)
+    with pytest.raises(ValueError):
+        CalibrationConfig(randomized_response_epsilon=0.0)
+    with pytest.raises(ValueError, match="at least one silo"):
+        calibrate_router([], splits.calibration, features, config)

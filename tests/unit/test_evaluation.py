@@ -1,0 +1,87 @@
+"""The evaluation's pieces that need no GRPO run: config checks, method lists, reward scoring, the pool file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from coordinator.answer_eval import balanced_sample
+from coordinator.evaluation import EvaluationConfig, available_methods, reward_pairwise_accuracy
+from coordinator.pool import in_process_clients, load_pool
+from coordinator.rewards import ExactMatchReward
+from mor_secure.config import ConfigError
+from mor_secure.data import QUESTION_KINDS, make_pairs
+
+
+def test_balanced_sample_caps_every_kind(consortium) -> None:
+    _, splits = consortium
+    sample = balanced_sample(splits.test, 4, seed=0)
+    assert [sum(r.kind == k for r in sample) for k in QUESTION_KINDS] == [4, 4, 4]
+    assert sample == balanced_sample(splits.test, 4, seed=0)
+    assert len(balanced_sample(splits.test, None, seed=0)) == len(splits.test)
+
+
+def test_available_methods_in_report_order() -> None:
+    assert available_methods(["a", "b"], ["centralized_rm"]) == [
+        "reference", "mor", "uniform", "single:a", "single:b", "centralized_rm", "oracle"]
+
+
+def test_evaluation_config_checks_say_how_to_fix() -> None:
+    with pytest.raises(ValueError, match="sets per run"):
+        EvaluationConfig(grpo={"output_dir": "x"})
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        EvaluationConfig(grpo={"beta": 0.0})
+    with pytest.raises(ValueError, match="not among calibration.objectives"):
+        EvaluationConfig(objective="correct_and_brief", calibration={"objectives": ["correct"]})
+    settings = EvaluationConfig(grpo={"steps": 7}).grpo_settings(Path("out"), seed=3)
+    assert (settings.steps, settings.seed, settings.output_dir) == (7, 3, Path("out"))
+
+
+def test_pairwise_accuracy_of_the_oracle_and_of_its_opposite(consortium) -> None:
+    _, splits = consortium
+    pairs = list(make_pairs(splits.test, seed=0))
+    oracle = ExactMatchReward()
+    assert reward_pairwise_accuracy(oracle, pairs, chunk=7) == {**dict.fromkeys(QUESTION_KINDS, 1.0), "overall": 1.0}
+
+    def backwards(prompts, completions, **columns):
+        return [-x for x in oracle(prompts, completions, **columns)]
+
+    assert reward_pairwise_accuracy(backwards, pairs)["overall"] == 0.0
+
+
+def test_pool_file_resolves_paths_and_reports_problems(tmp_path: Path) -> None:
+    pool_path = tmp_path / "pool.yaml"
+    pool_path.write_text("silos:\n  - name: a\n    reward_model: models/a\n", encoding="utf-8")
+    pool = load_pool(pool_path)
+    assert pool.silos[0].reward_model == (tmp_path / "models" / "a").resolve()
+    with pytest.raises(FileNotFoundError, match="mor silo train"):
+        in_process_clients(pool)
+    with pytest.raises(ValueError, match="unknown silo"):
+        in_process_clients(pool, names=["b"])
+
+    pool_path.write_text("silos:\n  - {name: a, reward_model: x}\n  - {name: a, reward_model: y}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="repeated"):
+        load_pool(pool_path)
+    pool_path.write_text("silos:\n  - {name: a, reward_model: x, ledger: l.json}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="privacy_budget"):
+        load_pool(pool_path)
+    pool_path.write_text("silos:\n  - {name: a, reward_model: x, adress: y}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="adress"):
+        load_pool(pool_path)
+
+
+def test_group_top_keeps_each_prompts_winners_only() -> None:
+    from coordinator.rewards import GroupTopReward
+
+    def graded(prompts, completions, **columns):
+        return [{"circle": 0.5, "triangle": 2.0, "rectangle": -3.0, "": -3.0}[c] for c in completions]
+
+    reward = GroupTopReward(graded)
+    completions = ["circle", "triangle", "rectangle", "circle", "circle", "rectangle", "circle", ""]
+    columns = {"image_path": ["a.png"] * 4 + ["b.png"] * 4, "question": ["what shape?"] * 8}
+    # Group a: triangle wins alone; group b: both "circle"s tie at the top.
+    assert reward(["q"] * 8, completions, **columns) == [0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0]
+    assert reward.__name__ == "graded/group_top"
+    with pytest.raises(ValueError, match="image_path"):
+        reward(["q"], ["circle"], question=["what shape?"])

@@ -311,7 +311,7 @@ def test_settings_refuse_what_trl_would_misuse(tmp_path: Path):
         GRPOSettings(output_dir=tmp_path, trl_overrides={"scale_reward": "batch"})
     with pytest.raises(ValidationError, match=r"\['beta', 'max_steps'\], which GRPOSettings owns.*GRPOSettings.steps"):
         GRPOSettings(output_dir=tmp_path, trl_overrides={"max_steps": 5, "beta": 0.1})
-    with pytest.raises(ValidationError, match="not a multiple of num_generations \\(4\\).*multiple of 4 \\(e.g. 8\\)"):
+    with pytest.raises(ValidationError, match="not a multiple of num_generations \\(8\\).*multiple of 8 \\(e.g. 8\\)"):
         GRPOSettings(output_dir=tmp_path, per_device_train_batch_size=6)
     with pytest.raises(ValidationError, match="num_generations"):
         GRPOSettings(output_dir=tmp_path, num_generations=1)
@@ -320,7 +320,7 @@ def test_settings_refuse_what_trl_would_misuse(tmp_path: Path):
 
     overrides = {"gradient_accumulation_steps": 2, "scale_rewards": "batch"}
     config = GRPOSettings(output_dir=tmp_path, trl_overrides=overrides).to_grpo_config()
-    assert (config.max_steps, config.beta, config.num_generations) == (60, 0.04, 4)
+    assert (config.max_steps, config.beta, config.num_generations) == (300, 0.2, 8)
     assert config.gradient_accumulation_steps == 2 and config.scale_rewards == "batch"
     assert config.report_to in ([], "none", ["none"]) and config.bf16 is False
     # The deprecated alias still reaches TRL (our activation_checkpointing default must not shadow it).

@@ -85,3 +85,16 @@ def test_group_top_keeps_each_prompts_winners_only() -> None:
     assert reward.__name__ == "graded/group_top"
     with pytest.raises(ValueError, match="image_path"):
         reward(["q"], ["circle"], question=["what shape?"])
+
+
+def test_generated_table_replaces_only_the_marked_block(tmp_path: Path) -> None:
+    from coordinator.evaluation import GENERATED_BEGIN, GENERATED_END, write_between_markers
+
+    path = tmp_path / "results.md"
+    write_between_markers(path, "table v1\n")
+    assert path.read_text() == f"{GENERATED_BEGIN}\ntable v1\n{GENERATED_END}\n"
+    path.write_text("# Results\n\nprose before\n\n" + path.read_text() + "\nprose after\n")
+    write_between_markers(path, "table v2\n")
+    text = path.read_text()
+    assert "table v1" not in text and "table v2" in text
+    assert text.startswith("# Results\n\nprose before\n") and text.endswith("prose after\n")

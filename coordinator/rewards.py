@@ -182,19 +182,29 @@ class SiloMixtureReward:
         return rewards.tolist()
 
     def _scores(self, images: list[str], questions: list[str], responses: list[str]) -> torch.Tensor:
-        """[M, K] standardised scores: one `score` call per silo, with every row at once."""
+        """[M, K] standardised scores: one `score` call per silo, with every distinct row at once.
+
+        A group of `num_generations` one-word answers repeats itself (8 samples
+        are often 2 or 3 distinct answers), so only distinct (image, question,
+        response) rows are sent: the silos score, and are queried about, less.
+        """
+        rows = list(zip(images, questions, responses, strict=True))
+        distinct = list(dict.fromkeys(rows))
+        position = {row: i for i, row in enumerate(distinct)}
+        index = torch.tensor([position[row] for row in rows], dtype=torch.long)
+        images, questions, responses = (list(column) for column in zip(*distinct, strict=True))
         columns = []
         for client in self.clients:
             scores = client.score(images, questions, responses)
             if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (len(responses),):
                 shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
                 raise RuntimeError(f"{self.__name__}: silo {client.name!r} returned {shape} scores for "
-                                   f"{len(responses)} completions; expected a [{len(responses)}] tensor")
+                                   f"{len(responses)} distinct completions; expected a [{len(responses)}] tensor")
             scores = scores.detach().float().cpu()
             if not torch.isfinite(scores).all():
                 raise RuntimeError(f"{self.__name__}: silo {client.name!r} returned non-finite scores")
             columns.append(scores)
-        return torch.stack(columns, dim=1)
+        return torch.stack(columns, dim=1)[index]
 
     def _checked_weights(self, weights: torch.Tensor, rows: int) -> torch.Tensor:
         expected = (rows, len(self.clients))

@@ -230,7 +230,9 @@ def test_fused_reward_calls_each_silo_once_and_returns_the_weighted_sum(router: 
 
     stripped = [r.strip() for r in RESPONSES]
     for silo in silos.values():
-        assert silo.calls == [(IMAGES, QUESTIONS, stripped)], "one batched call per silo with every completion"
+        # One batched call per silo with every DISTINCT completion: the repeated ("b.png", "no") is sent once.
+        assert silo.calls == [(IMAGES[:5], QUESTIONS[:5], stripped[:5])]
+    assert out[4] == out[5]
     assert features.calls == [(["/data/a.png", "/data/b.png"], ["What color is the shape?", "Is there a circle?"])]
 
     with torch.no_grad():
@@ -271,7 +273,7 @@ def test_fused_reward_rejects_mismatched_inputs(router: Router):
             return torch.zeros(len(responses) + 1)
 
     bad = FusedSiloReward([*silos[:2], WrongShape("hospital-c", 9)], router, CountingFeatures(), objective="accuracy")
-    with pytest.raises(RuntimeError, match="silo 'hospital-c' returned \\(7,\\) scores for 6 completions"):
+    with pytest.raises(RuntimeError, match="silo 'hospital-c' returned \\(6,\\) scores for 5 distinct completions"):
         bad(QUESTIONS, RESPONSES, image_path=IMAGES, question=QUESTIONS)
 
 

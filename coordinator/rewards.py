@@ -289,14 +289,15 @@ class GroupTopReward:
 
     Why: a Bradley-Terry reward model is trained to rank answers, so only its
     ranking within one prompt is meaningful, not how far apart two wrong
-    answers score. Used raw, that gap matters to GRPO: measured on the demo,
-    a policy that cannot yet tell the shapes apart learned to answer
-    "circle" to every shape question, because the shape silo scores "circle"
-    as the least-bad wrong answer on average (sampled shape accuracy fell
-    from 0.34 to 0.23 under MoR). Keeping only the group's winner turns a
-    reward that ranks well into what the exact-match oracle gives whenever
-    the right answer is among the samples. Groups are the completions of one
-    (image, question) in a call; ties all win.
+    answers score. Keeping only the group's winner turns a reward that ranks
+    well into what the exact-match oracle gives whenever the right answer is
+    among the samples. It is not enough on its own: when the right answer is
+    missing, the reward's favourite wrong answer still wins. On the demo, a
+    policy that cannot tell the shapes apart answered "circle" to 71% of
+    shape questions under the raw fused score and still collapsed under this
+    transform at beta 0.04; with beta 0.2 the KL keeps the right answer among
+    the samples (docs/grpo.md). Groups are the completions of one (image,
+    question) in a call; ties all win.
     """
 
     def __init__(self, reward: Callable[..., list[float]]) -> None:

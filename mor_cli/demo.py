@@ -188,11 +188,11 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> in
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description="Run the whole consortium locally.")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="build, train and compare everything (about 14 minutes on 2 cores)")
+    run = commands.add_parser("run", help="build, train and compare everything (about 10 minutes on 2 cores)")
     run.add_argument("--workdir", default="runs/demo", help="directory the demo owns (replaced on each run)")
     run.add_argument("--write-results", type=Path, help="also write the results JSON here")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    table = commands.add_parser("table", help="MoR vs every baseline over 3 seeds (about 80 minutes on 2 cores)")
+    table = commands.add_parser("table", help="MoR vs every baseline over 3 seeds (about 50 minutes on 2 cores)")
     table.add_argument("--workdir", default="runs/table",
                        help="working directory; finished stages (silo models, baselines, runs) are reused")
     table.add_argument("--results-dir", type=Path, default=Path("docs/results"),

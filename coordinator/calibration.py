@@ -131,23 +131,36 @@ def objective_pairs(records: Sequence[VQARecord], objective: str, *, seed: int) 
     return brief
 
 
-def calibrate_router(clients: Sequence[SiloClient], records: Sequence[VQARecord], features: RouterFeatures,
-                     config: CalibrationConfig, *, progress: bool = False) -> CalibrationResult:
-    """Ask every silo for its bits on every objective's pairs and train the router on them."""
+@dataclass(frozen=True)
+class CalibrationBits:
+    """What the silos answered: one row per (calibration question, objective), one bit column per silo."""
+
+    features: torch.Tensor
+    objective_ids: torch.Tensor
+    bits: torch.Tensor
+    silo_names: tuple[str, ...]
+    objective_names: tuple[str, ...]
+    flip_probabilities: list[float] | None
+    records: int
+    silo_accuracy: dict[str, dict[str, dict[str, float]]]  # objective -> silo -> kind -> share of bits = 1
+
+
+def collect_bits(clients: Sequence[SiloClient], records: Sequence[VQARecord], features: RouterFeatures,
+                 config: CalibrationConfig, *, progress: bool = False) -> CalibrationBits:
+    """Ask every silo, once per objective, which calibration pairs it ranks right (charged if randomized)."""
     clients = list(clients)
     if not clients:
         raise ValueError("calibration needs at least one silo client")
     chosen = calibration_records(records, config)
     rows_features = features.encode([r.image_path for r in chosen], [r.question for r in chosen], progress=progress)
 
-    feature_blocks, objective_blocks, bit_blocks = [], [], []
+    objective_blocks, bit_blocks = [], []
     silo_accuracy: dict[str, dict[str, dict[str, float]]] = {}
     for objective_id, objective in enumerate(config.objectives):
         pairs = objective_pairs(chosen, objective, seed=config.seed)
         bits = torch.stack([client.correctness_bits(pairs, randomized_response_epsilon=config.randomized_response_epsilon)
                             for client in clients], dim=1)
         silo_accuracy[objective] = _accuracy_by_kind(bits, pairs, [c.name for c in clients])
-        feature_blocks.append(rows_features)
         objective_blocks.append(torch.full((len(pairs),), objective_id, dtype=torch.long))
         bit_blocks.append(bits)
 
@@ -156,10 +169,25 @@ def calibrate_router(clients: Sequence[SiloClient], records: Sequence[VQARecord]
         from mor_secure.privacy.randomized_response import flip_probability
 
         flips = [flip_probability(epsilon=config.randomized_response_epsilon)] * len(clients)
-    router = train_router(torch.cat(feature_blocks), torch.cat(objective_blocks), torch.cat(bit_blocks),
-                          silo_names=[c.name for c in clients], objective_names=config.objectives,
-                          config=config.router, flip_probabilities=flips, progress=progress)
-    return CalibrationResult(router=router, records=len(chosen), silo_accuracy=silo_accuracy)
+    return CalibrationBits(features=rows_features.repeat(len(config.objectives), 1),
+                           objective_ids=torch.cat(objective_blocks), bits=torch.cat(bit_blocks),
+                           silo_names=tuple(c.name for c in clients), objective_names=tuple(config.objectives),
+                           flip_probabilities=flips, records=len(chosen), silo_accuracy=silo_accuracy)
+
+
+def fit_router(data: CalibrationBits, config: RouterConfig, *, progress: bool = False) -> CalibrationResult:
+    """Train a router on bits already collected (several seeds need the silos to answer only once)."""
+    router = train_router(data.features, data.objective_ids, data.bits, silo_names=data.silo_names,
+                          objective_names=data.objective_names, config=config,
+                          flip_probabilities=data.flip_probabilities, progress=progress)
+    return CalibrationResult(router=router, records=data.records, silo_accuracy=data.silo_accuracy)
+
+
+def calibrate_router(clients: Sequence[SiloClient], records: Sequence[VQARecord], features: RouterFeatures,
+                     config: CalibrationConfig, *, progress: bool = False) -> CalibrationResult:
+    """Ask every silo for its bits on every objective's pairs and train the router on them."""
+    return fit_router(collect_bits(clients, records, features, config, progress=progress), config.router,
+                      progress=progress)
 
 
 def mean_weights_by_kind(router: Router, features: torch.Tensor, kinds: Sequence[str],

@@ -45,7 +45,7 @@ from mor_secure.data import QUESTION_KINDS, ConsortiumSpec, PreferencePair, VQAR
 from mor_secure.models.tiny_vlm import load_vlm
 
 from .answer_eval import AccuracyCallback, balanced_sample, evaluate_answers
-from .calibration import CalibrationConfig, Objective, calibrate_router, mean_weights_by_kind
+from .calibration import CalibrationBits, CalibrationConfig, Objective, collect_bits, fit_router, mean_weights_by_kind
 from .grpo import GRPOSettings, train_grpo
 from .results_report import (
     RunResult,
@@ -179,16 +179,32 @@ class Evaluation:
         self.test_pairs = list(make_pairs(balanced_sample(splits.test, config.pairwise_pairs_per_kind, seed=3),
                                           seed=spec.seed))
         self.features = RouterFeatures(feature_cache)
-        self._routers: dict[int, Any] = {}
+        self._bits: dict[tuple[str, ...], CalibrationBits] = {}
+        self._routers: dict[tuple[int, tuple[str, ...]], Any] = {}
 
-    def router(self, seed: int) -> Any:
-        if seed not in self._routers:
-            calibration = self.config.calibration.model_copy(
-                update={"router": self.config.calibration.router.model_copy(update={"seed": seed})})
-            result = calibrate_router(self.clients, self.calibration_records, self.features, calibration,
-                                      progress=self.progress)
-            self._routers[seed] = result.router
-        return self._routers[seed]
+    def bits(self, exclude_kinds: Sequence[str] | None = None) -> CalibrationBits:
+        """The silos' calibration answers (asked once per set of excluded kinds, reused by every seed).
+
+        `exclude_kinds=None` means the configured `calibration.exclude_kinds`.
+        """
+        if exclude_kinds is None:
+            exclude_kinds = self.config.calibration.exclude_kinds
+        key = tuple(sorted(exclude_kinds))
+        if key not in self._bits:
+            config = self.config.calibration.model_copy(update={"exclude_kinds": list(key)})
+            self._bits[key] = collect_bits(self.clients, self.calibration_records, self.features, config,
+                                           progress=self.progress)
+        return self._bits[key]
+
+    def router(self, seed: int, exclude_kinds: Sequence[str] | None = None) -> Any:
+        """The router of this seed (its initialisation and batch order), trained on the shared bits."""
+        if exclude_kinds is None:
+            exclude_kinds = self.config.calibration.exclude_kinds
+        key = (seed, tuple(sorted(exclude_kinds)))
+        if key not in self._routers:
+            config = self.config.calibration.router.model_copy(update={"seed": seed})
+            self._routers[key] = fit_router(self.bits(exclude_kinds), config, progress=self.progress).router
+        return self._routers[key]
 
     def reward(self, method: str, seed: int) -> Callable[..., list[float]]:
         """The GRPO reward of `method`, with the configured transform applied."""
@@ -250,11 +266,7 @@ class Evaluation:
             if silo.name not in full.silo_names:
                 continue
             for kind in silo.reliable_kinds:
-                calibration = self.config.calibration.model_copy(update={
-                    "exclude_kinds": [kind],
-                    "router": self.config.calibration.router.model_copy(update={"seed": seed})})
-                held_out = calibrate_router(self.clients, self.calibration_records, self.features, calibration,
-                                            progress=self.progress).router
+                held_out = self.router(seed, exclude_kinds=[kind])
                 kind_pairs = [p for p in self.test_pairs if p.kind == kind]
 
                 def fused_accuracy(router: Any, kind: str = kind, kind_pairs: list = kind_pairs) -> float:

@@ -21,7 +21,6 @@ is exercised:
 from __future__ import annotations
 
 import random
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -32,6 +31,7 @@ from pydantic import Field, field_validator
 from mor_secure.config import StrictModel
 from mor_secure.data import QUESTION_KINDS, PreferencePair, QuestionKind, VQARecord, make_pairs
 
+from .answer_eval import balanced_sample
 from .router import Router, RouterConfig, RouterFeatures, train_router
 from .silo_client import SiloClient
 
@@ -98,19 +98,10 @@ class CalibrationResult:
 
 def calibration_records(records: Sequence[VQARecord], config: CalibrationConfig) -> list[VQARecord]:
     """The calibration questions used: excluded kinds dropped, at most `max_records_per_kind` per kind."""
-    rng = random.Random(config.seed)
-    by_kind: dict[str, list[VQARecord]] = defaultdict(list)
-    for record in records:
-        if record.kind not in config.exclude_kinds:
-            by_kind[record.kind].append(record)
-    kept: list[VQARecord] = []
-    for kind in sorted(by_kind):
-        group = by_kind[kind]
-        cap = config.max_records_per_kind
-        kept.extend(group if cap is None or len(group) <= cap else rng.sample(group, cap))
+    kept = [r for r in records if r.kind not in config.exclude_kinds]
     if not kept:
-        raise ValueError("no calibration records left after exclude_kinds and the per-kind cap")
-    return kept
+        raise ValueError("no calibration records left after exclude_kinds")
+    return balanced_sample(kept, config.max_records_per_kind, seed=config.seed)
 
 
 def objective_pairs(records: Sequence[VQARecord], objective: str, *, seed: int) -> list[PreferencePair]:

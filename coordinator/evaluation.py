@@ -207,11 +207,7 @@ class Evaluation:
         return self._routers[key]
 
     def reward(self, method: str, seed: int) -> Callable[..., list[float]]:
-        """The GRPO reward of `method`, with the configured transform applied."""
-        reward = self._raw_reward(method, seed)
-        return GroupTopReward(reward) if self.config.reward_transform == "group_top" else reward
-
-    def _raw_reward(self, method: str, seed: int) -> Callable[..., list[float]]:
+        """The reward of `method` as the silos and router give it (before `reward_transform`)."""
         if method == "mor":
             return FusedSiloReward(self.clients, self.router(seed), self.features, objective=self.config.objective)
         if method == "uniform":
@@ -236,7 +232,9 @@ class Evaluation:
             policy, history, pairwise = self.reference_dir, [], None
         else:
             reward = self.reward(method, seed)
-            pairwise = reward_pairwise_accuracy(self._raw_reward(method, seed), self.test_pairs)
+            pairwise = reward_pairwise_accuracy(reward, self.test_pairs)
+            if self.config.reward_transform == "group_top":
+                reward = GroupTopReward(reward)
             settings = self.config.grpo_settings(run_dir / "grpo", seed)
             _, processor = load_vlm(self.reference_dir)
             callback = AccuracyCallback(processor, self.during_training, every=self.config.eval_every,

@@ -1,7 +1,10 @@
 """Supervised fine-tuning of the base VLM on the public SFT split: the reference policy.
 
-The reference is deliberately short-trained: it must answer well above chance
-but far from perfectly, so that alignment has room to help (issue 2).
+The base VLM's vision tower is first warmed up on the same public images
+(vision_pretraining.py: a stand-in for the pretrained CLIP a real LLaVA
+starts from). The text side is then deliberately short-trained: the reference
+must answer well above chance but far from perfectly, so that alignment has
+room to help (issue 2).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from mor_secure.config import StrictModel
 from mor_secure.data.records import VQARecord
 from mor_secure.models.tiny_vlm import load_vlm
 
+from .vision_pretraining import VisionPretrainingConfig, pretrain_vision
 from .vlm_batches import supervised_batch
 
 logger = logging.getLogger(__name__)
@@ -28,7 +32,16 @@ logger = logging.getLogger(__name__)
 class SFTConfig(StrictModel):
     """Supervised fine-tuning of the reference policy."""
 
-    steps: int = Field(300, gt=0, description="Optimizer steps; fewer steps give a weaker reference.")
+    vision_pretraining: VisionPretrainingConfig = Field(
+        default_factory=VisionPretrainingConfig,
+        description="Warm-up of the vision tower and projector before SFT (coordinator/vision_pretraining.py).",
+    )
+    steps: int = Field(
+        150, gt=0,
+        description="SFT optimizer steps; fewer steps give a weaker reference. After the vision warm-up, 150 "
+        "steps give greedy accuracy colour 0.98 / shape 0.68 / yes-no 0.83 but sampled (T=1) only 0.66 / 0.52 / "
+        "0.61: room for alignment. 100 steps left sampled answers near chance (0.33); 300 gave 0.91 / 0.71 / 0.70.",
+    )
     batch_size: int = Field(32, gt=0, description="Questions per step.")
     learning_rate: float = Field(5e-4, gt=0, description="AdamW learning rate; 2e-3 stalled the vision tower (colour accuracy ~0.1), 5e-4 learns it.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -47,6 +60,8 @@ def train_reference(base_dir: str | Path, records: Sequence[VQARecord], output_d
     if not records:
         raise ValueError("SFT needs at least one record; the public SFT split is empty")
     model, processor = load_vlm(base_dir)
+    if config.vision_pretraining.steps:
+        pretrain_vision(model, processor, records, config.vision_pretraining, progress=progress)
     torch.manual_seed(config.seed)
     order = random.Random(config.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)

@@ -75,9 +75,11 @@ def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory, consortium_path: Path
 
 @pytest.fixture(scope="session")
 def reference_dir(tmp_path_factory: pytest.TempPathFactory, tiny_vlm_dir: Path, consortium) -> Path:
-    """The tiny VLM after 3 SFT steps on the public split: the reference policy / lora_vlm backbone."""
+    """The tiny VLM after a 3-step vision warm-up and 3 SFT steps on the public split: the reference / lora_vlm backbone."""
     from coordinator.reference import SFTConfig, train_reference
+    from coordinator.vision_pretraining import VisionPretrainingConfig
 
     _, splits = consortium
     return train_reference(tiny_vlm_dir, splits.sft, tmp_path_factory.mktemp("vlm") / "reference",
-                           SFTConfig(steps=3, batch_size=8), progress=False)
+                           SFTConfig(steps=3, batch_size=8, vision_pretraining=VisionPretrainingConfig(steps=3, batch_size=8)),
+                           progress=False)

@@ -269,3 +269,14 @@ def test_load_reward_model_errors(tmp_path: Path) -> None:
     (tmp_path / MANIFEST).write_text('{"architecture": "nope", "standardisation": {}, "settings": {}}')
     with pytest.raises(ValueError, match="unknown architecture 'nope'"):
         load_reward_model(tmp_path)
+
+
+def test_untrained_lora_vlm_scores_what_the_silo_learned_not_the_shared_vlm(consortium, reference_dir: Path) -> None:
+    # Fresh adapters (LoRA B = 0) and a zero head: the log-ratio to the adapter-free backbone is 0 for every
+    # answer. Scoring log p(answer) alone would rank answers by the shared VLM's likelihood instead.
+    model = LoraVLMRewardModel(base_model=reference_dir, rank=4, alpha=8, seed=0)
+    _, splits = consortium
+    record = splits.test[0]
+    answers = [record.answer, "circle", "red", "yes", "no"]
+    scores = model.raw_scores([record.image_path] * len(answers), [record.question] * len(answers), answers)
+    assert torch.allclose(scores, torch.zeros_like(scores), atol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from mor_secure.models.tiny_vlm import TinyVLMConfig, build_tiny_vlm, load_vlm
 
 from .answer_eval import evaluate_answers
 from .reference import SFTConfig, train_reference
+
+logger = logging.getLogger(__name__)
 
 # The heavier commands (router, GRPO, evaluation) import their modules when run, so that
 # `mor coordinator --help` and the light commands stay fast.
@@ -62,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     align.add_argument("--config", help="optional YAML of GRPOSettings fields (output_dir is --out)")
     align.add_argument("--out", required=True, help="GRPO output directory (checkpoints, logs, final/)")
     align.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    align.add_argument("--no-format-guard", action="store_true",
+                       help="do not floor answers outside the public answer vocabulary of their kind "
+                       "(coordinator.rewards.OnFormatReward); silo rewards can then be gamed by off-topic answers")
     align.add_argument("--feature-cache", help="directory caching the router's image features")
 
     full = commands.add_parser("evaluate", help="MoR vs baselines over seeds: JSON, Markdown table and plots")
@@ -121,7 +127,14 @@ def _align(args: argparse.Namespace) -> int:
     from .evaluation import grpo_prompts
     from .grpo import GRPOSettings, train_grpo
     from .pool import in_process_clients, load_pool
-    from .rewards import ExactMatchReward, FusedSiloReward, SingleSiloReward, UniformSiloReward
+    from .rewards import (
+        ExactMatchReward,
+        FusedSiloReward,
+        OnFormatReward,
+        SingleSiloReward,
+        UniformSiloReward,
+        answer_vocabulary,
+    )
     from .router import RouterFeatures, load_router
 
     settings = (load_config(args.config, GRPOSettings, overrides={"output_dir": args.out}) if args.config
@@ -148,6 +161,10 @@ def _align(args: argparse.Namespace) -> int:
             reward = SingleSiloReward(by_name[name])
         else:
             raise ValueError(f"unknown --reward {args.reward!r}: use mor, uniform, single:<silo> or oracle")
+    if args.no_format_guard:
+        logger.warning("format guard off: off-topic answers get whatever the silos' reward models give them")
+    else:
+        reward = OnFormatReward(reward, answer_vocabulary(splits.calibration))
     prompts = grpo_prompts(splits.calibration, None)
     final = train_grpo(args.policy, prompts, reward, settings, resume=args.resume)
     print(f"aligned policy written to {final}")

@@ -55,7 +55,15 @@ from .results_report import (
     summarise,
     write_results_json,
 )
-from .rewards import ExactMatchReward, FusedSiloReward, GroupTopReward, SingleSiloReward, UniformSiloReward
+from .rewards import (
+    ExactMatchReward,
+    FusedSiloReward,
+    GroupTopReward,
+    OnFormatReward,
+    SingleSiloReward,
+    UniformSiloReward,
+    answer_vocabulary,
+)
 from .router import RouterFeatures
 from .silo_client import SiloClient
 
@@ -78,6 +86,11 @@ class EvaluationConfig(StrictModel):
         description="Applied to every method's reward alike: `group_top` gives 1 to the completions a prompt's "
         "group scores highest and 0 to the rest (a reward model's ranking, not its score gaps; see "
         "coordinator.rewards.GroupTopReward); `score` passes the reward through unchanged.")
+    format_guard: bool = Field(
+        True,
+        description="Give every method's reward its floor for answers outside the public answer vocabulary of "
+        "the question's kind (coordinator.rewards.OnFormatReward), before `reward_transform`. Silo reward models "
+        "never saw off-topic answers; without the guard GRPO found ones they score high.")
     grpo: dict[str, Any] = Field(
         default_factory=dict,
         description="GRPOSettings fields shared by every run (all but output_dir and seed, which are per run).")
@@ -151,6 +164,24 @@ def reward_pairwise_accuracy(reward: Callable[..., list[float]], pairs: Sequence
     return result
 
 
+# Settings that do not change a finished run's result: runs for more seeds or methods can join earlier ones.
+_SETTINGS_FREE_TO_CHANGE = {"seeds", "methods", "leave_one_silo_out"}
+
+
+def _check_settings_match(out_dir: Path, config: EvaluationConfig) -> None:
+    """Refuse to reuse `out_dir`'s finished runs if they were made under other evaluation settings."""
+    record = out_dir / "evaluation_settings.json"
+    settings = config.model_dump(mode="json", exclude=_SETTINGS_FREE_TO_CHANGE)
+    if record.is_file():
+        recorded = json.loads(record.read_text(encoding="utf-8"))
+        changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
+        if changed:
+            raise ValueError(f"{out_dir} holds runs made with other evaluation settings (changed: {changed}); "
+                             "their results would be reused as if made with these. Use another --out, or delete it.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+
+
 class Evaluation:
     """One evaluation: the shared inputs, built once, and a run per (method, seed)."""
 
@@ -165,6 +196,7 @@ class Evaluation:
             raise ValueError(f"unknown baseline model(s) {unknown}; known: {list(BASELINE_MODELS)}")
         self.reference_dir = Path(reference_dir)
         self.out_dir = Path(out_dir)
+        _check_settings_match(self.out_dir, config)
         possible = available_methods([c.name for c in self.clients], list(self.baselines))
         self.methods = list(config.methods) if config.methods is not None else possible
         missing = [m for m in self.methods if m not in possible]
@@ -233,6 +265,8 @@ class Evaluation:
         else:
             reward = self.reward(method, seed)
             pairwise = reward_pairwise_accuracy(reward, self.test_pairs)
+            if self.config.format_guard:
+                reward = OnFormatReward(reward, answer_vocabulary(self.calibration_records))
             if self.config.reward_transform == "group_top":
                 reward = GroupTopReward(reward)
             settings = self.config.grpo_settings(run_dir / "grpo", seed)

@@ -316,3 +316,49 @@ class GroupTopReward:
             best[key] = max(best.get(key, -math.inf), score)
         return [float(score >= best[(str(i), str(q))] - _TIE_TOLERANCE)
                 for i, q, score in zip(images, questions, scores, strict=True)]
+
+
+def answer_vocabulary(records: Sequence[Any]) -> dict[str, frozenset[str]]:
+    """{question kind: the normalised answers seen for it} from public records (e.g. the calibration split)."""
+    vocabulary: dict[str, set[str]] = {}
+    for record in records:
+        vocabulary.setdefault(record.kind, set()).add(normalise_answer(record.answer))
+    return {kind: frozenset(answers) for kind, answers in vocabulary.items()}
+
+
+class OnFormatReward:
+    """Wraps a reward: `floor` for answers outside the public answer vocabulary of their question's kind.
+
+    Why: a silo's preference pairs always pit two answers of the question's
+    kind against each other (a plausible wrong answer as rejected), so its
+    reward model has never seen an off-topic or malformed answer and scores
+    one arbitrarily. Measured on the demo (labels of a silo's other kinds are
+    coin flips): with bank-b's reward behind 0.91 of the router weight on
+    colour, GRPO taught the policy to answer colour questions with empty
+    strings and byte fragments (colour accuracy 0.001), and under the uniform
+    average 30% of all answers were byte fragments. Every method's reward is
+    wrapped alike, so the comparison stays fair; the vocabulary is public (the
+    coordinator's calibration answers per kind) and says nothing about which
+    answer is right. Rows are matched to kinds by the dataset's `kind` column.
+    """
+
+    def __init__(self, reward: Callable[..., list[float]], vocabulary: dict[str, frozenset[str]], *,
+                 floor: float = EMPTY_COMPLETION_REWARD) -> None:
+        if not callable(reward):
+            raise ValueError(f"reward must be callable, got {type(reward).__name__}")
+        if not vocabulary or not all(vocabulary.values()):
+            raise ValueError("the answer vocabulary is empty for some kind: build it with answer_vocabulary(records) "
+                             "from records that cover every question kind")
+        self.reward, self.vocabulary, self.floor = reward, vocabulary, floor
+        self.__name__ = f"{getattr(reward, '__name__', type(reward).__name__)}/on_format"
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
+        scores = self.reward(prompts, completions, **kwargs)
+        texts = completion_texts(completions)
+        kinds = _column(kwargs, "kind", len(texts), self.__name__)
+        unknown = sorted({str(k) for k in kinds} - set(self.vocabulary))
+        if unknown:
+            raise ValueError(f"{self.__name__}: no answer vocabulary for kind(s) {unknown}; "
+                             f"it has {sorted(self.vocabulary)}")
+        return [score if normalise_answer(text) in self.vocabulary[str(kind)] else self.floor
+                for score, text, kind in zip(scores, texts, kinds, strict=True)]

@@ -83,10 +83,14 @@ def write_pool(workdir: Path) -> Path:
 
 def evaluation_for(workdir: Path, consortium_path: Path, config_name: str, *, progress: bool,
                    baselines: dict | None = None) -> Evaluation:
-    """The `Evaluation` of the demo's silos, reference and embedded evaluation config `config_name`."""
+    """The `Evaluation` of the demo's silos, reference and embedded evaluation config `config_name`.
+
+    Each config gets its own run directory: the demo's one-seed runs are not the table's (other settings).
+    """
     config = load_config(embedded_config(config_name, workdir), EvaluationConfig)
     return Evaluation(load_consortium(consortium_path), in_process_clients(load_pool(write_pool(workdir))),
-                      workdir / "vlm" / "reference", workdir / "evaluation", config, baselines=baselines,
+                      workdir / "vlm" / "reference", workdir / "evaluation" / Path(config_name).stem, config,
+                      baselines=baselines,
                       feature_cache=workdir / "router_cache", progress=progress)
 
 

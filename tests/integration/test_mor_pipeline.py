@@ -161,3 +161,10 @@ def test_evaluate_writes_the_results_shape_and_reuses_finished_runs(pool: Path, 
     code, _, err = run_cli(argv)
     assert code == 0, err
     assert {p: p.stat().st_mtime_ns for p in before} == before, "finished runs must be reused, not rerun"
+
+    # Other settings in the same --out would silently mix results: refused with the fix in the message.
+    config.write_text(EVALUATION_YAML.replace("test_questions_per_kind: ", "test_questions_per_kind: 1"),
+                      encoding="utf-8")
+    code, _, err = run_cli(argv)
+    assert code == 1
+    assert "other evaluation settings" in err and "test_questions_per_kind" in err and "another --out" in err

@@ -12,6 +12,7 @@ from coordinator.pool import in_process_clients, load_pool
 from coordinator.rewards import ExactMatchReward
 from mor_secure.config import ConfigError
 from mor_secure.data import QUESTION_KINDS, make_pairs
+from mor_secure.data.records import VQARecord
 
 
 def test_balanced_sample_caps_every_kind(consortium) -> None:
@@ -85,6 +86,32 @@ def test_group_top_keeps_each_prompts_winners_only() -> None:
     assert reward.__name__ == "graded/group_top"
     with pytest.raises(ValueError, match="image_path"):
         reward(["q"], ["circle"], question=["what shape?"])
+
+
+def test_on_format_floors_off_topic_and_malformed_answers_only() -> None:
+    from coordinator.rewards import EMPTY_COMPLETION_REWARD, OnFormatReward, answer_vocabulary
+
+    records = [VQARecord("i", Path("i.png"), "what shape?", "circle", "shape"),
+               VQARecord("i", Path("i.png"), "what color?", "Red", "color"),
+               VQARecord("j", Path("j.png"), "is it red?", "yes", "yes_no")]
+    vocabulary = answer_vocabulary(records)
+    assert vocabulary == {"shape": {"circle"}, "color": {"red"}, "yes_no": {"yes"}}
+
+    def loves_everything(prompts, completions, **columns):
+        return [5.0] * len(completions)
+
+    reward = OnFormatReward(loves_everything, vocabulary)
+    completions = ["circle.", "yes", "", "\ufffd", "red", "Red", "circle"]
+    kinds = ["shape", "shape", "shape", "color", "color", "color", "yes_no"]
+    floor = EMPTY_COMPLETION_REWARD
+    assert reward(["q"] * 7, completions, kind=kinds) == [5.0, floor, floor, floor, 5.0, 5.0, floor]
+    assert reward.__name__ == "loves_everything/on_format"
+    with pytest.raises(ValueError, match="no answer vocabulary for kind"):
+        reward(["q"], ["circle"], kind=["counting"])
+    with pytest.raises(ValueError, match="kind"):
+        reward(["q"], ["circle"])
+    with pytest.raises(ValueError, match="empty for some kind"):
+        OnFormatReward(loves_everything, {"shape": frozenset()})
 
 
 def test_generated_table_replaces_only_the_marked_block(tmp_path: Path) -> None:

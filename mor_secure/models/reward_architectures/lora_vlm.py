@@ -39,6 +39,10 @@ from ..tiny_vlm import END_TOKEN, load_vlm, user_prompt
 
 ADAPTER_DIR = "adapter"
 HEAD_FILE = "head.safetensors"
+# Rows per no-grad pass of the frozen backbone when filling the reference-likelihood cache.
+_REFERENCE_BATCH = 256
+# Bound on cached reference likelihoods (one float each, plus the key): ~100 MB at most.
+_REFERENCE_CACHE_ROWS = 500_000
 # Attention query/value projections of both towers: the LoRA paper's (Hu et al. 2021) default targets.
 LORA_TARGETS = ("q_proj", "v_proj")
 
@@ -57,17 +61,22 @@ class LoraVLMScorer(nn.Module):
             self.likelihood_weight.bias.zero_()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                response_mask: torch.Tensor) -> torch.Tensor:
+                response_mask: torch.Tensor, reference_likelihood: torch.Tensor) -> torch.Tensor:
         vlm = self.backbone.get_base_model()
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
-        out = vlm(**inputs, output_hidden_states=True)
-        # The backbone without its adapters is the frozen shared VLM: no gradient, no per-sample hooks.
-        with torch.no_grad(), self.backbone.disable_adapter():
-            reference_logits = vlm(**inputs).logits
-        log_ratio = (_response_log_likelihood(out.logits, input_ids, response_mask)
-                     - _response_log_likelihood(reference_logits, input_ids, response_mask))
+        out = vlm(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                  output_hidden_states=True, use_cache=False)
+        log_ratio = _response_log_likelihood(out.logits, input_ids, response_mask) - reference_likelihood
         hidden = out.hidden_states[-1][:, -1, :]
         return (self.head(hidden) + self.likelihood_weight(log_ratio)).squeeze(-1)
+
+    @torch.no_grad()
+    def reference_likelihood(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                             response_mask: torch.Tensor) -> torch.Tensor:
+        """log p_ref(response | image, prompt), (batch, 1): the backbone with its adapters disabled (frozen)."""
+        with self.backbone.disable_adapter():
+            logits = self.backbone.get_base_model()(input_ids=input_ids, attention_mask=attention_mask,
+                                                    pixel_values=pixel_values, use_cache=False).logits
+        return _response_log_likelihood(logits, input_ids, response_mask)
 
 
 def _response_log_likelihood(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -96,6 +105,7 @@ class LoraVLMRewardModel(RewardModel):
             backbone = PeftModel.from_pretrained(vlm, adapter_dir, is_trainable=True)
         super().__init__(LoraVLMScorer(backbone, vlm.config.text_config.hidden_size), standardisation)
         self.settings = {"base_model": str(Path(base_model).resolve()), "rank": rank, "alpha": alpha}
+        self._reference_cache: dict[tuple[str, str, str], torch.Tensor] = {}
 
     def side_inputs(self, images: Sequence[str | Path], prompts: Sequence[str],
                     responses: Sequence[str]) -> tuple[torch.Tensor, ...]:
@@ -108,7 +118,33 @@ class LoraVLMRewardModel(RewardModel):
         for row, response in enumerate(responses):
             n = len(self.processor.tokenizer(response + END_TOKEN, add_special_tokens=False)["input_ids"])
             response_mask[row, -n:] = 1.0
-        return batch["input_ids"], batch["attention_mask"], batch["pixel_values"], response_mask
+        tensors = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], response_mask)
+        keys = [(str(i), p, r) for i, p, r in zip(images, prompts, responses)]
+        return (*tensors, self._reference_likelihoods(keys, tensors))
+
+    def _reference_likelihoods(self, keys: list[tuple[str, str, str]],
+                               tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The frozen backbone's log-likelihood of each row, computed once per (image, prompt, response).
+
+        It is an input, not part of the DP-trained forward: it never changes,
+        so training computes it once per pair instead of once per epoch, and
+        GRPO, whose prompts and one-word answers recur from step to step,
+        mostly finds it cached (the second forward pass is what made the
+        fused reward's GRPO step 1.32x a constant reward's; docs/benchmarks.md).
+        """
+        missing = sorted({row for row, key in enumerate(keys) if key not in self._reference_cache})
+        was_training = self.module.training
+        self.module.eval()
+        for start in range(0, len(missing), _REFERENCE_BATCH):
+            rows = torch.tensor(missing[start:start + _REFERENCE_BATCH])
+            values = self.module.reference_likelihood(*(t[rows] for t in tensors))
+            for row, value in zip(rows.tolist(), values):
+                self._reference_cache[keys[row]] = value
+        self.module.train(was_training)
+        result = torch.stack([self._reference_cache[key] for key in keys]) if keys else torch.zeros(0, 1)
+        while len(self._reference_cache) > _REFERENCE_CACHE_ROWS:  # oldest first: dicts keep insertion order
+            self._reference_cache.pop(next(iter(self._reference_cache)))
+        return result
 
     def _save_weights(self, directory: Path) -> dict:
         self.module.backbone.save_pretrained(directory / ADAPTER_DIR)

@@ -32,6 +32,7 @@ from coordinator.evaluation import Evaluation, EvaluationConfig
 from coordinator.pool import in_process_clients, load_pool
 from coordinator.reference import train_reference
 from coordinator.results_report import results_markdown, summarise
+from coordinator.router import save_router
 from mor_secure.cli_errors import run_command
 from mor_secure.config import load_config
 from mor_secure.data import load_consortium, make_pairs, make_splits
@@ -165,6 +166,9 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> in
     runs = evaluation.run_all()
     kinds = [k for k in QUESTION_KINDS if k in runs[0].accuracy]
     routing = evaluation.routing_table()["correct"]
+    # Saved like `mor coordinator train-router` saves one, for `mor coordinator align` and benchmarks/grpo_step.py.
+    print(f"router (seed {evaluation.config.seeds[0]}) saved to "
+          f"{save_router(evaluation.router(evaluation.config.seeds[0]), workdir / 'router')}")
     print("router: mean weight per silo on held-out questions of each kind (objective 'correct')")
     for kind, weights in routing.items():
         print(f"  {kind:<7} " + "  ".join(f"{silo} {w:.2f}" for silo, w in weights.items()))

@@ -107,7 +107,8 @@ def test_align_with_mor_then_resume(router_dir: Path, pool: Path, consortium_pat
     assert code == 0, err
     assert (out / "final" / "config.json").is_file() and "aligned policy written to" in stdout
     record = json.loads((out / "grpo_run.json").read_text())
-    assert record["reward"] == "fused_silo_reward" and record["global_step"] == 2
+    # The format guard is on by default and wraps the fused reward (its name says so in the run record).
+    assert record["reward"] == "fused_silo_reward/on_format" and record["global_step"] == 2
 
     config.write_text(GRPO_YAML.replace("steps: 2", "steps: 3"), encoding="utf-8")
     code, _, err = run_cli([*argv, "--resume"])

@@ -34,9 +34,9 @@ def test_the_demo_consortium_loads() -> None:
     spec = load_consortium(REPO_ROOT / "mor_cli" / "demo_configs" / "consortium.yaml")
     assert spec.seed == 0 and spec.splits == SplitSpec()
     assert [(s.name, s.reliable_kinds, s.image_share, s.label_flip_rate) for s in spec.silos] == [
-        ("hospital-a", ["shape"], 0.33, 0.4),
-        ("bank-b", ["color"], 0.33, 0.4),
-        ("hospital-c", ["yes_no"], 0.33, 0.4),
+        ("hospital-a", ["shape"], 0.33, 0.5),
+        ("bank-b", ["color"], 0.33, 0.5),
+        ("hospital-c", ["yes_no"], 0.33, 0.5),
     ]
     assert spec.silo("bank-b").reliable_kinds == ["color"]
     with pytest.raises(KeyError, match="hospital-a"):

@@ -284,6 +284,13 @@ class FusedSiloReward(SiloMixtureReward):
         return distinct_weights[torch.tensor([row_of[k] for k in keys], dtype=torch.long)]
 
 
+def _wrapped_name(reward: Callable[..., list[float]], suffix: str) -> str:
+    """The name TRL logs for a reward wrapped by a transform: "<inner name>/<suffix>"; checks it is callable."""
+    if not callable(reward):
+        raise ValueError(f"reward must be callable, got {type(reward).__name__}")
+    return f"{getattr(reward, '__name__', type(reward).__name__)}/{suffix}"
+
+
 class GroupTopReward:
     """Wraps a reward: 1.0 for the completions a prompt's group scores highest, 0.0 for the rest.
 
@@ -301,10 +308,8 @@ class GroupTopReward:
     """
 
     def __init__(self, reward: Callable[..., list[float]]) -> None:
-        if not callable(reward):
-            raise ValueError(f"reward must be callable, got {type(reward).__name__}")
         self.reward = reward
-        self.__name__ = f"{getattr(reward, '__name__', type(reward).__name__)}/group_top"
+        self.__name__ = _wrapped_name(reward, "group_top")
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         scores = self.reward(prompts, completions, **kwargs)
@@ -344,13 +349,12 @@ class OnFormatReward:
 
     def __init__(self, reward: Callable[..., list[float]], vocabulary: dict[str, frozenset[str]], *,
                  floor: float = EMPTY_COMPLETION_REWARD) -> None:
-        if not callable(reward):
-            raise ValueError(f"reward must be callable, got {type(reward).__name__}")
+        name = _wrapped_name(reward, "on_format")
         if not vocabulary or not all(vocabulary.values()):
             raise ValueError("the answer vocabulary is empty for some kind: build it with answer_vocabulary(records) "
                              "from records that cover every question kind")
         self.reward, self.vocabulary, self.floor = reward, vocabulary, floor
-        self.__name__ = f"{getattr(reward, '__name__', type(reward).__name__)}/on_format"
+        self.__name__ = name
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
         scores = self.reward(prompts, completions, **kwargs)

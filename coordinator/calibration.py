@@ -3,8 +3,16 @@
 The coordinator holds the public calibration split (images, questions,
 answers). For every objective it builds preference pairs from it, asks each
 silo ONE batched question per objective ("which of these pairs do you rank
-right?", optionally through randomized response charged to the silo's
-ledger) and fits the router to the bits.
+right?", optionally answered through randomized response) and fits the router
+to the bits.
+
+Privacy. The pairs are public and each silo's model is DP-trained, so the
+bits are post-processing of a DP output (Dwork & Roth 2014, Prop. 2.1) and
+are charged to no silo's ledger. Randomized response is optional extra
+protection of each model's behaviour (it bounds what the coordinator learns
+about how a silo's model ranks any one pair); its noise is drawn by the silo,
+from OS entropy unless a test seeds the client. `seed` below seeds only the
+coordinator's own choices (subsample, rejected answers), never that noise.
 
 Objectives. The benchmark needs at least two, so that routing *by objective*
 is exercised:
@@ -60,10 +68,13 @@ class CalibrationConfig(StrictModel):
     )
     randomized_response_epsilon: float | None = Field(
         None, gt=0, allow_inf_nan=False,
-        description="When set, each silo answers its bits through randomized response at this epsilon per "
-        "objective, charged to its ledger; the router's loss is forward-corrected for the flips. null = exact bits.",
+        description="When set, each silo answers its bits through randomized response at this epsilon (each "
+        "bit flipped with probability 1 / (1 + e^epsilon)): optional protection of the silo's model behaviour, not "
+        "charged to its privacy ledger, since bits on public pairs from a DP-trained model are post-processing. "
+        "The router's loss is forward-corrected for the flips. null = exact bits.",
     )
-    seed: int = Field(0, description="Seed of the subsample and of the rejected answers drawn.")
+    seed: int = Field(0, description="Seed of the subsample and of the rejected answers drawn (the coordinator's "
+                      "public choices; the silos' randomized-response noise is not seeded by it).")
     router: RouterConfig = Field(default_factory=RouterConfig, description="Router size and training schedule.")
 
     @field_validator("objectives")
@@ -138,7 +149,7 @@ class CalibrationBits:
 
 def collect_bits(clients: Sequence[SiloClient], records: Sequence[VQARecord], features: RouterFeatures,
                  config: CalibrationConfig, *, progress: bool = False) -> CalibrationBits:
-    """Ask every silo, once per objective, which calibration pairs it ranks right (charged if randomized)."""
+    """Ask every silo, once per objective, which calibration pairs it ranks right (no ledger charge: public pairs)."""
     clients = list(clients)
     if not clients:
         raise ValueError("calibration needs at least one silo client")

@@ -43,9 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--out", required=True, help="reference checkpoint directory to write")
     sft.add_argument("--config", help="optional YAML of SFTConfig fields")
     sft.add_argument("--no-progress", action="store_true")
-    evaluate = commands.add_parser("evaluate-policy", help="exact-match accuracy per kind on the held-out test split")
+    evaluate = commands.add_parser("evaluate-policy", help="exact-match accuracy per kind on a held-out split")
     evaluate.add_argument("--consortium", required=True)
     evaluate.add_argument("--model", required=True, help="policy checkpoint directory")
+    evaluate.add_argument("--split", choices=("dev", "test"), default="dev",
+                          help="held-out split to score on: dev (default) for probing and tuning; test only for "
+                          "a final reported number, never to choose settings")
 
     router = commands.add_parser("train-router", help="calibrate the router on the public calibration split")
     router.add_argument("--consortium", required=True)
@@ -102,8 +105,10 @@ def _train_reference(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> int:
     model, processor = load_vlm(args.model)
-    splits = make_splits(load_consortium(args.consortium))
-    print(json.dumps(evaluate_answers(model, processor, splits.test), indent=2))
+    records = make_splits(load_consortium(args.consortium)).records(args.split)
+    accuracy = evaluate_answers(model, processor, records)
+    print(f"split {args.split}: {len(records)} questions (greedy exact match)")
+    print(json.dumps(accuracy, indent=2))
     return 0
 
 

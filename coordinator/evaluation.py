@@ -2,14 +2,14 @@
 
 For every seed and method the reference policy is aligned with GRPO under
 that method's reward (same prompts, steps, generations, learning rate), and
-the result is scored by exact match on a kind-balanced held-out test sample:
+the result is scored by exact match on a kind-balanced sample of the test split:
 the headline is the accuracy of SAMPLED answers (temperature 1, as GRPO
 samples; `eval_samples` per question), i.e. the expected reward of the policy
 GRPO optimises; greedy decoding is reported next to it. Both are kept because
 they disagree here: GRPO on a 1.8M-parameter VLM mostly moves probability
 mass among answers the policy already considers (sampled accuracy rises by
 0.1-0.3), and flips the greedy answer far less often (docs/results.md). Each reward is also scored directly: its pairwise accuracy on clean
-held-out test pairs. Methods:
+pairs from the test split. Methods:
 
 - ``reference``: no GRPO (the starting point);
 - ``mor``: the learned router's fused reward (the method);
@@ -25,6 +25,12 @@ Leave-one-silo-out: one kind at a time is removed from calibration, and the
 table says what weight the router then gives the silo reliable on that kind.
 Runs already finished in `out_dir` are reused, so an interrupted evaluation
 resumes where it stopped.
+
+Which held-out split is read where (mor_secure/data/splits.py): the
+in-training accuracy checks (the plots) are a probe, looked at while settings
+are chosen, so they read the `dev` split; everything this module reports as a
+result (answer accuracy, reward pairwise accuracy, routing tables,
+leave-one-silo-out) reads the `test` split, which nothing else reads.
 """
 
 from __future__ import annotations
@@ -99,14 +105,15 @@ class EvaluationConfig(StrictModel):
         description="GRPO prompts per kind, drawn from the public calibration questions (null = as many as the "
         "rarest kind has, ~400 on the demo consortium: kinds are balanced so no silo's domain dominates).")
     test_questions_per_kind: int | None = Field(
-        600, gt=0, description="Held-out test questions per kind for the final greedy accuracy.")
+        600, gt=0, description="Test-split questions per kind for the reported accuracy (sampled and greedy).")
     pairwise_pairs_per_kind: int | None = Field(
-        400, gt=0, description="Held-out clean test pairs per kind for each reward's pairwise accuracy.")
+        400, gt=0, description="Clean test-split pairs per kind for each reward's reported pairwise accuracy.")
     eval_samples: int = Field(
         4, ge=1, description="Answers sampled per test question (temperature 1) for the headline accuracy.")
     eval_every: int = Field(50, gt=0, description="Steps between the in-training accuracy checks (the plots).")
     eval_questions_per_kind: int = Field(
-        100, gt=0, description="Test questions per kind in each in-training accuracy check.")
+        100, gt=0, description="Dev-split questions per kind in each in-training accuracy check (a probe: never "
+        "the test split, which only the reported numbers read).")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig,
                                            description="Router calibration (its seed is replaced by each run's).")
     leave_one_silo_out: bool = Field(True, description="Also run the leave-one-silo-out routing experiment.")
@@ -168,10 +175,15 @@ def reward_pairwise_accuracy(reward: Callable[..., list[float]], pairs: Sequence
 _SETTINGS_FREE_TO_CHANGE = {"seeds", "methods", "leave_one_silo_out"}
 
 
-def _check_settings_match(out_dir: Path, config: EvaluationConfig) -> None:
-    """Refuse to reuse `out_dir`'s finished runs if they were made under other evaluation settings."""
+def _check_settings_match(out_dir: Path, config: EvaluationConfig, spec: ConsortiumSpec) -> None:
+    """Refuse to reuse `out_dir`'s finished runs if they were made under other evaluation settings.
+
+    The consortium is part of the settings: its splits decide which questions a
+    run is trained, probed and scored on (resizing dev changes the test split).
+    """
     record = out_dir / "evaluation_settings.json"
-    settings = config.model_dump(mode="json", exclude=_SETTINGS_FREE_TO_CHANGE)
+    settings = {**config.model_dump(mode="json", exclude=_SETTINGS_FREE_TO_CHANGE),
+                "consortium": spec.model_dump(mode="json")}
     if record.is_file():
         recorded = json.loads(record.read_text(encoding="utf-8"))
         changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
@@ -196,7 +208,7 @@ class Evaluation:
             raise ValueError(f"unknown baseline model(s) {unknown}; known: {list(BASELINE_MODELS)}")
         self.reference_dir = Path(reference_dir)
         self.out_dir = Path(out_dir)
-        _check_settings_match(self.out_dir, config)
+        _check_settings_match(self.out_dir, config, spec)
         possible = available_methods([c.name for c in self.clients], list(self.baselines))
         self.methods = list(config.methods) if config.methods is not None else possible
         missing = [m for m in self.methods if m not in possible]
@@ -206,10 +218,12 @@ class Evaluation:
         splits = make_splits(spec)
         self.calibration_records = list(splits.calibration)
         self.prompts = grpo_prompts(splits.calibration, config.prompts_per_kind)
+        # Final reporting only: the test split is read by nothing that chooses settings.
         self.test = balanced_sample(splits.test, config.test_questions_per_kind, seed=1)
-        self.during_training = balanced_sample(splits.test, config.eval_questions_per_kind, seed=2)
         self.test_pairs = list(make_pairs(balanced_sample(splits.test, config.pairwise_pairs_per_kind, seed=3),
                                           seed=spec.seed))
+        # A probe (the in-training accuracy plots, looked at while tuning): the dev split, never test.
+        self.dev_probe = balanced_sample(splits.dev, config.eval_questions_per_kind, seed=2)
         self.features = RouterFeatures(feature_cache)
         self._bits: dict[tuple[str, ...], CalibrationBits] = {}
         self._routers: dict[tuple[int, tuple[str, ...]], Any] = {}
@@ -254,7 +268,11 @@ class Evaluation:
         raise ValueError(f"unknown method {method!r}")
 
     def run(self, method: str, seed: int) -> RunResult:
-        """GRPO under `method`'s reward (none for `reference`), then held-out accuracy; reused if already done."""
+        """GRPO under `method`'s reward (none for `reference`), then test-split accuracy; reused if already done.
+
+        During GRPO the policy is probed on the dev split (`history`); the
+        reported accuracy and pairwise accuracy read the test split.
+        """
         run_dir = self.out_dir / "runs" / method.replace(":", "_") / f"seed-{seed}"
         result_path = run_dir / _RESULT_FILE
         if result_path.is_file():
@@ -271,7 +289,7 @@ class Evaluation:
                 reward = GroupTopReward(reward)
             settings = self.config.grpo_settings(run_dir / "grpo", seed)
             _, processor = load_vlm(self.reference_dir)
-            callback = AccuracyCallback(processor, self.during_training, every=self.config.eval_every,
+            callback = AccuracyCallback(processor, self.dev_probe, every=self.config.eval_every,
                                         samples=self.config.eval_samples)
             policy = train_grpo(self.reference_dir, self.prompts, reward, settings, resume=False, callbacks=[callback])
             state = json.loads((settings.output_dir / "trainer_state.json").read_text(encoding="utf-8"))
@@ -287,7 +305,10 @@ class Evaluation:
         return result
 
     def leave_one_silo_out(self) -> list[dict]:
-        """Per silo: routing on its reliable kind when that kind was missing from calibration, vs full calibration."""
+        """Per silo: routing on its reliable kind when that kind was missing from calibration, vs full calibration.
+
+        Reported, so scored on the test pairs.
+        """
         seed = self.config.seeds[0]
         full = self.router(seed)
         test_features = self.features.encode([str(p.image_path) for p in self.test_pairs],
@@ -376,8 +397,8 @@ def publish(evaluation: Evaluation, runs: Sequence[RunResult], *, json_path: str
     plots = plot_training_curves(runs, plots_prefix)
     steps = config.grpo_settings(evaluation.out_dir, 0).steps
     notes = [f"Exact match of sampled answers (temperature 1, {config.eval_samples} per question) on "
-             f"{len(evaluation.test)} held-out easy-VQA test questions, the same number per kind, so overall is the "
-             "mean over kinds.",
+             f"{len(evaluation.test)} questions of the test split (held-out easy-VQA test images; in-training "
+             "checks read the separate dev split), the same number per kind, so overall is the mean over kinds.",
              f"Every GRPO run: {steps} steps from the same reference; all settings in `{json_path.name}`."]
     markdown = results_markdown(summary, kinds=kinds, title=title, notes=notes)
     markdown += "\n" + results_markdown(greedy, kinds=kinds, title=f"{title}: greedy decoding",

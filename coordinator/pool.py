@@ -10,8 +10,11 @@ any `SiloClient` and do not change.
     silos:
       - name: hospital-a
         reward_model: silos/hospital-a/reward_model
-        ledger: silos/hospital-a/privacy_ledger.json   # optional: randomized response is charged here
-        privacy_budget: {epsilon: 10.0, delta: 2.0e-5}
+
+No ledger here: a silo's answers to the coordinator are computed by its
+DP-trained model on public inputs, post-processing that costs its data
+budget nothing, randomized-response bits included (coordinator/silo_client.py).
+The silo's ledger records its DP training; the coordinator never writes it.
 """
 
 from __future__ import annotations
@@ -19,20 +22,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from mor_secure.config import StrictModel, load_config, resolve_relative
 from mor_secure.models.reward_model import load_reward_model
-from mor_secure.privacy import PrivacyLedger
 
 from .silo_client import InProcessSiloClient, SiloClient
-
-
-class LedgerBudget(StrictModel):
-    """The silo's lifetime budget, as its ledger file records it (the ledger refuses a mismatch)."""
-
-    epsilon: float = Field(gt=0, description="Total epsilon the silo will ever spend.")
-    delta: float = Field(ge=0, lt=1, description="Total delta the silo will ever spend.")
 
 
 class PoolSilo(StrictModel):
@@ -40,16 +35,6 @@ class PoolSilo(StrictModel):
 
     name: str = Field(min_length=1, description="The silo's name, as in the consortium file and its certificate.")
     reward_model: Path = Field(description="Directory of the silo's saved reward model (in-process pool).")
-    ledger: Path | None = Field(
-        None, description="The silo's privacy ledger (JSON); needed only when calibration uses randomized response.")
-    privacy_budget: LedgerBudget | None = Field(None, description="The budget stored in `ledger`; required with it.")
-
-    @model_validator(mode="after")
-    def _ledger_has_budget(self) -> PoolSilo:
-        if (self.ledger is None) != (self.privacy_budget is None):
-            raise ValueError(f"silo {self.name!r}: give both ledger and privacy_budget (the silo's budget, as its "
-                             "ledger file records it), or neither")
-        return self
 
 
 class PoolConfig(StrictModel):
@@ -74,21 +59,18 @@ class PoolConfig(StrictModel):
 def load_pool(path: str | Path) -> PoolConfig:
     """Read a pool YAML, resolving every path against the file's directory."""
     pool = load_config(path, PoolConfig)
-    silos = []
-    for silo in pool.silos:
-        update: dict = {"reward_model": resolve_relative(path, silo.reward_model)}
-        if silo.ledger is not None:
-            update["ledger"] = resolve_relative(path, silo.ledger)
-        silos.append(silo.model_copy(update=update))
+    silos = [silo.model_copy(update={"reward_model": resolve_relative(path, silo.reward_model)})
+             for silo in pool.silos]
     return pool.model_copy(update={"silos": silos})
 
 
 def in_process_clients(pool: PoolConfig, *, names: Sequence[str] | None = None,
-                       seed: int | None = 0) -> list[InProcessSiloClient]:
+                       seed: int | None = None) -> list[InProcessSiloClient]:
     """Load the pool's reward models (all, or `names` in that order) behind in-process clients.
 
-    `seed` seeds each client's randomized-response noise (simulation only;
-    a silo serving a real coordinator draws from OS entropy: pass None).
+    Each client's randomized-response noise is drawn from OS entropy by
+    default (`seed=None`), as a real silo's is. An explicit `seed` (client k
+    gets seed + k) is for tests and simulations that need reproducible noise.
     """
     by_name = {s.name: s for s in pool.silos}
     wanted = list(pool.names if names is None else names)
@@ -101,13 +83,8 @@ def in_process_clients(pool: PoolConfig, *, names: Sequence[str] | None = None,
         if not silo.reward_model.is_dir():
             raise FileNotFoundError(f"silo {name!r}: reward model directory {silo.reward_model} not found; "
                                     "train it first (`mor silo train --config <silo>.yaml`)")
-        ledger = None
-        if silo.ledger is not None:
-            ledger = PrivacyLedger(silo.ledger, epsilon_budget=silo.privacy_budget.epsilon,
-                                   delta_budget=silo.privacy_budget.delta)
         client_seed = None if seed is None else seed + index
-        clients.append(InProcessSiloClient(name, load_reward_model(silo.reward_model), ledger=ledger,
-                                           seed=client_seed))
+        clients.append(InProcessSiloClient(name, load_reward_model(silo.reward_model), seed=client_seed))
     return clients
 
 

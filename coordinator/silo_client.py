@@ -3,9 +3,19 @@
 The router and GRPO code call `SiloClient` only, so a networked client (gRPC
 over mTLS, later) slots in without changing them. `InProcessSiloClient` wraps
 a `RewardModel` directly: it is what tests, the demo and single-machine
-benchmarks use, and it enforces the same rules a silo agent will — inputs
-validated, randomized response charged to the silo's ledger before anything
-is answered.
+benchmarks use, and it enforces the same rules a silo agent will: inputs
+validated, and randomized-response noise drawn from OS entropy unless a test
+asks otherwise.
+
+Privacy of correctness bits. The pairs asked about are the coordinator's
+PUBLIC calibration pairs, and the answer is computed only from them and from
+the silo's DP-trained reward model. A function of a DP output and of public
+data is post-processing (Dwork & Roth 2014, Prop. 2.1): it cannot weaken the
+guarantee the silo's training ledger already accounts for, so neither exact
+nor randomized bits are charged to it. Randomized response is an optional
+extra: it limits what the coordinator learns about the silo's *model* (its
+behaviour on any given pair), which the silo's data budget does not cover
+and does not need to.
 """
 
 from __future__ import annotations
@@ -19,11 +29,7 @@ import torch
 
 from mor_secure.data.records import PreferencePair
 from mor_secure.models.reward_model import RewardModel
-from mor_secure.privacy.ledger import PrivacyLedger, PrivacySpend
 from mor_secure.privacy.randomized_response import flip_probability, randomize_bits
-
-# Ledger purpose of a randomized-response answer to a correctness-bits query.
-RANDOMIZED_RESPONSE_PURPOSE = "answer:correctness-bits:randomized-response"
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,10 @@ class SiloClient(Protocol):
         """Bool per pair: did the silo's model score `chosen` strictly above `rejected`?
 
         With `randomized_response_epsilon`, each bit is reported through
-        randomized response and the silo charges that epsilon to its ledger
-        before answering (raising `BudgetExceededError` if it cannot afford it).
+        randomized response (flipped with probability 1 / (1 + e^epsilon)), an
+        optional protection of the model's behaviour. Nothing is charged to
+        the silo's privacy ledger either way: the bits are post-processing of
+        a DP-trained model on public pairs (see the module docstring).
         """
         ...
 
@@ -71,23 +79,21 @@ class SiloClient(Protocol):
 class InProcessSiloClient:
     """A `SiloClient` over a `RewardModel` living in this process.
 
-    `seed` makes the randomized-response noise reproducible, which simulations
-    and tests need; `seed=None` seeds from OS entropy, as a silo serving a
-    real coordinator must (whoever knows the seed can remove the noise). The
+    The randomized-response noise comes from a generator seeded from OS
+    entropy (`seed=None`, the default), as a silo serving a real coordinator
+    must: whoever knows the seed can remove the noise. An explicit `seed` is
+    for tests and simulations only, where reproducible noise is the point;
+    it voids the protection randomized response is there to give. The
     generator is created once, so successive calls draw fresh noise.
     """
 
-    def __init__(self, name: str, model: RewardModel, *, ledger: PrivacyLedger | None = None,
-                 seed: int | None = 0) -> None:
+    def __init__(self, name: str, model: RewardModel, *, seed: int | None = None) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"silo name must be a non-empty string, got {name!r}")
         if not isinstance(model, RewardModel):
             raise ValueError(f"model must be a RewardModel, got {type(model).__name__}")
-        if ledger is not None and not isinstance(ledger, PrivacyLedger):
-            raise ValueError(f"ledger must be a PrivacyLedger or None, got {type(ledger).__name__}")
         self._name = name
         self._model = model
-        self._ledger = ledger
         self._generator = torch.Generator()
         if seed is None:
             self._generator.seed()
@@ -97,11 +103,6 @@ class InProcessSiloClient:
     @property
     def name(self) -> str:
         return self._name
-
-    @property
-    def ledger(self) -> PrivacyLedger | None:
-        """The silo's privacy ledger, if it has one (only needed for randomized response)."""
-        return self._ledger
 
     def describe(self) -> SiloDescription:
         return SiloDescription(name=self._name, architecture=self._model.architecture,
@@ -118,13 +119,14 @@ class InProcessSiloClient:
     ) -> torch.Tensor:
         """Bool per pair (chosen scored strictly above rejected), optionally via randomized response.
 
-        Privacy: the charge is `randomized_response_epsilon` once per call.
-        Each calibration pair touches one record, so the per-pair mechanisms
-        compose in parallel over pairs; a second call on the same pairs is a
-        second mechanism and is charged again. The spend is recorded before
-        any score is computed: a refused request reveals nothing and costs no
-        compute, and a request that fails after being charged errs on the
-        side of over-counting, never under-counting.
+        Privacy: no ledger charge. The pairs are public and the model is
+        DP-trained, so the exact bits are post-processing of a DP output
+        (Dwork & Roth 2014, Prop. 2.1) and cost the silo's data nothing, however
+        often they are asked. With `randomized_response_epsilon` each bit is
+        also epsilon-LDP with respect to the model's own answer on that pair:
+        protection of the model's behaviour, not of training data, so it is
+        not an entry of the data budget. Inputs (epsilon included) are
+        validated before any score is computed.
         """
         pairs = list(pairs)
         if not pairs:
@@ -138,19 +140,7 @@ class InProcessSiloClient:
         _check_rows(images, prompts, [p.rejected for p in pairs], what="rejected")
 
         if randomized_response_epsilon is not None:
-            p = flip_probability(epsilon=randomized_response_epsilon)  # validates epsilon
-            if self._ledger is None:
-                raise RuntimeError(
-                    f"silo {self._name!r} has no privacy ledger, so it cannot charge a randomized-response "
-                    "answer; build the client with ledger=PrivacyLedger(...)"
-                )
-            self._ledger.record(PrivacySpend.now(
-                purpose=RANDOMIZED_RESPONSE_PURPOSE,
-                epsilon=float(randomized_response_epsilon),
-                delta=0.0,
-                details={"mechanism": "randomized_response", "flip_probability": p, "pairs": len(pairs),
-                         "composition": "parallel over pairs (one record per pair)"},
-            ))
+            flip_probability(epsilon=randomized_response_epsilon)  # validates epsilon before any scoring
 
         # One batched call for both sides: [chosen..., rejected...].
         raw = self._model.raw_scores(images * 2, prompts * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs])

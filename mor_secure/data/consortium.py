@@ -20,14 +20,21 @@ from mor_secure.data.records import QuestionKind
 
 # Names of the shared splits; a silo may not take one, since split names and
 # silo names share one namespace in `ConsortiumSplits.image_ids`.
-SHARED_SPLIT_NAMES: tuple[str, ...] = ("sft", "calibration", "test")
+SHARED_SPLIT_NAMES: tuple[str, ...] = ("sft", "calibration", "dev", "test")
 
 # Shares like 0.33 are written in decimal but summed in binary floating point.
 _SHARE_SUM_TOLERANCE = 1e-9
 
 
 class SplitSpec(StrictModel):
-    """Sizes of the shared splits, in images; the silos' private pool is what remains."""
+    """Sizes of the shared splits, in images; the silos' private pool is what remains.
+
+    sft, calibration and the silos come from the easy-VQA train images; dev
+    and test from its test images. Dev is for probes and tuning (in-training
+    accuracy checks, choosing settings); test is read only by final
+    reporting, so a number in a results table was never used to pick
+    anything that produced it.
+    """
 
     sft_images: int = Field(
         default=1200,
@@ -39,13 +46,20 @@ class SplitSpec(StrictModel):
         gt=0,
         description="easy-VQA train images for the coordinator's public calibration set (router training).",
     )
+    dev_images: int = Field(
+        default=300,
+        gt=0,
+        description=(
+            "easy-VQA test images held out for probes and tuning (a seeded draw); never "
+            "reported as a final result. The test split is the test images that remain."
+        ),
+    )
     test_images: int | None = Field(
         default=None,
         gt=0,
-        le=EASYVQA_TEST_IMAGES,
         description=(
-            "easy-VQA test images for evaluation: null means all "
-            f"{EASYVQA_TEST_IMAGES}; a number picks a seeded subset of that many."
+            "easy-VQA test images for final reporting, drawn from those dev leaves: null means "
+            f"all {EASYVQA_TEST_IMAGES} - dev_images; a number picks a seeded subset of that many."
         ),
     )
 
@@ -59,6 +73,28 @@ class SplitSpec(StrictModel):
                 f"sum is below {EASYVQA_TRAIN_IMAGES}"
             )
         return self
+
+    @model_validator(mode="after")
+    def _dev_and_test_fit(self) -> SplitSpec:
+        if self.dev_images >= EASYVQA_TEST_IMAGES:
+            raise ValueError(
+                f"dev_images = {self.dev_images} leaves no test images (easy-VQA has "
+                f"{EASYVQA_TEST_IMAGES} test images, shared by dev and test); lower dev_images "
+                f"below {EASYVQA_TEST_IMAGES}"
+            )
+        if self.test_images is not None and self.dev_images + self.test_images > EASYVQA_TEST_IMAGES:
+            raise ValueError(
+                f"dev_images + test_images = {self.dev_images} + {self.test_images} = "
+                f"{self.dev_images + self.test_images} > {EASYVQA_TEST_IMAGES} easy-VQA test images "
+                f"(dev and test are drawn from them, disjoint); lower one of them, or set "
+                f"test_images: null to test on all {self.test_pool_images} that dev leaves"
+            )
+        return self
+
+    @property
+    def test_pool_images(self) -> int:
+        """easy-VQA test images left for the test split after dev."""
+        return EASYVQA_TEST_IMAGES - self.dev_images
 
     @property
     def private_pool_images(self) -> int:

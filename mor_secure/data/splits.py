@@ -5,6 +5,14 @@ same image under two questions in two splits would leak a silo's private data
 into calibration or test. Everything is drawn from `random.Random(spec.seed)`
 (never the global RNG), so every party that reads the same consortium YAML
 derives the same splits without exchanging them.
+
+Two held-out splits come from the easy-VQA test images: `dev`, for probes and
+tuning (in-training accuracy checks, picking settings), and `test`, read only
+by final reporting. Keeping them apart is what lets a reported number be an
+honest estimate: nothing reported on test was chosen by looking at test.
+Draw order is fixed: the train images are shuffled first (sft, calibration,
+silos), then dev is drawn, then the test subset, so adding or resizing dev
+never moves an sft, calibration or silo image.
 """
 
 from __future__ import annotations
@@ -32,16 +40,19 @@ class ConsortiumSplits:
 
     sft: tuple[VQARecord, ...]
     calibration: tuple[VQARecord, ...]
+    dev: tuple[VQARecord, ...]
+    """Held-out records for probes and tuning; never in a final table."""
     test: tuple[VQARecord, ...]
+    """Held-out records read only by final reporting."""
     private: Mapping[str, tuple[VQARecord, ...]]
 
     def all_split_names(self) -> tuple[str, ...]:
-        """"sft", "calibration", "test", then the silo names in consortium order."""
+        """"sft", "calibration", "dev", "test", then the silo names in consortium order."""
         return (*SHARED_SPLIT_NAMES, *self.private)
 
     def records(self, split_name: str) -> tuple[VQARecord, ...]:
         """Records of a shared split or of a silo; KeyError naming the known splits otherwise."""
-        shared = {"sft": self.sft, "calibration": self.calibration, "test": self.test}
+        shared = {"sft": self.sft, "calibration": self.calibration, "dev": self.dev, "test": self.test}
         if split_name in shared:
             return shared[split_name]
         if split_name in self.private:
@@ -80,7 +91,10 @@ def _make_splits_from_json(spec_json: str) -> ConsortiumSplits:
         split_of_image.update({image_id: silo.name for image_id in pool[start:end]})
         start = end
 
-    test_images = sorted({record.image_id for record in test}, key=_image_number)
+    # Drawn after the train shuffle, so dev leaves sft, calibration and the silos unchanged.
+    held_out_images = sorted({record.image_id for record in test}, key=_image_number)
+    dev_images = frozenset(rng.sample(held_out_images, spec.splits.dev_images))
+    test_images = [image_id for image_id in held_out_images if image_id not in dev_images]
     if spec.splits.test_images is not None:
         test_images = rng.sample(test_images, spec.splits.test_images)
     kept_test_images = frozenset(test_images)
@@ -89,6 +103,7 @@ def _make_splits_from_json(spec_json: str) -> ConsortiumSplits:
     return ConsortiumSplits(
         sft=_records_in(train, split_of_image, "sft"),
         calibration=_records_in(train, split_of_image, "calibration"),
+        dev=tuple(record for record in test if record.image_id in dev_images),
         test=tuple(record for record in test if record.image_id in kept_test_images),
         private=MappingProxyType(private),
     )

@@ -5,9 +5,13 @@ truthfully with probability e^eps / (1 + e^eps) and flipped otherwise. The
 likelihood ratio of any report under the two possible true bits is then at
 most e^eps, so each reported bit is epsilon-locally differentially private
 (Dwork & Roth 2014, section 3.2). A silo uses it to answer "did my reward
-model rank this calibration pair right?" without revealing the exact answer;
-charging the ledger for it is the caller's job (this module only does maths,
-in the style of `accounting`).
+model rank this calibration pair right?" without revealing the exact answer.
+It is not charged to the silo's privacy ledger: the bits are computed by a
+DP-trained model on the coordinator's PUBLIC calibration pairs, which is
+post-processing of a DP output (Dwork & Roth 2014, Prop. 2.1) and costs the
+silo's data nothing; randomized response only limits what the coordinator
+learns about the model's behaviour. This module only does maths, in the
+style of `accounting`.
 
 The noise is known, so aggregate statistics stay estimable: the observed rate
 of ones m relates to the true rate mu by m = p + mu (1 - 2p), which
@@ -38,7 +42,7 @@ def randomize_bits(bits: torch.Tensor, *, epsilon: float, generator: torch.Gener
     """Each bit of `bits` (bool, any shape) flipped independently with `flip_probability(epsilon)`.
 
     The noise is drawn from `generator` (never the global RNG), so a caller
-    controls reproducibility; a deployed silo should seed it from OS entropy,
+    controls reproducibility; every product path seeds it from OS entropy,
     since anyone who knows the seed can undo the noise.
     """
     _check_bool_tensor("bits", bits)

@@ -19,6 +19,7 @@ from coordinator.calibration import (
     CalibrationConfig,
     calibrate_router,
     calibration_records,
+    collect_bits,
     mean_weights_by_kind,
     objective_pairs,
 )
@@ -108,15 +109,22 @@ def test_leave_one_kind_out_never_shows_that_kind(consortium, features) -> None:
     assert result.records == sum(r.kind != "shape" for r in splits.calibration)
 
 
-def test_randomized_response_needs_a_ledger_and_config_checks(consortium, features, tmp_path: Path) -> None:
+def test_randomized_response_needs_no_ledger_and_config_checks(consortium, features, tmp_path: Path,
+                                                               monkeypatch) -> None:
+    """Bits on public pairs from a DP-trained model are post-processing: randomized response charges nothing."""
     from coordinator.silo_client import InProcessSiloClient
     from mor_secure.models.reward_architectures import SmallCNNRewardModel
+    from mor_secure.privacy.randomized_response import flip_probability
 
     _, splits = consortium
+    monkeypatch.chdir(tmp_path)
     client = InProcessSiloClient("no-ledger", SmallCNNRewardModel(seed=0))
     config = CalibrationConfig(randomized_response_epsilon=1.0, max_records_per_kind=3, router=RouterConfig(epochs=1))
-    with pytest.raises(RuntimeError, match="no privacy ledger"):
-        calibrate_router([client], splits.calibration, features, config)
+    result = calibrate_router([client], splits.calibration, features, config)
+    assert result.records == 3 * len(QUESTION_KINDS)
+    assert list(tmp_path.iterdir()) == []  # nothing written: no ledger charged
+    bits = collect_bits([client], splits.calibration, features, config)
+    assert bits.flip_probabilities == [pytest.approx(flip_probability(epsilon=1.0))]
     with pytest.raises(ValueError):
         CalibrationConfig(randomized_response_epsilon=0.0)
     with pytest.raises(ValueError, match="at least one silo"):

@@ -33,6 +33,7 @@ def _silos(*name_and_share: tuple[str, float]) -> str:
 def test_the_demo_consortium_loads() -> None:
     spec = load_consortium(REPO_ROOT / "mor_cli" / "demo_configs" / "consortium.yaml")
     assert spec.seed == 0 and spec.splits == SplitSpec()
+    assert (spec.splits.dev_images, spec.splits.test_images) == (300, None)
     assert [(s.name, s.reliable_kinds, s.image_share, s.label_flip_rate) for s in spec.silos] == [
         ("hospital-a", ["shape"], 0.33, 0.5),
         ("bank-b", ["color"], 0.33, 0.5),
@@ -87,9 +88,16 @@ def test_reserved_names_and_empty_silos_are_rejected() -> None:
     def silo(name: str, share: float) -> SiloDataSpec:
         return SiloDataSpec(name=name, image_share=share, reliable_kinds=["color"], label_flip_rate=0.1)
 
-    with pytest.raises(ValidationError, match="reserved"):
-        ConsortiumSpec(silos=[silo("test", 0.5)])
+    for reserved in ("sft", "calibration", "dev", "test"):
+        with pytest.raises(ValidationError, match="reserved"):
+            ConsortiumSpec(silos=[silo(reserved, 0.5)])
     with pytest.raises(ValidationError, match="would get no image"):
         ConsortiumSpec(silos=[silo("tiny", 0.0001)])
     with pytest.raises(ValidationError, match="silos"):
         ConsortiumSpec(silos=[])
+
+
+def test_dev_and_test_overflow_is_rejected_with_the_fix(tmp_path: Path) -> None:
+    path = _write(tmp_path, "splits:\n  dev_images: 600\n  test_images: 500\n" + _silos(("hospital-a", 0.5)))
+    with pytest.raises(ConfigError, match=r"consortium\.yaml.*1100 > 1000.*lower one of them"):
+        load_consortium(path)

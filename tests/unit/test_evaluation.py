@@ -64,7 +64,12 @@ def test_pool_file_resolves_paths_and_reports_problems(tmp_path: Path) -> None:
     pool_path.write_text("silos:\n  - {name: a, reward_model: x}\n  - {name: a, reward_model: y}\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="repeated"):
         load_pool(pool_path)
+    # No ledger in the pool: the coordinator's queries are post-processing of DP models and charge nothing.
     pool_path.write_text("silos:\n  - {name: a, reward_model: x, ledger: l.json}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="ledger"):
+        load_pool(pool_path)
+    pool_path.write_text("silos:\n  - {name: a, reward_model: x, privacy_budget: {epsilon: 1.0, delta: 0.0}}\n",
+                         encoding="utf-8")
     with pytest.raises(ConfigError, match="privacy_budget"):
         load_pool(pool_path)
     pool_path.write_text("silos:\n  - {name: a, reward_model: x, adress: y}\n", encoding="utf-8")
@@ -125,3 +130,24 @@ def test_generated_table_replaces_only_the_marked_block(tmp_path: Path) -> None:
     text = path.read_text()
     assert "table v1" not in text and "table v2" in text
     assert text.startswith("# Results\n\nprose before\n") and text.endswith("prose after\n")
+
+
+def test_in_training_probe_reads_dev_and_reported_numbers_read_test(consortium, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """The plots are a probe (looked at while tuning): dev. Every reported number: test, which nothing else reads."""
+    import coordinator.evaluation as evaluation_module
+    from coordinator.evaluation import Evaluation
+
+    monkeypatch.setattr(evaluation_module, "RouterFeatures", lambda cache: None)  # no encoder needed here
+    spec, splits = consortium
+    config = EvaluationConfig(test_questions_per_kind=5, eval_questions_per_kind=3, pairwise_pairs_per_kind=4)
+    evaluation = Evaluation(spec, [], tmp_path / "reference", tmp_path / "out", config, progress=False)
+    assert {r.image_id for r in evaluation.dev_probe} <= splits.image_ids("dev")
+    assert {r.image_id for r in evaluation.test} <= splits.image_ids("test")
+    assert {p.image_id for p in evaluation.test_pairs} <= splits.image_ids("test")
+    assert len(evaluation.dev_probe) == 3 * len(QUESTION_KINDS)
+
+    # Finished runs are not reused across another consortium: resizing dev changes the test split.
+    resized = spec.model_copy(update={"splits": spec.splits.model_copy(update={"dev_images": 10})})
+    with pytest.raises(ValueError, match=r"changed: \['consortium'\]"):
+        Evaluation(resized, [], tmp_path / "reference", tmp_path / "out", config, progress=False)

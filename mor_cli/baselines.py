@@ -33,8 +33,8 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from mor_secure.config import StrictModel
-from mor_secure.data import ConsortiumSplits, load_consortium, make_splits
-from mor_secure.data.records import PreferencePair
+from mor_secure.data import ConsortiumSpec, ConsortiumSplits, load_consortium, make_splits
+from mor_secure.data.records import PreferencePair, privacy_unit_of
 from mor_secure.models.reward_architectures import (
     FrozenEncoderRewardModel,
     LoraVLMRewardModel,
@@ -44,7 +44,13 @@ from mor_secure.models.reward_model import RewardModel
 from mor_secure.privacy import DPConfig, PrivacyReport, TrainingConfig, train_bradley_terry
 from mor_secure.privacy.accounting import epsilon_spent, noise_multiplier_for
 from silo_agent.config import Architecture, SiloConfig
-from silo_agent.training import feature_cache_dir, load_silo_config, split_silo_pairs
+from silo_agent.training import (
+    STANDARDISATION_SOURCE,
+    feature_cache_dir,
+    load_silo_config,
+    public_standardisation_pairs,
+    split_silo_pairs,
+)
 
 REPORT_FILE = "baseline_report.json"
 # noise_multiplier_for's default epsilon tolerance: a per-round target must exceed it.
@@ -175,13 +181,13 @@ def silo_configs_from_paths(paths: Sequence[str | Path]) -> list[SiloConfig]:
 
 
 def _load_silo_data(silo_configs: Sequence[SiloConfig]) -> tuple[
-        ConsortiumSplits, dict[str, tuple[list[PreferencePair], list[PreferencePair]]]]:
-    """The consortium's splits and, per silo, its (train, validation) pairs."""
+        ConsortiumSpec, ConsortiumSplits, dict[str, tuple[list[PreferencePair], list[PreferencePair]]]]:
+    """The consortium, its splits and, per silo, its (train, held-out) pairs."""
     check_same_consortium(silo_configs)
     spec = load_consortium(silo_configs[0].consortium)
     splits = make_splits(spec)
     data = {c.name: split_silo_pairs(c, spec, splits) for c in silo_configs}
-    return splits, data
+    return spec, splits, data
 
 
 def _build_model(architecture: str, *, seed: int, feature_cache: Path, base_model: Path | None = None) -> RewardModel:
@@ -228,7 +234,7 @@ def weighted_average(states: Sequence[Mapping[str, Tensor]], weights: Sequence[f
     return out
 
 
-def plan_fedavg_noise(*, n_pairs: int, batch_size: int, rounds: int, local_epochs: int, dp: DPConfig) -> NoisePlan:
+def plan_fedavg_noise(*, n_units: int, batch_size: int, rounds: int, local_epochs: int, dp: DPConfig) -> NoisePlan:
     """One noise multiplier for every round such that all rounds together spend at most dp.target_epsilon.
 
     `train_bradley_terry` calibrates noise for one run from a target epsilon, so each round is given
@@ -237,7 +243,7 @@ def plan_fedavg_noise(*, n_pairs: int, batch_size: int, rounds: int, local_epoch
     Releasing the global model after each round is post-processing; rounds compose adaptively.
     """
     # Opacus's Poisson sampler, as in dp_training._train_private: rate 1/ceil(n/b), int(1/rate) steps per epoch.
-    sample_rate = 1 / math.ceil(n_pairs / batch_size)
+    sample_rate = 1 / math.ceil(n_units / batch_size)
     steps_per_round = local_epochs * int(1 / sample_rate)
     total_steps = rounds * steps_per_round
     common = {"target_delta": dp.target_delta, "sample_rate": sample_rate, "accountant": dp.accountant}
@@ -257,7 +263,7 @@ def plan_fedavg_noise(*, n_pairs: int, batch_size: int, rounds: int, local_epoch
 
 
 def _round_seed(seed: int, silo: str, round_index: int) -> int:
-    """A distinct DP-SGD seed per silo and round: reusing one would replay the same noise every round."""
+    """A distinct seed (initialisation, data order) per silo and round; DP noise never comes from it."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{silo}/{round_index}".encode()).digest()[:8], "big") >> 1
 
 
@@ -273,14 +279,17 @@ def train_fedavg_reward_model(silo_configs: Sequence[SiloConfig], out_dir: str |
     """Train the FedAvg baseline, save it to `out_dir` (loadable by `load_reward_model`) and its report."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    splits, data = _load_silo_data(silo_configs)
+    spec, splits, data = _load_silo_data(silo_configs)
     names = [c.name for c in silo_configs]
     n_train = {name: len(data[name][0]) for name in names}
-    for name, n in n_train.items():
+    unit_ids = {name: [privacy_unit_of(p) for p in data[name][0]] for name in names}
+    n_units = {c.name: len(set(unit_ids[c.name])) if c.training.dp.privacy_unit == "image" else n_train[c.name]
+               for c in silo_configs}
+    for name, n in n_units.items():
         if settings.batch_size >= n:
-            raise ValueError(f"batch_size {settings.batch_size} is not below silo {name}'s {n} training pairs; "
+            raise ValueError(f"batch_size {settings.batch_size} is not below silo {name}'s {n} training units; "
                              "lower batch_size")
-    plans = {c.name: plan_fedavg_noise(n_pairs=n_train[c.name], batch_size=settings.batch_size,
+    plans = {c.name: plan_fedavg_noise(n_units=n_units[c.name], batch_size=settings.batch_size,
                                        rounds=settings.rounds, local_epochs=settings.local_epochs,
                                        dp=c.training.dp)
              for c in silo_configs if c.training.dp.enabled}
@@ -311,7 +320,8 @@ def train_fedavg_reward_model(silo_configs: Sequence[SiloConfig], out_dir: str |
                                       learning_rate=settings.learning_rate, weight_decay=settings.weight_decay,
                                       seed=_round_seed(settings.seed, name, round_index), dp=dp)
             result = train_bradley_terry(
-                local, datasets[name], training, ledger=None, purpose="baseline:fedavg", progress=progress,
+                local, datasets[name], training, unit_ids=unit_ids[name], ledger=None, purpose="baseline:fedavg",
+                progress=progress,
                 description=f"FedAvg round {round_index + 1}/{settings.rounds} {name}")
             report = result.report
             if plan is not None and (report.noise_multiplier, report.sample_rate, report.steps) != (
@@ -322,7 +332,7 @@ def train_fedavg_reward_model(silo_configs: Sequence[SiloConfig], out_dir: str |
                 raise RuntimeError(f"silo {name}: local training changed frozen parameters or buffers")
             local_states[name] = trainable_state(local)
             reports[name].append(report)
-            silo_losses[name].append(result.loss_history)
+            silo_losses[name].append(result.diagnostics.loss_history)
         averaged = weighted_average([local_states[n] for n in names], [n_train[n] for n in names])
         with torch.no_grad():
             for param_name, param in model.module.named_parameters():
@@ -330,9 +340,7 @@ def train_fedavg_reward_model(silo_configs: Sequence[SiloConfig], out_dir: str |
                     param.copy_(averaged[param_name])
         round_losses.append(sum(_finite_mean(silo_losses[n][-1]) * n_train[n] for n in names) / sum(n_train.values()))
 
-    # Pools the silos' validation pairs in one place: acceptable ONLY because this is a simulation baseline.
-    validation = [pair for name in names for pair in data[name][1]]
-    standardisation = model.fit_standardisation(validation)
+    standardisation = model.fit_standardisation(public_standardisation_pairs(spec, splits))
     model_dir = model.save(out_dir)
     epsilon = {name: (epsilon_spent(noise_multiplier=plans[name].noise_multiplier,
                                     sample_rate=plans[name].sample_rate,
@@ -365,7 +373,7 @@ def train_fedavg_reward_model(silo_configs: Sequence[SiloConfig], out_dir: str |
                 "rounds": [r.to_dict() for r in reports[c.name]],
             }} for c in silo_configs},
         "standardisation": {"mean": standardisation.mean, "std": standardisation.std,
-                            "fitted_on": "union of the silos' validation pairs (simulation only)"},
+                            "fitted_on": STANDARDISATION_SOURCE},
         "seconds": seconds,
     })
     return FedAvgOutcome(model, model_dir, report_path, n_train, {n: len(data[n][1]) for n in names}, epsilon,
@@ -377,21 +385,20 @@ def train_centralized_reward_model(silo_configs: Sequence[SiloConfig], out_dir: 
     """Train one model on every silo's pooled training pairs (their noisy labels as given); save it and a report."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    splits, data = _load_silo_data(silo_configs)
+    spec, splits, data = _load_silo_data(silo_configs)
     names = [c.name for c in silo_configs]
     train = [pair for name in names for pair in data[name][0]]
-    validation = [pair for name in names for pair in data[name][1]]
     model = _build_model(settings.architecture, seed=settings.training.seed, base_model=settings.base_model,
                          feature_cache=settings.feature_cache or feature_cache_dir(silo_configs[0]))
     pretraining_accuracy = None
     if isinstance(model, SmallCNNRewardModel):
         pretraining_accuracy = model.pretrain(splits.sft, steps=settings.public_pretraining_steps,
                                               seed=settings.training.seed, progress=progress)
-    result = train_bradley_terry(model.module, model.pair_dataset(train), settings.training, ledger=None,
+    result = train_bradley_terry(model.module, model.pair_dataset(train), settings.training,
+                                 unit_ids=[privacy_unit_of(p) for p in train], ledger=None,
                                  purpose="baseline:centralized", progress=progress,
                                  description=f"centralized {settings.architecture}")
-    # Pooled validation pairs: acceptable ONLY because this is a simulation baseline.
-    standardisation = model.fit_standardisation(validation)
+    standardisation = model.fit_standardisation(public_standardisation_pairs(spec, splits))
     model_dir = model.save(out_dir)
     seconds = time.perf_counter() - start
     n_train = {name: len(data[name][0]) for name in names}
@@ -407,13 +414,13 @@ def train_centralized_reward_model(silo_configs: Sequence[SiloConfig], out_dir: 
         "train_pairs": n_train,
         "validation_pairs": n_validation,
         "privacy": {**result.report.to_dict(), "charged_to_ledger": False},
-        "loss_history": result.loss_history,
+        "loss_history": result.diagnostics.loss_history,
         "standardisation": {"mean": standardisation.mean, "std": standardisation.std,
-                            "fitted_on": "union of the silos' validation pairs (simulation only)"},
+                            "fitted_on": STANDARDISATION_SOURCE},
         "seconds": seconds,
     })
     return CentralizedOutcome(model, model_dir, report_path, n_train, n_validation, result.report,
-                              result.loss_history, seconds)
+                              result.diagnostics.loss_history, seconds)
 
 
 def _states_equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:

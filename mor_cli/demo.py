@@ -39,7 +39,8 @@ from mor_secure.data import load_consortium, make_pairs, make_splits
 from mor_secure.data.records import QUESTION_KINDS, PreferencePair
 from mor_secure.models.reward_model import RewardModel
 from mor_secure.models.tiny_vlm import build_tiny_vlm, load_vlm
-from silo_agent.training import feature_cache_dir, load_silo_config, train_silo
+from silo_agent.config import SiloConfig
+from silo_agent.training import create_ledger, feature_cache_dir, load_silo_config, train_silo
 
 PROG = "mor demo"
 SILOS = ("hospital-a", "bank-b", "hospital-c")
@@ -107,18 +108,32 @@ def _accuracy_split(model: RewardModel, pairs_by_kind: dict[str, list[Preference
     return pooled(reliable), pooled([k for k in QUESTION_KINDS if k not in reliable]), per_kind
 
 
+def _variant(config: SiloConfig, suffix: str, **dp_update: object) -> SiloConfig:
+    """The silo's config with other DP settings, in its own workdir (own ledger), sharing the frozen features."""
+    return config.model_copy(update={
+        "workdir": config.workdir.with_name(f"{config.name}-{suffix}"),
+        "feature_cache": feature_cache_dir(config),  # same frozen features: don't recompute them
+        "training": config.training.model_copy(update={"dp": config.training.dp.model_copy(update=dp_update)})})
+
+
 def _print_table(rows: list[dict]) -> None:
+    pair = "pair_dp_acc_reliable" in rows[0]
     header = (f"{'silo':<11} {'architecture':<16} {'trainable':>9} {'epsilon':>7} "
-              f"{'DP rel':>6} {'DP oth':>6} {'noDP rel':>8} {'noDP oth':>8}")
+              f"{'DP rel':>6} {'DP oth':>6} " + (f"{'pairDP rel':>10} " if pair else "")
+              + f"{'noDP rel':>8} {'noDP oth':>8}")
     print("\n" + header + "\n" + "-" * len(header))
     for r in rows:
         print(f"{r['name']:<11} {r['architecture']:<16} {r['trainable_params']:>9,} {r['epsilon']:>7.2f} "
               f"{r['dp_acc_reliable']:>6.3f} {r['dp_acc_other']:>6.3f} "
-              f"{r['nondp_acc_reliable']:>8.3f} {r['nondp_acc_other']:>8.3f}")
-    print("(held-out pairwise accuracy on the silo's reliable kind / on the other kinds; delta = 1e-5)")
+              + (f"{r['pair_dp_acc_reliable']:>10.3f} " if pair else "")
+              + f"{r['nondp_acc_reliable']:>8.3f} {r['nondp_acc_other']:>8.3f}")
+    print(f"(held-out pairwise accuracy on the silo's reliable kind / on the other kinds; DP: epsilon per "
+          f"{rows[0]['privacy_unit']}, delta = 1e-5" + ("; pairDP: the same epsilon per pair" if pair else "") + ")")
 
 
 def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> int:
+    # The per-pair DP comparison is for the published results only: it adds a third training per silo.
+    compare_privacy_units = write_results is not None
     started = time.monotonic()
     if not progress:
         hf_logging.disable_progress_bar()  # checkpoint save/load bars too, not only ours
@@ -142,23 +157,23 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> in
         print(f"== silo {silo} ==")
         config = load_silo_config(workdir / "silos" / f"{silo}.yaml")
         reliable = load_consortium(consortium_path).silo(silo).reliable_kinds
-        dp_outcome = train_silo(config, progress=progress)
-        dp_rel, dp_oth, dp_kinds = _accuracy_split(dp_outcome.model, pairs_by_kind, reliable)
-        nondp_config = config.model_copy(update={
-            "workdir": config.workdir.with_name(f"{silo}-nondp"),
-            "feature_cache": feature_cache_dir(config),  # same frozen features: don't recompute them
-            "training": config.training.model_copy(update={
-                "dp": config.training.dp.model_copy(update={"enabled": False})})})
-        nondp_outcome = train_silo(nondp_config, progress=progress)
-        nd_rel, nd_oth, nd_kinds = _accuracy_split(nondp_outcome.model, pairs_by_kind, reliable)
-        rows.append({
-            "name": silo, "architecture": config.architecture,
-            "trainable_params": dp_outcome.model.trainable_parameters(),
-            "epsilon": dp_outcome.report.epsilon, "delta": dp_outcome.report.delta,
-            "dp_acc_reliable": dp_rel, "dp_acc_other": dp_oth,
-            "nondp_acc_reliable": nd_rel, "nondp_acc_other": nd_oth,
-            "reliable_kinds": list(reliable), "dp_acc_by_kind": dp_kinds, "nondp_acc_by_kind": nd_kinds,
-        })
+        variants = {"dp": config, "nondp": _variant(config, "nondp", enabled=False)}
+        if compare_privacy_units:
+            variants["pair_dp"] = _variant(config, "pair", privacy_unit="pair")
+        row = {"name": silo, "architecture": config.architecture, "reliable_kinds": list(reliable)}
+        for label, variant in variants.items():
+            if variant.training.dp.enabled:
+                create_ledger(variant)  # `mor silo init`: once per silo, before its first training
+            outcome = train_silo(variant, progress=progress)
+            rel, oth, by_kind = _accuracy_split(outcome.model, pairs_by_kind, reliable)
+            row |= {f"{label}_acc_reliable": rel, f"{label}_acc_other": oth, f"{label}_acc_by_kind": by_kind}
+            if label == "dp":
+                row |= {"trainable_params": outcome.model.trainable_parameters(), "epsilon": outcome.report.epsilon,
+                        "delta": outcome.report.delta, "privacy_unit": outcome.report.privacy_unit,
+                        "noise": outcome.report.noise}
+            elif label == "pair_dp":
+                row["pair_dp_epsilon"] = outcome.report.epsilon
+        rows.append(row)
     _print_table(rows)
 
     print("\n== coordinator: router calibration, GRPO with MoR and with the uniform average (1 seed) ==")
@@ -183,6 +198,7 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> in
         write_results.write_text(json.dumps({
             "reference_policy_accuracy": reference_accuracy,
             "eval_pairs_per_kind": {k: len(v) for k, v in pairs_by_kind.items()},
+            "privacy_unit": rows[0]["privacy_unit"],
             "silos": rows,
             "mor_demo": {r.method: {"accuracy": r.accuracy, "greedy_accuracy": r.greedy_accuracy,
                                     "reward_pairwise_accuracy": r.reward_pairwise_accuracy} for r in runs},

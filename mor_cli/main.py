@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 # group -> (module defining it, one-line help). pki and audit arrive with the secure transport.
 GROUPS: dict[str, tuple[str, str]] = {
-    "silo": ("silo_agent.cli", "silo operator: train a DP reward model, inspect the privacy ledger"),
+    "silo": ("silo_agent.cli", "silo operator: create the privacy ledger, train a DP reward model, inspect the ledger"),
     "coordinator": ("coordinator.cli", "consortium operator: build the VLM, train and evaluate the reference"),
     "demo": ("mor_cli.demo", "run the whole consortium locally with embedded defaults"),
 }

@@ -19,7 +19,7 @@ from coordinator.pool import client_for_model
 from pydantic import Field
 
 from mor_secure.config import StrictModel, load_config
-from silo_agent.training import MODEL_DIR, load_silo_config, train_silo
+from silo_agent.training import MODEL_DIR, create_ledger, ledger_path, load_silo_config, train_silo
 
 from .baselines import CentralizedSettings, FedAvgSettings, train_centralized_reward_model, train_fedavg_reward_model
 from .demo import SILOS, _install_configs, build_reference, embedded_config, evaluation_for
@@ -45,6 +45,8 @@ def run_table(workdir: Path, *, results_dir: Path, results_md: Path, progress: b
     for config in configs:
         if not (config.workdir / MODEL_DIR).is_dir():
             print(f"== silo {config.name}: DP reward model ==")
+            if not ledger_path(config).exists():
+                create_ledger(config)  # `mor silo init`, once: a resumed table keeps the ledger it has
             train_silo(config, progress=progress)
 
     settings = load_config(embedded_config("baselines.yaml", workdir), BaselineSettings)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from mor_secure.cli_errors import run_command
 
-from .training import load_silo_config, open_ledger, train_silo
+from .training import create_ledger, load_silo_config, open_ledger, train_silo
 
 PROG = "mor silo"
 
@@ -16,6 +16,11 @@ PROG = "mor silo"
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Silo operator commands.")
     commands = parser.add_subparsers(dest="command", required=True)
+    init = commands.add_parser("init", help="create the silo's privacy ledger with its lifetime budget (once)")
+    init.add_argument("--config", required=True, help="silo YAML (see silo_agent/config.py)")
+    init.add_argument("--force-new-ledger", action="store_true",
+                      help="DANGEROUS: replace an existing ledger (kept as *.superseded-*). Only for new data: "
+                           "starting over on the same data voids the DP guarantee")
     train = commands.add_parser("train", help="train the silo's DP reward model from its YAML")
     train.add_argument("--config", required=True, help="silo YAML (see silo_agent/config.py)")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -24,27 +29,44 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _init(args: argparse.Namespace) -> int:
+    config = load_silo_config(args.config)
+    ledger = create_ledger(config, force=args.force_new_ledger)
+    print(f"privacy ledger created: {ledger.path}")
+    print(f"lifetime budget: epsilon {ledger.epsilon_budget:g}, delta {ledger.delta_budget:g}; back this file up: "
+          "it cannot be recreated without resetting the budget")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     outcome = train_silo(load_silo_config(args.config), progress=not args.no_progress)
     r = outcome.report
     print(f"reward model: {outcome.model_dir}")
-    print(f"privacy report: {outcome.report_path}")
-    print(f"epsilon {r.epsilon:.3f}  delta {r.delta:g}  noise {r.noise_multiplier:.3f}  "
-          f"sample rate {r.sample_rate:.4f}  steps {r.steps}  clip {r.max_grad_norm}  accountant {r.accountant}")
+    print(f"public privacy report: {outcome.report_path}")
+    print(f"local diagnostics (not for release): {outcome.diagnostics_path}")
+    if r.dp_enabled:
+        print(f"epsilon {r.epsilon:.3f}  delta {r.delta:g}  per {r.privacy_unit}  noise {r.noise_multiplier:.3f}  "
+              f"sample rate {r.sample_rate:.4f}  steps {r.steps}  clip {r.max_grad_norm}  accountant {r.accountant}")
+        if not r.private:
+            print(f"WARNING: noise {r.noise}: this model is NOT differentially private")
+    else:
+        print("WARNING: trained WITHOUT differential privacy: epsilon is infinite")
     return 0
 
 
 def _ledger(args: argparse.Namespace) -> int:
     ledger = open_ledger(load_silo_config(args.config))
     print(json.dumps({
+        "silo": ledger.silo,
         "budget": {"epsilon": ledger.epsilon_budget, "delta": ledger.delta_budget},
         "spent": {"epsilon": ledger.spent_epsilon, "delta": ledger.spent_delta},
         "remaining": {"epsilon": ledger.remaining_epsilon, "delta": ledger.remaining_delta},
-        "spends": [{"timestamp": s.timestamp, "purpose": s.purpose, "epsilon": s.epsilon, "delta": s.delta}
-                   for s in ledger.spends],
+        "charges": [{"timestamp": c.timestamp, "purpose": c.purpose, "epsilon": c.epsilon, "delta": c.delta,
+                     "settled": c.settled} for c in ledger.charges],
+        "head_digest": ledger.head_digest,
     }, indent=2))
     return 0
 
 
 def main(argv: Sequence[str]) -> int:
-    return run_command(_parser(), argv, {"train": _train, "ledger": _ledger})
+    return run_command(_parser(), argv, {"init": _init, "train": _train, "ledger": _ledger})

@@ -25,13 +25,16 @@ class SiloConfig(StrictModel):
 
     name: str = Field(description="The silo's name; must match a silo in the consortium file.")
     consortium: Path = Field(description="Consortium YAML shared by every party (splits, silo data specs).")
-    workdir: Path = Field(description="Where the reward model, privacy ledger and privacy report are written.")
+    workdir: Path = Field(description="Where the reward model, privacy ledger, public privacy report and local "
+                          "diagnostics are written. The ledger is created once by `mor silo init`.")
     architecture: Architecture = Field(description="Reward-model architecture: lora_vlm, frozen_encoders or small_cnn.")
     base_model: Path | None = Field(None, description="Shared VLM checkpoint directory; required for lora_vlm.")
     feature_cache: Path | None = Field(
         None, description="frozen_encoders only: where frozen image features are cached (default: <workdir>/feature_cache).")
     validation_fraction: float = Field(
-        0.1, gt=0, lt=0.5, description="Share of the silo's pairs held back (never trained on) to standardise scores.")
+        0.1, gt=0, lt=0.5, description="Share of the silo's privacy units held back (never trained on) for the "
+        "local held-out accuracy in local_diagnostics.json. Scores are standardised on public calibration "
+        "pairs instead, so nothing fitted on private data is served.")
     public_pretraining_steps: int = Field(
         800, gt=0, description="small_cnn only: steps of public (non-private) trunk pre-training on the SFT split.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Bradley-Terry DP-SGD settings.")

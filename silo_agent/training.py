@@ -1,4 +1,10 @@
-"""The silo's DP training job: private pairs -> DP reward model, standardised, saved, charged, reported."""
+"""The silo's DP training job: private pairs -> DP reward model, standardised, saved, charged, reported.
+
+Order matters for the guarantee: the ledger reserves the run's target epsilon
+before any private data is read (so two jobs cannot both spend the last of a
+budget, and a killed job stays charged), and only DP outputs are written to
+the public report.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mor_secure.config import load_config, resolve_relative
-from mor_secure.data import ConsortiumSpec, ConsortiumSplits, PreferencePair, load_consortium, make_splits, pairs_for_silo
+from mor_secure.data import (
+    ConsortiumSpec,
+    ConsortiumSplits,
+    PreferencePair,
+    load_consortium,
+    make_pairs,
+    make_splits,
+    pairs_for_silo,
+)
 from mor_secure.data.preferences import silo_seed
+from mor_secure.data.records import privacy_unit_of
 from mor_secure.models.reward_architectures import (
     FrozenEncoderRewardModel,
     LoraVLMRewardModel,
@@ -18,6 +33,7 @@ from mor_secure.models.reward_architectures import (
 )
 from mor_secure.models.reward_model import RewardModel
 from mor_secure.privacy import PrivacyLedger, PrivacyReport, train_bradley_terry
+from mor_secure.privacy.training_config import noise_label
 
 from .config import SiloConfig
 
@@ -26,6 +42,12 @@ logger = logging.getLogger(__name__)
 MODEL_DIR = "reward_model"
 LEDGER_FILE = "privacy_ledger.json"
 REPORT_FILE = "privacy_report.json"
+DIAGNOSTICS_FILE = "local_diagnostics.json"
+# Where the served scores' standardisation comes from: public data, so it releases nothing (DESIGN §4).
+STANDARDISATION_SOURCE = ("both answers of the consortium's public calibration pairs, scored by the DP model "
+                          "(post-processing: no privacy cost)")
+# 200 pairs per kind = 1,200 scores: the mean and std to ~0.06 std (1.96 / sqrt(1200)), in seconds even for lora_vlm.
+STANDARDISATION_PAIRS_PER_KIND = 200
 
 
 @dataclass(frozen=True)
@@ -36,8 +58,7 @@ class SiloTrainingOutcome:
     report: PrivacyReport
     model_dir: Path
     report_path: Path
-    train_pairs: int
-    validation_pairs: int
+    diagnostics_path: Path
 
 
 def load_silo_config(path: str | Path) -> SiloConfig:
@@ -63,55 +84,82 @@ def feature_cache_dir(config: SiloConfig) -> Path:
     return config.feature_cache or config.workdir / "feature_cache"
 
 
+def ledger_path(config: SiloConfig) -> Path:
+    return config.workdir / LEDGER_FILE
+
+
+def create_ledger(config: SiloConfig, *, force: bool = False) -> PrivacyLedger:
+    """`mor silo init`: the silo's ledger, created once with the configured lifetime budget."""
+    return PrivacyLedger.create(ledger_path(config), silo=config.name, epsilon_budget=config.privacy_budget.epsilon,
+                                delta_budget=config.privacy_budget.delta, force=force)
+
+
 def open_ledger(config: SiloConfig) -> PrivacyLedger:
-    return PrivacyLedger(config.workdir / LEDGER_FILE, epsilon_budget=config.privacy_budget.epsilon,
+    """The silo's existing ledger; refused (never recreated) when missing or made for another budget."""
+    return PrivacyLedger(ledger_path(config), silo=config.name, epsilon_budget=config.privacy_budget.epsilon,
                          delta_budget=config.privacy_budget.delta)
 
 
 def split_silo_pairs(config: SiloConfig, spec: ConsortiumSpec,
                      splits: ConsortiumSplits) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """(train, validation) pairs of the silo: a seeded shuffle, the first `validation_fraction` held back."""
+    """(train, held-out) pairs of the silo, split by privacy unit: a seeded shuffle of units, the first
+    `validation_fraction` held back for the local held-out accuracy."""
     pairs = list(pairs_for_silo(splits, spec, config.name))
-    random.Random(silo_seed(spec.seed, config.name) + 1).shuffle(pairs)
-    n_validation = max(1, int(len(pairs) * config.validation_fraction))
-    return pairs[n_validation:], pairs[:n_validation]
+    units = sorted({privacy_unit_of(p) for p in pairs})
+    random.Random(silo_seed(spec.seed, config.name) + 1).shuffle(units)
+    held_out = set(units[:max(1, int(len(units) * config.validation_fraction))])
+    return ([p for p in pairs if privacy_unit_of(p) not in held_out],
+            [p for p in pairs if privacy_unit_of(p) in held_out])
+
+
+def public_standardisation_pairs(spec: ConsortiumSpec, splits: ConsortiumSplits) -> tuple[PreferencePair, ...]:
+    """Clean pairs on the consortium's public calibration images: what the served scores are standardised on."""
+    return make_pairs(splits.calibration, seed=spec.seed, max_pairs_per_kind=STANDARDISATION_PAIRS_PER_KIND)
 
 
 def train_silo(config: SiloConfig, *, progress: bool = True) -> SiloTrainingOutcome:
-    """Run the whole job. An unaffordable run is refused before any data is touched."""
-    config.workdir.mkdir(parents=True, exist_ok=True)
+    """Run the whole job. With DP, the target spend is reserved before any private data is read."""
     dp = config.training.dp
-    ledger = open_ledger(config) if dp.enabled else None
-    if ledger is not None:
-        ledger.check_affordable(epsilon=dp.target_epsilon, delta=dp.target_delta)
+    purpose = f"train:reward-model:{config.architecture}"
+    ledger = reservation = None
+    if dp.enabled:
+        ledger = open_ledger(config)
+        reservation = ledger.reserve(purpose=purpose, epsilon=dp.target_epsilon, delta=dp.target_delta,
+                                     details={"mechanism": "dp-sgd", "privacy_unit": dp.privacy_unit,
+                                              "noise": noise_label(dp)})
+    config.workdir.mkdir(parents=True, exist_ok=True)
     spec: ConsortiumSpec = load_consortium(config.consortium)
     splits = make_splits(spec)
-    train, validation = split_silo_pairs(config, spec, splits)
-    logger.info("silo %s: %d training pairs, %d validation pairs", config.name, len(train), len(validation))
+    train, held_out = split_silo_pairs(config, spec, splits)
+    logger.info("silo %s: %d training pairs, %d held-out pairs", config.name, len(train), len(held_out))
 
     model = build_reward_model(config)
     if isinstance(model, SmallCNNRewardModel):
         # Public data only (the coordinator's published SFT split): no privacy cost.
         model.pretrain(splits.sft, steps=config.public_pretraining_steps, seed=config.training.seed, progress=progress)
-    result = train_bradley_terry(model.module, model.pair_dataset(train), config.training, ledger=ledger,
-                                 purpose=f"train:reward-model:{config.architecture}", progress=progress,
+    result = train_bradley_terry(model.module, model.pair_dataset(train), config.training,
+                                 unit_ids=[privacy_unit_of(p) for p in train], ledger=ledger,
+                                 reservation=reservation, purpose=purpose, progress=progress,
                                  description=f"{config.name} {config.architecture}")
-    standardisation = model.fit_standardisation(validation)
+    standardisation = model.fit_standardisation(public_standardisation_pairs(spec, splits))
     model_dir = model.save(config.workdir / MODEL_DIR)
     report_path = config.workdir / REPORT_FILE
-    report = {
+    report_path.write_text(json.dumps({
         "silo": config.name,
         "architecture": config.architecture,
         "trainable_params": model.trainable_parameters(),
-        "train_pairs": len(train),
-        "validation_pairs": len(validation),
-        "standardisation": {"mean": standardisation.mean, "std": standardisation.std},
         "privacy": result.report.to_dict(),
+        "standardisation": {"mean": standardisation.mean, "std": standardisation.std,
+                            "fitted_on": STANDARDISATION_SOURCE},
         "ledger": None if ledger is None else {
             "spent_epsilon": ledger.spent_epsilon, "spent_delta": ledger.spent_delta,
             "budget_epsilon": ledger.epsilon_budget, "budget_delta": ledger.delta_budget},
-        "loss_history": result.loss_history,
-        "seconds": result.seconds,
-    }
-    report_path.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    return SiloTrainingOutcome(model, result.report, model_dir, report_path, len(train), len(validation))
+    }, indent=2), encoding="utf-8")
+    diagnostics_path = config.workdir / DIAGNOSTICS_FILE
+    diagnostics_path.write_text(json.dumps({
+        **result.diagnostics.to_dict(),
+        "train_pairs": len(train),
+        "held_out_pairs": len(held_out),
+        "held_out_pairwise_accuracy": model.pairwise_accuracy(held_out),
+    }, indent=2), encoding="utf-8")
+    return SiloTrainingOutcome(model, result.report, model_dir, report_path, diagnostics_path)

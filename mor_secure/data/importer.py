@@ -8,7 +8,10 @@ cap) as "FILE:LINE: reason", so one pass fixes them all.
 
 Row format, one JSON object per line (blank lines skipped):
     {"prompt": "...", "chosen": "...", "rejected": "...",
-     "images": ["relative/path.png"], "kind": "color"}   # kind optional
+     "images": ["relative/path.png"], "kind": "color", "unit_id": "patient-0042"}
+`kind` and `unit_id` are optional. `unit_id` names the privacy unit (a
+patient): with the default `privacy_unit: image`, all pairs of one unit_id
+are one DP sample; rows without it are grouped by their image.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ MAX_LISTED_PROBLEMS = 50
 
 _TEXT_FIELDS = ("prompt", "chosen", "rejected")
 _REQUIRED_FIELDS = (*_TEXT_FIELDS, "images")
-_ALLOWED_FIELDS = frozenset((*_REQUIRED_FIELDS, "kind"))
+_ALLOWED_FIELDS = frozenset((*_REQUIRED_FIELDS, "kind", "unit_id"))
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,8 @@ def _parse_row(raw: bytes, images: _ImageChecker) -> tuple[PreferencePair | None
     # Compared without surrounding spaces: "yes" against "yes " is the same answer.
     if isinstance(chosen, str) and isinstance(rejected, str) and chosen.strip() == rejected.strip() != "":
         reasons.append(f"chosen and rejected are the same answer ({chosen!r})")
+    if "unit_id" in row:
+        reasons += _text_problems("unit_id", row["unit_id"])
     kind = row.get("kind")
     if "kind" in row and kind not in QUESTION_KINDS:
         reasons.append(f"kind must be one of {list(QUESTION_KINDS)} or omitted, got {kind!r}")
@@ -167,6 +172,7 @@ def _parse_row(raw: bytes, images: _ImageChecker) -> tuple[PreferencePair | None
         chosen=chosen,
         rejected=rejected,
         kind=kind,
+        unit_id=row.get("unit_id"),
     )
     return pair, []
 

@@ -30,6 +30,8 @@ class PreferencePair:
     """A preference over two answers to one (image, prompt).
 
     `kind` is None for users' imported data whose question kind is unknown.
+    `unit_id` is the privacy unit of imported data (e.g. a patient id), None
+    when the image is the unit; `privacy_unit_of` says which applies.
     `label_flipped` records (for synthetic benchmark pairs only) that an
     unreliable annotator swapped chosen and rejected; evaluation always uses
     clean pairs.
@@ -42,3 +44,9 @@ class PreferencePair:
     rejected: str
     kind: QuestionKind | None = None
     label_flipped: bool = False
+    unit_id: str | None = None
+
+
+def privacy_unit_of(pair: PreferencePair) -> str:
+    """The DP unit a pair belongs to: its `unit_id` (a patient) if the data names one, else its image."""
+    return pair.unit_id if pair.unit_id is not None else pair.image_id

@@ -16,7 +16,13 @@ INTERACTION_TERMS = 7  # u, v, w, uv, uw, vw, uvw
 
 
 class InteractionHead(nn.Module):
-    """Scalar score from (image, question, answer) features; Opacus-compatible layers only."""
+    """Scalar score from (image, question, answer) features; Opacus-compatible layers only.
+
+    Every layer acts on the last axis, so inputs [..., F] give scores [...]:
+    DP training feeds it whole privacy units ([b, K, F], `scores_unit_batches`).
+    """
+
+    scores_unit_batches = True
 
     def __init__(self, image_dim: int, question_dim: int, answer_dim: int, *, width: int = 64, hidden: int = 64):
         super().__init__()

@@ -1,30 +1,40 @@
-"""Differential privacy for silos: accounting maths, the persisted budget ledger, DP-SGD training.
+"""Differential privacy for silos: accounting maths, privacy units, the ledger, DP-SGD training.
 
-`accounting` is pure (no state); `ledger` owns the on-disk record of spends;
-`dp_training` trains reward models with Opacus and charges the ledger.
+`accounting` and `randomized_response` are pure (no state); `privacy_units`
+groups pairs into DP samples; `ledger` owns the on-disk, hash-chained record of
+spends; `dp_training` trains reward models with Opacus and settles the
+ledger; `reports` separates the public privacy report from local diagnostics.
 """
 
 from __future__ import annotations
 
 from mor_secure.privacy.accounting import Accountant, epsilon_spent, noise_multiplier_for
-from mor_secure.privacy.dp_training import (
-    DPConfig,
-    PrivacyReport,
-    TrainingConfig,
-    TrainingResult,
-    bradley_terry_loss,
-    train_bradley_terry,
+from mor_secure.privacy.dp_training import bradley_terry_loss, prepare_private_training, train_bradley_terry
+from mor_secure.privacy.ledger import (
+    BudgetExceededError,
+    LedgerError,
+    LedgerMissingError,
+    PrivacyCharge,
+    PrivacyLedger,
+    Reservation,
 )
-from mor_secure.privacy.ledger import BudgetExceededError, PrivacyLedger, PrivacySpend
 from mor_secure.privacy.randomized_response import debiased_mean, flip_probability, randomize_bits
+from mor_secure.privacy.reports import LocalDiagnostics, PrivacyReport, TrainingResult
+from mor_secure.privacy.training_config import NOISE_SEEDED, DPConfig, PrivacyUnit, TrainingConfig
 
 __all__ = [
+    "NOISE_SEEDED",
     "Accountant",
     "BudgetExceededError",
     "DPConfig",
+    "LedgerError",
+    "LedgerMissingError",
+    "LocalDiagnostics",
+    "PrivacyCharge",
     "PrivacyLedger",
     "PrivacyReport",
-    "PrivacySpend",
+    "PrivacyUnit",
+    "Reservation",
     "TrainingConfig",
     "TrainingResult",
     "bradley_terry_loss",
@@ -32,6 +42,7 @@ __all__ = [
     "epsilon_spent",
     "flip_probability",
     "noise_multiplier_for",
+    "prepare_private_training",
     "randomize_bits",
     "train_bradley_terry",
 ]

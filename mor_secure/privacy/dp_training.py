@@ -3,18 +3,28 @@
 Data contract: a map-style `Dataset` whose item i is a tuple of tensors
 ``(*chosen_inputs, *rejected_inputs)`` — the inputs of the chosen side, then
 the same inputs for the rejected side, in the same order. `model(*side_inputs)`
-returns a 1-D tensor of scores, one per row. The privacy unit is one pair: a
-neighbouring dataset adds or removes one item.
+returns a 1-D tensor of scores, one per row.
+
+The privacy unit (`DPConfig.privacy_unit`) is one image / one patient by
+default: `unit_ids` names each pair's unit, all pairs of a unit are one DP
+sample with one clipped gradient (`privacy_units`), and the accountant's
+sample rate is over units. `privacy_unit: pair` makes each pair its own unit.
+
+Randomness: `TrainingConfig.seed` sets weight initialisation and data order
+only. Poisson sampling and the Gaussian noise come from generators seeded from
+OS entropy on every run (or Opacus' CSPRNG in `secure_mode`), so nobody who
+knows the config can regenerate the noise (DESIGN §4).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,110 +32,33 @@ import torch.nn.functional as F
 from opacus import PrivacyEngine
 from opacus.grad_sample import GradSampleModule
 from opacus.validators import ModuleValidator
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mor_secure.config import StrictModel
-from mor_secure.privacy.accounting import Accountant, noise_multiplier_for
-from mor_secure.privacy.ledger import PrivacyLedger, PrivacySpend
+from mor_secure.privacy.accounting import noise_multiplier_for
+from mor_secure.privacy.ledger import PrivacyLedger, Reservation
+from mor_secure.privacy.privacy_units import (
+    UnitGrouping,
+    flatten_units,
+    group_pairs_by_unit,
+    scores_unit_batches,
+    sum_grad_samples_per_unit,
+    unit_dataset,
+    unit_weights,
+)
+from mor_secure.privacy.reports import LocalDiagnostics, PrivacyReport, TrainingResult
+from mor_secure.privacy.training_config import NOISE_SEEDED, DPConfig, TrainingConfig, noise_label, warn_dp_off
 
 logger = logging.getLogger(__name__)
 
-
-class DPConfig(StrictModel):
-    """Differential-privacy settings of one training run. On by default."""
-
-    enabled: bool = Field(
-        True,
-        description="Train with DP-SGD. Turn off only for public or synthetic data: "
-        "without DP the weights and scores can leak the training pairs.",
-    )
-    target_epsilon: float = Field(
-        8.0,
-        gt=0,
-        allow_inf_nan=False,
-        description="Epsilon the whole run may spend; the noise multiplier is chosen to meet it.",
-    )
-    target_delta: float = Field(
-        1e-5,
-        gt=0,
-        lt=1,
-        description="Delta of the guarantee; keep it well below 1 / number of pairs.",
-    )
-    max_grad_norm: float = Field(
-        1.0,
-        gt=0,
-        allow_inf_nan=False,
-        description="Per-pair gradient clipping bound C (the L2 sensitivity of one step).",
-    )
-    accountant: Accountant = Field(
-        "prv",
-        description="Privacy accountant: 'prv' (tight numerical composition) or 'rdp' (Renyi DP bound).",
-    )
-
-    @model_validator(mode="after")
-    def _warn_when_off(self) -> DPConfig:
-        if not self.enabled:
-            _warn_dp_off(
-                "DP is OFF: the reward model will be trained without differential privacy, so its "
-                "weights and scores can reveal individual training pairs; never use for data that must stay private"
-            )
-        return self
+# Opacus warns on every engine built without secure_mode; our report states the noise source instead.
+_OPACUS_SECURE_RNG_WARNING = "Secure RNG turned off"
 
 
-class TrainingConfig(StrictModel):
-    """Optimisation settings of one reward-model training run."""
-
-    epochs: int = Field(20, gt=0, description="Passes over the data (in expectation, under Poisson sampling).")
-    batch_size: int = Field(
-        256,
-        gt=0,
-        description="Expected batch size. With DP each pair joins each batch independently with "
-        "probability sample_rate = 1 / ceil(n_pairs / batch_size) (Poisson sampling), which is "
-        "batch_size / n_pairs when batch_size divides n_pairs. Must be smaller than n_pairs.",
-    )
-    learning_rate: float = Field(2e-3, gt=0, allow_inf_nan=False, description="Adam learning rate.")
-    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False, description="Adam weight decay.")
-    seed: int = Field(0, description="Seed of torch's global RNG (sampling, noise, shuffling).")
-    dp: DPConfig = Field(default_factory=DPConfig, description="Differential-privacy settings.")
-
-
-@dataclass(frozen=True)
-class PrivacyReport:
-    """What a run spent and how: enough to recompute its epsilon with `accounting.epsilon_spent`.
-
-    Without DP, epsilon is infinite and delta is 1: no guarantee at all.
-    """
-
-    dp_enabled: bool
-    epsilon: float
-    delta: float
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    epochs: int
-    max_grad_norm: float | None
-    accountant: Accountant | None
-    n_pairs: int
-    expected_batch_size: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class TrainingResult:
-    """Outcome of `train_bradley_terry`: the privacy report, mean loss per epoch, wall time."""
-
-    report: PrivacyReport
-    loss_history: list[float]
-    seconds: float
-
-
-def bradley_terry_loss(model: nn.Module, chosen: Sequence[Tensor], rejected: Sequence[Tensor]) -> Tensor:
-    """Mean of -log sigmoid(score(chosen) - score(rejected)) over the pairs.
+def bradley_terry_loss(model: nn.Module, chosen: Sequence[Tensor], rejected: Sequence[Tensor],
+                       *, weights: Tensor | None = None) -> Tensor:
+    """-log sigmoid(score(chosen) - score(rejected)): the mean over pairs, or the `weights`-weighted sum.
 
     Two forward passes, never one over the concatenated sides: Opacus's hooks
     stack the activations of both passes and add their per-sample gradients
@@ -135,13 +68,14 @@ def bradley_terry_loss(model: nn.Module, chosen: Sequence[Tensor], rejected: Seq
     """
     chosen_scores = model(*chosen)
     rejected_scores = model(*rejected)
-    rows = chosen[0].shape[0]
+    expected = (chosen[0].shape[0],) if weights is None else tuple(weights.shape)
     for scores in (chosen_scores, rejected_scores):
-        if scores.shape != (rows,):
+        if tuple(scores.shape) != expected:
             raise ValueError(
-                f"model must return a 1-D tensor of {rows} scores (one per row), got shape {tuple(scores.shape)}"
+                f"model must return a tensor of {expected} scores (one per row), got shape {tuple(scores.shape)}"
             )
-    return -F.logsigmoid(chosen_scores - rejected_scores).mean()
+    losses = -F.logsigmoid(chosen_scores - rejected_scores)
+    return losses.mean() if weights is None else (losses * weights).sum()
 
 
 def train_bradley_terry(
@@ -149,64 +83,132 @@ def train_bradley_terry(
     dataset: Dataset,
     config: TrainingConfig,
     *,
+    unit_ids: Sequence[Hashable] | None = None,
     ledger: PrivacyLedger | None = None,
+    reservation: Reservation | None = None,
     purpose: str = "train:reward-model",
     progress: bool = True,
     description: str = "training",
 ) -> TrainingResult:
     """Train `model` in place on preference pairs and return what it cost.
 
-    With DP (the default) the run is refused before any step if `ledger`
-    cannot afford (target_epsilon, target_delta); afterwards the epsilon
-    actually spent is recorded in it, also when training stops on an error
-    part-way, since the steps taken are spent either way. `model` comes back
-    as the plain module it was, with every Opacus hook and attribute removed.
+    `unit_ids` (one per pair) names each pair's privacy unit; it is required
+    with `privacy_unit: image` and ignored with `pair`. With DP (the default)
+    and a `ledger`, the run spends a `reservation` made before any data was
+    read (or reserves `target_epsilon` itself, refused with
+    `BudgetExceededError` if unaffordable) and settles it with the epsilon
+    actually spent, also when training stops on an error part-way. A process
+    killed mid-run leaves its reservation charged. `model` comes back as the
+    plain module it was, with every Opacus hook and attribute removed.
     """
     start = time.perf_counter()
     n_inputs = _inputs_per_side(dataset)
-    n_pairs = len(dataset)
-    if config.batch_size >= n_pairs:
-        raise ValueError(
-            f"batch_size ({config.batch_size}) must be smaller than the number of pairs ({n_pairs}); "
-            "lower batch_size or add data"
-        )
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters (every parameter has requires_grad=False)")
+    if reservation is not None and ledger is None:
+        raise ValueError("a reservation needs the ledger it was made in: pass ledger= as well")
+    dp = config.dp
+    per_unit = dp.enabled and dp.privacy_unit == "image"
+    if per_unit:
+        if unit_ids is None or len(unit_ids) != len(dataset):
+            raise ValueError(
+                f"privacy_unit 'image' needs unit_ids, one per pair ({len(dataset)}), naming each pair's unit "
+                f"(got {'none' if unit_ids is None else len(unit_ids)}); or set dp.privacy_unit: pair")
+        grouping = group_pairs_by_unit(unit_ids, max_pairs_per_unit=dp.max_pairs_per_unit, seed=config.seed)
+    else:
+        grouping = group_pairs_by_unit(range(len(dataset)), max_pairs_per_unit=None, seed=config.seed)
+    if config.batch_size >= grouping.units:
+        raise ValueError(
+            f"batch_size ({config.batch_size}) must be smaller than the number of privacy units "
+            f"({grouping.units}); lower batch_size or add data"
+        )
     torch.manual_seed(config.seed)
     optimizer = torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    units = unit_dataset(dataset, grouping)
     was_training = model.training
     model.train()
     try:
-        if config.dp.enabled:
+        if dp.enabled:
             report, losses = _train_private(
-                model, dataset, config, optimizer, n_inputs=n_inputs, ledger=ledger, purpose=purpose,
-                progress=progress, description=description,
+                model, units, grouping, config, optimizer, n_inputs=n_inputs, ledger=ledger,
+                reservation=reservation, purpose=purpose, progress=progress, description=description,
             )
         else:
             report, losses = _train_plain(
-                model, dataset, config, optimizer, n_inputs=n_inputs, ledger=ledger,
+                model, units, config, optimizer, n_inputs=n_inputs, ledger=ledger,
                 progress=progress, description=description,
             )
     finally:
         model.train(was_training)
-    return TrainingResult(report=report, loss_history=losses, seconds=time.perf_counter() - start)
+    diagnostics = LocalDiagnostics(loss_history=losses, seconds=time.perf_counter() - start, pairs=len(dataset),
+                                   units=grouping.units, pairs_per_unit=grouping.pairs_per_unit,
+                                   pairs_dropped_by_cap=grouping.dropped_pairs)
+    return TrainingResult(report=report, diagnostics=diagnostics)
+
+
+@dataclass(frozen=True)
+class PrivateTraining:
+    """What `prepare_private_training` hands the training loop (and tests inspect)."""
+
+    engine: PrivacyEngine
+    module: nn.Module
+    optimizer: Any
+    loader: DataLoader
+    noise: str
+
+
+def prepare_private_training(
+    model: nn.Module, units: Dataset, optimizer: torch.optim.Optimizer, dp: DPConfig, *,
+    batch_size: int, noise_multiplier: float,
+) -> PrivateTraining:
+    """Opacus' engine, wrapped module, DP optimizer and Poisson loader, with noise nobody can regenerate.
+
+    Opacus draws Poisson masks and noise from torch's global generator unless
+    given one (DESIGN §5), and the global generator is seeded with the
+    training seed; so both get their own generators here, seeded from OS
+    entropy (or Opacus' CSPRNG in secure mode, or the explicitly insecure seed).
+    """
+    sampling = noise_generator = None  # secure mode: Opacus uses its CSPRNG for both
+    if not dp.secure_mode:
+        if dp.insecure_seeded_noise is not None:
+            seeds = (dp.insecure_seeded_noise, dp.insecure_seeded_noise + 1)
+        else:
+            seeds = (int.from_bytes(os.urandom(8), "big"), int.from_bytes(os.urandom(8), "big"))
+        sampling, noise_generator = (torch.Generator().manual_seed(seed) for seed in seeds)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_OPACUS_SECURE_RNG_WARNING)
+        engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
+    # Opacus builds its Poisson sampler on the loader's generator when it has no CSPRNG.
+    dp_model, dp_optimizer, dp_loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=DataLoader(units, batch_size=batch_size, generator=sampling),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        poisson_sampling=True,
+        noise_generator=noise_generator,
+    )
+    return PrivateTraining(engine=engine, module=dp_model, optimizer=dp_optimizer, loader=dp_loader,
+                           noise=noise_label(dp))
 
 
 def _train_private(
     model: nn.Module,
-    dataset: Dataset,
+    units: Dataset,
+    grouping: UnitGrouping,
     config: TrainingConfig,
     optimizer: torch.optim.Optimizer,
     *,
     n_inputs: int,
     ledger: PrivacyLedger | None,
+    reservation: Reservation | None,
     purpose: str,
     progress: bool,
     description: str,
 ) -> tuple[PrivacyReport, list[float]]:
     dp = config.dp
-    n_pairs = len(dataset)
+    n_units = grouping.units
     # ModuleValidator flags layers Opacus cannot privatise (BatchNorm mixes samples);
     # GradSampleModule.validate flags trainable layers holding buffers, which make_private
     # would otherwise reject only after tagging the parameters.
@@ -218,23 +220,25 @@ def _train_private(
             + ". Replace the offending layers before training, e.g. "
             "`model = opacus.validators.ModuleValidator.fix(model)` swaps BatchNorm for GroupNorm."
         )
-    if dp.target_delta >= 1 / n_pairs:
+    if dp.target_delta >= 1 / n_units:
         # Dwork & Roth 2014, section 2.3: publishing each record with probability delta
-        # is (0, delta)-DP, so delta >= 1/n lets about one whole pair out in the clear.
+        # is (0, delta)-DP, so delta >= 1/n lets about one whole unit out in the clear.
         warnings.warn(
-            f"target_delta={dp.target_delta:g} is not below 1/n_pairs={1 / n_pairs:g}: "
-            "the guarantee then allows revealing whole pairs; use a smaller delta",
+            f"target_delta={dp.target_delta:g} is not below 1/n_units: the guarantee then allows revealing "
+            "whole units; use a smaller delta",
             UserWarning,
             stacklevel=3,
         )
-    if ledger is not None:
-        ledger.check_affordable(epsilon=dp.target_epsilon, delta=dp.target_delta)
+    if ledger is not None and reservation is None:
+        reservation = ledger.reserve(purpose=purpose, epsilon=dp.target_epsilon, delta=dp.target_delta,
+                                     details={"mechanism": "dp-sgd", "privacy_unit": dp.privacy_unit,
+                                              "noise": noise_label(dp)})
 
     # Mirror Opacus: make_private sets sample_rate = 1 / len(data_loader), and its
     # Poisson sampler draws int(1 / sample_rate) batches per epoch (float rounding
     # makes that len - 1 for some lengths, e.g. 92 for 93), so the noise is
     # planned for exactly the steps that will run.
-    sample_rate = 1 / math.ceil(n_pairs / config.batch_size)
+    sample_rate = 1 / math.ceil(n_units / config.batch_size)
     steps_per_epoch = int(1 / sample_rate)
     noise_multiplier = noise_multiplier_for(
         target_epsilon=dp.target_epsilon,
@@ -243,61 +247,58 @@ def _train_private(
         steps=config.epochs * steps_per_epoch,
         accountant=dp.accountant,
     )
-
-    engine = PrivacyEngine(accountant=dp.accountant)
-    dp_model, dp_optimizer, dp_loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=DataLoader(dataset, batch_size=config.batch_size),
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=dp.max_grad_norm,
-        poisson_sampling=True,
-    )
+    private = prepare_private_training(model, units, optimizer, dp, batch_size=config.batch_size,
+                                       noise_multiplier=noise_multiplier)
     try:
-        if dp_loader.sample_rate != sample_rate or len(dp_loader) != steps_per_epoch:
+        if private.loader.sample_rate != sample_rate or len(private.loader) != steps_per_epoch:
             raise RuntimeError(
-                f"Opacus sampled at rate {dp_loader.sample_rate} for {len(dp_loader)} steps per epoch, "
+                f"Opacus sampled at rate {private.loader.sample_rate} for {len(private.loader)} steps per epoch, "
                 f"but the noise was planned for {sample_rate} and {steps_per_epoch}; "
                 "check the installed Opacus version"
             )
         losses = _run_epochs(
-            dp_model,
-            dp_optimizer,
-            dp_loader,
+            private.module,
+            private.optimizer,
+            private.loader,
             n_inputs=n_inputs,
             epochs=config.epochs,
+            per_unit_gradients=True,
             progress=progress,
             description=description,
-            epsilon_so_far=lambda: engine.accountant.get_epsilon(delta=dp.target_delta),
+            epsilon_so_far=lambda: private.engine.accountant.get_epsilon(delta=dp.target_delta),
         )
     finally:
-        _detach_opacus(dp_model, dp_optimizer, model)
+        _detach_opacus(private.module, private.optimizer, model)
         # The accountant counts every noisy step taken, including those of a run
         # that failed part-way: they are spent whether or not training finished.
-        steps = sum(n for _, _, n in engine.accountant.history)
+        steps = sum(n for _, _, n in private.engine.accountant.history)
         report = PrivacyReport(
             dp_enabled=True,
-            epsilon=float(engine.accountant.get_epsilon(delta=dp.target_delta)) if steps else 0.0,
-            delta=dp.target_delta,
+            epsilon=float(private.engine.accountant.get_epsilon(delta=dp.target_delta)) if steps else 0.0,
+            delta=dp.target_delta if steps else 0.0,
             noise_multiplier=noise_multiplier,
             sample_rate=sample_rate,
             steps=steps,
             epochs=config.epochs,
             max_grad_norm=dp.max_grad_norm,
             accountant=dp.accountant,
-            n_pairs=n_pairs,
-            expected_batch_size=int(dp_optimizer.expected_batch_size),
+            privacy_unit=dp.privacy_unit,
+            max_pairs_per_unit=dp.max_pairs_per_unit if dp.privacy_unit == "image" else None,
+            expected_batch_size=int(private.optimizer.expected_batch_size),
+            noise=private.noise,
+            private=private.noise != NOISE_SEEDED,
+            mechanisms=(f"DP-SGD (Poisson-subsampled Gaussian, {dp.accountant} accountant) over "
+                        f"{'units of pairs' if dp.privacy_unit == 'image' else 'pairs'}",
+                        "scores served: post-processing of the DP model (no further cost)"),
         )
-        if ledger is not None and steps:
-            ledger.record(
-                PrivacySpend.now(purpose=purpose, epsilon=report.epsilon, delta=report.delta, details=report.to_dict())
-            )
+        if ledger is not None and reservation is not None:
+            ledger.settle(reservation, epsilon=report.epsilon, delta=report.delta, details=report.to_dict())
     return report, losses
 
 
 def _train_plain(
     model: nn.Module,
-    dataset: Dataset,
+    units: Dataset,
     config: TrainingConfig,
     optimizer: torch.optim.Optimizer,
     *,
@@ -306,17 +307,18 @@ def _train_plain(
     progress: bool,
     description: str,
 ) -> tuple[PrivacyReport, list[float]]:
-    _warn_dp_off(
+    warn_dp_off(
         f"training {description!r} WITHOUT differential privacy"
         + (f"; nothing is charged to the privacy ledger {ledger.path}" if ledger is not None else "")
     )
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True)
+    loader = DataLoader(units, batch_size=config.batch_size, shuffle=True)
     losses = _run_epochs(
         model,
         optimizer,
         loader,
         n_inputs=n_inputs,
         epochs=config.epochs,
+        per_unit_gradients=False,
         progress=progress,
         description=description,
         epsilon_so_far=None,
@@ -326,13 +328,17 @@ def _train_plain(
         epsilon=math.inf,
         delta=1.0,
         noise_multiplier=0.0,
-        sample_rate=config.batch_size / len(dataset),
+        sample_rate=config.batch_size / len(units),
         steps=config.epochs * len(loader),
         epochs=config.epochs,
         max_grad_norm=None,
         accountant=None,
-        n_pairs=len(dataset),
+        privacy_unit=None,
+        max_pairs_per_unit=None,
         expected_batch_size=config.batch_size,
+        noise=None,
+        private=False,
+        mechanisms=(),
     )
     return report, losses
 
@@ -344,41 +350,51 @@ def _run_epochs(
     *,
     n_inputs: int,
     epochs: int,
+    per_unit_gradients: bool,
     progress: bool,
     description: str,
     epsilon_so_far: Callable[[], float] | None,
 ) -> list[float]:
-    """Run the epochs; return the mean loss per epoch (NaN for an epoch whose batches were all empty)."""
+    """Run the epochs; return the mean loss per unit per epoch (NaN for an epoch whose batches were all empty).
+
+    A batch is ``(*chosen [b, K, ...], *rejected [b, K, ...], mask [b, K])``.
+    """
     device = next(p for p in model.parameters() if p.requires_grad).device
+    # Models that score unit batches directly get one gradient per unit from Opacus itself.
+    flat = not (per_unit_gradients and scores_unit_batches(model))
     history: list[float] = []
     postfix: dict[str, str] = {}
     with tqdm(total=epochs * len(loader), desc=description, unit="step", disable=not progress) as bar:
         for _ in range(epochs):
-            loss_sum, rows = 0.0, 0
+            loss_sum, units_seen = 0.0, 0
             for batch in loader:
-                tensors = [t.to(device) for t in batch]
-                chosen, rejected = tensors[:n_inputs], tensors[n_inputs:]
+                *inputs, mask = [t.to(device) for t in batch]
+                units, pairs_per_unit = mask.shape
+                rows = flatten_units(inputs) if flat else inputs
                 optimizer.zero_grad(set_to_none=True)
-                loss = bradley_terry_loss(model, chosen, rejected)
+                loss = bradley_terry_loss(model, rows[:n_inputs], rows[n_inputs:],
+                                          weights=unit_weights(mask, flat=flat))
                 # A Poisson batch can be empty (zero-row tensors). It still goes
                 # through forward, backward and step: the DP optimizer adds noise
                 # to a zero gradient and the accountant counts the step; skipping
-                # it would reveal that the batch was empty. Its loss is the mean
-                # of nothing (NaN) and stays out of the history.
+                # it would reveal that the batch was empty. It stays out of the history.
                 with warnings.catch_warnings():
                     # Opacus' hooks fire on layers fed by frozen features (inputs need no grad);
                     # torch warns about that once per run, which is expected here, not a fault.
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
                     loss.backward()
+                if per_unit_gradients and flat:
+                    sum_grad_samples_per_unit(model, units=units, pairs_per_unit=pairs_per_unit)
                 optimizer.step()
-                batch_rows = chosen[0].shape[0]
-                if batch_rows:
-                    loss_sum += loss.item() * batch_rows
-                    rows += batch_rows
-                    postfix["loss"] = f"{loss.item():.4f}"
+                if units:
+                    # The weights sum to 1 / K (flat) or 1: the mean over units of their mean pair loss.
+                    unit_mean = loss.item() * (pairs_per_unit if flat else 1)
+                    loss_sum += unit_mean * units
+                    units_seen += units
+                    postfix["loss"] = f"{unit_mean:.4f}"
                 bar.update(1)
                 bar.set_postfix(postfix, refresh=False)
-            history.append(loss_sum / rows if rows else math.nan)
+            history.append(loss_sum / units_seen if units_seen else math.nan)
             if progress and epsilon_so_far is not None:
                 # Once per epoch: a PRV epsilon takes a fraction of a second.
                 postfix["epsilon"] = f"{epsilon_so_far():.3f}"
@@ -418,8 +434,3 @@ def _inputs_per_side(dataset: Dataset) -> int:
             f"got {len(item)} tensors"
         )
     return len(item) // 2
-
-
-def _warn_dp_off(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=3)
-    logger.warning(message)

@@ -47,9 +47,9 @@ training:
     target_delta: 1.0e-5
     accountant: rdp
 """
-# 120 pairs each (3 kinds x max_pairs_per_kind 40): 108/12, 96/24, 84/36 train/validation.
+# 120 pairs each (3 kinds x max_pairs_per_kind 40); each silo holds back this share of its images.
 VALIDATION_FRACTIONS = {"hospital-a": 0.1, "bank-b": 0.2, "hospital-c": 0.3}
-TRAIN_PAIRS = {"hospital-a": 108, "bank-b": 96, "hospital-c": 84}
+PAIRS_PER_SILO = 120
 PRETRAINING_STEPS, SEED = 5, 3
 
 
@@ -66,6 +66,30 @@ def write_silos(directory: Path, consortium_path: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def silo_configs(tmp_path_factory: pytest.TempPathFactory, consortium_path: Path):
     return silo_configs_from_paths(write_silos(tmp_path_factory.mktemp("silos"), consortium_path))
+
+
+@pytest.fixture(scope="module")
+def train_pairs(silo_configs, consortium) -> dict[str, int]:
+    """Training pairs per silo: its pairs minus those on held-back images, counted apart from the module."""
+    spec, splits = consortium
+    counts = {}
+    for config in silo_configs:
+        pairs = pairs_for_silo(splits, spec, config.name)
+        images = sorted({p.image_id for p in pairs})
+        held_back = max(1, int(len(images) * config.validation_fraction))
+        counts[config.name] = len(pairs) - sum(1 for p in pairs if p.image_id in
+                                               _held_back_images(config, spec, images, held_back))
+    return counts
+
+
+def _held_back_images(config, spec, images: list[str], n: int) -> set[str]:
+    import random
+
+    from mor_secure.data.preferences import silo_seed
+
+    shuffled = list(images)
+    random.Random(silo_seed(spec.seed, config.name) + 1).shuffle(shuffled)
+    return set(shuffled[:n])
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +115,7 @@ def test_weighted_average_is_the_weighted_mean_key_by_key() -> None:
         weighted_average(states, [1])
 
 
-def test_fedavg_model_loads_with_reported_standardisation(fedavg, consortium) -> None:
+def test_fedavg_model_loads_with_reported_standardisation(fedavg, consortium, train_pairs) -> None:
     model = load_reward_model(fedavg.model_dir)
     report = json.loads(fedavg.report_path.read_text())
     assert fedavg.report_path.parent == fedavg.model_dir
@@ -99,8 +123,9 @@ def test_fedavg_model_loads_with_reported_standardisation(fedavg, consortium) ->
     assert (model.standardisation.mean, model.standardisation.std) == (
         report["standardisation"]["mean"], report["standardisation"]["std"])
     assert report["baseline"] == "fedavg" and report["rounds"] == 2 and len(report["round_losses"]) == 2
-    assert {n: s["train_pairs"] for n, s in report["silos"].items()} == TRAIN_PAIRS
-    assert fedavg.train_pairs == TRAIN_PAIRS
+    assert {n: s["train_pairs"] for n, s in report["silos"].items()} == train_pairs
+    assert fedavg.train_pairs == train_pairs
+    assert all(n < PAIRS_PER_SILO for n in train_pairs.values()) and len(set(train_pairs.values())) == 3
     _, splits = consortium
     record = splits.test[0]
     scores = model.score([record.image_path] * 2, [record.question] * 2, [record.answer, "no"])
@@ -117,11 +142,11 @@ def test_fedavg_keeps_the_publicly_pretrained_trunk(fedavg, consortium) -> None:
     assert all(torch.equal(trunk[k], expected[k]) for k in trunk)
 
 
-def test_global_weights_are_the_pair_weighted_mean_of_the_last_round(fedavg) -> None:
-    names = list(TRAIN_PAIRS)
+def test_global_weights_are_the_pair_weighted_mean_of_the_last_round(fedavg, train_pairs) -> None:
+    names = list(train_pairs)
     local = [fedavg.last_round_local_states[n] for n in names]
     saved = trainable_state(load_reward_model(fedavg.model_dir).module)
-    expected = weighted_average(local, [TRAIN_PAIRS[n] for n in names])
+    expected = weighted_average(local, [train_pairs[n] for n in names])
     assert saved.keys() == expected.keys()
     assert all(torch.equal(saved[k], expected[k]) for k in saved)
     # Not trivially so: the silos' local weights differ, and pair weighting differs from a plain mean.
@@ -149,20 +174,16 @@ def test_fedavg_spends_at_most_each_silos_target_and_charges_no_ledger(fedavg, s
         assert not (config.workdir / LEDGER_FILE).exists()
 
 
-def test_centralized_pools_every_silos_training_pairs(silo_configs, consortium, tmp_path: Path) -> None:
-    spec, splits = consortium
+def test_centralized_pools_every_silos_training_pairs(silo_configs, train_pairs, tmp_path: Path) -> None:
     settings = CentralizedSettings(public_pretraining_steps=PRETRAINING_STEPS, training=TrainingConfig(
         epochs=1, batch_size=32, learning_rate=5e-3, dp=DPConfig(enabled=False)))
     with pytest.warns(UserWarning, match="WITHOUT differential privacy"):
         outcome = train_centralized_reward_model(silo_configs, tmp_path / "central", settings, progress=False)
-    # Every silo's pairs minus the share it holds back, counted independently of the module.
-    expected = sum(len(pairs_for_silo(splits, spec, c.name)) - max(1, int(120 * c.validation_fraction))
-                   for c in silo_configs)
-    assert expected == sum(TRAIN_PAIRS.values())
-    assert outcome.train_pairs == TRAIN_PAIRS
-    assert outcome.report.n_pairs == expected and outcome.report.dp_enabled is False
+    # Every silo's pairs minus those on the images it holds back, counted independently of the module.
+    assert outcome.train_pairs == train_pairs
+    assert outcome.report.dp_enabled is False
     report = json.loads((tmp_path / "central" / REPORT_FILE).read_text())
-    assert report["privacy"]["n_pairs"] == expected and report["privacy"]["epsilon"] is None
+    assert report["train_pairs"] == train_pairs and report["privacy"]["epsilon"] is None
     assert load_reward_model(tmp_path / "central").architecture == "small_cnn"
 
 

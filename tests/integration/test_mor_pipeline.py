@@ -61,14 +61,16 @@ def run_cli(argv: list[str]) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory: pytest.TempPathFactory, consortium_path: Path) -> Path:
-    """Two silos' DP reward models, trained with `mor silo train`, and the pool file naming them."""
+    """Two silos' DP reward models, made with `mor silo init` + `mor silo train`, and the pool file naming them."""
     root = tmp_path_factory.mktemp("mor-pipeline")
     lines = ["silos:"]
     for name in ("hospital-a", "bank-b"):
         config = root / f"{name}.yaml"
         config.write_text(SILO_YAML.format(name=name, consortium=consortium_path, workdir=root / name), encoding="utf-8")
-        code, _, err = run_cli(["silo", "train", "--config", str(config), "--no-progress"])
-        assert code == 0, err
+        for command in ("init", "train"):
+            code, _, err = run_cli(["silo", command, "--config", str(config)]
+                                   + (["--no-progress"] if command == "train" else []))
+            assert code == 0, err
         lines += [f"  - name: {name}", f"    reward_model: {name}/reward_model"]
     (root / "pool.yaml").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root / "pool.yaml"

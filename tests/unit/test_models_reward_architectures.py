@@ -29,7 +29,10 @@ ARCHITECTURES = ("lora_vlm", "frozen_encoders", "small_cnn")
 # Pairs come from this many images only: the frozen encoders run EfficientNet at 224 px per image.
 N_IMAGES = 4
 N_TRAIN = 24
-BATCH_SIZE = 12  # sample rate 1/2: 2 noisy steps (a DP step of the tiny VLM takes ~1.5 s on 2 busy cores)
+# Privacy units of 2 pairs each (4 images would be too few units): every architecture is trained through
+# the per-unit path, frozen_encoders through its [units, K, features] layout.
+UNIT_IDS = [f"unit-{i // 2}" for i in range(N_TRAIN)]
+BATCH_SIZE = 6  # 12 units, sample rate 1/2: 2 noisy steps (a DP step of the tiny VLM takes ~1.5 s on 2 busy cores)
 # rdp: ~1 s to calibrate noise instead of ~3 s for prv; the accountant is tested in test_privacy_*.
 TRAINING = TrainingConfig(epochs=1, batch_size=BATCH_SIZE, learning_rate=0.01, seed=0,
                           dp=DPConfig(target_epsilon=8.0, target_delta=1e-5, accountant="rdp"))
@@ -120,7 +123,8 @@ def trained(request, consortium, pairs, tmp_path_factory) -> Trained:
     dataset = model.pair_dataset(train)
     frozen_before = _snapshot(model, trainable=False)
     trainable_before = _snapshot(model, trainable=True)
-    result = train_bradley_terry(model.module, dataset, TRAINING, progress=False, description=name)
+    result = train_bradley_terry(model.module, dataset, TRAINING, unit_ids=UNIT_IDS, progress=False,
+                                 description=name)
     return Trained(name, model, validator_errors, frozen_before, trainable_before, result, train, validation,
                    digest_before, reference_dir)
 
@@ -146,8 +150,9 @@ def test_dp_run_spent_the_planned_privacy(trained: Trained) -> None:
     assert report.sample_rate == pytest.approx(1 / 2)
     assert report.steps == 2
     assert 8.0 - 0.05 <= report.epsilon <= 8.0 + 1e-9
-    assert report.n_pairs == N_TRAIN
-    assert len(trained.result.loss_history) == 1 and math.isfinite(trained.result.loss_history[0])
+    assert report.privacy_unit == "image" and trained.result.diagnostics.units == N_TRAIN // 2
+    history = trained.result.diagnostics.loss_history
+    assert len(history) == 1 and math.isfinite(history[0])
 
 
 def test_frozen_weights_are_bit_identical_after_dp_training(trained: Trained) -> None:

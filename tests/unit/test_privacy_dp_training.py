@@ -17,15 +17,17 @@ from torch.utils.data import TensorDataset
 
 from mor_secure.config import ConfigError, load_config
 from mor_secure.privacy import (
+    NOISE_SEEDED,
     BudgetExceededError,
     DPConfig,
     PrivacyLedger,
-    PrivacySpend,
     TrainingConfig,
     bradley_terry_loss,
     epsilon_spent,
+    prepare_private_training,
     train_bradley_terry,
 )
+from mor_secure.privacy.privacy_units import group_pairs_by_unit, unit_dataset
 
 DIM = 8
 
@@ -75,8 +77,14 @@ def assert_plain_module(model: nn.Module) -> None:
         assert p.grad is None
 
 
-def dp_config(**dp: object) -> TrainingConfig:
-    return TrainingConfig(epochs=10, batch_size=60, learning_rate=0.05, dp=DPConfig(**dp))
+def dp_config(*, epochs: int = 10, **dp: object) -> TrainingConfig:
+    """Pair-level DP unless a test says otherwise: these synthetic pairs have no images."""
+    return TrainingConfig(epochs=epochs, batch_size=60, learning_rate=0.05,
+                          dp=DPConfig(**{"privacy_unit": "pair", **dp}))
+
+
+def new_ledger(path: Path, *, epsilon: float, delta: float = 1e-4) -> PrivacyLedger:
+    return PrivacyLedger.create(path, silo="silo-a", epsilon_budget=epsilon, delta_budget=delta)
 
 
 def test_two_forward_passes_give_one_per_pair_gradient() -> None:
@@ -105,7 +113,7 @@ def test_dp_run_learns_spends_its_target_and_returns_a_clean_module(tmp_path: Pa
     model = make_model()
     frozen_before = copy.deepcopy(model.encoder.state_dict())
     head_before = model.head.weight.detach().clone()
-    ledger = PrivacyLedger(tmp_path / "ledger.json", epsilon_budget=20.0, delta_budget=1e-4)
+    ledger = new_ledger(tmp_path / "ledger.json", epsilon=20.0)
 
     result = train_bradley_terry(
         model, TensorDataset(chosen, rejected), dp_config(target_epsilon=8.0, target_delta=1e-5),
@@ -114,14 +122,17 @@ def test_dp_run_learns_spends_its_target_and_returns_a_clean_module(tmp_path: Pa
 
     report = result.report
     assert report.dp_enabled and report.accountant == "prv"
-    assert 8.0 * 0.95 <= report.epsilon <= 8.0 * 1.05
-    assert (report.sample_rate, report.steps, report.expected_batch_size, report.n_pairs) == (0.1, 100, 60, 600)
+    # Never above the target (the ledger reserved exactly the target), and close to it.
+    assert 8.0 - 0.05 <= report.epsilon <= 8.0
+    assert (report.sample_rate, report.steps, report.expected_batch_size) == (0.1, 100, 60)
+    assert report.privacy_unit == "pair" and report.private and report.noise.startswith("os-entropy")
     assert report.noise_multiplier > 0.5
     # An independent accountant on the reported parameters gives the reported epsilon.
     assert epsilon_spent(noise_multiplier=report.noise_multiplier, sample_rate=0.1, steps=100, delta=1e-5,
                          accountant="prv") == pytest.approx(report.epsilon, rel=1e-6)
-    assert len(result.loss_history) == 10 and result.loss_history[-1] < result.loss_history[0]
-    assert result.seconds > 0
+    history = result.diagnostics.loss_history
+    assert len(history) == 10 and history[-1] < history[0]
+    assert result.diagnostics.seconds > 0 and result.diagnostics.units == 600
 
     assert pairwise_accuracy(model, chosen, rejected) > 0.8
     for name, tensor in model.encoder.state_dict().items():
@@ -137,9 +148,10 @@ def test_dp_run_learns_spends_its_target_and_returns_a_clean_module(tmp_path: Pa
     torch.save(model.state_dict(), buffer)
     assert set(torch.load(io.BytesIO(buffer.getvalue()))) == {"encoder.weight", "encoder.bias", "head.weight", "head.bias"}
 
-    (entry,) = ledger.spends
-    assert entry.purpose == "train:reward-model"
+    (entry,) = ledger.charges
+    assert entry.purpose == "train:reward-model" and entry.settled
     assert (entry.epsilon, entry.delta) == (report.epsilon, 1e-5)
+    assert (entry.reserved_epsilon, entry.reserved_delta) == (8.0, 1e-5)
     assert entry.details == report.to_dict()
 
 
@@ -147,8 +159,8 @@ def test_unaffordable_run_is_refused_before_training(tmp_path: Path) -> None:
     chosen, rejected = make_pairs(600)
     model = make_model()
     before = copy.deepcopy(model.state_dict())
-    ledger = PrivacyLedger(tmp_path / "ledger.json", epsilon_budget=10.0, delta_budget=1e-4)
-    ledger.record(PrivacySpend.now(purpose="earlier", epsilon=5.0, delta=1e-5))
+    ledger = new_ledger(tmp_path / "ledger.json", epsilon=10.0)
+    ledger.reserve(purpose="earlier", epsilon=5.0, delta=1e-5)
 
     with pytest.raises(BudgetExceededError, match="requested epsilon=8, delta=1e-05; already spent epsilon=5 of 10"):
         train_bradley_terry(model, TensorDataset(chosen, rejected), dp_config(accountant="rdp"), ledger=ledger,
@@ -157,7 +169,7 @@ def test_unaffordable_run_is_refused_before_training(tmp_path: Path) -> None:
     assert model.rows_seen == []
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name])
-    assert [s.purpose for s in ledger.spends] == ["earlier"]
+    assert [c.purpose for c in ledger.charges] == ["earlier"]
     assert_plain_module(model)
 
 
@@ -166,7 +178,7 @@ def test_empty_poisson_batches_are_trained_through_and_accounted() -> None:
     chosen, rejected = make_pairs(20)
     model = make_model()
     config = TrainingConfig(epochs=2, batch_size=1, learning_rate=0.05,
-                            dp=DPConfig(target_epsilon=8.0, target_delta=1e-3, accountant="rdp"))
+                            dp=DPConfig(target_epsilon=8.0, target_delta=1e-3, accountant="rdp", privacy_unit="pair"))
 
     # progress=True also exercises the bar's per-epoch epsilon.
     result = train_bradley_terry(model, TensorDataset(chosen, rejected), config, progress=True)
@@ -176,7 +188,7 @@ def test_empty_poisson_batches_are_trained_through_and_accounted() -> None:
     assert result.report.epsilon == pytest.approx(
         epsilon_spent(noise_multiplier=result.report.noise_multiplier, sample_rate=1 / 20, steps=40,
                       delta=1e-3, accountant="rdp"))
-    assert all(math.isfinite(loss) for loss in result.loss_history)
+    assert all(math.isfinite(loss) for loss in result.diagnostics.loss_history)
     assert_plain_module(model)
 
 
@@ -190,14 +202,14 @@ def test_run_that_fails_part_way_still_records_what_it_spent(tmp_path: Path) -> 
     chosen, rejected = make_pairs(600)
     torch.manual_seed(0)
     model = Failing()
-    ledger = PrivacyLedger(tmp_path / "ledger.json", epsilon_budget=20.0, delta_budget=1e-4)
+    ledger = new_ledger(tmp_path / "ledger.json", epsilon=20.0)
 
     with pytest.raises(RuntimeError, match="disk full"):
         train_bradley_terry(model, TensorDataset(chosen, rejected), dp_config(accountant="rdp"), ledger=ledger,
                             progress=False)
 
-    (entry,) = ledger.spends
-    assert entry.details["steps"] == 7
+    (entry,) = ledger.charges
+    assert entry.settled and entry.details["steps"] == 7
     assert entry.epsilon == pytest.approx(epsilon_spent(noise_multiplier=entry.details["noise_multiplier"],
                                                         sample_rate=0.1, steps=7, delta=1e-5, accountant="rdp"))
     assert 0 < entry.epsilon < 8.0
@@ -208,7 +220,7 @@ def test_batchnorm_is_rejected_with_the_fix_to_apply() -> None:
     model = nn.Sequential(nn.Linear(DIM, 4), nn.BatchNorm1d(4), nn.Linear(4, 1), nn.Flatten(0))
     chosen, rejected = make_pairs(100)
     with pytest.raises(ValueError, match=r"BatchNorm.*ModuleValidator\.fix\(model\)"):
-        train_bradley_terry(model, TensorDataset(chosen, rejected), TrainingConfig(epochs=1, batch_size=10),
+        train_bradley_terry(model, TensorDataset(chosen, rejected), TrainingConfig(epochs=1, batch_size=10, dp=DPConfig(privacy_unit="pair")),
                             progress=False)
 
 
@@ -225,7 +237,7 @@ def test_trainable_layer_with_buffers_is_rejected_before_opacus_touches_it() -> 
     model = BufferedScore()
     chosen, rejected = make_pairs(100)
     with pytest.raises(ValueError, match="not compatible with DP-SGD.*trainable layer with buffers"):
-        train_bradley_terry(model, TensorDataset(chosen, rejected), TrainingConfig(epochs=1, batch_size=10),
+        train_bradley_terry(model, TensorDataset(chosen, rejected), TrainingConfig(epochs=1, batch_size=10, dp=DPConfig(privacy_unit="pair")),
                             progress=False)
     assert_plain_module(model)
 
@@ -233,7 +245,7 @@ def test_trainable_layer_with_buffers_is_rejected_before_opacus_touches_it() -> 
 def test_dp_off_warns_trains_and_charges_nothing(tmp_path: Path) -> None:
     chosen, rejected = make_pairs(600)
     model = make_model()
-    ledger = PrivacyLedger(tmp_path / "ledger.json", epsilon_budget=1.0, delta_budget=1e-4)
+    ledger = new_ledger(tmp_path / "ledger.json", epsilon=1.0)
     with pytest.warns(UserWarning, match="DP is OFF"):
         config = TrainingConfig(epochs=5, batch_size=60, learning_rate=0.05, dp=DPConfig(enabled=False))
     with pytest.warns(UserWarning, match="WITHOUT differential privacy; nothing is charged"):
@@ -244,30 +256,42 @@ def test_dp_off_warns_trains_and_charges_nothing(tmp_path: Path) -> None:
     assert report.epsilon == math.inf and report.noise_multiplier == 0.0 and report.accountant is None
     assert report.steps == 50
     assert pairwise_accuracy(model, chosen, rejected) > 0.9
-    assert ledger.spends == ()
+    assert ledger.charges == ()
 
 
-def test_batch_size_must_be_below_the_number_of_pairs() -> None:
+def test_batch_size_must_be_below_the_number_of_units() -> None:
     chosen, rejected = make_pairs(50)
-    with pytest.raises(ValueError, match=r"batch_size \(50\) must be smaller than the number of pairs \(50\)"):
-        train_bradley_terry(make_model(), TensorDataset(chosen, rejected), TrainingConfig(batch_size=50),
+    with pytest.raises(ValueError, match=r"batch_size \(50\) must be smaller than the number of privacy units \(50\)"):
+        train_bradley_terry(make_model(), TensorDataset(chosen, rejected), dp_config().model_copy(
+            update={"batch_size": 50}), progress=False)
+    # Per image, the count is of images: 50 pairs on 25 images are 25 units.
+    with pytest.raises(ValueError, match=r"number of privacy units \(25\)"):
+        train_bradley_terry(make_model(), TensorDataset(chosen, rejected), TrainingConfig(batch_size=30),
+                            unit_ids=[i // 2 for i in range(50)], progress=False)
+
+
+def test_image_unit_needs_unit_ids() -> None:
+    chosen, rejected = make_pairs(50)
+    with pytest.raises(ValueError, match="privacy_unit 'image' needs unit_ids, one per pair"):
+        train_bradley_terry(make_model(), TensorDataset(chosen, rejected), TrainingConfig(batch_size=10),
                             progress=False)
 
 
 def test_data_and_model_contracts_are_checked() -> None:
     chosen, rejected = make_pairs(50)
     with pytest.raises(ValueError, match="same number of tensors for the chosen and the rejected side, got 3"):
-        train_bradley_terry(make_model(), TensorDataset(chosen, rejected, rejected), TrainingConfig(batch_size=10),
+        train_bradley_terry(make_model(), TensorDataset(chosen, rejected, rejected), dp_config(),
                             progress=False)
 
     column_scores = nn.Sequential(nn.Linear(DIM, 1))  # returns (n, 1), not (n,)
-    with pytest.raises(ValueError, match=r"1-D tensor of 10 scores .* got shape \(10, 1\)"):
+    with pytest.raises(ValueError, match=r"tensor of \(10,\) scores .* got shape \(10, 1\)"):
         bradley_terry_loss(column_scores, [chosen[:10]], [rejected[:10]])
 
 
 def test_configs_are_strict_and_bounded(tmp_path: Path) -> None:
     assert TrainingConfig().dp == DPConfig(enabled=True, target_epsilon=8.0, target_delta=1e-5,
-                                           max_grad_norm=1.0, accountant="prv")
+                                           max_grad_norm=1.0, accountant="prv", privacy_unit="image",
+                                           max_pairs_per_unit=16, secure_mode=False, insecure_seeded_noise=None)
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         TrainingConfig.model_validate({"epochs": 1, "learning_rat": 0.1})
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
@@ -283,3 +307,138 @@ def test_configs_are_strict_and_bounded(tmp_path: Path) -> None:
     path.write_text("epochs: 3\ndp:\n  target_epsilon: 2.0\n  noise: 1.0\n")
     with pytest.raises(ConfigError, match=r"dp\.noise: Extra inputs are not permitted"):
         load_config(path, TrainingConfig)
+
+
+def test_noise_does_not_come_from_the_training_seed() -> None:
+    """Same data, same config seed: different weights, because sampling and noise draw from OS entropy."""
+    chosen, rejected = make_pairs(600)
+    weights = []
+    for _ in range(2):
+        model = make_model()
+        train_bradley_terry(model, TensorDataset(chosen, rejected), dp_config(epochs=2), progress=False)
+        weights.append(model.head.weight.detach().clone())
+    assert not torch.equal(weights[0], weights[1])
+
+
+def test_engine_generators_are_not_torchs_default() -> None:
+    model = make_model()
+    chosen, rejected = make_pairs(100)
+    units = unit_dataset(TensorDataset(chosen, rejected), group_pairs_by_unit(range(100), max_pairs_per_unit=None,
+                                                                               seed=0))
+    private = prepare_private_training(model, units, torch.optim.Adam(model.head.parameters()), DPConfig(),
+                                       batch_size=10, noise_multiplier=1.0)
+    try:
+        noise, sampling = private.optimizer.generator, private.loader.batch_sampler.generator
+        for generator in (noise, sampling):
+            assert isinstance(generator, torch.Generator) and generator is not torch.default_generator
+        assert noise is not sampling and noise.initial_seed() != sampling.initial_seed()
+        # Re-seeding torch's global generator (what `seed` does) does not touch them.
+        torch.manual_seed(0)
+        assert noise.initial_seed() != 0 and sampling.initial_seed() != 0
+        assert private.noise.startswith("os-entropy")
+    finally:
+        private.module.to_standard_module()
+
+
+def test_seeded_noise_is_loud_and_marked_not_private(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="DP noise is SEEDED.*NOT private"):
+        config = dp_config(insecure_seeded_noise=7, epochs=2)
+    ledger = new_ledger(tmp_path / "ledger.json", epsilon=20.0)
+    chosen, rejected = make_pairs(600)
+    weights = []
+    for _ in range(2):
+        model = make_model()
+        report = train_bradley_terry(model, TensorDataset(chosen, rejected), config, ledger=ledger,
+                                     progress=False).report
+        weights.append(model.head.weight.detach().clone())
+    assert torch.equal(weights[0], weights[1])  # seeded: reproducible, hence not private
+    assert report.noise == NOISE_SEEDED and not report.private
+    assert all(c.details["noise"] == NOISE_SEEDED for c in ledger.charges)
+
+
+def test_secure_mode_without_its_csprng_says_what_to_install() -> None:
+    with pytest.raises(ValidationError, match="secure_mode needs the torchcsprng package"):
+        DPConfig(secure_mode=True)
+    with pytest.raises(ValidationError, match="contradict"):
+        DPConfig(secure_mode=True, insecure_seeded_noise=1)
+
+
+def test_image_units_give_one_clipped_gradient_per_image() -> None:
+    """One image with 10 pairs and 30 images with 1: every unit's clipped gradient is at most C, once."""
+    chosen, rejected = make_pairs(40)
+    unit_ids = ["big"] * 10 + [f"img{i}" for i in range(30)]
+    grouping = group_pairs_by_unit(unit_ids, max_pairs_per_unit=None, seed=0)
+    assert (grouping.units, grouping.pairs_per_unit) == (31, 10)
+    units = unit_dataset(TensorDataset(chosen, rejected), grouping)
+    model = make_model()
+    dp = DPConfig(max_grad_norm=0.01)  # small: every unit's gradient is clipped
+    private = prepare_private_training(model, units, torch.optim.SGD(model.head.parameters(), lr=0.0), dp,
+                                       batch_size=30, noise_multiplier=0.0)
+    norms: list[Tensor] = []
+    try:
+        from mor_secure.privacy.dp_training import _run_epochs
+
+        original = private.optimizer.clip_and_accumulate
+
+        def recording() -> None:
+            per_param = [g.reshape(len(g), -1).norm(dim=-1) for g in private.optimizer.grad_samples]
+            norms.append(torch.stack(per_param, dim=1).norm(dim=1))
+            original()
+
+        private.optimizer.clip_and_accumulate = recording
+        _run_epochs(private.module, private.optimizer, private.loader, n_inputs=1, epochs=3,
+                    per_unit_gradients=True, progress=False, description="t", epsilon_so_far=None)
+    finally:
+        private.module.to_standard_module()
+    sizes = {len(n) for n in norms}
+    assert sizes and max(sizes) <= 31  # rows are units, never the 40 pairs
+    assert all((n > dp.max_grad_norm).all() for n in norms if len(n))  # all clipped: sensitivity C per unit
+    # The big unit's one gradient is the mean of its 10 pairs' gradients (Opacus grad samples, by hand).
+    gsm = GradSampleModule(make_model())
+    bradley_terry_loss(gsm, [chosen[:10]], [rejected[:10]]).backward()
+    by_hand = gsm._module.head.weight.grad_sample.mean(0)
+    gsm.to_standard_module()
+    model = make_model()
+    gsm = GradSampleModule(model)
+    from mor_secure.privacy.privacy_units import flatten_units, sum_grad_samples_per_unit, unit_weights
+
+    *inputs, mask = (t.unsqueeze(0) for t in units[0])
+    rows = flatten_units(inputs)
+    bradley_terry_loss(gsm, rows[:1], rows[1:], weights=unit_weights(mask, flat=True)).backward()
+    sum_grad_samples_per_unit(gsm, units=1, pairs_per_unit=10)
+    assert model.head.weight.grad_sample.shape == (1, 1, DIM)
+    assert torch.allclose(model.head.weight.grad_sample[0], by_hand, atol=1e-6)
+    gsm.to_standard_module()
+
+
+def test_unit_cap_keeps_a_seeded_sample() -> None:
+    grouping = group_pairs_by_unit(["a"] * 20 + ["b"] * 3, max_pairs_per_unit=12, seed=0)
+    assert [len(g) for g in grouping.groups] == [12, 3] and grouping.dropped_pairs == 8
+    assert grouping == group_pairs_by_unit(["a"] * 20 + ["b"] * 3, max_pairs_per_unit=12, seed=0)
+    assert set(grouping.groups[0]) <= set(range(20))
+
+
+def test_unit_layout_and_flat_layout_give_the_same_unit_gradients() -> None:
+    """A head that scores [b, K, F] directly gets from Opacus the per-unit gradient the flat path sums by hand."""
+    from mor_secure.models.reward_heads import InteractionHead
+    from mor_secure.privacy.privacy_units import flatten_units, sum_grad_samples_per_unit, unit_weights
+
+    gen = torch.Generator().manual_seed(3)
+    sides = [torch.randn(40, d, generator=gen) for d in (6, 5, 4)] + [torch.randn(40, d, generator=gen) for d in (6, 5, 4)]
+    unit_ids = [i % 7 for i in range(40)]  # 7 units of 5-6 pairs: padding included
+    units = unit_dataset(TensorDataset(*sides), group_pairs_by_unit(unit_ids, max_pairs_per_unit=None, seed=0))
+    *inputs, mask = (torch.stack(column) for column in zip(*(units[u] for u in range(len(units)))))
+    grads = []
+    for flat in (True, False):
+        torch.manual_seed(0)
+        head = InteractionHead(6, 5, 4, width=8, hidden=8)
+        gsm = GradSampleModule(head)
+        rows = flatten_units(inputs) if flat else inputs
+        bradley_terry_loss(gsm, rows[:3], rows[3:], weights=unit_weights(mask, flat=flat)).backward()
+        if flat:
+            sum_grad_samples_per_unit(gsm, units=7, pairs_per_unit=mask.shape[1])
+        grads.append([p.grad_sample.clone() for p in head.parameters()])
+        gsm.to_standard_module()
+    for flat_grad, unit_grad in zip(*grads):
+        assert flat_grad.shape[0] == 7
+        assert torch.allclose(flat_grad, unit_grad, atol=1e-5)

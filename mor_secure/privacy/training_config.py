@@ -1,0 +1,136 @@
+"""Settings of a reward-model training run: optimisation, and the DP guarantee it must meet.
+
+Secure defaults, Opacus style: DP on, per-image privacy unit, noise from OS
+entropy; every way to weaken them is a named field that warns loudly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import warnings
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from mor_secure.config import StrictModel
+from mor_secure.privacy.accounting import Accountant
+
+logger = logging.getLogger(__name__)
+
+PrivacyUnit = Literal["image", "pair"]
+# Where the DP noise came from, as every report and ledger entry states it.
+NOISE_OS_ENTROPY = "os-entropy: torch generators seeded from os.urandom on every run"
+NOISE_SECURE_MODE = "secure-mode: Opacus CSPRNG (torchcsprng, /dev/urandom)"
+NOISE_SEEDED = "seeded: not private"
+
+
+class DPConfig(StrictModel):
+    """Differential-privacy settings of one training run. On by default."""
+
+    enabled: bool = Field(
+        True,
+        description="Train with DP-SGD. Turn off only for public or synthetic data: "
+        "without DP the weights and scores can leak the training pairs.",
+    )
+    target_epsilon: float = Field(
+        8.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Epsilon the whole run may spend; the noise multiplier is chosen to meet it.",
+    )
+    target_delta: float = Field(
+        1e-5,
+        gt=0,
+        lt=1,
+        description="Delta of the guarantee; keep it well below 1 / number of pairs.",
+    )
+    max_grad_norm: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Per-unit gradient clipping bound C (the L2 sensitivity of one step).",
+    )
+    privacy_unit: PrivacyUnit = Field(
+        "image",
+        description="What one DP sample is. 'image': all pairs of one unit (the data's unit_id, e.g. a patient "
+        "id, or else the image) give one clipped gradient, so the guarantee is per patient/image. 'pair': each "
+        "preference pair is a unit; a unit with k pairs is then only protected at k * epsilon (group privacy).",
+    )
+    max_pairs_per_unit: int | None = Field(
+        16,
+        gt=0,
+        description="privacy_unit 'image' only: keep a seeded sample of at most this many pairs per unit "
+        "(bounds padding and memory; easy-VQA has 2-21 questions per image, 9.6 on average). null = keep all.",
+    )
+    secure_mode: bool = Field(
+        False,
+        description="Opacus secure_mode: noise and sampling from a CSPRNG, with the floating-point-attack "
+        "mitigation (Holohan et al. 2021). Needs the torchcsprng package. Without it the noise comes from "
+        "torch generators seeded from OS entropy on every run (never from `seed`).",
+    )
+    insecure_seeded_noise: int | None = Field(
+        None,
+        description="SIMULATION ONLY: seed the DP noise and Poisson sampling with this number. Whoever knows "
+        "it can regenerate the noise, so the run is NOT private; it warns, and its report and ledger entry "
+        "say 'noise seeded: not private'. Never set it for real data.",
+    )
+    accountant: Accountant = Field(
+        "prv",
+        description="Privacy accountant: 'prv' (tight numerical composition) or 'rdp' (Renyi DP bound).",
+    )
+
+    @model_validator(mode="after")
+    def _check_noise_source(self) -> DPConfig:
+        if self.secure_mode and self.insecure_seeded_noise is not None:
+            raise ValueError("secure_mode and insecure_seeded_noise contradict each other: a CSPRNG cannot be "
+                             "seeded; remove insecure_seeded_noise")
+        if self.secure_mode and importlib.util.find_spec("torchcsprng") is None:
+            raise ValueError(
+                "secure_mode needs the torchcsprng package (Opacus' CSPRNG), which is not installed; it has no "
+                "build for this torch (2.13) on PyPI. Set secure_mode: false (noise is then seeded from OS "
+                "entropy on every run), or, in production, install torchcsprng built for your torch "
+                "(docs/silo-operator.md, 'Noise')")
+        if self.enabled and self.insecure_seeded_noise is not None:
+            warn_dp_off(f"DP noise is SEEDED (insecure_seeded_noise={self.insecure_seeded_noise}): anyone who "
+                         "knows the seed can remove it, so this run is NOT private; for simulations only")
+        return self
+
+    @model_validator(mode="after")
+    def _warn_when_off(self) -> DPConfig:
+        if not self.enabled:
+            warn_dp_off(
+                "DP is OFF: the reward model will be trained without differential privacy, so its "
+                "weights and scores can reveal individual training pairs; never use for data that must stay private"
+            )
+        return self
+
+
+class TrainingConfig(StrictModel):
+    """Optimisation settings of one reward-model training run."""
+
+    epochs: int = Field(20, gt=0, description="Passes over the data (in expectation, under Poisson sampling).")
+    batch_size: int = Field(
+        256,
+        gt=0,
+        description="Expected batch size, in privacy units. With DP each unit joins each batch independently "
+        "with probability sample_rate = 1 / ceil(n_units / batch_size) (Poisson sampling), which is "
+        "batch_size / n_units when batch_size divides n_units. Must be smaller than n_units.",
+    )
+    learning_rate: float = Field(2e-3, gt=0, allow_inf_nan=False, description="Adam learning rate.")
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False, description="Adam weight decay.")
+    seed: int = Field(0, description="Seed of weight initialisation, data order and the per-unit cap's sample. "
+                      "Never of the DP noise or Poisson sampling (see dp.insecure_seeded_noise).")
+    dp: DPConfig = Field(default_factory=DPConfig, description="Differential-privacy settings.")
+
+
+def noise_label(dp: DPConfig) -> str:
+    """The noise source of a run under `dp`, as reports and ledger entries state it."""
+    if dp.secure_mode:
+        return NOISE_SECURE_MODE
+    return NOISE_SEEDED if dp.insecure_seeded_noise is not None else NOISE_OS_ENTROPY
+
+
+def warn_dp_off(message: str) -> None:
+    warnings.warn(message, UserWarning, stacklevel=3)
+    logger.warning(message)

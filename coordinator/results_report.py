@@ -240,9 +240,9 @@ def plot_training_curves(runs: Sequence[RunResult], path_prefix: str | Path) -> 
             _band(ax, steps, mean, std, method)
         if "reference" in by_method:
             ref = statistics.fmean(r.accuracy["overall"] for r in by_method["reference"])
-            ax.axhline(ref, color="black", linestyle="--", linewidth=1, label="reference (no GRPO)")
+            ax.axhline(ref, color="black", linestyle="--", linewidth=1, label="reference (no GRPO), test split")
         ax.set_xlabel("step")
-        ax.set_ylabel("held-out exact-match accuracy (overall)")
+        ax.set_ylabel("exact-match accuracy (overall), dev split")
         ax.set_title("Accuracy during GRPO, mean over seeds (± std)")
         ax.legend(fontsize="small")
         written.append(prefix.with_name(prefix.name + "_accuracy.png"))

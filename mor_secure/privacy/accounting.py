@@ -9,6 +9,9 @@ for the Poisson-subsampled Gaussian mechanism.
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal, get_args
 
 from opacus.accountants import create_accountant
@@ -19,6 +22,18 @@ from opacus.accountants.utils import get_noise_multiplier
 # Wutschitz 2021, arXiv:2106.02848), a tighter bound; Opacus's default.
 Accountant = Literal["rdp", "prv"]
 ACCOUNTANTS: tuple[Accountant, ...] = get_args(Accountant)
+# Opacus' RDP analysis warns when the best Renyi order is the largest it tries. The bound is still valid
+# (at worst loose), and the PRV accountant runs that analysis on every epsilon it computes: a warning per
+# call that tells a silo operator nothing.
+_RDP_LARGEST_ORDER_WARNING = "Optimal order is the largest alpha"
+
+
+@contextmanager
+def quiet_accountant() -> Iterator[None]:
+    """Silence only Opacus' largest-Renyi-order warning inside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_RDP_LARGEST_ORDER_WARNING)
+        yield
 
 
 def epsilon_spent(
@@ -41,7 +56,8 @@ def epsilon_spent(
     _check_accountant(accountant)
     acct = create_accountant(mechanism=accountant)
     acct.history = [(noise_multiplier, sample_rate, steps)]
-    return float(acct.get_epsilon(delta=delta))
+    with quiet_accountant():
+        return float(acct.get_epsilon(delta=delta))
 
 
 def noise_multiplier_for(
@@ -70,8 +86,8 @@ def noise_multiplier_for(
             f"epsilon_tolerance must be in (0, target_epsilon={target_epsilon}), got {epsilon_tolerance!r}"
         )
     try:
-        return float(
-            get_noise_multiplier(
+        with quiet_accountant():
+            sigma = get_noise_multiplier(
                 target_epsilon=target_epsilon,
                 target_delta=target_delta,
                 sample_rate=sample_rate,
@@ -79,7 +95,6 @@ def noise_multiplier_for(
                 accountant=accountant,
                 epsilon_tolerance=epsilon_tolerance,
             )
-        )
     except ValueError as exc:
         # Opacus gives up above a noise multiplier of 1e6 ("The privacy budget is too low.").
         raise ValueError(
@@ -87,6 +102,7 @@ def noise_multiplier_for(
             f"for {steps} steps at sample_rate={sample_rate} ({exc}); raise the target epsilon, "
             "train for fewer epochs, or use a smaller batch size"
         ) from exc
+    return float(sigma)
 
 
 def _check_noise_multiplier(noise_multiplier: float) -> None:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mor_secure.privacy.accounting import noise_multiplier_for
+from mor_secure.privacy.accounting import noise_multiplier_for, quiet_accountant
 from mor_secure.privacy.ledger import PrivacyLedger, Reservation
 from mor_secure.privacy.privacy_units import (
     UnitGrouping,
@@ -265,7 +265,7 @@ def _train_private(
             per_unit_gradients=True,
             progress=progress,
             description=description,
-            epsilon_so_far=lambda: private.engine.accountant.get_epsilon(delta=dp.target_delta),
+            epsilon_so_far=lambda: _epsilon_so_far(private.engine, dp.target_delta),
         )
     finally:
         _detach_opacus(private.module, private.optimizer, model)
@@ -274,7 +274,7 @@ def _train_private(
         steps = sum(n for _, _, n in private.engine.accountant.history)
         report = PrivacyReport(
             dp_enabled=True,
-            epsilon=float(private.engine.accountant.get_epsilon(delta=dp.target_delta)) if steps else 0.0,
+            epsilon=_epsilon_so_far(private.engine, dp.target_delta) if steps else 0.0,
             delta=dp.target_delta if steps else 0.0,
             noise_multiplier=noise_multiplier,
             sample_rate=sample_rate,
@@ -294,6 +294,11 @@ def _train_private(
         if ledger is not None and reservation is not None:
             ledger.settle(reservation, epsilon=report.epsilon, delta=report.delta, details=report.to_dict())
     return report, losses
+
+
+def _epsilon_so_far(engine: PrivacyEngine, delta: float) -> float:
+    with quiet_accountant():
+        return float(engine.accountant.get_epsilon(delta=delta))
 
 
 def _train_plain(

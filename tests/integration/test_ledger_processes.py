@@ -1,10 +1,10 @@
 """The privacy ledger across real OS processes: racing reservations, and a run killed before it settles.
 
-The children load ``mor_secure/privacy/ledger.py`` by file path: it uses only
-the standard library, and this keeps each child from importing torch through
-``mor_secure.privacy``'s package imports (seconds of CPU per child, on a shared
-2-core machine). What is under test, the file lock and the on-disk chain, is
-the same either way.
+The children load ``mor_secure/privacy/ledger_chain.py`` and ``ledger.py`` by
+file path: they use only the standard library, and this keeps each child from
+importing torch through ``mor_secure.privacy``'s package imports (seconds of
+CPU per child, on a shared 2-core machine). What is under test, the file lock
+and the on-disk chain, is the same either way.
 """
 
 from __future__ import annotations
@@ -23,16 +23,24 @@ import mor_secure.privacy.ledger as ledger_module
 from mor_secure.privacy.ledger import PrivacyLedger
 
 LEDGER_PY = Path(ledger_module.__file__).resolve()
+CHAIN_PY = LEDGER_PY.with_name("ledger_chain.py")
+# Registered under its package name first, so that ledger.py's import finds it without the package.
+LOAD_LEDGER = """
+import importlib.util, sys
+for name, file in (("mor_secure.privacy.ledger_chain", {chain_py!r}), ("ledger_under_test", {ledger_py!r})):
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec); sys.modules[name] = module; spec.loader.exec_module(module)
+assert "torch" not in sys.modules
+ledger = sys.modules["ledger_under_test"]
+"""
 SILO = "hospital-a"
 TIMEOUT_S = 60
 RACE_ROUNDS = 6
 
 # argv: ledger path, ready file, go file. Exit 0: reserved; 3: BudgetExceededError; anything else: a bug.
-RACER = """
-import importlib.util, sys, time
+RACER = LOAD_LEDGER + """
+import time
 from pathlib import Path
-spec = importlib.util.spec_from_file_location("ledger_under_test", {ledger_py!r})
-ledger = importlib.util.module_from_spec(spec); sys.modules[spec.name] = ledger; spec.loader.exec_module(ledger)
 path, ready, go = sys.argv[1:4]
 handle = ledger.PrivacyLedger(path, silo={silo!r}, epsilon_budget=1.0, delta_budget=1e-5)
 handle.check_affordable(epsilon=0.6, delta=1e-6)  # warm every code path before the start line
@@ -53,10 +61,7 @@ print(r.id)
 """
 
 # argv: ledger path. Reserves, says so, then blocks until killed.
-VICTIM = """
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("ledger_under_test", {ledger_py!r})
-ledger = importlib.util.module_from_spec(spec); sys.modules[spec.name] = ledger; spec.loader.exec_module(ledger)
+VICTIM = LOAD_LEDGER + """
 handle = ledger.PrivacyLedger(sys.argv[1], silo={silo!r}, epsilon_budget=1.0, delta_budget=1e-5)
 r = handle.reserve(purpose="train:killed", epsilon=0.7, delta=2e-6, details={{"pid": 1}})
 print("reserved", r.id, flush=True)
@@ -66,7 +71,7 @@ handle.settle(r, epsilon=0.1, delta=0.0)
 
 
 def _spawn(code: str, *args: str) -> subprocess.Popen[str]:
-    script = code.format(ledger_py=str(LEDGER_PY), silo=SILO, timeout=TIMEOUT_S)
+    script = code.format(ledger_py=str(LEDGER_PY), chain_py=str(CHAIN_PY), silo=SILO, timeout=TIMEOUT_S)
     return subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -295,5 +295,23 @@ def test_served_standardisation_does_not_depend_on_private_held_out_pairs(silo_d
         standardisations.append(outcome.model.standardisation)
         accuracies.append(json.loads(outcome.diagnostics_path.read_text())["held_out_pairwise_accuracy"])
         assert json.loads(outcome.report_path.read_text())["privacy"]["noise"] == "seeded: not private"
+        (charge,) = silo_training.open_ledger(config).charges
+        assert charge.details["noise"] == "seeded: not private" and charge.details["private"] is False
     assert accuracies[0] != accuracies[1]  # the held-out set really changed...
     assert standardisations[0] == standardisations[1]  # ...and what is served did not
+
+
+def test_two_trainings_with_the_same_seed_give_different_weights(silo_dir: Path) -> None:
+    """The config seed sets initialisation and data order only: the DP noise differs on every run."""
+    scorers = []
+    for run in range(2):
+        config = silo_dir / f"same-seed-{run}.yaml"
+        config.write_text(SILO_YAML.replace("workdir: work/hospital-a", f"workdir: work/same-seed-{run}"),
+                          encoding="utf-8")
+        for command in (["init"], ["train", "--no-progress"]):
+            code, _, err = run_cli(["silo", command[0], "--config", str(config), *command[1:]])
+            assert code == 0, err
+        scorers.append((silo_dir / "work" / f"same-seed-{run}" / MODEL_DIR / "scorer.safetensors").read_bytes())
+        charge = silo_training.open_ledger(silo_training.load_silo_config(config)).charges[0]
+        assert charge.details["noise"].startswith("os-entropy") and charge.details["private"] is True
+    assert scorers[0] != scorers[1]

@@ -284,7 +284,6 @@ def _train_private(
             accountant=dp.accountant,
             privacy_unit=dp.privacy_unit,
             max_pairs_per_unit=dp.max_pairs_per_unit if dp.privacy_unit == "image" else None,
-            expected_batch_size=int(private.optimizer.expected_batch_size),
             noise=private.noise,
             private=private.noise != NOISE_SEEDED,
             mechanisms=(f"DP-SGD (Poisson-subsampled Gaussian, {dp.accountant} accountant) over "
@@ -340,7 +339,6 @@ def _train_plain(
         accountant=None,
         privacy_unit=None,
         max_pairs_per_unit=None,
-        expected_batch_size=config.batch_size,
         noise=None,
         private=False,
         mechanisms=(),

@@ -19,8 +19,9 @@ class PrivacyReport:
     """The PUBLIC privacy report of a run: what it spent and how, nothing about the data.
 
     Enough to recompute the epsilon with `accounting.epsilon_spent`. The unit
-    count is not in it; the sample rate is, as in any DP-SGD analysis, and it
-    reveals the number of units only to within one batch size. Loss values,
+    count is not in it, nor the expected batch size (which is the unit count
+    times the sample rate); the sample rate is, as in any DP-SGD analysis, and
+    it reveals the number of units only to within one batch size. Loss values,
     exact counts and timings are in `LocalDiagnostics`, never here. Without
     DP, epsilon is infinite and delta is 1: no guarantee at all.
     """
@@ -36,7 +37,6 @@ class PrivacyReport:
     accountant: Accountant | None
     privacy_unit: PrivacyUnit | None
     max_pairs_per_unit: int | None
-    expected_batch_size: int
     noise: str | None
     private: bool
     mechanisms: tuple[str, ...]

@@ -124,7 +124,7 @@ def test_dp_run_learns_spends_its_target_and_returns_a_clean_module(tmp_path: Pa
     assert report.dp_enabled and report.accountant == "prv"
     # Never above the target (the ledger reserved exactly the target), and close to it.
     assert 8.0 - 0.05 <= report.epsilon <= 8.0
-    assert (report.sample_rate, report.steps, report.expected_batch_size) == (0.1, 100, 60)
+    assert (report.sample_rate, report.steps) == (0.1, 100)
     assert report.privacy_unit == "pair" and report.private and report.noise.startswith("os-entropy")
     assert report.noise_multiplier > 0.5
     # An independent accountant on the reported parameters gives the reported epsilon.
@@ -418,26 +418,47 @@ def test_unit_cap_keeps_a_seeded_sample() -> None:
     assert set(grouping.groups[0]) <= set(range(20))
 
 
-def test_unit_layout_and_flat_layout_give_the_same_unit_gradients() -> None:
-    """A head that scores [b, K, F] directly gets from Opacus the per-unit gradient the flat path sums by hand."""
-    from mor_secure.models.reward_heads import InteractionHead
-    from mor_secure.privacy.privacy_units import flatten_units, sum_grad_samples_per_unit, unit_weights
-
-    gen = torch.Generator().manual_seed(3)
-    sides = [torch.randn(40, d, generator=gen) for d in (6, 5, 4)] + [torch.randn(40, d, generator=gen) for d in (6, 5, 4)]
-    unit_ids = [i % 7 for i in range(40)]  # 7 units of 5-6 pairs: padding included
+def _unit_batch(sides: list[Tensor], n_units: int) -> tuple[list[Tensor], Tensor]:
+    """Every unit of `sides` (pairs i % n_units together, so units of unequal size and some padding)."""
+    unit_ids = [i % n_units for i in range(len(sides[0]))]
     units = unit_dataset(TensorDataset(*sides), group_pairs_by_unit(unit_ids, max_pairs_per_unit=None, seed=0))
     *inputs, mask = (torch.stack(column) for column in zip(*(units[u] for u in range(len(units)))))
+    return inputs, mask
+
+
+@pytest.mark.parametrize("architecture", ["interaction_head", "words_and_head"])
+def test_unit_layout_and_flat_layout_give_the_same_unit_gradients(architecture: str) -> None:
+    """A module that scores [b, K, ...] directly gets from Opacus the per-unit gradient the flat path sums by hand."""
+    from mor_secure.models.reward_architectures.small_cnn import WordsAndHead
+    from mor_secure.models.reward_heads import InteractionHead
+    from mor_secure.privacy.privacy_units import flatten_units, scores_unit_batches, sum_grad_samples_per_unit, unit_weights
+
+    gen = torch.Generator().manual_seed(3)
+    if architecture == "interaction_head":
+        def build() -> nn.Module:
+            return InteractionHead(6, 5, 4, width=8, hidden=8)
+
+        def side() -> list[Tensor]:
+            return [torch.randn(40, d, generator=gen) for d in (6, 5, 4)]
+    else:
+        def build() -> nn.Module:
+            return WordsAndHead(6, 8, 8)
+
+        def side() -> list[Tensor]:
+            ids = [torch.randint(0, 50, (40, 7), generator=gen) for _ in range(2)]  # 0 is padding
+            return [torch.randn(40, 6, generator=gen), *ids]
+    inputs, mask = _unit_batch(side() + side(), n_units=7)  # 7 units of 5-6 pairs: padding included
     grads = []
     for flat in (True, False):
         torch.manual_seed(0)
-        head = InteractionHead(6, 5, 4, width=8, hidden=8)
-        gsm = GradSampleModule(head)
+        module = build()
+        assert scores_unit_batches(module)
+        gsm = GradSampleModule(module)
         rows = flatten_units(inputs) if flat else inputs
         bradley_terry_loss(gsm, rows[:3], rows[3:], weights=unit_weights(mask, flat=flat)).backward()
         if flat:
             sum_grad_samples_per_unit(gsm, units=7, pairs_per_unit=mask.shape[1])
-        grads.append([p.grad_sample.clone() for p in head.parameters()])
+        grads.append([p.grad_sample.clone() for p in module.parameters()])
         gsm.to_standard_module()
     for flat_grad, unit_grad in zip(*grads):
         assert flat_grad.shape[0] == 7

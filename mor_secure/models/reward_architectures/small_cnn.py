@@ -63,7 +63,7 @@ def make_trunk(channels: int) -> nn.Sequential:
 
 
 class BagOfWords(nn.Module):
-    """Mean of word embeddings over non-padding positions."""
+    """Mean of word embeddings over non-padding positions: ids [..., words] -> [..., dim]."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -71,11 +71,17 @@ class BagOfWords(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         mask = (ids != PAD_ID).unsqueeze(-1).float()
-        return (self.embedding(ids) * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return (self.embedding(ids) * mask).sum(-2) / mask.sum(-2).clamp(min=1.0)
 
 
 class WordsAndHead(nn.Module):
-    """The DP-trained part: question and answer embeddings and the interaction head."""
+    """The DP-trained part: question and answer embeddings and the interaction head.
+
+    Like the head, it scores any leading shape, so DP training feeds it whole
+    privacy units ([b, K, ...]; `privacy_units.scores_unit_batches`).
+    """
+
+    scores_unit_batches = True
 
     def __init__(self, image_dim: int, text_dim: int, width: int):
         super().__init__()

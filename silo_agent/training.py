@@ -127,17 +127,25 @@ def train_silo(config: SiloConfig, *, progress: bool = True) -> SiloTrainingOutc
         reservation = ledger.reserve(purpose=purpose, epsilon=dp.target_epsilon, delta=dp.target_delta,
                                      details={"mechanism": "dp-sgd", "privacy_unit": dp.privacy_unit,
                                               "noise": noise_label(dp)})
-    config.workdir.mkdir(parents=True, exist_ok=True)
-    spec: ConsortiumSpec = load_consortium(config.consortium)
-    splits = make_splits(spec)
-    train, held_out = split_silo_pairs(config, spec, splits)
-    logger.info("silo %s: %d training pairs, %d held-out pairs", config.name, len(train), len(held_out))
-
-    model = build_reward_model(config)
-    if isinstance(model, SmallCNNRewardModel):
-        # Public data only (the coordinator's published SFT split): no privacy cost.
-        model.pretrain(splits.sft, steps=config.public_pretraining_steps, seed=config.training.seed, progress=progress)
-    result = train_bradley_terry(model.module, model.pair_dataset(train), config.training,
+    try:
+        config.workdir.mkdir(parents=True, exist_ok=True)
+        spec: ConsortiumSpec = load_consortium(config.consortium)
+        splits = make_splits(spec)
+        train, held_out = split_silo_pairs(config, spec, splits)
+        logger.info("silo %s: %d training pairs, %d held-out pairs", config.name, len(train), len(held_out))
+        model = build_reward_model(config)
+        if isinstance(model, SmallCNNRewardModel):
+            # Public data only (the coordinator's published SFT split): no privacy cost.
+            model.pretrain(splits.sft, steps=config.public_pretraining_steps, seed=config.training.seed,
+                           progress=progress)
+        dataset = model.pair_dataset(train)
+    except BaseException:
+        # Nothing was released before DP-SGD started; a run killed outright never gets here and stays charged.
+        if reservation is not None:
+            ledger.release(reservation, reason="the job failed before DP-SGD started")
+        raise
+    # From here on `train_bradley_terry` settles the reservation, whatever happens.
+    result = train_bradley_terry(model.module, dataset, config.training,
                                  unit_ids=[privacy_unit_of(p) for p in train], ledger=ledger,
                                  reservation=reservation, purpose=purpose, progress=progress,
                                  description=f"{config.name} {config.architecture}")

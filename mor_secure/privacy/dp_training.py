@@ -102,30 +102,35 @@ def train_bradley_terry(
     plain module it was, with every Opacus hook and attribute removed.
     """
     start = time.perf_counter()
-    n_inputs = _inputs_per_side(dataset)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters (every parameter has requires_grad=False)")
     if reservation is not None and ledger is None:
         raise ValueError("a reservation needs the ledger it was made in: pass ledger= as well")
-    dp = config.dp
-    per_unit = dp.enabled and dp.privacy_unit == "image"
-    if per_unit:
-        if unit_ids is None or len(unit_ids) != len(dataset):
+    try:
+        n_inputs = _inputs_per_side(dataset)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model has no trainable parameters (every parameter has requires_grad=False)")
+        dp = config.dp
+        per_unit = dp.enabled and dp.privacy_unit == "image"
+        if per_unit:
+            if unit_ids is None or len(unit_ids) != len(dataset):
+                raise ValueError(
+                    f"privacy_unit 'image' needs unit_ids, one per pair ({len(dataset)}), naming each pair's unit "
+                    f"(got {'none' if unit_ids is None else len(unit_ids)}); or set dp.privacy_unit: pair")
+            grouping = group_pairs_by_unit(unit_ids, max_pairs_per_unit=dp.max_pairs_per_unit, seed=config.seed)
+        else:
+            grouping = group_pairs_by_unit(range(len(dataset)), max_pairs_per_unit=None, seed=config.seed)
+        if config.batch_size >= grouping.units:
             raise ValueError(
-                f"privacy_unit 'image' needs unit_ids, one per pair ({len(dataset)}), naming each pair's unit "
-                f"(got {'none' if unit_ids is None else len(unit_ids)}); or set dp.privacy_unit: pair")
-        grouping = group_pairs_by_unit(unit_ids, max_pairs_per_unit=dp.max_pairs_per_unit, seed=config.seed)
-    else:
-        grouping = group_pairs_by_unit(range(len(dataset)), max_pairs_per_unit=None, seed=config.seed)
-    if config.batch_size >= grouping.units:
-        raise ValueError(
-            f"batch_size ({config.batch_size}) must be smaller than the number of privacy units "
-            f"({grouping.units}); lower batch_size or add data"
-        )
-    torch.manual_seed(config.seed)
-    optimizer = torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    units = unit_dataset(dataset, grouping)
+                f"batch_size ({config.batch_size}) must be smaller than the number of privacy units "
+                f"({grouping.units}); lower batch_size or add data"
+            )
+        torch.manual_seed(config.seed)
+        optimizer = torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        units = unit_dataset(dataset, grouping)
+    except BaseException:
+        if reservation is not None:  # refused before any noisy step: nothing was released
+            ledger.release(reservation, reason="training refused its inputs before DP-SGD started")
+        raise
     was_training = model.training
     model.train()
     try:
@@ -209,46 +214,50 @@ def _train_private(
 ) -> tuple[PrivacyReport, list[float]]:
     dp = config.dp
     n_units = grouping.units
-    # ModuleValidator flags layers Opacus cannot privatise (BatchNorm mixes samples);
-    # GradSampleModule.validate flags trainable layers holding buffers, which make_private
-    # would otherwise reject only after tagging the parameters.
-    errors = [*ModuleValidator.validate(model, strict=False), *GradSampleModule.validate(model, strict=False)]
-    if errors:
-        raise ValueError(
-            "model is not compatible with DP-SGD (Opacus validators): "
-            + "; ".join(str(e) for e in errors)
-            + ". Replace the offending layers before training, e.g. "
-            "`model = opacus.validators.ModuleValidator.fix(model)` swaps BatchNorm for GroupNorm."
-        )
-    if dp.target_delta >= 1 / n_units:
-        # Dwork & Roth 2014, section 2.3: publishing each record with probability delta
-        # is (0, delta)-DP, so delta >= 1/n lets about one whole unit out in the clear.
-        warnings.warn(
-            f"target_delta={dp.target_delta:g} is not below 1/n_units: the guarantee then allows revealing "
-            "whole units; use a smaller delta",
-            UserWarning,
-            stacklevel=3,
-        )
     if ledger is not None and reservation is None:
         reservation = ledger.reserve(purpose=purpose, epsilon=dp.target_epsilon, delta=dp.target_delta,
                                      details={"mechanism": "dp-sgd", "privacy_unit": dp.privacy_unit,
                                               "noise": noise_label(dp)})
-
-    # Mirror Opacus: make_private sets sample_rate = 1 / len(data_loader), and its
-    # Poisson sampler draws int(1 / sample_rate) batches per epoch (float rounding
-    # makes that len - 1 for some lengths, e.g. 92 for 93), so the noise is
-    # planned for exactly the steps that will run.
-    sample_rate = 1 / math.ceil(n_units / config.batch_size)
-    steps_per_epoch = int(1 / sample_rate)
-    noise_multiplier = noise_multiplier_for(
-        target_epsilon=dp.target_epsilon,
-        target_delta=dp.target_delta,
-        sample_rate=sample_rate,
-        steps=config.epochs * steps_per_epoch,
-        accountant=dp.accountant,
-    )
-    private = prepare_private_training(model, units, optimizer, dp, batch_size=config.batch_size,
-                                       noise_multiplier=noise_multiplier)
+    try:
+        # ModuleValidator flags layers Opacus cannot privatise (BatchNorm mixes samples);
+        # GradSampleModule.validate flags trainable layers holding buffers, which make_private
+        # would otherwise reject only after tagging the parameters.
+        errors = [*ModuleValidator.validate(model, strict=False), *GradSampleModule.validate(model, strict=False)]
+        if errors:
+            raise ValueError(
+                "model is not compatible with DP-SGD (Opacus validators): "
+                + "; ".join(str(e) for e in errors)
+                + ". Replace the offending layers before training, e.g. "
+                "`model = opacus.validators.ModuleValidator.fix(model)` swaps BatchNorm for GroupNorm."
+            )
+        if dp.target_delta >= 1 / n_units:
+            # Dwork & Roth 2014, section 2.3: publishing each record with probability delta
+            # is (0, delta)-DP, so delta >= 1/n lets about one whole unit out in the clear.
+            warnings.warn(
+                f"target_delta={dp.target_delta:g} is not below 1/n_units: the guarantee then allows revealing "
+                "whole units; use a smaller delta",
+                UserWarning,
+                stacklevel=3,
+            )
+        # Mirror Opacus: make_private sets sample_rate = 1 / len(data_loader), and its
+        # Poisson sampler draws int(1 / sample_rate) batches per epoch (float rounding
+        # makes that len - 1 for some lengths, e.g. 92 for 93), so the noise is
+        # planned for exactly the steps that will run.
+        sample_rate = 1 / math.ceil(n_units / config.batch_size)
+        steps_per_epoch = int(1 / sample_rate)
+        noise_multiplier = noise_multiplier_for(
+            target_epsilon=dp.target_epsilon,
+            target_delta=dp.target_delta,
+            sample_rate=sample_rate,
+            steps=config.epochs * steps_per_epoch,
+            accountant=dp.accountant,
+        )
+        private = prepare_private_training(model, units, optimizer, dp, batch_size=config.batch_size,
+                                           noise_multiplier=noise_multiplier)
+    except BaseException:
+        if reservation is not None:  # refused before the first noisy step: nothing was released
+            ledger.release(reservation, reason="DP-SGD could not start")
+        raise
     try:
         if private.loader.sample_rate != sample_rate or len(private.loader) != steps_per_epoch:
             raise RuntimeError(

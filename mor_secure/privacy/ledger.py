@@ -265,6 +265,14 @@ class PrivacyLedger:
             self._append(state, "settle", body)
         logger.info("privacy ledger %s: settled %s: epsilon=%g delta=%g", self._path, rid, epsilon, delta)
 
+    def release(self, reservation: Reservation, *, reason: str) -> None:
+        """Settle an open reservation at zero because its mechanism never ran (nothing was released).
+
+        For failures before the first noisy step only (a config or data error):
+        once a mechanism has run, settle what it spent instead.
+        """
+        self.settle(reservation, epsilon=0.0, delta=0.0, details={"outcome": f"released unspent: {reason}"})
+
     def _append(self, state: ChainState, kind: str, body: dict[str, Any]) -> None:
         head = state.entries[-1]
         _write(self._path, [*state.entries, seal_entry(kind, body, index=head["index"] + 1, prev=head["digest"])])

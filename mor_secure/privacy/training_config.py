@@ -43,7 +43,7 @@ class DPConfig(StrictModel):
         1e-5,
         gt=0,
         lt=1,
-        description="Delta of the guarantee; keep it well below 1 / number of pairs.",
+        description="Delta of the guarantee; keep it well below 1 / number of privacy units.",
     )
     max_grad_norm: float = Field(
         1.0,

@@ -315,3 +315,18 @@ def test_two_trainings_with_the_same_seed_give_different_weights(silo_dir: Path)
         charge = silo_training.open_ledger(silo_training.load_silo_config(config)).charges[0]
         assert charge.details["noise"].startswith("os-entropy") and charge.details["private"] is True
     assert scorers[0] != scorers[1]
+
+
+def test_a_job_refused_before_dp_sgd_releases_its_reservation(silo_dir: Path, capsys) -> None:
+    """A config error found after the reservation (batch larger than the data) spends nothing."""
+    config = silo_dir / "too-big-batch.yaml"
+    config.write_text(SILO_YAML.replace("workdir: work/hospital-a", "workdir: work/too-big-batch")
+                      .replace("batch_size: 16", "batch_size: 100000"), encoding="utf-8")
+    assert main(["silo", "init", "--config", str(config)]) == 0
+    assert main(["silo", "train", "--config", str(config), "--no-progress"]) == 1
+    assert "must be smaller than the number of privacy units" in capsys.readouterr().err
+    ledger = silo_training.open_ledger(silo_training.load_silo_config(config))
+    (charge,) = ledger.charges
+    assert charge.settled and (charge.epsilon, charge.delta) == (0.0, 0.0)
+    assert charge.details["outcome"].startswith("released unspent")
+    assert ledger.remaining_epsilon == 10.0

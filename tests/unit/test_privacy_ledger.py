@@ -475,3 +475,15 @@ def test_an_entry_with_an_unexpected_field_is_refused(path: Path) -> None:
     write_entries(path, chain, rechain=True)
     with pytest.raises(LedgerTamperedError, match=r"entry 1 has fields \[.*'note'"):
         reopen(path)
+
+
+def test_release_settles_an_unused_reservation_at_zero(tmp_path: Path) -> None:
+    ledger = PrivacyLedger.create(tmp_path / "l.json", silo="s", epsilon_budget=1.0, delta_budget=1e-5)
+    reservation = ledger.reserve(purpose="train", epsilon=0.8, delta=1e-6)
+    ledger.release(reservation, reason="config error")
+    (charge,) = ledger.charges
+    assert charge.settled and (charge.epsilon, charge.delta) == (0.0, 0.0)
+    assert charge.details == {"outcome": "released unspent: config error"}
+    assert ledger.remaining_epsilon == 1.0
+    with pytest.raises(ValueError, match="already settled"):
+        ledger.release(reservation, reason="twice")

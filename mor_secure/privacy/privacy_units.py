@@ -11,8 +11,11 @@ How, with any architecture: a unit is stored as K pair rows (padded with a
 copy of its first pair, masked out), the model sees the K * b rows flattened
 as usual, Opacus' hooks compute one gradient per row, and
 `sum_grad_samples_per_unit` adds each unit's K rows into one before the DP
-optimizer clips. The loss weights in `unit_weights` make that sum the mean
-gradient over the unit's real pairs and give padded rows zero gradient.
+optimizer clips. A module that scores [b, K, ...] inputs directly
+(`scores_unit_batches`) skips the flattening: Opacus then sums the K rows
+inside each per-sample gradient and keeps b gradients instead of b * K. Either
+way the loss weights in `unit_weights` make a unit's gradient the mean over
+its real pairs and give padded rows zero gradient.
 """
 
 from __future__ import annotations

@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     align.add_argument("--no-format-guard", action="store_true",
                        help="do not floor answers outside the public answer vocabulary of their kind "
                        "(coordinator.rewards.OnFormatReward); silo rewards can then be gamed by off-topic answers")
+    align.add_argument("--reward-transform", choices=("group_top", "score"), default="group_top",
+                       help="group_top (default, as `evaluate` uses): 1 for the completions a prompt's group scores "
+                       "highest, 0 for the rest; score: the reward's value unchanged")
     align.add_argument("--feature-cache", help="directory caching the router's image features")
 
     full = commands.add_parser("evaluate", help="MoR vs baselines over seeds: JSON, Markdown table and plots")
@@ -131,45 +134,26 @@ def _train_router(args: argparse.Namespace) -> int:
 def _align(args: argparse.Namespace) -> int:
     from .evaluation import grpo_prompts
     from .grpo import GRPOSettings, train_grpo
+    from .methods import grpo_reward, method_reward
     from .pool import in_process_clients, load_pool
-    from .rewards import (
-        ExactMatchReward,
-        FusedSiloReward,
-        OnFormatReward,
-        SingleSiloReward,
-        UniformSiloReward,
-        answer_vocabulary,
-    )
+    from .rewards import answer_vocabulary
     from .router import RouterFeatures, load_router
 
     settings = (load_config(args.config, GRPOSettings, overrides={"output_dir": args.out}) if args.config
                 else GRPOSettings(output_dir=args.out))
     splits = make_splits(load_consortium(args.consortium))
-    if args.reward == "oracle":
-        reward = ExactMatchReward()
-    else:
-        if not args.pool:
-            raise ValueError(f"reward {args.reward!r} needs --pool (the silos to ask for scores)")
-        clients = in_process_clients(load_pool(args.pool))
-        if args.reward == "mor":
-            if not args.router:
-                raise ValueError("reward mor needs --router (write one with `mor coordinator train-router`)")
-            reward = FusedSiloReward(clients, load_router(args.router), RouterFeatures(args.feature_cache),
-                                     objective=args.objective)
-        elif args.reward == "uniform":
-            reward = UniformSiloReward(clients)
-        elif args.reward.startswith("single:"):
-            by_name = {c.name: c for c in clients}
-            name = args.reward.removeprefix("single:")
-            if name not in by_name:
-                raise ValueError(f"unknown silo {name!r} in --reward; the pool has {sorted(by_name)}")
-            reward = SingleSiloReward(by_name[name])
-        else:
-            raise ValueError(f"unknown --reward {args.reward!r}: use mor, uniform, single:<silo> or oracle")
+    if args.reward != "oracle" and not args.pool:
+        raise ValueError(f"reward {args.reward!r} needs --pool (the silos to ask for scores)")
+    if args.reward == "mor" and not args.router:
+        raise ValueError("reward mor needs --router (write one with `mor coordinator train-router`)")
+    silos = in_process_clients(load_pool(args.pool)) if args.pool else []
+    mor = args.reward == "mor"
+    reward = method_reward(args.reward, silos=silos, router=load_router(args.router) if mor else None,
+                           features=RouterFeatures(args.feature_cache) if mor else None, objective=args.objective)
     if args.no_format_guard:
         logger.warning("format guard off: off-topic answers get whatever the silos' reward models give them")
-    else:
-        reward = OnFormatReward(reward, answer_vocabulary(splits.calibration))
+    reward = grpo_reward(reward, vocabulary=answer_vocabulary(splits.calibration),
+                         format_guard=not args.no_format_guard, transform=args.reward_transform)
     prompts = grpo_prompts(splits.calibration, None)
     final = train_grpo(args.policy, prompts, reward, settings, resume=args.resume)
     print(f"aligned policy written to {final}")

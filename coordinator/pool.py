@@ -1,33 +1,55 @@
 """The silo pool: which silos the coordinator asks for scores, read from a YAML file.
 
-This issue's pool is in-process: each entry names a silo's saved reward
-model and the coordinator loads it behind an `InProcessSiloClient`, which is
-how the simulations, the demo and the evaluation run on one machine. The
-networked pool of a later issue replaces the entries' `reward_model` with an
-address and a cert kit and builds network clients; router and GRPO code take
-any `SiloClient` and do not change.
+An in-process entry names a silo's saved reward model; the silo's own service
+object (silo_agent) is then run inside the coordinator's process behind an
+in-process client, which is how tests, benchmarks and `make results-table`
+run on one machine. Router, GRPO and evaluation code take any `SiloClient`.
 
     silos:
       - name: hospital-a
         reward_model: silos/hospital-a/reward_model
+      - name: bank-b
+        reward_model: silos/bank-b/reward_model
+        base_model: vlm/reference     # lora_vlm: the shared VLM it was trained on (checked by digest)
+
+The coordinator never imports the silo agent (DESIGN §3: the roles meet only
+through the wire contract). Whoever composes both roles in one process (the
+`mor` entry point, the demo, the tests) hands this module the silo agent's
+in-process opener with `use_in_process_silos`.
 
 No ledger here: a silo's answers to the coordinator are computed by its
 DP-trained model on public inputs, post-processing that costs its data
-budget nothing, randomized-response bits included (coordinator/silo_client.py).
+budget nothing, randomized-response bits included (silo_agent/service.py).
 The silo's ledger records its DP training; the coordinator never writes it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pydantic import Field, field_validator
 
 from mor_secure.config import StrictModel, load_config, resolve_relative
-from mor_secure.models.reward_model import load_reward_model
+from mor_secure.wire.client import SiloClient
 
-from .silo_client import InProcessSiloClient, SiloClient
+# (name, reward-model directory, *, base_model, feature_cache, randomized_response_seed) -> client
+InProcessOpener = Callable[..., SiloClient]
+_in_process_opener: InProcessOpener | None = None
+
+
+def use_in_process_silos(opener: InProcessOpener) -> None:
+    """Let in-process pool entries open silos with `opener` (silo_agent.in_process.in_process_client)."""
+    global _in_process_opener
+    _in_process_opener = opener
+
+
+def _opener() -> InProcessOpener:
+    if _in_process_opener is None:
+        raise RuntimeError("in-process silo pools need the silo agent in this process: run through `mor` (which "
+                           "composes both roles) or call coordinator.pool.use_in_process_silos("
+                           "silo_agent.in_process.in_process_client) first")
+    return _in_process_opener
 
 
 class PoolSilo(StrictModel):
@@ -35,6 +57,9 @@ class PoolSilo(StrictModel):
 
     name: str = Field(min_length=1, description="The silo's name, as in the consortium file and its certificate.")
     reward_model: Path = Field(description="Directory of the silo's saved reward model (in-process pool).")
+    base_model: Path | None = Field(
+        None, description="lora_vlm silos: the shared VLM checkpoint the reward model was trained on.")
+    feature_cache: Path | None = Field(None, description="frozen_encoders silos: directory of cached image features.")
 
 
 class PoolConfig(StrictModel):
@@ -59,38 +84,36 @@ class PoolConfig(StrictModel):
 def load_pool(path: str | Path) -> PoolConfig:
     """Read a pool YAML, resolving every path against the file's directory."""
     pool = load_config(path, PoolConfig)
-    silos = [silo.model_copy(update={"reward_model": resolve_relative(path, silo.reward_model)})
-             for silo in pool.silos]
+    silos = []
+    for silo in pool.silos:
+        updates = {field: resolve_relative(path, getattr(silo, field))
+                   for field in ("reward_model", "base_model", "feature_cache") if getattr(silo, field) is not None}
+        silos.append(silo.model_copy(update=updates))
     return pool.model_copy(update={"silos": silos})
 
 
 def in_process_clients(pool: PoolConfig, *, names: Sequence[str] | None = None,
-                       seed: int | None = None) -> list[InProcessSiloClient]:
-    """Load the pool's reward models (all, or `names` in that order) behind in-process clients.
+                       seed: int | None = None) -> list[SiloClient]:
+    """Open the pool's silos (all, or `names` in that order) in this process.
 
-    Each client's randomized-response noise is drawn from OS entropy by
-    default (`seed=None`), as a real silo's is. An explicit `seed` (client k
-    gets seed + k) is for tests and simulations that need reproducible noise.
+    Each silo's randomized-response noise is drawn from OS entropy by default
+    (`seed=None`), as a real silo's is. An explicit `seed` (silo k gets
+    seed + k) is for tests and simulations that need reproducible noise.
     """
     by_name = {s.name: s for s in pool.silos}
     wanted = list(pool.names if names is None else names)
     unknown = [n for n in wanted if n not in by_name]
     if unknown:
         raise ValueError(f"unknown silo(s) {unknown}; the pool has {list(pool.names)}")
-    clients = []
-    for index, name in enumerate(wanted):
-        silo = by_name[name]
-        if not silo.reward_model.is_dir():
-            raise FileNotFoundError(f"silo {name!r}: reward model directory {silo.reward_model} not found; "
-                                    "train it first (`mor silo train --config <silo>.yaml`)")
-        client_seed = None if seed is None else seed + index
-        clients.append(InProcessSiloClient(name, load_reward_model(silo.reward_model), seed=client_seed))
-    return clients
+    opener = _opener()
+    return [opener(name, by_name[name].reward_model, base_model=by_name[name].base_model,
+                   feature_cache=by_name[name].feature_cache,
+                   randomized_response_seed=None if seed is None else seed + index)
+            for index, name in enumerate(wanted)]
 
 
-def client_for_model(name: str, reward_model: str | Path) -> SiloClient:
+def client_for_model(name: str, reward_model: str | Path, *, base_model: str | Path | None = None,
+                     feature_cache: str | Path | None = None) -> SiloClient:
     """A client over one saved reward model outside the pool (the FedAvg and centralised baselines)."""
-    reward_model = Path(reward_model)
-    if not reward_model.is_dir():
-        raise FileNotFoundError(f"{name}: reward model directory {reward_model} not found")
-    return InProcessSiloClient(name, load_reward_model(reward_model))
+    return _opener()(name, Path(reward_model), base_model=base_model, feature_cache=feature_cache,
+                     randomized_response_seed=None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -40,7 +41,9 @@ from mor_secure.data.records import QUESTION_KINDS, PreferencePair
 from mor_secure.models.reward_model import RewardModel
 from mor_secure.models.tiny_vlm import build_tiny_vlm, load_vlm
 from silo_agent.config import SiloConfig
-from silo_agent.training import create_ledger, feature_cache_dir, load_silo_config, train_silo
+from silo_agent.training import MODEL_DIR, create_ledger, feature_cache_dir, load_silo_config, train_silo
+
+from .roles import allow_in_process_silos
 
 PROG = "mor demo"
 SILOS = ("hospital-a", "bank-b", "hospital-c")
@@ -74,10 +77,15 @@ def embedded_config(name: str, workdir: Path) -> Path:
 
 
 def write_pool(workdir: Path) -> Path:
-    """The coordinator's pool file: each demo silo's saved reward model (in-process pool)."""
+    """The coordinator's pool file: each demo silo's saved reward model and what loading it needs (in-process pool)."""
     lines = ["# Written by `mor demo`: the silos the coordinator asks for scores (coordinator/pool.py).", "silos:"]
     for silo in SILOS:
-        lines += [f"  - name: {silo}", f"    reward_model: silos/{silo}/reward_model"]
+        config = load_silo_config(workdir / "silos" / f"{silo}.yaml")
+        lines += [f"  - name: {silo}", f"    reward_model: {os.path.relpath(config.workdir / MODEL_DIR, workdir)}"]
+        if config.base_model is not None:
+            lines.append(f"    base_model: {os.path.relpath(config.base_model, workdir)}")
+        if config.architecture == "frozen_encoders":
+            lines.append(f"    feature_cache: {os.path.relpath(feature_cache_dir(config), workdir)}")
     path = workdir / "pool.yaml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -90,6 +98,7 @@ def evaluation_for(workdir: Path, consortium_path: Path, config_name: str, *, pr
     Each config gets its own run directory: the demo's one-seed runs are not the table's (other settings).
     """
     config = load_config(embedded_config(config_name, workdir), EvaluationConfig)
+    allow_in_process_silos()
     return Evaluation(load_consortium(consortium_path), in_process_clients(load_pool(write_pool(workdir))),
                       workdir / "vlm" / "reference", workdir / "evaluation" / Path(config_name).stem, config,
                       baselines=baselines,

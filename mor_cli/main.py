@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-# group -> (module defining it, one-line help). pki and audit arrive with the secure transport.
+# group -> (module defining it, one-line help).
 GROUPS: dict[str, tuple[str, str]] = {
     "silo": ("silo_agent.cli", "silo operator: create the privacy ledger, train a DP reward model, inspect the ledger"),
     "coordinator": ("coordinator.cli", "consortium operator: build the VLM, train and evaluate the reference"),
@@ -36,6 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mor: unknown group {group!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if group in ("coordinator", "demo"):
+        from .roles import allow_in_process_silos
+
+        allow_in_process_silos()
     module = importlib.import_module(GROUPS[group][0])
     return module.main(rest)
 

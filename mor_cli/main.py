@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 # group -> (module defining it, one-line help).
 GROUPS: dict[str, tuple[str, str]] = {
-    "silo": ("silo_agent.cli", "silo operator: create the privacy ledger, train a DP reward model, inspect the ledger"),
+    "pki": ("mor_cli.pki_cli", "consortium operator: the certificate authority, party kits, revocation"),
+    "silo": ("silo_agent.cli", "silo operator: create the privacy ledger, train a DP reward model, serve it, inspect the ledger"),
     "coordinator": ("coordinator.cli", "consortium operator: build the VLM, train and evaluate the reference"),
     "demo": ("mor_cli.demo", "run the whole consortium locally with embedded defaults"),
 }

@@ -24,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train the silo's DP reward model from its YAML")
     train.add_argument("--config", required=True, help="silo YAML (see silo_agent/config.py)")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    serve = commands.add_parser("serve", help="serve the trained reward model over mutually authenticated gRPC")
+    serve.add_argument("--config", required=True, help="silo YAML with a `serve:` section (kit, policy, port)")
+    serve.add_argument("--port-file", help="write {\"port\": N, \"pid\": P} here once listening (for scripts)")
     ledger = commands.add_parser("ledger", help="show the privacy ledger: budget, every spend, what is left")
     ledger.add_argument("--config", required=True, help="silo YAML")
     return parser
@@ -54,6 +57,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .serving import serve_until_signalled
+
+    return serve_until_signalled(load_silo_config(args.config),
+                                 port_file=Path(args.port_file) if args.port_file else None)
+
+
 def _ledger(args: argparse.Namespace) -> int:
     ledger = open_ledger(load_silo_config(args.config))
     print(json.dumps({
@@ -69,4 +81,4 @@ def _ledger(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    return run_command(_parser(), argv, {"init": _init, "train": _train, "ledger": _ledger})
+    return run_command(_parser(), argv, {"init": _init, "train": _train, "serve": _serve, "ledger": _ledger})

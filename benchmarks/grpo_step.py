@@ -28,9 +28,10 @@ from pathlib import Path
 
 from coordinator.answer_eval import balanced_sample
 from coordinator.grpo import GRPOSettings, train_grpo
-from coordinator.pool import in_process_clients, load_pool
+from coordinator.pool import load_pool, pool_clients
 from coordinator.rewards import ConstantReward, FusedSiloReward
 from coordinator.router import RouterFeatures, load_router
+from mor_cli.roles import allow_in_process_silos
 from mor_secure.data import load_consortium, make_splits
 
 TARGET_RATIO = 1.3
@@ -54,13 +55,14 @@ def main() -> None:
     args = parser.parse_args()
 
     workdir = Path(args.workdir)
+    allow_in_process_silos()  # this benchmark runs the silos in process (pool.yaml)
     for needed in ("consortium.yaml", "pool.yaml", "router", "vlm/reference"):
         if not (workdir / needed).exists():
             raise SystemExit(f"{workdir / needed} not found: run `make demo` first (it writes the demo artefacts)")
     splits = make_splits(load_consortium(workdir / "consortium.yaml"))
     prompts = balanced_sample(list(splits.sft), args.prompts_per_kind, seed=0)
     features = RouterFeatures(workdir / "router_cache")
-    fused = FusedSiloReward(in_process_clients(load_pool(workdir / "pool.yaml")), load_router(workdir / "router"),
+    fused = FusedSiloReward(pool_clients(load_pool(workdir / "pool.yaml")), load_router(workdir / "router"),
                             features, objective="correct")
     images = [str(r.image_path) for r in prompts]
     started = time.perf_counter()

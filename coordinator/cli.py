@@ -117,12 +117,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _train_router(args: argparse.Namespace) -> int:
     from .calibration import CalibrationConfig, calibrate_router
-    from .pool import in_process_clients, load_pool
+    from .pool import load_pool, pool_clients
     from .router import RouterFeatures, save_router
 
     config = load_config(args.config, CalibrationConfig) if args.config else CalibrationConfig()
     splits = make_splits(load_consortium(args.consortium))
-    result = calibrate_router(in_process_clients(load_pool(args.pool)), splits.calibration,
+    result = calibrate_router(pool_clients(load_pool(args.pool)), splits.calibration,
                               RouterFeatures(args.feature_cache), config, progress=not args.no_progress)
     out = save_router(result.router, args.out)
     (out / "calibration.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -135,7 +135,8 @@ def _align(args: argparse.Namespace) -> int:
     from .evaluation import grpo_prompts
     from .grpo import GRPOSettings, train_grpo
     from .methods import grpo_reward, method_reward
-    from .pool import in_process_clients, load_pool
+    from .fusion import ClearFusion
+    from .pool import load_pool, pool_clients, pool_fusion
     from .rewards import answer_vocabulary
     from .router import RouterFeatures, load_router
 
@@ -146,10 +147,12 @@ def _align(args: argparse.Namespace) -> int:
         raise ValueError(f"reward {args.reward!r} needs --pool (the silos to ask for scores)")
     if args.reward == "mor" and not args.router:
         raise ValueError("reward mor needs --router (write one with `mor coordinator train-router`)")
-    silos = in_process_clients(load_pool(args.pool)) if args.pool else []
+    pool = load_pool(args.pool) if args.pool else None
+    silos = pool_clients(pool) if pool else []
     mor = args.reward == "mor"
     reward = method_reward(args.reward, silos=silos, router=load_router(args.router) if mor else None,
-                           features=RouterFeatures(args.feature_cache) if mor else None, objective=args.objective)
+                           features=RouterFeatures(args.feature_cache) if mor else None, objective=args.objective,
+                           fusion=pool_fusion(pool) if pool else ClearFusion)
     if args.no_format_guard:
         logger.warning("format guard off: off-topic answers get whatever the silos' reward models give them")
     reward = grpo_reward(reward, vocabulary=answer_vocabulary(splits.calibration),
@@ -162,15 +165,16 @@ def _align(args: argparse.Namespace) -> int:
 
 def _evaluate_all(args: argparse.Namespace) -> int:
     from .evaluation import Evaluation, EvaluationConfig, publish
-    from .pool import client_for_model, in_process_clients, load_pool
+    from .pool import client_for_model, load_pool, pool_clients, pool_fusion
 
     config = load_config(args.config, EvaluationConfig) if args.config else EvaluationConfig()
     baselines = {name: client_for_model(name, path) for name, path in
                  (("fedavg_rm", args.fedavg_rm), ("centralized_rm", args.centralized_rm)) if path}
     out = Path(args.out)
-    evaluation = Evaluation(load_consortium(args.consortium), in_process_clients(load_pool(args.pool)),
-                            args.reference, out, config, baselines=baselines, feature_cache=args.feature_cache,
-                            progress=not args.no_progress)
+    pool = load_pool(args.pool)
+    evaluation = Evaluation(load_consortium(args.consortium), pool_clients(pool), args.reference, out, config,
+                            baselines=baselines, feature_cache=args.feature_cache, progress=not args.no_progress,
+                            fusion=pool_fusion(pool))
     markdown = publish(evaluation, evaluation.run_all(), json_path=args.results_json or out / "mor_vs_baselines.json",
                        markdown_path=args.results_md or out / "results.md", plots_prefix=args.plots or out / "training")
     print(markdown)

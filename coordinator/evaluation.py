@@ -62,6 +62,7 @@ from .results_report import (
     summarise,
     write_results_json,
 )
+from .fusion import ClearFusion, Fusion
 from .methods import RewardTransform, grpo_reward, method_reward
 from .rewards import FusedSiloReward, answer_vocabulary
 from .router import RouterFeatures
@@ -192,8 +193,9 @@ class Evaluation:
 
     def __init__(self, spec: ConsortiumSpec, clients: Sequence[SiloClient], reference_dir: str | Path,
                  out_dir: str | Path, config: EvaluationConfig, *, baselines: dict[str, SiloClient] | None = None,
-                 feature_cache: str | Path | None = None, progress: bool = True) -> None:
-        self.spec, self.config, self.progress = spec, config, progress
+                 feature_cache: str | Path | None = None, progress: bool = True,
+                 fusion: Callable[[Sequence[SiloClient]], Fusion] = ClearFusion) -> None:
+        self.spec, self.config, self.progress, self.fusion = spec, config, progress, fusion
         self.clients = list(clients)
         self.baselines = dict(baselines or {})
         unknown = sorted(set(self.baselines) - set(BASELINE_MODELS))
@@ -248,7 +250,8 @@ class Evaluation:
     def reward(self, method: str, seed: int) -> Callable[..., list[float]]:
         """The reward of `method` as the silos and router give it (before the GRPO transforms)."""
         return method_reward(method, silos=self.clients, router=self.router(seed) if method == "mor" else None,
-                             features=self.features, objective=self.config.objective, baselines=self.baselines)
+                             features=self.features, objective=self.config.objective, baselines=self.baselines,
+                             fusion=self.fusion)
 
     def run(self, method: str, seed: int) -> RunResult:
         """GRPO under `method`'s reward (none for `reference`), then test-split accuracy; reused if already done.

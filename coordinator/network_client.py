@@ -2,16 +2,17 @@
 
 Each call has a deadline. A call that fails with UNAVAILABLE (the silo is
 restarting, or the connection dropped) is retried with exponential backoff,
-a bounded number of times; every other status is the silo's answer and is
-raised at once as `SiloError` with that code (retrying a refusal would only
-spend the silo's rate limit).
+a bounded number of times, each time on a fresh channel: a channel that saw
+its silo die waits out gRPC's reconnect backoff before trying again, so a
+silo that came back would otherwise stay unused for seconds. Every other
+status is the silo's answer and is raised at once as `SiloError` with that
+code (retrying a refusal would only spend the silo's rate limit).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
@@ -44,7 +45,10 @@ class NetworkSiloClient:
         self.kit = kit
         self.deadline_s = deadline_s
         self.retries = retries
-        self._channel = secure_channel(address, kit)
+        self._connect()
+
+    def _connect(self) -> None:
+        self._channel = secure_channel(self.address, self.kit)
         self._stub = silo_pb2_grpc.SiloRewardServiceStub(self._channel)
 
     @property
@@ -54,13 +58,16 @@ class NetworkSiloClient:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, rpc: Callable[..., T], request: object) -> T:
+    def _call(self, method: str, request: object) -> T:
         attempt = 0
         while True:
             try:
-                return rpc(request, timeout=self.deadline_s)
+                return getattr(self._stub, method)(request, timeout=self.deadline_s)
             except grpc.RpcError as error:
                 failure = as_silo_error(error, self._name)
+                if failure.code == ErrorCode.UNAVAILABLE:
+                    self._channel.close()
+                    self._connect()  # the next call (retry, or the next round) dials afresh
                 if failure.code != ErrorCode.UNAVAILABLE or attempt >= self.retries:
                     raise failure from None
                 delay = BACKOFF_S * 2 ** attempt
@@ -69,11 +76,10 @@ class NetworkSiloClient:
                 attempt += 1
 
     def describe(self) -> SiloDescription:
-        return serde.description_from_proto(self._call(self._stub.Describe, silo_pb2.DescribeRequest()))
+        return serde.description_from_proto(self._call("Describe", silo_pb2.DescribeRequest()))
 
     def score(self, request: ScoreRequest) -> ScoreReply:
-        return serde.score_reply_from_proto(self._call(self._stub.Score, serde.score_request_to_proto(request)))
+        return serde.score_reply_from_proto(self._call("Score", serde.score_request_to_proto(request)))
 
     def correctness_bits(self, request: BitsRequest) -> BitsReply:
-        return serde.bits_reply_from_proto(self._call(self._stub.CorrectnessBits,
-                                                      serde.bits_request_to_proto(request)))
+        return serde.bits_reply_from_proto(self._call("CorrectnessBits", serde.bits_request_to_proto(request)))

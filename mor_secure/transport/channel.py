@@ -25,7 +25,11 @@ def secure_channel(address: str, kit: CertKit) -> grpc.Channel:
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
                # A fresh subchannel per client object: a renewed kit or a restarted silo gets a new handshake.
-               ("grpc.use_local_subchannel_pool", 1)]
+               ("grpc.use_local_subchannel_pool", 1),
+               # gRPC's default reconnect backoff grows to 120 s; a silo restarted after a crash should rejoin
+               # within a few GRPO steps, not minutes.
+               ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.min_reconnect_backoff_ms", 500),
+               ("grpc.max_reconnect_backoff_ms", 5_000)]
     return grpc.secure_channel(address, channel_credentials(kit), options=options)
 
 

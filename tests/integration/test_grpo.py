@@ -264,7 +264,8 @@ def test_fused_reward_calls_each_silo_once_and_returns_the_weighted_sum(router: 
                                 for k, name in enumerate(SILOS)))
     assert out == pytest.approx(expected, abs=1e-5)
     assert reward.__name__ == "fused_silo_reward"
-    assert set(log) == {f"router_weight/{name}" for name in SILOS}
+    assert set(log) == {f"{metric}/{name}" for name in SILOS for metric in ("router_weight", "silo_answered")}
+    assert all(log[f"silo_answered/{name}"] == 1.0 for name in SILOS)
 
 
 def test_fused_reward_handles_plain_and_empty_completions(router: Router):

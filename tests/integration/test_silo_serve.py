@@ -112,23 +112,29 @@ def test_the_served_silo_scores_over_mtls_and_logs_every_call(served_silo, pki, 
     assert all(e["caller"] in (None, "mor://coordinator/coordinator") for e in events)
 
 
+def s_client(args: list[str], *, linger_s: float = 1.5) -> str:
+    """Run `openssl s_client`, keep its stdin open `linger_s` so it reads what the server sends, return its output."""
+    process = subprocess.Popen(["openssl", "s_client", *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    time.sleep(linger_s)
+    output, _ = process.communicate(input=b"\n", timeout=30)  # a closed pipe (server hung up) is ignored
+    return output.decode(errors="replace")  # the server's HTTP/2 preface is binary
+
+
 def test_openssl_negotiates_tls13_with_a_kit_and_is_refused_without(served_silo, pki) -> None:
     kit = pki.kits["coordinator"]
-    base = ["openssl", "s_client", "-connect", f"127.0.0.1:{served_silo.port}", "-tls1_3", "-alpn", "h2",
-            "-CAfile", str(kit.ca_path), "-verify_return_error"]
-    # The server's HTTP/2 preface is binary: decode leniently.
-    with_kit = subprocess.run([*base, "-cert", str(kit.cert_path), "-key", str(kit.key_path)], input="",
-                              capture_output=True, text=True, errors="replace", timeout=30)
-    assert "TLSv1.3" in with_kit.stdout and "Verify return code: 0 (ok)" in with_kit.stdout, with_kit.stdout
-    assert "ALPN protocol: h2" in with_kit.stdout and "read R BLOCK" in with_kit.stdout  # HTTP/2 preface received
+    base = ["-connect", f"127.0.0.1:{served_silo.port}", "-tls1_3", "-alpn", "h2", "-CAfile", str(kit.ca_path),
+            "-verify_return_error"]
+    with_kit = s_client([*base, "-cert", str(kit.cert_path), "-key", str(kit.key_path)])
+    assert "TLSv1.3" in with_kit and "Verify return code: 0 (ok)" in with_kit, with_kit
+    assert "ALPN protocol: h2" in with_kit and "read R BLOCK" in with_kit  # the server's HTTP/2 preface arrived
     # Under TLS 1.3 the client's side of the handshake completes before the server has judged the client's
     # certificate; the refusal comes on the first read. gRPC's BoringSSL closes the connection there (OpenSSL 3.0
-    # reports "unexpected eof"; other stacks show the certificate_required alert), and no HTTP/2 frame is ever sent.
-    without = subprocess.run(base, input="ping\n", capture_output=True, text=True, errors="replace", timeout=30)
-    shown = (without.stdout + without.stderr).lower()
-    assert "tlsv1.3" in shown
-    assert "certificate required" in shown or "unexpected eof while reading" in shown, shown
-    assert "read r block" not in shown  # the server never sent its HTTP/2 preface to the certificate-less client
+    # reports "unexpected eof"; other stacks show the certificate_required alert), and sends no HTTP/2 frame.
+    without = s_client(base).lower()
+    assert "tlsv1.3" in without
+    assert "certificate required" in without or "unexpected eof while reading" in without, without
+    assert "read r block" not in without
 
 
 def _grpcurl() -> str:
@@ -165,9 +171,8 @@ def _served_serial(port: int, pki) -> int:
     from cryptography import x509
 
     kit = pki.kits["coordinator"]
-    shown = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-alpn", "h2",
-                            "-CAfile", str(kit.ca_path), "-cert", str(kit.cert_path), "-key", str(kit.key_path)],
-                           input="", capture_output=True, text=True, errors="replace", timeout=30).stdout
+    shown = s_client(["-connect", f"127.0.0.1:{port}", "-tls1_3", "-alpn", "h2", "-CAfile", str(kit.ca_path),
+                      "-cert", str(kit.cert_path), "-key", str(kit.key_path)], linger_s=0.3)
     pem = shown[shown.index("-----BEGIN CERTIFICATE-----"):shown.index("-----END CERTIFICATE-----") + 25]
     return x509.load_pem_x509_certificate(pem.encode()).serial_number
 

@@ -4,11 +4,18 @@ It is as thin as the in-process client: the same service object makes every
 decision, so both paths answer alike (tests/contract/). Refusals raised as
 `SiloError` become the status of the same name in the authorizing wrapper
 (mor_secure/transport/authorization.py), which also wraps every method here.
+
+Requests arrive as raw bytes and are parsed here, not by gRPC: bytes that are
+not a valid message then answer INVALID_ARGUMENT naming the message type,
+where gRPC's own deserializer would answer INTERNAL.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import grpc
+from google.protobuf.message import DecodeError
 
 from mor_secure.pki.identity import Role
 from mor_secure.proto.v1 import silo_pb2, silo_pb2_grpc
@@ -60,8 +67,30 @@ class SiloServicer(silo_pb2_grpc.SiloRewardServiceServicer):
         return serde.bits_reply_to_proto(self.service.correctness_bits(serde.bits_request_from_proto(request)))
 
 
+def _parsed(behaviour: Callable, message_class: type) -> Callable:
+    def handle(raw: bytes, context: grpc.ServicerContext):
+        try:
+            request = message_class.FromString(raw)
+        except DecodeError:
+            raise invalid(f"the request is not a valid {message_class.DESCRIPTOR.full_name} message") from None
+        return behaviour(request, context)
+    return handle
+
+
+def add_to_server(servicer: SiloServicer, server: grpc.Server) -> None:
+    """Register every RPC of SiloRewardService, taking raw request bytes (parsed in `_parsed`)."""
+    service = silo_pb2.DESCRIPTOR.services_by_name["SiloRewardService"]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            _parsed(getattr(servicer, method.name), getattr(silo_pb2, method.input_type.name)),
+            request_deserializer=None,
+            response_serializer=getattr(silo_pb2, method.output_type.name).SerializeToString)
+        for method in service.methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 def servicer_registration(servicer: SiloServicer | SiloService) -> tuple:
     """(add_to_server, servicer, service name) for `mor_secure.transport.server.serve`."""
     if isinstance(servicer, SiloService):
         servicer = SiloServicer(servicer)
-    return silo_pb2_grpc.add_SiloRewardServiceServicer_to_server, servicer, SERVICE_NAME
+    return add_to_server, servicer, SERVICE_NAME

@@ -25,7 +25,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.network_client import NetworkSiloClient
-from coordinator.silo_requests import score_request
+from coordinator.silo_requests import bits_request, score_request
+from mor_secure.data import make_pairs
 from mor_secure.models.reward_architectures import SmallCNNRewardModel
 from mor_secure.transport.credentials import channel_credentials
 from silo_agent.training import MODEL_DIR, create_ledger, load_silo_config
@@ -34,6 +35,8 @@ STARTUP_TIMEOUT_S = 120
 
 
 def _silo_yaml(tmp: Path, consortium_path: Path, kit: Path, crl: Path) -> Path:
+    # A permissive rate so that fuzzing measures the request checks, not the rate limiter.
+    (tmp / "policy.yaml").write_text("rate_limit: {per_second: 10000, burst: 10000}\n", encoding="utf-8")
     path = tmp / "hospital-a.yaml"
     path.write_text(f"""\
 name: hospital-a
@@ -43,6 +46,7 @@ architecture: small_cnn
 serve:
   kit: {kit}
   crl: {crl}
+  policy: {tmp / 'policy.yaml'}
   port: 0
   drain_seconds: 5
 """, encoding="utf-8")
@@ -175,6 +179,63 @@ def _served_serial(port: int, pki) -> int:
                       "-cert", str(kit.cert_path), "-key", str(kit.key_path)], linger_s=0.3)
     pem = shown[shown.index("-----BEGIN CERTIFICATE-----"):shown.index("-----END CERTIFICATE-----") + 25]
     return x509.load_pem_x509_certificate(pem.encode()).serial_number
+
+
+DEFINED_STATUSES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION}
+
+
+def _rss_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+
+def test_fuzzed_requests_get_defined_statuses_and_the_server_lives(served_silo, pki, consortium) -> None:
+    """Random and mutated messages to every RPC: each answer is a defined status; the process and its memory hold."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from mor_secure.wire import serde
+    from silo_agent.servicer import ROLES_BY_RPC
+
+    _, splits = consortium
+    record = splits.calibration[0]
+    valid = [serde.score_request_to_proto(score_request([record.image_path] * 2, [record.question] * 2,
+                                                        [record.answer, "no"])).SerializeToString(),
+             serde.bits_request_to_proto(bits_request(list(make_pairs(splits.calibration[:3], seed=0)),
+                                                      randomized_response_epsilon=1.0)).SerializeToString(), b""]
+    mutated = st.tuples(st.sampled_from(valid), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)),
+                                                         max_size=8), st.integers(0, 10**6)).map(_mutate)
+    channel = grpc.secure_channel(f"127.0.0.1:{served_silo.port}", channel_credentials(pki.kits["coordinator"]))
+    calls = {method: channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+             for method in ROLES_BY_RPC}
+    before = _rss_kb(served_silo.process.pid)
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.sampled_from(sorted(calls)), st.one_of(st.binary(max_size=2048), mutated))
+    def probe(method: str, payload: bytes) -> None:
+        try:
+            calls[method](payload, timeout=20)
+        except grpc.RpcError as error:
+            assert error.code() in DEFINED_STATUSES, (method, payload[:64], error.code(), error.details())
+
+    with channel:
+        probe()
+    assert served_silo.process.poll() is None
+    client = NetworkSiloClient("hospital-a", f"127.0.0.1:{served_silo.port}", pki.kits["coordinator"])
+    assert len(client.score(score_request([record.image_path], [record.question], [record.answer])).scores) == 1
+    client.close()
+    grown_mb = (_rss_kb(served_silo.process.pid) - before) / 1024
+    assert grown_mb < 150, f"the silo grew by {grown_mb:.0f} MB under fuzzing"
+
+
+def _mutate(case: tuple[bytes, list[tuple[int, int]], int]) -> bytes:
+    payload, flips, cut = case
+    data = bytearray(payload)
+    for position, value in flips:
+        if data:
+            data[position % len(data)] = value
+    return bytes(data[: max(1, cut % (len(data) + 1))]) if data else bytes(data)
 
 
 def test_sigterm_drains_and_exits_zero(served_silo) -> None:

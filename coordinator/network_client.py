@@ -17,6 +17,7 @@ from typing import TypeVar
 
 import grpc
 
+from mor_secure.pki.identity import PartyIdentity, Role
 from mor_secure.pki.kits import CertKit
 from mor_secure.proto.v1 import silo_pb2, silo_pb2_grpc
 from mor_secure.transport.channel import as_silo_error, secure_channel
@@ -48,7 +49,7 @@ class NetworkSiloClient:
         self._connect()
 
     def _connect(self) -> None:
-        self._channel = secure_channel(self.address, self.kit)
+        self._channel = secure_channel(self.address, self.kit, expect=PartyIdentity(Role.SILO, self._name))
         self._stub = silo_pb2_grpc.SiloRewardServiceStub(self._channel)
 
     @property

@@ -4,7 +4,10 @@ All X.509 work is `cryptography`'s. Keys are ECDSA P-256 with SHA-256
 signatures (TLS 1.3's mandatory-to-implement signature scheme, RFC 8446
 §9.1). A leaf certificate is valid for both TLS server and client
 authentication, since a silo serves and the coordinator is a client, and
-names its party in one SAN URI plus the hosts a server answers on.
+names its party in one SAN URI, in a DNS name under the reserved `.invalid`
+domain that clients pin (so a connection reaches the party it meant to, not
+any consortium member listening at that address), and the hosts a server
+answers on.
 
     <ca>/ca.pem       CA certificate          <ca>/ca.key     its key (0600)
     <ca>/issued.json  every certificate issued, with its serial and status
@@ -132,7 +135,7 @@ class CertificateAuthority:
             raise FileExistsError(f"{kit_dir} already holds a kit; renew it with --renew (its old key is retired, "
                                   "never overwritten)")
         key = ec.generate_private_key(ec.SECP256R1())
-        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri), x509.DNSName(identity.tls_name)]
         for host in hosts:
             try:
                 names.append(x509.IPAddress(ipaddress.ip_address(host)))

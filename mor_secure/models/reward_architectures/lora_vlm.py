@@ -26,6 +26,7 @@ the silo learned. It costs one extra forward pass, without gradients.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -97,13 +98,17 @@ class LoraVLMRewardModel(RewardModel):
         vlm, self.processor = load_vlm(base_model)
         for parameter in vlm.parameters():
             parameter.requires_grad_(False)
-        if adapter_dir is None:
-            config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
-            backbone = get_peft_model(vlm, config)
-        else:
-            # is_trainable keeps the LoRA weights marked trainable, so trainable_parameters() reports
-            # what DP-SGD trained; scoring runs under no_grad either way.
-            backbone = PeftModel.from_pretrained(vlm, adapter_dir, is_trainable=True)
+        with warnings.catch_warnings():
+            # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` (peft_model.py:184): a
+            # FutureWarning about PEFT's code, not ours, printed on every silo start.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            if adapter_dir is None:
+                config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+                backbone = get_peft_model(vlm, config)
+            else:
+                # is_trainable keeps the LoRA weights marked trainable, so trainable_parameters() reports
+                # what DP-SGD trained; scoring runs under no_grad either way.
+                backbone = PeftModel.from_pretrained(vlm, adapter_dir, is_trainable=True)
         super().__init__(LoraVLMScorer(backbone, vlm.config.text_config.hidden_size), standardisation)
         # The backbone's digest, not its path: a path is this machine's; the digest says which VLM it must be.
         self.settings = {"base_model_digest": checkpoint_digest(base_model), "rank": rank, "alpha": alpha}

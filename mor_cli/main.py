@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 # group -> (module defining it, one-line help).
@@ -37,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mor: unknown group {group!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # DP-off and seeded-noise warnings are raised both as UserWarning (for library users) and as log lines
+    # (mor_secure.privacy.training_config.warn_dp_off); on the command line the log line says it once.
+    warnings.filterwarnings("ignore", category=UserWarning, message=r".*(WITHOUT differential privacy|DP noise is SEEDED)")
     if group in ("coordinator", "demo"):
         from .roles import allow_in_process_silos
 

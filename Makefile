@@ -32,10 +32,12 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/dp_overhead.py
+	$(PY) benchmarks/transport.py
 
 # Needs the demo's artefacts in $(RUNS) (run `make demo` first).
 bench-grpo: $(STAMP)
 	$(PY) benchmarks/grpo_step.py --workdir $(RUNS)
+	$(PY) benchmarks/grpo_step.py --workdir $(RUNS) --network
 
 results: $(STAMP)
 	$(VENV)/bin/mor demo run --workdir runs/results --write-results docs/results/dp_reward_models.json

@@ -38,10 +38,11 @@ from pydantic import Field, field_validator
 
 from mor_secure.config import StrictModel
 from mor_secure.data import QUESTION_KINDS, PreferencePair, QuestionKind, VQARecord, make_pairs
+from mor_secure.wire.client import SiloClient
 
 from .answer_eval import balanced_sample
 from .router import Router, RouterConfig, RouterFeatures, train_router
-from .silo_client import SiloClient
+from .silo_requests import ask_bits
 
 Objective = Literal["correct", "correct_and_brief"]
 OBJECTIVES: tuple[str, ...] = ("correct", "correct_and_brief")
@@ -160,7 +161,7 @@ def collect_bits(clients: Sequence[SiloClient], records: Sequence[VQARecord], fe
     silo_accuracy: dict[str, dict[str, dict[str, float]]] = {}
     for objective_id, objective in enumerate(config.objectives):
         pairs = objective_pairs(chosen, objective, seed=config.seed)
-        bits = torch.stack([client.correctness_bits(pairs, randomized_response_epsilon=config.randomized_response_epsilon)
+        bits = torch.stack([ask_bits(client, pairs, randomized_response_epsilon=config.randomized_response_epsilon)
                             for client in clients], dim=1)
         silo_accuracy[objective] = _accuracy_by_kind(bits, pairs, [c.name for c in clients])
         objective_blocks.append(torch.full((len(pairs),), objective_id, dtype=torch.long))

@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     align.add_argument("--no-format-guard", action="store_true",
                        help="do not floor answers outside the public answer vocabulary of their kind "
                        "(coordinator.rewards.OnFormatReward); silo rewards can then be gamed by off-topic answers")
+    align.add_argument("--reward-transform", choices=("group_top", "score"), default="group_top",
+                       help="group_top (default, as `evaluate` uses): 1 for the completions a prompt's group scores "
+                       "highest, 0 for the rest; score: the reward's value unchanged")
     align.add_argument("--feature-cache", help="directory caching the router's image features")
 
     full = commands.add_parser("evaluate", help="MoR vs baselines over seeds: JSON, Markdown table and plots")
@@ -114,12 +117,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _train_router(args: argparse.Namespace) -> int:
     from .calibration import CalibrationConfig, calibrate_router
-    from .pool import in_process_clients, load_pool
+    from .pool import load_pool, pool_clients
     from .router import RouterFeatures, save_router
 
     config = load_config(args.config, CalibrationConfig) if args.config else CalibrationConfig()
     splits = make_splits(load_consortium(args.consortium))
-    result = calibrate_router(in_process_clients(load_pool(args.pool)), splits.calibration,
+    result = calibrate_router(pool_clients(load_pool(args.pool)), splits.calibration,
                               RouterFeatures(args.feature_cache), config, progress=not args.no_progress)
     out = save_router(result.router, args.out)
     (out / "calibration.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
@@ -131,45 +134,29 @@ def _train_router(args: argparse.Namespace) -> int:
 def _align(args: argparse.Namespace) -> int:
     from .evaluation import grpo_prompts
     from .grpo import GRPOSettings, train_grpo
-    from .pool import in_process_clients, load_pool
-    from .rewards import (
-        ExactMatchReward,
-        FusedSiloReward,
-        OnFormatReward,
-        SingleSiloReward,
-        UniformSiloReward,
-        answer_vocabulary,
-    )
+    from .methods import grpo_reward, method_reward
+    from .fusion import ClearFusion
+    from .pool import load_pool, pool_clients, pool_fusion
+    from .rewards import answer_vocabulary
     from .router import RouterFeatures, load_router
 
     settings = (load_config(args.config, GRPOSettings, overrides={"output_dir": args.out}) if args.config
                 else GRPOSettings(output_dir=args.out))
     splits = make_splits(load_consortium(args.consortium))
-    if args.reward == "oracle":
-        reward = ExactMatchReward()
-    else:
-        if not args.pool:
-            raise ValueError(f"reward {args.reward!r} needs --pool (the silos to ask for scores)")
-        clients = in_process_clients(load_pool(args.pool))
-        if args.reward == "mor":
-            if not args.router:
-                raise ValueError("reward mor needs --router (write one with `mor coordinator train-router`)")
-            reward = FusedSiloReward(clients, load_router(args.router), RouterFeatures(args.feature_cache),
-                                     objective=args.objective)
-        elif args.reward == "uniform":
-            reward = UniformSiloReward(clients)
-        elif args.reward.startswith("single:"):
-            by_name = {c.name: c for c in clients}
-            name = args.reward.removeprefix("single:")
-            if name not in by_name:
-                raise ValueError(f"unknown silo {name!r} in --reward; the pool has {sorted(by_name)}")
-            reward = SingleSiloReward(by_name[name])
-        else:
-            raise ValueError(f"unknown --reward {args.reward!r}: use mor, uniform, single:<silo> or oracle")
+    if args.reward != "oracle" and not args.pool:
+        raise ValueError(f"reward {args.reward!r} needs --pool (the silos to ask for scores)")
+    if args.reward == "mor" and not args.router:
+        raise ValueError("reward mor needs --router (write one with `mor coordinator train-router`)")
+    pool = load_pool(args.pool) if args.pool else None
+    silos = pool_clients(pool) if pool else []
+    mor = args.reward == "mor"
+    reward = method_reward(args.reward, silos=silos, router=load_router(args.router) if mor else None,
+                           features=RouterFeatures(args.feature_cache) if mor else None, objective=args.objective,
+                           fusion=pool_fusion(pool) if pool else ClearFusion)
     if args.no_format_guard:
         logger.warning("format guard off: off-topic answers get whatever the silos' reward models give them")
-    else:
-        reward = OnFormatReward(reward, answer_vocabulary(splits.calibration))
+    reward = grpo_reward(reward, vocabulary=answer_vocabulary(splits.calibration),
+                         format_guard=not args.no_format_guard, transform=args.reward_transform)
     prompts = grpo_prompts(splits.calibration, None)
     final = train_grpo(args.policy, prompts, reward, settings, resume=args.resume)
     print(f"aligned policy written to {final}")
@@ -178,15 +165,16 @@ def _align(args: argparse.Namespace) -> int:
 
 def _evaluate_all(args: argparse.Namespace) -> int:
     from .evaluation import Evaluation, EvaluationConfig, publish
-    from .pool import client_for_model, in_process_clients, load_pool
+    from .pool import client_for_model, load_pool, pool_clients, pool_fusion
 
     config = load_config(args.config, EvaluationConfig) if args.config else EvaluationConfig()
     baselines = {name: client_for_model(name, path) for name, path in
                  (("fedavg_rm", args.fedavg_rm), ("centralized_rm", args.centralized_rm)) if path}
     out = Path(args.out)
-    evaluation = Evaluation(load_consortium(args.consortium), in_process_clients(load_pool(args.pool)),
-                            args.reference, out, config, baselines=baselines, feature_cache=args.feature_cache,
-                            progress=not args.no_progress)
+    pool = load_pool(args.pool)
+    evaluation = Evaluation(load_consortium(args.consortium), pool_clients(pool), args.reference, out, config,
+                            baselines=baselines, feature_cache=args.feature_cache, progress=not args.no_progress,
+                            fusion=pool_fusion(pool))
     markdown = publish(evaluation, evaluation.run_all(), json_path=args.results_json or out / "mor_vs_baselines.json",
                        markdown_path=args.results_md or out / "results.md", plots_prefix=args.plots or out / "training")
     print(markdown)

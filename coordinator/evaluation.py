@@ -41,7 +41,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field, field_validator, model_validator
@@ -49,6 +49,7 @@ from pydantic import Field, field_validator, model_validator
 from mor_secure.config import StrictModel
 from mor_secure.data import QUESTION_KINDS, ConsortiumSpec, PreferencePair, VQARecord, make_pairs, make_splits
 from mor_secure.models.tiny_vlm import load_vlm
+from mor_secure.wire.client import SiloClient
 
 from .answer_eval import AccuracyCallback, balanced_sample, evaluate_answers
 from .calibration import CalibrationBits, CalibrationConfig, Objective, collect_bits, fit_router, mean_weights_by_kind
@@ -61,17 +62,10 @@ from .results_report import (
     summarise,
     write_results_json,
 )
-from .rewards import (
-    ExactMatchReward,
-    FusedSiloReward,
-    GroupTopReward,
-    OnFormatReward,
-    SingleSiloReward,
-    UniformSiloReward,
-    answer_vocabulary,
-)
+from .fusion import ClearFusion, Fusion
+from .methods import RewardTransform, grpo_reward, method_reward
+from .rewards import FusedSiloReward, answer_vocabulary
 from .router import RouterFeatures
-from .silo_client import SiloClient
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +81,7 @@ class EvaluationConfig(StrictModel):
     methods: list[str] | None = Field(
         None, description="Methods to run (see the module docstring); null = every method whose inputs exist.")
     objective: Objective = Field("correct", description="Router objective GRPO optimises under `mor`.")
-    reward_transform: Literal["group_top", "score"] = Field(
+    reward_transform: RewardTransform = Field(
         "group_top",
         description="Applied to every method's reward alike: `group_top` gives 1 to the completions a prompt's "
         "group scores highest and 0 to the rest (a reward model's ranking, not its score gaps; see "
@@ -199,8 +193,9 @@ class Evaluation:
 
     def __init__(self, spec: ConsortiumSpec, clients: Sequence[SiloClient], reference_dir: str | Path,
                  out_dir: str | Path, config: EvaluationConfig, *, baselines: dict[str, SiloClient] | None = None,
-                 feature_cache: str | Path | None = None, progress: bool = True) -> None:
-        self.spec, self.config, self.progress = spec, config, progress
+                 feature_cache: str | Path | None = None, progress: bool = True,
+                 fusion: Callable[[Sequence[SiloClient]], Fusion] = ClearFusion) -> None:
+        self.spec, self.config, self.progress, self.fusion = spec, config, progress, fusion
         self.clients = list(clients)
         self.baselines = dict(baselines or {})
         unknown = sorted(set(self.baselines) - set(BASELINE_MODELS))
@@ -253,19 +248,10 @@ class Evaluation:
         return self._routers[key]
 
     def reward(self, method: str, seed: int) -> Callable[..., list[float]]:
-        """The reward of `method` as the silos and router give it (before `reward_transform`)."""
-        if method == "mor":
-            return FusedSiloReward(self.clients, self.router(seed), self.features, objective=self.config.objective)
-        if method == "uniform":
-            return UniformSiloReward(self.clients)
-        if method.startswith("single:"):
-            by_name = {c.name: c for c in self.clients}
-            return SingleSiloReward(by_name[method.removeprefix("single:")])
-        if method in self.baselines:
-            return SingleSiloReward(self.baselines[method])
-        if method == "oracle":
-            return ExactMatchReward()
-        raise ValueError(f"unknown method {method!r}")
+        """The reward of `method` as the silos and router give it (before the GRPO transforms)."""
+        return method_reward(method, silos=self.clients, router=self.router(seed) if method == "mor" else None,
+                             features=self.features, objective=self.config.objective, baselines=self.baselines,
+                             fusion=self.fusion)
 
     def run(self, method: str, seed: int) -> RunResult:
         """GRPO under `method`'s reward (none for `reference`), then test-split accuracy; reused if already done.
@@ -283,10 +269,8 @@ class Evaluation:
         else:
             reward = self.reward(method, seed)
             pairwise = reward_pairwise_accuracy(reward, self.test_pairs)
-            if self.config.format_guard:
-                reward = OnFormatReward(reward, answer_vocabulary(self.calibration_records))
-            if self.config.reward_transform == "group_top":
-                reward = GroupTopReward(reward)
+            reward = grpo_reward(reward, vocabulary=answer_vocabulary(self.calibration_records),
+                                 format_guard=self.config.format_guard, transform=self.config.reward_transform)
             settings = self.config.grpo_settings(run_dir / "grpo", seed)
             _, processor = load_vlm(self.reference_dir)
             callback = AccuracyCallback(processor, self.dev_probe, every=self.config.eval_every,

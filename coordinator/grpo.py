@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from mor_secure.config import StrictModel
 from mor_secure.data.records import VQARecord
@@ -249,6 +252,31 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 RewardFunction = Callable[..., list[float]]
 
 
+class StepProgress(TrainerCallback):
+    """One progress bar per GRPO run: steps done, and the latest logged mean reward and KL."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.description, unit="step")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "reward" in logs:
+            self.bar.set_postfix(reward=f"{float(logs['reward']):.3f}", kl=f"{float(logs.get('kl', 0.0)):.3f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def train_grpo(policy_dir: str | Path, records: Sequence[VQARecord], reward: RewardFunction,
                settings: GRPOSettings, *, resume: bool = False, callbacks: Sequence[Any] = ()) -> Path:
     """Align the policy at `policy_dir` with GRPO on `records`; returns `settings.output_dir / "final"`.
@@ -289,6 +317,12 @@ def train_grpo(policy_dir: str | Path, records: Sequence[VQARecord], reward: Rew
             module.requires_grad_(False)
     trainer = GRPOTrainer(model=model, processing_class=processor, reward_funcs=[reward], args=args,
                           train_dataset=dataset, callbacks=list(callbacks) or None)
+    # The Trainer prints every log dict (PrinterCallback, or ProgressCallback's bar.write); people get one bar
+    # per run instead, and the metrics stay in trainer_state.json's log_history.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if not args.disable_tqdm:
+        trainer.add_callback(StepProgress(description=f"GRPO {getattr(reward, '__name__', 'reward')}"))
     if checkpoint is not None:
         logger.info("resuming GRPO from %s", checkpoint)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)

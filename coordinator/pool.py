@@ -1,46 +1,95 @@
 """The silo pool: which silos the coordinator asks for scores, read from a YAML file.
 
-This issue's pool is in-process: each entry names a silo's saved reward
-model and the coordinator loads it behind an `InProcessSiloClient`, which is
-how the simulations, the demo and the evaluation run on one machine. The
-networked pool of a later issue replaces the entries' `reward_model` with an
-address and a cert kit and builds network clients; router and GRPO code take
-any `SiloClient` and do not change.
+A networked entry names the address of a silo's `mor silo serve`; the
+coordinator reaches it over mutual TLS with its own kit (`kit:`). An
+in-process entry names a silo's saved reward model; the silo's own service
+object (silo_agent) then runs inside the coordinator's process behind an
+in-process client, which is how tests, benchmarks and `make results-table`
+run on one machine. Router, GRPO and evaluation code take any `SiloClient`.
 
+    kit: pki/kits/coordinator-coordinator     # networked pools: the coordinator's certificate kit
+    minimum_participants: 2                   # a scoring round goes on without a silo that is down
+    deadline_seconds: 60
     silos:
       - name: hospital-a
-        reward_model: silos/hospital-a/reward_model
+        address: 127.0.0.1:50051
+      - name: bank-b
+        reward_model: silos/bank-b/reward_model   # in-process (simulation)
+        base_model: vlm/reference     # lora_vlm: the shared VLM it was trained on (checked by digest)
+
+The coordinator never imports the silo agent (DESIGN §3: the roles meet only
+through the wire contract). Whoever composes both roles in one process (the
+`mor` entry point, the demo, the tests) hands this module the silo agent's
+in-process opener with `use_in_process_silos`.
 
 No ledger here: a silo's answers to the coordinator are computed by its
 DP-trained model on public inputs, post-processing that costs its data
-budget nothing, randomized-response bits included (coordinator/silo_client.py).
+budget nothing, randomized-response bits included (silo_agent/service.py).
 The silo's ledger records its DP training; the coordinator never writes it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from mor_secure.config import StrictModel, load_config, resolve_relative
-from mor_secure.models.reward_model import load_reward_model
+from mor_secure.pki.kits import CertKit
+from mor_secure.wire.client import SiloClient
 
-from .silo_client import InProcessSiloClient, SiloClient
+from .fusion import ClearFusion
+
+# (name, reward-model directory, *, base_model, feature_cache, randomized_response_seed) -> client
+InProcessOpener = Callable[..., SiloClient]
+_in_process_opener: InProcessOpener | None = None
+
+
+def use_in_process_silos(opener: InProcessOpener) -> None:
+    """Let in-process pool entries open silos with `opener` (silo_agent.in_process.in_process_client)."""
+    global _in_process_opener
+    _in_process_opener = opener
+
+
+def _opener() -> InProcessOpener:
+    if _in_process_opener is None:
+        raise RuntimeError("in-process silo pools need the silo agent in this process: run through `mor` (which "
+                           "composes both roles) or call coordinator.pool.use_in_process_silos("
+                           "silo_agent.in_process.in_process_client) first")
+    return _in_process_opener
 
 
 class PoolSilo(StrictModel):
-    """One silo of the pool."""
+    """One silo of the pool: networked (`address`) or in-process (`reward_model`)."""
 
     name: str = Field(min_length=1, description="The silo's name, as in the consortium file and its certificate.")
-    reward_model: Path = Field(description="Directory of the silo's saved reward model (in-process pool).")
+    address: str | None = Field(None, description="host:port of the silo's `mor silo serve` (networked pool).")
+    reward_model: Path | None = Field(None, description="Directory of the silo's saved reward model (in-process).")
+    base_model: Path | None = Field(
+        None, description="In-process lora_vlm silos: the shared VLM checkpoint the reward model was trained on.")
+    feature_cache: Path | None = Field(None, description="In-process frozen_encoders silos: cached image features.")
+
+    @model_validator(mode="after")
+    def _one_way_to_reach_it(self) -> PoolSilo:
+        if (self.address is None) == (self.reward_model is None):
+            raise ValueError(f"silo {self.name!r}: give exactly one of address (networked) or reward_model "
+                             "(in-process)")
+        if self.address is not None and (self.base_model or self.feature_cache):
+            raise ValueError(f"silo {self.name!r}: base_model and feature_cache are the silo's own settings; a "
+                             "networked silo sets them in its silo YAML")
+        return self
 
 
 class PoolConfig(StrictModel):
     """`--pool pool.yaml`: the silos whose reward models the coordinator mixes. Paths relative to the file."""
 
     silos: list[PoolSilo] = Field(min_length=1, description="The silos, in the order the router's columns use.")
+    kit: Path | None = Field(None, description="The coordinator's certificate kit; required for networked silos.")
+    minimum_participants: int | None = Field(
+        None, ge=1, description="Silos that must answer a scoring round; fewer fails it. Default: all of them.")
+    deadline_seconds: float = Field(60.0, gt=0, description="Deadline of one call to a networked silo.")
+    retries: int = Field(3, ge=0, le=10, description="Retries (with backoff) of a call that found a silo UNAVAILABLE.")
 
     @field_validator("silos")
     @classmethod
@@ -51,6 +100,14 @@ class PoolConfig(StrictModel):
             raise ValueError(f"silo names must be unique; repeated: {repeated}")
         return silos
 
+    @model_validator(mode="after")
+    def _networked_needs_a_kit(self) -> PoolConfig:
+        if any(s.address for s in self.silos) and self.kit is None:
+            raise ValueError("networked silos need the coordinator's certificate kit: set kit: <kit directory>")
+        if self.minimum_participants is not None and self.minimum_participants > len(self.silos):
+            raise ValueError(f"minimum_participants {self.minimum_participants} exceeds the {len(self.silos)} silos")
+        return self
+
     @property
     def names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.silos)
@@ -59,38 +116,59 @@ class PoolConfig(StrictModel):
 def load_pool(path: str | Path) -> PoolConfig:
     """Read a pool YAML, resolving every path against the file's directory."""
     pool = load_config(path, PoolConfig)
-    silos = [silo.model_copy(update={"reward_model": resolve_relative(path, silo.reward_model)})
-             for silo in pool.silos]
+    if pool.kit is not None:
+        pool = pool.model_copy(update={"kit": resolve_relative(path, pool.kit)})
+    silos = []
+    for silo in pool.silos:
+        updates = {field: resolve_relative(path, getattr(silo, field))
+                   for field in ("reward_model", "base_model", "feature_cache") if getattr(silo, field) is not None}
+        silos.append(silo.model_copy(update=updates))
     return pool.model_copy(update={"silos": silos})
 
 
-def in_process_clients(pool: PoolConfig, *, names: Sequence[str] | None = None,
-                       seed: int | None = None) -> list[InProcessSiloClient]:
-    """Load the pool's reward models (all, or `names` in that order) behind in-process clients.
+def pool_clients(pool: PoolConfig, *, names: Sequence[str] | None = None,
+                 seed: int | None = None) -> list[SiloClient]:
+    """A client per silo of the pool (all, or `names` in that order): networked or in-process per entry.
 
-    Each client's randomized-response noise is drawn from OS entropy by
-    default (`seed=None`), as a real silo's is. An explicit `seed` (client k
-    gets seed + k) is for tests and simulations that need reproducible noise.
+    In-process silos' randomized-response noise is drawn from OS entropy by
+    default (`seed=None`), as a real silo's is. An explicit `seed` (silo k
+    gets seed + k) is for tests and simulations that need reproducible noise;
+    a networked silo's noise is its own business and never seeded from here.
     """
+    from .network_client import NetworkSiloClient
+
     by_name = {s.name: s for s in pool.silos}
     wanted = list(pool.names if names is None else names)
     unknown = [n for n in wanted if n not in by_name]
     if unknown:
         raise ValueError(f"unknown silo(s) {unknown}; the pool has {list(pool.names)}")
-    clients = []
+    kit = CertKit.load(pool.kit) if pool.kit is not None else None
+    clients: list[SiloClient] = []
     for index, name in enumerate(wanted):
         silo = by_name[name]
-        if not silo.reward_model.is_dir():
-            raise FileNotFoundError(f"silo {name!r}: reward model directory {silo.reward_model} not found; "
-                                    "train it first (`mor silo train --config <silo>.yaml`)")
-        client_seed = None if seed is None else seed + index
-        clients.append(InProcessSiloClient(name, load_reward_model(silo.reward_model), seed=client_seed))
+        if silo.address is not None:
+            clients.append(NetworkSiloClient(name, silo.address, kit, deadline_s=pool.deadline_seconds,
+                                             retries=pool.retries))
+        else:
+            clients.append(_opener()(name, silo.reward_model, base_model=silo.base_model,
+                                     feature_cache=silo.feature_cache,
+                                     randomized_response_seed=None if seed is None else seed + index))
     return clients
 
 
-def client_for_model(name: str, reward_model: str | Path) -> SiloClient:
+def pool_fusion(pool: PoolConfig) -> Callable[[Sequence[SiloClient]], ClearFusion]:
+    """How rewards fuse over this pool's silos: the pool's minimum participants, scaled to a subset."""
+    def fusion(clients: Sequence[SiloClient]) -> ClearFusion:
+        minimum = None
+        if pool.minimum_participants is not None:
+            # The minimum is for the whole pool; a single-silo baseline needs its one silo.
+            minimum = max(1, len(clients) - (len(pool.silos) - pool.minimum_participants))
+        return ClearFusion(clients, minimum_participants=minimum)
+    return fusion
+
+
+def client_for_model(name: str, reward_model: str | Path, *, base_model: str | Path | None = None,
+                     feature_cache: str | Path | None = None) -> SiloClient:
     """A client over one saved reward model outside the pool (the FedAvg and centralised baselines)."""
-    reward_model = Path(reward_model)
-    if not reward_model.is_dir():
-        raise FileNotFoundError(f"{name}: reward model directory {reward_model} not found")
-    return InProcessSiloClient(name, load_reward_model(reward_model))
+    return _opener()(name, Path(reward_model), base_model=base_model, feature_cache=feature_cache,
+                     randomized_response_seed=None)

@@ -10,14 +10,12 @@ each function under its `__name__`.
 
 Every silo-backed reward here is one class, `SiloMixtureReward`, that
 differs only in where the weights w_k come from: the router (the method),
-1/K (uniform baseline) or a single silo (single-silo baseline). Each silo is
-asked ONCE per call with all of the step's completions: a round trip per row
-would dominate a networked silo's cost, and silos' rate caps count calls.
-
-These classes compute R = sum_k w_k r_k in the clear (tests, baselines,
-single-machine runs). In deployment the same weights go to the silos and the
-sum is formed under secure aggregation (DESIGN §4); the reward interface to
-TRL stays the same.
+1/K (uniform baseline) or a single silo (single-silo baseline). The sum
+R = sum_k w_k r_k is formed by a `coordinator.fusion.Fusion`: in the clear
+(`ClearFusion`: tests, baselines, single-machine runs) or under secure
+aggregation (DESIGN §4), without this module changing. Each silo is asked
+ONCE per call with all of the step's completions: a round trip per row would
+dominate a networked silo's cost, and silos' rate caps count calls.
 """
 
 from __future__ import annotations
@@ -28,9 +26,10 @@ from typing import Any
 
 import torch
 
+from mor_secure.wire.client import SiloClient
+
 from .answer_eval import normalise_answer
-from .router import fused_reward
-from .silo_client import SiloClient
+from .fusion import Fusion, FusionItems, as_fusion
 
 # Reward of an empty (or whitespace-only) completion under a silo mixture. Silos
 # refuse to score empty responses, and scores are standardised (mean 0, std 1
@@ -122,34 +121,27 @@ class ExactMatchReward:
 class SiloMixtureReward:
     """R(x, y) = sum_k w_k(x) r_k(x, y) over the given silos; subclasses say where w comes from.
 
-    Needs the dataset columns `image_path` and `question` (what the silos and
-    the router see). An empty completion is not sent to the silos (they
-    refuse empty responses) and gets `empty_reward`.
+    `silos` is a `Fusion`, or a list of clients (fused in the clear). Needs
+    the dataset columns `image_path` and `question` (what the silos and the
+    router see). An empty completion is not sent to the silos (they refuse
+    empty responses) and gets `empty_reward`.
     """
 
-    def __init__(self, clients: Sequence[SiloClient], *, name: str,
+    def __init__(self, silos: Fusion | Sequence[SiloClient], *, name: str,
                  empty_reward: float = EMPTY_COMPLETION_REWARD) -> None:
-        clients = list(clients)
-        if not clients:
-            raise ValueError(f"{name} needs at least one silo client")
-        for index, client in enumerate(clients):
-            if not callable(getattr(client, "score", None)) or not isinstance(getattr(client, "name", None), str):
-                raise ValueError(f"clients[{index}] is a {type(client).__name__}, expected a SiloClient "
-                                 "(a `.name` string and a `.score(images, prompts, responses)` method)")
-        names = [c.name for c in clients]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"{name}: each silo may appear once; repeated: {duplicates}")
+        try:
+            self.fusion = as_fusion(silos)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
         if not math.isfinite(empty_reward):
             raise ValueError(f"empty_reward must be finite, got {empty_reward!r}")
-        self.clients = clients
         self.empty_reward = float(empty_reward)
         self.__name__ = name
 
     @property
     def silo_names(self) -> tuple[str, ...]:
         """Silo names in column order of the weights and scores."""
-        return tuple(c.name for c in self.clients)
+        return self.fusion.silo_names
 
     def weights(self, images: Sequence[str], questions: Sequence[str]) -> torch.Tensor:
         """[N, K] weights, each row summing to 1, in `silo_names` order."""
@@ -176,38 +168,25 @@ class SiloMixtureReward:
         answered = [i for i, t in enumerate(texts) if t.strip()]
         rewards = torch.full((rows,), self.empty_reward)
         if answered:
-            scores = self._scores([images[i] for i in answered], [questions[i] for i in answered],
-                                  [texts[i].strip() for i in answered])
-            rewards[answered] = fused_reward(weights[answered], scores)
+            items = FusionItems(images=tuple(images[i] for i in answered),
+                                prompts=tuple(questions[i] for i in answered),
+                                responses=tuple(texts[i].strip() for i in answered))
+            fused = self.fusion.fuse(items, weights[answered])
+            if log_metric is not None:
+                # Which silos answered this round (1/0): a silo that was down shows here, and its weight went
+                # to the others (coordinator.fusion.renormalised).
+                for silo, present in self.fusion.last_round.items():
+                    log_metric(f"silo_answered/{silo}", float(present))
+            if not isinstance(fused, torch.Tensor) or tuple(fused.shape) != (len(answered),):
+                raise RuntimeError(f"{self.__name__}: fusion returned {getattr(fused, 'shape', type(fused))}, "
+                                   f"expected [{len(answered)}]")
+            if not torch.isfinite(fused).all():
+                raise RuntimeError(f"{self.__name__}: fusion returned non-finite rewards")
+            rewards[answered] = fused.float()
         return rewards.tolist()
 
-    def _scores(self, images: list[str], questions: list[str], responses: list[str]) -> torch.Tensor:
-        """[M, K] standardised scores: one `score` call per silo, with every distinct row at once.
-
-        A group of `num_generations` one-word answers repeats itself (8 samples
-        are often 2 or 3 distinct answers), so only distinct (image, question,
-        response) rows are sent: the silos score, and are queried about, less.
-        """
-        rows = list(zip(images, questions, responses, strict=True))
-        distinct = list(dict.fromkeys(rows))
-        position = {row: i for i, row in enumerate(distinct)}
-        index = torch.tensor([position[row] for row in rows], dtype=torch.long)
-        images, questions, responses = (list(column) for column in zip(*distinct, strict=True))
-        columns = []
-        for client in self.clients:
-            scores = client.score(images, questions, responses)
-            if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (len(responses),):
-                shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
-                raise RuntimeError(f"{self.__name__}: silo {client.name!r} returned {shape} scores for "
-                                   f"{len(responses)} distinct completions; expected a [{len(responses)}] tensor")
-            scores = scores.detach().float().cpu()
-            if not torch.isfinite(scores).all():
-                raise RuntimeError(f"{self.__name__}: silo {client.name!r} returned non-finite scores")
-            columns.append(scores)
-        return torch.stack(columns, dim=1)[index]
-
     def _checked_weights(self, weights: torch.Tensor, rows: int) -> torch.Tensor:
-        expected = (rows, len(self.clients))
+        expected = (rows, len(self.silo_names))
         if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != expected:
             shape = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
             raise RuntimeError(f"{self.__name__}: weights have shape {shape}, expected {expected} "
@@ -223,45 +202,54 @@ class SiloMixtureReward:
 class UniformSiloReward(SiloMixtureReward):
     """Baseline: the plain average of the silos' scores (w_k = 1/K everywhere)."""
 
-    def __init__(self, clients: Sequence[SiloClient], *, empty_reward: float = EMPTY_COMPLETION_REWARD) -> None:
-        super().__init__(clients, name="uniform_silo_reward", empty_reward=empty_reward)
+    def __init__(self, silos: Fusion | Sequence[SiloClient], *, empty_reward: float = EMPTY_COMPLETION_REWARD) -> None:
+        super().__init__(silos, name="uniform_silo_reward", empty_reward=empty_reward)
 
     def weights(self, images: Sequence[str], questions: Sequence[str]) -> torch.Tensor:
-        return torch.full((len(images), len(self.clients)), 1.0 / len(self.clients))
+        silos = len(self.silo_names)
+        return torch.full((len(images), silos), 1.0 / silos)
 
 
 class SingleSiloReward(UniformSiloReward):
     """Baseline: one silo's score alone (a mixture of one)."""
 
-    def __init__(self, client: SiloClient, *, empty_reward: float = EMPTY_COMPLETION_REWARD) -> None:
-        super().__init__([client], empty_reward=empty_reward)
-        self.__name__ = f"single_silo_reward/{client.name}"
+    def __init__(self, silo: Fusion | SiloClient, *, empty_reward: float = EMPTY_COMPLETION_REWARD) -> None:
+        super().__init__(silo if isinstance(silo, Fusion) else [silo], empty_reward=empty_reward)
+        if len(self.silo_names) != 1:
+            raise ValueError(f"a single-silo reward needs one silo, got {list(self.silo_names)}")
+        self.__name__ = f"single_silo_reward/{self.silo_names[0]}"
 
 
 class FusedSiloReward(SiloMixtureReward):
     """The method: router weights w(x) = g(features(image, question), objective), fused over the silos.
 
-    `router` needs `.silo_names`, `.objective_names`, `.objective_id(name)` and
+    `silos` is a `Fusion` over the router's silos (in its order), or a list
+    of clients in any order, matched to the router's silos by name. `router` needs `.silo_names`, `.objective_names`, `.objective_id(name)` and
     `.weights(features, objective_ids)`; `features` needs `.encode(images,
-    prompts)` (e.g. `coordinator.router.RouterFeatures`). Clients may come in
-    any order: they are matched to the router's silos by name. Weights are
+    prompts)` (e.g. `coordinator.router.RouterFeatures`). Weights are
     computed once per distinct (image, question) in a call, not once per
     completion, since a step holds each prompt `num_generations` times.
     """
 
-    def __init__(self, clients: Sequence[SiloClient], router: Any, features: Any, *, objective: str,
+    def __init__(self, silos: Fusion | Sequence[SiloClient], router: Any, features: Any, *, objective: str,
                  empty_reward: float = EMPTY_COMPLETION_REWARD) -> None:
-        clients = list(clients)
-        by_name = {c.name: c for c in clients}
         router_silos = list(router.silo_names)
-        missing = [s for s in router_silos if s not in by_name]
-        extra = [s for s in by_name if s not in router_silos]
-        if missing or extra or len(by_name) != len(clients):
-            raise ValueError(
-                f"the silo clients must be exactly the router's silos {router_silos}; "
-                f"missing clients: {missing}, clients the router does not know: {extra}"
-            )
-        super().__init__([by_name[s] for s in router_silos], name="fused_silo_reward", empty_reward=empty_reward)
+        if isinstance(silos, Fusion) and not isinstance(silos, (list, tuple)):
+            if list(silos.silo_names) != router_silos:
+                raise ValueError(f"the fusion's silos {list(silos.silo_names)} must be the router's silos "
+                                 f"{router_silos}, in that order")
+        else:
+            clients = list(silos)
+            by_name = {c.name: c for c in clients}
+            missing = [s for s in router_silos if s not in by_name]
+            extra = [s for s in by_name if s not in router_silos]
+            if missing or extra or len(by_name) != len(clients):
+                raise ValueError(
+                    f"the silo clients must be exactly the router's silos {router_silos}; "
+                    f"missing clients: {missing}, clients the router does not know: {extra}"
+                )
+            silos = [by_name[s] for s in router_silos]
+        super().__init__(silos, name="fused_silo_reward", empty_reward=empty_reward)
         if objective not in router.objective_names:
             raise ValueError(f"unknown objective {objective!r}; the router knows {list(router.objective_names)}")
         self.router = router

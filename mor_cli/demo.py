@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
@@ -29,7 +30,7 @@ from transformers.utils import logging as hf_logging
 from coordinator.answer_eval import evaluate_answers
 from coordinator.cli import vlm_corpus
 from coordinator.evaluation import Evaluation, EvaluationConfig
-from coordinator.pool import in_process_clients, load_pool
+from coordinator.pool import load_pool, pool_clients, pool_fusion
 from coordinator.reference import train_reference
 from coordinator.results_report import results_markdown, summarise
 from coordinator.router import save_router
@@ -39,8 +40,13 @@ from mor_secure.data import load_consortium, make_pairs, make_splits
 from mor_secure.data.records import QUESTION_KINDS, PreferencePair
 from mor_secure.models.reward_model import RewardModel
 from mor_secure.models.tiny_vlm import build_tiny_vlm, load_vlm
+from mor_secure.pki.kits import CertKit
 from silo_agent.config import SiloConfig
-from silo_agent.training import create_ledger, feature_cache_dir, load_silo_config, train_silo
+from silo_agent.training import MODEL_DIR, create_ledger, feature_cache_dir, load_silo_config, train_silo
+
+from .pki_cli import init_pki
+from .roles import allow_in_process_silos
+from .silo_processes import SiloProcesses
 
 PROG = "mor demo"
 SILOS = ("hospital-a", "bank-b", "hospital-c")
@@ -73,27 +79,53 @@ def embedded_config(name: str, workdir: Path) -> Path:
     return path
 
 
-def write_pool(workdir: Path) -> Path:
-    """The coordinator's pool file: each demo silo's saved reward model (in-process pool)."""
-    lines = ["# Written by `mor demo`: the silos the coordinator asks for scores (coordinator/pool.py).", "silos:"]
+def write_pool(workdir: Path, *, addresses: dict[str, str] | None = None) -> Path:
+    """The coordinator's pool file: the demo silos' addresses (networked), or their saved models (in-process).
+
+    The networked pool names the coordinator's kit and lets a scoring round go
+    on without one silo (minimum 2 of 3), as a consortium of three would.
+    """
+    lines = ["# Written by `mor demo`: the silos the coordinator asks for scores (coordinator/pool.py)."]
+    if addresses is not None:
+        lines += ["kit: pki/kits/coordinator-coordinator", "minimum_participants: 2"]
+    lines.append("silos:")
     for silo in SILOS:
-        lines += [f"  - name: {silo}", f"    reward_model: silos/{silo}/reward_model"]
-    path = workdir / "pool.yaml"
+        lines.append(f"  - name: {silo}")
+        if addresses is not None:
+            lines.append(f"    address: {addresses[silo]}")
+            continue
+        config = load_silo_config(workdir / "silos" / f"{silo}.yaml")
+        lines.append(f"    reward_model: {os.path.relpath(config.workdir / MODEL_DIR, workdir)}")
+        if config.base_model is not None:
+            lines.append(f"    base_model: {os.path.relpath(config.base_model, workdir)}")
+        if config.architecture == "frozen_encoders":
+            lines.append(f"    feature_cache: {os.path.relpath(feature_cache_dir(config), workdir)}")
+    path = workdir / ("network_pool.yaml" if addresses is not None else "pool.yaml")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
 def evaluation_for(workdir: Path, consortium_path: Path, config_name: str, *, progress: bool,
-                   baselines: dict | None = None) -> Evaluation:
+                   baselines: dict | None = None, addresses: dict[str, str] | None = None) -> Evaluation:
     """The `Evaluation` of the demo's silos, reference and embedded evaluation config `config_name`.
 
-    Each config gets its own run directory: the demo's one-seed runs are not the table's (other settings).
+    With `addresses`, the silos are reached over mTLS at those addresses;
+    without, they run in this process. Each config gets its own run
+    directory: the demo's one-seed runs are not the table's (other settings).
     """
     config = load_config(embedded_config(config_name, workdir), EvaluationConfig)
-    return Evaluation(load_consortium(consortium_path), in_process_clients(load_pool(write_pool(workdir))),
-                      workdir / "vlm" / "reference", workdir / "evaluation" / Path(config_name).stem, config,
-                      baselines=baselines,
-                      feature_cache=workdir / "router_cache", progress=progress)
+    allow_in_process_silos()
+    pool = load_pool(write_pool(workdir, addresses=addresses))
+    return Evaluation(load_consortium(consortium_path), pool_clients(pool), workdir / "vlm" / "reference",
+                      workdir / "evaluation" / Path(config_name).stem, config, baselines=baselines,
+                      feature_cache=workdir / "router_cache", progress=progress, fusion=pool_fusion(pool))
+
+
+def serve_silos(workdir: Path) -> SiloProcesses:
+    """The demo's silos as `mor silo serve` processes (a context manager; SIGTERM on exit, also on failure)."""
+    return SiloProcesses({silo: workdir / "silos" / f"{silo}.yaml" for silo in SILOS},
+                         probe_kit=CertKit.load(workdir / "pki" / "kits" / "coordinator-coordinator"),
+                         workdir=workdir / "serving")
 
 
 def _accuracy_split(model: RewardModel, pairs_by_kind: dict[str, list[PreferencePair]],
@@ -144,6 +176,10 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> in
     consortium_path = _install_configs(workdir)
     splits = make_splits(load_consortium(consortium_path))
 
+    print("== consortium PKI: a CA and one certificate kit per party ==")
+    authority, kits = init_pki(consortium_path, workdir / "pki", days=30)
+    print(f"CA {authority.directory}; kits for " + ", ".join(kits))
+
     print("== coordinator: tiny VLM and reference policy ==")
     reference = build_reference(workdir, consortium_path, progress=progress)
     reference_accuracy = evaluate_answers(*load_vlm(reference), splits.test)
@@ -176,11 +212,20 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> in
         rows.append(row)
     _print_table(rows)
 
-    print("\n== coordinator: router calibration, GRPO with MoR and with the uniform average (1 seed) ==")
-    evaluation = evaluation_for(workdir, consortium_path, "demo_evaluation.yaml", progress=progress)
-    runs = evaluation.run_all()
+    write_pool(workdir)  # the in-process pool too, for benchmarks/grpo_step.py's in-process comparison
+    print("\n== silos: each serves its model as its own `mor silo serve` process (mTLS on 127.0.0.1) ==")
+    with serve_silos(workdir) as served:
+        addresses = {name: silo.address for name, silo in served.silos.items()}
+        print("serving: " + ", ".join(f"{name} at {address}" for name, address in addresses.items()))
+        print("\n== coordinator, over the network: router calibration, GRPO with MoR and with the uniform average "
+              "(1 seed) ==")
+        evaluation = evaluation_for(workdir, consortium_path, "demo_evaluation.yaml", progress=progress,
+                                    addresses=addresses)
+        runs = evaluation.run_all()
+        routing = evaluation.routing_table()["correct"]
+    print("silos stopped with SIGTERM: " + ", ".join(f"{name} exit {code}" for name, code in served.exit_codes.items())
+          + f" (their logs: {workdir / 'serving'})")
     kinds = [k for k in QUESTION_KINDS if k in runs[0].accuracy]
-    routing = evaluation.routing_table()["correct"]
     # Saved like `mor coordinator train-router` saves one, for `mor coordinator align` and benchmarks/grpo_step.py.
     print(f"router (seed {evaluation.config.seeds[0]}) saved to "
           f"{save_router(evaluation.router(evaluation.config.seeds[0]), workdir / 'router')}")

@@ -9,11 +9,13 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
-# group -> (module defining it, one-line help). pki and audit arrive with the secure transport.
+# group -> (module defining it, one-line help).
 GROUPS: dict[str, tuple[str, str]] = {
-    "silo": ("silo_agent.cli", "silo operator: create the privacy ledger, train a DP reward model, inspect the ledger"),
+    "pki": ("mor_cli.pki_cli", "consortium operator: the certificate authority, party kits, revocation"),
+    "silo": ("silo_agent.cli", "silo operator: create the privacy ledger, train a DP reward model, serve it, inspect the ledger"),
     "coordinator": ("coordinator.cli", "consortium operator: build the VLM, train and evaluate the reference"),
     "demo": ("mor_cli.demo", "run the whole consortium locally with embedded defaults"),
 }
@@ -36,6 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mor: unknown group {group!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # DP-off and seeded-noise warnings are raised both as UserWarning (for library users) and as log lines
+    # (mor_secure.privacy.training_config.warn_dp_off); on the command line the log line says it once.
+    warnings.filterwarnings("ignore", category=UserWarning, message=r".*(WITHOUT differential privacy|DP noise is SEEDED)")
+    if group in ("coordinator", "demo"):
+        from .roles import allow_in_process_silos
+
+        allow_in_process_silos()
     module = importlib.import_module(GROUPS[group][0])
     return module.main(rest)
 

@@ -23,6 +23,7 @@ from silo_agent.training import MODEL_DIR, create_ledger, ledger_path, load_silo
 
 from .baselines import CentralizedSettings, FedAvgSettings, train_centralized_reward_model, train_fedavg_reward_model
 from .demo import SILOS, _install_configs, build_reference, embedded_config, evaluation_for
+from .roles import allow_in_process_silos
 
 
 class BaselineSettings(StrictModel):
@@ -35,6 +36,7 @@ class BaselineSettings(StrictModel):
 
 def run_table(workdir: Path, *, results_dir: Path, results_md: Path, progress: bool) -> int:
     started = time.monotonic()
+    allow_in_process_silos()  # the table's silos run in this process (simulation)
     consortium_path = workdir / "consortium.yaml"
     if not consortium_path.is_file():
         _install_configs(workdir)

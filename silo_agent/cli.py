@@ -24,6 +24,11 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train the silo's DP reward model from its YAML")
     train.add_argument("--config", required=True, help="silo YAML (see silo_agent/config.py)")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    serve = commands.add_parser("serve", help="serve the trained reward model over mutually authenticated gRPC")
+    serve.add_argument("--config", required=True, help="silo YAML with a `serve:` section (kit, policy, port)")
+    serve.add_argument("--port-file", help="write {\"port\": N, \"pid\": P} here once listening (for scripts)")
+    serve.add_argument("--port", type=int, help="listen on this port instead of serve.port (e.g. to restart a silo "
+                       "where the coordinator's pool expects it)")
     ledger = commands.add_parser("ledger", help="show the privacy ledger: budget, every spend, what is left")
     ledger.add_argument("--config", required=True, help="silo YAML")
     return parser
@@ -54,6 +59,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .serving import serve_until_signalled
+
+    config = load_silo_config(args.config)
+    if args.port is not None:
+        if config.serve is None:
+            raise ValueError(f"{args.config} has no `serve:` section to override the port of")
+        serve = type(config.serve).model_validate({**config.serve.model_dump(), "port": args.port})
+        config = config.model_copy(update={"serve": serve})
+    return serve_until_signalled(config, port_file=Path(args.port_file) if args.port_file else None)
+
+
 def _ledger(args: argparse.Namespace) -> int:
     ledger = open_ledger(load_silo_config(args.config))
     print(json.dumps({
@@ -69,4 +88,4 @@ def _ledger(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str]) -> int:
-    return run_command(_parser(), argv, {"init": _init, "train": _train, "ledger": _ledger})
+    return run_command(_parser(), argv, {"init": _init, "train": _train, "serve": _serve, "ledger": _ledger})

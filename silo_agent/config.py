@@ -20,6 +20,22 @@ class PrivacyBudget(StrictModel):
     delta: float = Field(2e-5, gt=0, lt=1, description="Total delta this silo will ever spend.")
 
 
+class ServeSettings(StrictModel):
+    """`mor silo serve`: where the silo listens, with which kit, under which policy. Paths relative to the YAML."""
+
+    kit: Path = Field(description="This silo's certificate kit directory (`mor pki init` or `mor pki issue`).")
+    crl: Path | None = Field(None, description="The consortium CRL, re-read when it changes (default: <kit>/crl.pem; "
+                             "point it at the file the consortium publishes revocations to).")
+    policy: Path | None = Field(None, description="Serving policy YAML (policies/*.yaml; default: the secure "
+                                "defaults of mor_secure/policy/schema.py: only the coordinator may score).")
+    host: str = Field("127.0.0.1", description="Address to listen on (loopback by default; a real deployment "
+                      "names its interface).")
+    port: int = Field(0, ge=0, le=65535, description="Port to listen on; 0 lets the OS choose (reported on start).")
+    audit_log: Path | None = Field(None, description="JSON-lines log of every decision (default: "
+                                   "<workdir>/audit.jsonl).")
+    drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM: how long in-flight calls may finish.")
+
+
 class SiloConfig(StrictModel):
     """`mor silo train --config silo.yaml`. Relative paths are relative to this file."""
 
@@ -39,6 +55,7 @@ class SiloConfig(StrictModel):
         800, gt=0, description="small_cnn only: steps of public (non-private) trunk pre-training on the SFT split.")
     training: TrainingConfig = Field(default_factory=TrainingConfig, description="Bradley-Terry DP-SGD settings.")
     privacy_budget: PrivacyBudget = Field(default_factory=PrivacyBudget, description="Lifetime budget for the ledger.")
+    serve: ServeSettings | None = Field(None, description="How `mor silo serve` serves the trained model.")
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> SiloConfig:

@@ -68,6 +68,11 @@ def load_silo_config(path: str | Path) -> SiloConfig:
     for optional in ("base_model", "feature_cache"):
         if getattr(config, optional) is not None:
             updates[optional] = resolve_relative(path, getattr(config, optional))
+    if config.serve is not None:
+        serve = config.serve
+        updates["serve"] = serve.model_copy(update={
+            field: resolve_relative(path, getattr(serve, field))
+            for field in ("kit", "crl", "policy", "audit_log") if getattr(serve, field) is not None})
     return config.model_copy(update=updates)
 
 

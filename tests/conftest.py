@@ -83,3 +83,27 @@ def reference_dir(tmp_path_factory: pytest.TempPathFactory, tiny_vlm_dir: Path, 
     return train_reference(tiny_vlm_dir, splits.sft, tmp_path_factory.mktemp("vlm") / "reference",
                            SFTConfig(steps=3, batch_size=8, vision_pretraining=VisionPretrainingConfig(steps=3, batch_size=8)),
                            progress=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def in_process_silos() -> None:
+    """Tests compose both roles in one process, as the `mor` entry point does (mor_cli/roles.py)."""
+    from mor_cli.roles import allow_in_process_silos
+
+    allow_in_process_silos()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory):
+    """A throw-away consortium PKI made by the project's own code: the CA and one kit per party."""
+    from types import SimpleNamespace
+
+    from mor_secure.pki import CertificateAuthority, PartyIdentity
+
+    root = tmp_path_factory.mktemp("pki")
+    ca = CertificateAuthority.create(root / "ca")
+    parties = {"hospital-a": ("silo", "hospital-a"), "bank-b": ("silo", "bank-b"),
+               "coordinator": ("coordinator", "coordinator"), "auditor": ("auditor", "auditor")}
+    kits = {key: ca.issue(PartyIdentity(role, name), root / "kits" / f"{role}-{name}")
+            for key, (role, name) in parties.items()}
+    return SimpleNamespace(root=root, ca=ca, crl=ca.directory / "crl.pem", kits=kits)

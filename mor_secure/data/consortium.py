@@ -148,6 +148,10 @@ class ConsortiumSpec(StrictModel):
         min_length=1,
         description="The silos, in order; each takes consecutive images of the shuffled private pool.",
     )
+    coordinator: str = Field("coordinator", description="The coordinator's party name: its certificate says "
+                             "mor://coordinator/<name> (`mor pki init` issues it a kit).")
+    auditors: list[str] = Field(default_factory=lambda: ["auditor"], description="Compliance reviewers' party "
+                                "names (mor://auditor/<name>): they may read silo descriptions, never scores.")
 
     @model_validator(mode="after")
     def _silos_fit_together(self) -> ConsortiumSpec:

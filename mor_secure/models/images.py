@@ -1,4 +1,11 @@
-"""Image loading shared by every model: RGB PIL images, cached per path.
+"""Images as the models see them: decoded RGB PIL images with a content key.
+
+A model receives either a path (the silo's own training data, on its disk)
+or a `KeyedImage` (bytes a caller sent, decoded by the silo's service after
+checking their SHA-256). Either way `image_key` is the SHA-256 of the encoded
+bytes, so every cache (features, reference likelihoods) is keyed by content,
+never by where a file happens to lie: a silo directory copied to another
+machine finds its caches valid and scores identically.
 
 easy-VQA images are 64x64 PNGs; the whole benchmark (5,000 images) fits in a
 few tens of MB decoded, so a process-wide cache removes repeated PNG decoding
@@ -7,6 +14,8 @@ from every training epoch.
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,19 +27,51 @@ from PIL import Image
 _IMAGE_CACHE_SIZE = 8192
 
 
+@dataclass(frozen=True, eq=False)
+class KeyedImage:
+    """A decoded RGB image and the SHA-256 (hex) of the encoded bytes it came from."""
+
+    sha256: str
+    image: Image.Image
+
+
+ImageInput = KeyedImage | str | Path
+
+
 @lru_cache(maxsize=_IMAGE_CACHE_SIZE)
+def _file_image(path: str, mtime_ns: int, size: int) -> KeyedImage:
+    # Keyed by (path, mtime, size) so an edited file is read again rather than served stale.
+    data = Path(path).read_bytes()
+    with Image.open(Path(path)) as image:
+        return KeyedImage(sha256=hashlib.sha256(data).hexdigest(), image=image.convert("RGB"))
+
+
+def keyed(image: ImageInput) -> KeyedImage:
+    """A `KeyedImage` as is; a path read (once per process while unchanged), hashed and decoded to RGB."""
+    if isinstance(image, KeyedImage):
+        return image
+    stat = Path(image).stat()
+    return _file_image(str(image), stat.st_mtime_ns, stat.st_size)
+
+
+def image_key(image: ImageInput) -> str:
+    """The content key of an image: the SHA-256 of its encoded bytes."""
+    return keyed(image).sha256
+
+
 def load_rgb(path: str | Path) -> Image.Image:
     """Open `path` as an RGB image (decoded once per process)."""
-    with Image.open(path) as image:
+    return keyed(path).image
+
+
+def as_pil(image: ImageInput | Image.Image) -> Image.Image:
+    """An RGB PIL image from a PIL image, a `KeyedImage` or a path."""
+    if isinstance(image, Image.Image):
         return image.convert("RGB")
+    return keyed(image).image
 
 
-def as_pil(image: Image.Image | str | Path) -> Image.Image:
-    """Accept a PIL image or a path; return an RGB PIL image."""
-    return image.convert("RGB") if isinstance(image, Image.Image) else load_rgb(str(image))
-
-
-def to_uint8_tensor(image: Image.Image | str | Path, size: int) -> torch.Tensor:
+def to_uint8_tensor(image: ImageInput | Image.Image, size: int) -> torch.Tensor:
     """(3, size, size) uint8 tensor, resized with bilinear filtering when needed."""
     pil = as_pil(image)
     if pil.size != (size, size):

@@ -7,6 +7,13 @@ heterogeneous silos are on one scale before they leave the silo (DESIGN §2.1).
 An architecture provides two things: `side_inputs` (tensors for one side of a
 pair) and `module` (an nn.Module whose forward(*side_inputs) returns one score
 per row). DP training, standardisation, scoring and persistence are shared.
+
+Images are paths (the silo's own data) or `KeyedImage`s (bytes a caller sent,
+decoded by the silo's service); every cache is keyed by content. A saved model
+holds no path of the machine it was saved on: what a machine provides (the
+shared VLM a LoRA model was trained on, a feature-cache directory) is passed
+to `load_reward_model` as `LocalResources`, and checked against what the
+model recorded (the backbone's digest).
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ from torch.utils.data import TensorDataset
 
 from mor_secure.data.records import PreferencePair
 
+from .images import ImageInput
+
 MANIFEST = "reward_model.json"
 _REGISTRY: dict[str, type[RewardModel]] = {}
 
@@ -34,6 +43,14 @@ class Standardisation:
 
     mean: float = 0.0
     std: float = 1.0
+
+
+@dataclass(frozen=True)
+class LocalResources:
+    """What the loading machine provides that a saved reward model does not contain."""
+
+    base_model: Path | None = None  # the shared VLM checkpoint a lora_vlm model was trained on
+    feature_cache: Path | None = None  # directory for frozen-feature caches (optional; speeds up scoring)
 
 
 def register(cls: type[RewardModel]) -> type[RewardModel]:
@@ -58,7 +75,7 @@ class RewardModel(ABC):
 
     # --- what an architecture defines -------------------------------------------------
     @abstractmethod
-    def side_inputs(self, images: Sequence[str | Path], prompts: Sequence[str],
+    def side_inputs(self, images: Sequence[ImageInput], prompts: Sequence[str],
                     responses: Sequence[str]) -> tuple[torch.Tensor, ...]:
         """Tensors for one side of a batch of pairs; rows align with the arguments."""
 
@@ -68,8 +85,9 @@ class RewardModel(ABC):
 
     @classmethod
     @abstractmethod
-    def _load(cls, directory: Path, settings: dict, standardisation: Standardisation) -> RewardModel:
-        """Rebuild from `_save_weights`'s files and settings."""
+    def _load(cls, directory: Path, settings: dict, standardisation: Standardisation,
+              resources: LocalResources) -> RewardModel:
+        """Rebuild from `_save_weights`'s files and settings, with what this machine provides."""
 
     # --- shared behaviour ---------------------------------------------------------------
     def trainable_parameters(self) -> int:
@@ -85,7 +103,7 @@ class RewardModel(ABC):
         return TensorDataset(*chosen, *rejected)
 
     @torch.no_grad()
-    def raw_scores(self, images: Sequence[str | Path], prompts: Sequence[str], responses: Sequence[str],
+    def raw_scores(self, images: Sequence[ImageInput], prompts: Sequence[str], responses: Sequence[str],
                    *, batch_size: int = 256) -> torch.Tensor:
         """Unstandardised scores, computed in eval mode and in batches."""
         if not (len(images) == len(prompts) == len(responses)):
@@ -97,7 +115,7 @@ class RewardModel(ABC):
                for i in range(0, len(images), batch_size)]
         return torch.cat(out) if out else torch.zeros(0)
 
-    def score(self, images: Sequence[str | Path], prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+    def score(self, images: Sequence[ImageInput], prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         """Standardised scores: what leaves the silo."""
         raw = self.raw_scores(images, prompts, responses)
         return (raw - self.standardisation.mean) / self.standardisation.std
@@ -135,8 +153,13 @@ class RewardModel(ABC):
         return directory
 
 
-def load_reward_model(directory: str | Path) -> RewardModel:
-    """Load any registered architecture from a directory written by `RewardModel.save`."""
+def load_reward_model(directory: str | Path, resources: LocalResources | None = None) -> RewardModel:
+    """Load any registered architecture from a directory written by `RewardModel.save`.
+
+    `resources` says where this machine keeps what the model needs but does
+    not contain (see `LocalResources`); a lora_vlm model refuses to load
+    without its base model, or with a different one.
+    """
     # Importing the package registers every architecture.
     from mor_secure.models import reward_architectures  # noqa: F401
 
@@ -148,4 +171,5 @@ def load_reward_model(directory: str | Path) -> RewardModel:
     name = manifest.get("architecture")
     if name not in _REGISTRY:
         raise ValueError(f"{manifest_path}: unknown architecture {name!r}; known: {', '.join(architectures())}")
-    return _REGISTRY[name]._load(directory, manifest["settings"], Standardisation(**manifest["standardisation"]))
+    return _REGISTRY[name]._load(directory, manifest["settings"], Standardisation(**manifest["standardisation"]),
+                                 resources or LocalResources())

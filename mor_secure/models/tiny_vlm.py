@@ -8,6 +8,8 @@ tokenizer, processor with chat template) and every consumer loads it back with
 
 from __future__ import annotations
 
+import hashlib
+
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -151,6 +153,26 @@ def load_vlm(path: str | Path) -> tuple[LlavaForConditionalGeneration, LlavaProc
     processor = AutoProcessor.from_pretrained(path)
     model = AutoModelForImageTextToText.from_pretrained(path)
     return model, processor
+
+
+def checkpoint_digest(path: str | Path) -> str:
+    """SHA-256 over a checkpoint directory's files (names and contents, sorted by name): its identity.
+
+    What a model trained on top of a checkpoint records instead of the
+    checkpoint's path, so it can be moved between machines and still refuse a
+    different backbone.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a model checkpoint (no config.json)")
+    digest = hashlib.sha256()
+    for file in sorted(f for f in path.iterdir() if f.is_file()):
+        digest.update(file.name.encode("utf-8") + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def user_prompt(question: str) -> list[dict]:

@@ -7,7 +7,7 @@ exact statistics of private data and are never released.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from mor_secure.privacy.accounting import Accountant
@@ -43,6 +43,15 @@ class PrivacyReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "mechanisms": list(self.mechanisms)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> PrivacyReport:
+        """The inverse of `to_dict`; unknown or missing keys are an error (a report is never guessed)."""
+        names = {f.name for f in fields(cls)}
+        if set(values) != names:
+            raise ValueError(f"privacy report keys differ from PrivacyReport's: missing {sorted(names - set(values))}, "
+                             f"unknown {sorted(set(values) - names)}")
+        return cls(**{**values, "mechanisms": tuple(values["mechanisms"])})
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import easy_vqa
 import pytest
 import torch
 from pydantic import ValidationError
@@ -32,6 +33,8 @@ from coordinator.rewards import (
     UniformSiloReward,
 )
 from coordinator.router import Router, RouterConfig
+from coordinator.silo_requests import image_blob
+from mor_secure.wire import ScoreReply, ScoreRequest, SiloDescription
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -162,7 +165,11 @@ def test_grpo_dataset_has_the_columns_rewards_read(grpo_records):
 
 
 class CountingSilo:
-    """A fake SiloClient whose score is a fixed function of (image, prompt, response); records every call."""
+    """A fake SiloClient whose score is a fixed function of (image, prompt, response); records every call.
+
+    It speaks the wire types (images as bytes with their digest); calls are
+    recorded with the coordinator's file paths again, so tests compare rows.
+    """
 
     def __init__(self, name: str, salt: int) -> None:
         self._name, self.salt, self.calls = name, salt, []
@@ -171,12 +178,24 @@ class CountingSilo:
     def name(self) -> str:
         return self._name
 
+    def describe(self) -> SiloDescription:
+        return SiloDescription(name=self._name, architecture="counting", trainable_params=0)
+
+    def correctness_bits(self, request):
+        raise AssertionError("rewards never ask for correctness bits")
+
     def value(self, image: str, prompt: str, response: str) -> float:
         return (zlib.crc32(f"{self.salt}|{image}|{prompt}|{response}".encode()) % 1000) / 250 - 2
 
-    def score(self, images, prompts, responses) -> torch.Tensor:
-        self.calls.append((list(images), list(prompts), list(responses)))
-        return torch.tensor([self.value(*row) for row in zip(images, prompts, responses, strict=True)])
+    def rows(self, request: ScoreRequest) -> tuple[list[str], list[str], list[str]]:
+        path_of = {image_blob(path).sha256: path for path in set(IMAGES)}
+        return ([path_of[request.images[r.image].sha256] for r in request.rows],
+                [r.prompt for r in request.rows], [r.response for r in request.rows])
+
+    def score(self, request: ScoreRequest) -> ScoreReply:
+        images, prompts, responses = self.rows(request)
+        self.calls.append((images, prompts, responses))
+        return ScoreReply(scores=tuple(self.value(*row) for row in zip(images, prompts, responses, strict=True)))
 
 
 class CountingFeatures:
@@ -198,7 +217,9 @@ class CountingFeatures:
 
 SILOS = ("hospital-a", "bank-b", "hospital-c")
 # Two prompts x three generations, as TRL passes them (each prompt's columns repeated per completion).
-IMAGES = ["/data/a.png"] * 3 + ["/data/b.png"] * 3
+# Two real public images (the coordinator sends image bytes, so the files must exist).
+IMAGE_A, IMAGE_B = (str(easy_vqa.get_train_image_paths()[i]) for i in (0, 1))
+IMAGES = [IMAGE_A] * 3 + [IMAGE_B] * 3
 QUESTIONS = ["What color is the shape?"] * 3 + ["Is there a circle?"] * 3
 ANSWERS = ["blue"] * 3 + ["no"] * 3
 RESPONSES = ["blue", "red", " teal ", "yes", "no", "no"]
@@ -233,7 +254,7 @@ def test_fused_reward_calls_each_silo_once_and_returns_the_weighted_sum(router: 
         # One batched call per silo with every DISTINCT completion: the repeated ("b.png", "no") is sent once.
         assert silo.calls == [(IMAGES[:5], QUESTIONS[:5], stripped[:5])]
     assert out[4] == out[5]
-    assert features.calls == [(["/data/a.png", "/data/b.png"], ["What color is the shape?", "Is there a circle?"])]
+    assert features.calls == [([IMAGE_A, IMAGE_B], ["What color is the shape?", "Is there a circle?"])]
 
     with torch.no_grad():
         expected = []
@@ -243,7 +264,8 @@ def test_fused_reward_calls_each_silo_once_and_returns_the_weighted_sum(router: 
                                 for k, name in enumerate(SILOS)))
     assert out == pytest.approx(expected, abs=1e-5)
     assert reward.__name__ == "fused_silo_reward"
-    assert set(log) == {f"router_weight/{name}" for name in SILOS}
+    assert set(log) == {f"{metric}/{name}" for name in SILOS for metric in ("router_weight", "silo_answered")}
+    assert all(log[f"silo_answered/{name}"] == 1.0 for name in SILOS)
 
 
 def test_fused_reward_handles_plain_and_empty_completions(router: Router):
@@ -269,11 +291,11 @@ def test_fused_reward_rejects_mismatched_inputs(router: Router):
         reward(QUESTIONS, RESPONSES, image_path=IMAGES, question=QUESTIONS[:5])
 
     class WrongShape(CountingSilo):
-        def score(self, images, prompts, responses):
-            return torch.zeros(len(responses) + 1)
+        def score(self, request):
+            return ScoreReply(scores=(0.0,) * (len(request.rows) + 1))
 
     bad = FusedSiloReward([*silos[:2], WrongShape("hospital-c", 9)], router, CountingFeatures(), objective="accuracy")
-    with pytest.raises(RuntimeError, match="silo 'hospital-c' returned \\(6,\\) scores for 5 distinct completions"):
+    with pytest.raises(RuntimeError, match="silo 'hospital-c' returned 6 scores for 5 rows"):
         bad(QUESTIONS, RESPONSES, image_path=IMAGES, question=QUESTIONS)
 
 

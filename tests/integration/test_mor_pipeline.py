@@ -109,8 +109,8 @@ def test_align_with_mor_then_resume(router_dir: Path, pool: Path, consortium_pat
     assert code == 0, err
     assert (out / "final" / "config.json").is_file() and "aligned policy written to" in stdout
     record = json.loads((out / "grpo_run.json").read_text())
-    # The format guard is on by default and wraps the fused reward (its name says so in the run record).
-    assert record["reward"] == "fused_silo_reward/on_format" and record["global_step"] == 2
+    # align trains under the reward `evaluate` reports: format guard, then group-top (the name says so).
+    assert record["reward"] == "fused_silo_reward/on_format/group_top" and record["global_step"] == 2
 
     config.write_text(GRPO_YAML.replace("steps: 2", "steps: 3"), encoding="utf-8")
     code, _, err = run_cli([*argv, "--resume"])
@@ -122,7 +122,7 @@ def test_align_with_mor_then_resume(router_dir: Path, pool: Path, consortium_pat
 @pytest.mark.parametrize(("extra", "message"), [
     (["--reward", "single:nobody"], "unknown silo 'nobody'"),
     (["--reward", "mor"], "needs --router"),
-    (["--reward", "best"], "unknown --reward 'best'"),
+    (["--reward", "best"], "unknown method 'best'"),
 ])
 def test_align_refuses_what_it_cannot_run(extra: list[str], message: str, pool: Path, consortium_path: Path,
                                           reference_dir: Path, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ are the real `RouterFeatures` of real easy-VQA records.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -24,8 +23,9 @@ from coordinator.calibration import (
     objective_pairs,
 )
 from coordinator.router import RouterConfig, RouterFeatures
-from coordinator.silo_client import SiloDescription
-from mor_secure.data import QUESTION_KINDS, PreferencePair
+from mor_secure.data import QUESTION_KINDS
+from mor_secure.data.easyvqa import kind_of_answer
+from mor_secure.wire import BitsReply, BitsRequest, SiloDescription
 
 SILO_OF_KIND = {"color": "color-expert", "shape": "shape-expert", "yes_no": "yes-no-expert"}
 
@@ -40,14 +40,16 @@ class KindExpert:
     def describe(self) -> SiloDescription:
         return SiloDescription(name=self.name, architecture="fake", trainable_params=0)
 
-    def score(self, images, prompts, responses) -> torch.Tensor:
+    def score(self, request):
         raise AssertionError("calibration must ask for bits, never for raw scores")
 
-    def correctness_bits(self, pairs: Sequence[PreferencePair], *, randomized_response_epsilon=None) -> torch.Tensor:
+    def correctness_bits(self, request: BitsRequest) -> BitsReply:
+        pairs = request.pairs
         self.calls.append(len(pairs))
         padded = [p.chosen in p.rejected and p.chosen != p.rejected for p in pairs]
-        return torch.tensor([self.likes_brief if is_padded else p.kind == self.kind
-                             for p, is_padded in zip(pairs, padded, strict=True)])
+        # Calibration pairs keep the true one-word answer as `chosen`, so it names the question's kind.
+        return BitsReply(bits=tuple(self.likes_brief if is_padded else kind_of_answer(p.chosen) == self.kind
+                                    for p, is_padded in zip(pairs, padded, strict=True)))
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +114,14 @@ def test_leave_one_kind_out_never_shows_that_kind(consortium, features) -> None:
 def test_randomized_response_needs_no_ledger_and_config_checks(consortium, features, tmp_path: Path,
                                                                monkeypatch) -> None:
     """Bits on public pairs from a DP-trained model are post-processing: randomized response charges nothing."""
-    from coordinator.silo_client import InProcessSiloClient
     from mor_secure.models.reward_architectures import SmallCNNRewardModel
+    from silo_agent.in_process import InProcessSiloClient
+    from silo_agent.service import SiloService
     from mor_secure.privacy.randomized_response import flip_probability
 
     _, splits = consortium
     monkeypatch.chdir(tmp_path)
-    client = InProcessSiloClient("no-ledger", SmallCNNRewardModel(seed=0))
+    client = InProcessSiloClient(SiloService("no-ledger", SmallCNNRewardModel(seed=0)))
     config = CalibrationConfig(randomized_response_epsilon=1.0, max_records_per_kind=3, router=RouterConfig(epochs=1))
     result = calibrate_router([client], splits.calibration, features, config)
     assert result.records == 3 * len(QUESTION_KINDS)

@@ -8,7 +8,7 @@ import pytest
 
 from coordinator.answer_eval import balanced_sample
 from coordinator.evaluation import EvaluationConfig, available_methods, reward_pairwise_accuracy
-from coordinator.pool import in_process_clients, load_pool
+from coordinator.pool import pool_clients, load_pool
 from coordinator.rewards import ExactMatchReward
 from mor_secure.config import ConfigError
 from mor_secure.data import QUESTION_KINDS, make_pairs
@@ -57,9 +57,9 @@ def test_pool_file_resolves_paths_and_reports_problems(tmp_path: Path) -> None:
     pool = load_pool(pool_path)
     assert pool.silos[0].reward_model == (tmp_path / "models" / "a").resolve()
     with pytest.raises(FileNotFoundError, match="mor silo train"):
-        in_process_clients(pool)
+        pool_clients(pool)
     with pytest.raises(ValueError, match="unknown silo"):
-        in_process_clients(pool, names=["b"])
+        pool_clients(pool, names=["b"])
 
     pool_path.write_text("silos:\n  - {name: a, reward_model: x}\n  - {name: a, reward_model: y}\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="repeated"):

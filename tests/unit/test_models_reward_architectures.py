@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from mor_secure.models.reward_architectures import (
     LoraVLMRewardModel,
     SmallCNNRewardModel,
 )
-from mor_secure.models.reward_model import MANIFEST
+from mor_secure.models.reward_model import MANIFEST, LocalResources
 from mor_secure.privacy import DPConfig, TrainingConfig, TrainingResult, train_bradley_terry
 
 ARCHITECTURES = ("lora_vlm", "frozen_encoders", "small_cnn")
@@ -251,12 +252,23 @@ def test_pairwise_accuracy_matches_raw_score_comparison(trained: Trained) -> Non
     assert math.isnan(model.pairwise_accuracy([]))
 
 
-def test_save_and_load_round_trip(trained: Trained, tmp_path_factory) -> None:
+def test_save_and_load_round_trip(trained: Trained, tmp_path_factory, tiny_vlm_dir: Path) -> None:
+    """A saved model names no path of its machine: copied elsewhere, it loads and scores identically."""
     model, validation = trained.model, trained.validation
     model.fit_standardisation(validation)
-    directory = model.save(tmp_path_factory.mktemp(f"{trained.name}-saved") / "reward_model")
+    saved_at = tmp_path_factory.mktemp(f"{trained.name}-saved")
+    directory = model.save(saved_at / "reward_model")
     assert (directory / MANIFEST).is_file()
-    loaded = load_reward_model(directory)
+    # Every path of this run (model, feature cache, base VLM) lies under pytest's base temp directory.
+    machine_paths = [str(tmp_path_factory.getbasetemp()), str(Path.cwd())]
+    for file in directory.rglob("*"):
+        if file.is_file():
+            text = file.read_bytes()
+            assert not any(path.encode() in text for path in machine_paths), file
+    moved = tmp_path_factory.mktemp(f"{trained.name}-moved") / "copied_model"
+    shutil.copytree(directory, moved)
+    shutil.rmtree(directory)
+    loaded = load_reward_model(moved, LocalResources(base_model=trained.base_model_dir))
     assert type(loaded) is type(model)
     assert loaded.architecture == trained.name
     assert loaded.standardisation == model.standardisation
@@ -264,8 +276,12 @@ def test_save_and_load_round_trip(trained: Trained, tmp_path_factory) -> None:
     assert torch.allclose(_score_all(loaded, validation), _score_all(model, validation), atol=1e-5)
     if trained.name == "lora_vlm":
         # The saved adapter holds only LoRA weights, never a copy of the shared base model.
-        adapter = load_file(str(directory / "adapter" / "adapter_model.safetensors"))
+        adapter = load_file(str(moved / "adapter" / "adapter_model.safetensors"))
         assert adapter and all("lora_" in key for key in adapter)
+        with pytest.raises(ValueError, match="needs the shared VLM it was trained on"):
+            load_reward_model(moved)
+        with pytest.raises(ValueError, match="is not the VLM this reward model was trained on"):
+            load_reward_model(moved, LocalResources(base_model=tiny_vlm_dir))
 
 
 def test_load_reward_model_errors(tmp_path: Path) -> None:

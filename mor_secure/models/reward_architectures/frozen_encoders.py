@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from ..encoders import EFFICIENTNET_FEATURES, MINILM_FEATURES, ImageFeatureEncoder, TextFeatureEncoder
 from ..reward_heads import InteractionHead
-from ..reward_model import RewardModel, Standardisation, register
+from ..images import ImageInput
+from ..reward_model import LocalResources, RewardModel, Standardisation, register
 
 HEAD_FILE = "head.safetensors"
 
@@ -33,11 +34,10 @@ class FrozenEncoderRewardModel(RewardModel):
         super().__init__(InteractionHead(EFFICIENTNET_FEATURES, MINILM_FEATURES, MINILM_FEATURES, width=width),
                          standardisation)
         self.width = width
-        self.cache_dir = None if cache_dir is None else str(Path(cache_dir).resolve())
         self.image_encoder = ImageFeatureEncoder(cache_dir)
         self.text_encoder = TextFeatureEncoder()
 
-    def side_inputs(self, images: Sequence[str | Path], prompts: Sequence[str],
+    def side_inputs(self, images: Sequence[ImageInput], prompts: Sequence[str],
                     responses: Sequence[str]) -> tuple[torch.Tensor, ...]:
         image_features = torch.nn.functional.normalize(self.image_encoder.encode(images), dim=-1)
         return (image_features, self.text_encoder.encode(list(prompts)),
@@ -45,10 +45,12 @@ class FrozenEncoderRewardModel(RewardModel):
 
     def _save_weights(self, directory: Path) -> dict:
         save_file(self.module.state_dict(), str(directory / HEAD_FILE))
-        return {"width": self.width, "cache_dir": self.cache_dir}
+        # No cache directory here: it is a path of this machine (LocalResources.feature_cache on load).
+        return {"width": self.width}
 
     @classmethod
-    def _load(cls, directory: Path, settings: dict, standardisation: Standardisation) -> FrozenEncoderRewardModel:
-        model = cls(width=settings["width"], cache_dir=settings.get("cache_dir"), standardisation=standardisation)
+    def _load(cls, directory: Path, settings: dict, standardisation: Standardisation,
+              resources: LocalResources) -> FrozenEncoderRewardModel:
+        model = cls(width=settings["width"], cache_dir=resources.feature_cache, standardisation=standardisation)
         model.module.load_state_dict(load_file(str(directory / HEAD_FILE)))
         return model

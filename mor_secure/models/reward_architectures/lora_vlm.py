@@ -25,6 +25,8 @@ the silo learned. It costs one extra forward pass, without gradients.
 
 from __future__ import annotations
 
+import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,9 +35,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..images import load_rgb
-from ..reward_model import RewardModel, Standardisation, register
-from ..tiny_vlm import END_TOKEN, load_vlm, user_prompt
+from ..images import ImageInput, as_pil, image_key
+from ..reward_model import LocalResources, RewardModel, Standardisation, register
+from ..tiny_vlm import END_TOKEN, checkpoint_digest, load_vlm, user_prompt
 
 ADAPTER_DIR = "adapter"
 HEAD_FILE = "head.safetensors"
@@ -96,22 +98,27 @@ class LoraVLMRewardModel(RewardModel):
         vlm, self.processor = load_vlm(base_model)
         for parameter in vlm.parameters():
             parameter.requires_grad_(False)
-        if adapter_dir is None:
-            config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
-            backbone = get_peft_model(vlm, config)
-        else:
-            # is_trainable keeps the LoRA weights marked trainable, so trainable_parameters() reports
-            # what DP-SGD trained; scoring runs under no_grad either way.
-            backbone = PeftModel.from_pretrained(vlm, adapter_dir, is_trainable=True)
+        with warnings.catch_warnings():
+            # PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` (peft_model.py:184): a
+            # FutureWarning about PEFT's code, not ours, printed on every silo start.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            if adapter_dir is None:
+                config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+                backbone = get_peft_model(vlm, config)
+            else:
+                # is_trainable keeps the LoRA weights marked trainable, so trainable_parameters() reports
+                # what DP-SGD trained; scoring runs under no_grad either way.
+                backbone = PeftModel.from_pretrained(vlm, adapter_dir, is_trainable=True)
         super().__init__(LoraVLMScorer(backbone, vlm.config.text_config.hidden_size), standardisation)
-        self.settings = {"base_model": str(Path(base_model).resolve()), "rank": rank, "alpha": alpha}
+        # The backbone's digest, not its path: a path is this machine's; the digest says which VLM it must be.
+        self.settings = {"base_model_digest": checkpoint_digest(base_model), "rank": rank, "alpha": alpha}
         self._reference_cache: dict[tuple[str, str, str], torch.Tensor] = {}
 
-    def side_inputs(self, images: Sequence[str | Path], prompts: Sequence[str],
+    def side_inputs(self, images: Sequence[ImageInput], prompts: Sequence[str],
                     responses: Sequence[str]) -> tuple[torch.Tensor, ...]:
         texts = [self.processor.apply_chat_template(user_prompt(p), add_generation_prompt=True, tokenize=False)
                  + r + END_TOKEN for p, r in zip(prompts, responses)]
-        pil = [load_rgb(str(p)) for p in images]
+        pil = [as_pil(p) for p in images]
         batch = self.processor(images=pil, text=texts, return_tensors="pt", padding=True)
         # Left padding: the response and end token are the last tokens of each row.
         response_mask = torch.zeros_like(batch["attention_mask"], dtype=torch.float32)
@@ -119,7 +126,7 @@ class LoraVLMRewardModel(RewardModel):
             n = len(self.processor.tokenizer(response + END_TOKEN, add_special_tokens=False)["input_ids"])
             response_mask[row, -n:] = 1.0
         tensors = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"], response_mask)
-        keys = [(str(i), p, r) for i, p, r in zip(images, prompts, responses)]
+        keys = [(image_key(i), p, r) for i, p, r in zip(images, prompts, responses)]
         return (*tensors, self._reference_likelihoods(keys, tensors))
 
     def _reference_likelihoods(self, keys: list[tuple[str, str, str]],
@@ -148,13 +155,40 @@ class LoraVLMRewardModel(RewardModel):
 
     def _save_weights(self, directory: Path) -> dict:
         self.module.backbone.save_pretrained(directory / ADAPTER_DIR)
+        _drop_backbone_path(directory / ADAPTER_DIR, self.settings["base_model_digest"])
         save_file({**{f"head.{k}": v for k, v in self.module.head.state_dict().items()},
                    **{f"likelihood_weight.{k}": v for k, v in self.module.likelihood_weight.state_dict().items()}},
                   str(directory / HEAD_FILE))
         return self.settings
 
     @classmethod
-    def _load(cls, directory: Path, settings: dict, standardisation: Standardisation) -> LoraVLMRewardModel:
-        model = cls(**settings, standardisation=standardisation, adapter_dir=directory / ADAPTER_DIR)
+    def _load(cls, directory: Path, settings: dict, standardisation: Standardisation,
+              resources: LocalResources) -> LoraVLMRewardModel:
+        expected = settings["base_model_digest"]
+        if resources.base_model is None:
+            raise ValueError(f"{directory}: this lora_vlm reward model needs the shared VLM it was trained on "
+                             f"(checkpoint digest {expected[:16]}...); give its directory as base_model")
+        found = checkpoint_digest(resources.base_model)
+        if found != expected:
+            raise ValueError(f"{directory}: base_model {resources.base_model} is not the VLM this reward model was "
+                             f"trained on (digest {found[:16]}..., expected {expected[:16]}...); point base_model at "
+                             "that checkpoint or retrain the reward model on this one")
+        model = cls(base_model=resources.base_model, rank=settings["rank"], alpha=settings["alpha"],
+                    standardisation=standardisation, adapter_dir=directory / ADAPTER_DIR)
         model.module.load_state_dict(load_file(str(directory / HEAD_FILE)), strict=False)
         return model
+
+
+def _drop_backbone_path(adapter_dir: Path, digest: str) -> None:
+    """Replace PEFT's record of the backbone's local path by its digest; drop the model card that repeats it.
+
+    PEFT writes `base_model_name_or_path` (an absolute path here, since the
+    backbone is loaded from disk) into adapter_config.json and README.md; a
+    saved reward model must name no path of the machine it was saved on.
+    Loading passes the backbone explicitly, so PEFT never reads the field.
+    """
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = f"sha256:{digest}"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (adapter_dir / "README.md").unlink(missing_ok=True)

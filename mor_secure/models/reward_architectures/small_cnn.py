@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 from mor_secure.data.easyvqa import ANSWERS_BY_KIND
 from mor_secure.data.records import VQARecord
 
-from ..images import to_uint8_tensor
 from ..reward_heads import InteractionHead
-from ..reward_model import RewardModel, Standardisation, register
+from ..images import ImageInput, to_uint8_tensor
+from ..reward_model import LocalResources, RewardModel, Standardisation, register
 
 TRUNK_FILE = "trunk.safetensors"
 SCORER_FILE = "scorer.safetensors"
@@ -158,7 +158,7 @@ class SmallCNNRewardModel(RewardModel):
         return pretrain_trunk(self.trunk, public_records, **options)
 
     @torch.no_grad()
-    def side_inputs(self, images: Sequence[str | Path], prompts: Sequence[str],
+    def side_inputs(self, images: Sequence[ImageInput], prompts: Sequence[str],
                     responses: Sequence[str]) -> tuple[torch.Tensor, ...]:
         freeze(self.trunk)
         pixels = torch.stack([to_uint8_tensor(p, IMAGE_SIZE) for p in images]) if images \
@@ -173,7 +173,8 @@ class SmallCNNRewardModel(RewardModel):
         return self.settings
 
     @classmethod
-    def _load(cls, directory: Path, settings: dict, standardisation: Standardisation) -> SmallCNNRewardModel:
+    def _load(cls, directory: Path, settings: dict, standardisation: Standardisation,
+              resources: LocalResources) -> SmallCNNRewardModel:
         model = cls(**settings, standardisation=standardisation)
         model.trunk.load_state_dict(load_file(str(directory / TRUNK_FILE)))
         model.module.load_state_dict(load_file(str(directory / SCORER_FILE)))

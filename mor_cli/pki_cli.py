@@ -1,0 +1,121 @@
+"""`mor pki ...`: the consortium operator's certificate authority.
+
+    mor pki init --consortium consortium.yaml --out pki/     CA + one kit per party of the consortium file
+    mor pki issue --ca pki/ca --role silo --name hospital-d --out pki/kits/silo-hospital-d [--renew]
+    mor pki revoke --ca pki/ca (--serial HEX | --identity mor://silo/hospital-d) [--reason TEXT]
+    mor pki list --ca pki/ca
+    mor pki crl --ca pki/ca                                    re-sign the CRL before it goes stale
+
+Kits are directories (mor_secure/pki/kits.py); hand each party its own and
+nothing else. Private keys are written mode 0600 and never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from collections.abc import Sequence
+from pathlib import Path
+
+from mor_secure.cli_errors import run_command
+from mor_secure.data import load_consortium
+from mor_secure.pki import CertificateAuthority, PartyIdentity, Role
+from mor_secure.pki.authority import LEAF_LIFETIME
+
+PROG = "mor pki"
+CA_DIR, KITS_DIR = "ca", "kits"
+
+
+def kit_dir(root: Path, identity: PartyIdentity) -> Path:
+    """Where `init` puts a party's kit: <root>/kits/<role>-<name>."""
+    return root / KITS_DIR / f"{identity.role.value}-{identity.name}"
+
+
+def consortium_parties(consortium_path: str | Path) -> list[PartyIdentity]:
+    """Every party the consortium file names: its silos, its coordinator and its auditors."""
+    spec = load_consortium(consortium_path)
+    return ([PartyIdentity(Role.SILO, s.name) for s in spec.silos] + [PartyIdentity(Role.COORDINATOR, spec.coordinator)]
+            + [PartyIdentity(Role.AUDITOR, a) for a in spec.auditors])
+
+
+def init_pki(consortium_path: str | Path, out: str | Path, *, days: int) -> tuple[CertificateAuthority, dict]:
+    """A new CA under <out>/ca and a kit per consortium party under <out>/kits."""
+    out = Path(out)
+    parties = consortium_parties(consortium_path)
+    authority = CertificateAuthority.create(out / CA_DIR)
+    kits = {p.uri: authority.issue(p, kit_dir(out, p), lifetime=dt.timedelta(days=days)) for p in parties}
+    return authority, kits
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Consortium PKI: CA, kits, revocation.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    init = commands.add_parser("init", help="create the CA and one kit per party named in the consortium file")
+    init.add_argument("--consortium", required=True, help="consortium YAML (silos, coordinator, auditors)")
+    init.add_argument("--out", required=True, help="PKI directory to create (ca/ and kits/)")
+    init.add_argument("--days", type=int, default=LEAF_LIFETIME.days, help="leaf certificate lifetime in days")
+    issue = commands.add_parser("issue", help="issue (or renew) one party's kit")
+    issue.add_argument("--ca", required=True, help="the CA directory (pki/ca)")
+    issue.add_argument("--role", required=True, choices=[r.value for r in Role])
+    issue.add_argument("--name", required=True, help="party name, e.g. hospital-d")
+    issue.add_argument("--out", required=True, help="kit directory to write")
+    issue.add_argument("--days", type=int, default=LEAF_LIFETIME.days, help="certificate lifetime in days")
+    issue.add_argument("--host", action="append", help="host name or IP the party serves on (repeatable; default "
+                       "localhost and 127.0.0.1)")
+    issue.add_argument("--renew", action="store_true", help="replace an existing kit's certificate and key "
+                       "(the old key is kept as party-retired-<serial>.key); servers pick it up without a restart")
+    revoke = commands.add_parser("revoke", help="revoke a certificate and re-sign the CRL")
+    revoke.add_argument("--ca", required=True)
+    target = revoke.add_mutually_exclusive_group(required=True)
+    target.add_argument("--serial", help="certificate serial (hex, as `mor pki list` shows it)")
+    target.add_argument("--identity", help="revoke every live certificate of this party, e.g. mor://silo/hospital-d")
+    revoke.add_argument("--reason", default="unspecified", help="recorded in issued.json")
+    listing = commands.add_parser("list", help="every certificate issued, with its status")
+    listing.add_argument("--ca", required=True)
+    crl = commands.add_parser("crl", help="re-sign the CRL (it is valid for 7 days)")
+    crl.add_argument("--ca", required=True)
+    return parser
+
+
+def _init(args: argparse.Namespace) -> int:
+    authority, kits = init_pki(args.consortium, args.out, days=args.days)
+    print(f"consortium CA: {authority.directory} (keep ca.key offline; it signs every kit and the CRL)")
+    for identity, kit in kits.items():
+        print(f"  {identity:<36} {kit.directory}")
+    print("hand each party its own kit directory, and nothing else")
+    return 0
+
+
+def _issue(args: argparse.Namespace) -> int:
+    authority = CertificateAuthority(args.ca)
+    identity = PartyIdentity(Role(args.role), args.name)
+    kit = authority.issue(identity, args.out, lifetime=dt.timedelta(days=args.days),
+                          hosts=tuple(args.host) if args.host else ("localhost", "127.0.0.1"), renew=args.renew)
+    print(f"{'renewed' if args.renew else 'issued'} {identity}: serial {kit.certificate().serial_number:x}, kit {kit.directory}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    authority = CertificateAuthority(args.ca)
+    serials = authority.revoke(serial=int(args.serial, 16) if args.serial else None, identity=args.identity,
+                               reason=args.reason)
+    print(f"revoked {', '.join(f'{s:x}' for s in serials)}; CRL re-signed at {authority.directory / 'crl.pem'} "
+          "(servers re-read it on their next call)")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    for row in CertificateAuthority(args.ca).issued():
+        status = f"revoked {row.revoked_at} ({row.revocation_reason})" if row.revoked_at else f"valid until {row.not_after}"
+        print(f"{row.serial:x}  {row.identity:<36} {status}")
+    return 0
+
+
+def _crl(args: argparse.Namespace) -> int:
+    print(f"CRL re-signed: {CertificateAuthority(args.ca).write_crl()}")
+    return 0
+
+
+def main(argv: Sequence[str]) -> int:
+    return run_command(_parser(), argv, {"init": _init, "issue": _issue, "revoke": _revoke, "list": _list,
+                                         "crl": _crl})

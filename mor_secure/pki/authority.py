@@ -1,0 +1,208 @@
+"""The consortium's certificate authority: create it, issue party kits, revoke certificates, publish the CRL.
+
+All X.509 work is `cryptography`'s. Keys are ECDSA P-256 with SHA-256
+signatures (TLS 1.3's mandatory-to-implement signature scheme, RFC 8446
+§9.1). A leaf certificate is valid for both TLS server and client
+authentication, since a silo serves and the coordinator is a client, and
+names its party in one SAN URI, in a DNS name under the reserved `.invalid`
+domain that clients pin (so a connection reaches the party it meant to, not
+any consortium member listening at that address), and the hosts a server
+answers on.
+
+    <ca>/ca.pem       CA certificate          <ca>/ca.key     its key (0600)
+    <ca>/issued.json  every certificate issued, with its serial and status
+    <ca>/crl.pem      the signed CRL (rewritten on every revocation)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .files import write_private, write_public
+from .identity import PartyIdentity, parse_identity
+from .kits import CA_FILE, CERT_FILE, CRL_FILE, KEY_FILE, CertKit
+
+CA_KEY_FILE = "ca.key"
+ISSUED_FILE = "issued.json"
+# A CA outlives many leaf renewals; leaves are short-lived so a stolen key expires soon even unrevoked.
+CA_LIFETIME = dt.timedelta(days=5 * 365)
+LEAF_LIFETIME = dt.timedelta(days=90)
+# Relying parties treat a CRL past its next update as stale; `mor pki revoke` and `mor pki crl` renew it.
+CRL_LIFETIME = dt.timedelta(days=7)
+DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """One line of issued.json."""
+
+    serial: int
+    identity: str
+    not_before: str
+    not_after: str
+    kit: str
+    revoked_at: str | None = None
+    revocation_reason: str | None = None
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+class CertificateAuthority:
+    """An existing CA directory (`create` makes one)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        if not (self.directory / CA_FILE).is_file() or not (self.directory / CA_KEY_FILE).is_file():
+            raise FileNotFoundError(f"{self.directory}: no consortium CA here (ca.pem and ca.key); create one with "
+                                    "`mor pki init`")
+        self.certificate = x509.load_pem_x509_certificate((self.directory / CA_FILE).read_bytes())
+        self._key = serialization.load_pem_private_key((self.directory / CA_KEY_FILE).read_bytes(), password=None)
+
+    @classmethod
+    def create(cls, directory: str | Path, *, name: str = "mor-secure consortium CA",
+               lifetime: dt.timedelta = CA_LIFETIME) -> CertificateAuthority:
+        """A new self-signed CA; refused if `directory` already holds one (its key is never overwritten)."""
+        directory = Path(directory)
+        if (directory / CA_KEY_FILE).exists():
+            raise FileExistsError(f"{directory} already holds a CA key; a consortium has one CA (use it, or choose "
+                                  "another directory)")
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        now = _now()
+        certificate = (
+            x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + lifetime)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        write_private(directory / CA_KEY_FILE, _pem_key(key))
+        write_public(directory / CA_FILE, certificate.public_bytes(serialization.Encoding.PEM))
+        write_public(directory / ISSUED_FILE, b"[]\n")
+        authority = cls(directory)
+        authority.write_crl()
+        return authority
+
+    # --- issued certificates ------------------------------------------------------------
+    def issued(self) -> list[IssuedCertificate]:
+        """Every certificate this CA issued, oldest first."""
+        return [IssuedCertificate(**row) for row in json.loads((self.directory / ISSUED_FILE).read_text("utf-8"))]
+
+    def _record(self, rows: Sequence[IssuedCertificate]) -> None:
+        write_public(self.directory / ISSUED_FILE, (json.dumps([asdict(r) for r in rows], indent=2) + "\n").encode())
+
+    def issue(self, identity: PartyIdentity, kit_dir: str | Path, *, lifetime: dt.timedelta = LEAF_LIFETIME,
+              hosts: Sequence[str] = DEFAULT_HOSTS, renew: bool = False,
+              not_before: dt.datetime | None = None) -> CertKit:
+        """Write a kit for `identity` into `kit_dir`.
+
+        The leaf must expire before the CA does (a certificate outliving its
+        issuer cannot be verified). `renew` replaces an existing kit's
+        certificate and key, keeping the old key as party-retired-<serial>.key;
+        without it an existing kit is refused. `not_before` (default: now)
+        exists for tests and rotation drills (e.g. an already expired kit).
+        """
+        kit_dir = Path(kit_dir)
+        start = (not_before or _now()) - dt.timedelta(minutes=5)  # tolerate clock skew between parties
+        end = start + lifetime
+        if end > self.certificate.not_valid_after_utc:
+            raise ValueError(f"a certificate valid until {end:%Y-%m-%d} would outlive the CA "
+                             f"(valid until {self.certificate.not_valid_after_utc:%Y-%m-%d}); choose a shorter "
+                             "lifetime")
+        if (kit_dir / KEY_FILE).exists() and not renew:
+            raise FileExistsError(f"{kit_dir} already holds a kit; renew it with --renew (its old key is retired, "
+                                  "never overwritten)")
+        key = ec.generate_private_key(ec.SECP256R1())
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri), x509.DNSName(identity.tls_name)]
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        serial = x509.random_serial_number()
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, identity.role.value),
+                                     x509.NameAttribute(NameOID.COMMON_NAME, identity.name)]))
+            .issuer_name(self.certificate.subject).public_key(key.public_key()).serial_number(serial)
+            .not_valid_before(start).not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False)
+            .sign(self._key, hashes.SHA256())
+        )
+        if renew and (kit_dir / KEY_FILE).exists():
+            old_serial = CertKit(kit_dir).certificate().serial_number
+            (kit_dir / KEY_FILE).rename(kit_dir / f"party-retired-{old_serial:x}.key")
+        # Key first, then certificate: a server reloading between the two sees a mismatched pair and keeps its old one.
+        write_private(kit_dir / f"{KEY_FILE}.new", _pem_key(key))
+        (kit_dir / f"{KEY_FILE}.new").rename(kit_dir / KEY_FILE)
+        write_public(kit_dir / CERT_FILE, certificate.public_bytes(serialization.Encoding.PEM))
+        shutil.copyfile(self.directory / CA_FILE, kit_dir / CA_FILE)
+        shutil.copyfile(self.directory / CRL_FILE, kit_dir / CRL_FILE)
+        self._record([*self.issued(), IssuedCertificate(
+            serial=serial, identity=identity.uri, not_before=start.isoformat(), not_after=end.isoformat(),
+            kit=str(kit_dir.resolve()))])
+        return CertKit.load(kit_dir)
+
+    # --- revocation ---------------------------------------------------------------------
+    def revoke(self, *, serial: int | None = None, identity: str | None = None, reason: str = "unspecified") -> list[int]:
+        """Revoke one certificate (by serial) or every live one of a party (by identity URI); rewrite the CRL."""
+        if (serial is None) == (identity is None):
+            raise ValueError("revoke needs exactly one of serial or identity")
+        if identity is not None:
+            identity = parse_identity(identity).uri
+        rows = self.issued()
+        chosen = [r for r in rows if r.revoked_at is None and (r.serial == serial or r.identity == identity)]
+        if not chosen:
+            raise ValueError(f"no unrevoked certificate with {'serial ' + hex(serial) if serial else identity}; "
+                             "`mor pki list` shows what was issued")
+        now = _now().isoformat()
+        serials = {r.serial for r in chosen}
+        self._record([IssuedCertificate(**{**asdict(r), "revoked_at": now, "revocation_reason": reason})
+                      if r.serial in serials else r for r in rows])
+        self.write_crl()
+        return sorted(serials)
+
+    def write_crl(self, *, lifetime: dt.timedelta = CRL_LIFETIME) -> Path:
+        """Sign and publish the CRL of every revoked serial (atomically replaced)."""
+        now = _now()
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.certificate.subject)
+                   .last_update(now).next_update(now + lifetime))
+        for row in self.issued():
+            if row.revoked_at is not None:
+                builder = builder.add_revoked_certificate(
+                    x509.RevokedCertificateBuilder().serial_number(row.serial)
+                    .revocation_date(dt.datetime.fromisoformat(row.revoked_at)).build())
+        crl = builder.sign(self._key, hashes.SHA256())
+        path = self.directory / CRL_FILE
+        write_public(path, crl.public_bytes(serialization.Encoding.PEM))
+        return path

@@ -1,0 +1,70 @@
+"""Who a certificate speaks for: a role and a name, carried in the certificate's SAN URI.
+
+`mor://silo/hospital-a`, `mor://coordinator/coordinator`, `mor://auditor/auditor`:
+the transport reads the caller's identity only from this URI in the peer
+certificate the TLS handshake verified (gRPC's auth context), never from a
+request field. Names are DNS-label-like so they are safe in URIs, file names
+and log lines alike.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+SCHEME = "mor"
+# A DNS name per party, never resolved: clients make TLS verify it (ssl_target_name_override), which binds a
+# connection to the party they meant to reach, not just to any holder of a consortium certificate.
+IDENTITY_DOMAIN = "mor-secure.invalid"  # .invalid is reserved (RFC 2606): it can never name a real host
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+class Role(str, Enum):
+    """What a party does in the consortium; each RPC allows some roles (transport/authorization.py)."""
+
+    SILO = "silo"
+    COORDINATOR = "coordinator"
+    AUDITOR = "auditor"
+
+
+@dataclass(frozen=True)
+class PartyIdentity:
+    """A party of the consortium: its role and its name."""
+
+    role: Role
+    name: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", Role(self.role))
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise ValueError(f"party name {self.name!r} must be 1-63 lower-case letters, digits or '-', "
+                             "starting and ending with a letter or digit")
+
+    @property
+    def uri(self) -> str:
+        """The SAN URI naming this party, e.g. mor://silo/hospital-a."""
+        return f"{SCHEME}://{self.role.value}/{self.name}"
+
+    @property
+    def tls_name(self) -> str:
+        """The DNS SAN that names this party in its certificate, e.g. hospital-a.silo.mor-secure.invalid."""
+        return f"{self.name}.{self.role.value}.{IDENTITY_DOMAIN}"
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def parse_identity(uri: str) -> PartyIdentity:
+    """The identity in a SAN URI; ValueError naming what is wrong for anything else."""
+    prefix = f"{SCHEME}://"
+    if not isinstance(uri, str) or not uri.startswith(prefix):
+        raise ValueError(f"{uri!r} is not a consortium identity (expected {prefix}<role>/<name>)")
+    parts = uri[len(prefix):].split("/")
+    if len(parts) != 2:
+        raise ValueError(f"{uri!r} is not a consortium identity (expected {prefix}<role>/<name>)")
+    try:
+        role = Role(parts[0])
+    except ValueError:
+        raise ValueError(f"{uri!r}: unknown role {parts[0]!r}; known: {[r.value for r in Role]}") from None
+    return PartyIdentity(role, parts[1])

@@ -1,0 +1,84 @@
+"""A party's certificate kit: the directory the transport and the audit log read a party's credentials from.
+
+    <kit>/ca.pem      the consortium CA certificate (trust anchor)
+    <kit>/party.pem   this party's certificate (role and name in its SAN URI)
+    <kit>/party.key   its private key (mode 0600; *.key is git-ignored)
+    <kit>/crl.pem     the CA's certificate revocation list, as of issue (servers reload their CRL file on change)
+
+A renewed kit replaces party.pem and party.key; servers pick the new pair up
+on the next connection without a restart (transport/credentials.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from .identity import PartyIdentity, parse_identity
+
+CA_FILE = "ca.pem"
+CERT_FILE = "party.pem"
+KEY_FILE = "party.key"
+CRL_FILE = "crl.pem"
+
+
+def identity_of(certificate: x509.Certificate) -> PartyIdentity:
+    """The one consortium identity in a certificate's SAN URIs; ValueError if none or several."""
+    try:
+        san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        raise ValueError("certificate has no subjectAltName, so it names no consortium party") from None
+    identities = []
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        try:
+            identities.append(parse_identity(uri))
+        except ValueError:
+            continue
+    if len(identities) != 1:
+        raise ValueError(f"certificate names {len(identities)} consortium identities in its SAN URIs; exactly one "
+                         "is allowed")
+    return identities[0]
+
+
+@dataclass(frozen=True)
+class CertKit:
+    """The files of one party's kit; `load` checks they are all there."""
+
+    directory: Path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CertKit:
+        kit = cls(Path(directory))
+        missing = [p.name for p in (kit.ca_path, kit.cert_path, kit.key_path, kit.crl_path) if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{kit.directory}: not a complete certificate kit (missing {', '.join(missing)}); "
+                                    "issue one with `mor pki issue` or `mor pki init`")
+        return kit
+
+    @property
+    def ca_path(self) -> Path:
+        return self.directory / CA_FILE
+
+    @property
+    def cert_path(self) -> Path:
+        return self.directory / CERT_FILE
+
+    @property
+    def key_path(self) -> Path:
+        return self.directory / KEY_FILE
+
+    @property
+    def crl_path(self) -> Path:
+        return self.directory / CRL_FILE
+
+    def certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+
+    def ca_certificate(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.ca_path.read_bytes())
+
+    def identity(self) -> PartyIdentity:
+        """Who this kit speaks for, read from its certificate."""
+        return identity_of(self.certificate())

@@ -1,0 +1,84 @@
+"""The silo's serving policy as a strict schema (pydantic, `extra="forbid"`), loaded from YAML.
+
+A hospital's operator writes it (policies/*.yaml are examples, each validated
+by a test); `mor silo serve` enforces it on every call through
+`policy.engine.SiloAdmission` (who, how often, how many at once) and the
+silo's request checks (how big). Secure defaults: only the coordinator may
+ask for scores and bits, an auditor may only read the description.
+
+`RequestLimits` bounds every request before any model code runs: a request
+over a limit is refused with INVALID_ARGUMENT and costs the silo nothing but
+the parse. The defaults fit a GRPO step of the shipped consortium with room to
+spare (8 generations x 16 prompts = 128 rows, one 64x64 PNG per prompt, ~2 KB
+each) and stop a caller from making the silo decode a decompression bomb or
+hold megabytes of text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from mor_secure.config import StrictModel, load_config
+from mor_secure.pki.identity import parse_identity
+
+RPCS = ("Describe", "Score", "CorrectnessBits")
+
+
+class RequestLimits(StrictModel):
+    """Per-request size limits; every RPC's input is checked against them before it reaches the model."""
+
+    max_items: int = Field(1024, gt=0, le=65536,
+                           description="Most rows (Score) or pairs (CorrectnessBits) in one request.")
+    max_images: int = Field(512, gt=0, le=65536, description="Most distinct images in one request.")
+    max_image_bytes: int = Field(1 << 20, gt=0, le=16 << 20,
+                                 description="Largest encoded image accepted, in bytes (1 MiB by default).")
+    max_image_pixels: int = Field(1 << 20, gt=0, le=1 << 28,
+                                  description="Largest decoded image accepted, width x height (1 megapixel by "
+                                  "default), checked from the header before any pixel is decoded.")
+    max_text_chars: int = Field(2048, gt=0, le=1 << 16,
+                                description="Longest prompt or response accepted, in characters.")
+    max_request_bytes: int = Field(8 << 20, gt=0, le=30 << 20,
+                                   description="Largest serialised request accepted over the network, in bytes "
+                                   "(the transport itself refuses anything above 32 MiB).")
+
+
+class RateLimit(StrictModel):
+    """A token bucket per caller: `per_second` sustained, bursts up to `burst` requests."""
+
+    per_second: float = Field(20.0, gt=0, description="Sustained requests per second allowed per caller.")
+    burst: int = Field(40, gt=0, description="Requests a caller may make at once after being idle.")
+
+
+class SiloPolicy(StrictModel):
+    """`policies/<silo>.yaml`: who may ask this silo what, how often, and how much at once."""
+
+    allowed_callers: dict[str, list[str]] = Field(
+        default_factory=lambda: {"Describe": ["mor://coordinator/coordinator", "mor://auditor/auditor"],
+                                 "Score": ["mor://coordinator/coordinator"],
+                                 "CorrectnessBits": ["mor://coordinator/coordinator"]},
+        description="Per RPC, the SAN URIs of the parties allowed to call it (on top of the roles the RPC "
+        "admits at all). An RPC left out is refused to everyone.")
+    rate_limit: RateLimit = Field(default_factory=RateLimit, description="Requests per caller over time.")
+    daily_cap: int = Field(200_000, gt=0,
+                           description="Most requests per caller per UTC day (a 300-step GRPO run makes ~600).")
+    max_concurrent_requests: int = Field(4, gt=0, description="Requests served at once; more are refused "
+                                         "(RESOURCE_EXHAUSTED) rather than queued.")
+    limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request size limits.")
+
+    @field_validator("allowed_callers")
+    @classmethod
+    def _known_rpcs_and_identities(cls, allowed: dict[str, list[str]]) -> dict[str, list[str]]:
+        unknown = sorted(set(allowed) - set(RPCS))
+        if unknown:
+            raise ValueError(f"unknown RPC(s) {unknown}; the silo serves {list(RPCS)}")
+        for rpc, callers in allowed.items():
+            for caller in callers:
+                parse_identity(caller)  # ValueError names the bad URI
+        return allowed
+
+
+def load_policy(path: str | Path) -> SiloPolicy:
+    """Read a policy YAML (ConfigError naming the file and field on any problem)."""
+    return load_config(path, SiloPolicy)

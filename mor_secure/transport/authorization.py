@@ -1,0 +1,179 @@
+"""Every call is authorized by one wrapper that no handler can skip: identity, revocation, role, policy, audit.
+
+gRPC Python server interceptors see only the method name and metadata, not
+the TLS auth context (DESIGN §5), so `AuthorizingInterceptor` wraps the
+handler that `continuation()` returns (all four handler kinds): the wrapped
+behaviour runs inside the call, where `context.auth_context()` holds the peer
+certificate the handshake verified. From it, and from nothing the caller
+sends, the wrapper reads the caller's identity (the SAN URI) and serial, then
+
+1. refuses a revoked certificate (UNAUTHENTICATED), checked on every call;
+2. refuses a role the RPC does not allow (PERMISSION_DENIED), from a table
+   that must name every RPC (a missing one is refused, and a test fails);
+3. asks the party's policy (`Admission`), e.g. the silo's allowed callers,
+   rate limits and caps (PERMISSION_DENIED / RESOURCE_EXHAUSTED);
+4. records the decision and the call's final status through an `AuditSink`.
+
+Health checking and reflection are for standard tools: every role may call
+them, but they pass through the same identity, revocation and audit steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+from cryptography import x509
+
+from mor_secure.pki.identity import PartyIdentity, Role
+from mor_secure.pki.kits import identity_of
+from mor_secure.wire.errors import ErrorCode, SiloError
+
+from .revocation import RevocationList
+
+logger = logging.getLogger(__name__)
+
+# Services every authenticated party may use: gRPC health checking and server reflection.
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+                 "/grpc.reflection.v1.ServerReflection/")
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The verified caller of one RPC."""
+
+    identity: PartyIdentity
+    serial: int
+
+
+class Admission(Protocol):
+    """A party's policy decision for one call; raise `SiloError` to refuse, return a release callback."""
+
+    def admit(self, caller: Caller, method: str) -> Callable[[], None]:
+        ...
+
+
+class AuditSink(Protocol):
+    """Where every decision goes (a JSONL file now; the tamper-evident log replaces it)."""
+
+    def record(self, event: Mapping[str, Any]) -> None:
+        ...
+
+
+def peer_caller(context: grpc.ServicerContext) -> Caller:
+    """The caller's identity and serial from the TLS auth context; UNAUTHENTICATED if there is none."""
+    pem = (context.auth_context() or {}).get("x509_pem_cert")
+    if not pem:
+        raise SiloError(ErrorCode.UNAUTHENTICATED, "no verified client certificate on this connection")
+    certificate = x509.load_pem_x509_certificate(pem[0])
+    try:
+        identity = identity_of(certificate)
+    except ValueError as exc:
+        raise SiloError(ErrorCode.UNAUTHENTICATED, f"client certificate names no consortium party: {exc}") from None
+    return Caller(identity=identity, serial=certificate.serial_number)
+
+
+def abort_with(context: grpc.ServicerContext, error: SiloError) -> None:
+    """End the call with the gRPC status named like `error.code` (raises, as context.abort does)."""
+    context.abort(getattr(grpc.StatusCode, error.code.value), error.message)
+
+
+class AuthorizingInterceptor(grpc.ServerInterceptor):
+    """Wraps every handler of the server it is installed on (see the module docstring)."""
+
+    def __init__(self, roles_by_rpc: Mapping[str, frozenset[Role]], revocations: RevocationList, *,
+                 admission: Admission | None = None, audit: AuditSink | None = None) -> None:
+        self.roles_by_rpc = {method: frozenset(roles) for method, roles in roles_by_rpc.items()}
+        self.revocations = revocations
+        self.admission = admission
+        self.audit = audit
+
+    # --- the decision -------------------------------------------------------------------
+    def _decide(self, method: str, caller: Caller) -> Callable[[], None]:
+        """Revocation, role, then the party's policy; returns the policy's release callback."""
+        if self.revocations.is_revoked(caller.serial):
+            raise SiloError(ErrorCode.UNAUTHENTICATED, f"certificate {caller.serial:x} of {caller.identity} is "
+                            "revoked")
+        if method.startswith(OPEN_SERVICES):
+            return _nothing
+        allowed = self.roles_by_rpc.get(method)
+        if allowed is None:
+            raise SiloError(ErrorCode.PERMISSION_DENIED, f"{method} is not in this server's roles table")
+        if caller.identity.role not in allowed:
+            raise SiloError(ErrorCode.PERMISSION_DENIED, f"role {caller.identity.role.value} may not call {method} "
+                            f"(allowed: {', '.join(sorted(r.value for r in allowed))})")
+        return self.admission.admit(caller, method) if self.admission is not None else _nothing
+
+    def _record(self, method: str, caller: Caller | None, decision: str, code: str, reason: str,
+                started: float) -> None:
+        if self.audit is None:
+            return
+        self.audit.record({"time": time.time(), "rpc": method,
+                           "caller": None if caller is None else caller.identity.uri,
+                           "serial": None if caller is None else f"{caller.serial:x}", "decision": decision,
+                           "status": code, "reason": reason,
+                           "latency_ms": round((time.perf_counter() - started) * 1e3, 3)})
+
+    def _guarded(self, method: str, behaviour: Callable, streaming_response: bool) -> Callable:
+        def run(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            caller = None
+            try:
+                caller = peer_caller(context)
+                release = self._decide(method, caller)
+            except SiloError as error:
+                self._record(method, caller, "refused", error.code.value, error.message, started)
+                abort_with(context, error)
+            if streaming_response:
+                # Health Watch and reflection streams: admitted now, nothing held while they stream.
+                release()
+                self._record(method, caller, "admitted", "OK", "stream opened", started)
+                return behaviour(request_or_iterator, context)
+            code, reason = "OK", ""
+            try:
+                return behaviour(request_or_iterator, context)
+            except SiloError as error:
+                code, reason = error.code.value, error.message
+                abort_with(context, error)
+            except Exception as exc:  # noqa: BLE001 - a bug must answer INTERNAL, never kill the server
+                if _is_abort(exc):
+                    code, reason = "ABORTED", "aborted by the handler"
+                    raise
+                logger.exception("%s failed for %s", method, caller.identity)
+                code, reason = "INTERNAL", type(exc).__name__
+                context.abort(grpc.StatusCode.INTERNAL, "internal error on the server; it has been logged")
+            finally:
+                release()
+                self._record(method, caller, "admitted", code, reason, started)
+
+        return run
+
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+                 ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+                 ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+                 ("stream_stream", grpc.stream_stream_rpc_method_handler, True))
+        for attribute, make, streaming_response in kinds:
+            behaviour = getattr(handler, attribute)
+            if behaviour is not None:
+                return make(self._guarded(method, behaviour, streaming_response),
+                            request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
+        return handler  # pragma: no cover - grpc has exactly the four kinds above
+
+
+def _nothing() -> None:
+    return None
+
+
+def _is_abort(exc: Exception) -> bool:
+    # context.abort raises a private exception type; let it through untouched.
+    return type(exc).__name__ == "_AbortionError" or isinstance(exc, grpc.RpcError)

@@ -1,0 +1,155 @@
+"""The only converter between wire domain types (mor_secure.wire.messages) and protobuf messages.
+
+Decoding is where bytes from the network become domain values, so it refuses
+what the domain cannot hold: text that is not UTF-8, a digest that is not 32
+bytes. Those become `SiloError(INVALID_ARGUMENT)` naming the field; checks
+that need the silo's policy (counts, sizes, pixels) belong to the silo's
+service, which both transports share.
+"""
+
+from __future__ import annotations
+
+from mor_secure.privacy.reports import PrivacyReport
+from mor_secure.proto.v1 import silo_pb2 as pb
+
+from .errors import invalid
+from .messages import (
+    BitsPair,
+    BitsReply,
+    BitsRequest,
+    ImageBlob,
+    LedgerSummary,
+    ScoreReply,
+    ScoreRequest,
+    ScoreRow,
+    SiloDescription,
+)
+
+_SHA256_BYTES = 32
+
+
+def _text(value: bytes, field: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid(f"{field} is not valid UTF-8 text") from None
+
+
+def _images_to_proto(images: tuple[ImageBlob, ...]) -> list[pb.ImageBlob]:
+    return [pb.ImageBlob(sha256=i.sha256_bytes(), data=i.data) for i in images]
+
+
+def _images_from_proto(images) -> tuple[ImageBlob, ...]:
+    out = []
+    for index, image in enumerate(images):
+        if len(image.sha256) != _SHA256_BYTES:
+            raise invalid(f"images[{index}].sha256 is {len(image.sha256)} bytes; a SHA-256 digest is 32")
+        out.append(ImageBlob(sha256=image.sha256.hex(), data=image.data))
+    return tuple(out)
+
+
+def score_request_to_proto(request: ScoreRequest) -> pb.ScoreRequest:
+    return pb.ScoreRequest(round_id=request.round_id.encode("utf-8"), images=_images_to_proto(request.images),
+                           rows=[pb.ScoreRow(image=r.image, prompt=r.prompt.encode("utf-8"),
+                                             response=r.response.encode("utf-8")) for r in request.rows])
+
+
+def score_request_from_proto(message: pb.ScoreRequest) -> ScoreRequest:
+    return ScoreRequest(images=_images_from_proto(message.images),
+                        rows=tuple(ScoreRow(image=r.image, prompt=_text(r.prompt, f"rows[{i}].prompt"),
+                                            response=_text(r.response, f"rows[{i}].response"))
+                                   for i, r in enumerate(message.rows)),
+                        round_id=_text(message.round_id, "round_id"))
+
+
+def score_reply_to_proto(reply: ScoreReply) -> pb.ScoreReply:
+    return pb.ScoreReply(scores=list(reply.scores))
+
+
+def score_reply_from_proto(message: pb.ScoreReply) -> ScoreReply:
+    return ScoreReply(scores=tuple(float(s) for s in message.scores))
+
+
+def bits_request_to_proto(request: BitsRequest) -> pb.BitsRequest:
+    message = pb.BitsRequest(round_id=request.round_id.encode("utf-8"), images=_images_to_proto(request.images),
+                             pairs=[pb.BitsPair(image=p.image, prompt=p.prompt.encode("utf-8"),
+                                                chosen=p.chosen.encode("utf-8"), rejected=p.rejected.encode("utf-8"))
+                                    for p in request.pairs])
+    if request.randomized_response_epsilon is not None:
+        message.randomized_response_epsilon = request.randomized_response_epsilon
+    return message
+
+
+def bits_request_from_proto(message: pb.BitsRequest) -> BitsRequest:
+    pairs = tuple(BitsPair(image=p.image, prompt=_text(p.prompt, f"pairs[{i}].prompt"),
+                           chosen=_text(p.chosen, f"pairs[{i}].chosen"), rejected=_text(p.rejected, f"pairs[{i}].rejected"))
+                  for i, p in enumerate(message.pairs))
+    epsilon = message.randomized_response_epsilon if message.HasField("randomized_response_epsilon") else None
+    return BitsRequest(images=_images_from_proto(message.images), pairs=pairs, randomized_response_epsilon=epsilon,
+                       round_id=_text(message.round_id, "round_id"))
+
+
+def bits_reply_to_proto(reply: BitsReply) -> pb.BitsReply:
+    message = pb.BitsReply(bits=list(reply.bits))
+    if reply.flip_probability is not None:
+        message.flip_probability = reply.flip_probability
+    return message
+
+
+def bits_reply_from_proto(message: pb.BitsReply) -> BitsReply:
+    return BitsReply(bits=tuple(bool(b) for b in message.bits),
+                     flip_probability=message.flip_probability if message.HasField("flip_probability") else None)
+
+
+def _optional(message, field: str):
+    return getattr(message, field) if message.HasField(field) else None
+
+
+def _report_to_proto(report: PrivacyReport) -> pb.PrivacyReport:
+    message = pb.PrivacyReport(dp_enabled=report.dp_enabled, epsilon=report.epsilon, delta=report.delta,
+                               noise_multiplier=report.noise_multiplier, sample_rate=report.sample_rate,
+                               steps=report.steps, epochs=report.epochs, is_private=report.private,
+                               mechanisms=list(report.mechanisms))
+    for field in ("max_grad_norm", "accountant", "privacy_unit", "max_pairs_per_unit", "noise"):
+        if getattr(report, field) is not None:
+            setattr(message, field, getattr(report, field))
+    return message
+
+
+def _report_from_proto(message: pb.PrivacyReport) -> PrivacyReport:
+    return PrivacyReport(dp_enabled=message.dp_enabled, epsilon=message.epsilon, delta=message.delta,
+                         noise_multiplier=message.noise_multiplier, sample_rate=message.sample_rate,
+                         steps=message.steps, epochs=message.epochs,
+                         max_grad_norm=_optional(message, "max_grad_norm"), accountant=_optional(message, "accountant"),
+                         privacy_unit=_optional(message, "privacy_unit"),
+                         max_pairs_per_unit=_optional(message, "max_pairs_per_unit"),
+                         noise=_optional(message, "noise"), private=message.is_private,
+                         mechanisms=tuple(message.mechanisms))
+
+
+def description_to_proto(description: SiloDescription) -> pb.SiloDescription:
+    message = pb.SiloDescription(name=description.name, architecture=description.architecture,
+                                 trainable_params=description.trainable_params)
+    if description.privacy_report is not None:
+        message.privacy_report.CopyFrom(_report_to_proto(description.privacy_report))
+    if description.ledger is not None:
+        ledger = description.ledger
+        message.ledger.CopyFrom(pb.LedgerSummary(
+            epsilon_budget=ledger.epsilon_budget, delta_budget=ledger.delta_budget,
+            epsilon_spent=ledger.epsilon_spent, delta_spent=ledger.delta_spent, charges=ledger.charges,
+            open_reservations=ledger.open_reservations, head_digest=ledger.head_digest))
+    return message
+
+
+def description_from_proto(message: pb.SiloDescription) -> SiloDescription:
+    ledger = None
+    if message.HasField("ledger"):
+        m = message.ledger
+        ledger = LedgerSummary(epsilon_budget=m.epsilon_budget, delta_budget=m.delta_budget,
+                               epsilon_spent=m.epsilon_spent, delta_spent=m.delta_spent, charges=m.charges,
+                               open_reservations=m.open_reservations, head_digest=m.head_digest)
+    return SiloDescription(name=message.name, architecture=message.architecture,
+                           trainable_params=message.trainable_params,
+                           privacy_report=_report_from_proto(message.privacy_report)
+                           if message.HasField("privacy_report") else None,
+                           ledger=ledger)

@@ -1,0 +1,103 @@
+"""Checks a silo runs on every request before its model sees it: counts, digests, image limits, text.
+
+Each check raises `SiloError(INVALID_ARGUMENT, ...)` naming the offending
+field and index, so a caller can fix the request from the message alone.
+Images are decoded here, once per request: the header's size is checked
+against the pixel limit before any pixel is decoded (a 100-byte PNG can
+declare a gigapixel image), and anything PIL cannot decode is refused rather
+than passed on.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Sequence
+
+from PIL import Image
+
+from mor_secure.models.images import KeyedImage
+from mor_secure.policy import RequestLimits
+from mor_secure.wire.errors import invalid
+from mor_secure.wire.messages import ImageBlob, sha256_hex
+
+
+def check_count(label: str, count: int, limit: int) -> None:
+    """At least one, at most `limit`."""
+    if count == 0:
+        raise invalid(f"{label} is empty: send at least one")
+    if count > limit:
+        raise invalid(f"{count} {label} in one request; this silo's policy allows at most {limit} "
+                      "(split the request)")
+
+
+def decode_images(blobs: Sequence[ImageBlob], limits: RequestLimits) -> list[KeyedImage]:
+    """Every image checked (digest, bytes, pixels, decodability) and decoded to RGB, in request order."""
+    check_count("images", len(blobs), limits.max_images)
+    seen: set[str] = set()
+    decoded = []
+    for index, blob in enumerate(blobs):
+        if len(blob.data) == 0:
+            raise invalid(f"images[{index}] is empty")
+        if len(blob.data) > limits.max_image_bytes:
+            raise invalid(f"images[{index}] is {len(blob.data)} bytes; this silo's policy allows at most "
+                          f"{limits.max_image_bytes}")
+        if sha256_hex(blob.data) != blob.sha256.lower():
+            raise invalid(f"images[{index}]: sha256 does not match its bytes (corrupted or mislabelled image)")
+        if blob.sha256.lower() in seen:
+            raise invalid(f"images[{index}] repeats an earlier image; send each distinct image once and refer "
+                          "to it by index")
+        seen.add(blob.sha256.lower())
+        decoded.append(KeyedImage(sha256=blob.sha256.lower(), image=_decode(index, blob.data, limits)))
+    return decoded
+
+
+def _decode(index: int, data: bytes, limits: RequestLimits) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                if width * height > limits.max_image_pixels:
+                    raise invalid(f"images[{index}] is {width}x{height} pixels; this silo's policy allows at most "
+                                  f"{limits.max_image_pixels} pixels")
+                return image.convert("RGB")
+    # What PIL raises on bad bytes varies by format (UnidentifiedImageError is an OSError; truncated or
+    # malformed data gives ValueError, SyntaxError, EOFError ...); all of them mean "not an image we take".
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:
+        raise invalid(f"images[{index}] could not be decoded as an image ({type(exc).__name__}: {exc})") from None
+
+
+def check_text(label: str, index: int, text: str, limits: RequestLimits) -> str:
+    """A non-empty, non-blank string of at most `max_text_chars`; returned unchanged."""
+    if not isinstance(text, str) or not text.strip():
+        raise invalid(f"{label}[{index}] is empty; every {label[:-1] if label.endswith('s') else label} needs text")
+    if len(text) > limits.max_text_chars:
+        raise invalid(f"{label}[{index}] is {len(text)} characters; this silo's policy allows at most "
+                      f"{limits.max_text_chars}")
+    return text
+
+
+def check_image_index(label: str, index: int, image: int, images: int) -> int:
+    """A row's image index must name one of the request's images."""
+    if isinstance(image, bool) or not isinstance(image, int) or not 0 <= image < images:
+        raise invalid(f"{label}[{index}].image is {image!r}; the request has images 0..{images - 1}")
+    return image
+
+
+def check_all_images_used(used: set[int], images: int) -> None:
+    """An image no row refers to is a wasted upload, or a sign the rows were built wrong."""
+    unused = sorted(set(range(images)) - used)
+    if unused:
+        raise invalid(f"images {unused[:10]} are not referred to by any row; send only the images the rows use")
+
+
+def check_epsilon(epsilon: float | None) -> float | None:
+    """A randomized-response epsilon must be finite and positive when given."""
+    if epsilon is None:
+        return None
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon <= 0:
+        raise invalid(f"randomized_response_epsilon must be a finite number > 0, got {epsilon!r}")
+    return float(epsilon)

@@ -1,0 +1,96 @@
+"""The silo's gRPC servicer: serde on the way in and out, the shared `SiloService` in between.
+
+It is as thin as the in-process client: the same service object makes every
+decision, so both paths answer alike (tests/contract/). Refusals raised as
+`SiloError` become the status of the same name in the authorizing wrapper
+(mor_secure/transport/authorization.py), which also wraps every method here.
+
+Requests arrive as raw bytes and are parsed here, not by gRPC: bytes that are
+not a valid message then answer INVALID_ARGUMENT naming the message type,
+where gRPC's own deserializer would answer INTERNAL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from mor_secure.pki.identity import Role
+from mor_secure.proto.v1 import silo_pb2, silo_pb2_grpc
+from mor_secure.wire import serde
+from mor_secure.wire.errors import ErrorCode, SiloError, invalid
+
+from .service import SiloService
+
+SERVICE_NAME = silo_pb2.DESCRIPTOR.services_by_name["SiloRewardService"].full_name
+# Who may call what on a silo. Every RPC of the service must be here (a test enumerates them).
+ROLES_BY_RPC: dict[str, frozenset[Role]] = {
+    f"/{SERVICE_NAME}/Describe": frozenset({Role.COORDINATOR, Role.AUDITOR}),
+    f"/{SERVICE_NAME}/Score": frozenset({Role.COORDINATOR}),
+    f"/{SERVICE_NAME}/CorrectnessBits": frozenset({Role.COORDINATOR}),
+}
+
+
+class SiloServicer(silo_pb2_grpc.SiloRewardServiceServicer):
+    """SiloRewardService over a `SiloService` (None while the silo is still loading its model)."""
+
+    def __init__(self, service: SiloService | None) -> None:
+        self._service = service
+
+    def ready(self, service: SiloService) -> None:
+        """The model is loaded: start answering (health turns SERVING separately)."""
+        self._service = service
+
+    @property
+    def service(self) -> SiloService:
+        if self._service is None:
+            raise SiloError(ErrorCode.FAILED_PRECONDITION, "this silo is still loading its reward model; "
+                            "wait for health SERVING")
+        return self._service
+
+    def Describe(self, request: silo_pb2.DescribeRequest, context: grpc.ServicerContext) -> silo_pb2.SiloDescription:
+        return serde.description_to_proto(self.service.describe())
+
+    def _check_size(self, request) -> None:
+        size, limit = request.ByteSize(), self.service.limits.max_request_bytes
+        if size > limit:
+            raise invalid(f"request is {size} bytes; this silo's policy allows at most {limit} (split it)")
+
+    def Score(self, request: silo_pb2.ScoreRequest, context: grpc.ServicerContext) -> silo_pb2.ScoreReply:
+        self._check_size(request)
+        return serde.score_reply_to_proto(self.service.score(serde.score_request_from_proto(request)))
+
+    def CorrectnessBits(self, request: silo_pb2.BitsRequest, context: grpc.ServicerContext) -> silo_pb2.BitsReply:
+        self._check_size(request)
+        return serde.bits_reply_to_proto(self.service.correctness_bits(serde.bits_request_from_proto(request)))
+
+
+def _parsed(behaviour: Callable, message_class: type) -> Callable:
+    def handle(raw: bytes, context: grpc.ServicerContext):
+        try:
+            request = message_class.FromString(raw)
+        except DecodeError:
+            raise invalid(f"the request is not a valid {message_class.DESCRIPTOR.full_name} message") from None
+        return behaviour(request, context)
+    return handle
+
+
+def add_to_server(servicer: SiloServicer, server: grpc.Server) -> None:
+    """Register every RPC of SiloRewardService, taking raw request bytes (parsed in `_parsed`)."""
+    service = silo_pb2.DESCRIPTOR.services_by_name["SiloRewardService"]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            _parsed(getattr(servicer, method.name), getattr(silo_pb2, method.input_type.name)),
+            request_deserializer=None,
+            response_serializer=getattr(silo_pb2, method.output_type.name).SerializeToString)
+        for method in service.methods}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
+def servicer_registration(servicer: SiloServicer | SiloService) -> tuple:
+    """(add_to_server, servicer, service name) for `mor_secure.transport.server.serve`."""
+    if isinstance(servicer, SiloService):
+        servicer = SiloServicer(servicer)
+    return add_to_server, servicer, SERVICE_NAME

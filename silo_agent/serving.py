@@ -1,0 +1,97 @@
+"""`mor silo serve`: the silo's trained reward model behind mutually authenticated gRPC, under its policy.
+
+Order of a run: the policy and kit are checked (a bad file fails before any
+port opens); the server starts on an mTLS port with health NOT_SERVING; the
+port is reported (log line, and `--port-file` for scripts: the OS chooses it
+when the config says port 0); the model is loaded; health turns SERVING. On
+SIGTERM or SIGINT the silo turns NOT_SERVING, stops accepting calls, lets the
+in-flight ones finish for up to `drain_seconds`, closes its audit log and
+exits 0. Bad input never crashes it (the request checks and the authorizing
+wrapper answer a status instead), and a reply is built whole before it is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from mor_secure.audit import JsonlAuditSink
+from mor_secure.models.reward_model import LocalResources
+from mor_secure.pki.files import write_public
+from mor_secure.pki.identity import Role
+from mor_secure.pki.kits import CertKit
+from mor_secure.policy import SiloAdmission, SiloPolicy, load_policy
+from mor_secure.transport.server import RunningServer, ServerSettings, serve
+
+from .config import SiloConfig
+from .service import SiloService, open_model_service
+from .servicer import ROLES_BY_RPC, SiloServicer, servicer_registration
+from .training import MODEL_DIR, feature_cache_dir, open_ledger
+
+logger = logging.getLogger(__name__)
+
+
+def _checked_kit(config: SiloConfig) -> CertKit:
+    kit = CertKit.load(config.serve.kit)
+    identity = kit.identity()
+    if identity.role != Role.SILO or identity.name != config.name:
+        raise ValueError(f"{kit.directory} is the kit of {identity}, not of mor://silo/{config.name}; point "
+                         "serve.kit at this silo's own kit")
+    return kit
+
+
+def load_service(config: SiloConfig, policy: SiloPolicy) -> SiloService:
+    """The silo's service over its trained model, with its policy's limits and its ledger's public summary."""
+    resources = LocalResources(base_model=config.base_model,
+                               feature_cache=feature_cache_dir(config) if config.architecture == "frozen_encoders"
+                               else None)
+    ledger = open_ledger(config) if config.training.dp.enabled else None
+    return open_model_service(config.name, config.workdir / MODEL_DIR, resources=resources, limits=policy.limits,
+                              ledger=ledger)
+
+
+def start_silo_server(config: SiloConfig, *, port_file: Path | None = None) -> tuple[RunningServer, JsonlAuditSink]:
+    """Start serving `config`'s silo (returns once health is SERVING)."""
+    if config.serve is None:
+        raise ValueError(f"silo {config.name!r} has no `serve:` section in its YAML (kit, policy, port); add one")
+    settings = config.serve
+    kit = _checked_kit(config)
+    policy = load_policy(settings.policy) if settings.policy is not None else SiloPolicy()
+    if not (config.workdir / MODEL_DIR).is_dir():
+        raise FileNotFoundError(f"{config.workdir / MODEL_DIR}: no trained reward model; run "
+                                "`mor silo train --config <silo>.yaml` first")
+    audit = JsonlAuditSink(settings.audit_log or config.workdir / "audit.jsonl")
+    servicer = SiloServicer(None)
+    running = serve(kit=kit, crl_path=settings.crl or kit.crl_path, services=[servicer_registration(servicer)],
+                    roles_by_rpc=ROLES_BY_RPC, admission=SiloAdmission(policy), audit=audit,
+                    settings=ServerSettings(host=settings.host, port=settings.port))
+    if port_file is not None:
+        write_public(Path(port_file), (json.dumps({"port": running.port, "pid": os.getpid()}) + "\n").encode())
+    logger.info("silo %s listening on %s:%d; loading its reward model", config.name, settings.host, running.port)
+    try:
+        servicer.ready(load_service(config, policy))
+    except BaseException:
+        running.stop(0)
+        audit.close()
+        raise
+    running.set_serving(True)
+    logger.info("silo %s SERVING on %s:%d", config.name, settings.host, running.port)
+    return running, audit
+
+
+def serve_until_signalled(config: SiloConfig, *, port_file: Path | None = None) -> int:
+    """Run the silo server until SIGTERM/SIGINT, then drain and exit 0."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    running, audit = start_silo_server(config, port_file=port_file)
+    stop.wait()
+    logger.info("silo %s draining (up to %.0f s for in-flight calls)", config.name, config.serve.drain_seconds)
+    running.stop(config.serve.drain_seconds)
+    audit.close()
+    logger.info("silo %s stopped", config.name)
+    return 0

@@ -1,0 +1,157 @@
+"""One suite, every SiloClient: the same answers, refusals and randomized response on each transport."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from mor_secure.policy import RequestLimits
+from mor_secure.privacy.randomized_response import flip_probability
+from mor_secure.wire import (
+    BitsPair,
+    BitsRequest,
+    ErrorCode,
+    ImageBlob,
+    ScoreRequest,
+    ScoreRow,
+    SiloDescription,
+    SiloError,
+)
+from mor_secure.wire.client import SiloClient
+from silo_agent.service import SiloService
+
+from silo_fakes import RightAnswerModel, png
+
+RED, BLUE = ImageBlob.of(png((200, 30, 30))), ImageBlob.of(png((30, 30, 200)))
+QUESTION = "what shape is in the image?"
+# Right on pairs 0 and 2 (chosen is "right"), wrong on 1, tie on 3 (not strictly above).
+PAIRS = (BitsPair(0, QUESTION, "right", "wrong"), BitsPair(1, QUESTION, "wrong", "right"),
+         BitsPair(0, QUESTION, "right", "other"), BitsPair(1, QUESTION, "wrong", "other"))
+EXACT = (True, False, True, False)
+GOOD_SCORE = ScoreRequest(images=(RED, BLUE), rows=(ScoreRow(0, QUESTION, "right"), ScoreRow(1, QUESTION, "wrong"),
+                                                    ScoreRow(0, QUESTION, "right")))
+
+
+def service(**kwargs) -> tuple[SiloService, RightAnswerModel]:
+    model = RightAnswerModel()
+    return SiloService("hospital-a", model, **kwargs), model
+
+
+def refused(client: SiloClient, call, request, code: ErrorCode, match: str) -> None:
+    """The request is refused with `code` and a message naming the problem, and the silo still serves."""
+    with pytest.raises(SiloError, match=match) as caught:
+        call(request)
+    assert caught.value.code == code
+    assert client.score(GOOD_SCORE).scores == (1.0, -1.0, 1.0)
+
+
+def test_describe_names_the_silo_and_its_architecture(connect) -> None:
+    client = connect(service()[0])
+    assert isinstance(client, SiloClient)
+    assert client.name == "hospital-a"
+    assert client.describe() == SiloDescription(name="hospital-a", architecture="test_right_answer",
+                                                trainable_params=0)
+
+
+def test_scores_are_standardised_one_per_row_in_one_model_call(connect) -> None:
+    silo, model = service()
+    reply = connect(silo).score(GOOD_SCORE)
+    assert reply.scores == (1.0, -1.0, 1.0)  # (raw - 0.5) / 0.5
+    assert all(isinstance(s, float) for s in reply.scores)
+    assert model.calls == 1
+
+
+def test_correctness_bits_are_exact_without_randomized_response(connect) -> None:
+    reply = connect(service()[0]).correctness_bits(BitsRequest(images=(RED, BLUE), pairs=PAIRS))
+    assert reply.bits == EXACT and reply.flip_probability is None
+
+
+def test_randomized_response_flips_about_the_flip_probability_with_fresh_noise(connect) -> None:
+    client = connect(service()[0])
+    request = BitsRequest(images=(RED, BLUE), pairs=PAIRS * 100, randomized_response_epsilon=1.5)
+    first, second = client.correctness_bits(request), client.correctness_bits(request)
+    flipped = sum(b != e for b, e in zip(first.bits, EXACT * 100, strict=True)) / 400
+    assert first.flip_probability == pytest.approx(flip_probability(epsilon=1.5))
+    assert abs(flipped - flip_probability(epsilon=1.5)) < 0.1
+    # Fresh noise per call (p = 0.18 per bit: 400 equal bits by chance would be ~0.7 ** 400).
+    assert first.bits != second.bits
+
+
+def test_default_noise_is_os_entropy_and_a_seed_reproduces_it(connect) -> None:
+    request = BitsRequest(images=(RED, BLUE), pairs=PAIRS * 125, randomized_response_epsilon=1.0)
+    unseeded = [connect(service()[0]).correctness_bits(request).bits for _ in range(2)]
+    assert unseeded[0] != unseeded[1]
+    seeded = [connect(service(randomized_response_seed=11)[0]).correctness_bits(request).bits for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+@pytest.mark.parametrize("epsilon", [0.0, -1.0, math.inf, math.nan])
+def test_a_bad_epsilon_is_refused_before_anything_is_scored(connect, epsilon: float) -> None:
+    silo, model = service()
+    client = connect(silo)
+    refused(client, client.correctness_bits,
+            BitsRequest(images=(RED, BLUE), pairs=PAIRS, randomized_response_epsilon=epsilon),
+            ErrorCode.INVALID_ARGUMENT, "randomized_response_epsilon must be a finite number > 0")
+    assert model.calls == 1  # only the good request of `refused`
+
+
+def _bad_score_requests() -> list[tuple[str, ScoreRequest, str]]:
+    row = ScoreRow(0, QUESTION, "right")
+    forged = ImageBlob(sha256=BLUE.sha256, data=RED.data)
+    return [
+        ("no rows", ScoreRequest(images=(RED,), rows=()), "rows is empty"),
+        ("no images", ScoreRequest(images=(), rows=(row,)), "images is empty"),
+        ("index out of range", ScoreRequest(images=(RED,), rows=(ScoreRow(1, QUESTION, "x"),)),
+         r"rows\[0\].image is 1; the request has images 0..0"),
+        ("digest mismatch", ScoreRequest(images=(forged,), rows=(row,)), r"images\[0\]: sha256 does not match"),
+        ("repeated image", ScoreRequest(images=(RED, RED), rows=(row, ScoreRow(1, QUESTION, "x"))),
+         r"images\[1\] repeats an earlier image"),
+        ("unused image", ScoreRequest(images=(RED, BLUE), rows=(row,)), r"images \[1\] are not referred to"),
+        ("undecodable image", ScoreRequest(images=(ImageBlob.of(b"not an image"),), rows=(row,)),
+         r"images\[0\] could not be decoded"),
+        ("empty image", ScoreRequest(images=(ImageBlob.of(b""),), rows=(row,)), r"images\[0\] is empty"),
+        ("blank response", ScoreRequest(images=(RED,), rows=(ScoreRow(0, QUESTION, "  "),)), r"responses\[0\] is empty"),
+        ("empty prompt", ScoreRequest(images=(RED,), rows=(ScoreRow(0, "", "x"),)), r"prompts\[0\] is empty"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_score_requests(), ids=lambda case: case[0])
+def test_bad_score_requests_are_invalid_argument_and_the_silo_still_serves(connect, case) -> None:
+    _, request, match = case
+    client = connect(service()[0])
+    refused(client, client.score, request, ErrorCode.INVALID_ARGUMENT, match)
+
+
+def test_policy_limits_refuse_oversize_requests(connect) -> None:
+    limits = RequestLimits(max_items=3, max_images=2, max_image_bytes=len(RED.data) + 10, max_image_pixels=100,
+                           max_text_chars=30)
+    client = connect(service(limits=limits)[0])
+    row = ScoreRow(0, QUESTION, "right")
+    refused(client, client.score, ScoreRequest(images=(RED,), rows=(row,) * 4), ErrorCode.INVALID_ARGUMENT,
+            "4 rows in one request; this silo's policy allows at most 3")
+    third = ImageBlob.of(png((1, 2, 3)))
+    refused(client, client.score,
+            ScoreRequest(images=(RED, BLUE, third), rows=(row, ScoreRow(1, QUESTION, "x"), ScoreRow(2, QUESTION, "x"))),
+            ErrorCode.INVALID_ARGUMENT, "3 images in one request; this silo's policy allows at most 2")
+    big = ImageBlob.of(png((5, 5, 5)) + b"\0" * 64)
+    refused(client, client.score, ScoreRequest(images=(big,), rows=(row,)), ErrorCode.INVALID_ARGUMENT,
+            r"images\[0\] is \d+ bytes; this silo's policy allows at most")
+    wide = ImageBlob.of(png((5, 5, 5), size=(20, 20)))
+    limits_pixels = RequestLimits(max_image_pixels=100)
+    wide_client = connect(service(limits=limits_pixels)[0])
+    refused(wide_client, wide_client.score, ScoreRequest(images=(wide,), rows=(row,)), ErrorCode.INVALID_ARGUMENT,
+            r"images\[0\] is 20x20 pixels; this silo's policy allows at most 100 pixels")
+    refused(client, client.score, ScoreRequest(images=(RED,), rows=(ScoreRow(0, QUESTION, "r" * 31),)),
+            ErrorCode.INVALID_ARGUMENT, r"responses\[0\] is 31 characters; this silo's policy allows at most 30")
+    refused(client, client.correctness_bits, BitsRequest(images=(RED, BLUE), pairs=PAIRS), ErrorCode.INVALID_ARGUMENT,
+            "4 pairs in one request; this silo's policy allows at most 3")
+
+
+def test_bad_bits_requests_name_the_field(connect) -> None:
+    client = connect(service()[0])
+    refused(client, client.correctness_bits, BitsRequest(images=(RED,), pairs=()), ErrorCode.INVALID_ARGUMENT,
+            "pairs is empty")
+    refused(client, client.correctness_bits,
+            BitsRequest(images=(RED,), pairs=(BitsPair(0, QUESTION, "right", " "),)), ErrorCode.INVALID_ARGUMENT,
+            r"rejected\[0\] is empty")

@@ -1,0 +1,228 @@
+"""Every security property of the silo's mTLS gRPC server, against a real server on 127.0.0.1 port 0.
+
+Each refusal asserts the exact status code and that the server still answers
+a good request afterwards. Certificates come from the project's own PKI code.
+The reward model is a fake (these tests are about the transport around it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from silo_fakes import RightAnswerModel, png
+
+from coordinator.network_client import NetworkSiloClient
+from mor_secure.audit import JsonlAuditSink
+from mor_secure.pki import CertificateAuthority, CertKit, PartyIdentity
+from mor_secure.policy import RateLimit, RequestLimits, SiloAdmission, SiloPolicy
+from mor_secure.proto.v1 import silo_pb2, silo_pb2_grpc
+from mor_secure.transport.server import RunningServer, serve
+from mor_secure.wire import ErrorCode, ImageBlob, ScoreRequest, ScoreRow, SiloError
+from silo_agent.service import SiloService
+from silo_agent.servicer import ROLES_BY_RPC, SERVICE_NAME, servicer_registration
+
+RED = ImageBlob.of(png((200, 30, 30)))
+GOOD = ScoreRequest(images=(RED,), rows=(ScoreRow(0, "what shape?", "right"), ScoreRow(0, "what shape?", "wrong")))
+
+
+@pytest.fixture(scope="module")
+def consortium_pki(tmp_path_factory: pytest.TempPathFactory):
+    """This module's own PKI (revocation tests change its CRL)."""
+    root = tmp_path_factory.mktemp("transport-pki")
+    ca = CertificateAuthority.create(root / "ca")
+
+    def kit(role: str, name: str, folder: str | None = None, **kwargs) -> CertKit:
+        return ca.issue(PartyIdentity(role, name), root / "kits" / (folder or f"{role}-{name}"), **kwargs)
+
+    return ca, kit, {"silo": kit("silo", "hospital-a"), "coordinator": kit("coordinator", "coordinator"),
+                     "auditor": kit("auditor", "auditor"), "other-silo": kit("silo", "bank-b")}
+
+
+def start(ca, silo_kit: CertKit, tmp_path: Path, policy: SiloPolicy | None = None) -> tuple[RunningServer, Path]:
+    policy = policy or SiloPolicy()
+    audit_path = tmp_path / "audit.jsonl"
+    service = SiloService("hospital-a", RightAnswerModel(), limits=policy.limits)
+    running = serve(kit=silo_kit, crl_path=ca.directory / "crl.pem", services=[servicer_registration(service)],
+                    roles_by_rpc=ROLES_BY_RPC, admission=SiloAdmission(policy), audit=JsonlAuditSink(audit_path))
+    running.set_serving(True)
+    return running, audit_path
+
+
+@pytest.fixture
+def server(consortium_pki, tmp_path: Path) -> Iterator[tuple[RunningServer, Path]]:
+    ca, _, kits = consortium_pki
+    running, audit = start(ca, kits["silo"], tmp_path)
+    yield running, audit
+    running.stop(0)
+
+
+def client(port: int, kit: CertKit) -> NetworkSiloClient:
+    return NetworkSiloClient("hospital-a", f"127.0.0.1:{port}", kit, retries=0, deadline_s=10)
+
+
+def still_serves(port: int, kits) -> None:
+    good = client(port, kits["coordinator"])
+    try:
+        assert good.score(GOOD).scores == (1.0, -1.0)
+    finally:
+        good.close()
+
+
+def raw_stub(port: int, credentials: grpc.ChannelCredentials) -> tuple[grpc.Channel, silo_pb2_grpc.SiloRewardServiceStub]:
+    channel = grpc.secure_channel(f"127.0.0.1:{port}", credentials)
+    return channel, silo_pb2_grpc.SiloRewardServiceStub(channel)
+
+
+def rpc_code(call, request) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as caught:
+        call(request, timeout=10)
+    return caught.value.code()
+
+
+def test_every_rpc_of_every_servicer_is_in_the_roles_table_and_the_policy_schema() -> None:
+    from mor_secure.policy.schema import RPCS
+
+    for service in silo_pb2.DESCRIPTOR.services_by_name.values():
+        for method in service.methods:
+            assert f"/{service.full_name}/{method.name}" in ROLES_BY_RPC, method.full_name
+            assert method.name in RPCS, method.full_name
+    assert set(ROLES_BY_RPC) == {f"/{SERVICE_NAME}/{m}" for m in RPCS}
+
+
+def test_a_connection_without_a_client_certificate_is_refused(server, consortium_pki) -> None:
+    running, _ = server
+    ca, _, kits = consortium_pki
+    channel, stub = raw_stub(running.port, grpc.ssl_channel_credentials(root_certificates=kits["silo"].ca_path.read_bytes()))
+    with channel:
+        assert rpc_code(stub.Describe, silo_pb2.DescribeRequest()) == grpc.StatusCode.UNAVAILABLE
+    still_serves(running.port, kits)
+
+
+def test_a_certificate_from_another_ca_is_refused(server, consortium_pki, tmp_path: Path) -> None:
+    running, _ = server
+    _, _, kits = consortium_pki
+    rogue_ca = CertificateAuthority.create(tmp_path / "rogue-ca")
+    rogue = rogue_ca.issue(PartyIdentity("coordinator", "coordinator"), tmp_path / "rogue-kit")
+    credentials = grpc.ssl_channel_credentials(root_certificates=kits["coordinator"].ca_path.read_bytes(),
+                                               private_key=rogue.key_path.read_bytes(),
+                                               certificate_chain=rogue.cert_path.read_bytes())
+    channel, stub = raw_stub(running.port, credentials)
+    with channel:
+        assert rpc_code(stub.Describe, silo_pb2.DescribeRequest()) == grpc.StatusCode.UNAVAILABLE
+    still_serves(running.port, kits)
+
+
+def test_an_expired_certificate_is_refused(server, consortium_pki) -> None:
+    running, _ = server
+    _, kit, kits = consortium_pki
+    expired = kit("coordinator", "coordinator", "expired-coordinator",
+                  not_before=dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=30), lifetime=dt.timedelta(days=1))
+    with pytest.raises(SiloError) as caught:
+        client(running.port, expired).describe()
+    assert caught.value.code == ErrorCode.UNAVAILABLE
+    still_serves(running.port, kits)
+
+
+def test_a_revoked_certificate_is_refused_also_on_a_channel_opened_before(server, consortium_pki) -> None:
+    running, audit = server
+    ca, kit, kits = consortium_pki
+    doomed_kit = kit("coordinator", "coordinator", "doomed-coordinator")
+    doomed = client(running.port, doomed_kit)
+    assert doomed.score(GOOD).scores == (1.0, -1.0)  # the channel is open and working
+    ca.revoke(serial=doomed_kit.certificate().serial_number, reason="key compromise drill")
+    with pytest.raises(SiloError, match="is revoked") as caught:
+        doomed.score(GOOD)
+    assert caught.value.code == ErrorCode.UNAUTHENTICATED
+    doomed.close()
+    still_serves(running.port, kits)
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert any(e["decision"] == "refused" and e["status"] == "UNAUTHENTICATED" and "revoked" in e["reason"]
+               for e in events)
+
+
+def test_a_silo_certificate_may_not_call_a_coordinator_rpc(server, consortium_pki) -> None:
+    running, _ = server
+    _, _, kits = consortium_pki
+    with pytest.raises(SiloError, match="role silo may not call") as caught:
+        client(running.port, kits["other-silo"]).score(GOOD)
+    assert caught.value.code == ErrorCode.PERMISSION_DENIED
+    assert client(running.port, kits["auditor"]).describe().name == "hospital-a"  # auditors may read the description
+    with pytest.raises(SiloError) as caught:
+        client(running.port, kits["auditor"]).score(GOOD)
+    assert caught.value.code == ErrorCode.PERMISSION_DENIED
+    still_serves(running.port, kits)
+
+
+def test_a_caller_not_in_the_silos_policy_is_refused(server, consortium_pki) -> None:
+    running, _ = server
+    _, kit, kits = consortium_pki
+    rogue = kit("coordinator", "rogue-coordinator")
+    with pytest.raises(SiloError, match="is not allowed to call Score by this silo's policy") as caught:
+        client(running.port, rogue).score(GOOD)
+    assert caught.value.code == ErrorCode.PERMISSION_DENIED
+    still_serves(running.port, kits)
+
+
+def test_the_rate_limit_and_the_daily_cap_are_resource_exhausted(consortium_pki, tmp_path: Path) -> None:
+    ca, _, kits = consortium_pki
+    for policy, match in ((SiloPolicy(rate_limit=RateLimit(per_second=0.01, burst=2)), "over this silo's rate limit"),
+                          (SiloPolicy(daily_cap=2), "used its daily cap of 2")):
+        running, _ = start(ca, kits["silo"], tmp_path / match[:8], policy)
+        try:
+            coordinator = client(running.port, kits["coordinator"])
+            assert coordinator.score(GOOD).scores and coordinator.score(GOOD).scores
+            with pytest.raises(SiloError, match=match) as caught:
+                coordinator.score(GOOD)
+            assert caught.value.code == ErrorCode.RESOURCE_EXHAUSTED
+            # Another caller is unaffected: limits are per caller.
+            assert client(running.port, kits["auditor"]).describe().name == "hospital-a"
+        finally:
+            running.stop(0)
+
+
+def test_oversize_and_undecodable_messages_are_refused(consortium_pki, tmp_path: Path) -> None:
+    ca, _, kits = consortium_pki
+    policy = SiloPolicy(limits=RequestLimits(max_request_bytes=64 << 10, max_image_bytes=1 << 20))
+    running, _ = start(ca, kits["silo"], tmp_path, policy)
+    try:
+        channel, stub = raw_stub(running.port, _credentials(kits["coordinator"]))
+        with channel:
+            blob = png((1, 2, 3)) + b"\0" * (100 << 10)
+            big = silo_pb2.ScoreRequest(images=[silo_pb2.ImageBlob(sha256=ImageBlob.of(blob).sha256_bytes(), data=blob)],
+                                        rows=[silo_pb2.ScoreRow(image=0, prompt=b"q", response=b"r")])
+            assert rpc_code(stub.Score, big) == grpc.StatusCode.INVALID_ARGUMENT
+            # Above the transport's own 32 MiB cap gRPC refuses before any of our code runs.
+            huge = silo_pb2.ScoreRequest(images=[silo_pb2.ImageBlob(sha256=b"\0" * 32, data=b"\0" * (33 << 20))])
+            assert rpc_code(stub.Score, huge) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            not_utf8 = silo_pb2.ScoreRequest(images=[silo_pb2.ImageBlob(sha256=RED.sha256_bytes(), data=RED.data)],
+                                             rows=[silo_pb2.ScoreRow(image=0, prompt=b"\xff\xfe", response=b"r")])
+            assert rpc_code(stub.Score, not_utf8) == grpc.StatusCode.INVALID_ARGUMENT
+        still_serves(running.port, kits)
+    finally:
+        running.stop(0)
+
+
+def _credentials(kit: CertKit) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(root_certificates=kit.ca_path.read_bytes(),
+                                        private_key=kit.key_path.read_bytes(),
+                                        certificate_chain=kit.cert_path.read_bytes())
+
+
+def test_the_client_refuses_a_server_that_is_not_the_silo_it_meant_to_reach(consortium_pki, tmp_path: Path) -> None:
+    """Any consortium member could listen at a silo's address; TLS pins the expected silo's per-party name."""
+    ca, _, kits = consortium_pki
+    impostor, _ = start(ca, kits["other-silo"], tmp_path)  # bank-b's certificate
+    try:
+        with pytest.raises(SiloError) as caught:
+            client(impostor.port, kits["coordinator"]).describe()  # the client expects hospital-a there
+        assert caught.value.code == ErrorCode.UNAVAILABLE
+        honest = NetworkSiloClient("bank-b", f"127.0.0.1:{impostor.port}", kits["coordinator"], retries=0)
+        assert honest.describe().name == "hospital-a"  # (the fake service's name; the certificate is bank-b's)
+        honest.close()
+    finally:
+        impostor.stop(0)

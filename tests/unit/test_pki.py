@@ -1,0 +1,68 @@
+"""The consortium PKI: kits per party, keys 0600 and never overwritten, SAN identities, CRL, renewal."""
+
+from __future__ import annotations
+
+import datetime as dt
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from mor_cli.main import main
+from mor_secure.pki import CertificateAuthority, CertKit, PartyIdentity, Role, identity_of, parse_identity
+
+
+def test_init_issues_one_kit_per_party_of_the_consortium(consortium_path: Path, tmp_path: Path, capsys) -> None:
+    assert main(["pki", "init", "--consortium", str(consortium_path), "--out", str(tmp_path / "pki")]) == 0
+    kits = sorted(p.name for p in (tmp_path / "pki" / "kits").iterdir())
+    assert kits == ["auditor-auditor", "coordinator-coordinator", "silo-bank-b", "silo-hospital-a", "silo-hospital-c"]
+    for name in kits:
+        kit = CertKit.load(tmp_path / "pki" / "kits" / name)
+        assert stat.S_IMODE(kit.key_path.stat().st_mode) == 0o600
+        assert kit.identity().uri == "mor://" + name.replace("-", "/", 1)
+        certificate = kit.certificate()
+        assert certificate.not_valid_after_utc <= kit.ca_certificate().not_valid_after_utc
+        certificate.verify_directly_issued_by(kit.ca_certificate())
+    assert stat.S_IMODE((tmp_path / "pki" / "ca" / "ca.key").stat().st_mode) == 0o600
+    # Running init again never overwrites the CA key.
+    assert main(["pki", "init", "--consortium", str(consortium_path), "--out", str(tmp_path / "pki")]) == 1
+    assert "already holds a CA key" in capsys.readouterr().err
+
+
+def test_keys_are_never_overwritten_and_renewal_retires_the_old_one(tmp_path: Path) -> None:
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    identity = PartyIdentity(Role.SILO, "hospital-a")
+    first = ca.issue(identity, tmp_path / "kit")
+    old_key, old_serial = first.key_path.read_bytes(), first.certificate().serial_number
+    with pytest.raises(FileExistsError, match="--renew"):
+        ca.issue(identity, tmp_path / "kit")
+    assert first.key_path.read_bytes() == old_key
+    renewed = ca.issue(identity, tmp_path / "kit", renew=True)
+    assert renewed.key_path.read_bytes() != old_key
+    assert (tmp_path / "kit" / f"party-retired-{old_serial:x}.key").read_bytes() == old_key
+    with pytest.raises(ValueError, match="outlive the CA"):
+        ca.issue(PartyIdentity(Role.SILO, "long-lived"), tmp_path / "long", lifetime=dt.timedelta(days=20 * 365))
+
+
+def test_revocation_is_published_in_a_signed_crl(tmp_path: Path, capsys) -> None:
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    kit = ca.issue(PartyIdentity(Role.SILO, "hospital-a"), tmp_path / "kit")
+    serial = kit.certificate().serial_number
+    assert main(["pki", "revoke", "--ca", str(tmp_path / "ca"), "--serial", f"{serial:x}", "--reason", "drill"]) == 0
+    crl = x509.load_pem_x509_crl((tmp_path / "ca" / "crl.pem").read_bytes())
+    assert crl.is_signature_valid(ca.certificate.public_key())
+    assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+    assert main(["pki", "list", "--ca", str(tmp_path / "ca")]) == 0
+    assert "revoked" in capsys.readouterr().out
+    assert main(["pki", "revoke", "--ca", str(tmp_path / "ca"), "--serial", f"{serial:x}"]) == 1  # already revoked
+
+
+def test_identities_are_strict(tmp_path: Path) -> None:
+    assert parse_identity("mor://silo/hospital-a") == PartyIdentity(Role.SILO, "hospital-a")
+    for bad in ("https://silo/hospital-a", "mor://silo", "mor://janitor/x", "mor://silo/Hospital_A", "mor://silo/a/b"):
+        with pytest.raises(ValueError):
+            parse_identity(bad)
+    # The CA certificate has no SAN URI: it speaks for no party.
+    with pytest.raises(ValueError, match="names no consortium party"):
+        identity_of(CertificateAuthority.create(tmp_path / "ca").certificate)

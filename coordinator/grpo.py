@@ -16,6 +16,7 @@ import difflib
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
@@ -325,7 +326,11 @@ def train_grpo(policy_dir: str | Path, records: Sequence[VQARecord], reward: Rew
         trainer.add_callback(StepProgress(description=f"GRPO {getattr(reward, '__name__', 'reward')}"))
     if checkpoint is not None:
         logger.info("resuming GRPO from %s", checkpoint)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    with warnings.catch_warnings():
+        # TRL 1.16 reads transformers' deprecated `is_gradient_checkpointing` when training starts
+        # (trl/models/utils.py): a FutureWarning about TRL's code, printed once per GRPO run.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     trainer.save_state()
     final = output_dir / FINAL_DIR
     trainer.save_model(str(final))  # model + processor, from the main process, unwrapped

@@ -34,7 +34,7 @@ from mor_secure.wire.client import SiloClient
 from mor_secure.wire.errors import ErrorCode, SiloError
 
 from .router import fused_reward
-from .silo_requests import ask_scores
+from .silo_requests import send_scores, score_requests
 
 
 logger = logging.getLogger(__name__)
@@ -115,9 +115,11 @@ class ClearFusion:
         return tuple(c.name for c in self.clients)
 
     def _ask_all(self, images: list, prompts: list, responses: list) -> dict[str, torch.Tensor | SiloError]:
+        requests = score_requests(images, prompts, responses)  # read, hash and pack the images once per round
+
         def ask(client: SiloClient) -> torch.Tensor | SiloError:
             try:
-                return ask_scores(client, images, prompts, responses)
+                return send_scores(client, requests)
             except SiloError as error:
                 if error.code in ABSENT:
                     return error
@@ -167,6 +169,6 @@ def renormalised(weights: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 
 def as_fusion(silos: Fusion | Sequence[SiloClient]) -> Fusion:
     """A `Fusion` as is; a list of clients as their `ClearFusion` (tests and in-process simulations)."""
-    if isinstance(silos, Fusion) and not isinstance(silos, (list, tuple)):
+    if isinstance(silos, Fusion):
         return silos
     return ClearFusion(silos)

@@ -234,7 +234,7 @@ class FusedSiloReward(SiloMixtureReward):
     def __init__(self, silos: Fusion | Sequence[SiloClient], router: Any, features: Any, *, objective: str,
                  empty_reward: float = EMPTY_COMPLETION_REWARD) -> None:
         router_silos = list(router.silo_names)
-        if isinstance(silos, Fusion) and not isinstance(silos, (list, tuple)):
+        if isinstance(silos, Fusion):
             if list(silos.silo_names) != router_silos:
                 raise ValueError(f"the fusion's silos {list(silos.silo_names)} must be the router's silos "
                                  f"{router_silos}, in that order")

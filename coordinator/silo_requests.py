@@ -80,16 +80,24 @@ def reply_scores(reply: ScoreReply, rows: int, silo: str) -> torch.Tensor:
     return torch.tensor(scores, dtype=torch.float32)
 
 
+def score_requests(images: Sequence[str | Path], prompts: Sequence[str], responses: Sequence[str], *,
+                   round_id: str = "") -> list[ScoreRequest]:
+    """The rows as few requests as the row limit allows (built once, sent to every silo of a round)."""
+    return [score_request(images[start:start + ROWS_PER_REQUEST], prompts[start:start + ROWS_PER_REQUEST],
+                          responses[start:start + ROWS_PER_REQUEST], round_id=round_id)
+            for start in range(0, len(responses), ROWS_PER_REQUEST)]
+
+
+def send_scores(client: SiloClient, requests: Sequence[ScoreRequest]) -> torch.Tensor:
+    """[N] standardised scores of `client` for every row of `requests`, in order."""
+    parts = [reply_scores(client.score(request), len(request.rows), client.name) for request in requests]
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
 def ask_scores(client: SiloClient, images: Sequence[str | Path], prompts: Sequence[str],
                responses: Sequence[str], *, round_id: str = "") -> torch.Tensor:
     """[N] standardised scores of `client` for the rows, in as few requests as the row limit allows."""
-    parts = []
-    for start in range(0, len(responses), ROWS_PER_REQUEST):
-        end = start + ROWS_PER_REQUEST
-        reply = client.score(score_request(images[start:end], prompts[start:end], responses[start:end],
-                                           round_id=round_id))
-        parts.append(reply_scores(reply, len(responses[start:end]), client.name))
-    return torch.cat(parts) if parts else torch.zeros(0)
+    return send_scores(client, score_requests(images, prompts, responses, round_id=round_id))
 
 
 def ask_bits(client: SiloClient, pairs: Sequence[PreferencePair], *,

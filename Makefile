@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUNS ?= runs/demo
 
-.PHONY: install demo test test-slow bench bench-grpo results results-table clean
+.PHONY: install browser demo test test-slow bench bench-grpo results results-table clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/mor demo run --workdir $(RUNS)
 
-test: $(STAMP)
+# The report's browser test opens the page in headless Chromium (Debian package `chromium`).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)

@@ -49,7 +49,8 @@ SILO_COUNTS = (1, 2, 4, 8)
 THROUGHPUT_TARGET, LATENCY_TARGET = 0.8, 1.5
 
 
-def _consortium(root: Path, silos: int) -> Path:
+def bench_consortium(root: Path, silos: int) -> Path:
+    """A consortium file for benchmarks: `silos` small silos over easy-VQA (shared with benchmarks/audit.py)."""
     lines = ["seed: 0", "splits: {sft_images: 400, calibration_images: 300, dev_images: 100, test_images: 100}",
              "silos:"]
     lines += [f"  - {{name: silo-{i}, image_share: 0.05, reliable_kinds: [shape], label_flip_rate: 0.5}}" for i in range(silos)]
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # like the silos: the comparison is per request, not per core
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        consortium = _consortium(root, max(SILO_COUNTS))
+        consortium = bench_consortium(root, max(SILO_COUNTS))
         init_pki(consortium, root / "pki", days=1)
         records = list(make_splits(load_consortium(consortium)).calibration)[: max(BATCHES)]
         names = [f"silo-{i}" for i in range(max(SILO_COUNTS))]
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             for batch in BATCHES:
                 part = records[:batch]
                 request = score_request([r.image_path for r in part], [r.question for r in part],
-                                        [r.answer for r in part])
+                                        [r.answer for r in part], objective="correct")
                 for client in (clients[0], local):
                     client.score(request)  # warm: features computed, connection up
                 network = _median_seconds(lambda: clients[0].score(request), args.repeats)

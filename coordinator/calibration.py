@@ -38,14 +38,17 @@ from pydantic import Field, field_validator
 
 from mor_secure.config import StrictModel
 from mor_secure.data import QUESTION_KINDS, PreferencePair, QuestionKind, VQARecord, make_pairs
+from mor_secure.transport.authorization import AuditSink
 from mor_secure.wire.client import SiloClient
+from mor_secure.wire.messages import OBJECTIVES as WIRE_OBJECTIVES
 
 from .answer_eval import balanced_sample
 from .router import Router, RouterConfig, RouterFeatures, train_router
-from .silo_requests import ask_bits
+from .audit_trail import new_round_id, record_round
+from .silo_requests import bits_requests, send_bits
 
 Objective = Literal["correct", "correct_and_brief"]
-OBJECTIVES: tuple[str, ...] = ("correct", "correct_and_brief")
+OBJECTIVES: tuple[str, ...] = tuple(WIRE_OBJECTIVES)  # what a silo's policy may allow (mor_secure.wire)
 
 # Padded forms of a correct answer: right, but not brief.
 _VERBOSE_TEMPLATES = ("the answer is {answer}", "i think it is {answer}", "{answer}, i am fairly sure")
@@ -149,8 +152,11 @@ class CalibrationBits:
 
 
 def collect_bits(clients: Sequence[SiloClient], records: Sequence[VQARecord], features: RouterFeatures,
-                 config: CalibrationConfig, *, progress: bool = False) -> CalibrationBits:
-    """Ask every silo, once per objective, which calibration pairs it ranks right (no ledger charge: public pairs)."""
+                 config: CalibrationConfig, *, progress: bool = False, audit: AuditSink | None = None) -> CalibrationBits:
+    """Ask every silo, once per objective, which calibration pairs it ranks right (no ledger charge: public pairs).
+
+    Each objective is one round (one round id for all its requests), an entry in `audit` when given.
+    """
     clients = list(clients)
     if not clients:
         raise ValueError("calibration needs at least one silo client")
@@ -161,8 +167,13 @@ def collect_bits(clients: Sequence[SiloClient], records: Sequence[VQARecord], fe
     silo_accuracy: dict[str, dict[str, dict[str, float]]] = {}
     for objective_id, objective in enumerate(config.objectives):
         pairs = objective_pairs(chosen, objective, seed=config.seed)
-        bits = torch.stack([ask_bits(client, pairs, randomized_response_epsilon=config.randomized_response_epsilon)
-                            for client in clients], dim=1)
+        requests = bits_requests(pairs, objective=objective, round_id=new_round_id(),
+                                 randomized_response_epsilon=config.randomized_response_epsilon)
+        bits = torch.stack([send_bits(client, requests) for client in clients], dim=1)
+        if audit is not None:
+            names = [c.name for c in clients]
+            record_round(audit, stage="calibration", round_id=requests[0].round_id, objective=objective,
+                         asked=names, answered=names, requests=requests)
         silo_accuracy[objective] = _accuracy_by_kind(bits, pairs, [c.name for c in clients])
         objective_blocks.append(torch.full((len(pairs),), objective_id, dtype=torch.long))
         bit_blocks.append(bits)
@@ -187,10 +198,11 @@ def fit_router(data: CalibrationBits, config: RouterConfig, *, progress: bool = 
 
 
 def calibrate_router(clients: Sequence[SiloClient], records: Sequence[VQARecord], features: RouterFeatures,
-                     config: CalibrationConfig, *, progress: bool = False) -> CalibrationResult:
+                     config: CalibrationConfig, *, progress: bool = False,
+                     audit: AuditSink | None = None) -> CalibrationResult:
     """Ask every silo for its bits on every objective's pairs and train the router on them."""
-    return fit_router(collect_bits(clients, records, features, config, progress=progress), config.router,
-                      progress=progress)
+    return fit_router(collect_bits(clients, records, features, config, progress=progress, audit=audit),
+                      config.router, progress=progress)
 
 
 def mean_weights_by_kind(router: Router, features: torch.Tensor, kinds: Sequence[str],

@@ -117,13 +117,14 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _train_router(args: argparse.Namespace) -> int:
     from .calibration import CalibrationConfig, calibrate_router
-    from .pool import load_pool, pool_clients
+    from .pool import load_pool, pool_audit_log, pool_clients
     from .router import RouterFeatures, save_router
 
     config = load_config(args.config, CalibrationConfig) if args.config else CalibrationConfig()
     splits = make_splits(load_consortium(args.consortium))
-    result = calibrate_router(pool_clients(load_pool(args.pool)), splits.calibration,
-                              RouterFeatures(args.feature_cache), config, progress=not args.no_progress)
+    pool = load_pool(args.pool)
+    result = calibrate_router(pool_clients(pool), splits.calibration, RouterFeatures(args.feature_cache), config,
+                              progress=not args.no_progress, audit=pool_audit_log(pool))
     out = save_router(result.router, args.out)
     (out / "calibration.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result.silo_accuracy, indent=2))
@@ -165,7 +166,7 @@ def _align(args: argparse.Namespace) -> int:
 
 def _evaluate_all(args: argparse.Namespace) -> int:
     from .evaluation import Evaluation, EvaluationConfig, publish
-    from .pool import client_for_model, load_pool, pool_clients, pool_fusion
+    from .pool import client_for_model, load_pool, pool_audit_log, pool_clients, pool_fusion
 
     config = load_config(args.config, EvaluationConfig) if args.config else EvaluationConfig()
     baselines = {name: client_for_model(name, path) for name, path in
@@ -174,7 +175,7 @@ def _evaluate_all(args: argparse.Namespace) -> int:
     pool = load_pool(args.pool)
     evaluation = Evaluation(load_consortium(args.consortium), pool_clients(pool), args.reference, out, config,
                             baselines=baselines, feature_cache=args.feature_cache, progress=not args.no_progress,
-                            fusion=pool_fusion(pool))
+                            fusion=pool_fusion(pool), audit=pool_audit_log(pool))
     markdown = publish(evaluation, evaluation.run_all(), json_path=args.results_json or out / "mor_vs_baselines.json",
                        markdown_path=args.results_md or out / "results.md", plots_prefix=args.plots or out / "training")
     print(markdown)

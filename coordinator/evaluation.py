@@ -49,6 +49,7 @@ from pydantic import Field, field_validator, model_validator
 from mor_secure.config import StrictModel
 from mor_secure.data import QUESTION_KINDS, ConsortiumSpec, PreferencePair, VQARecord, make_pairs, make_splits
 from mor_secure.models.tiny_vlm import load_vlm
+from mor_secure.transport.authorization import AuditSink
 from mor_secure.wire.client import SiloClient
 
 from .answer_eval import AccuracyCallback, balanced_sample, evaluate_answers
@@ -194,8 +195,9 @@ class Evaluation:
     def __init__(self, spec: ConsortiumSpec, clients: Sequence[SiloClient], reference_dir: str | Path,
                  out_dir: str | Path, config: EvaluationConfig, *, baselines: dict[str, SiloClient] | None = None,
                  feature_cache: str | Path | None = None, progress: bool = True,
-                 fusion: Callable[[Sequence[SiloClient]], Fusion] = ClearFusion) -> None:
+                 fusion: Callable[..., Fusion] = ClearFusion, audit: AuditSink | None = None) -> None:
         self.spec, self.config, self.progress, self.fusion = spec, config, progress, fusion
+        self.audit = audit  # the coordinator's log: calibration rounds are entries (fusion records GRPO's)
         self.clients = list(clients)
         self.baselines = dict(baselines or {})
         unknown = sorted(set(self.baselines) - set(BASELINE_MODELS))
@@ -234,7 +236,7 @@ class Evaluation:
         if key not in self._bits:
             config = self.config.calibration.model_copy(update={"exclude_kinds": list(key)})
             self._bits[key] = collect_bits(self.clients, self.calibration_records, self.features, config,
-                                           progress=self.progress)
+                                           progress=self.progress, audit=self.audit)
         return self._bits[key]
 
     def router(self, seed: int, exclude_kinds: Sequence[str] | None = None) -> Any:

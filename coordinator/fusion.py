@@ -17,6 +17,10 @@ logs it with GRPO's metrics. It is asked again next round, so a silo that
 comes back rejoins. With fewer answers than the minimum the round fails
 with an error naming the missing silos. Any other refusal (a policy limit,
 bad input) fails the round at once: it is an answer, not an absence.
+
+Every round has a fresh round id that all its requests carry; with `audit=`
+(the coordinator's log) each round is an entry too, failed ones included
+(coordinator/audit_trail.py).
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from mor_secure.transport.authorization import AuditSink
 from mor_secure.wire.client import SiloClient
 from mor_secure.wire.errors import ErrorCode, SiloError
 
+from .audit_trail import new_round_id, record_round
 from .router import fused_reward
 from .silo_requests import send_scores, score_requests
 
@@ -48,13 +54,20 @@ class RoundFailedError(RuntimeError):
 
 @dataclass(frozen=True)
 class FusionItems:
-    """The rows to score: image file (the coordinator's public copy), prompt and response per row."""
+    """The rows to score: image file (the coordinator's public copy), prompt and response per row.
+
+    `kinds` (the question kind per row, optional) only labels the round's
+    audit entry: the router's mean weight per silo and kind.
+    """
 
     images: tuple[str | Path, ...]
     prompts: tuple[str, ...]
     responses: tuple[str, ...]
+    kinds: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.kinds is not None and len(self.kinds) != len(self.responses):
+            raise ValueError(f"kinds has {len(self.kinds)} entries for {len(self.responses)} rows")
         if not (len(self.images) == len(self.prompts) == len(self.responses)):
             raise ValueError(f"images, prompts and responses must have one entry per row, got lengths "
                              f"{len(self.images)}, {len(self.prompts)}, {len(self.responses)}")
@@ -89,9 +102,12 @@ class ClearFusion:
     are often 2 or 3 distinct answers), so only distinct (image, prompt,
     response) rows are sent: the silos score, and are queried about, less.
     `minimum_participants` (default: all) is how many silos must answer.
+    `objective` is the reward objective every request names (the silos'
+    policies may refuse some; mor_secure.wire.messages.OBJECTIVES).
     """
 
-    def __init__(self, clients: Sequence[SiloClient], *, minimum_participants: int | None = None) -> None:
+    def __init__(self, clients: Sequence[SiloClient], *, objective: str = "correct",
+                 minimum_participants: int | None = None, audit: AuditSink | None = None) -> None:
         clients = list(clients)
         if not clients:
             raise ValueError("fusion needs at least one silo client")
@@ -107,6 +123,8 @@ class ClearFusion:
         if minimum < 1:
             raise ValueError(f"minimum_participants must be at least 1, got {minimum_participants}")
         self.clients = clients
+        self.objective = objective
+        self.audit = audit
         self.minimum_participants = minimum
         self.last_round: dict[str, bool] = {}
 
@@ -114,9 +132,7 @@ class ClearFusion:
     def silo_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.clients)
 
-    def _ask_all(self, images: list, prompts: list, responses: list) -> dict[str, torch.Tensor | SiloError]:
-        requests = score_requests(images, prompts, responses)  # read, hash and pack the images once per round
-
+    def _ask_all(self, requests: list) -> dict[str, torch.Tensor | SiloError]:
         def ask(client: SiloClient) -> torch.Tensor | SiloError:
             try:
                 return send_scores(client, requests)
@@ -138,9 +154,16 @@ class ClearFusion:
         position = {row: i for i, row in enumerate(distinct)}
         index = torch.tensor([position[row] for row in rows], dtype=torch.long)
         images, prompts, responses = (list(column) for column in zip(*distinct, strict=True))
-        answers = self._ask_all(images, prompts, responses)
+        round_id = new_round_id()
+        # Read, hash and pack the images once per round; every silo gets the same requests.
+        requests = score_requests(images, prompts, responses, objective=self.objective, round_id=round_id)
+        answers = self._ask_all(requests)
         self.last_round = {name: not isinstance(answer, SiloError) for name, answer in answers.items()}
         missing = [name for name, answered in self.last_round.items() if not answered]
+        if self.audit is not None:
+            record_round(self.audit, stage="reward", round_id=round_id, objective=self.objective,
+                         asked=self.silo_names, answered=[n for n, a in self.last_round.items() if a],
+                         requests=requests, weights=weights, kinds=items.kinds)
         if len(self.clients) - len(missing) < self.minimum_participants:
             reasons = "; ".join(str(answers[name]) for name in missing)
             raise RoundFailedError(f"only {len(self.clients) - len(missing)} of {len(self.clients)} silos answered, "

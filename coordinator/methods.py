@@ -36,11 +36,12 @@ RewardTransform = Literal["group_top", "score"]
 
 def method_reward(method: str, *, silos: Sequence[SiloClient], router: Any = None, features: Any = None,
                   objective: str = "correct", baselines: Mapping[str, SiloClient] | None = None,
-                  fusion: Callable[[Sequence[SiloClient]], Fusion] = ClearFusion) -> Reward:
+                  fusion: Callable[..., Fusion] = ClearFusion) -> Reward:
     """The reward of `method` as the silos (and router) give it, before the GRPO transforms.
 
-    `fusion` builds how the weighted sum over silos is formed (in the clear
-    by default; secure aggregation plugs in here).
+    `fusion(clients, objective=...)` builds how the weighted sum over silos
+    is formed (in the clear by default; secure aggregation plugs in here);
+    every method asks the silos under `objective`.
     """
     silos = list(silos)
     baselines = dict(baselines or {})
@@ -55,16 +56,16 @@ def method_reward(method: str, *, silos: Sequence[SiloClient], router: Any = Non
         if len(ordered) != len(router.silo_names) or len(ordered) != len(silos):
             raise ValueError(f"the pool's silos {sorted(by_name)} must be exactly the router's silos "
                              f"{list(router.silo_names)}")
-        return FusedSiloReward(fusion(ordered), router, features, objective=objective)
+        return FusedSiloReward(fusion(ordered, objective=objective), router, features, objective=objective)
     if method == "uniform":
-        return UniformSiloReward(fusion(silos))
+        return UniformSiloReward(fusion(silos, objective=objective))
     if method.startswith("single:"):
         name = method.removeprefix("single:")
         if name not in by_name:
             raise ValueError(f"unknown silo {name!r} in method {method!r}; the pool has {sorted(by_name)}")
-        return SingleSiloReward(fusion([by_name[name]]))
+        return SingleSiloReward(fusion([by_name[name]], objective=objective))
     if method in baselines:
-        return SingleSiloReward(fusion([baselines[method]]))
+        return SingleSiloReward(fusion([baselines[method]], objective=objective))
     known = ["mor", "uniform", *(f"single:{s}" for s in by_name), *baselines, "oracle"]
     raise ValueError(f"unknown method {method!r}; known: {known}")
 

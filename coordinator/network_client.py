@@ -7,6 +7,10 @@ its silo die waits out gRPC's reconnect backoff before trying again, so a
 silo that came back would otherwise stay unused for seconds. Every other
 status is the silo's answer and is raised at once as `SiloError` with that
 code (retrying a refusal would only spend the silo's rate limit).
+
+With `audit=` (the coordinator's log) every attempt, retries included, is an
+entry in the coordinator's log, holding the checkpoint the silo's answer
+carried (mor_secure/transport/client_audit.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import grpc
 
 from mor_secure.pki.identity import PartyIdentity, Role
 from mor_secure.pki.kits import CertKit
+from mor_secure.transport.authorization import AuditSink
 from mor_secure.proto.v1 import silo_pb2, silo_pb2_grpc
 from mor_secure.transport.channel import as_silo_error, secure_channel
 from mor_secure.wire import serde
@@ -40,16 +45,18 @@ class NetworkSiloClient:
     """One silo at `address`, reached with the coordinator's (or an auditor's) kit."""
 
     def __init__(self, name: str, address: str, kit: CertKit, *, deadline_s: float = DEFAULT_DEADLINE_S,
-                 retries: int = DEFAULT_RETRIES) -> None:
+                 retries: int = DEFAULT_RETRIES, audit: AuditSink | None = None) -> None:
         self._name = name
         self.address = address
         self.kit = kit
+        self.audit = audit
         self.deadline_s = deadline_s
         self.retries = retries
         self._connect()
 
     def _connect(self) -> None:
-        self._channel = secure_channel(self.address, self.kit, expect=PartyIdentity(Role.SILO, self._name))
+        self._channel = secure_channel(self.address, self.kit, expect=PartyIdentity(Role.SILO, self._name),
+                                       audit=self.audit)
         self._stub = silo_pb2_grpc.SiloRewardServiceStub(self._channel)
 
     @property

@@ -8,6 +8,7 @@ in-process client, which is how tests, benchmarks and `make results-table`
 run on one machine. Router, GRPO and evaluation code take any `SiloClient`.
 
     kit: pki/kits/coordinator-coordinator     # networked pools: the coordinator's certificate kit
+    audit_log: audit/coordinator.db           # default: coordinator-audit.db beside this file
     minimum_participants: 2                   # a scoring round goes on without a silo that is down
     deadline_seconds: 60
     silos:
@@ -35,10 +36,12 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
+from mor_secure.audit import AuditLog
 from mor_secure.config import StrictModel, load_config, resolve_relative
 from mor_secure.pki.kits import CertKit
 from mor_secure.wire.client import SiloClient
 
+from .audit_trail import coordinator_log
 from .fusion import ClearFusion
 
 # (name, reward-model directory, *, base_model, feature_cache, randomized_response_seed) -> client
@@ -90,6 +93,9 @@ class PoolConfig(StrictModel):
         None, ge=1, description="Silos that must answer a scoring round; fewer fails it. Default: all of them.")
     deadline_seconds: float = Field(60.0, gt=0, description="Deadline of one call to a networked silo.")
     retries: int = Field(3, ge=0, le=10, description="Retries (with backoff) of a call that found a silo UNAVAILABLE.")
+    audit_log: Path | None = Field(
+        None, description="Networked pools: the coordinator's tamper-evident audit log of every call and round "
+        "(SQLite; default: coordinator-audit.db beside the pool file). `mor audit verify` checks it.")
 
     @field_validator("silos")
     @classmethod
@@ -118,6 +124,9 @@ def load_pool(path: str | Path) -> PoolConfig:
     pool = load_config(path, PoolConfig)
     if pool.kit is not None:
         pool = pool.model_copy(update={"kit": resolve_relative(path, pool.kit)})
+    if any(s.address for s in pool.silos):
+        audit_log = resolve_relative(path, pool.audit_log or Path("coordinator-audit.db"))
+        pool = pool.model_copy(update={"audit_log": audit_log})
     silos = []
     for silo in pool.silos:
         updates = {field: resolve_relative(path, getattr(silo, field))
@@ -143,12 +152,13 @@ def pool_clients(pool: PoolConfig, *, names: Sequence[str] | None = None,
     if unknown:
         raise ValueError(f"unknown silo(s) {unknown}; the pool has {list(pool.names)}")
     kit = CertKit.load(pool.kit) if pool.kit is not None else None
+    audit = pool_audit_log(pool)
     clients: list[SiloClient] = []
     for index, name in enumerate(wanted):
         silo = by_name[name]
         if silo.address is not None:
             clients.append(NetworkSiloClient(name, silo.address, kit, deadline_s=pool.deadline_seconds,
-                                             retries=pool.retries))
+                                             retries=pool.retries, audit=audit))
         else:
             clients.append(_opener()(name, silo.reward_model, base_model=silo.base_model,
                                      feature_cache=silo.feature_cache,
@@ -156,14 +166,24 @@ def pool_clients(pool: PoolConfig, *, names: Sequence[str] | None = None,
     return clients
 
 
-def pool_fusion(pool: PoolConfig) -> Callable[[Sequence[SiloClient]], ClearFusion]:
-    """How rewards fuse over this pool's silos: the pool's minimum participants, scaled to a subset."""
-    def fusion(clients: Sequence[SiloClient]) -> ClearFusion:
+def pool_audit_log(pool: PoolConfig) -> AuditLog | None:
+    """The coordinator's audit log for a networked pool (None for an in-process one: no calls to record)."""
+    if pool.audit_log is None or not any(s.address for s in pool.silos):
+        return None
+    return coordinator_log(pool.audit_log, CertKit.load(pool.kit))
+
+
+def pool_fusion(pool: PoolConfig) -> Callable[..., ClearFusion]:
+    """How rewards fuse over this pool's silos: the pool's minimum participants, scaled to a subset.
+
+    Rounds over a networked pool are entries in the coordinator's audit log.
+    """
+    def fusion(clients: Sequence[SiloClient], *, objective: str = "correct") -> ClearFusion:
         minimum = None
         if pool.minimum_participants is not None:
             # The minimum is for the whole pool; a single-silo baseline needs its one silo.
             minimum = max(1, len(clients) - (len(pool.silos) - pool.minimum_participants))
-        return ClearFusion(clients, minimum_participants=minimum)
+        return ClearFusion(clients, objective=objective, minimum_participants=minimum, audit=pool_audit_log(pool))
     return fusion
 
 

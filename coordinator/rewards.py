@@ -168,9 +168,12 @@ class SiloMixtureReward:
         answered = [i for i, t in enumerate(texts) if t.strip()]
         rewards = torch.full((rows,), self.empty_reward)
         if answered:
+            kinds = kwargs.get("kind")
             items = FusionItems(images=tuple(images[i] for i in answered),
                                 prompts=tuple(questions[i] for i in answered),
-                                responses=tuple(texts[i].strip() for i in answered))
+                                responses=tuple(texts[i].strip() for i in answered),
+                                kinds=None if kinds is None or len(kinds) != rows else
+                                tuple(str(kinds[i]) for i in answered))
             fused = self.fusion.fuse(items, weights[answered])
             if log_metric is not None:
                 # Which silos answered this round (1/0): a silo that was down shows here, and its weight went

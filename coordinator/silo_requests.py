@@ -49,24 +49,24 @@ def image_blob(path: str | Path) -> ImageBlob:
 
 
 def score_request(images: Sequence[str | Path], prompts: Sequence[str], responses: Sequence[str], *,
-                  round_id: str = "") -> ScoreRequest:
+                  objective: str, round_id: str = "") -> ScoreRequest:
     """One request for every row; each distinct image travels once."""
     if not (len(images) == len(prompts) == len(responses)):
         raise ValueError(f"images, prompts and responses must have one entry per row, got lengths "
                          f"{len(images)}, {len(prompts)}, {len(responses)}")
     blobs, index = image_table([image_blob(p) for p in images])
     rows = tuple(ScoreRow(image=i, prompt=p, response=r) for i, p, r in zip(index, prompts, responses, strict=True))
-    return ScoreRequest(images=blobs, rows=rows, round_id=round_id)
+    return ScoreRequest(images=blobs, rows=rows, round_id=round_id, objective=objective)
 
 
-def bits_request(pairs: Sequence[PreferencePair], *, randomized_response_epsilon: float | None = None,
-                 round_id: str = "") -> BitsRequest:
+def bits_request(pairs: Sequence[PreferencePair], *, objective: str,
+                 randomized_response_epsilon: float | None = None, round_id: str = "") -> BitsRequest:
     """One correctness-bits request for public `pairs`; each distinct image travels once."""
     blobs, index = image_table([image_blob(p.image_path) for p in pairs])
     wire_pairs = tuple(BitsPair(image=i, prompt=p.prompt, chosen=p.chosen, rejected=p.rejected)
                        for i, p in zip(index, pairs, strict=True))
     return BitsRequest(images=blobs, pairs=wire_pairs, randomized_response_epsilon=randomized_response_epsilon,
-                       round_id=round_id)
+                       round_id=round_id, objective=objective)
 
 
 def reply_scores(reply: ScoreReply, rows: int, silo: str) -> torch.Tensor:
@@ -81,10 +81,10 @@ def reply_scores(reply: ScoreReply, rows: int, silo: str) -> torch.Tensor:
 
 
 def score_requests(images: Sequence[str | Path], prompts: Sequence[str], responses: Sequence[str], *,
-                   round_id: str = "") -> list[ScoreRequest]:
+                   objective: str, round_id: str = "") -> list[ScoreRequest]:
     """The rows as few requests as the row limit allows (built once, sent to every silo of a round)."""
     return [score_request(images[start:start + ROWS_PER_REQUEST], prompts[start:start + ROWS_PER_REQUEST],
-                          responses[start:start + ROWS_PER_REQUEST], round_id=round_id)
+                          responses[start:start + ROWS_PER_REQUEST], objective=objective, round_id=round_id)
             for start in range(0, len(responses), ROWS_PER_REQUEST)]
 
 
@@ -95,20 +95,33 @@ def send_scores(client: SiloClient, requests: Sequence[ScoreRequest]) -> torch.T
 
 
 def ask_scores(client: SiloClient, images: Sequence[str | Path], prompts: Sequence[str],
-               responses: Sequence[str], *, round_id: str = "") -> torch.Tensor:
+               responses: Sequence[str], *, objective: str, round_id: str = "") -> torch.Tensor:
     """[N] standardised scores of `client` for the rows, in as few requests as the row limit allows."""
-    return send_scores(client, score_requests(images, prompts, responses, round_id=round_id))
+    return send_scores(client, score_requests(images, prompts, responses, objective=objective, round_id=round_id))
 
 
-def ask_bits(client: SiloClient, pairs: Sequence[PreferencePair], *,
-             randomized_response_epsilon: float | None = None) -> torch.Tensor:
-    """[N] bool tensor: the silo's (possibly randomized) correctness bit per public pair."""
+def bits_requests(pairs: Sequence[PreferencePair], *, objective: str,
+                  randomized_response_epsilon: float | None = None, round_id: str = "") -> list[BitsRequest]:
+    """The pairs as few correctness-bits requests as the row limit allows."""
     pairs = list(pairs)
+    return [bits_request(pairs[start:start + ROWS_PER_REQUEST], objective=objective, round_id=round_id,
+                         randomized_response_epsilon=randomized_response_epsilon)
+            for start in range(0, len(pairs), ROWS_PER_REQUEST)]
+
+
+def ask_bits(client: SiloClient, pairs: Sequence[PreferencePair], *, objective: str,
+             randomized_response_epsilon: float | None = None, round_id: str = "") -> torch.Tensor:
+    """[N] bool tensor: the silo's (possibly randomized) correctness bit per public pair."""
+    return send_bits(client, bits_requests(pairs, objective=objective, round_id=round_id,
+                                           randomized_response_epsilon=randomized_response_epsilon))
+
+
+def send_bits(client: SiloClient, requests: Sequence[BitsRequest]) -> torch.Tensor:
+    """[N] bool tensor of `client`'s bits for every pair of `requests`, in order."""
     parts = []
-    for start in range(0, len(pairs), ROWS_PER_REQUEST):
-        chunk = pairs[start:start + ROWS_PER_REQUEST]
-        reply = client.correctness_bits(bits_request(chunk, randomized_response_epsilon=randomized_response_epsilon))
-        if len(reply.bits) != len(chunk):
-            raise RuntimeError(f"silo {client.name!r} returned {len(reply.bits)} bits for {len(chunk)} pairs")
+    for request in requests:
+        reply = client.correctness_bits(request)
+        if len(reply.bits) != len(request.pairs):
+            raise RuntimeError(f"silo {client.name!r} returned {len(reply.bits)} bits for {len(request.pairs)} pairs")
         parts.append(torch.tensor(reply.bits, dtype=torch.bool))
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)

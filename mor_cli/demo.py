@@ -5,7 +5,9 @@ three silos with different architectures train DP reward models on their
 private partitions; every reward model (and the same model without DP, for
 comparison) is scored on clean held-out pairs; the coordinator calibrates the
 router and aligns the reference with GRPO under MoR and under the uniform
-average, and compares them with the reference (one seed).
+average, and compares them with the reference (one seed), all over mTLS to
+the silos' `mor silo serve` processes; at the end the reviewer's checks run
+on every party's audit log and write the HTML report.
 
 `table` (in `mor_cli.table`): the full MoR-vs-baselines evaluation.
 
@@ -29,8 +31,9 @@ from transformers.utils import logging as hf_logging
 
 from coordinator.answer_eval import evaluate_answers
 from coordinator.cli import vlm_corpus
+from coordinator.audit_trail import close_coordinator_logs
 from coordinator.evaluation import Evaluation, EvaluationConfig
-from coordinator.pool import load_pool, pool_clients, pool_fusion
+from coordinator.pool import load_pool, pool_audit_log, pool_clients, pool_fusion
 from coordinator.reference import train_reference
 from coordinator.results_report import results_markdown, summarise
 from coordinator.router import save_router
@@ -44,12 +47,14 @@ from mor_secure.pki.kits import CertKit
 from silo_agent.config import SiloConfig
 from silo_agent.training import MODEL_DIR, create_ledger, feature_cache_dir, load_silo_config, train_silo
 
+from .audit_cli import review
 from .pki_cli import init_pki
 from .roles import allow_in_process_silos
 from .silo_processes import SiloProcesses
 
 PROG = "mor demo"
 SILOS = ("hospital-a", "bank-b", "hospital-c")
+COORDINATOR_AUDIT_LOG = "coordinator-audit.db"  # beside the networked pool file
 # Held-out pairs scored per kind: enough for +-0.02 at 95% (binomial), bounded for CPU time.
 EVAL_PAIRS_PER_KIND = 1000
 EVAL_SEED = 12345
@@ -87,7 +92,8 @@ def write_pool(workdir: Path, *, addresses: dict[str, str] | None = None) -> Pat
     """
     lines = ["# Written by `mor demo`: the silos the coordinator asks for scores (coordinator/pool.py)."]
     if addresses is not None:
-        lines += ["kit: pki/kits/coordinator-coordinator", "minimum_participants: 2"]
+        lines += ["kit: pki/kits/coordinator-coordinator", "minimum_participants: 2",
+                  f"audit_log: {COORDINATOR_AUDIT_LOG}"]
     lines.append("silos:")
     for silo in SILOS:
         lines.append(f"  - name: {silo}")
@@ -118,7 +124,18 @@ def evaluation_for(workdir: Path, consortium_path: Path, config_name: str, *, pr
     pool = load_pool(write_pool(workdir, addresses=addresses))
     return Evaluation(load_consortium(consortium_path), pool_clients(pool), workdir / "vlm" / "reference",
                       workdir / "evaluation" / Path(config_name).stem, config, baselines=baselines,
-                      feature_cache=workdir / "router_cache", progress=progress, fusion=pool_fusion(pool))
+                      feature_cache=workdir / "router_cache", progress=progress, fusion=pool_fusion(pool),
+                      audit=pool_audit_log(pool))
+
+
+def audit_demo(workdir: Path) -> bool:
+    """The reviewer's step: verify and reconcile every party's audit log, and write the report."""
+    close_coordinator_logs()  # its final signed checkpoint
+    print("\n== compliance review: every party's audit log verified and reconciled (`mor audit ...`) ==")
+    return review(workdir / COORDINATOR_AUDIT_LOG,
+                  [load_silo_config(workdir / "silos" / f"{silo}.yaml").workdir / "audit.db" for silo in SILOS],
+                  workdir / "pki" / "ca" / "ca.pem", workdir / "audit" / "report.html",
+                  title="mor-secure demo consortium: audit report", verbose=True)
 
 
 def serve_silos(workdir: Path) -> SiloProcesses:
@@ -225,6 +242,7 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> in
         routing = evaluation.routing_table()["correct"]
     print("silos stopped with SIGTERM: " + ", ".join(f"{name} exit {code}" for name, code in served.exit_codes.items())
           + f" (their logs: {workdir / 'serving'})")
+    intact = audit_demo(workdir)
     kinds = [k for k in QUESTION_KINDS if k in runs[0].accuracy]
     # Saved like `mor coordinator train-router` saves one, for `mor coordinator align` and benchmarks/grpo_step.py.
     print(f"router (seed {evaluation.config.seeds[0]}) saved to "
@@ -238,6 +256,9 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> in
                                   "baseline over 3 seeds."]))
     minutes = (time.monotonic() - started) / 60
     print(f"\ndemo finished in {minutes:.1f} min; everything it wrote is under {workdir}")
+    if not intact:
+        print("demo: the audit review found problems (see the report above); exiting 1", file=sys.stderr)
+        return 1
     if write_results is not None:
         write_results.parent.mkdir(parents=True, exist_ok=True)
         write_results.write_text(json.dumps({

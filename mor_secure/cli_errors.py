@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
+from mor_secure.audit.log import AuditLogError
 from mor_secure.config import ConfigError
 from mor_secure.data.importer import DataImportError
 from mor_secure.privacy import BudgetExceededError
@@ -14,7 +15,7 @@ from mor_secure.wire.errors import SiloError
 # Failures a user can act on from the message alone; anything else is a bug and keeps its traceback.
 # A SiloError is a silo's refusal (or absence), with the status it chose and why.
 USER_ERRORS = (ConfigError, DataImportError, BudgetExceededError, FileNotFoundError, FileExistsError, ValueError,
-               SiloError)
+               SiloError, AuditLogError)
 EXIT_USER_ERROR = 1
 
 

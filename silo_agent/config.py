@@ -31,8 +31,8 @@ class ServeSettings(StrictModel):
     host: str = Field("127.0.0.1", description="Address to listen on (loopback by default; a real deployment "
                       "names its interface).")
     port: int = Field(0, ge=0, le=65535, description="Port to listen on; 0 lets the OS choose (reported on start).")
-    audit_log: Path | None = Field(None, description="JSON-lines log of every decision (default: "
-                                   "<workdir>/audit.jsonl).")
+    audit_log: Path | None = Field(None, description="The silo's tamper-evident audit log, an SQLite file "
+                                   "(default: <workdir>/audit.db); `mor audit verify` checks it.")
     drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM: how long in-flight calls may finish.")
 
 

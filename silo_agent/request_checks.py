@@ -19,8 +19,18 @@ from PIL import Image
 
 from mor_secure.models.images import KeyedImage
 from mor_secure.policy import RequestLimits
-from mor_secure.wire.errors import invalid
-from mor_secure.wire.messages import ImageBlob, sha256_hex
+from mor_secure.wire.errors import ErrorCode, SiloError, invalid
+from mor_secure.wire.messages import OBJECTIVES, ImageBlob, sha256_hex
+
+
+def check_objective(objective: str, allowed: frozenset[str]) -> str:
+    """A request names a known objective (INVALID_ARGUMENT otherwise) that the policy allows (PERMISSION_DENIED)."""
+    if objective not in OBJECTIVES:
+        raise invalid(f"objective {objective!r} is not one this consortium knows; name one of {sorted(OBJECTIVES)}")
+    if objective not in allowed:
+        raise SiloError(ErrorCode.PERMISSION_DENIED, f"this silo's policy does not allow its model to be used for "
+                        f"{objective!r} (allowed: {', '.join(sorted(allowed)) or 'nothing'})")
+    return objective
 
 
 def check_count(label: str, count: int, limit: int) -> None:

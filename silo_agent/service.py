@@ -37,6 +37,7 @@ from mor_secure.privacy.randomized_response import flip_probability, randomize_b
 from mor_secure.privacy.reports import PrivacyReport
 from mor_secure.wire.errors import ErrorCode, SiloError
 from mor_secure.wire.messages import (
+    OBJECTIVES,
     BitsReply,
     BitsRequest,
     LedgerSummary,
@@ -50,6 +51,7 @@ from .request_checks import (
     check_count,
     check_epsilon,
     check_image_index,
+    check_objective,
     check_text,
     decode_images,
 )
@@ -62,7 +64,8 @@ class SiloService:
     def __init__(self, name: str, model: RewardModel, *, limits: RequestLimits | None = None,
                  privacy_report: PrivacyReport | None = None,
                  ledger_summary: Callable[[], LedgerSummary | None] | None = None,
-                 randomized_response_seed: int | None = None) -> None:
+                 randomized_response_seed: int | None = None,
+                 allowed_objectives: frozenset[str] = frozenset(OBJECTIVES)) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"silo name must be a non-empty string, got {name!r}")
         if not isinstance(model, RewardModel):
@@ -70,6 +73,7 @@ class SiloService:
         self._name = name
         self._model = model
         self.limits = limits or RequestLimits()
+        self.allowed_objectives = frozenset(allowed_objectives)
         self._privacy_report = privacy_report
         self._ledger_summary = ledger_summary
         self._model_lock = threading.Lock()
@@ -94,6 +98,7 @@ class SiloService:
     def score(self, request: ScoreRequest) -> ScoreReply:
         """Standardised scores, one per row; SiloError(INVALID_ARGUMENT) naming the problem on bad input."""
         limits = self.limits
+        check_objective(request.objective, self.allowed_objectives)
         check_count("rows", len(request.rows), limits.max_items)
         images = decode_images(request.images, limits)
         used: set[int] = set()
@@ -114,6 +119,7 @@ class SiloService:
         Every input (epsilon included) is validated before any score is computed.
         """
         limits = self.limits
+        check_objective(request.objective, self.allowed_objectives)
         epsilon = check_epsilon(request.randomized_response_epsilon)
         check_count("pairs", len(request.pairs), limits.max_items)
         images = decode_images(request.images, limits)
@@ -165,7 +171,8 @@ def published_privacy_report(path: Path) -> PrivacyReport | None:
 
 def open_model_service(name: str, model_dir: str | Path, *, resources: LocalResources | None = None,
                        limits: RequestLimits | None = None, randomized_response_seed: int | None = None,
-                       ledger: PrivacyLedger | None = None) -> SiloService:
+                       ledger: PrivacyLedger | None = None,
+                       allowed_objectives: frozenset[str] = frozenset(OBJECTIVES)) -> SiloService:
     """A service over a saved reward model; its public privacy report is read from beside it when present."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -174,4 +181,4 @@ def open_model_service(name: str, model_dir: str | Path, *, resources: LocalReso
     model = load_reward_model(model_dir, resources)
     return SiloService(name, model, limits=limits, privacy_report=published_privacy_report(model_dir.parent / REPORT_FILE),
                        ledger_summary=None if ledger is None else (lambda: ledger_summary(ledger)),
-                       randomized_response_seed=randomized_response_seed)
+                       randomized_response_seed=randomized_response_seed, allowed_objectives=allowed_objectives)

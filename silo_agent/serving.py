@@ -5,8 +5,8 @@ port opens); the server starts on an mTLS port with health NOT_SERVING; the
 port is reported (log line, and `--port-file` for scripts: the OS chooses it
 when the config says port 0); the model is loaded; health turns SERVING. On
 SIGTERM or SIGINT the silo turns NOT_SERVING, stops accepting calls, lets the
-in-flight ones finish for up to `drain_seconds`, closes its audit log and
-exits 0. Bad input never crashes it (the request checks and the authorizing
+in-flight ones finish for up to `drain_seconds`, records that it stopped,
+writes a final signed checkpoint of its audit log and exits 0. Bad input never crashes it (the request checks and the authorizing
 wrapper answer a status instead), and a reply is built whole before it is sent.
 """
 
@@ -19,16 +19,18 @@ import signal
 import threading
 from pathlib import Path
 
-from mor_secure.audit import JsonlAuditSink
+from mor_secure.audit import AuditLog
 from mor_secure.models.reward_model import LocalResources
 from mor_secure.pki.files import write_public
 from mor_secure.pki.identity import Role
 from mor_secure.pki.kits import CertKit
 from mor_secure.policy import SiloAdmission, SiloPolicy, load_policy
+from mor_secure.privacy import PrivacyLedger
 from mor_secure.transport.server import RunningServer, ServerSettings, serve
 
+from .audit_trail import SiloAuditTrail
 from .config import SiloConfig
-from .service import SiloService, open_model_service
+from .service import SiloService, ledger_summary, open_model_service
 from .servicer import ROLES_BY_RPC, SiloServicer, servicer_registration
 from .training import MODEL_DIR, feature_cache_dir, open_ledger
 
@@ -44,17 +46,21 @@ def _checked_kit(config: SiloConfig) -> CertKit:
     return kit
 
 
-def load_service(config: SiloConfig, policy: SiloPolicy) -> SiloService:
+def load_service(config: SiloConfig, policy: SiloPolicy, ledger: PrivacyLedger | None) -> SiloService:
     """The silo's service over its trained model, with its policy's limits and its ledger's public summary."""
     resources = LocalResources(base_model=config.base_model,
                                feature_cache=feature_cache_dir(config) if config.architecture == "frozen_encoders"
                                else None)
-    ledger = open_ledger(config) if config.training.dp.enabled else None
     return open_model_service(config.name, config.workdir / MODEL_DIR, resources=resources, limits=policy.limits,
-                              ledger=ledger)
+                              ledger=ledger, allowed_objectives=frozenset(policy.allowed_objectives))
 
 
-def start_silo_server(config: SiloConfig, *, port_file: Path | None = None) -> tuple[RunningServer, JsonlAuditSink]:
+def audit_log_path(config: SiloConfig) -> Path:
+    """Where the silo's audit log is (serve.audit_log, default <workdir>/audit.db)."""
+    return config.serve.audit_log or config.workdir / "audit.db"
+
+
+def start_silo_server(config: SiloConfig, *, port_file: Path | None = None) -> tuple[RunningServer, SiloAuditTrail]:
     """Start serving `config`'s silo (returns once health is SERVING)."""
     if config.serve is None:
         raise ValueError(f"silo {config.name!r} has no `serve:` section in its YAML (kit, policy, port); add one")
@@ -64,7 +70,10 @@ def start_silo_server(config: SiloConfig, *, port_file: Path | None = None) -> t
     if not (config.workdir / MODEL_DIR).is_dir():
         raise FileNotFoundError(f"{config.workdir / MODEL_DIR}: no trained reward model; run "
                                 "`mor silo train --config <silo>.yaml` first")
-    audit = JsonlAuditSink(settings.audit_log or config.workdir / "audit.jsonl")
+    ledger = open_ledger(config) if config.training.dp.enabled else None
+    # One checkpoint per entry: every answer carries a signed tree head that covers its own entry.
+    audit = SiloAuditTrail(AuditLog.for_kit(audit_log_path(config), kit, checkpoint_every_entries=1),
+                           None if ledger is None else (lambda: ledger_summary(ledger)))
     servicer = SiloServicer(None)
     running = serve(kit=kit, crl_path=settings.crl or kit.crl_path, services=[servicer_registration(servicer)],
                     roles_by_rpc=ROLES_BY_RPC, admission=SiloAdmission(policy), audit=audit,
@@ -73,7 +82,10 @@ def start_silo_server(config: SiloConfig, *, port_file: Path | None = None) -> t
         write_public(Path(port_file), (json.dumps({"port": running.port, "pid": os.getpid()}) + "\n").encode())
     logger.info("silo %s listening on %s:%d; loading its reward model", config.name, settings.host, running.port)
     try:
-        servicer.ready(load_service(config, policy))
+        audit.serving_started(silo=config.name, policy=policy, address=f"{settings.host}:{running.port}",
+                              policy_source=str(settings.policy) if settings.policy else
+                              "no policy file, the secure defaults of mor_secure/policy/schema.py")
+        servicer.ready(load_service(config, policy, ledger))
     except BaseException:
         running.stop(0)
         audit.close()
@@ -92,6 +104,7 @@ def serve_until_signalled(config: SiloConfig, *, port_file: Path | None = None) 
     stop.wait()
     logger.info("silo %s draining (up to %.0f s for in-flight calls)", config.name, config.serve.drain_seconds)
     running.stop(config.serve.drain_seconds)
+    audit.serving_stopped(silo=config.name)
     audit.close()
     logger.info("silo %s stopped", config.name)
     return 0

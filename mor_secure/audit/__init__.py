@@ -1,5 +1,6 @@
-"""Recording every call a party serves: the audit sink interface's implementations."""
+"""Each party's tamper-evident record of every call: the log, its checks, and the reviewer's report."""
 
-from .jsonl_sink import JsonlAuditSink
+from .checkpoints import CheckpointSigner, SignedCheckpoint
+from .log import AuditLog, AuditLogError, read_log
 
-__all__ = ["JsonlAuditSink"]
+__all__ = ["AuditLog", "AuditLogError", "CheckpointSigner", "SignedCheckpoint", "read_log"]

@@ -22,6 +22,7 @@ from pydantic import Field, field_validator
 
 from mor_secure.config import StrictModel, load_config
 from mor_secure.pki.identity import parse_identity
+from mor_secure.wire.messages import OBJECTIVES
 
 RPCS = ("Describe", "Score", "CorrectnessBits")
 
@@ -66,6 +67,18 @@ class SiloPolicy(StrictModel):
     max_concurrent_requests: int = Field(4, gt=0, description="Requests served at once; more are refused "
                                          "(RESOURCE_EXHAUSTED) rather than queued.")
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request size limits.")
+    allowed_objectives: list[str] = Field(
+        default_factory=lambda: list(OBJECTIVES),
+        description="What this silo's model may be used for; a request names its objective and any other is "
+        f"refused (PERMISSION_DENIED). Known objectives: {', '.join(OBJECTIVES)}.")
+
+    @field_validator("allowed_objectives")
+    @classmethod
+    def _known_objectives(cls, objectives: list[str]) -> list[str]:
+        unknown = sorted(set(objectives) - set(OBJECTIVES))
+        if unknown:
+            raise ValueError(f"unknown objective(s) {unknown}; known: {list(OBJECTIVES)}")
+        return objectives
 
     @field_validator("allowed_callers")
     @classmethod

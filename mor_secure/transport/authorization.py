@@ -12,7 +12,14 @@ sends, the wrapper reads the caller's identity (the SAN URI) and serial, then
    that must name every RPC (a missing one is refused, and a test fails);
 3. asks the party's policy (`Admission`), e.g. the silo's allowed callers,
    rate limits and caps (PERMISSION_DENIED / RESOURCE_EXHAUSTED);
-4. records the decision and the call's final status through an `AuditSink`.
+4. records one entry per call through an `AuditSink` (the party's
+   tamper-evident log): caller, RPC, round, request digest and item count
+   (`serde.call_facts`, never the request itself), decision, reason,
+   status and latency. The entry is durable before the answer leaves, and
+   the answer's trailing metadata `mor-checkpoint-bin` carries the log's
+   latest signed checkpoint, so the caller holds the party's tree head as
+   it was once this call was on record. If the log cannot record, the
+   call fails with INTERNAL: nothing is answered off the record.
 
 Health checking and reflection are for standard tools: every role may call
 them, but they pass through the same identity, revocation and audit steps.
@@ -29,8 +36,10 @@ from typing import Any, Protocol
 import grpc
 from cryptography import x509
 
+from mor_secure.audit.checkpoints import SignedCheckpoint
 from mor_secure.pki.identity import PartyIdentity, Role
 from mor_secure.pki.kits import identity_of
+from mor_secure.wire import serde
 from mor_secure.wire.errors import ErrorCode, SiloError
 
 from .revocation import RevocationList
@@ -40,6 +49,8 @@ logger = logging.getLogger(__name__)
 # Services every authenticated party may use: gRPC health checking and server reflection.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
+# Trailing metadata key of the checkpoint every answer carries ("-bin": binary, a serialised SignedCheckpoint).
+CHECKPOINT_METADATA = "mor-checkpoint-bin"
 
 
 @dataclass(frozen=True)
@@ -58,9 +69,14 @@ class Admission(Protocol):
 
 
 class AuditSink(Protocol):
-    """Where every decision goes (a JSONL file now; the tamper-evident log replaces it)."""
+    """Where every call is recorded (mor_secure.audit.AuditLog)."""
 
-    def record(self, event: Mapping[str, Any]) -> None:
+    def record(self, event: Mapping[str, Any]) -> int:
+        """Append one entry durably; returns its index."""
+        ...
+
+    def latest_checkpoint(self) -> SignedCheckpoint | None:
+        """The newest signed tree head."""
         ...
 
 
@@ -108,47 +124,62 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
                             f"(allowed: {', '.join(sorted(r.value for r in allowed))})")
         return self.admission.admit(caller, method) if self.admission is not None else _nothing
 
-    def _record(self, method: str, caller: Caller | None, decision: str, code: str, reason: str,
-                started: float) -> None:
+    def _finish(self, context: grpc.ServicerContext, method: str, caller: Caller | None, facts: serde.CallFacts,
+                decision: str, code: str, reason: str, started: float) -> None:
+        """Record the call and attach the log's checkpoint; INTERNAL (raised) if it cannot be recorded."""
         if self.audit is None:
             return
-        self.audit.record({"time": time.time(), "rpc": method,
-                           "caller": None if caller is None else caller.identity.uri,
-                           "serial": None if caller is None else f"{caller.serial:x}", "decision": decision,
-                           "status": code, "reason": reason,
-                           "latency_ms": round((time.perf_counter() - started) * 1e3, 3)})
+        try:
+            self.audit.record({"event": "call", "side": "server", "rpc": method,
+                               "caller": None if caller is None else caller.identity.uri,
+                               "serial": None if caller is None else f"{caller.serial:x}",
+                               "round_id": facts.round_id, "objective": facts.objective,
+                               "request_digest": facts.request_digest, "items": facts.items,
+                               "decision": decision, "status": code, "reason": reason,
+                               "latency_ms": round((time.perf_counter() - started) * 1e3, 3)})
+            checkpoint = self.audit.latest_checkpoint()
+        except Exception:  # noqa: BLE001 - an unrecorded call must not be answered
+            logger.exception("audit log failed to record %s; refusing the call", method)
+            context.abort(grpc.StatusCode.INTERNAL, "this party could not record the call in its audit log; "
+                          "nothing was answered")
+        if checkpoint is not None:
+            context.set_trailing_metadata(((CHECKPOINT_METADATA,
+                                            serde.checkpoint_to_proto(checkpoint).SerializeToString()),))
 
     def _guarded(self, method: str, behaviour: Callable, streaming_response: bool) -> Callable:
         def run(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
+            facts = serde.call_facts(method, _raw(request_or_iterator))
             caller = None
             try:
                 caller = peer_caller(context)
                 release = self._decide(method, caller)
             except SiloError as error:
-                self._record(method, caller, "refused", error.code.value, error.message, started)
+                self._finish(context, method, caller, facts, "refused", error.code.value, error.message, started)
                 abort_with(context, error)
             if streaming_response:
                 # Health Watch and reflection streams: admitted now, nothing held while they stream.
                 release()
-                self._record(method, caller, "admitted", "OK", "stream opened", started)
+                self._finish(context, method, caller, facts, "admitted", "OK", "stream opened", started)
                 return behaviour(request_or_iterator, context)
-            code, reason = "OK", ""
             try:
-                return behaviour(request_or_iterator, context)
+                response = behaviour(request_or_iterator, context)
             except SiloError as error:
-                code, reason = error.code.value, error.message
+                release()  # the party's own refusal (bad input, a policy limit the handler checks)
+                self._finish(context, method, caller, facts, "refused", error.code.value, error.message, started)
                 abort_with(context, error)
             except Exception as exc:  # noqa: BLE001 - a bug must answer INTERNAL, never kill the server
+                release()
                 if _is_abort(exc):
-                    code, reason = "ABORTED", "aborted by the handler"
+                    self._finish(context, method, caller, facts, "failed", "ABORTED", "aborted by the handler",
+                                 started)
                     raise
                 logger.exception("%s failed for %s", method, caller.identity)
-                code, reason = "INTERNAL", type(exc).__name__
+                self._finish(context, method, caller, facts, "failed", "INTERNAL", type(exc).__name__, started)
                 context.abort(grpc.StatusCode.INTERNAL, "internal error on the server; it has been logged")
-            finally:
-                release()
-                self._record(method, caller, "admitted", code, reason, started)
+            release()
+            self._finish(context, method, caller, facts, "admitted", "OK", "", started)
+            return response
 
         return run
 
@@ -172,6 +203,14 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
 
 def _nothing() -> None:
     return None
+
+
+def _raw(request: Any) -> bytes:
+    """The request's serialised bytes (our servicers take raw bytes; health and reflection parsed messages)."""
+    if isinstance(request, bytes):
+        return request
+    serialize = getattr(request, "SerializeToString", None)
+    return serialize() if callable(serialize) else b""  # a request stream: nothing single to digest
 
 
 def _is_abort(exc: Exception) -> bool:

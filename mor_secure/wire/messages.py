@@ -19,6 +19,15 @@ from dataclasses import dataclass
 from mor_secure.privacy.reports import PrivacyReport
 
 
+# The reward objectives a request may serve (the router's objectives, coordinator/calibration.py). The caller
+# names one; the silo's policy (`allowed_objectives`) decides whether its model may judge for it, and both
+# parties' audit logs record it: purpose limitation (GDPR Art. 5(1)(b)) for a model trained on patients' data.
+OBJECTIVES = {
+    "correct": "is the answer right",
+    "correct_and_brief": "is the answer right and given without padding",
+}
+
+
 def sha256_hex(data: bytes) -> str:
     """Lower-case hex SHA-256 of `data`: the content key of an image."""
     return hashlib.sha256(data).hexdigest()
@@ -57,6 +66,7 @@ class ScoreRequest:
     images: tuple[ImageBlob, ...]
     rows: tuple[ScoreRow, ...]
     round_id: str = ""
+    objective: str = ""
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,7 @@ class BitsRequest:
     pairs: tuple[BitsPair, ...]
     randomized_response_epsilon: float | None = None
     round_id: str = ""
+    objective: str = ""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,12 @@ service, which both transports share.
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
+
+from google.protobuf.message import DecodeError
+
+from mor_secure.audit.checkpoints import SignedCheckpoint
 from mor_secure.privacy.reports import PrivacyReport
 from mor_secure.proto.v1 import silo_pb2 as pb
 
@@ -49,7 +55,8 @@ def _images_from_proto(images) -> tuple[ImageBlob, ...]:
 
 
 def score_request_to_proto(request: ScoreRequest) -> pb.ScoreRequest:
-    return pb.ScoreRequest(round_id=request.round_id.encode("utf-8"), images=_images_to_proto(request.images),
+    return pb.ScoreRequest(round_id=request.round_id.encode("utf-8"), objective=request.objective,
+                           images=_images_to_proto(request.images),
                            rows=[pb.ScoreRow(image=r.image, prompt=r.prompt.encode("utf-8"),
                                              response=r.response.encode("utf-8")) for r in request.rows])
 
@@ -59,7 +66,7 @@ def score_request_from_proto(message: pb.ScoreRequest) -> ScoreRequest:
                         rows=tuple(ScoreRow(image=r.image, prompt=_text(r.prompt, f"rows[{i}].prompt"),
                                             response=_text(r.response, f"rows[{i}].response"))
                                    for i, r in enumerate(message.rows)),
-                        round_id=_text(message.round_id, "round_id"))
+                        round_id=_text(message.round_id, "round_id"), objective=message.objective)
 
 
 def score_reply_to_proto(reply: ScoreReply) -> pb.ScoreReply:
@@ -71,7 +78,8 @@ def score_reply_from_proto(message: pb.ScoreReply) -> ScoreReply:
 
 
 def bits_request_to_proto(request: BitsRequest) -> pb.BitsRequest:
-    message = pb.BitsRequest(round_id=request.round_id.encode("utf-8"), images=_images_to_proto(request.images),
+    message = pb.BitsRequest(round_id=request.round_id.encode("utf-8"), objective=request.objective,
+                             images=_images_to_proto(request.images),
                              pairs=[pb.BitsPair(image=p.image, prompt=p.prompt.encode("utf-8"),
                                                 chosen=p.chosen.encode("utf-8"), rejected=p.rejected.encode("utf-8"))
                                     for p in request.pairs])
@@ -86,7 +94,7 @@ def bits_request_from_proto(message: pb.BitsRequest) -> BitsRequest:
                   for i, p in enumerate(message.pairs))
     epsilon = message.randomized_response_epsilon if message.HasField("randomized_response_epsilon") else None
     return BitsRequest(images=_images_from_proto(message.images), pairs=pairs, randomized_response_epsilon=epsilon,
-                       round_id=_text(message.round_id, "round_id"))
+                       round_id=_text(message.round_id, "round_id"), objective=message.objective)
 
 
 def bits_reply_to_proto(reply: BitsReply) -> pb.BitsReply:
@@ -153,3 +161,45 @@ def description_from_proto(message: pb.SiloDescription) -> SiloDescription:
                            privacy_report=_report_from_proto(message.privacy_report)
                            if message.HasField("privacy_report") else None,
                            ledger=ledger)
+
+
+def checkpoint_to_proto(checkpoint: SignedCheckpoint) -> pb.SignedCheckpoint:
+    return pb.SignedCheckpoint(body=checkpoint.body, signature=checkpoint.signature)
+
+
+def checkpoint_from_proto(message: pb.SignedCheckpoint) -> SignedCheckpoint:
+    return SignedCheckpoint(body=bytes(message.body), signature=bytes(message.signature))
+
+
+@dataclass(frozen=True)
+class CallFacts:
+    """What an audit entry records of a request: its digest and counts, never its contents."""
+
+    request_digest: str
+    round_id: str = ""
+    objective: str = ""
+    items: int = 0
+
+
+_REQUEST_TYPES = {"Score": (pb.ScoreRequest, "rows"), "CorrectnessBits": (pb.BitsRequest, "pairs")}
+_SERVICE_PREFIX = "/" + pb.DESCRIPTOR.services_by_name["SiloRewardService"].full_name + "/"
+
+
+def call_facts(method: str, raw: bytes) -> CallFacts:
+    """The audit facts of a call to `method` (a full gRPC method name) whose serialised request is `raw`.
+
+    Both ends compute it from the same bytes (the silo from what arrived, the
+    coordinator from what it sent), so their logs can be matched by digest.
+    A request that does not parse still gets its digest.
+    """
+    digest = hashlib.sha256(raw).hexdigest()
+    kind = _REQUEST_TYPES.get(method.removeprefix(_SERVICE_PREFIX)) if method.startswith(_SERVICE_PREFIX) else None
+    if kind is None:
+        return CallFacts(request_digest=digest)
+    message_type, items = kind
+    try:
+        message = message_type.FromString(raw)
+    except DecodeError:
+        return CallFacts(request_digest=digest)
+    return CallFacts(request_digest=digest, round_id=message.round_id.decode("utf-8", "replace"),
+                     objective=message.objective, items=len(getattr(message, items)))

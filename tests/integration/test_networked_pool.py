@@ -20,7 +20,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from cryptography import x509
 from transformers import TrainerCallback
+
+from coordinator.audit_trail import close_coordinator_logs
 
 from coordinator.fusion import ClearFusion, FusionItems, RoundFailedError
 from coordinator.grpo import GRPOSettings, train_grpo
@@ -28,6 +31,8 @@ from coordinator.pool import load_pool, pool_clients, pool_fusion
 from coordinator.rewards import UniformSiloReward
 from coordinator.silo_requests import ask_bits, ask_scores
 from mor_cli.pki_cli import init_pki
+from mor_secure.audit import read_log
+from mor_secure.audit.evidence import check_logs
 from mor_cli.silo_processes import SiloProcesses
 from mor_secure.data import make_pairs
 from mor_secure.models.reward_architectures import SmallCNNRewardModel
@@ -84,8 +89,9 @@ def test_network_and_in_process_give_the_same_scores_and_bits(consortium_on_loop
     for remote, here in zip(networked, local, strict=True):
         images, prompts = [r.image_path for r in records], [r.question for r in records]
         responses = [r.answer for r in records]
-        assert torch.equal(ask_scores(remote, images, prompts, responses), ask_scores(here, images, prompts, responses))
-        assert torch.equal(ask_bits(remote, pairs), ask_bits(here, pairs))
+        assert torch.equal(ask_scores(remote, images, prompts, responses, objective="correct"),
+                           ask_scores(here, images, prompts, responses, objective="correct"))
+        assert torch.equal(ask_bits(remote, pairs, objective="correct"), ask_bits(here, pairs, objective="correct"))
         assert remote.describe() .architecture == here.describe().architecture == "small_cnn"
 
 
@@ -138,3 +144,20 @@ def test_a_round_below_the_minimum_fails_clearly(consortium_on_loopback, consort
         assert pool_fusion(pool)(clients).fuse(items, torch.full((1, 3), 1 / 3)).shape == (1,)
     finally:
         processes.start("bank-b", port=processes.silos["bank-b"].port)
+
+
+def test_after_the_drills_every_log_verifies_and_reconciles(consortium_on_loopback) -> None:
+    """Runs last: it stops the silos. hospital-c's log survived its SIGKILL; calls it missed never reached it."""
+    root, processes = consortium_on_loopback.root, consortium_on_loopback.processes
+    assert [processes.stop(name) for name in SILOS] == [0, 0, 0]
+    close_coordinator_logs()
+    ca = x509.load_pem_x509_certificate((root / "pki" / "ca" / "ca.pem").read_bytes())
+    coordinator = read_log(consortium_on_loopback.network.audit_log)
+    evidence = check_logs(coordinator, [read_log(root / "silos" / name / "audit.db") for name in SILOS], ca)
+    assert all(v.ok for v in evidence.verifications), [v.problems[:3] for v in evidence.verifications]
+    assert all(r.ok for r in evidence.reconciliations), [r.mismatches[:3] for r in evidence.reconciliations]
+    by_silo = {r.silo: r for r in evidence.reconciliations}
+    assert all(r.matched > 0 and r.checkpoints_checked > 0 for r in evidence.reconciliations)
+    assert by_silo["mor://silo/hospital-c"].not_delivered > 0  # asked while it was down: on the coordinator's record
+    rounds = [e.fields() for e in coordinator.entries if e.fields().get("event") == "round"]
+    assert any("hospital-c" not in r["answered"] for r in rounds) and all(len(r["answered"]) >= 2 for r in rounds)

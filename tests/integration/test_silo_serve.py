@@ -26,6 +26,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.network_client import NetworkSiloClient
 from coordinator.silo_requests import bits_request, score_request
+from mor_secure.audit import read_log
+from mor_secure.audit.checkpoints import key_id
+from mor_secure.audit.reconcile import trusted_certificates
+from mor_secure.audit.verify import verify_log
 from mor_secure.data import make_pairs
 from mor_secure.models.reward_architectures import SmallCNNRewardModel
 from mor_secure.transport.credentials import channel_credentials
@@ -103,17 +107,24 @@ def test_the_served_silo_scores_over_mtls_and_logs_every_call(served_silo, pki, 
     record = splits.calibration[0]
     client = NetworkSiloClient("hospital-a", f"127.0.0.1:{served_silo.port}", pki.kits["coordinator"])
     try:
-        reply = client.score(score_request([record.image_path] * 2, [record.question] * 2, [record.answer, "no"]))
+        reply = client.score(score_request([record.image_path] * 2, [record.question] * 2, [record.answer, "no"],
+                                           objective="correct"))
         assert len(reply.scores) == 2
         description = client.describe()
         assert description.architecture == "small_cnn" and description.ledger is not None
         assert description.ledger.epsilon_budget == served_silo.config.privacy_budget.epsilon
     finally:
         client.close()
-    events = [json.loads(line) for line in (served_silo.config.workdir / "audit.jsonl").read_text().splitlines()]
+    entries = [e.fields() for e in read_log(served_silo.config.workdir / "audit.db").entries]  # read while live
+    assert entries[0]["event"] == "serving_started" and "allowed_callers" in entries[0]["policy_text"]
+    events = [e for e in entries if e["event"] == "call"]
     assert {"/mor_secure.proto.v1.SiloRewardService/Score", "/mor_secure.proto.v1.SiloRewardService/Describe"} <= {
         e["rpc"] for e in events if e["decision"] == "admitted" and e["status"] == "OK"}
     assert all(e["caller"] in (None, "mor://coordinator/coordinator") for e in events)
+    score = next(e for e in events if e["rpc"].endswith("/Score"))
+    assert score["items"] == 2 and score["objective"] == "correct"
+    assert score["privacy"]["epsilon_spent"] == 0.0
+    assert score["privacy"]["ledger"]["epsilon_budget"] == served_silo.config.privacy_budget.epsilon
 
 
 def s_client(args: list[str], *, linger_s: float = 1.5) -> str:
@@ -201,8 +212,9 @@ def test_fuzzed_requests_get_defined_statuses_and_the_server_lives(served_silo, 
     _, splits = consortium
     record = splits.calibration[0]
     valid = [serde.score_request_to_proto(score_request([record.image_path] * 2, [record.question] * 2,
-                                                        [record.answer, "no"])).SerializeToString(),
+                                                        [record.answer, "no"], objective="correct")).SerializeToString(),
              serde.bits_request_to_proto(bits_request(list(make_pairs(splits.calibration[:3], seed=0)),
+                                                      objective="correct",
                                                       randomized_response_epsilon=1.0)).SerializeToString(), b""]
     mutated = st.tuples(st.sampled_from(valid), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)),
                                                          max_size=8), st.integers(0, 10**6)).map(_mutate)
@@ -223,7 +235,8 @@ def test_fuzzed_requests_get_defined_statuses_and_the_server_lives(served_silo, 
         probe()
     assert served_silo.process.poll() is None
     client = NetworkSiloClient("hospital-a", f"127.0.0.1:{served_silo.port}", pki.kits["coordinator"])
-    assert len(client.score(score_request([record.image_path], [record.question], [record.answer])).scores) == 1
+    assert len(client.score(score_request([record.image_path], [record.question], [record.answer],
+                                                    objective="correct")).scores) == 1
     client.close()
     grown_mb = (_rss_kb(served_silo.process.pid) - before) / 1024
     assert grown_mb < 150, f"the silo grew by {grown_mb:.0f} MB under fuzzing"
@@ -238,8 +251,16 @@ def _mutate(case: tuple[bytes, list[tuple[int, int]], int]) -> bytes:
     return bytes(data[: max(1, cut % (len(data) + 1))]) if data else bytes(data)
 
 
-def test_sigterm_drains_and_exits_zero(served_silo) -> None:
+def test_sigterm_drains_and_exits_zero_with_a_final_checkpoint(served_silo, pki) -> None:
     """Runs last in this module: it stops the served silo."""
     served_silo.process.send_signal(signal.SIGTERM)
     assert served_silo.process.wait(timeout=60) == 0
     assert "stopped" in served_silo.process.stderr.read()
+    log = read_log(served_silo.config.workdir / "audit.db")
+    assert log.entries[-1].fields()["event"] == "serving_stopped"
+    # The kit was renewed mid-module: checkpoints before it verify with the old certificate, after it with the new.
+    assert len(log.certificates) == 2
+    result = verify_log(log, trusted_certificates(log, pki.ca.certificate))
+    assert result.ok, result.problems[:3]
+    assert result.uncovered_entries == 0  # the final checkpoint covers everything
+    assert result.latest.key == key_id(pki.kits["hospital-a"].certificate().public_key())

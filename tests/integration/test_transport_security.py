@@ -17,7 +17,7 @@ import pytest
 from silo_fakes import RightAnswerModel, png
 
 from coordinator.network_client import NetworkSiloClient
-from mor_secure.audit import JsonlAuditSink
+from mor_secure.audit import AuditLog, read_log
 from mor_secure.pki import CertificateAuthority, CertKit, PartyIdentity
 from mor_secure.policy import RateLimit, RequestLimits, SiloAdmission, SiloPolicy
 from mor_secure.proto.v1 import silo_pb2, silo_pb2_grpc
@@ -27,7 +27,7 @@ from silo_agent.service import SiloService
 from silo_agent.servicer import ROLES_BY_RPC, SERVICE_NAME, servicer_registration
 
 RED = ImageBlob.of(png((200, 30, 30)))
-GOOD = ScoreRequest(images=(RED,), rows=(ScoreRow(0, "what shape?", "right"), ScoreRow(0, "what shape?", "wrong")))
+GOOD = ScoreRequest(objective="correct", images=(RED,), rows=(ScoreRow(0, "what shape?", "right"), ScoreRow(0, "what shape?", "wrong")))
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +43,29 @@ def consortium_pki(tmp_path_factory: pytest.TempPathFactory):
                      "auditor": kit("auditor", "auditor"), "other-silo": kit("silo", "bank-b")}
 
 
-def start(ca, silo_kit: CertKit, tmp_path: Path, policy: SiloPolicy | None = None) -> tuple[RunningServer, Path]:
+def start(ca, silo_kit: CertKit, tmp_path: Path, policy: SiloPolicy | None = None,
+          audit=None) -> tuple[RunningServer, AuditLog]:
     policy = policy or SiloPolicy()
-    audit_path = tmp_path / "audit.jsonl"
+    audit = audit or AuditLog.for_kit(tmp_path / "audit.db", silo_kit, checkpoint_every_entries=1)
     service = SiloService("hospital-a", RightAnswerModel(), limits=policy.limits)
     running = serve(kit=silo_kit, crl_path=ca.directory / "crl.pem", services=[servicer_registration(service)],
-                    roles_by_rpc=ROLES_BY_RPC, admission=SiloAdmission(policy), audit=JsonlAuditSink(audit_path))
+                    roles_by_rpc=ROLES_BY_RPC, admission=SiloAdmission(policy), audit=audit)
     running.set_serving(True)
-    return running, audit_path
+    return running, audit
+
+
+def logged(audit: AuditLog) -> list[dict]:
+    """The call entries of a silo's audit log, oldest first."""
+    return [e.fields() for e in read_log(audit.path).entries if e.fields().get("event") == "call"]
 
 
 @pytest.fixture
-def server(consortium_pki, tmp_path: Path) -> Iterator[tuple[RunningServer, Path]]:
+def server(consortium_pki, tmp_path: Path) -> Iterator[tuple[RunningServer, AuditLog]]:
     ca, _, kits = consortium_pki
     running, audit = start(ca, kits["silo"], tmp_path)
     yield running, audit
     running.stop(0)
+    audit.close()
 
 
 def client(port: int, kit: CertKit) -> NetworkSiloClient:
@@ -140,9 +147,8 @@ def test_a_revoked_certificate_is_refused_also_on_a_channel_opened_before(server
     assert caught.value.code == ErrorCode.UNAUTHENTICATED
     doomed.close()
     still_serves(running.port, kits)
-    events = [json.loads(line) for line in audit.read_text().splitlines()]
     assert any(e["decision"] == "refused" and e["status"] == "UNAUTHENTICATED" and "revoked" in e["reason"]
-               for e in events)
+               for e in logged(audit))
 
 
 def test_a_silo_certificate_may_not_call_a_coordinator_rpc(server, consortium_pki) -> None:
@@ -226,3 +232,58 @@ def test_the_client_refuses_a_server_that_is_not_the_silo_it_meant_to_reach(cons
         honest.close()
     finally:
         impostor.stop(0)
+
+
+def test_every_answer_carries_the_silos_signed_checkpoint_covering_its_own_entry(server, consortium_pki) -> None:
+    from mor_secure.audit.checkpoints import verify_checkpoint
+    from mor_secure.transport.authorization import CHECKPOINT_METADATA
+    from mor_secure.wire import serde
+
+    running, audit = server
+    _, _, kits = consortium_pki
+    for kit, expected in ((kits["coordinator"], grpc.StatusCode.OK), (kits["auditor"], grpc.StatusCode.PERMISSION_DENIED)):
+        channel, stub = raw_stub(running.port, _credentials(kit))
+        with channel:
+            try:
+                _, call = stub.Score.with_call(serde.score_request_to_proto(GOOD), timeout=10)
+            except grpc.RpcError as error:
+                call = error
+            assert call.code() == expected
+            (value,) = [v for k, v in call.trailing_metadata() if k == CHECKPOINT_METADATA]
+        checkpoint = verify_checkpoint(serde.checkpoint_from_proto(silo_pb2.SignedCheckpoint.FromString(value)),
+                                       [kits["silo"].certificate()])
+        assert checkpoint.log == "mor://silo/hospital-a"
+        assert checkpoint.size == audit.size  # the tree head includes this very call's entry
+        assert logged(audit)[-1]["status"] == expected.name
+    still_serves(running.port, kits)
+
+
+class _FailingOnce:
+    """An audit sink whose first write fails (a full disk), then recovers."""
+
+    def __init__(self, log: AuditLog) -> None:
+        self.log, self.failed = log, False
+
+    def record(self, event):
+        if not self.failed:
+            self.failed = True
+            raise OSError("disk full")
+        return self.log.record(event)
+
+    def latest_checkpoint(self):
+        return self.log.latest_checkpoint()
+
+
+def test_a_call_that_cannot_be_recorded_is_not_answered(consortium_pki, tmp_path: Path) -> None:
+    ca, _, kits = consortium_pki
+    log = AuditLog.for_kit(tmp_path / "audit.db", kits["silo"], checkpoint_every_entries=1)
+    running, _ = start(ca, kits["silo"], tmp_path, audit=_FailingOnce(log))
+    try:
+        with pytest.raises(SiloError, match="could not record the call in its audit log") as caught:
+            client(running.port, kits["coordinator"]).score(GOOD)
+        assert caught.value.code == ErrorCode.INTERNAL
+        still_serves(running.port, kits)
+        assert [e["status"] for e in logged(log)] == ["OK"]  # only the answered call is on record
+    finally:
+        running.stop(0)
+        log.close()

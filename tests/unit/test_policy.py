@@ -32,7 +32,8 @@ def test_bad_policies_name_the_field(tmp_path: Path) -> None:
     path = tmp_path / "p.yaml"
     for text, match in (("allowed_callers: {Scores: []}\n", "unknown RPC"),
                         ("allowed_callers: {Score: [https://evil]}\n", "not a consortium identity"),
-                        ("daily_cap: 0\n", "daily_cap"), ("max_items: 3\n", "max_items")):
+                        ("daily_cap: 0\n", "daily_cap"), ("max_items: 3\n", "max_items"),
+                        ("allowed_objectives: [correct, gossip]\n", r"unknown objective\(s\) \['gossip'\]")):
         path.write_text(text, encoding="utf-8")
         with pytest.raises(ConfigError, match=match):
             load_policy(path)

@@ -25,14 +25,16 @@ class ScoreRow(_message.Message):
     def __init__(self, image: _Optional[int] = ..., prompt: _Optional[bytes] = ..., response: _Optional[bytes] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("round_id", "images", "rows")
+    __slots__ = ("round_id", "images", "rows", "objective")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     round_id: bytes
     images: _containers.RepeatedCompositeFieldContainer[ImageBlob]
     rows: _containers.RepeatedCompositeFieldContainer[ScoreRow]
-    def __init__(self, round_id: _Optional[bytes] = ..., images: _Optional[_Iterable[_Union[ImageBlob, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[ScoreRow, _Mapping]]] = ...) -> None: ...
+    objective: str
+    def __init__(self, round_id: _Optional[bytes] = ..., images: _Optional[_Iterable[_Union[ImageBlob, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[ScoreRow, _Mapping]]] = ..., objective: _Optional[str] = ...) -> None: ...
 
 class ScoreReply(_message.Message):
     __slots__ = ("scores",)
@@ -53,16 +55,18 @@ class BitsPair(_message.Message):
     def __init__(self, image: _Optional[int] = ..., prompt: _Optional[bytes] = ..., chosen: _Optional[bytes] = ..., rejected: _Optional[bytes] = ...) -> None: ...
 
 class BitsRequest(_message.Message):
-    __slots__ = ("round_id", "images", "pairs", "randomized_response_epsilon")
+    __slots__ = ("round_id", "images", "pairs", "randomized_response_epsilon", "objective")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     PAIRS_FIELD_NUMBER: _ClassVar[int]
     RANDOMIZED_RESPONSE_EPSILON_FIELD_NUMBER: _ClassVar[int]
+    OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     round_id: bytes
     images: _containers.RepeatedCompositeFieldContainer[ImageBlob]
     pairs: _containers.RepeatedCompositeFieldContainer[BitsPair]
     randomized_response_epsilon: float
-    def __init__(self, round_id: _Optional[bytes] = ..., images: _Optional[_Iterable[_Union[ImageBlob, _Mapping]]] = ..., pairs: _Optional[_Iterable[_Union[BitsPair, _Mapping]]] = ..., randomized_response_epsilon: _Optional[float] = ...) -> None: ...
+    objective: str
+    def __init__(self, round_id: _Optional[bytes] = ..., images: _Optional[_Iterable[_Union[ImageBlob, _Mapping]]] = ..., pairs: _Optional[_Iterable[_Union[BitsPair, _Mapping]]] = ..., randomized_response_epsilon: _Optional[float] = ..., objective: _Optional[str] = ...) -> None: ...
 
 class BitsReply(_message.Message):
     __slots__ = ("bits", "flip_probability")
@@ -139,3 +143,11 @@ class SiloDescription(_message.Message):
     privacy_report: PrivacyReport
     ledger: LedgerSummary
     def __init__(self, name: _Optional[str] = ..., architecture: _Optional[str] = ..., trainable_params: _Optional[int] = ..., privacy_report: _Optional[_Union[PrivacyReport, _Mapping]] = ..., ledger: _Optional[_Union[LedgerSummary, _Mapping]] = ...) -> None: ...
+
+class SignedCheckpoint(_message.Message):
+    __slots__ = ("body", "signature")
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    body: bytes
+    signature: bytes
+    def __init__(self, body: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...

@@ -1,0 +1,94 @@
+"""The coordinator's own audit log: every call it makes to a silo, and every scoring round.
+
+Calls are recorded by the channel itself (mor_secure/transport/client_audit.py);
+this module opens the log for a networked pool (once per process and path,
+closed with a final signed checkpoint at exit) and writes one entry per
+scoring round of calibration and GRPO: the round id every request of the
+round carries, the silos asked and those that answered, the digest of the
+requests sent (the same digests the call entries and the silos' logs hold),
+the digest of the router weights meant for each silo, and the router's mean
+weight per silo and question kind (aggregates of the coordinator's own
+routing, never a silo's score). Secure aggregation will send each silo
+its weights; with clear fusion they stay here and are applied here.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import secrets
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from mor_secure.audit import AuditLog
+from mor_secure.pki.kits import CertKit
+from mor_secure.transport.authorization import AuditSink
+from mor_secure.wire import serde
+from mor_secure.wire.messages import BitsRequest, ScoreRequest
+
+_open_logs: dict[Path, AuditLog] = {}
+_lock = threading.Lock()
+
+
+def coordinator_log(path: str | Path, kit: CertKit) -> AuditLog:
+    """The coordinator's log at `path`, opened once per process (closed, with a final checkpoint, at exit)."""
+    path = Path(path).resolve()
+    with _lock:
+        log = _open_logs.get(path)
+        if log is None:
+            log = _open_logs[path] = AuditLog.for_kit(path, kit)
+            atexit.register(log.close)
+        return log
+
+
+def close_coordinator_logs() -> None:
+    """Close every coordinator log this process opened (a final checkpoint each); they reopen on next use."""
+    with _lock:
+        for log in _open_logs.values():
+            log.close()
+        _open_logs.clear()
+
+
+def new_round_id() -> str:
+    """A fresh, unguessable round id (128 bits): the same for every request of one round."""
+    return secrets.token_hex(16)
+
+
+def request_digest(request: ScoreRequest | BitsRequest) -> str:
+    """SHA-256 of the request as it goes on the wire (what both parties' call entries record)."""
+    message = (serde.score_request_to_proto(request) if isinstance(request, ScoreRequest)
+               else serde.bits_request_to_proto(request))
+    return hashlib.sha256(message.SerializeToString()).hexdigest()
+
+
+def record_round(audit: AuditSink, *, stage: str, round_id: str, objective: str, asked: Sequence[str],
+                 answered: Sequence[str], requests: Sequence[ScoreRequest | BitsRequest],
+                 weights: torch.Tensor | None = None, kinds: Sequence[str] | None = None) -> None:
+    """One entry for one scoring round (see the module docstring); `weights` is [N, K] over `asked`."""
+    digests = [request_digest(r) for r in requests]
+    event = {"event": "round", "stage": stage, "round_id": round_id, "objective": objective,
+             "asked": list(asked), "answered": list(answered), "requests": digests,
+             "items": sum(len(getattr(r, "rows", ()) or getattr(r, "pairs", ())) for r in requests),
+             "items_digest": hashlib.sha256("".join(digests).encode("ascii")).hexdigest()}
+    if weights is not None:
+        weights = weights.detach().float().cpu()
+        event["weights_digest"] = {silo: hashlib.sha256(weights[:, k].contiguous().numpy().tobytes()).hexdigest()
+                                   for k, silo in enumerate(asked)}
+        event["mean_weight"] = _mean_weight_by_kind(weights, asked, kinds)
+    audit.record(event)
+
+
+def _mean_weight_by_kind(weights: torch.Tensor, silos: Sequence[str],
+                         kinds: Sequence[str] | None) -> dict[str, dict[str, list[float]]]:
+    """silo -> question kind -> [mean weight, rows] ("all" when the rows' kinds are not known)."""
+    kinds = list(kinds) if kinds is not None and len(kinds) == weights.shape[0] else ["all"] * weights.shape[0]
+    table: dict[str, dict[str, list[float]]] = {}
+    for k, silo in enumerate(silos):
+        table[silo] = {}
+        for kind in sorted(set(kinds)):
+            rows = torch.tensor([x == kind for x in kinds])
+            table[silo][kind] = [round(weights[rows, k].mean().item(), 6), int(rows.sum())]
+    return table

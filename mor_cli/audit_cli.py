@@ -1,0 +1,137 @@
+"""`mor audit ...`: the compliance reviewer's three commands.
+
+    mor audit verify LOG --cert CERT                 is this log whole and are its checkpoints the party's?
+    mor audit reconcile COORDINATOR_LOG SILO_LOG... --ca CA
+                                                     does what the coordinator asked match what each silo answered?
+    mor audit report COORDINATOR_LOG SILO_LOG... --ca CA --out report.html
+                                                     both checks and the activity, on one page
+
+`verify` and `reconcile` exit 1 when they find a problem and print each one
+(verify names the first bad entry); `report` writes the page either way and
+says whether the record is intact. Logs are opened read-only: a reviewer may
+run these on a live party's log or on a copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+
+from mor_secure.audit import read_log
+from mor_secure.audit.evidence import check_logs, report_view
+from mor_secure.audit.reconcile import reconcile
+from mor_secure.audit.report import write_report
+from mor_secure.audit.verify import Verification, verify_log
+from mor_secure.cli_errors import run_command
+
+PROG = "mor audit"
+
+
+def _certificate(path: str | Path) -> x509.Certificate:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no certificate there (a kit's party.pem or the consortium's ca.pem)")
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except ValueError:
+        raise ValueError(f"{path} is not a PEM certificate") from None
+
+
+def _utc(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def describe_verification(path: Path, result: Verification) -> list[str]:
+    """What `verify` prints about one log."""
+    lines = [f"{path}: log of {result.party}, {result.entries} entries, {result.checkpoints} signed checkpoints"]
+    if result.latest is not None:
+        lines.append(f"  latest checkpoint: size {result.latest.size}, root {result.latest.root.hex()}, signed "
+                     f"{_utc(result.latest.time)}")
+    if result.uncovered_entries:
+        lines.append(f"  {result.uncovered_entries} newest entries are not yet covered by a signed checkpoint "
+                     "(the party writes one at least every 30 s and when it stops)")
+    if result.ok:
+        lines.append("  VERIFIED: every entry in place and unaltered; every checkpoint signed by this party and "
+                     "consistent with the entries")
+    else:
+        first = result.first_bad_entry
+        lines.append(f"  FAILED: {len(result.problems)} problem(s)"
+                     + (f"; the first bad entry is entry {first}" if first is not None else ""))
+        lines += [f"  - {problem.message}" for problem in result.problems]
+    return lines
+
+
+def _verify(args: argparse.Namespace) -> int:
+    log = read_log(args.log)
+    result = verify_log(log, [_certificate(c) for c in args.cert])
+    print("\n".join(describe_verification(Path(args.log), result)))
+    return 0 if result.ok else 1
+
+
+def _reconcile(args: argparse.Namespace) -> int:
+    ca = _certificate(args.ca)
+    coordinator = read_log(args.coordinator_log)
+    failed = False
+    for path in args.silo_logs:
+        result = reconcile(coordinator, read_log(path), ca)
+        print(f"{result.silo}: {result.matched} queries found in both logs, {result.not_delivered} that never "
+              f"reached the silo, {result.checkpoints_checked} of its checkpoints checked against its log today")
+        if result.ok:
+            print("  RECONCILED: the coordinator's record and the silo's agree")
+        else:
+            failed = True
+            print(f"  MISMATCH: {len(result.mismatches)} finding(s)")
+            print("\n".join(f"  - {m}" for m in result.mismatches))
+    return 1 if failed else 0
+
+
+def review(coordinator_log: str | Path, silo_logs: Sequence[str | Path], ca: str | Path, out: str | Path, *,
+           title: str = "Consortium audit report", verbose: bool = False) -> bool:
+    """Verify and reconcile every log, write the report to `out`, say where it is; True if the record is intact."""
+    coordinator = read_log(coordinator_log)
+    silos = [read_log(p) for p in silo_logs]
+    evidence = check_logs(coordinator, silos, _certificate(ca))
+    if verbose:
+        for log, result in zip((coordinator, *silos), evidence.verifications, strict=True):
+            print(f"verify {log.party}: " + ("verified" if result.ok else f"FAILED ({result.problems[0].message})")
+                  + f", {result.entries} entries")
+        for result in evidence.reconciliations:
+            print(f"reconcile {result.silo}: " + (f"reconciled, {result.matched} queries in both logs" if result.ok
+                                                 else f"MISMATCH ({result.mismatches[0]})"))
+    page = write_report(report_view(coordinator, silos, evidence, title=title), out)
+    verdict = "INTACT" if evidence.intact else "NOT INTACT (the page lists each finding)"
+    print(f"record {verdict}; report written to {page.resolve()} (one self-contained page: open it in a browser)")
+    return evidence.intact
+
+
+def _report(args: argparse.Namespace) -> int:
+    review(args.coordinator_log, args.silo_logs, args.ca, args.out, title=args.title)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Check the parties' audit logs and report on them.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    verify = commands.add_parser("verify", help="check one log: entries, Merkle tree, checkpoint signatures")
+    verify.add_argument("log", help="the party's audit log (an SQLite file)")
+    verify.add_argument("--cert", required=True, action="append",
+                        help="the party's certificate (its kit's party.pem); repeat for a renewed kit's old one")
+    rec = commands.add_parser("reconcile", help="match the coordinator's log against each silo's, query by query")
+    rec.add_argument("coordinator_log")
+    rec.add_argument("silo_logs", nargs="+")
+    rec.add_argument("--ca", required=True, help="the consortium CA certificate (any kit's ca.pem)")
+    report = commands.add_parser("report", help="write the reviewer's HTML page")
+    report.add_argument("coordinator_log")
+    report.add_argument("silo_logs", nargs="+")
+    report.add_argument("--ca", required=True, help="the consortium CA certificate (any kit's ca.pem)")
+    report.add_argument("--out", required=True, help="the HTML file to write")
+    report.add_argument("--title", default="Consortium audit report")
+    return parser
+
+
+def main(argv: Sequence[str]) -> int:
+    return run_command(_parser(), argv, {"verify": _verify, "reconcile": _reconcile, "report": _report})

@@ -1,0 +1,158 @@
+"""Signed checkpoints: a party's signed statement "the first `size` entries of my log have Merkle root `root`".
+
+A checkpoint (a signed tree head, as in RFC 6962 §3.5) is what makes a log
+tamper-evident to others: once a silo has handed the coordinator a
+checkpoint, every later state of its log must extend that tree
+(a consistency proof shows it), so an entry rewritten afterwards is caught
+by reconciliation even if the silo re-signs its own checkpoints.
+
+The signed bytes are the checkpoint's canonical JSON body, kept verbatim
+(never re-serialised before verifying), signed with ECDSA P-256 / SHA-256
+by the private key of the party's certificate kit. The body names the
+signing key by the SHA-256 of its SubjectPublicKeyInfo, so a log that
+outlives a renewed kit still names which certificate verifies each
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from mor_secure.pki.kits import CertKit, identity_of
+
+FORMAT = "mor-secure/audit-checkpoint/v1"
+_ROOT_BYTES = 32
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not parse, names an unknown key, or whose signature does not verify."""
+
+
+def canonical_json(value: object) -> bytes:
+    """The one byte form of a JSON value that is hashed or signed: sorted keys, no spaces, ASCII, no NaN."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
+    """Hex SHA-256 of the key's DER SubjectPublicKeyInfo: how a checkpoint names its signing key."""
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The log of party `log` had `size` entries with Merkle root `root` at `time` (UNIX seconds)."""
+
+    log: str
+    size: int
+    root: bytes
+    time: float
+    key: str
+
+    def body(self) -> bytes:
+        return canonical_json({"format": FORMAT, "log": self.log, "size": self.size, "root": self.root.hex(),
+                               "time": self.time, "key": self.key})
+
+    @classmethod
+    def parse(cls, body: bytes) -> Checkpoint:
+        try:
+            fields = json.loads(body.decode("ascii"))
+            if not isinstance(fields, dict) or fields.get("format") != FORMAT:
+                raise ValueError(f"not a {FORMAT} checkpoint")
+            checkpoint = cls(log=str(fields["log"]), size=int(fields["size"]), root=bytes.fromhex(fields["root"]),
+                             time=float(fields["time"]), key=str(fields["key"]))
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint body does not parse: {exc}") from None
+        if checkpoint.body() != body:
+            raise CheckpointError("checkpoint body is not in canonical form (it was re-encoded or edited)")
+        if checkpoint.size < 0 or len(checkpoint.root) != _ROOT_BYTES or not math.isfinite(checkpoint.time):
+            raise CheckpointError(f"checkpoint has size {checkpoint.size}, a {len(checkpoint.root)}-byte root and "
+                                  f"time {checkpoint.time}")
+        return checkpoint
+
+
+@dataclass(frozen=True)
+class SignedCheckpoint:
+    """A checkpoint's exact signed body and its signature (what travels and what is stored)."""
+
+    body: bytes
+    signature: bytes
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint.parse(self.body)
+
+
+class CheckpointSigner:
+    """Signs checkpoints with a party's kit key; the key must be the one its certificate certifies.
+
+    Made `from_kit`, it follows the kit: a renewed kit (new key and
+    certificate in the same directory, `mor pki issue --renew`) is used from
+    the next checkpoint on, as the transport serves it from the next
+    connection on (`refreshed`).
+    """
+
+    def __init__(self, private_key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate, *,
+                 kit: CertKit | None = None) -> None:
+        if key_id(private_key.public_key()) != key_id(certificate.public_key()):
+            raise ValueError("the private key does not belong to the certificate (a kit mixed from two parties?)")
+        self._key = private_key
+        self.certificate = certificate
+        self.party = identity_of(certificate).uri
+        self.key = key_id(certificate.public_key())
+        self._kit = kit
+        self._kit_stamp = _stamp(kit)
+
+    @classmethod
+    def from_kit(cls, kit: CertKit) -> CheckpointSigner:
+        key = serialization.load_pem_private_key(kit.key_path.read_bytes(), password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ValueError(f"{kit.key_path}: checkpoints are signed with the kit's EC key; found {type(key).__name__}")
+        return cls(key, kit.certificate(), kit=kit)
+
+    def refreshed(self) -> CheckpointSigner:
+        """This signer, or a new one if its kit's files changed (renewed); the party must stay the same."""
+        if self._kit is None or _stamp(self._kit) == self._kit_stamp:
+            return self
+        renewed = CheckpointSigner.from_kit(self._kit)
+        if renewed.party != self.party:
+            raise ValueError(f"{self._kit.directory} now holds {renewed.party}'s kit, not {self.party}'s")
+        return renewed
+
+    def sign(self, *, size: int, root: bytes, time: float) -> SignedCheckpoint:
+        body = Checkpoint(log=self.party, size=size, root=root, time=time, key=self.key).body()
+        return SignedCheckpoint(body=body, signature=self._key.sign(body, ec.ECDSA(hashes.SHA256())))
+
+
+def _stamp(kit: CertKit | None) -> tuple | None:
+    if kit is None:
+        return None
+    return tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (kit.cert_path, kit.key_path))
+
+
+def verify_checkpoint(signed: SignedCheckpoint, certificates: Sequence[x509.Certificate]) -> Checkpoint:
+    """The checkpoint, if one of `certificates` names its party, holds its key and verifies its signature."""
+    checkpoint = signed.checkpoint
+    by_key = {key_id(c.public_key()): c for c in certificates}
+    certificate = by_key.get(checkpoint.key)
+    if certificate is None:
+        raise CheckpointError(f"checkpoint at size {checkpoint.size} is signed by key {checkpoint.key[:16]}..., "
+                              "which none of the given certificates holds")
+    party = identity_of(certificate).uri
+    if party != checkpoint.log:
+        raise CheckpointError(f"checkpoint claims to be {checkpoint.log}'s but is signed by {party}'s key")
+    try:
+        certificate.public_key().verify(signed.signature, signed.body, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise CheckpointError(f"checkpoint at size {checkpoint.size}: the signature does not verify "
+                              "(forged, swapped or altered)") from None
+    return checkpoint

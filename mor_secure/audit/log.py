@@ -1,0 +1,294 @@
+"""A party's append-only audit log: SQLite entries that are the leaves of an RFC 6962 Merkle tree.
+
+Every call a party serves or makes is one entry (`record`), committed before
+the call's answer is used: SQLite in WAL mode with `synchronous=FULL`, so a
+committed entry survives `kill -9` and a power cut, and an interrupted write
+leaves nothing behind (the transaction never committed). Each entry's body is
+canonical JSON holding its own index and the Merkle root of every entry
+before it (`prev_root`), so `mor audit verify` can name the first entry that
+was altered, removed, reordered or inserted, not only say that a root
+differs. Checkpoints (the party's signed tree heads, `checkpoints.py`) are
+written every `checkpoint_every_entries` entries or `checkpoint_every_seconds`,
+and at `close`; a silo writes one per entry, since each answer carries its
+latest checkpoint to the coordinator.
+
+Entries hold digests and counts, never raw images, prompts or scores: the
+caller builds the event, and this module refuses nothing but keys it owns.
+One process writes a log; a second writer is detected and refused.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from .checkpoints import CheckpointSigner, SignedCheckpoint, canonical_json, key_id
+from .merkle import MerkleTree, leaf_hash
+
+FORMAT = "mor-secure/audit-log/v1"
+# The keys this module writes into every entry; an event may not set them itself.
+OWN_KEYS = ("index", "prev_root")
+# A coordinator writes a checkpoint at least this often; 256 entries is ~2 GRPO steps' calls of the demo.
+DEFAULT_CHECKPOINT_ENTRIES = 256
+DEFAULT_CHECKPOINT_SECONDS = 30.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (seq INTEGER PRIMARY KEY, body BLOB NOT NULL, leaf_hash BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (seq INTEGER PRIMARY KEY, size INTEGER NOT NULL, body BLOB NOT NULL,
+                                        signature BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS certificates (key TEXT PRIMARY KEY, pem TEXT NOT NULL);
+"""
+
+
+class AuditLogError(RuntimeError):
+    """The log cannot be opened or appended to safely (another party's log, damaged, a second writer)."""
+
+
+@dataclass(frozen=True)
+class StoredEntry:
+    """One row of the entries table, as stored (not yet checked)."""
+
+    seq: int
+    body: bytes
+    leaf_hash: bytes
+
+    def fields(self) -> dict[str, Any]:
+        """The entry's JSON fields ({} when the body does not parse: verification says why)."""
+        try:
+            value = json.loads(self.body.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class StoredLog:
+    """Everything a log file holds, read without changing it."""
+
+    path: Path
+    party: str
+    entries: tuple[StoredEntry, ...]
+    checkpoints: tuple[SignedCheckpoint, ...]
+    certificates: tuple[x509.Certificate, ...]
+
+
+def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
+    if read_only:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no audit log there")
+        return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+    if mode.lower() != "wal":
+        raise AuditLogError(f"{path}: SQLite would not switch to WAL mode (got {mode}); put the log on a local disk")
+    connection.execute("PRAGMA synchronous=FULL")
+    return connection
+
+
+def read_log(path: str | Path) -> StoredLog:
+    """The log at `path`, read-only (a reviewer's copy, or a live party's log)."""
+    path = Path(path)
+    connection = _connect(path, read_only=True)
+    try:
+        meta = dict(connection.execute("SELECT key, value FROM meta"))
+        if meta.get("format") != FORMAT:
+            raise AuditLogError(f"{path}: not a {FORMAT} log (format {meta.get('format')!r})")
+        entries = tuple(StoredEntry(seq, bytes(body), bytes(leaf)) for seq, body, leaf in
+                        connection.execute("SELECT seq, body, leaf_hash FROM entries ORDER BY seq"))
+        checkpoints = tuple(SignedCheckpoint(bytes(body), bytes(signature)) for body, signature in
+                            connection.execute("SELECT body, signature FROM checkpoints ORDER BY seq"))
+        certificates = tuple(x509.load_pem_x509_certificate(pem.encode("ascii")) for (pem,) in
+                             connection.execute("SELECT pem FROM certificates ORDER BY rowid"))
+    except sqlite3.DatabaseError as exc:
+        raise AuditLogError(f"{path}: not a readable audit log ({exc})") from None
+    finally:
+        connection.close()
+    return StoredLog(path=path, party=meta.get("party", ""), entries=entries, checkpoints=checkpoints,
+                     certificates=certificates)
+
+
+class AuditLog:
+    """The writing side of one party's log (thread-safe; one process per log)."""
+
+    def __init__(self, path: str | Path, signer: CheckpointSigner, *,
+                 checkpoint_every_entries: int = DEFAULT_CHECKPOINT_ENTRIES,
+                 checkpoint_every_seconds: float = DEFAULT_CHECKPOINT_SECONDS) -> None:
+        if checkpoint_every_entries < 1 or checkpoint_every_seconds <= 0:
+            raise ValueError("checkpoint_every_entries must be >= 1 and checkpoint_every_seconds > 0")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.signer = signer
+        self.checkpoint_every_entries = checkpoint_every_entries
+        self.checkpoint_every_seconds = checkpoint_every_seconds
+        self._lock = threading.Lock()
+        self._tree = MerkleTree()
+        self._connection = _connect(self.path, read_only=False)
+        self._closed = False
+        try:
+            self._initialise()
+            self._load()
+        except BaseException:
+            self._connection.close()
+            raise
+
+    @classmethod
+    def for_kit(cls, path: str | Path, kit, **kwargs) -> AuditLog:
+        """The log at `path`, checkpoints signed with `kit`'s key."""
+        return cls(path, CheckpointSigner.from_kit(kit), **kwargs)
+
+    # --- opening -------------------------------------------------------------------------
+    def _initialise(self) -> None:
+        c = self._connection
+        c.executescript(_SCHEMA)
+        meta = dict(c.execute("SELECT key, value FROM meta"))
+        if not meta:
+            with self._transaction():
+                c.executemany("INSERT INTO meta(key, value) VALUES (?, ?)",
+                              [("format", FORMAT), ("party", self.signer.party)])
+            meta = {"format": FORMAT, "party": self.signer.party}
+        if meta.get("format") != FORMAT:
+            raise AuditLogError(f"{self.path}: not a {FORMAT} log (format {meta.get('format')!r})")
+        if meta.get("party") != self.signer.party:
+            raise AuditLogError(f"{self.path} is the log of {meta.get('party')}, not of {self.signer.party}; "
+                                "each party keeps its own log")
+        with self._transaction():
+            self._store_certificate()
+
+    def _load(self) -> None:
+        """Rebuild the tree from the stored entries, refusing to extend a log that is already damaged."""
+        for position, (seq, body, stored_leaf) in enumerate(
+                self._connection.execute("SELECT seq, body, leaf_hash FROM entries ORDER BY seq")):
+            body = bytes(body)
+            fields = StoredEntry(seq, body, bytes(stored_leaf)).fields()
+            if (seq != position or leaf_hash(body) != bytes(stored_leaf) or fields.get("index") != position
+                    or fields.get("prev_root") != self._tree.root().hex()):
+                raise AuditLogError(f"{self.path}: entry {position} does not check out, so the log will not be "
+                                    "extended; run `mor audit verify` on it and keep the file as evidence")
+            self._tree.append(bytes(stored_leaf))
+        last = self._connection.execute("SELECT size, body FROM checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
+        self._checkpointed_size = last[0] if last else -1
+        self._checkpointed_at = time.time() if last else 0.0
+
+    def _transaction(self):
+        return _Transaction(self._connection)
+
+    # --- writing -------------------------------------------------------------------------
+    @property
+    def party(self) -> str:
+        return self.signer.party
+
+    @property
+    def size(self) -> int:
+        with self._lock:
+            return self._tree.size
+
+    def record(self, event: Mapping[str, Any]) -> int:
+        """Append `event` (JSON values, digests not data) as the next entry; returns its index once durable."""
+        clashes = [key for key in OWN_KEYS if key in event]
+        if clashes:
+            raise ValueError(f"audit events may not set {clashes}; the log writes them")
+        with self._lock:
+            if self._closed:
+                raise AuditLogError(f"{self.path}: the log is closed")
+            index = self._tree.size
+            fields = {"time": time.time(), **event, "index": index, "prev_root": self._tree.root().hex()}
+            body = canonical_json(fields)
+            leaf = leaf_hash(body)
+            due = (index + 1 - max(self._checkpointed_size, 0) >= self.checkpoint_every_entries
+                   or time.time() - self._checkpointed_at >= self.checkpoint_every_seconds)
+            with self._transaction():
+                self._check_single_writer(index)
+                self._connection.execute("INSERT INTO entries(seq, body, leaf_hash) VALUES (?, ?, ?)",
+                                         (index, body, leaf))
+                self._tree.append(leaf)
+                try:
+                    if due:
+                        self._write_checkpoint()
+                except BaseException:
+                    self._tree = self._stored_tree(index)  # the transaction rolls back: so must the tree
+                    raise
+            return index
+
+    def _stored_tree(self, size: int) -> MerkleTree:
+        tree = MerkleTree()
+        for (leaf,) in self._connection.execute("SELECT leaf_hash FROM entries WHERE seq < ? ORDER BY seq", (size,)):
+            tree.append(bytes(leaf))
+        return tree
+
+    def checkpoint(self) -> SignedCheckpoint | None:
+        """Sign and store a checkpoint of the current tree if it grew since the last one; the latest one."""
+        with self._lock:
+            if self._tree.size != self._checkpointed_size:
+                with self._transaction():
+                    self._write_checkpoint()
+            return self._latest()
+
+    def latest_checkpoint(self) -> SignedCheckpoint | None:
+        """The newest stored checkpoint (None before the first)."""
+        with self._lock:
+            return self._latest()
+
+    def close(self) -> None:
+        """Write a final checkpoint and close (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self._tree.size != self._checkpointed_size:
+                    with self._transaction():
+                        self._write_checkpoint()
+            finally:
+                self._closed = True
+                self._connection.close()
+
+    def _latest(self) -> SignedCheckpoint | None:
+        row = self._connection.execute("SELECT body, signature FROM checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
+        return None if row is None else SignedCheckpoint(bytes(row[0]), bytes(row[1]))
+
+    def _store_certificate(self) -> None:
+        """Keep the signer's certificate in the log, so a reviewer can check every checkpoint, renewals included."""
+        pem = self.signer.certificate.public_bytes(serialization.Encoding.PEM).decode("ascii")
+        self._connection.execute("INSERT OR IGNORE INTO certificates(key, pem) VALUES (?, ?)",
+                                 (key_id(self.signer.certificate.public_key()), pem))
+
+    def _write_checkpoint(self) -> None:
+        self._check_single_writer(self._tree.size)  # never sign a tree head another writer has moved past
+        renewed = self.signer.refreshed()
+        if renewed is not self.signer:
+            self.signer = renewed
+            self._store_certificate()
+        now = time.time()
+        signed = self.signer.sign(size=self._tree.size, root=self._tree.root(), time=now)
+        self._connection.execute("INSERT INTO checkpoints(size, body, signature) VALUES (?, ?, ?)",
+                                 (self._tree.size, signed.body, signed.signature))
+        self._checkpointed_size, self._checkpointed_at = self._tree.size, now
+
+    def _check_single_writer(self, index: int) -> None:
+        (stored,) = self._connection.execute("SELECT COUNT(*) FROM entries").fetchone()
+        if stored != index:
+            raise AuditLogError(f"{self.path}: holds {stored} entries but this writer expected {index}: another "
+                                "process is appending to the same log; each party runs one writer")
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error (nothing half-written)."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self._connection = connection
+
+    def __enter__(self) -> None:
+        self._connection.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, kind, value, traceback) -> None:
+        self._connection.execute("COMMIT" if kind is None else "ROLLBACK")
+

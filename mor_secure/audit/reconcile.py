@@ -1,0 +1,188 @@
+"""`mor audit reconcile`: does what the coordinator says it asked match what each silo says it answered?
+
+Both sides log every call (the coordinator as client, the silo as server),
+with the SHA-256 of the serialised request, so the two logs can be matched
+query by query without either holding the query itself:
+
+- every query the coordinator logged to a silo is in that silo's log with
+  the same RPC, round and request digest, and the same status (a call that
+  never reached the silo, UNAVAILABLE or DEADLINE_EXCEEDED at the
+  coordinator, may be absent there: it is counted, not a mismatch);
+- every query the silo logged from the coordinator is in the coordinator's
+  log (a silo cannot be asked off the record);
+- every checkpoint the silo handed back with an answer is signed by the
+  silo's consortium certificate, covers the silo's own entry for that call,
+  and the silo's log today is consistent with it (RFC 6962 consistency
+  proof from the checkpoint to the silo's current tree): a silo that
+  rewrote, dropped or reordered an entry after answering is caught even
+  if it re-signed its own checkpoints.
+
+Health checks and reflection are logged by both sides but are not queries
+of the silo's model, so they are not matched here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from mor_secure.pki.kits import identity_of
+
+from .checkpoints import Checkpoint, CheckpointError, SignedCheckpoint, verify_checkpoint
+from .log import StoredLog
+from .merkle import MerkleTree, ProofError, leaf_hash, verify_consistency
+
+QUERY_PREFIX = "/mor_secure.proto.v1.SiloRewardService/"
+# Statuses the coordinator sees when its call may never have reached the silo.
+NOT_DELIVERED = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"})
+MAX_MISMATCHES = 100
+
+
+@dataclass
+class Reconciliation:
+    """The coordinator's log against one silo's log."""
+
+    silo: str
+    matched: int = 0
+    not_delivered: int = 0
+    checkpoints_checked: int = 0
+    mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    def mismatch(self, message: str) -> None:
+        if len(self.mismatches) < MAX_MISMATCHES:
+            self.mismatches.append(message)
+
+
+def trusted_certificates(log: StoredLog, ca: x509.Certificate) -> list[x509.Certificate]:
+    """The certificates a log holds that the consortium CA issued to the log's own party."""
+    trusted = []
+    for certificate in log.certificates:
+        try:
+            certificate.verify_directly_issued_by(ca)
+            if identity_of(certificate).uri == log.party and isinstance(certificate.public_key(),
+                                                                       ec.EllipticCurvePublicKey):
+                trusted.append(certificate)
+        except (ValueError, TypeError, InvalidSignature):  # not issued by this CA, or names no party
+            continue
+    return trusted
+
+
+def _calls(log: StoredLog, side: str, peer_field: str, peer: str) -> list[tuple[int, dict]]:
+    calls = []
+    for entry in log.entries:
+        fields = entry.fields()
+        if (fields.get("event") == "call" and fields.get("side") == side and fields.get(peer_field) == peer
+                and str(fields.get("rpc", "")).startswith(QUERY_PREFIX)):
+            calls.append((entry.seq, fields))
+    return calls
+
+
+def _key(fields: dict) -> tuple:
+    return fields.get("rpc"), fields.get("round_id"), fields.get("request_digest")
+
+
+def _short(fields: dict) -> str:
+    rpc = str(fields.get("rpc", "")).removeprefix(QUERY_PREFIX)
+    digest = str(fields.get("request_digest", ""))[:12]
+    return f"{rpc} (round {fields.get('round_id') or '-'}, request {digest}...)"
+
+
+def reconcile(coordinator: StoredLog, silo: StoredLog, ca: x509.Certificate) -> Reconciliation:
+    """Every check of the module docstring between `coordinator`'s log and `silo`'s."""
+    result = Reconciliation(silo=silo.party)
+    silo_certificates = trusted_certificates(silo, ca)
+    if not silo_certificates:
+        result.mismatch(f"{silo.path.name} holds no certificate the consortium CA issued to {silo.party}: its "
+                        "checkpoints cannot be trusted")
+    asked = _calls(coordinator, "client", "callee", silo.party)
+    answered = _calls(silo, "server", "caller", coordinator.party)
+    waiting: dict[tuple, list[tuple[int, dict]]] = defaultdict(list)
+    for seq, fields in answered:
+        waiting[_key(fields)].append((seq, fields))
+
+    held: list[tuple[int, Checkpoint, int | None]] = []  # (coordinator entry, silo checkpoint, silo entry it answers)
+    for seq, fields in asked:
+        candidates = waiting.get(_key(fields))
+        silo_entry = None
+        if candidates:
+            silo_seq, silo_fields = candidates.pop(0)
+            silo_entry = silo_seq
+            result.matched += 1
+            if silo_fields.get("status") != fields.get("status") and fields.get("status") not in NOT_DELIVERED:
+                result.mismatch(f"coordinator entry {seq}: {_short(fields)} ended {fields.get('status')}, but "
+                                f"{silo.party}'s entry {silo_seq} says {silo_fields.get('status')}")
+        elif fields.get("status") in NOT_DELIVERED:
+            result.not_delivered += 1
+        else:
+            result.mismatch(f"coordinator entry {seq}: {_short(fields)} answered {fields.get('status')} is not in "
+                            f"{silo.party}'s log")
+        checkpoint = _held_checkpoint(fields, seq, silo_certificates, result)
+        if checkpoint is not None:
+            held.append((seq, checkpoint, silo_entry))
+    for candidates in waiting.values():
+        for silo_seq, silo_fields in candidates:
+            result.mismatch(f"{silo.party}'s entry {silo_seq}: {_short(silo_fields)} from {coordinator.party} is "
+                            "not in the coordinator's log")
+    _check_consistency(silo, held, result)
+    return result
+
+
+def _held_checkpoint(fields: dict, seq: int, certificates, result: Reconciliation) -> Checkpoint | None:
+    held = fields.get("peer_checkpoint")
+    if not held:
+        return None
+    try:
+        signed = SignedCheckpoint(body=bytes.fromhex(held["body"]), signature=bytes.fromhex(held["signature"]))
+        checkpoint = verify_checkpoint(signed, certificates)
+    except (CheckpointError, KeyError, TypeError, ValueError) as exc:
+        result.mismatch(f"coordinator entry {seq}: the checkpoint the silo sent with its answer does not verify "
+                        f"({exc})")
+        return None
+    if checkpoint.log != result.silo:
+        result.mismatch(f"coordinator entry {seq}: the answer carried {checkpoint.log}'s checkpoint, not "
+                        f"{result.silo}'s")
+        return None
+    return checkpoint
+
+
+def _check_consistency(silo: StoredLog, held: list[tuple[int, Checkpoint, int | None]],
+                       result: Reconciliation) -> None:
+    """The silo's current tree extends every checkpoint the coordinator holds from it."""
+    tree = MerkleTree()
+    for entry in silo.entries:
+        tree.append(leaf_hash(entry.body))
+    current_root = tree.root()
+    proven: dict[tuple[int, bytes], str | None] = {}  # one proof per distinct (size, root)
+    for seq, checkpoint, silo_entry in held:
+        result.checkpoints_checked += 1
+        if silo_entry is not None and silo_entry >= checkpoint.size:
+            result.mismatch(f"coordinator entry {seq}: the silo's checkpoint (size {checkpoint.size}) does not "
+                            f"cover its own entry {silo_entry} for that call")
+        key = (checkpoint.size, checkpoint.root)
+        if key not in proven:
+            proven[key] = _consistency_failure(tree, checkpoint, current_root)
+        if proven[key] is not None:
+            result.mismatch(f"coordinator entry {seq}: {silo.party}'s log is not consistent with the checkpoint "
+                            f"it signed then (size {checkpoint.size}): {proven[key]}")
+
+
+def _consistency_failure(tree: MerkleTree, checkpoint: Checkpoint, current_root: bytes) -> str | None:
+    if checkpoint.size > tree.size:
+        return (f"the log now holds {tree.size} entries, fewer than the {checkpoint.size} it signed for "
+                "(entries were removed)")
+    if checkpoint.size == 0:
+        return None
+    try:
+        verify_consistency(old_size=checkpoint.size, new_size=tree.size, old_root=checkpoint.root,
+                           new_root=current_root, proof=tree.consistency_proof(checkpoint.size))
+    except ProofError as exc:
+        return f"entries before {checkpoint.size} were rewritten after it was signed ({exc})"
+    return None

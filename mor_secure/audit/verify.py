@@ -1,0 +1,166 @@
+"""`mor audit verify`: is this log whole, in order, unaltered, and are its checkpoints the party's?
+
+Checks, in one pass over the entries in storage order:
+
+- numbering: entry k is stored at position k (a gap names the deleted entries);
+- content: its leaf hash is SHA-256(0x00 || body) and the body is canonical JSON
+  naming index k (an edited byte, a reordered or inserted entry is named);
+- chain: its `prev_root` is the Merkle root of entries 0..k-1 as stored now,
+  so an entry altered together with its leaf hash is named by the first
+  entry after it whose recorded tree head no longer matches;
+- checkpoints: each signature verifies under one of the given certificates
+  (which must be the log's party), its size is not beyond the log (a
+  truncated log is named), and its root equals the root of the first
+  `size` entries. Equal roots at every checkpoint's size mean every later
+  checkpoint is consistent with every earlier one (RFC 6962 §2.1.2: the
+  consistency proofs of one tree always verify), so no proof needs storing.
+
+A log can pass this and still have been rewritten wholesale by its own party
+(who can re-sign): checkpoints another party holds catch that
+(`reconcile.py`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from cryptography import x509
+
+from .checkpoints import Checkpoint, CheckpointError, canonical_json, verify_checkpoint
+from .log import StoredLog
+from .merkle import MerkleTree, leaf_hash
+
+# A log is judged by its first problems; after a broken chain every later entry would repeat the same news.
+MAX_PROBLEMS = 50
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a log; `entry` is the entry it names (None for a checkpoint-only problem)."""
+
+    entry: int | None
+    message: str
+
+
+@dataclass
+class Verification:
+    """The result of verifying one log."""
+
+    party: str
+    entries: int
+    checkpoints: int
+    problems: list[Problem] = field(default_factory=list)
+    latest: Checkpoint | None = None
+    latest_signature_ok: bool = False
+    uncovered_entries: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def first_bad_entry(self) -> int | None:
+        named = [p.entry for p in self.problems if p.entry is not None]
+        return min(named) if named else None
+
+
+def verify_log(log: StoredLog, certificates: Sequence[x509.Certificate]) -> Verification:
+    """Every check of the module docstring on `log`, with checkpoint signatures checked against `certificates`."""
+    result = Verification(party=log.party, entries=len(log.entries), checkpoints=len(log.checkpoints))
+
+    def problem(entry: int | None, message: str) -> None:
+        if len(result.problems) < MAX_PROBLEMS:
+            result.problems.append(Problem(entry, message))
+
+    checkpoints = _checked_checkpoints(log, certificates, problem)
+    wanted_sizes = {c.size for c in checkpoints if c is not None}
+    roots: dict[int, bytes] = {}
+    tree = MerkleTree()
+    chain_broken = False
+    if 0 in wanted_sizes:
+        roots[0] = tree.root()
+    for position, entry in enumerate(log.entries):
+        if entry.seq != position:
+            problem(position, f"entry {position} is missing: the stored entries jump from {position - 1} to "
+                    f"{entry.seq} (entries {position}..{entry.seq - 1} were deleted)")
+            break  # every later position is shifted; the first gap is the finding
+        body_leaf = leaf_hash(entry.body)
+        if body_leaf != entry.leaf_hash:
+            problem(position, f"entry {position} was altered: its content does not match its recorded leaf hash")
+        fields = _canonical_fields(entry.body)
+        if fields is None:
+            problem(position, f"entry {position} was altered: its content is not the canonical JSON the log writes")
+        elif fields.get("index") != position:
+            problem(position, f"entry {position} says it is entry {fields.get('index')}: entries were reordered, "
+                    "or one was inserted or removed here")
+        elif not chain_broken and fields.get("prev_root") != tree.root().hex():
+            chain_broken = True
+            culprit = max(position - 1, 0)
+            problem(culprit, f"entry {culprit} was altered, removed or inserted: entry {position} recorded a "
+                    f"different Merkle root for the entries before it")
+        tree.append(body_leaf)
+        if tree.size in wanted_sizes:
+            roots[tree.size] = tree.root()
+
+    covered = 0
+    for number, checkpoint in enumerate(checkpoints):
+        if checkpoint is None:
+            continue
+        if checkpoint.size > len(log.entries):
+            problem(len(log.entries), f"the log was truncated: checkpoint #{number} covers {checkpoint.size} "
+                    f"entries but only {len(log.entries)} remain (entries {len(log.entries)}.."
+                    f"{checkpoint.size - 1} are gone)")
+        elif checkpoint.size in roots and roots[checkpoint.size] != checkpoint.root:
+            # The newest matching checkpoint below bounds where the altered entry is.
+            lo = max((c.size for c in checkpoints[:number] if c is not None and c.size < checkpoint.size
+                      and roots.get(c.size) == c.root), default=0)
+            where = f"entry {lo}" if checkpoint.size - lo == 1 else f"one of entries {lo}..{checkpoint.size - 1}"
+            problem(lo if checkpoint.size - lo == 1 else None,
+                    f"checkpoint #{number} (size {checkpoint.size}) does not match the entries it covers: {where} "
+                    "was altered after the checkpoint was signed")
+        covered = max(covered, checkpoint.size)
+    if log.checkpoints:
+        result.latest_signature_ok = checkpoints[-1] is not None
+        result.latest = checkpoints[-1] or _parsed_or_none(log.checkpoints[-1])
+    result.uncovered_entries = max(len(log.entries) - covered, 0)
+    return result
+
+
+def _checked_checkpoints(log: StoredLog, certificates, problem) -> list[Checkpoint | None]:
+    """Each stored checkpoint, verified (None where it is bad, with the problem recorded)."""
+    checked: list[Checkpoint | None] = []
+    previous: Checkpoint | None = None
+    for number, signed in enumerate(log.checkpoints):
+        try:
+            checkpoint = verify_checkpoint(signed, certificates)
+        except CheckpointError as exc:
+            problem(None, f"checkpoint #{number}: {exc}")
+            checked.append(None)
+            continue
+        if checkpoint.log != log.party:
+            problem(None, f"checkpoint #{number} is of {checkpoint.log}'s log, not {log.party}'s")
+        if previous is not None and (checkpoint.size < previous.size or checkpoint.time < previous.time):
+            problem(None, f"checkpoint #{number} (size {checkpoint.size}) goes back from #{number - 1} (size "
+                    f"{previous.size}): checkpoints were reordered or the log was reset")
+        previous = checkpoint
+        checked.append(checkpoint)
+    return checked
+
+
+def _canonical_fields(body: bytes) -> dict | None:
+    try:
+        fields = json.loads(body.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(fields, dict) or canonical_json(fields) != body:
+        return None
+    return fields
+
+
+def _parsed_or_none(signed) -> Checkpoint | None:
+    try:
+        return signed.checkpoint
+    except CheckpointError:
+        return None

@@ -1,0 +1,172 @@
+"""Both sides of every call on record: a real silo server and a coordinator client, their logs reconciled.
+
+A silo served over mTLS on 127.0.0.1 (port 0, the project's PKI) with its
+audit log; the coordinator's client and fusion write to the coordinator's
+log. Then the reviewer's commands run on the files: verify, reconcile,
+report. The tamper cases are insiders holding their own party's key: they
+rewrite their log and re-sign it, which `verify` cannot catch and
+`reconcile` must.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from silo_fakes import RightAnswerModel, png
+
+from coordinator.fusion import ClearFusion, FusionItems
+from coordinator.network_client import NetworkSiloClient
+from mor_cli.audit_cli import main as audit_main
+from mor_secure.audit import AuditLog, read_log
+from mor_secure.audit.checkpoints import CheckpointSigner, canonical_json
+from mor_secure.audit.merkle import MerkleTree, leaf_hash
+from mor_secure.policy import SiloAdmission, SiloPolicy
+from mor_secure.transport.server import serve
+from mor_secure.wire import ErrorCode, ImageBlob, ScoreRequest, ScoreRow, SiloError
+from silo_agent.service import SiloService
+from silo_agent.servicer import ROLES_BY_RPC, servicer_registration
+
+RED = ImageBlob.of(png((200, 30, 30)))
+GOOD = ScoreRequest(objective="correct", images=(RED,), rows=(ScoreRow(0, "what shape?", "right"),
+                                                              ScoreRow(0, "what shape?", "wrong")))
+
+
+@pytest.fixture
+def consortium_run(pki, tmp_path: Path) -> dict[str, Path]:
+    """One silo served, a coordinator that scores, is refused once, describes, and fuses one round."""
+    silo_log = AuditLog.for_kit(tmp_path / "hospital-a.db", pki.kits["hospital-a"], checkpoint_every_entries=1)
+    service = SiloService("hospital-a", RightAnswerModel(), allowed_objectives=frozenset({"correct"}))
+    running = serve(kit=pki.kits["hospital-a"], crl_path=pki.crl, services=[servicer_registration(service)],
+                    roles_by_rpc=ROLES_BY_RPC, admission=SiloAdmission(SiloPolicy()), audit=silo_log)
+    running.set_serving(True)
+    coordinator_log = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
+    client = NetworkSiloClient("hospital-a", f"127.0.0.1:{running.port}", pki.kits["coordinator"], retries=0,
+                               audit=coordinator_log)
+    try:
+        assert client.score(GOOD).scores == (1.0, -1.0)
+        with pytest.raises(SiloError) as refused:
+            client.score(ScoreRequest(objective="correct_and_brief", images=GOOD.images, rows=GOOD.rows))
+        assert refused.value.code == ErrorCode.PERMISSION_DENIED
+        assert client.describe().name == "hospital-a"
+        image = tmp_path / "red.png"
+        image.write_bytes(RED.data)
+        fusion = ClearFusion([client], audit=coordinator_log)
+        items = FusionItems(images=(image, image), prompts=("what shape?",) * 2, responses=("right", "wrong"),
+                            kinds=("shape", "shape"))
+        assert fusion.fuse(items, torch.ones(2, 1)).tolist() == [1.0, -1.0]
+    finally:
+        client.close()
+        running.stop(0)
+        silo_log.close()
+        coordinator_log.close()
+    return {"silo": tmp_path / "hospital-a.db", "coordinator": tmp_path / "coordinator.db"}
+
+
+def cli(*argv: str, capsys) -> tuple[int, str]:
+    code = audit_main(list(argv))
+    return code, capsys.readouterr().out
+
+
+def test_every_call_is_on_both_records_and_they_reconcile(consortium_run, pki, capsys) -> None:
+    silo = [e.fields() for e in read_log(consortium_run["silo"]).entries]
+    coordinator = [e.fields() for e in read_log(consortium_run["coordinator"]).entries]
+    calls = [e for e in coordinator if e["event"] == "call"]
+    assert [(e["rpc"].rsplit("/", 1)[1], e["status"]) for e in calls] == [
+        ("Score", "OK"), ("Score", "PERMISSION_DENIED"), ("Describe", "OK"), ("Score", "OK")]
+    served = [e for e in silo if e["event"] == "call"]
+    assert [(e["caller"], e["status"]) for e in served] == [("mor://coordinator/coordinator", s["status"])
+                                                            for s in calls]
+    assert [e["request_digest"] for e in served] == [e["request_digest"] for e in calls]
+    assert all(e["peer_checkpoint"] for e in calls)  # every answer carried the silo's tree head
+    assert all("scores" not in e and "prompt" not in str(e) for e in silo + coordinator)  # digests, never data
+    (round_entry,) = [e for e in coordinator if e["event"] == "round"]
+    assert round_entry["round_id"] == calls[-1]["round_id"] and round_entry["answered"] == ["hospital-a"]
+    assert round_entry["requests"] == [calls[-1]["request_digest"]]
+    assert round_entry["mean_weight"] == {"hospital-a": {"shape": [1.0, 2]}}
+
+    assert cli("verify", str(consortium_run["silo"]), "--cert", str(pki.kits["hospital-a"].cert_path),
+               capsys=capsys)[0] == 0
+    code, out = cli("verify", str(consortium_run["coordinator"]), "--cert", str(pki.kits["coordinator"].cert_path),
+                    capsys=capsys)
+    assert code == 0 and "VERIFIED" in out
+    code, out = cli("reconcile", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
+                    "--ca", str(pki.ca.directory / "ca.pem"), capsys=capsys)
+    assert code == 0, out
+    assert "4 queries found in both logs" in out and "4 of its checkpoints checked" in out and "RECONCILED" in out
+
+
+def test_verify_with_the_wrong_certificate_fails_naming_the_checkpoints(consortium_run, pki, capsys) -> None:
+    code, out = cli("verify", str(consortium_run["silo"]), "--cert", str(pki.kits["bank-b"].cert_path), capsys=capsys)
+    assert code == 1 and "FAILED" in out and "which none of the given certificates holds" in out
+
+
+def rewrite(path: Path, kit, change: Callable[[list[dict]], list[dict]]) -> None:
+    """An insider's rewrite: change the entries, re-chain every one and re-sign, with the party's own key."""
+    entries = [{k: v for k, v in e.fields().items() if k not in ("index", "prev_root")} for e in read_log(path).entries]
+    tree, signer = MerkleTree(), CheckpointSigner.from_kit(kit)
+    with sqlite3.connect(path) as connection:
+        connection.execute("DELETE FROM entries")
+        connection.execute("DELETE FROM checkpoints")
+        for index, fields in enumerate(change(entries)):
+            body = canonical_json({**fields, "index": index, "prev_root": tree.root().hex()})
+            connection.execute("INSERT INTO entries(seq, body, leaf_hash) VALUES (?, ?, ?)",
+                               (index, body, leaf_hash(body)))
+            tree.append(leaf_hash(body))
+        signed = signer.sign(size=tree.size, root=tree.root(), time=time.time())
+        connection.execute("INSERT INTO checkpoints(size, body, signature) VALUES (?, ?, ?)",
+                           (tree.size, signed.body, signed.signature))
+
+
+def test_a_silo_that_rewrites_an_earlier_entry_after_giving_a_checkpoint_is_caught(consortium_run, pki, capsys) -> None:
+    def refusal_becomes_an_answer(entries: list[dict]) -> list[dict]:
+        first_refusal = next(e for e in entries if e.get("status") == "PERMISSION_DENIED")
+        first_refusal.update(status="OK", decision="admitted", reason="")
+        return entries
+
+    rewrite(consortium_run["silo"], pki.kits["hospital-a"], refusal_becomes_an_answer)
+    code, _ = cli("verify", str(consortium_run["silo"]), "--cert", str(pki.kits["hospital-a"].cert_path),
+                  capsys=capsys)
+    assert code == 0  # re-signed with its own key: alone, its log looks whole
+    code, out = cli("reconcile", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
+                    "--ca", str(pki.ca.directory / "ca.pem"), capsys=capsys)
+    assert code == 1 and "MISMATCH" in out
+    assert "ended PERMISSION_DENIED, but mor://silo/hospital-a's entry 1 says OK" in out
+    assert ("coordinator entry 1: mor://silo/hospital-a's log is not consistent with the checkpoint it signed then "
+            "(size 2): entries before 2 were rewritten after it was signed") in out
+    assert "checkpoint it signed then (size 1)" not in out  # what came before the rewrite still checks out
+
+
+def test_a_coordinator_that_drops_a_query_from_its_record_is_caught(consortium_run, pki, capsys) -> None:
+    def drop_the_describe(entries: list[dict]) -> list[dict]:
+        return [e for e in entries if not str(e.get("rpc", "")).endswith("/Describe")]
+
+    rewrite(consortium_run["coordinator"], pki.kits["coordinator"], drop_the_describe)
+    code, out = cli("reconcile", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
+                    "--ca", str(pki.ca.directory / "ca.pem"), capsys=capsys)
+    assert code == 1
+    assert "mor://silo/hospital-a's entry 2: Describe (round -, request" in out
+    assert "from mor://coordinator/coordinator is not in the coordinator's log" in out
+
+
+def test_the_report_is_written_from_the_logs(consortium_run, pki, capsys, tmp_path: Path) -> None:
+    out_file = tmp_path / "report" / "audit.html"
+    code, out = cli("report", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
+                    "--ca", str(pki.ca.directory / "ca.pem"), "--out", str(out_file), capsys=capsys)
+    assert code == 0 and "record INTACT" in out and str(out_file.resolve()) in out
+    page = out_file.read_text(encoding="utf-8")
+
+    def figure(name: str) -> str:
+        found = re.search(rf'data-figure="{re.escape(name)}"[^>]*>\s*([^<]*?)\s*<', page)
+        assert found, name
+        return found.group(1)
+
+    assert figure("queries:hospital-a") == "4" and figure("refusals:hospital-a") == "1"
+    assert figure("verification:mor://silo/hospital-a") == "verified"
+    assert figure("reconciliation:hospital-a") == "reconciled" and figure("verdict").startswith("INTACT")
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # self-contained: nothing fetched

@@ -1,0 +1,241 @@
+"""The audit log: durable entries, a Merkle tree over them, signed checkpoints, and tampering that is named.
+
+Real SQLite files and real keys from the project's PKI; each tamper test
+edits the file the way an insider with write access would, then asserts
+that verification fails and names the entry.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from mor_secure.audit import AuditLog, AuditLogError, SignedCheckpoint, read_log
+from mor_secure.audit.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    CheckpointSigner,
+    canonical_json,
+    verify_checkpoint,
+)
+from mor_secure.audit.merkle import leaf_hash, root_hash
+from mor_secure.audit.verify import verify_log
+
+
+def write_log(path: Path, kit, count: int, **kwargs) -> AuditLog:
+    log = AuditLog.for_kit(path, kit, **kwargs)
+    for i in range(count):
+        log.record({"event": "call", "side": "server", "rpc": "/x/Score", "request_digest": f"{i:064x}", "items": i})
+    return log
+
+
+def verified(path: Path, kit):
+    return verify_log(read_log(path), [kit.certificate()])
+
+
+def edit(path: Path, sql: str, *params) -> None:
+    with sqlite3.connect(path) as connection:
+        connection.execute(sql, params)
+
+
+@pytest.fixture
+def log_path(tmp_path: Path, pki) -> Path:
+    path = tmp_path / "silo.db"
+    write_log(path, pki.kits["hospital-a"], 10, checkpoint_every_entries=1).close()
+    return path
+
+
+def test_an_untouched_log_verifies_and_its_root_is_the_rfc6962_root(log_path: Path, pki) -> None:
+    result = verified(log_path, pki.kits["hospital-a"])
+    assert result.ok, result.problems
+    stored = read_log(log_path)
+    assert result.entries == 10 and result.latest.size == 10
+    assert result.latest.root == root_hash([leaf_hash(e.body) for e in stored.entries])
+    assert stored.party == "mor://silo/hospital-a"
+    for entry in stored.entries:
+        fields = entry.fields()
+        assert canonical_json(fields) == entry.body and fields["index"] == entry.seq
+
+
+def test_a_flipped_byte_is_named(log_path: Path, pki) -> None:
+    body = bytearray(read_log(log_path).entries[4].body)
+    body[body.index(b'"items":4') + 8] = ord("7")
+    edit(log_path, "UPDATE entries SET body = ? WHERE seq = 4", bytes(body))
+    result = verified(log_path, pki.kits["hospital-a"])
+    assert not result.ok and result.first_bad_entry == 4
+    assert "entry 4 was altered" in result.problems[0].message
+
+
+def test_an_entry_altered_with_its_leaf_hash_recomputed_is_named(log_path: Path, pki) -> None:
+    stored = read_log(log_path).entries[6]
+    body = stored.body.replace(b'"items":6', b'"items":9')
+    edit(log_path, "UPDATE entries SET body = ?, leaf_hash = ? WHERE seq = 6", body, leaf_hash(body))
+    result = verified(log_path, pki.kits["hospital-a"])
+    assert result.first_bad_entry == 6
+    assert any("entry 6 was altered" in p.message for p in result.problems)
+
+
+def test_the_last_entry_altered_is_caught_by_its_checkpoint(log_path: Path, pki) -> None:
+    body = read_log(log_path).entries[9].body.replace(b'"items":9', b'"items":1')
+    edit(log_path, "UPDATE entries SET body = ?, leaf_hash = ? WHERE seq = 9", body, leaf_hash(body))
+    result = verified(log_path, pki.kits["hospital-a"])
+    assert result.first_bad_entry == 9 and "does not match the entries it covers: entry 9" in result.problems[0].message
+
+
+def test_a_deleted_entry_is_named(log_path: Path, pki) -> None:
+    edit(log_path, "DELETE FROM entries WHERE seq = 3")
+    result = verified(log_path, pki.kits["hospital-a"])
+    assert result.first_bad_entry == 3 and "entry 3 is missing" in result.problems[0].message
+
+
+def test_reordered_entries_are_named(log_path: Path, pki) -> None:
+    entries = read_log(log_path).entries
+    with sqlite3.connect(log_path) as connection:
+        for seq, other in ((2, entries[5]), (5, entries[2])):
+            connection.execute("UPDATE entries SET body = ?, leaf_hash = ? WHERE seq = ?", (other.body, other.leaf_hash, seq))
+    result = verified(log_path, pki.kits["hospital-a"])
+    assert result.first_bad_entry == 2 and "entry 2 says it is entry 5" in result.problems[0].message
+
+
+def test_a_truncated_log_is_named(log_path: Path, pki) -> None:
+    edit(log_path, "DELETE FROM entries WHERE seq >= 7")
+    result = verified(log_path, pki.kits["hospital-a"])
+    assert result.first_bad_entry == 7
+    assert any("truncated" in p.message and "entries 7..9 are gone" in p.message for p in result.problems)
+
+
+def test_an_inserted_entry_is_named(log_path: Path, pki) -> None:
+    # An insider shifts entries 5.. up by one and forges a well-formed entry 5 with the right prev_root.
+    stored = read_log(log_path)
+    forged = canonical_json({"event": "call", "rpc": "/x/Score", "items": 0, "time": 1.0, "index": 5,
+                             "prev_root": root_hash([leaf_hash(e.body) for e in stored.entries[:5]]).hex()})
+    with sqlite3.connect(log_path) as connection:
+        for entry in reversed(stored.entries[5:]):
+            connection.execute("UPDATE entries SET seq = ? WHERE seq = ?", (entry.seq + 1, entry.seq))
+        connection.execute("INSERT INTO entries(seq, body, leaf_hash) VALUES (5, ?, ?)", (forged, leaf_hash(forged)))
+    result = verified(log_path, pki.kits["hospital-a"])
+    messages = [p.message for p in result.problems]
+    assert not result.ok and result.first_bad_entry == 5, messages
+    assert "entry 6 says it is entry 5: entries were reordered, or one was inserted or removed here" in messages[0]
+    assert any("checkpoint #5 (size 6) does not match the entries it covers: entry 5" in m for m in messages)
+
+
+def test_swapped_and_forged_checkpoint_signatures_are_named(log_path: Path, pki) -> None:
+    with sqlite3.connect(log_path) as connection:
+        (a, sig_a), (b, sig_b) = connection.execute("SELECT seq, signature FROM checkpoints ORDER BY seq LIMIT 2")
+        connection.execute("UPDATE checkpoints SET signature = ? WHERE seq = ?", (sig_b, a))
+        connection.execute("UPDATE checkpoints SET signature = ? WHERE seq = ?", (sig_a, b))
+    result = verified(log_path, pki.kits["hospital-a"])
+    assert [p.message for p in result.problems][:2] == [
+        "checkpoint #0: checkpoint at size 1: the signature does not verify (forged, swapped or altered)",
+        "checkpoint #1: checkpoint at size 2: the signature does not verify (forged, swapped or altered)"]
+    # A checkpoint signed with another party's key is refused, and so is one that names a log not its signer's.
+    other = CheckpointSigner.from_kit(pki.kits["bank-b"])
+    root = root_hash([leaf_hash(e.body) for e in read_log(log_path).entries])
+    with pytest.raises(CheckpointError, match="none of the given certificates"):
+        verify_checkpoint(other.sign(size=10, root=root, time=time.time()), [pki.kits["hospital-a"].certificate()])
+    body = Checkpoint(log="mor://silo/hospital-a", size=10, root=root, time=time.time(), key=other.key).body()
+    bank_key = serialization.load_pem_private_key(pki.kits["bank-b"].key_path.read_bytes(), password=None)
+    impersonation = SignedCheckpoint(body, bank_key.sign(body, ec.ECDSA(hashes.SHA256())))
+    with pytest.raises(CheckpointError, match="claims to be mor://silo/hospital-a's but is signed by mor://silo/bank-b"):
+        verify_checkpoint(impersonation, [pki.kits["hospital-a"].certificate(), pki.kits["bank-b"].certificate()])
+
+
+def test_a_damaged_log_is_not_extended_and_another_partys_log_is_refused(log_path: Path, pki) -> None:
+    with pytest.raises(AuditLogError, match="is the log of mor://silo/hospital-a, not of mor://silo/bank-b"):
+        AuditLog.for_kit(log_path, pki.kits["bank-b"])
+    edit(log_path, "DELETE FROM entries WHERE seq = 3")
+    with pytest.raises(AuditLogError, match="entry 3 does not check out"):
+        AuditLog.for_kit(log_path, pki.kits["hospital-a"])
+
+
+def test_events_may_not_set_the_logs_own_fields(tmp_path: Path, pki) -> None:
+    log = AuditLog.for_kit(tmp_path / "a.db", pki.kits["coordinator"])
+    with pytest.raises(ValueError, match=r"may not set \['index'\]"):
+        log.record({"index": 3})
+    log.close()
+
+
+def test_eight_threads_of_a_thousand_entries_verify_and_the_count_is_exact(tmp_path: Path, pki) -> None:
+    log = AuditLog.for_kit(tmp_path / "busy.db", pki.kits["coordinator"], checkpoint_every_entries=100)
+
+    def write(thread: int) -> None:
+        for i in range(1000):
+            log.record({"event": "call", "thread": thread, "i": i})
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    log.close()
+    result = verified(tmp_path / "busy.db", pki.kits["coordinator"])
+    assert result.ok, result.problems[:3]
+    assert result.entries == 8000 and result.latest.size == 8000 and result.uncovered_entries == 0
+    seen = {(e.fields()["thread"], e.fields()["i"]) for e in read_log(tmp_path / "busy.db").entries}
+    assert seen == {(t, i) for t in range(8) for i in range(1000)}
+
+
+_WRITER = """
+import sys
+from mor_secure.audit import AuditLog
+from mor_secure.pki.kits import CertKit
+log = AuditLog.for_kit(sys.argv[1], CertKit.load(sys.argv[2]), checkpoint_every_entries=7)
+print("ready", flush=True)
+i = 0
+while True:
+    log.record({"event": "call", "i": i, "padding": "x" * 2000})
+    i += 1
+"""
+
+
+def test_a_log_survives_kill_minus_9_mid_write_and_the_party_appends_after_restart(tmp_path: Path, pki) -> None:
+    path, kit = tmp_path / "crash.db", pki.kits["hospital-a"]
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(kit.directory)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert writer.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (not path.exists() or _count(path) < 200):
+            time.sleep(0.05)
+    finally:
+        writer.kill()  # SIGKILL, in the middle of a write loop
+        writer.wait(timeout=10)
+    assert writer.returncode == -9
+    result = verified(path, kit)
+    assert result.ok, result.problems[:3]
+    assert result.entries >= 200
+    log = AuditLog.for_kit(path, kit)
+    assert log.record({"event": "restarted"}) == result.entries
+    log.close()
+    after = verified(path, kit)
+    assert after.ok and after.entries == result.entries + 1 and after.uncovered_entries == 0
+
+
+def _count(path: Path) -> int:
+    with sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True) as connection:
+        try:
+            return connection.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+
+def test_a_second_writer_is_refused(tmp_path: Path, pki) -> None:
+    first = write_log(tmp_path / "two.db", pki.kits["coordinator"], 3)
+    second = AuditLog.for_kit(tmp_path / "two.db", pki.kits["coordinator"])
+    first.record({"event": "call"})
+    with pytest.raises(AuditLogError, match="another process is appending to the same log"):
+        second.record({"event": "call"})
+    first.close()
+    with pytest.raises(AuditLogError, match="another process is appending"):
+        second.close()  # nor does it sign a checkpoint of its stale tree on the way out
+    assert verified(tmp_path / "two.db", pki.kits["coordinator"]).ok

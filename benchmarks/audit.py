@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nScore call, batch {BATCH}, median of {args.blocks * args.repeats} per path")
         print(f"  with both parties' audit logs: {audited * 1e3:7.1f} ms")
         print(f"  without:                       {plain * 1e3:7.1f} ms")
-        print(f"  ratio {ratio:.3f} (target <= {OVERHEAD_TARGET:.2f}: {'met' if ratio <= OVERHEAD_TARGET else 'MISSED'})")
+        verdict = "met" if ratio <= OVERHEAD_TARGET else "MISSED"
+        print(f"  ratio {ratio:.3f} (target <= {OVERHEAD_TARGET:.2f}: {verdict})")
     return 0
 
 

@@ -5,11 +5,10 @@ this module opens the log for a networked pool (once per process and path,
 closed with a final signed checkpoint at exit) and writes one entry per
 scoring round of calibration and GRPO: the round id every request of the
 round carries, the silos asked and those that answered, the digest of the
-requests sent (the same digests the call entries and the silos' logs hold),
-the digest of the router weights meant for each silo, and the router's mean
+requests sent to each silo (the same digests the call entries and the
+silos' logs hold), the digest of the router weights sent to each silo, and the router's mean
 weight per silo and question kind (aggregates of the coordinator's own
-routing, never a silo's score). Secure aggregation will send each silo
-its weights; with clear fusion they stay here and are applied here.
+routing, never a silo's score).
 """
 
 from __future__ import annotations
@@ -18,12 +17,13 @@ import atexit
 import hashlib
 import secrets
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from mor_secure.audit import AuditLog
+from mor_secure.audit.checkpoints import canonical_json
 from mor_secure.pki.kits import CertKit
 from mor_secure.transport.authorization import AuditSink
 from mor_secure.wire import serde
@@ -65,14 +65,19 @@ def request_digest(request: ScoreRequest | BitsRequest) -> str:
 
 
 def record_round(audit: AuditSink, *, stage: str, round_id: str, objective: str, asked: Sequence[str],
-                 answered: Sequence[str], requests: Sequence[ScoreRequest | BitsRequest],
+                 answered: Sequence[str], requests: Mapping[str, Sequence[ScoreRequest | BitsRequest]],
                  weights: torch.Tensor | None = None, kinds: Sequence[str] | None = None) -> None:
-    """One entry for one scoring round (see the module docstring); `weights` is [N, K] over `asked`."""
-    digests = [request_digest(r) for r in requests]
+    """One entry for one scoring round (see the module docstring).
+
+    `requests` are those sent to each silo (a silo's copy carries its own
+    weights); `weights` is [N, K] over `asked`.
+    """
+    digests = {silo: [request_digest(r) for r in sent] for silo, sent in requests.items()}
+    any_silo = next(iter(requests.values()), ())
     event = {"event": "round", "stage": stage, "round_id": round_id, "objective": objective,
              "asked": list(asked), "answered": list(answered), "requests": digests,
-             "items": sum(len(getattr(r, "rows", ()) or getattr(r, "pairs", ())) for r in requests),
-             "items_digest": hashlib.sha256("".join(digests).encode("ascii")).hexdigest()}
+             "items": sum(len(getattr(r, "rows", ()) or getattr(r, "pairs", ())) for r in any_silo),
+             "items_digest": hashlib.sha256(canonical_json(digests)).hexdigest()}
     if weights is not None:
         weights = weights.detach().float().cpu()
         event["weights_digest"] = {silo: hashlib.sha256(weights[:, k].contiguous().numpy().tobytes()).hexdigest()

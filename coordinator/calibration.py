@@ -152,7 +152,8 @@ class CalibrationBits:
 
 
 def collect_bits(clients: Sequence[SiloClient], records: Sequence[VQARecord], features: RouterFeatures,
-                 config: CalibrationConfig, *, progress: bool = False, audit: AuditSink | None = None) -> CalibrationBits:
+                 config: CalibrationConfig, *, progress: bool = False,
+                 audit: AuditSink | None = None) -> CalibrationBits:
     """Ask every silo, once per objective, which calibration pairs it ranks right (no ledger charge: public pairs).
 
     Each objective is one round (one round id for all its requests), an entry in `audit` when given.
@@ -173,7 +174,7 @@ def collect_bits(clients: Sequence[SiloClient], records: Sequence[VQARecord], fe
         if audit is not None:
             names = [c.name for c in clients]
             record_round(audit, stage="calibration", round_id=requests[0].round_id, objective=objective,
-                         asked=names, answered=names, requests=requests)
+                         asked=names, answered=names, requests={name: requests for name in names})
         silo_accuracy[objective] = _accuracy_by_kind(bits, pairs, [c.name for c in clients])
         objective_blocks.append(torch.full((len(pairs),), objective_id, dtype=torch.long))
         bit_blocks.append(bits)

@@ -1,19 +1,22 @@
 """Fusion: from router weights w [N, K] and the items to score, the fused reward R = sum_k w_k r_k [N].
 
 GRPO's reward code calls a `Fusion` and nothing else about the silos, so how
-the sum is formed can change without touching it. `ClearFusion` asks every
-silo for its scores and adds them on the coordinator: the coordinator then
-sees each silo's scores, which is acceptable for tests, benchmarks and
-single-machine simulations only. Secure aggregation (DESIGN §4), in which each
-silo receives only its own weights and the coordinator learns only the sum,
-implements the same interface.
+the sum is formed can change without touching it. `ClearFusion` runs the
+protocol of secure aggregation (DESIGN §4) without its masks and encryption:
+each silo is sent only its own weights w_k per row and answers its weighted
+terms w_k r_k, which the coordinator adds in the clear. The coordinator then
+sees each silo's terms (and, knowing w_k, its scores), which is acceptable for
+tests, benchmarks and single-machine simulations only; secure aggregation,
+in which the coordinator learns only the sum, implements the same interface.
 
 Silos are asked in parallel, so a round takes as long as the slowest silo,
 not the sum. A silo that does not answer (UNAVAILABLE or DEADLINE_EXCEEDED
 after its client's retries) is left out of the round when at least
-`minimum_participants` silos answered: its weight becomes 0 and the others'
-are renormalised per item; `last_round` says who answered, and the reward
-logs it with GRPO's metrics. It is asked again next round, so a silo that
+`minimum_participants` silos answered: the sum of the others' terms is
+divided by their total weight per item (their weights renormalised), and an
+item whose whole weight was on absent silos is asked again, in a second
+round, with equal weights for the present ones; `last_round` says who
+answered, and the reward logs it with GRPO's metrics. It is asked again next round, so a silo that
 comes back rejoins. With fewer answers than the minimum the round fails
 with an error naming the missing silos. Any other refusal (a policy limit,
 bad input) fails the round at once: it is an answer, not an absence.
@@ -28,7 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -37,9 +40,9 @@ import torch
 from mor_secure.transport.authorization import AuditSink
 from mor_secure.wire.client import SiloClient
 from mor_secure.wire.errors import ErrorCode, SiloError
+from mor_secure.wire.messages import ScoreRequest
 
 from .audit_trail import new_round_id, record_round
-from .router import fused_reward
 from .silo_requests import send_scores, score_requests
 
 
@@ -96,7 +99,7 @@ class Fusion(Protocol):
 
 
 class ClearFusion:
-    """Each silo scores every distinct row once (in parallel); the weighted sum is formed here, in the clear.
+    """Each silo weights its scores of every distinct row (in parallel); the sum is formed here, in the clear.
 
     A group of `num_generations` one-word answers repeats itself (8 samples
     are often 2 or 3 distinct answers), so only distinct (image, prompt,
@@ -132,62 +135,105 @@ class ClearFusion:
     def silo_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.clients)
 
-    def _ask_all(self, requests: list) -> dict[str, torch.Tensor | SiloError]:
+    def _ask(self, clients: Sequence[SiloClient],
+             requests: dict[str, list[ScoreRequest]]) -> dict[str, torch.Tensor | SiloError]:
+        """Each client's weighted terms w_k * r_k for every row of its requests, asked in parallel ([D] each)."""
         def ask(client: SiloClient) -> torch.Tensor | SiloError:
             try:
-                return send_scores(client, requests)
+                return send_scores(client, requests[client.name])
             except SiloError as error:
                 if error.code in ABSENT:
                     return error
                 raise
-        if len(self.clients) == 1:
-            return {self.clients[0].name: ask(self.clients[0])}
-        with ThreadPoolExecutor(max_workers=len(self.clients), thread_name_prefix="fusion") as pool:
-            answers = list(pool.map(ask, self.clients))
-        return {client.name: answer for client, answer in zip(self.clients, answers, strict=True)}
+        if len(clients) == 1:
+            return {clients[0].name: ask(clients[0])}
+        with ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="fusion") as pool:
+            answers = list(pool.map(ask, clients))
+        return {client.name: answer for client, answer in zip(clients, answers, strict=True)}
 
-    def fuse(self, items: FusionItems, weights: torch.Tensor) -> torch.Tensor:
-        if tuple(weights.shape) != (len(items), len(self.clients)):
-            raise ValueError(f"weights have shape {tuple(weights.shape)}, expected {(len(items), len(self.clients))}")
-        rows = list(zip(items.images, items.prompts, items.responses, strict=True))
-        distinct = list(dict.fromkeys(rows))
-        position = {row: i for i, row in enumerate(distinct)}
-        index = torch.tensor([position[row] for row in rows], dtype=torch.long)
-        images, prompts, responses = (list(column) for column in zip(*distinct, strict=True))
+    def _round(self, clients: Sequence[SiloClient], rows: tuple[list, list, list], weights: torch.Tensor,
+               kinds: Sequence[str] | None) -> dict[str, torch.Tensor]:
+        """One scoring round over `clients` (fresh round id, on the record); the answers of those present."""
         round_id = new_round_id()
-        # Read, hash and pack the images once per round; every silo gets the same requests.
-        requests = score_requests(images, prompts, responses, objective=self.objective, round_id=round_id)
-        answers = self._ask_all(requests)
-        self.last_round = {name: not isinstance(answer, SiloError) for name, answer in answers.items()}
-        missing = [name for name, answered in self.last_round.items() if not answered]
+        # Read, hash and pack the images once per round; each silo's copy differs only in its weights.
+        shared = score_requests(*rows, objective=self.objective, round_id=round_id)
+        column = {c.name: k for k, c in enumerate(self.clients)}
+        requests = {c.name: weighted(shared, weights[:, column[c.name]]) for c in clients}  # its own weights only
+        answers = self._ask(clients, requests)
+        present = {name: answer for name, answer in answers.items() if not isinstance(answer, SiloError)}
         if self.audit is not None:
             record_round(self.audit, stage="reward", round_id=round_id, objective=self.objective,
-                         asked=self.silo_names, answered=[n for n, a in self.last_round.items() if a],
-                         requests=requests, weights=weights, kinds=items.kinds)
-        if len(self.clients) - len(missing) < self.minimum_participants:
+                         asked=self.silo_names, answered=list(present), requests=requests, weights=weights,
+                         kinds=kinds)
+        missing = [name for name in answers if name not in present]
+        if len(present) < self.minimum_participants:
             reasons = "; ".join(str(answers[name]) for name in missing)
-            raise RoundFailedError(f"only {len(self.clients) - len(missing)} of {len(self.clients)} silos answered, "
-                                   f"fewer than the consortium's minimum of {self.minimum_participants}: {reasons}")
+            raise RoundFailedError(f"only {len(present)} of {len(self.clients)} silos answered, fewer than the "
+                                   f"consortium's minimum of {self.minimum_participants}: {reasons}")
         if missing:
             logger.warning("scoring round without %s (unavailable); the other silos' weights are renormalised",
                            ", ".join(missing))
-        present = torch.tensor([self.last_round[c.name] for c in self.clients], dtype=weights.dtype)
-        scores = torch.stack([answers[c.name] if self.last_round[c.name] else torch.zeros(len(distinct))
-                              for c in self.clients], dim=1)
-        effective = renormalised(weights, present)
-        return fused_reward(effective, scores[index])
+        return present
+
+    def fuse(self, items: FusionItems, weights: torch.Tensor) -> torch.Tensor:
+        """R = sum over answering silos of w_k r_k / sum of their w_k, per row (see `renormalised_sum`)."""
+        if tuple(weights.shape) != (len(items), len(self.clients)):
+            raise ValueError(f"weights have shape {tuple(weights.shape)}, expected {(len(items), len(self.clients))}")
+        rows = list(zip(items.images, items.prompts, items.responses, strict=True))
+        first: dict[tuple, int] = {}
+        for i, row in enumerate(rows):
+            first.setdefault(row, i)
+        distinct = list(first)
+        position = {row: i for i, row in enumerate(distinct)}
+        index = torch.tensor([position[row] for row in rows], dtype=torch.long)
+        columns = tuple(list(column) for column in zip(*distinct, strict=True))
+        distinct_weights = weights[list(first.values())].detach().float().cpu()  # a row's weights depend on it alone
+        kinds = None if items.kinds is None else [items.kinds[i] for i in first.values()]
+        answers = self._round(self.clients, columns, distinct_weights, kinds)
+        self.last_round = {c.name: c.name in answers for c in self.clients}
+        present = torch.tensor([self.last_round[c.name] for c in self.clients])
+        fused, orphans = renormalised_sum(answers, distinct_weights, present, self.silo_names)
+        if orphans.any():
+            fused[orphans] = self._uniform_over(answers, columns, orphans, kinds)
+        return fused[index]
+
+    def _uniform_over(self, answered: dict[str, torch.Tensor], columns: tuple[list, list, list],
+                      orphans: torch.Tensor, kinds: Sequence[str] | None) -> torch.Tensor:
+        """Rows whose whole weight was on absent silos: the plain average of the present silos, in a new round."""
+        chosen = orphans.nonzero().flatten().tolist()
+        clients = [c for c in self.clients if c.name in answered]
+        uniform = torch.zeros(len(chosen), len(self.clients))
+        for k, client in enumerate(self.clients):
+            if client.name in answered:
+                uniform[:, k] = 1.0 / len(clients)
+        rows = tuple([column[i] for i in chosen] for column in columns)
+        again = self._round(clients, rows, uniform, None if kinds is None else [kinds[i] for i in chosen])
+        return sum(again.values()) * (len(clients) / len(again))
 
 
-def renormalised(weights: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """[N, K] weights with absent silos' columns zeroed and each row rescaled to sum to 1.
+def weighted(requests: Sequence[ScoreRequest], weights: torch.Tensor) -> list[ScoreRequest]:
+    """The same requests carrying one silo's weight per row ([D] over all requests' rows, in order)."""
+    out, start = [], 0
+    for request in requests:
+        end = start + len(request.rows)
+        out.append(replace(request, weights=tuple(weights[start:end].tolist())))
+        start = end
+    return out
 
-    A row whose whole weight was on absent silos falls back to the plain
-    average of the present ones: the router had no opinion among them.
+
+def renormalised_sum(terms: dict[str, torch.Tensor], weights: torch.Tensor, present: torch.Tensor,
+                     names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, sum of the present silos' w_k r_k divided by their total weight; and the rows with none.
+
+    Dividing by the present silos' weight is the fused reward under their
+    weights rescaled to sum to 1 (all present: the sum is 1). A row whose
+    whole weight was on absent silos has nothing to rescale: it is returned
+    as an orphan, for the plain average of the present silos.
     """
-    kept = weights * present
-    totals = kept.sum(dim=1, keepdim=True)
-    uniform = present.expand_as(weights) / present.sum()
-    return torch.where(totals > 0, kept / totals.clamp(min=1e-12), uniform)
+    total = weights[:, present].sum(dim=1)
+    summed = sum(terms[name] for k, name in enumerate(names) if present[k])
+    orphans = total <= 0
+    return torch.where(orphans, torch.zeros_like(total), summed / total.clamp(min=1e-12)), orphans
 
 
 def as_fusion(silos: Fusion | Sequence[SiloClient]) -> Fusion:

@@ -17,7 +17,7 @@ GROUPS: dict[str, tuple[str, str]] = {
     "pki": ("mor_cli.pki_cli", "consortium operator: the certificate authority, party kits, revocation"),
     "silo": ("silo_agent.cli", "silo operator: create the privacy ledger, train a DP reward model, serve it, inspect the ledger"),
     "coordinator": ("coordinator.cli", "consortium operator: build the VLM, train and evaluate the reference"),
-    "audit": ("mor_cli.audit_cli", "compliance reviewer: verify and reconcile the parties' audit logs, write the report"),
+    "audit": ("mor_cli.audit_cli", "compliance reviewer: verify and reconcile the parties' audit logs, report"),
     "demo": ("mor_cli.demo", "run the whole consortium locally with embedded defaults"),
 }
 

@@ -33,6 +33,21 @@ def check_objective(objective: str, allowed: frozenset[str]) -> str:
     return objective
 
 
+def check_weights(weights: Sequence[float], rows: int, max_weight: float) -> tuple[float, ...] | None:
+    """None (no weights), or one finite weight in [0, max_weight] per row (INVALID_ARGUMENT / PERMISSION_DENIED)."""
+    if not weights:
+        return None
+    if len(weights) != rows:
+        raise invalid(f"{len(weights)} weights for {rows} rows; send one weight per row, or none")
+    for index, weight in enumerate(weights):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise invalid(f"weights[{index}] is {weight!r}; a weight must be a finite number >= 0")
+        if weight > max_weight:
+            raise SiloError(ErrorCode.PERMISSION_DENIED, f"weights[{index}] is {weight:g}; this silo's policy "
+                            f"allows its score a weight of at most {max_weight:g} on any row")
+    return tuple(float(w) for w in weights)
+
+
 def check_count(label: str, count: int, limit: int) -> None:
     """At least one, at most `limit`."""
     if count == 0:

@@ -53,6 +53,7 @@ from .request_checks import (
     check_image_index,
     check_objective,
     check_text,
+    check_weights,
     decode_images,
 )
 from .training import REPORT_FILE
@@ -65,7 +66,7 @@ class SiloService:
                  privacy_report: PrivacyReport | None = None,
                  ledger_summary: Callable[[], LedgerSummary | None] | None = None,
                  randomized_response_seed: int | None = None,
-                 allowed_objectives: frozenset[str] = frozenset(OBJECTIVES)) -> None:
+                 allowed_objectives: frozenset[str] = frozenset(OBJECTIVES), max_weight: float = 1.0) -> None:
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"silo name must be a non-empty string, got {name!r}")
         if not isinstance(model, RewardModel):
@@ -74,6 +75,7 @@ class SiloService:
         self._model = model
         self.limits = limits or RequestLimits()
         self.allowed_objectives = frozenset(allowed_objectives)
+        self.max_weight = max_weight
         self._privacy_report = privacy_report
         self._ledger_summary = ledger_summary
         self._model_lock = threading.Lock()
@@ -96,10 +98,14 @@ class SiloService:
                                ledger=None if self._ledger_summary is None else self._ledger_summary())
 
     def score(self, request: ScoreRequest) -> ScoreReply:
-        """Standardised scores, one per row; SiloError(INVALID_ARGUMENT) naming the problem on bad input."""
+        """Standardised scores, one per row (times the row's weight if the request has weights).
+
+        SiloError(INVALID_ARGUMENT) naming the problem on bad input.
+        """
         limits = self.limits
         check_objective(request.objective, self.allowed_objectives)
         check_count("rows", len(request.rows), limits.max_items)
+        weights = check_weights(request.weights, len(request.rows), self.max_weight)
         images = decode_images(request.images, limits)
         used: set[int] = set()
         row_images, prompts, responses = [], [], []
@@ -110,8 +116,10 @@ class SiloService:
             responses.append(check_text("responses", index, row.response, limits))
         check_all_images_used(used, len(images))
         with self._model_lock:
-            scores = self._model.score(row_images, prompts, responses)
-        return ScoreReply(scores=self._checked(scores, len(responses)))
+            scores = self._checked(self._model.score(row_images, prompts, responses), len(responses))
+        if weights is not None:
+            scores = tuple(w * s for w, s in zip(weights, scores, strict=True))
+        return ScoreReply(scores=scores)
 
     def correctness_bits(self, request: BitsRequest) -> BitsReply:
         """One bit per public pair (chosen scored strictly above rejected), optionally via randomized response.
@@ -172,7 +180,8 @@ def published_privacy_report(path: Path) -> PrivacyReport | None:
 def open_model_service(name: str, model_dir: str | Path, *, resources: LocalResources | None = None,
                        limits: RequestLimits | None = None, randomized_response_seed: int | None = None,
                        ledger: PrivacyLedger | None = None,
-                       allowed_objectives: frozenset[str] = frozenset(OBJECTIVES)) -> SiloService:
+                       allowed_objectives: frozenset[str] = frozenset(OBJECTIVES),
+                       max_weight: float = 1.0) -> SiloService:
     """A service over a saved reward model; its public privacy report is read from beside it when present."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -181,4 +190,5 @@ def open_model_service(name: str, model_dir: str | Path, *, resources: LocalReso
     model = load_reward_model(model_dir, resources)
     return SiloService(name, model, limits=limits, privacy_report=published_privacy_report(model_dir.parent / REPORT_FILE),
                        ledger_summary=None if ledger is None else (lambda: ledger_summary(ledger)),
-                       randomized_response_seed=randomized_response_seed, allowed_objectives=allowed_objectives)
+                       randomized_response_seed=randomized_response_seed, allowed_objectives=allowed_objectives,
+                       max_weight=max_weight)

@@ -52,7 +52,8 @@ def load_service(config: SiloConfig, policy: SiloPolicy, ledger: PrivacyLedger |
                                feature_cache=feature_cache_dir(config) if config.architecture == "frozen_encoders"
                                else None)
     return open_model_service(config.name, config.workdir / MODEL_DIR, resources=resources, limits=policy.limits,
-                              ledger=ledger, allowed_objectives=frozenset(policy.allowed_objectives))
+                              ledger=ledger, allowed_objectives=frozenset(policy.allowed_objectives),
+                              max_weight=policy.max_weight)
 
 
 def audit_log_path(config: SiloConfig) -> Path:

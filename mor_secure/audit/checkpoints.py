@@ -116,7 +116,8 @@ class CheckpointSigner:
     def from_kit(cls, kit: CertKit) -> CheckpointSigner:
         key = serialization.load_pem_private_key(kit.key_path.read_bytes(), password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise ValueError(f"{kit.key_path}: checkpoints are signed with the kit's EC key; found {type(key).__name__}")
+            raise ValueError(f"{kit.key_path}: checkpoints are signed with the kit's EC key; found "
+                             f"{type(key).__name__}")
         return cls(key, kit.certificate(), kit=kit)
 
     def refreshed(self) -> CheckpointSigner:

@@ -72,6 +72,11 @@ class SiloPolicy(StrictModel):
         description="What this silo's model may be used for; a request names its objective and any other is "
         f"refused (PERMISSION_DENIED). Known objectives: {', '.join(OBJECTIVES)}.")
 
+    max_weight: float = Field(
+        1.0, gt=0, le=1.0, description="Largest router weight a request may give this silo's score on one row; "
+        "more is refused (PERMISSION_DENIED). Router weights are a convex mixture, so 1 caps nothing; a silo that "
+        "will not be the sole judge of any answer sets less (the coordinator must then cap its router).")
+
     @field_validator("allowed_objectives")
     @classmethod
     def _known_objectives(cls, objectives: list[str]) -> list[str]:

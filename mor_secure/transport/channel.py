@@ -32,7 +32,8 @@ def secure_channel(address: str, kit: CertKit, *, expect: PartyIdentity,
     host, so another consortium member answering at that address is refused
     at the handshake (UNAVAILABLE).
     """
-    options = [("grpc.ssl_target_name_override", expect.tls_name), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    options = [("grpc.ssl_target_name_override", expect.tls_name),
+               ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
                # A fresh subchannel per client object: a renewed kit or a restarted silo gets a new handshake.

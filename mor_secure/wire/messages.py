@@ -61,17 +61,23 @@ class ScoreRow:
 
 @dataclass(frozen=True)
 class ScoreRequest:
-    """A batch to score: every completion of a step in one call (silos' rate caps count calls)."""
+    """A batch to score: every completion of a step in one call (silos' rate caps count calls).
+
+    `weights` (empty: none) is this silo's own router weight per row; the
+    silo then answers weight * score per row, so a fusion learns only the
+    weighted terms it sums.
+    """
 
     images: tuple[ImageBlob, ...]
     rows: tuple[ScoreRow, ...]
     round_id: str = ""
     objective: str = ""
+    weights: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
 class ScoreReply:
-    """Standardised scores (mean 0, std 1 on public calibration pairs), one per request row."""
+    """Standardised scores (mean 0, std 1 on public calibration pairs), one per request row (pre-weighted if asked)."""
 
     scores: tuple[float, ...]
 

@@ -56,7 +56,7 @@ def _images_from_proto(images) -> tuple[ImageBlob, ...]:
 
 def score_request_to_proto(request: ScoreRequest) -> pb.ScoreRequest:
     return pb.ScoreRequest(round_id=request.round_id.encode("utf-8"), objective=request.objective,
-                           images=_images_to_proto(request.images),
+                           images=_images_to_proto(request.images), weights=list(request.weights),
                            rows=[pb.ScoreRow(image=r.image, prompt=r.prompt.encode("utf-8"),
                                              response=r.response.encode("utf-8")) for r in request.rows])
 
@@ -66,7 +66,8 @@ def score_request_from_proto(message: pb.ScoreRequest) -> ScoreRequest:
                         rows=tuple(ScoreRow(image=r.image, prompt=_text(r.prompt, f"rows[{i}].prompt"),
                                             response=_text(r.response, f"rows[{i}].response"))
                                    for i, r in enumerate(message.rows)),
-                        round_id=_text(message.round_id, "round_id"), objective=message.objective)
+                        round_id=_text(message.round_id, "round_id"), objective=message.objective,
+                        weights=tuple(message.weights))
 
 
 def score_reply_to_proto(reply: ScoreReply) -> pb.ScoreReply:

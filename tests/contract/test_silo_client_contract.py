@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 
@@ -23,14 +24,17 @@ from silo_agent.service import SiloService
 
 from silo_fakes import RightAnswerModel, png
 
+# Every request names the reward objective it serves; only the last test here is about that.
+Score = partial(ScoreRequest, objective="correct")
+Bits = partial(BitsRequest, objective="correct")
 RED, BLUE = ImageBlob.of(png((200, 30, 30))), ImageBlob.of(png((30, 30, 200)))
 QUESTION = "what shape is in the image?"
 # Right on pairs 0 and 2 (chosen is "right"), wrong on 1, tie on 3 (not strictly above).
 PAIRS = (BitsPair(0, QUESTION, "right", "wrong"), BitsPair(1, QUESTION, "wrong", "right"),
          BitsPair(0, QUESTION, "right", "other"), BitsPair(1, QUESTION, "wrong", "other"))
 EXACT = (True, False, True, False)
-GOOD_SCORE = ScoreRequest(objective="correct", images=(RED, BLUE), rows=(ScoreRow(0, QUESTION, "right"), ScoreRow(1, QUESTION, "wrong"),
-                                                    ScoreRow(0, QUESTION, "right")))
+GOOD_SCORE = Score(images=(RED, BLUE), rows=(ScoreRow(0, QUESTION, "right"), ScoreRow(1, QUESTION, "wrong"),
+                                             ScoreRow(0, QUESTION, "right")))
 
 
 def service(**kwargs) -> tuple[SiloService, RightAnswerModel]:
@@ -63,13 +67,13 @@ def test_scores_are_standardised_one_per_row_in_one_model_call(connect) -> None:
 
 
 def test_correctness_bits_are_exact_without_randomized_response(connect) -> None:
-    reply = connect(service()[0]).correctness_bits(BitsRequest(objective="correct", images=(RED, BLUE), pairs=PAIRS))
+    reply = connect(service()[0]).correctness_bits(Bits(images=(RED, BLUE), pairs=PAIRS))
     assert reply.bits == EXACT and reply.flip_probability is None
 
 
 def test_randomized_response_flips_about_the_flip_probability_with_fresh_noise(connect) -> None:
     client = connect(service()[0])
-    request = BitsRequest(objective="correct", images=(RED, BLUE), pairs=PAIRS * 100, randomized_response_epsilon=1.5)
+    request = Bits(images=(RED, BLUE), pairs=PAIRS * 100, randomized_response_epsilon=1.5)
     first, second = client.correctness_bits(request), client.correctness_bits(request)
     flipped = sum(b != e for b, e in zip(first.bits, EXACT * 100, strict=True)) / 400
     assert first.flip_probability == pytest.approx(flip_probability(epsilon=1.5))
@@ -79,7 +83,7 @@ def test_randomized_response_flips_about_the_flip_probability_with_fresh_noise(c
 
 
 def test_default_noise_is_os_entropy_and_a_seed_reproduces_it(connect) -> None:
-    request = BitsRequest(objective="correct", images=(RED, BLUE), pairs=PAIRS * 125, randomized_response_epsilon=1.0)
+    request = Bits(images=(RED, BLUE), pairs=PAIRS * 125, randomized_response_epsilon=1.0)
     unseeded = [connect(service()[0]).correctness_bits(request).bits for _ in range(2)]
     assert unseeded[0] != unseeded[1]
     seeded = [connect(service(randomized_response_seed=11)[0]).correctness_bits(request).bits for _ in range(2)]
@@ -91,7 +95,7 @@ def test_a_bad_epsilon_is_refused_before_anything_is_scored(connect, epsilon: fl
     silo, model = service()
     client = connect(silo)
     refused(client, client.correctness_bits,
-            BitsRequest(objective="correct", images=(RED, BLUE), pairs=PAIRS, randomized_response_epsilon=epsilon),
+            Bits(images=(RED, BLUE), pairs=PAIRS, randomized_response_epsilon=epsilon),
             ErrorCode.INVALID_ARGUMENT, "randomized_response_epsilon must be a finite number > 0")
     assert model.calls == 1  # only the good request of `refused`
 
@@ -100,19 +104,19 @@ def _bad_score_requests() -> list[tuple[str, ScoreRequest, str]]:
     row = ScoreRow(0, QUESTION, "right")
     forged = ImageBlob(sha256=BLUE.sha256, data=RED.data)
     return [
-        ("no rows", ScoreRequest(objective="correct", images=(RED,), rows=()), "rows is empty"),
-        ("no images", ScoreRequest(objective="correct", images=(), rows=(row,)), "images is empty"),
-        ("index out of range", ScoreRequest(objective="correct", images=(RED,), rows=(ScoreRow(1, QUESTION, "x"),)),
+        ("no rows", Score(images=(RED,), rows=()), "rows is empty"),
+        ("no images", Score(images=(), rows=(row,)), "images is empty"),
+        ("index out of range", Score(images=(RED,), rows=(ScoreRow(1, QUESTION, "x"),)),
          r"rows\[0\].image is 1; the request has images 0..0"),
-        ("digest mismatch", ScoreRequest(objective="correct", images=(forged,), rows=(row,)), r"images\[0\]: sha256 does not match"),
-        ("repeated image", ScoreRequest(objective="correct", images=(RED, RED), rows=(row, ScoreRow(1, QUESTION, "x"))),
+        ("digest mismatch", Score(images=(forged,), rows=(row,)), r"images\[0\]: sha256 does not match"),
+        ("repeated image", Score(images=(RED, RED), rows=(row, ScoreRow(1, QUESTION, "x"))),
          r"images\[1\] repeats an earlier image"),
-        ("unused image", ScoreRequest(objective="correct", images=(RED, BLUE), rows=(row,)), r"images \[1\] are not referred to"),
-        ("undecodable image", ScoreRequest(objective="correct", images=(ImageBlob.of(b"not an image"),), rows=(row,)),
+        ("unused image", Score(images=(RED, BLUE), rows=(row,)), r"images \[1\] are not referred to"),
+        ("undecodable image", Score(images=(ImageBlob.of(b"not an image"),), rows=(row,)),
          r"images\[0\] could not be decoded"),
-        ("empty image", ScoreRequest(objective="correct", images=(ImageBlob.of(b""),), rows=(row,)), r"images\[0\] is empty"),
-        ("blank response", ScoreRequest(objective="correct", images=(RED,), rows=(ScoreRow(0, QUESTION, "  "),)), r"responses\[0\] is empty"),
-        ("empty prompt", ScoreRequest(objective="correct", images=(RED,), rows=(ScoreRow(0, "", "x"),)), r"prompts\[0\] is empty"),
+        ("empty image", Score(images=(ImageBlob.of(b""),), rows=(row,)), r"images\[0\] is empty"),
+        ("blank response", Score(images=(RED,), rows=(ScoreRow(0, QUESTION, "  "),)), r"responses\[0\] is empty"),
+        ("empty prompt", Score(images=(RED,), rows=(ScoreRow(0, "", "x"),)), r"prompts\[0\] is empty"),
     ]
 
 
@@ -128,32 +132,32 @@ def test_policy_limits_refuse_oversize_requests(connect) -> None:
                            max_text_chars=30)
     client = connect(service(limits=limits)[0])
     row = ScoreRow(0, QUESTION, "right")
-    refused(client, client.score, ScoreRequest(objective="correct", images=(RED,), rows=(row,) * 4), ErrorCode.INVALID_ARGUMENT,
+    refused(client, client.score, Score(images=(RED,), rows=(row,) * 4), ErrorCode.INVALID_ARGUMENT,
             "4 rows in one request; this silo's policy allows at most 3")
     third = ImageBlob.of(png((1, 2, 3)))
     refused(client, client.score,
-            ScoreRequest(objective="correct", images=(RED, BLUE, third), rows=(row, ScoreRow(1, QUESTION, "x"), ScoreRow(2, QUESTION, "x"))),
+            Score(images=(RED, BLUE, third), rows=(row, ScoreRow(1, QUESTION, "x"), ScoreRow(2, QUESTION, "x"))),
             ErrorCode.INVALID_ARGUMENT, "3 images in one request; this silo's policy allows at most 2")
     big = ImageBlob.of(png((5, 5, 5)) + b"\0" * 64)
-    refused(client, client.score, ScoreRequest(objective="correct", images=(big,), rows=(row,)), ErrorCode.INVALID_ARGUMENT,
+    refused(client, client.score, Score(images=(big,), rows=(row,)), ErrorCode.INVALID_ARGUMENT,
             r"images\[0\] is \d+ bytes; this silo's policy allows at most")
     wide = ImageBlob.of(png((5, 5, 5), size=(20, 20)))
     limits_pixels = RequestLimits(max_image_pixels=100)
     wide_client = connect(service(limits=limits_pixels)[0])
-    refused(wide_client, wide_client.score, ScoreRequest(objective="correct", images=(wide,), rows=(row,)), ErrorCode.INVALID_ARGUMENT,
+    refused(wide_client, wide_client.score, Score(images=(wide,), rows=(row,)), ErrorCode.INVALID_ARGUMENT,
             r"images\[0\] is 20x20 pixels; this silo's policy allows at most 100 pixels")
-    refused(client, client.score, ScoreRequest(objective="correct", images=(RED,), rows=(ScoreRow(0, QUESTION, "r" * 31),)),
+    refused(client, client.score, Score(images=(RED,), rows=(ScoreRow(0, QUESTION, "r" * 31),)),
             ErrorCode.INVALID_ARGUMENT, r"responses\[0\] is 31 characters; this silo's policy allows at most 30")
-    refused(client, client.correctness_bits, BitsRequest(objective="correct", images=(RED, BLUE), pairs=PAIRS), ErrorCode.INVALID_ARGUMENT,
+    refused(client, client.correctness_bits, Bits(images=(RED, BLUE), pairs=PAIRS), ErrorCode.INVALID_ARGUMENT,
             "4 pairs in one request; this silo's policy allows at most 3")
 
 
 def test_bad_bits_requests_name_the_field(connect) -> None:
     client = connect(service()[0])
-    refused(client, client.correctness_bits, BitsRequest(objective="correct", images=(RED,), pairs=()), ErrorCode.INVALID_ARGUMENT,
+    refused(client, client.correctness_bits, Bits(images=(RED,), pairs=()), ErrorCode.INVALID_ARGUMENT,
             "pairs is empty")
     refused(client, client.correctness_bits,
-            BitsRequest(objective="correct", images=(RED,), pairs=(BitsPair(0, QUESTION, "right", " "),)), ErrorCode.INVALID_ARGUMENT,
+            Bits(images=(RED,), pairs=(BitsPair(0, QUESTION, "right", " "),)), ErrorCode.INVALID_ARGUMENT,
             r"rejected\[0\] is empty")
 
 
@@ -169,3 +173,16 @@ def test_objectives_are_named_and_limited_by_the_policy(connect) -> None:
     for unnamed in ("", "anything"):
         refused(client, client.score, ScoreRequest(objective=unnamed, images=GOOD_SCORE.images, rows=GOOD_SCORE.rows),
                 ErrorCode.INVALID_ARGUMENT, f"objective '{unnamed}' is not one this consortium knows")
+
+
+def test_weighted_requests_are_answered_pre_weighted_and_bad_weights_are_refused(connect) -> None:
+    client = connect(service(max_weight=0.8)[0])
+    weighted = Score(images=GOOD_SCORE.images, rows=GOOD_SCORE.rows, weights=(0.5, 0.25, 0.0))
+    assert client.score(weighted).scores == (0.5, -0.25, 0.0)  # w * (1, -1, 1)
+    for weights, match in (((0.5, float("nan"), 0.1), r"weights\[1\] is nan; a weight must be a finite number >= 0"),
+                           ((0.5, float("inf"), 0.1), r"weights\[1\] is inf"), ((0.5, -0.1, 0.1), r"weights\[1\] is -0.1"),
+                           ((0.5, 0.5), "2 weights for 3 rows")):
+        refused(client, client.score, Score(images=GOOD_SCORE.images, rows=GOOD_SCORE.rows, weights=weights),
+                ErrorCode.INVALID_ARGUMENT, match)
+    refused(client, client.score, Score(images=GOOD_SCORE.images, rows=GOOD_SCORE.rows, weights=(0.5, 0.9, 0.1)),
+            ErrorCode.PERMISSION_DENIED, r"weights\[1\] is 0.9; this silo's policy allows its score a weight of at most 0.8")

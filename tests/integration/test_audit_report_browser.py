@@ -213,7 +213,8 @@ def test_browser_clean_view_is_intact(tmp_path):
     path = write_report(_view(broken=False), tmp_path / "report.html")
     fig = _figures(_chromium(tmp_path / "dom", "--dump-dom", path.as_uri()))
     assert fig["verdict"].startswith("INTACT")
-    assert {fig[f"verification:{p}"] for p in ("mor://coordinator/coordinator", *(f"mor://silo/{s}" for s in SILOS))} == {"verified"}
+    parties = ("mor://coordinator/coordinator", *(f"mor://silo/{s}" for s in SILOS))
+    assert {fig[f"verification:{p}"] for p in parties} == {"verified"}
     assert {fig[f"reconciliation:{s}"] for s in SILOS} == {"reconciled"}
 
 

@@ -87,7 +87,7 @@ def test_every_call_is_on_both_records_and_they_reconcile(consortium_run, pki, c
     assert all("scores" not in e and "prompt" not in str(e) for e in silo + coordinator)  # digests, never data
     (round_entry,) = [e for e in coordinator if e["event"] == "round"]
     assert round_entry["round_id"] == calls[-1]["round_id"] and round_entry["answered"] == ["hospital-a"]
-    assert round_entry["requests"] == [calls[-1]["request_digest"]]
+    assert round_entry["requests"] == {"hospital-a": [calls[-1]["request_digest"]]}  # what it sent, weights included
     assert round_entry["mean_weight"] == {"hospital-a": {"shape": [1.0, 2]}}
 
     assert cli("verify", str(consortium_run["silo"]), "--cert", str(pki.kits["hospital-a"].cert_path),

@@ -195,7 +195,9 @@ class CountingSilo:
     def score(self, request: ScoreRequest) -> ScoreReply:
         images, prompts, responses = self.rows(request)
         self.calls.append((images, prompts, responses))
-        return ScoreReply(scores=tuple(self.value(*row) for row in zip(images, prompts, responses, strict=True)))
+        values = [self.value(*row) for row in zip(images, prompts, responses, strict=True)]
+        weights = request.weights or (1.0,) * len(values)  # the wire contract: pre-weighted when weights are sent
+        return ScoreReply(scores=tuple(w * v for w, v in zip(weights, values, strict=True)))
 
 
 class CountingFeatures:

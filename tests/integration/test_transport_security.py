@@ -22,12 +22,13 @@ from mor_secure.pki import CertificateAuthority, CertKit, PartyIdentity
 from mor_secure.policy import RateLimit, RequestLimits, SiloAdmission, SiloPolicy
 from mor_secure.proto.v1 import silo_pb2, silo_pb2_grpc
 from mor_secure.transport.server import RunningServer, serve
-from mor_secure.wire import ErrorCode, ImageBlob, ScoreRequest, ScoreRow, SiloError
+from mor_secure.wire import ErrorCode, ImageBlob, ScoreRequest, ScoreRow, SiloError, serde
 from silo_agent.service import SiloService
 from silo_agent.servicer import ROLES_BY_RPC, SERVICE_NAME, servicer_registration
 
 RED = ImageBlob.of(png((200, 30, 30)))
-GOOD = ScoreRequest(objective="correct", images=(RED,), rows=(ScoreRow(0, "what shape?", "right"), ScoreRow(0, "what shape?", "wrong")))
+GOOD = ScoreRequest(objective="correct", images=(RED,),
+                    rows=(ScoreRow(0, "what shape?", "right"), ScoreRow(0, "what shape?", "wrong")))
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +192,7 @@ def test_the_rate_limit_and_the_daily_cap_are_resource_exhausted(consortium_pki,
             running.stop(0)
 
 
-def test_oversize_and_undecodable_messages_are_refused(consortium_pki, tmp_path: Path) -> None:
+def test_oversize_undecodable_and_nan_weighted_messages_are_refused(consortium_pki, tmp_path: Path) -> None:
     ca, _, kits = consortium_pki
     policy = SiloPolicy(limits=RequestLimits(max_request_bytes=64 << 10, max_image_bytes=1 << 20))
     running, _ = start(ca, kits["silo"], tmp_path, policy)
@@ -208,6 +209,9 @@ def test_oversize_and_undecodable_messages_are_refused(consortium_pki, tmp_path:
             not_utf8 = silo_pb2.ScoreRequest(images=[silo_pb2.ImageBlob(sha256=RED.sha256_bytes(), data=RED.data)],
                                              rows=[silo_pb2.ScoreRow(image=0, prompt=b"\xff\xfe", response=b"r")])
             assert rpc_code(stub.Score, not_utf8) == grpc.StatusCode.INVALID_ARGUMENT
+            nan_weights = serde.score_request_to_proto(GOOD)
+            nan_weights.weights.extend([0.5, float("nan")])
+            assert rpc_code(stub.Score, nan_weights) == grpc.StatusCode.INVALID_ARGUMENT
         still_serves(running.port, kits)
     finally:
         running.stop(0)
@@ -237,11 +241,11 @@ def test_the_client_refuses_a_server_that_is_not_the_silo_it_meant_to_reach(cons
 def test_every_answer_carries_the_silos_signed_checkpoint_covering_its_own_entry(server, consortium_pki) -> None:
     from mor_secure.audit.checkpoints import verify_checkpoint
     from mor_secure.transport.authorization import CHECKPOINT_METADATA
-    from mor_secure.wire import serde
 
     running, audit = server
     _, _, kits = consortium_pki
-    for kit, expected in ((kits["coordinator"], grpc.StatusCode.OK), (kits["auditor"], grpc.StatusCode.PERMISSION_DENIED)):
+    for kit, expected in ((kits["coordinator"], grpc.StatusCode.OK),
+                          (kits["auditor"], grpc.StatusCode.PERMISSION_DENIED)):
         channel, stub = raw_stub(running.port, _credentials(kit))
         with channel:
             try:

@@ -34,7 +34,8 @@ blobs = st.lists(st.binary(max_size=64).map(ImageBlob.of), max_size=4).map(tuple
 
 @given(blobs, st.lists(st.tuples(st.integers(0, 2**32 - 1), text, text), max_size=6), text)
 def test_score_request_round_trip(images, rows, round_id) -> None:
-    request = ScoreRequest(objective="correct", images=images, rows=tuple(ScoreRow(*r) for r in rows), round_id=round_id)
+    request = ScoreRequest(objective="correct", images=images, rows=tuple(ScoreRow(*r) for r in rows),
+                           round_id=round_id)
     wire = pb.ScoreRequest.FromString(serde.score_request_to_proto(request).SerializeToString())
     assert serde.score_request_from_proto(wire) == request
 
@@ -42,7 +43,8 @@ def test_score_request_round_trip(images, rows, round_id) -> None:
 @given(blobs, st.lists(st.tuples(st.integers(0, 9), text, text, text), max_size=6),
        st.none() | st.floats(allow_nan=False))
 def test_bits_request_round_trip(images, pairs, epsilon) -> None:
-    request = BitsRequest(objective="correct", images=images, pairs=tuple(BitsPair(*p) for p in pairs), randomized_response_epsilon=epsilon)
+    request = BitsRequest(objective="correct", images=images, pairs=tuple(BitsPair(*p) for p in pairs),
+                          randomized_response_epsilon=epsilon)
     wire = pb.BitsRequest.FromString(serde.bits_request_to_proto(request).SerializeToString())
     assert serde.bits_request_from_proto(wire) == request
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emor_secure/proto/v1/silo.proto\x12\x13mor_secure.proto.v1\")\n\tImageBlob\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\";\n\x08ScoreRow\x12\r\n\x05image\x18\x01 \x01(\r\x12\x0e\n\x06prompt\x18\x02 \x01(\x0c\x12\x10\n\x08response\x18\x03 \x01(\x0c\"\x90\x01\n\x0cScoreRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\x12.\n\x06images\x18\x02 \x03(\x0b\x32\x1e.mor_secure.proto.v1.ImageBlob\x12+\n\x04rows\x18\x03 \x03(\x0b\x32\x1d.mor_secure.proto.v1.ScoreRow\x12\x11\n\tobjective\x18\x04 \x01(\t\"\x1c\n\nScoreReply\x12\x0e\n\x06scores\x18\x01 \x03(\x01\"K\n\x08\x42itsPair\x12\r\n\x05image\x18\x01 \x01(\r\x12\x0e\n\x06prompt\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63hosen\x18\x03 \x01(\x0c\x12\x10\n\x08rejected\x18\x04 \x01(\x0c\"\xda\x01\n\x0b\x42itsRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\x12.\n\x06images\x18\x02 \x03(\x0b\x32\x1e.mor_secure.proto.v1.ImageBlob\x12,\n\x05pairs\x18\x03 \x03(\x0b\x32\x1d.mor_secure.proto.v1.BitsPair\x12(\n\x1brandomized_response_epsilon\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tobjective\x18\x05 \x01(\tB\x1e\n\x1c_randomized_response_epsilon\"M\n\tBitsReply\x12\x0c\n\x04\x62its\x18\x01 \x03(\x08\x12\x1d\n\x10\x66lip_probability\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x13\n\x11_flip_probability\"\x11\n\x0f\x44\x65scribeRequest\"\x91\x03\n\rPrivacyReport\x12\x12\n\ndp_enabled\x18\x01 \x01(\x08\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x04 \x01(\x01\x12\x13\n\x0bsample_rate\x18\x05 \x01(\x01\x12\r\n\x05steps\x18\x06 \x01(\x04\x12\x0e\n\x06\x65pochs\x18\x07 \x01(\r\x12\x1a\n\rmax_grad_norm\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\naccountant\x18\t \x01(\tH\x01\x88\x01\x01\x12\x19\n\x0cprivacy_unit\x18\n \x01(\tH\x02\x88\x01\x01\x12\x1f\n\x12max_pairs_per_unit\x18\x0b \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05noise\x18\x0c \x01(\tH\x04\x88\x01\x01\x12\x12\n\nis_private\x18\r \x01(\x08\x12\x12\n\nmechanisms\x18\x0e \x03(\tB\x10\n\x0e_max_grad_normB\r\n\x0b_accountantB\x0f\n\r_privacy_unitB\x15\n\x13_max_pairs_per_unitB\x08\n\x06_noise\"\xaa\x01\n\rLedgerSummary\x12\x16\n\x0e\x65psilon_budget\x18\x01 \x01(\x01\x12\x14\n\x0c\x64\x65lta_budget\x18\x02 \x01(\x01\x12\x15\n\repsilon_spent\x18\x03 \x01(\x01\x12\x13\n\x0b\x64\x65lta_spent\x18\x04 \x01(\x01\x12\x0f\n\x07\x63harges\x18\x05 \x01(\r\x12\x19\n\x11open_reservations\x18\x06 \x01(\r\x12\x13\n\x0bhead_digest\x18\x07 \x01(\t\"\xe7\x01\n\x0fSiloDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x18\n\x10trainable_params\x18\x03 \x01(\x04\x12?\n\x0eprivacy_report\x18\x04 \x01(\x0b\x32\".mor_secure.proto.v1.PrivacyReportH\x00\x88\x01\x01\x12\x37\n\x06ledger\x18\x05 \x01(\x0b\x32\".mor_secure.proto.v1.LedgerSummaryH\x01\x88\x01\x01\x42\x11\n\x0f_privacy_reportB\t\n\x07_ledger\"3\n\x10SignedCheckpoint\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x32\x8d\x02\n\x11SiloRewardService\x12V\n\x08\x44\x65scribe\x12$.mor_secure.proto.v1.DescribeRequest\x1a$.mor_secure.proto.v1.SiloDescription\x12K\n\x05Score\x12!.mor_secure.proto.v1.ScoreRequest\x1a\x1f.mor_secure.proto.v1.ScoreReply\x12S\n\x0f\x43orrectnessBits\x12 .mor_secure.proto.v1.BitsRequest\x1a\x1e.mor_secure.proto.v1.BitsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1emor_secure/proto/v1/silo.proto\x12\x13mor_secure.proto.v1\")\n\tImageBlob\x12\x0e\n\x06sha256\x18\x01 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\";\n\x08ScoreRow\x12\r\n\x05image\x18\x01 \x01(\r\x12\x0e\n\x06prompt\x18\x02 \x01(\x0c\x12\x10\n\x08response\x18\x03 \x01(\x0c\"\xa1\x01\n\x0cScoreRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\x12.\n\x06images\x18\x02 \x03(\x0b\x32\x1e.mor_secure.proto.v1.ImageBlob\x12+\n\x04rows\x18\x03 \x03(\x0b\x32\x1d.mor_secure.proto.v1.ScoreRow\x12\x11\n\tobjective\x18\x04 \x01(\t\x12\x0f\n\x07weights\x18\x05 \x03(\x01\"\x1c\n\nScoreReply\x12\x0e\n\x06scores\x18\x01 \x03(\x01\"K\n\x08\x42itsPair\x12\r\n\x05image\x18\x01 \x01(\r\x12\x0e\n\x06prompt\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63hosen\x18\x03 \x01(\x0c\x12\x10\n\x08rejected\x18\x04 \x01(\x0c\"\xda\x01\n\x0b\x42itsRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x0c\x12.\n\x06images\x18\x02 \x03(\x0b\x32\x1e.mor_secure.proto.v1.ImageBlob\x12,\n\x05pairs\x18\x03 \x03(\x0b\x32\x1d.mor_secure.proto.v1.BitsPair\x12(\n\x1brandomized_response_epsilon\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x11\n\tobjective\x18\x05 \x01(\tB\x1e\n\x1c_randomized_response_epsilon\"M\n\tBitsReply\x12\x0c\n\x04\x62its\x18\x01 \x03(\x08\x12\x1d\n\x10\x66lip_probability\x18\x02 \x01(\x01H\x00\x88\x01\x01\x42\x13\n\x11_flip_probability\"\x11\n\x0f\x44\x65scribeRequest\"\x91\x03\n\rPrivacyReport\x12\x12\n\ndp_enabled\x18\x01 \x01(\x08\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\x01\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x01\x12\x18\n\x10noise_multiplier\x18\x04 \x01(\x01\x12\x13\n\x0bsample_rate\x18\x05 \x01(\x01\x12\r\n\x05steps\x18\x06 \x01(\x04\x12\x0e\n\x06\x65pochs\x18\x07 \x01(\r\x12\x1a\n\rmax_grad_norm\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\naccountant\x18\t \x01(\tH\x01\x88\x01\x01\x12\x19\n\x0cprivacy_unit\x18\n \x01(\tH\x02\x88\x01\x01\x12\x1f\n\x12max_pairs_per_unit\x18\x0b \x01(\rH\x03\x88\x01\x01\x12\x12\n\x05noise\x18\x0c \x01(\tH\x04\x88\x01\x01\x12\x12\n\nis_private\x18\r \x01(\x08\x12\x12\n\nmechanisms\x18\x0e \x03(\tB\x10\n\x0e_max_grad_normB\r\n\x0b_accountantB\x0f\n\r_privacy_unitB\x15\n\x13_max_pairs_per_unitB\x08\n\x06_noise\"\xaa\x01\n\rLedgerSummary\x12\x16\n\x0e\x65psilon_budget\x18\x01 \x01(\x01\x12\x14\n\x0c\x64\x65lta_budget\x18\x02 \x01(\x01\x12\x15\n\repsilon_spent\x18\x03 \x01(\x01\x12\x13\n\x0b\x64\x65lta_spent\x18\x04 \x01(\x01\x12\x0f\n\x07\x63harges\x18\x05 \x01(\r\x12\x19\n\x11open_reservations\x18\x06 \x01(\r\x12\x13\n\x0bhead_digest\x18\x07 \x01(\t\"\xe7\x01\n\x0fSiloDescription\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x18\n\x10trainable_params\x18\x03 \x01(\x04\x12?\n\x0eprivacy_report\x18\x04 \x01(\x0b\x32\".mor_secure.proto.v1.PrivacyReportH\x00\x88\x01\x01\x12\x37\n\x06ledger\x18\x05 \x01(\x0b\x32\".mor_secure.proto.v1.LedgerSummaryH\x01\x88\x01\x01\x42\x11\n\x0f_privacy_reportB\t\n\x07_ledger\"3\n\x10SignedCheckpoint\x12\x0c\n\x04\x62ody\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\x32\x8d\x02\n\x11SiloRewardService\x12V\n\x08\x44\x65scribe\x12$.mor_secure.proto.v1.DescribeRequest\x1a$.mor_secure.proto.v1.SiloDescription\x12K\n\x05Score\x12!.mor_secure.proto.v1.ScoreRequest\x1a\x1f.mor_secure.proto.v1.ScoreReply\x12S\n\x0f\x43orrectnessBits\x12 .mor_secure.proto.v1.BitsRequest\x1a\x1e.mor_secure.proto.v1.BitsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,25 +36,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCOREROW']._serialized_start=98
   _globals['_SCOREROW']._serialized_end=157
   _globals['_SCOREREQUEST']._serialized_start=160
-  _globals['_SCOREREQUEST']._serialized_end=304
-  _globals['_SCOREREPLY']._serialized_start=306
-  _globals['_SCOREREPLY']._serialized_end=334
-  _globals['_BITSPAIR']._serialized_start=336
-  _globals['_BITSPAIR']._serialized_end=411
-  _globals['_BITSREQUEST']._serialized_start=414
-  _globals['_BITSREQUEST']._serialized_end=632
-  _globals['_BITSREPLY']._serialized_start=634
-  _globals['_BITSREPLY']._serialized_end=711
-  _globals['_DESCRIBEREQUEST']._serialized_start=713
-  _globals['_DESCRIBEREQUEST']._serialized_end=730
-  _globals['_PRIVACYREPORT']._serialized_start=733
-  _globals['_PRIVACYREPORT']._serialized_end=1134
-  _globals['_LEDGERSUMMARY']._serialized_start=1137
-  _globals['_LEDGERSUMMARY']._serialized_end=1307
-  _globals['_SILODESCRIPTION']._serialized_start=1310
-  _globals['_SILODESCRIPTION']._serialized_end=1541
-  _globals['_SIGNEDCHECKPOINT']._serialized_start=1543
-  _globals['_SIGNEDCHECKPOINT']._serialized_end=1594
-  _globals['_SILOREWARDSERVICE']._serialized_start=1597
-  _globals['_SILOREWARDSERVICE']._serialized_end=1866
+  _globals['_SCOREREQUEST']._serialized_end=321
+  _globals['_SCOREREPLY']._serialized_start=323
+  _globals['_SCOREREPLY']._serialized_end=351
+  _globals['_BITSPAIR']._serialized_start=353
+  _globals['_BITSPAIR']._serialized_end=428
+  _globals['_BITSREQUEST']._serialized_start=431
+  _globals['_BITSREQUEST']._serialized_end=649
+  _globals['_BITSREPLY']._serialized_start=651
+  _globals['_BITSREPLY']._serialized_end=728
+  _globals['_DESCRIBEREQUEST']._serialized_start=730
+  _globals['_DESCRIBEREQUEST']._serialized_end=747
+  _globals['_PRIVACYREPORT']._serialized_start=750
+  _globals['_PRIVACYREPORT']._serialized_end=1151
+  _globals['_LEDGERSUMMARY']._serialized_start=1154
+  _globals['_LEDGERSUMMARY']._serialized_end=1324
+  _globals['_SILODESCRIPTION']._serialized_start=1327
+  _globals['_SILODESCRIPTION']._serialized_end=1558
+  _globals['_SIGNEDCHECKPOINT']._serialized_start=1560
+  _globals['_SIGNEDCHECKPOINT']._serialized_end=1611
+  _globals['_SILOREWARDSERVICE']._serialized_start=1614
+  _globals['_SILOREWARDSERVICE']._serialized_end=1883
 # @@protoc_insertion_point(module_scope)

@@ -25,16 +25,18 @@ class ScoreRow(_message.Message):
     def __init__(self, image: _Optional[int] = ..., prompt: _Optional[bytes] = ..., response: _Optional[bytes] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("round_id", "images", "rows", "objective")
+    __slots__ = ("round_id", "images", "rows", "objective", "weights")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     round_id: bytes
     images: _containers.RepeatedCompositeFieldContainer[ImageBlob]
     rows: _containers.RepeatedCompositeFieldContainer[ScoreRow]
     objective: str
-    def __init__(self, round_id: _Optional[bytes] = ..., images: _Optional[_Iterable[_Union[ImageBlob, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[ScoreRow, _Mapping]]] = ..., objective: _Optional[str] = ...) -> None: ...
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, round_id: _Optional[bytes] = ..., images: _Optional[_Iterable[_Union[ImageBlob, _Mapping]]] = ..., rows: _Optional[_Iterable[_Union[ScoreRow, _Mapping]]] = ..., objective: _Optional[str] = ..., weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ScoreReply(_message.Message):
     __slots__ = ("scores",)

@@ -1,0 +1,57 @@
+"""ClearFusion: each silo gets only its own weights, answers w_k r_k; absent silos' weight goes to the others."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from silo_fakes import RightAnswerModel, png
+
+from coordinator.fusion import ClearFusion, FusionItems, RoundFailedError
+from mor_secure.wire import ErrorCode, SiloError
+from silo_agent.in_process import InProcessSiloClient
+from silo_agent.service import SiloService
+
+
+class Recording(InProcessSiloClient):
+    """The real service behind the in-process adapter, recording the weights each request carried."""
+
+    def __init__(self, name: str, *, down: bool = False) -> None:
+        super().__init__(SiloService(name, RightAnswerModel()))
+        self.down, self.weights = down, []
+
+    def score(self, request):
+        if self.down:
+            raise SiloError(ErrorCode.UNAVAILABLE, f"silo {self.name!r}: connection refused")
+        self.weights.append(request.weights)
+        return super().score(request)
+
+
+@pytest.fixture
+def items(tmp_path: Path) -> FusionItems:
+    image = tmp_path / "a.png"
+    image.write_bytes(png())
+    # Rows 0 and 2 are the same (image, prompt, response): sent once. Scores: right -> 1, wrong -> -1.
+    return FusionItems(images=(image,) * 3, prompts=("q",) * 3, responses=("right", "wrong", "right"))
+
+
+def test_each_silo_is_sent_only_its_own_weights_and_the_sum_is_the_fused_reward(items: FusionItems) -> None:
+    silos = [Recording("a"), Recording("b")]
+    weights = torch.tensor([[0.25, 0.75], [0.5, 0.5], [0.25, 0.75]])
+    fused = ClearFusion(silos).fuse(items, weights)
+    assert fused.tolist() == pytest.approx([1.0, -1.0, 1.0])
+    assert silos[0].weights == [(0.25, 0.5)] and silos[1].weights == [(0.75, 0.5)]  # distinct rows only
+
+
+def test_an_absent_silos_weight_goes_to_the_others_and_orphan_rows_get_their_plain_average(items) -> None:
+    silos = [Recording("a"), Recording("b"), Recording("c", down=True)]
+    # Row "right": weight split a/c, so a's term is rescaled to a's weight alone; row "wrong": all on c (orphan).
+    weights = torch.tensor([[0.25, 0.0, 0.75], [0.0, 0.0, 1.0], [0.25, 0.0, 0.75]])
+    fusion = ClearFusion(silos, minimum_participants=2)
+    assert fusion.fuse(items, weights).tolist() == pytest.approx([1.0, -1.0, 1.0])
+    assert fusion.last_round == {"a": True, "b": True, "c": False}
+    # The orphan row was asked again of the present silos only, with equal weights.
+    assert silos[0].weights == [(0.25, 0.0), (0.5,)] and silos[1].weights == [(0.0, 0.0), (0.5,)]
+    with pytest.raises(RoundFailedError, match="only 2 of 3 silos answered, fewer than the consortium's minimum of 3"):
+        ClearFusion(silos, minimum_participants=3).fuse(items, weights)

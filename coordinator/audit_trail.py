@@ -66,7 +66,7 @@ def request_digest(request: ScoreRequest | BitsRequest) -> str:
 
 def record_round(audit: AuditSink, *, stage: str, round_id: str, objective: str, asked: Sequence[str],
                  answered: Sequence[str], requests: Mapping[str, Sequence[ScoreRequest | BitsRequest]],
-                 weights: torch.Tensor | None = None, kinds: Sequence[str] | None = None) -> None:
+                 weights: torch.Tensor | None = None, kinds: Sequence[str] | None = None, method: str = "") -> None:
     """One entry for one scoring round (see the module docstring).
 
     `requests` are those sent to each silo (a silo's copy carries its own
@@ -74,7 +74,7 @@ def record_round(audit: AuditSink, *, stage: str, round_id: str, objective: str,
     """
     digests = {silo: [request_digest(r) for r in sent] for silo, sent in requests.items()}
     any_silo = next(iter(requests.values()), ())
-    event = {"event": "round", "stage": stage, "round_id": round_id, "objective": objective,
+    event = {"event": "round", "stage": stage, "method": method, "round_id": round_id, "objective": objective,
              "asked": list(asked), "answered": list(answered), "requests": digests,
              "items": sum(len(getattr(r, "rows", ()) or getattr(r, "pairs", ())) for r in any_silo),
              "items_digest": hashlib.sha256(canonical_json(digests)).hexdigest()}
@@ -82,14 +82,14 @@ def record_round(audit: AuditSink, *, stage: str, round_id: str, objective: str,
         weights = weights.detach().float().cpu()
         event["weights_digest"] = {silo: hashlib.sha256(weights[:, k].contiguous().numpy().tobytes()).hexdigest()
                                    for k, silo in enumerate(asked)}
-        event["mean_weight"] = _mean_weight_by_kind(weights, asked, kinds)
+        if kinds is not None and len(kinds) == weights.shape[0]:
+            event["mean_weight"] = _mean_weight_by_kind(weights, asked, kinds)
     audit.record(event)
 
 
 def _mean_weight_by_kind(weights: torch.Tensor, silos: Sequence[str],
-                         kinds: Sequence[str] | None) -> dict[str, dict[str, list[float]]]:
-    """silo -> question kind -> [mean weight, rows] ("all" when the rows' kinds are not known)."""
-    kinds = list(kinds) if kinds is not None and len(kinds) == weights.shape[0] else ["all"] * weights.shape[0]
+                         kinds: Sequence[str]) -> dict[str, dict[str, list[float]]]:
+    """silo -> question kind -> [mean weight, rows]."""
     table: dict[str, dict[str, list[float]]] = {}
     for k, silo in enumerate(silos):
         table[silo] = {}

@@ -106,11 +106,12 @@ class ClearFusion:
     response) rows are sent: the silos score, and are queried about, less.
     `minimum_participants` (default: all) is how many silos must answer.
     `objective` is the reward objective every request names (the silos'
-    policies may refuse some; mor_secure.wire.messages.OBJECTIVES).
+    policies may refuse some; mor_secure.wire.messages.OBJECTIVES);
+    `method` (e.g. "mor", "uniform") labels the rounds in the audit log.
     """
 
     def __init__(self, clients: Sequence[SiloClient], *, objective: str = "correct",
-                 minimum_participants: int | None = None, audit: AuditSink | None = None) -> None:
+                 minimum_participants: int | None = None, audit: AuditSink | None = None, method: str = "") -> None:
         clients = list(clients)
         if not clients:
             raise ValueError("fusion needs at least one silo client")
@@ -127,6 +128,7 @@ class ClearFusion:
             raise ValueError(f"minimum_participants must be at least 1, got {minimum_participants}")
         self.clients = clients
         self.objective = objective
+        self.method = method
         self.audit = audit
         self.minimum_participants = minimum
         self.last_round: dict[str, bool] = {}
@@ -164,7 +166,7 @@ class ClearFusion:
         if self.audit is not None:
             record_round(self.audit, stage="reward", round_id=round_id, objective=self.objective,
                          asked=self.silo_names, answered=list(present), requests=requests, weights=weights,
-                         kinds=kinds)
+                         kinds=kinds, method=self.method)
         missing = [name for name in answers if name not in present]
         if len(present) < self.minimum_participants:
             reasons = "; ".join(str(answers[name]) for name in missing)

@@ -39,7 +39,7 @@ def method_reward(method: str, *, silos: Sequence[SiloClient], router: Any = Non
                   fusion: Callable[..., Fusion] = ClearFusion) -> Reward:
     """The reward of `method` as the silos (and router) give it, before the GRPO transforms.
 
-    `fusion(clients, objective=...)` builds how the weighted sum over silos
+    `fusion(clients, objective=..., method=...)` builds how the weighted sum over silos
     is formed (in the clear by default; secure aggregation plugs in here);
     every method asks the silos under `objective`.
     """
@@ -56,16 +56,16 @@ def method_reward(method: str, *, silos: Sequence[SiloClient], router: Any = Non
         if len(ordered) != len(router.silo_names) or len(ordered) != len(silos):
             raise ValueError(f"the pool's silos {sorted(by_name)} must be exactly the router's silos "
                              f"{list(router.silo_names)}")
-        return FusedSiloReward(fusion(ordered, objective=objective), router, features, objective=objective)
+        return FusedSiloReward(fusion(ordered, objective=objective, method=method), router, features, objective=objective)
     if method == "uniform":
-        return UniformSiloReward(fusion(silos, objective=objective))
+        return UniformSiloReward(fusion(silos, objective=objective, method=method))
     if method.startswith("single:"):
         name = method.removeprefix("single:")
         if name not in by_name:
             raise ValueError(f"unknown silo {name!r} in method {method!r}; the pool has {sorted(by_name)}")
-        return SingleSiloReward(fusion([by_name[name]], objective=objective))
+        return SingleSiloReward(fusion([by_name[name]], objective=objective, method=method))
     if method in baselines:
-        return SingleSiloReward(fusion([baselines[method]], objective=objective))
+        return SingleSiloReward(fusion([baselines[method]], objective=objective, method=method))
     known = ["mor", "uniform", *(f"single:{s}" for s in by_name), *baselines, "oracle"]
     raise ValueError(f"unknown method {method!r}; known: {known}")
 

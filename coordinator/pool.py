@@ -178,12 +178,13 @@ def pool_fusion(pool: PoolConfig) -> Callable[..., ClearFusion]:
 
     Rounds over a networked pool are entries in the coordinator's audit log.
     """
-    def fusion(clients: Sequence[SiloClient], *, objective: str = "correct") -> ClearFusion:
+    def fusion(clients: Sequence[SiloClient], *, objective: str = "correct", method: str = "") -> ClearFusion:
         minimum = None
         if pool.minimum_participants is not None:
             # The minimum is for the whole pool; a single-silo baseline needs its one silo.
             minimum = max(1, len(clients) - (len(pool.silos) - pool.minimum_participants))
-        return ClearFusion(clients, objective=objective, minimum_participants=minimum, audit=pool_audit_log(pool))
+        return ClearFusion(clients, objective=objective, minimum_participants=minimum, audit=pool_audit_log(pool),
+                           method=method)
     return fusion
 
 

@@ -3,8 +3,9 @@
 Everything here is read from the logs themselves (and the consortium CA
 certificate that says whose keys to trust): queries and refusals from each
 silo's own entries, its privacy ledger's state as recorded with each call,
-the router's weights and the scoring rounds from the coordinator's round
-entries, the policy in force from the silo's serving-start entry.
+the router's weights (from the rounds of the MoR reward only: the other
+methods' weights are fixed) and the scoring rounds from the coordinator's
+round entries, the policy in force from the silo's serving-start entry.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def _coordinator_rows(coordinator: StoredLog) -> tuple[list[RoundSummary], list[
         rounds.append(RoundSummary(time=float(fields.get("time", 0.0)), round_id=str(fields.get("round_id")),
                                    objective=str(fields.get("objective")), asked=tuple(fields.get("asked", ())),
                                    answered=tuple(fields.get("answered", ())), items=int(fields.get("items", 0))))
+        if fields.get("method") != "mor":
+            continue  # the router's weights only mean something in rounds of the router-fused reward
         for silo, by_kind in (fields.get("mean_weight") or {}).items():
             for kind, (mean, count) in by_kind.items():
                 total = totals.setdefault((silo, kind), [0.0, 0])

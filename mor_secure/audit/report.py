@@ -135,7 +135,7 @@ def _time_axis(ax, maxticks: int = 9) -> None:
     offsets = ["", "%Y", "%Y-%m", "%Y-%m-%d", "%Y-%m-%d", "%Y-%m-%d %H:%M"]
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=timezone.utc, offset_formats=offsets))
-    ax.set_xlabel("time (UTC)")
+    ax.set_xlabel("time (UTC)", loc="left")  # the date offset sits at the right end of the axis
 
 
 def _dates(times):
@@ -293,11 +293,11 @@ class _Page:
     # -- (4) router weights ------------------------------------------------------------------
     def router(self) -> str:
         how = ("Which silo's judgement the aligned model followed, and where: each cell is the router's mean "
-               "weight on that silo over the scored rows of that question kind (darker = followed more; the "
-               "largest in each row is bold), with n the number of rows.")
+               "weight on that silo over the rows the MoR reward scored for that question kind (darker = "
+               "followed more; the largest in each row is bold), with n the number of rows.")
         ws = self.v.router_weights
         if not ws:
-            return self._section("router", how, "<p>No router weights were recorded.</p>")
+            return self._section("router", how, "<p>No round of the MoR reward was recorded.</p>")
         silos, kinds = sorted({w.silo for w in ws}), sorted({w.question_kind for w in ws})
         cell = {(w.question_kind, w.silo): w for w in ws}
         top = max(1.0, max(w.mean_weight for w in ws))

@@ -236,7 +236,7 @@ def test_render_escapes_log_text_and_handles_empty_view(tmp_path):
     page = path.read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>")
     assert "No queries were recorded." in page and "No privacy-ledger entries were recorded." in page
-    assert "No router weights were recorded." in page and "No reconciliation was run." in page
+    assert "No round of the MoR reward was recorded." in page and "No reconciliation was run." in page
     assert 'data-figure="verdict">NOT INTACT' in page and "<svg" not in page
 
 

@@ -56,7 +56,7 @@ def consortium_run(pki, tmp_path: Path) -> dict[str, Path]:
         assert client.describe().name == "hospital-a"
         image = tmp_path / "red.png"
         image.write_bytes(RED.data)
-        fusion = ClearFusion([client], audit=coordinator_log)
+        fusion = ClearFusion([client], audit=coordinator_log, method="mor")
         items = FusionItems(images=(image, image), prompts=("what shape?",) * 2, responses=("right", "wrong"),
                             kinds=("shape", "shape"))
         assert fusion.fuse(items, torch.ones(2, 1)).tolist() == [1.0, -1.0]
@@ -88,7 +88,7 @@ def test_every_call_is_on_both_records_and_they_reconcile(consortium_run, pki, c
     (round_entry,) = [e for e in coordinator if e["event"] == "round"]
     assert round_entry["round_id"] == calls[-1]["round_id"] and round_entry["answered"] == ["hospital-a"]
     assert round_entry["requests"] == {"hospital-a": [calls[-1]["request_digest"]]}  # what it sent, weights included
-    assert round_entry["mean_weight"] == {"hospital-a": {"shape": [1.0, 2]}}
+    assert round_entry["mean_weight"] == {"hospital-a": {"shape": [1.0, 2]}} and round_entry["method"] == "mor"
 
     assert cli("verify", str(consortium_run["silo"]), "--cert", str(pki.kits["hospital-a"].cert_path),
                capsys=capsys)[0] == 0

@@ -8,6 +8,10 @@
 
 Kits are directories (mor_secure/pki/kits.py); hand each party its own and
 nothing else. Private keys are written mode 0600 and never overwritten.
+Silo kits also get the consortium's homomorphic-encryption context with its
+secret key and an X25519 key whose public half their certificate key signs;
+the coordinator's kit gets the public context only
+(mor_secure/secagg/provisioning.py).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from mor_secure.cli_errors import run_command
 from mor_secure.data import load_consortium
 from mor_secure.pki import CertificateAuthority, PartyIdentity, Role
 from mor_secure.pki.authority import LEAF_LIFETIME
+from mor_secure.secagg.provisioning import new_consortium_context, provision_kit
 
 PROG = "mor pki"
 CA_DIR, KITS_DIR = "ca", "kits"
@@ -39,11 +44,15 @@ def consortium_parties(consortium_path: str | Path) -> list[PartyIdentity]:
 
 
 def init_pki(consortium_path: str | Path, out: str | Path, *, days: int) -> tuple[CertificateAuthority, dict]:
-    """A new CA under <out>/ca and a kit per consortium party under <out>/kits."""
+    """A new CA under <out>/ca and a kit per consortium party under <out>/kits, with secure-aggregation keys."""
     out = Path(out)
     parties = consortium_parties(consortium_path)
     authority = CertificateAuthority.create(out / CA_DIR)
-    kits = {p.uri: authority.issue(p, kit_dir(out, p), lifetime=dt.timedelta(days=days)) for p in parties}
+    new_consortium_context(authority.directory)
+    kits = {}
+    for party in parties:
+        kits[party.uri] = authority.issue(party, kit_dir(out, party), lifetime=dt.timedelta(days=days))
+        provision_kit(kits[party.uri], party.role, authority.directory)
     return authority, kits
 
 
@@ -91,6 +100,7 @@ def _issue(args: argparse.Namespace) -> int:
     identity = PartyIdentity(Role(args.role), args.name)
     kit = authority.issue(identity, args.out, lifetime=dt.timedelta(days=args.days),
                           hosts=tuple(args.host) if args.host else ("localhost", "127.0.0.1"), renew=args.renew)
+    provision_kit(kit, identity.role, authority.directory)
     print(f"{'renewed' if args.renew else 'issued'} {identity}: serial {kit.certificate().serial_number:x}, kit {kit.directory}")
     return 0
 

@@ -50,14 +50,20 @@ class SignedAgreementKey:
                    signature=bytes.fromhex(fields["signature"]))
 
 
+def sign_agreement_key(public_key: x25519.X25519PublicKey, certificate_key: ec.EllipticCurvePrivateKey,
+                       certificate: x509.Certificate) -> SignedAgreementKey:
+    """The X25519 public key, signed for the certificate's party with its certificate key."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    unsigned = SignedAgreementKey(party=identity_of(certificate).uri, public_key=raw, signature=b"")
+    signature = certificate_key.sign(unsigned.body(), ec.ECDSA(hashes.SHA256()))
+    return SignedAgreementKey(party=unsigned.party, public_key=raw, signature=signature)
+
+
 def new_agreement_key(certificate_key: ec.EllipticCurvePrivateKey,
                       certificate: x509.Certificate) -> tuple[x25519.X25519PrivateKey, SignedAgreementKey]:
     """A fresh X25519 pair for the certificate's party, the public half signed with its certificate key."""
     private = x25519.X25519PrivateKey.generate()
-    public = private.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    unsigned = SignedAgreementKey(party=identity_of(certificate).uri, public_key=public, signature=b"")
-    signature = certificate_key.sign(unsigned.body(), ec.ECDSA(hashes.SHA256()))
-    return private, SignedAgreementKey(party=unsigned.party, public_key=public, signature=signature)
+    return private, sign_agreement_key(private.public_key(), certificate_key, certificate)
 
 
 def verified_agreement_key(key: SignedAgreementKey, certificate: x509.Certificate) -> x25519.X25519PublicKey:

@@ -1,0 +1,86 @@
+"""Secure-aggregation material in the parties' kits, made at provisioning (`mor pki init` / `mor pki issue`).
+
+    silo kit:         he_secret.ctx   the consortium's BFV context WITH its secret key (0600)
+                      agreement.key   the silo's X25519 private key (0600)
+                      agreement.json  its public half, signed by the silo's certificate key
+    coordinator kit:  he_public.ctx   the same context WITHOUT the secret key: it can encrypt and add,
+                                      never decrypt (he_context.load_public refuses a secret one)
+    CA directory:     he_secret.ctx   kept so that a silo issued later joins the same context
+
+One context per consortium: every silo can decrypt a round's blinded sum
+(the round's decryptor is one of them), the coordinator cannot. Whoever runs
+`mor pki init` holds the CA key and this context; that party must not be the
+coordinator's operator acting alone (docs/threat-model.md). A renewed silo
+kit keeps its X25519 key, re-signed by the new certificate key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tenseal as ts
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
+
+from mor_secure.pki.files import write_private, write_public
+from mor_secure.pki.identity import Role
+from mor_secure.pki.kits import CertKit
+
+from .agreement import SignedAgreementKey, sign_agreement_key, verified_agreement_key
+from .he_context import load_public, load_secret, new_secret_context, public_bytes, secret_bytes
+
+HE_SECRET_FILE = "he_secret.ctx"
+HE_PUBLIC_FILE = "he_public.ctx"
+AGREEMENT_KEY_FILE = "agreement.key"
+AGREEMENT_PUBLIC_FILE = "agreement.json"
+
+
+def new_consortium_context(ca_directory: Path) -> bytes:
+    """Make the consortium's context, keep its secret form in the CA directory, return it."""
+    secret = secret_bytes(new_secret_context())
+    write_private(Path(ca_directory) / HE_SECRET_FILE, secret)
+    return secret
+
+
+def provision_kit(kit: CertKit, role: Role, ca_directory: Path) -> None:
+    """Give a freshly issued (or renewed) kit its secure-aggregation material, if the CA has a context."""
+    secret_path = Path(ca_directory) / HE_SECRET_FILE
+    if not secret_path.is_file() or role == Role.AUDITOR:
+        return
+    secret = secret_path.read_bytes()
+    if role == Role.COORDINATOR:
+        write_public(kit.directory / HE_PUBLIC_FILE, public_bytes(load_secret(secret)))
+        return
+    if not (kit.directory / HE_SECRET_FILE).is_file():
+        write_private(kit.directory / HE_SECRET_FILE, secret)
+    key_path = kit.directory / AGREEMENT_KEY_FILE
+    if key_path.is_file():
+        private = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    else:
+        private = x25519.X25519PrivateKey.generate()
+        write_private(key_path, private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))
+    signed = sign_agreement_key(private.public_key(), _certificate_key(kit), kit.certificate())
+    write_public(kit.directory / AGREEMENT_PUBLIC_FILE, signed.to_json().encode("utf-8"))
+
+
+def _certificate_key(kit: CertKit) -> ec.EllipticCurvePrivateKey:
+    return serialization.load_pem_private_key(kit.key_path.read_bytes(), password=None)
+
+
+def coordinator_context(kit: CertKit) -> ts.Context:
+    """The coordinator's public context (ValueError if its kit holds a secret one)."""
+    return load_public((kit.directory / HE_PUBLIC_FILE).read_bytes())
+
+
+def silo_context(kit: CertKit) -> ts.Context:
+    """A silo's secret context."""
+    return load_secret((kit.directory / HE_SECRET_FILE).read_bytes())
+
+
+def silo_agreement(kit: CertKit) -> tuple[x25519.X25519PrivateKey, SignedAgreementKey]:
+    """A silo's X25519 private key and its signed public half (checked against the kit's own certificate)."""
+    private = serialization.load_pem_private_key((kit.directory / AGREEMENT_KEY_FILE).read_bytes(), password=None)
+    signed = SignedAgreementKey.from_json((kit.directory / AGREEMENT_PUBLIC_FILE).read_text(encoding="utf-8"))
+    verified_agreement_key(signed, kit.certificate())
+    return private, signed

@@ -37,6 +37,7 @@ test-slow: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/dp_overhead.py
 	$(PY) benchmarks/transport.py
+	$(PY) benchmarks/audit.py
 
 # Needs the demo's artefacts in $(RUNS) (run `make demo` first).
 bench-grpo: $(STAMP)

@@ -175,9 +175,11 @@ class AuditLog:
                 raise AuditLogError(f"{self.path}: entry {position} does not check out, so the log will not be "
                                     "extended; run `mor audit verify` on it and keep the file as evidence")
             self._tree.append(bytes(stored_leaf))
-        last = self._connection.execute("SELECT size, body FROM checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
+        last = self._connection.execute("SELECT size, body, signature FROM checkpoints ORDER BY seq DESC LIMIT 1"
+                                        ).fetchone()
         self._checkpointed_size = last[0] if last else -1
         self._checkpointed_at = time.time() if last else 0.0
+        self._latest_checkpoint = SignedCheckpoint(bytes(last[1]), bytes(last[2])) if last else None
 
     def _transaction(self):
         return _Transaction(self._connection)
@@ -213,9 +215,10 @@ class AuditLog:
                 self._tree.append(leaf)
                 try:
                     if due:
-                        self._write_checkpoint()
+                        self._write_checkpoint(checked=True)
                 except BaseException:
                     self._tree = self._stored_tree(index)  # the transaction rolls back: so must the tree
+                    self._latest_checkpoint = self._latest()
                     raise
             return index
 
@@ -231,12 +234,12 @@ class AuditLog:
             if self._tree.size != self._checkpointed_size:
                 with self._transaction():
                     self._write_checkpoint()
-            return self._latest()
+            return self._latest_checkpoint
 
     def latest_checkpoint(self) -> SignedCheckpoint | None:
         """The newest stored checkpoint (None before the first)."""
         with self._lock:
-            return self._latest()
+            return self._latest_checkpoint
 
     def close(self) -> None:
         """Write a final checkpoint and close (idempotent)."""
@@ -261,8 +264,9 @@ class AuditLog:
         self._connection.execute("INSERT OR IGNORE INTO certificates(key, pem) VALUES (?, ?)",
                                  (key_id(self.signer.certificate.public_key()), pem))
 
-    def _write_checkpoint(self) -> None:
-        self._check_single_writer(self._tree.size)  # never sign a tree head another writer has moved past
+    def _write_checkpoint(self, *, checked: bool = False) -> None:
+        if not checked:
+            self._check_single_writer(self._tree.size)  # never sign a tree head another writer has moved past
         renewed = self.signer.refreshed()
         if renewed is not self.signer:
             self.signer = renewed
@@ -272,9 +276,12 @@ class AuditLog:
         self._connection.execute("INSERT INTO checkpoints(size, body, signature) VALUES (?, ?, ?)",
                                  (self._tree.size, signed.body, signed.signature))
         self._checkpointed_size, self._checkpointed_at = self._tree.size, now
+        self._latest_checkpoint = signed
 
     def _check_single_writer(self, index: int) -> None:
-        (stored,) = self._connection.execute("SELECT COUNT(*) FROM entries").fetchone()
+        # The newest seq, not COUNT(*): O(log n) on the primary key, so appending stays cheap as the log grows.
+        last = self._connection.execute("SELECT seq FROM entries ORDER BY seq DESC LIMIT 1").fetchone()
+        stored = 0 if last is None else last[0] + 1
         if stored != index:
             raise AuditLogError(f"{self.path}: holds {stored} entries but this writer expected {index}: another "
                                 "process is appending to the same log; each party runs one writer")

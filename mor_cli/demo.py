@@ -31,7 +31,7 @@ from transformers.utils import logging as hf_logging
 
 from coordinator.answer_eval import evaluate_answers
 from coordinator.cli import vlm_corpus
-from coordinator.audit_trail import close_coordinator_logs
+from coordinator.audit_trail import close_coordinator_logs, coordinator_log
 from coordinator.evaluation import Evaluation, EvaluationConfig
 from coordinator.pool import load_pool, pool_audit_log, pool_clients, pool_fusion
 from coordinator.reference import train_reference
@@ -139,10 +139,13 @@ def audit_demo(workdir: Path) -> bool:
 
 
 def serve_silos(workdir: Path) -> SiloProcesses:
-    """The demo's silos as `mor silo serve` processes (a context manager; SIGTERM on exit, also on failure)."""
-    return SiloProcesses({silo: workdir / "silos" / f"{silo}.yaml" for silo in SILOS},
-                         probe_kit=CertKit.load(workdir / "pki" / "kits" / "coordinator-coordinator"),
-                         workdir=workdir / "serving")
+    """The demo's silos as `mor silo serve` processes (a context manager; SIGTERM on exit, also on failure).
+
+    The coordinator's health checks while they start are on its audit log too.
+    """
+    kit = CertKit.load(workdir / "pki" / "kits" / "coordinator-coordinator")
+    return SiloProcesses({silo: workdir / "silos" / f"{silo}.yaml" for silo in SILOS}, probe_kit=kit,
+                         workdir=workdir / "serving", probe_audit=coordinator_log(workdir / COORDINATOR_AUDIT_LOG, kit))
 
 
 def _accuracy_split(model: RewardModel, pairs_by_kind: dict[str, list[PreferencePair]],

@@ -23,8 +23,10 @@ from types import TracebackType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mor_secure.pki.identity import PartyIdentity, Role
 from mor_secure.pki.kits import CertKit
-from mor_secure.transport.credentials import channel_credentials
+from mor_secure.transport.authorization import AuditSink
+from mor_secure.transport.channel import secure_channel
 
 # Loading a LoRA silo's backbone and reference caches takes ~20 s on 2 cores; 300 s is far beyond that.
 STARTUP_TIMEOUT_S = 300.0
@@ -52,9 +54,9 @@ def silo_command(config: Path, port_file: Path, *, port: int | None = None) -> l
     return command + (["--port", str(port)] if port is not None else [])
 
 
-def is_serving(address: str, kit: CertKit) -> bool:
-    """Whether the server at `address` answers health SERVING to `kit`'s holder."""
-    with grpc.secure_channel(address, channel_credentials(kit)) as channel:
+def is_serving(address: str, kit: CertKit, *, silo: str, audit: AuditSink | None = None) -> bool:
+    """Whether silo `silo` at `address` answers health SERVING to `kit`'s holder (the call recorded in `audit`)."""
+    with secure_channel(address, kit, expect=PartyIdentity(Role.SILO, silo), audit=audit) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         except grpc.RpcError:
@@ -65,9 +67,11 @@ def is_serving(address: str, kit: CertKit) -> bool:
 class SiloProcesses:
     """A context manager running one `mor silo serve` per config; `silos[name].address` once started."""
 
-    def __init__(self, configs: dict[str, Path], *, probe_kit: CertKit, workdir: Path) -> None:
+    def __init__(self, configs: dict[str, Path], *, probe_kit: CertKit, workdir: Path,
+                 probe_audit: AuditSink | None = None) -> None:
         self.configs = dict(configs)
         self.probe_kit = probe_kit
+        self.probe_audit = probe_audit  # the prober's own log: its health checks are calls like any other
         self.workdir = Path(workdir)
         self.silos: dict[str, ServedSilo] = {}
         self.exit_codes: dict[str, int] = {}
@@ -96,7 +100,8 @@ class SiloProcesses:
                                    f"end of {silo.log}:\n{tail}")
             if silo.port is None and silo.port_file.is_file():
                 silo.port = json.loads(silo.port_file.read_text(encoding="utf-8"))["port"]
-            if silo.port is not None and is_serving(silo.address, self.probe_kit):
+            if silo.port is not None and is_serving(silo.address, self.probe_kit, silo=silo.name,
+                                                    audit=self.probe_audit):
                 return
             time.sleep(0.25)
         raise TimeoutError(f"silo {silo.name} was not SERVING after {STARTUP_TIMEOUT_S:.0f} s; see {silo.log}")

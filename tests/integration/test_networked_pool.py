@@ -23,7 +23,7 @@ import torch
 from cryptography import x509
 from transformers import TrainerCallback
 
-from coordinator.audit_trail import close_coordinator_logs
+from coordinator.audit_trail import close_coordinator_logs, coordinator_log
 
 from coordinator.fusion import ClearFusion, FusionItems, RoundFailedError
 from coordinator.grpo import GRPOSettings, train_grpo
@@ -67,8 +67,9 @@ def consortium_on_loopback(tmp_path_factory: pytest.TempPathFactory, consortium_
     root = tmp_path_factory.mktemp("networked")
     init_pki(consortium_path, root / "pki", days=2)
     configs = {name: _write_silo(root, name, consortium_path, seed) for seed, name in enumerate(SILOS)}
-    processes = SiloProcesses(configs, probe_kit=CertKit.load(root / "pki" / "kits" / "coordinator-coordinator"),
-                              workdir=root / "serving")
+    kit = CertKit.load(root / "pki" / "kits" / "coordinator-coordinator")
+    processes = SiloProcesses(configs, probe_kit=kit, workdir=root / "serving",
+                              probe_audit=coordinator_log(root / "coordinator-audit.db", kit))
     with processes:
         lines = ["kit: pki/kits/coordinator-coordinator", "minimum_participants: 2", "deadline_seconds: 20",
                  "retries: 1", "silos:"]
@@ -159,5 +160,7 @@ def test_after_the_drills_every_log_verifies_and_reconciles(consortium_on_loopba
     by_silo = {r.silo: r for r in evidence.reconciliations}
     assert all(r.matched > 0 and r.checkpoints_checked > 0 for r in evidence.reconciliations)
     assert by_silo["mor://silo/hospital-c"].not_delivered > 0  # asked while it was down: on the coordinator's record
+    health = [e.fields() for e in coordinator.entries if e.fields().get("rpc") == "/grpc.health.v1.Health/Check"]
+    assert {h["callee"] for h in health} == {f"mor://silo/{name}" for name in SILOS}  # the startup probes too
     rounds = [e.fields() for e in coordinator.entries if e.fields().get("event") == "round"]
     assert any("hospital-c" not in r["answered"] for r in rounds) and all(len(r["answered"]) >= 2 for r in rounds)

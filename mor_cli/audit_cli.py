@@ -53,7 +53,8 @@ def describe_verification(path: Path, result: Verification) -> list[str]:
                      f"{_utc(result.latest.time)}")
     if result.uncovered_entries:
         lines.append(f"  {result.uncovered_entries} newest entries are not yet covered by a signed checkpoint "
-                     "(the party writes one at least every 30 s and when it stops)")
+                     "(a silo signs one with every answer, the coordinator every 256 entries or 30 s, and both when "
+                     "they stop)")
     if result.ok:
         lines.append("  VERIFIED: every entry in place and unaltered; every checkpoint signed by this party and "
                      "consistent with the entries")

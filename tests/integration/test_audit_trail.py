@@ -170,3 +170,13 @@ def test_the_report_is_written_from_the_logs(consortium_run, pki, capsys, tmp_pa
     assert figure("verification:mor://silo/hospital-a") == "verified"
     assert figure("reconciliation:hospital-a") == "reconciled" and figure("verdict").startswith("INTACT")
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # self-contained: nothing fetched
+
+
+def test_verify_exits_1_naming_the_first_bad_entry_of_a_tampered_log(consortium_run, pki, capsys) -> None:
+    with sqlite3.connect(consortium_run["silo"]) as connection:
+        (body,) = connection.execute("SELECT body FROM entries WHERE seq = 2").fetchone()
+        connection.execute("UPDATE entries SET body = ? WHERE seq = 2", (bytes(body).replace(b'"OK"', b'"KO"'),))
+    code, out = cli("verify", str(consortium_run["silo"]), "--cert", str(pki.kits["hospital-a"].cert_path),
+                    capsys=capsys)
+    assert code == 1
+    assert "FAILED" in out and "the first bad entry is entry 2" in out and "entry 2 was altered" in out

@@ -154,19 +154,27 @@ class ClearFusion:
         return {client.name: answer for client, answer in zip(clients, answers, strict=True)}
 
     def _round(self, clients: Sequence[SiloClient], rows: tuple[list, list, list], weights: torch.Tensor,
-               kinds: Sequence[str] | None) -> dict[str, torch.Tensor]:
-        """One scoring round over `clients` (fresh round id, on the record); the answers of those present."""
+               kinds: Sequence[str] | None) -> tuple[list[str], torch.Tensor]:
+        """One scoring round over `clients` (fresh round id, on the record): who answered, and their summed terms."""
         round_id = new_round_id()
         # Read, hash and pack the images once per round; each silo's copy differs only in its weights.
         shared = score_requests(*rows, objective=self.objective, round_id=round_id)
         column = {c.name: k for k, c in enumerate(self.clients)}
         requests = {c.name: weighted(shared, weights[:, column[c.name]]) for c in clients}  # its own weights only
         answers = self._ask(clients, requests)
-        present = {name: answer for name, answer in answers.items() if not isinstance(answer, SiloError)}
+        present = [name for name, answer in answers.items() if not isinstance(answer, SiloError)]
+        self._on_record(round_id, present, requests, weights, kinds)
+        self._check_minimum(answers, present)
+        return present, sum(answers[name] for name in present)
+
+    def _on_record(self, round_id: str, present: Sequence[str], requests: dict, weights: torch.Tensor,
+                   kinds: Sequence[str] | None) -> None:
         if self.audit is not None:
             record_round(self.audit, stage="reward", round_id=round_id, objective=self.objective,
                          asked=self.silo_names, answered=list(present), requests=requests, weights=weights,
                          kinds=kinds, method=self.method)
+
+    def _check_minimum(self, answers: dict[str, object], present: Sequence[str]) -> None:
         missing = [name for name in answers if name not in present]
         if len(present) < self.minimum_participants:
             reasons = "; ".join(str(answers[name]) for name in missing)
@@ -175,10 +183,9 @@ class ClearFusion:
         if missing:
             logger.warning("scoring round without %s (unavailable); the other silos' weights are renormalised",
                            ", ".join(missing))
-        return present
 
     def fuse(self, items: FusionItems, weights: torch.Tensor) -> torch.Tensor:
-        """R = sum over answering silos of w_k r_k / sum of their w_k, per row (see `renormalised_sum`)."""
+        """R = sum over answering silos of w_k r_k / sum of their w_k, per row (see `renormalised`)."""
         if tuple(weights.shape) != (len(items), len(self.clients)):
             raise ValueError(f"weights have shape {tuple(weights.shape)}, expected {(len(items), len(self.clients))}")
         rows = list(zip(items.images, items.prompts, items.responses, strict=True))
@@ -191,15 +198,15 @@ class ClearFusion:
         columns = tuple(list(column) for column in zip(*distinct, strict=True))
         distinct_weights = weights[list(first.values())].detach().float().cpu()  # a row's weights depend on it alone
         kinds = None if items.kinds is None else [items.kinds[i] for i in first.values()]
-        answers = self._round(self.clients, columns, distinct_weights, kinds)
-        self.last_round = {c.name: c.name in answers for c in self.clients}
+        answered, summed = self._round(self.clients, columns, distinct_weights, kinds)
+        self.last_round = {c.name: c.name in answered for c in self.clients}
         present = torch.tensor([self.last_round[c.name] for c in self.clients])
-        fused, orphans = renormalised_sum(answers, distinct_weights, present, self.silo_names)
+        fused, orphans = renormalised(summed, distinct_weights, present)
         if orphans.any():
-            fused[orphans] = self._uniform_over(answers, columns, orphans, kinds)
+            fused[orphans] = self._uniform_over(answered, columns, orphans, kinds)
         return fused[index]
 
-    def _uniform_over(self, answered: dict[str, torch.Tensor], columns: tuple[list, list, list],
+    def _uniform_over(self, answered: Sequence[str], columns: tuple[list, list, list],
                       orphans: torch.Tensor, kinds: Sequence[str] | None) -> torch.Tensor:
         """Rows whose whole weight was on absent silos: the plain average of the present silos, in a new round."""
         chosen = orphans.nonzero().flatten().tolist()
@@ -209,8 +216,8 @@ class ClearFusion:
             if client.name in answered:
                 uniform[:, k] = 1.0 / len(clients)
         rows = tuple([column[i] for i in chosen] for column in columns)
-        again = self._round(clients, rows, uniform, None if kinds is None else [kinds[i] for i in chosen])
-        return sum(again.values()) * (len(clients) / len(again))
+        again, summed = self._round(clients, rows, uniform, None if kinds is None else [kinds[i] for i in chosen])
+        return summed * (len(clients) / len(again))
 
 
 def weighted(requests: Sequence[ScoreRequest], weights: torch.Tensor) -> list[ScoreRequest]:
@@ -223,9 +230,8 @@ def weighted(requests: Sequence[ScoreRequest], weights: torch.Tensor) -> list[Sc
     return out
 
 
-def renormalised_sum(terms: dict[str, torch.Tensor], weights: torch.Tensor, present: torch.Tensor,
-                     names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, sum of the present silos' w_k r_k divided by their total weight; and the rows with none.
+def renormalised(summed: torch.Tensor, weights: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the present silos' summed terms divided by their total weight; and the rows with none.
 
     Dividing by the present silos' weight is the fused reward under their
     weights rescaled to sum to 1 (all present: the sum is 1). A row whose
@@ -233,7 +239,6 @@ def renormalised_sum(terms: dict[str, torch.Tensor], weights: torch.Tensor, pres
     as an orphan, for the plain average of the present silos.
     """
     total = weights[:, present].sum(dim=1)
-    summed = sum(terms[name] for k, name in enumerate(names) if present[k])
     orphans = total <= 0
     return torch.where(orphans, torch.zeros_like(total), summed / total.clamp(min=1e-12)), orphans
 

@@ -28,7 +28,18 @@ from mor_secure.proto.v1 import silo_pb2, silo_pb2_grpc
 from mor_secure.transport.channel import as_silo_error, secure_channel
 from mor_secure.wire import serde
 from mor_secure.wire.errors import ErrorCode
-from mor_secure.wire.messages import BitsReply, BitsRequest, ScoreReply, ScoreRequest, SiloDescription
+from mor_secure.wire.messages import (
+    AgreementKeyReply,
+    BitsReply,
+    BitsRequest,
+    DecryptReply,
+    DecryptRequest,
+    ScoreReply,
+    ScoreRequest,
+    SecureScoreReply,
+    SecureScoreRequest,
+    SiloDescription,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -91,3 +102,13 @@ class NetworkSiloClient:
 
     def correctness_bits(self, request: BitsRequest) -> BitsReply:
         return serde.bits_reply_from_proto(self._call("CorrectnessBits", serde.bits_request_to_proto(request)))
+
+    def agreement_key(self) -> AgreementKeyReply:
+        return serde.agreement_key_reply_from_proto(self._call("AgreementKey", silo_pb2.AgreementKeyRequest()))
+
+    def secure_score(self, request: SecureScoreRequest) -> SecureScoreReply:
+        return serde.secure_score_reply_from_proto(self._call("SecureScore",
+                                                              serde.secure_score_request_to_proto(request)))
+
+    def decrypt(self, request: DecryptRequest) -> DecryptReply:
+        return serde.decrypt_reply_from_proto(self._call("Decrypt", serde.decrypt_request_to_proto(request)))

@@ -31,19 +31,25 @@ The silo's ledger records its DP training; the coordinator never writes it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from mor_secure.audit import AuditLog
 from mor_secure.config import StrictModel, load_config, resolve_relative
 from mor_secure.pki.kits import CertKit
+from mor_secure.secagg.provisioning import coordinator_context, has_coordinator_material
 from mor_secure.wire.client import SiloClient
 
 from .audit_trail import coordinator_log
 from .fusion import ClearFusion
+from .secure_fusion import SecureFusion
 
+logger = logging.getLogger(__name__)
 # (name, reward-model directory, *, base_model, feature_cache, randomized_response_seed) -> client
 InProcessOpener = Callable[..., SiloClient]
 _in_process_opener: InProcessOpener | None = None
@@ -93,6 +99,10 @@ class PoolConfig(StrictModel):
         None, ge=1, description="Silos that must answer a scoring round; fewer fails it. Default: all of them.")
     deadline_seconds: float = Field(60.0, gt=0, description="Deadline of one call to a networked silo.")
     retries: int = Field(3, ge=0, le=10, description="Retries (with backoff) of a call that found a silo UNAVAILABLE.")
+    aggregation: Literal["secure", "clear"] = Field(
+        "secure", description="Networked pools: `secure` (the coordinator learns only the sum over silos; needs "
+        "the secure-aggregation material `mor pki init` puts in the kits) or `clear` (each silo's weighted scores "
+        "reach the coordinator: for benchmarks and comparisons only). In-process pools always fuse in the clear.")
     audit_log: Path | None = Field(
         None, description="Networked pools: the coordinator's tamper-evident audit log of every call and round "
         "(SQLite; default: coordinator-audit.db beside the pool file). `mor audit verify` checks it.")
@@ -110,6 +120,10 @@ class PoolConfig(StrictModel):
     def _networked_needs_a_kit(self) -> PoolConfig:
         if any(s.address for s in self.silos) and self.kit is None:
             raise ValueError("networked silos need the coordinator's certificate kit: set kit: <kit directory>")
+        if self.aggregation == "secure" and any(s.address for s in self.silos) and (
+                len(self.silos) < 2 or (self.minimum_participants or len(self.silos)) < 2):
+            raise ValueError("secure aggregation needs at least 2 participants in every round (the sum of one "
+                             "silo is its own scores): raise minimum_participants, or set aggregation: clear")
         if self.minimum_participants is not None and self.minimum_participants > len(self.silos):
             raise ValueError(f"minimum_participants {self.minimum_participants} exceeds the {len(self.silos)} silos")
         return self
@@ -176,16 +190,33 @@ def pool_audit_log(pool: PoolConfig) -> AuditLog | None:
 def pool_fusion(pool: PoolConfig) -> Callable[..., ClearFusion]:
     """How rewards fuse over this pool's silos: the pool's minimum participants, scaled to a subset.
 
-    Rounds over a networked pool are entries in the coordinator's audit log.
+    A networked pool aggregates securely unless it says `aggregation: clear`
+    (a single-silo baseline has nothing to hide its scores among, so it is
+    clear, and says so); rounds over a networked pool are entries in the
+    coordinator's audit log.
     """
     def fusion(clients: Sequence[SiloClient], *, objective: str = "correct", method: str = "") -> ClearFusion:
         minimum = None
         if pool.minimum_participants is not None:
             # The minimum is for the whole pool; a single-silo baseline needs its one silo.
             minimum = max(1, len(clients) - (len(pool.silos) - pool.minimum_participants))
-        return ClearFusion(clients, objective=objective, minimum_participants=minimum, audit=pool_audit_log(pool),
-                           method=method)
+        settings = dict(objective=objective, minimum_participants=minimum, audit=pool_audit_log(pool), method=method)
+        if secure_aggregation(pool) and len(clients) > 1:
+            kit = CertKit.load(pool.kit)
+            if not has_coordinator_material(kit):
+                raise ValueError(f"{kit.directory} holds no public secure-aggregation context (he_public.ctx): "
+                                 "provision the consortium with `mor pki init`, or set aggregation: clear")
+            return SecureFusion(clients, coordinator_context(kit), **settings)
+        if secure_aggregation(pool):
+            logger.warning("%s asks one silo alone: its round is clear (a sum over one silo is its own scores)",
+                           method or "this reward")
+        return ClearFusion(clients, **settings)
     return fusion
+
+
+def secure_aggregation(pool: PoolConfig) -> bool:
+    """Whether this pool's rounds are aggregated securely (networked, `aggregation: secure`)."""
+    return pool.aggregation == "secure" and any(s.address for s in pool.silos)
 
 
 def client_for_model(name: str, reward_model: str | Path, *, base_model: str | Path | None = None,

@@ -177,7 +177,7 @@ class SiloMixtureReward:
             fused = self.fusion.fuse(items, weights[answered])
             if log_metric is not None:
                 # Which silos answered this round (1/0): a silo that was down shows here, and its weight went
-                # to the others (coordinator.fusion.renormalised_sum).
+                # to the others (coordinator.fusion.renormalised).
                 for silo, present in self.fusion.last_round.items():
                     log_metric(f"silo_answered/{silo}", float(present))
             if not isinstance(fused, torch.Tensor) or tuple(fused.shape) != (len(answered),):

@@ -84,7 +84,7 @@ def embedded_config(name: str, workdir: Path) -> Path:
     return path
 
 
-def write_pool(workdir: Path, *, addresses: dict[str, str] | None = None) -> Path:
+def write_pool(workdir: Path, *, addresses: dict[str, str] | None = None, clear_aggregation: bool = False) -> Path:
     """The coordinator's pool file: the demo silos' addresses (networked), or their saved models (in-process).
 
     The networked pool names the coordinator's kit and lets a scoring round go
@@ -93,7 +93,7 @@ def write_pool(workdir: Path, *, addresses: dict[str, str] | None = None) -> Pat
     lines = ["# Written by `mor demo`: the silos the coordinator asks for scores (coordinator/pool.py)."]
     if addresses is not None:
         lines += ["kit: pki/kits/coordinator-coordinator", "minimum_participants: 2",
-                  f"audit_log: {COORDINATOR_AUDIT_LOG}"]
+                  f"audit_log: {COORDINATOR_AUDIT_LOG}", f"aggregation: {'clear' if clear_aggregation else 'secure'}"]
     lines.append("silos:")
     for silo in SILOS:
         lines.append(f"  - name: {silo}")
@@ -112,7 +112,8 @@ def write_pool(workdir: Path, *, addresses: dict[str, str] | None = None) -> Pat
 
 
 def evaluation_for(workdir: Path, consortium_path: Path, config_name: str, *, progress: bool,
-                   baselines: dict | None = None, addresses: dict[str, str] | None = None) -> Evaluation:
+                   baselines: dict | None = None, addresses: dict[str, str] | None = None,
+                   clear_aggregation: bool = False) -> Evaluation:
     """The `Evaluation` of the demo's silos, reference and embedded evaluation config `config_name`.
 
     With `addresses`, the silos are reached over mTLS at those addresses;
@@ -121,7 +122,7 @@ def evaluation_for(workdir: Path, consortium_path: Path, config_name: str, *, pr
     """
     config = load_config(embedded_config(config_name, workdir), EvaluationConfig)
     allow_in_process_silos()
-    pool = load_pool(write_pool(workdir, addresses=addresses))
+    pool = load_pool(write_pool(workdir, addresses=addresses, clear_aggregation=clear_aggregation))
     return Evaluation(load_consortium(consortium_path), pool_clients(pool), workdir / "vlm" / "reference",
                       workdir / "evaluation" / Path(config_name).stem, config, baselines=baselines,
                       feature_cache=workdir / "router_cache", progress=progress, fusion=pool_fusion(pool),
@@ -183,7 +184,7 @@ def _print_table(rows: list[dict]) -> None:
           f"{rows[0]['privacy_unit']}, delta = 1e-5" + ("; pairDP: the same epsilon per pair" if pair else "") + ")")
 
 
-def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> int:
+def run_demo(workdir: Path, *, write_results: Path | None, progress: bool, clear_aggregation: bool = False) -> int:
     # The per-pair DP comparison is for the published results only: it adds a third training per silo.
     compare_privacy_units = write_results is not None
     started = time.monotonic()
@@ -239,8 +240,14 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool) -> in
         print("serving: " + ", ".join(f"{name} at {address}" for name, address in addresses.items()))
         print("\n== coordinator, over the network: router calibration, GRPO with MoR and with the uniform average "
               "(1 seed) ==")
+        if clear_aggregation:
+            print("CLEAR AGGREGATION (--clear-aggregation): every silo's weighted scores reach the coordinator in the "
+                  "clear; for benchmarks only, never with patients' data")
+        else:
+            print("secure aggregation: each silo sends its weighted scores masked and encrypted; the coordinator "
+                  "learns only their sum")
         evaluation = evaluation_for(workdir, consortium_path, "demo_evaluation.yaml", progress=progress,
-                                    addresses=addresses)
+                                    addresses=addresses, clear_aggregation=clear_aggregation)
         runs = evaluation.run_all()
         routing = evaluation.routing_table()["correct"]
     print("silos stopped with SIGTERM: " + ", ".join(f"{name} exit {code}" for name, code in served.exit_codes.items())
@@ -285,6 +292,9 @@ def main(argv: Sequence[str]) -> int:
     run.add_argument("--workdir", default="runs/demo", help="directory the demo owns (replaced on each run)")
     run.add_argument("--write-results", type=Path, help="also write the results JSON here")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--clear-aggregation", action="store_true",
+                     help="fuse the silos' scores in the clear (benchmarks only: the coordinator then sees every "
+                     "silo's weighted scores)")
     table = commands.add_parser("table", help="MoR vs every baseline over 3 seeds (about 50 minutes on 2 cores)")
     table.add_argument("--workdir", default="runs/table",
                        help="working directory; finished stages (silo models, baselines, runs) are reused")
@@ -300,5 +310,5 @@ def main(argv: Sequence[str]) -> int:
                          progress=not args.no_progress and sys.stderr.isatty())
 
     return run_command(parser, argv, {"run": lambda args: run_demo(
-        Path(args.workdir), write_results=args.write_results,
-        progress=not args.no_progress and sys.stderr.isatty()), "table": _table})
+        Path(args.workdir), write_results=args.write_results, progress=not args.no_progress and sys.stderr.isatty(),
+        clear_aggregation=args.clear_aggregation), "table": _table})

@@ -13,18 +13,32 @@ from __future__ import annotations
 from pathlib import Path
 
 from mor_secure.models.reward_model import LocalResources
-from mor_secure.wire.messages import BitsReply, BitsRequest, ScoreReply, ScoreRequest, SiloDescription
+from mor_secure.wire.errors import ErrorCode, SiloError
+from mor_secure.wire.messages import (
+    AgreementKeyReply,
+    BitsReply,
+    BitsRequest,
+    DecryptReply,
+    DecryptRequest,
+    ScoreReply,
+    ScoreRequest,
+    SecureScoreReply,
+    SecureScoreRequest,
+    SiloDescription,
+)
 
+from .secure_rounds import SecureRounds
 from .service import SiloService, open_model_service
 
 
 class InProcessSiloClient:
     """A `SiloClient` over a `SiloService` living in this process."""
 
-    def __init__(self, service: SiloService) -> None:
+    def __init__(self, service: SiloService, *, secure: SecureRounds | None = None) -> None:
         if not isinstance(service, SiloService):
             raise ValueError(f"service must be a SiloService, got {type(service).__name__}")
         self.service = service
+        self.secure = secure
 
     @property
     def name(self) -> str:
@@ -38,6 +52,24 @@ class InProcessSiloClient:
 
     def correctness_bits(self, request: BitsRequest) -> BitsReply:
         return self.service.correctness_bits(request)
+
+    def _rounds(self) -> SecureRounds:
+        return no_secure_rounds(self.name) if self.secure is None else self.secure
+
+    def agreement_key(self) -> AgreementKeyReply:
+        return self._rounds().agreement_key()
+
+    def secure_score(self, request: SecureScoreRequest) -> SecureScoreReply:
+        return self._rounds().secure_score(request)
+
+    def decrypt(self, request: DecryptRequest) -> DecryptReply:
+        return self._rounds().decrypt(request)
+
+
+def no_secure_rounds(name: str):
+    """The refusal of a silo whose kit holds no secure-aggregation material."""
+    raise SiloError(ErrorCode.FAILED_PRECONDITION, f"silo {name!r} has no secure-aggregation keys in its kit; "
+                    "provision them with `mor pki init` (or `mor pki issue`)")
 
 
 def in_process_client(name: str, model_dir: str | Path, *, base_model: str | Path | None = None,

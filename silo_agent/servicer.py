@@ -22,6 +22,8 @@ from mor_secure.proto.v1 import silo_pb2, silo_pb2_grpc
 from mor_secure.wire import serde
 from mor_secure.wire.errors import ErrorCode, SiloError, invalid
 
+from .in_process import no_secure_rounds
+from .secure_rounds import SecureRounds
 from .service import SiloService
 
 SERVICE_NAME = silo_pb2.DESCRIPTOR.services_by_name["SiloRewardService"].full_name
@@ -30,18 +32,23 @@ ROLES_BY_RPC: dict[str, frozenset[Role]] = {
     f"/{SERVICE_NAME}/Describe": frozenset({Role.COORDINATOR, Role.AUDITOR}),
     f"/{SERVICE_NAME}/Score": frozenset({Role.COORDINATOR}),
     f"/{SERVICE_NAME}/CorrectnessBits": frozenset({Role.COORDINATOR}),
+    f"/{SERVICE_NAME}/AgreementKey": frozenset({Role.COORDINATOR}),
+    f"/{SERVICE_NAME}/SecureScore": frozenset({Role.COORDINATOR}),
+    f"/{SERVICE_NAME}/Decrypt": frozenset({Role.COORDINATOR}),
 }
 
 
 class SiloServicer(silo_pb2_grpc.SiloRewardServiceServicer):
     """SiloRewardService over a `SiloService` (None while the silo is still loading its model)."""
 
-    def __init__(self, service: SiloService | None) -> None:
+    def __init__(self, service: SiloService | None, *, secure: SecureRounds | None = None) -> None:
         self._service = service
+        self._secure = secure
 
-    def ready(self, service: SiloService) -> None:
+    def ready(self, service: SiloService, *, secure: SecureRounds | None = None) -> None:
         """The model is loaded: start answering (health turns SERVING separately)."""
         self._service = service
+        self._secure = secure
 
     @property
     def service(self) -> SiloService:
@@ -66,6 +73,24 @@ class SiloServicer(silo_pb2_grpc.SiloRewardServiceServicer):
         self._check_size(request)
         return serde.bits_reply_to_proto(self.service.correctness_bits(serde.bits_request_from_proto(request)))
 
+    @property
+    def secure(self) -> SecureRounds:
+        self.service  # noqa: B018 - FAILED_PRECONDITION while the model loads, as for every RPC
+        return no_secure_rounds(self.service.name) if self._secure is None else self._secure
+
+    def AgreementKey(self, request: silo_pb2.AgreementKeyRequest,
+                     context: grpc.ServicerContext) -> silo_pb2.AgreementKeyReply:
+        return serde.agreement_key_reply_to_proto(self.secure.agreement_key())
+
+    def SecureScore(self, request: silo_pb2.SecureScoreRequest,
+                    context: grpc.ServicerContext) -> silo_pb2.SecureScoreReply:
+        self._check_size(request)
+        return serde.secure_score_reply_to_proto(self.secure.secure_score(serde.secure_score_request_from_proto(request)))
+
+    def Decrypt(self, request: silo_pb2.DecryptRequest, context: grpc.ServicerContext) -> silo_pb2.DecryptReply:
+        self._check_size(request)
+        return serde.decrypt_reply_to_proto(self.secure.decrypt(serde.decrypt_request_from_proto(request)))
+
 
 def _parsed(behaviour: Callable, message_class: type) -> Callable:
     def handle(raw: bytes, context: grpc.ServicerContext):
@@ -89,8 +114,8 @@ def add_to_server(servicer: SiloServicer, server: grpc.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
 
-def servicer_registration(servicer: SiloServicer | SiloService) -> tuple:
+def servicer_registration(servicer: SiloServicer | SiloService, *, secure: SecureRounds | None = None) -> tuple:
     """(add_to_server, servicer, service name) for `mor_secure.transport.server.serve`."""
     if isinstance(servicer, SiloService):
-        servicer = SiloServicer(servicer)
+        servicer = SiloServicer(servicer, secure=secure)
     return add_to_server, servicer, SERVICE_NAME

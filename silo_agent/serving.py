@@ -26,10 +26,12 @@ from mor_secure.pki.identity import Role
 from mor_secure.pki.kits import CertKit
 from mor_secure.policy import SiloAdmission, SiloPolicy, load_policy
 from mor_secure.privacy import PrivacyLedger
+from mor_secure.secagg.provisioning import has_silo_material
 from mor_secure.transport.server import RunningServer, ServerSettings, serve
 
 from .audit_trail import SiloAuditTrail
 from .config import SiloConfig
+from .secure_rounds import SecureRounds
 from .service import SiloService, ledger_summary, open_model_service
 from .servicer import ROLES_BY_RPC, SiloServicer, servicer_registration
 from .training import MODEL_DIR, feature_cache_dir, open_ledger
@@ -86,7 +88,14 @@ def start_silo_server(config: SiloConfig, *, port_file: Path | None = None) -> t
         audit.serving_started(silo=config.name, policy=policy, address=f"{settings.host}:{running.port}",
                               policy_source=str(settings.policy) if settings.policy else
                               "no policy file, the secure defaults of mor_secure/policy/schema.py")
-        servicer.ready(load_service(config, policy, ledger))
+        service = load_service(config, policy, ledger)
+        secure = (SecureRounds(service, kit, minimum_participants=policy.minimum_participants)
+                  if has_silo_material(kit) else None)
+        if secure is None:
+            logger.warning("silo %s: its kit holds no secure-aggregation keys, so it answers clear rounds only "
+                           "(the coordinator then sees its weighted scores); provision them with `mor pki issue`",
+                           config.name)
+        servicer.ready(service, secure=secure)
     except BaseException:
         running.stop(0)
         audit.close()

@@ -24,7 +24,7 @@ from mor_secure.config import StrictModel, load_config
 from mor_secure.pki.identity import parse_identity
 from mor_secure.wire.messages import OBJECTIVES
 
-RPCS = ("Describe", "Score", "CorrectnessBits")
+RPCS = ("Describe", "Score", "CorrectnessBits", "AgreementKey", "SecureScore", "Decrypt")
 
 
 class RequestLimits(StrictModel):
@@ -57,8 +57,7 @@ class SiloPolicy(StrictModel):
 
     allowed_callers: dict[str, list[str]] = Field(
         default_factory=lambda: {"Describe": ["mor://coordinator/coordinator", "mor://auditor/auditor"],
-                                 "Score": ["mor://coordinator/coordinator"],
-                                 "CorrectnessBits": ["mor://coordinator/coordinator"]},
+                                 **{rpc: ["mor://coordinator/coordinator"] for rpc in RPCS if rpc != "Describe"}},
         description="Per RPC, the SAN URIs of the parties allowed to call it (on top of the roles the RPC "
         "admits at all). An RPC left out is refused to everyone.")
     rate_limit: RateLimit = Field(default_factory=RateLimit, description="Requests per caller over time.")
@@ -76,6 +75,10 @@ class SiloPolicy(StrictModel):
         1.0, gt=0, le=1.0, description="Largest router weight a request may give this silo's score on one row; "
         "more is refused (PERMISSION_DENIED). Router weights are a convex mixture, so 1 caps nothing; a silo that "
         "will not be the sole judge of any answer sets less (the coordinator must then cap its router).")
+
+    minimum_participants: int = Field(
+        2, ge=2, description="Fewest silos in a secure-aggregation round this silo answers or decrypts "
+        "(FAILED_PRECONDITION otherwise): with one, the sum is that silo's own terms.")
 
     @field_validator("allowed_objectives")
     @classmethod

@@ -68,6 +68,16 @@ def _certificate_key(kit: CertKit) -> ec.EllipticCurvePrivateKey:
     return serialization.load_pem_private_key(kit.key_path.read_bytes(), password=None)
 
 
+def has_silo_material(kit: CertKit) -> bool:
+    """Whether a silo's kit was provisioned for secure aggregation."""
+    return all((kit.directory / name).is_file() for name in (HE_SECRET_FILE, AGREEMENT_KEY_FILE, AGREEMENT_PUBLIC_FILE))
+
+
+def has_coordinator_material(kit: CertKit) -> bool:
+    """Whether the coordinator's kit holds the public context."""
+    return (kit.directory / HE_PUBLIC_FILE).is_file()
+
+
 def coordinator_context(kit: CertKit) -> ts.Context:
     """The coordinator's public context (ValueError if its kit holds a secret one)."""
     return load_public((kit.directory / HE_PUBLIC_FILE).read_bytes())

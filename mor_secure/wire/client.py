@@ -15,7 +15,18 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from .messages import BitsReply, BitsRequest, ScoreReply, ScoreRequest, SiloDescription
+from .messages import (
+    AgreementKeyReply,
+    BitsReply,
+    BitsRequest,
+    DecryptReply,
+    DecryptRequest,
+    ScoreReply,
+    ScoreRequest,
+    SecureScoreReply,
+    SecureScoreRequest,
+    SiloDescription,
+)
 
 
 @runtime_checkable
@@ -37,4 +48,21 @@ class SiloClient(Protocol):
 
     def correctness_bits(self, request: BitsRequest) -> BitsReply:
         """One bit per public pair: did the silo's model score `chosen` strictly above `rejected`?"""
+        ...
+
+
+@runtime_checkable
+class SecureSiloClient(SiloClient, Protocol):
+    """A silo that also takes part in secure aggregation (mor_secure.secagg; silo_agent/secure_rounds.py)."""
+
+    def agreement_key(self) -> AgreementKeyReply:
+        """The silo's signed X25519 key and its certificate."""
+        ...
+
+    def secure_score(self, request: SecureScoreRequest) -> SecureScoreReply:
+        """The silo's masked, encrypted weighted terms for one round."""
+        ...
+
+    def decrypt(self, request: DecryptRequest) -> DecryptReply:
+        """A round's blinded sum decrypted (once per round, by one of its participants)."""
         ...

@@ -146,3 +146,51 @@ def image_table(blobs: Sequence[ImageBlob]) -> tuple[tuple[ImageBlob, ...], list
             distinct.append(blob)
         indices.append(index_of[blob.sha256])
     return tuple(distinct), indices
+
+
+@dataclass(frozen=True)
+class Participant:
+    """One silo of a secure round: its name, its signed key-agreement key, and the certificate that signed it."""
+
+    name: str
+    agreement_key: str  # SignedAgreementKey JSON (mor_secure.secagg.agreement)
+    certificate_pem: bytes
+
+
+@dataclass(frozen=True)
+class AgreementKeyReply:
+    """A silo's signed X25519 public key and its certificate, for the coordinator to relay to the other silos."""
+
+    agreement_key: str
+    certificate_pem: bytes
+
+
+@dataclass(frozen=True)
+class SecureScoreRequest:
+    """A weighted scoring request of one secure round, with the round's participants (the asked silo among them)."""
+
+    score: ScoreRequest
+    participants: tuple[Participant, ...]
+
+
+@dataclass(frozen=True)
+class SecureScoreReply:
+    """The silo's masked, encrypted weighted terms: one BFV ciphertext per request (serialised)."""
+
+    ciphertexts: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class DecryptRequest:
+    """Decrypt the blinded sum of round `round_id` over `participants` (one ciphertext per request of the round)."""
+
+    round_id: str
+    participants: tuple[str, ...]
+    ciphertexts: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class DecryptReply:
+    """The plaintext integers mod t, one tuple per ciphertext."""
+
+    values: tuple[tuple[int, ...], ...]

@@ -20,14 +20,20 @@ from mor_secure.proto.v1 import silo_pb2 as pb
 
 from .errors import invalid
 from .messages import (
+    AgreementKeyReply,
     BitsPair,
     BitsReply,
     BitsRequest,
+    DecryptReply,
+    DecryptRequest,
     ImageBlob,
     LedgerSummary,
+    Participant,
     ScoreReply,
     ScoreRequest,
     ScoreRow,
+    SecureScoreReply,
+    SecureScoreRequest,
     SiloDescription,
 )
 
@@ -182,7 +188,8 @@ class CallFacts:
     items: int = 0
 
 
-_REQUEST_TYPES = {"Score": (pb.ScoreRequest, "rows"), "CorrectnessBits": (pb.BitsRequest, "pairs")}
+_REQUEST_TYPES = {"Score": (pb.ScoreRequest, "rows"), "CorrectnessBits": (pb.BitsRequest, "pairs"),
+                  "SecureScore": (pb.SecureScoreRequest, "score.rows"), "Decrypt": (pb.DecryptRequest, "ciphertexts")}
 _SERVICE_PREFIX = "/" + pb.DESCRIPTOR.services_by_name["SiloRewardService"].full_name + "/"
 
 
@@ -202,5 +209,55 @@ def call_facts(method: str, raw: bytes) -> CallFacts:
         message = message_type.FromString(raw)
     except DecodeError:
         return CallFacts(request_digest=digest)
-    return CallFacts(request_digest=digest, round_id=message.round_id.decode("utf-8", "replace"),
-                     objective=message.objective, items=len(getattr(message, items)))
+    inner = message.score if message_type is pb.SecureScoreRequest else message
+    rows = message
+    for field in items.split("."):
+        rows = getattr(rows, field)
+    return CallFacts(request_digest=digest, round_id=inner.round_id.decode("utf-8", "replace"),
+                     objective=getattr(inner, "objective", ""), items=len(rows))
+
+
+def agreement_key_reply_to_proto(reply: AgreementKeyReply) -> pb.AgreementKeyReply:
+    return pb.AgreementKeyReply(agreement_key=reply.agreement_key, certificate_pem=reply.certificate_pem)
+
+
+def agreement_key_reply_from_proto(message: pb.AgreementKeyReply) -> AgreementKeyReply:
+    return AgreementKeyReply(agreement_key=message.agreement_key, certificate_pem=bytes(message.certificate_pem))
+
+
+def secure_score_request_to_proto(request: SecureScoreRequest) -> pb.SecureScoreRequest:
+    return pb.SecureScoreRequest(score=score_request_to_proto(request.score), participants=[
+        pb.Participant(name=p.name, agreement_key=p.agreement_key, certificate_pem=p.certificate_pem)
+        for p in request.participants])
+
+
+def secure_score_request_from_proto(message: pb.SecureScoreRequest) -> SecureScoreRequest:
+    return SecureScoreRequest(score=score_request_from_proto(message.score), participants=tuple(
+        Participant(name=p.name, agreement_key=p.agreement_key, certificate_pem=bytes(p.certificate_pem))
+        for p in message.participants))
+
+
+def secure_score_reply_to_proto(reply: SecureScoreReply) -> pb.SecureScoreReply:
+    return pb.SecureScoreReply(ciphertexts=list(reply.ciphertexts))
+
+
+def secure_score_reply_from_proto(message: pb.SecureScoreReply) -> SecureScoreReply:
+    return SecureScoreReply(ciphertexts=tuple(bytes(c) for c in message.ciphertexts))
+
+
+def decrypt_request_to_proto(request: DecryptRequest) -> pb.DecryptRequest:
+    return pb.DecryptRequest(round_id=request.round_id.encode("utf-8"), participants=list(request.participants),
+                             ciphertexts=list(request.ciphertexts))
+
+
+def decrypt_request_from_proto(message: pb.DecryptRequest) -> DecryptRequest:
+    return DecryptRequest(round_id=_text(message.round_id, "round_id"), participants=tuple(message.participants),
+                          ciphertexts=tuple(bytes(c) for c in message.ciphertexts))
+
+
+def decrypt_reply_to_proto(reply: DecryptReply) -> pb.DecryptReply:
+    return pb.DecryptReply(values=[pb.Plaintext(values=list(v)) for v in reply.values])
+
+
+def decrypt_reply_from_proto(message: pb.DecryptReply) -> DecryptReply:
+    return DecryptReply(values=tuple(tuple(int(x) for x in v.values) for v in message.values))

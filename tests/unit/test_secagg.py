@@ -62,13 +62,19 @@ def test_the_masks_cancel_exactly_over_the_participants() -> None:
 
 
 def test_one_silos_ciphertext_alone_decrypts_to_values_uncorrelated_with_its_scores(contexts) -> None:
+    # Over 1000 items |r| of a truly random mask has a standard deviation of about 1/sqrt(1000) = 0.032, so one
+    # draw exceeds 0.05 about 12% of the time: the check averages 20 independent rounds (fresh keys, round ids
+    # and scores) and also asks that no single one is far off.
     secret, public = contexts
-    private, public_keys = silo_keys(3)
-    terms = np.random.default_rng(0).normal(size=1000)
-    own = aggregation.contribution(terms, masks.mask(private["silo-0"], public_keys, me="silo-0", round_id="r",
-                                                     count=1000), public)
-    seen = decode(aggregation.decrypt(own, secret))  # even with the secret key, one silo's vector is noise
-    assert abs(np.corrcoef(seen, terms)[0, 1]) < 0.05
+    correlations = []
+    for trial in range(20):
+        private, public_keys = silo_keys(3)
+        terms = np.random.default_rng(trial).normal(size=1000)
+        own = aggregation.contribution(terms, masks.mask(private["silo-0"], public_keys, me="silo-0",
+                                                         round_id=f"r{trial}", count=1000), public)
+        seen = decode(aggregation.decrypt(own, secret))  # even with the secret key, one silo's vector is noise
+        correlations.append(abs(np.corrcoef(seen, terms)[0, 1]))
+    assert np.mean(correlations) < 0.05 and max(correlations) < 0.15, correlations
 
 
 def test_the_coordinators_public_context_cannot_decrypt(contexts) -> None:

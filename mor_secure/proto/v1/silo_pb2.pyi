@@ -153,3 +153,61 @@ class SignedCheckpoint(_message.Message):
     body: bytes
     signature: bytes
     def __init__(self, body: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+
+class AgreementKeyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AgreementKeyReply(_message.Message):
+    __slots__ = ("agreement_key", "certificate_pem")
+    AGREEMENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    agreement_key: str
+    certificate_pem: bytes
+    def __init__(self, agreement_key: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ...) -> None: ...
+
+class Participant(_message.Message):
+    __slots__ = ("name", "agreement_key", "certificate_pem")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_KEY_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    agreement_key: str
+    certificate_pem: bytes
+    def __init__(self, name: _Optional[str] = ..., agreement_key: _Optional[str] = ..., certificate_pem: _Optional[bytes] = ...) -> None: ...
+
+class SecureScoreRequest(_message.Message):
+    __slots__ = ("score", "participants")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    score: ScoreRequest
+    participants: _containers.RepeatedCompositeFieldContainer[Participant]
+    def __init__(self, score: _Optional[_Union[ScoreRequest, _Mapping]] = ..., participants: _Optional[_Iterable[_Union[Participant, _Mapping]]] = ...) -> None: ...
+
+class SecureScoreReply(_message.Message):
+    __slots__ = ("ciphertexts",)
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, ciphertexts: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class DecryptRequest(_message.Message):
+    __slots__ = ("round_id", "participants", "ciphertexts")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    CIPHERTEXTS_FIELD_NUMBER: _ClassVar[int]
+    round_id: bytes
+    participants: _containers.RepeatedScalarFieldContainer[str]
+    ciphertexts: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, round_id: _Optional[bytes] = ..., participants: _Optional[_Iterable[str]] = ..., ciphertexts: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class Plaintext(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, values: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DecryptReply(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedCompositeFieldContainer[Plaintext]
+    def __init__(self, values: _Optional[_Iterable[_Union[Plaintext, _Mapping]]] = ...) -> None: ...

@@ -49,6 +49,21 @@ class SiloRewardServiceStub:
                 request_serializer=mor__secure_dot_proto_dot_v1_dot_silo__pb2.BitsRequest.SerializeToString,
                 response_deserializer=mor__secure_dot_proto_dot_v1_dot_silo__pb2.BitsReply.FromString,
                 _registered_method=True)
+        self.AgreementKey = channel.unary_unary(
+                '/mor_secure.proto.v1.SiloRewardService/AgreementKey',
+                request_serializer=mor__secure_dot_proto_dot_v1_dot_silo__pb2.AgreementKeyRequest.SerializeToString,
+                response_deserializer=mor__secure_dot_proto_dot_v1_dot_silo__pb2.AgreementKeyReply.FromString,
+                _registered_method=True)
+        self.SecureScore = channel.unary_unary(
+                '/mor_secure.proto.v1.SiloRewardService/SecureScore',
+                request_serializer=mor__secure_dot_proto_dot_v1_dot_silo__pb2.SecureScoreRequest.SerializeToString,
+                response_deserializer=mor__secure_dot_proto_dot_v1_dot_silo__pb2.SecureScoreReply.FromString,
+                _registered_method=True)
+        self.Decrypt = channel.unary_unary(
+                '/mor_secure.proto.v1.SiloRewardService/Decrypt',
+                request_serializer=mor__secure_dot_proto_dot_v1_dot_silo__pb2.DecryptRequest.SerializeToString,
+                response_deserializer=mor__secure_dot_proto_dot_v1_dot_silo__pb2.DecryptReply.FromString,
+                _registered_method=True)
 
 
 class SiloRewardServiceServicer:
@@ -75,6 +90,27 @@ class SiloRewardServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AgreementKey(self, request, context):
+        """Secure aggregation: the silo's signed key-agreement key. Coordinator only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SecureScore(self, request, context):
+        """Secure aggregation: masked, encrypted weighted scores. Coordinator only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Decrypt(self, request, context):
+        """Secure aggregation: decrypt a round's blinded sum, once per round. Coordinator only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SiloRewardServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +128,21 @@ def add_SiloRewardServiceServicer_to_server(servicer, server):
                     servicer.CorrectnessBits,
                     request_deserializer=mor__secure_dot_proto_dot_v1_dot_silo__pb2.BitsRequest.FromString,
                     response_serializer=mor__secure_dot_proto_dot_v1_dot_silo__pb2.BitsReply.SerializeToString,
+            ),
+            'AgreementKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.AgreementKey,
+                    request_deserializer=mor__secure_dot_proto_dot_v1_dot_silo__pb2.AgreementKeyRequest.FromString,
+                    response_serializer=mor__secure_dot_proto_dot_v1_dot_silo__pb2.AgreementKeyReply.SerializeToString,
+            ),
+            'SecureScore': grpc.unary_unary_rpc_method_handler(
+                    servicer.SecureScore,
+                    request_deserializer=mor__secure_dot_proto_dot_v1_dot_silo__pb2.SecureScoreRequest.FromString,
+                    response_serializer=mor__secure_dot_proto_dot_v1_dot_silo__pb2.SecureScoreReply.SerializeToString,
+            ),
+            'Decrypt': grpc.unary_unary_rpc_method_handler(
+                    servicer.Decrypt,
+                    request_deserializer=mor__secure_dot_proto_dot_v1_dot_silo__pb2.DecryptRequest.FromString,
+                    response_serializer=mor__secure_dot_proto_dot_v1_dot_silo__pb2.DecryptReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +226,87 @@ class SiloRewardService:
             '/mor_secure.proto.v1.SiloRewardService/CorrectnessBits',
             mor__secure_dot_proto_dot_v1_dot_silo__pb2.BitsRequest.SerializeToString,
             mor__secure_dot_proto_dot_v1_dot_silo__pb2.BitsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AgreementKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mor_secure.proto.v1.SiloRewardService/AgreementKey',
+            mor__secure_dot_proto_dot_v1_dot_silo__pb2.AgreementKeyRequest.SerializeToString,
+            mor__secure_dot_proto_dot_v1_dot_silo__pb2.AgreementKeyReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SecureScore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mor_secure.proto.v1.SiloRewardService/SecureScore',
+            mor__secure_dot_proto_dot_v1_dot_silo__pb2.SecureScoreRequest.SerializeToString,
+            mor__secure_dot_proto_dot_v1_dot_silo__pb2.SecureScoreReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Decrypt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mor_secure.proto.v1.SiloRewardService/Decrypt',
+            mor__secure_dot_proto_dot_v1_dot_silo__pb2.DecryptRequest.SerializeToString,
+            mor__secure_dot_proto_dot_v1_dot_silo__pb2.DecryptReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,145 @@
+"""`SecureFusion`: the fused reward by secure aggregation; the coordinator learns only the sum over silos.
+
+The same rounds as `ClearFusion` (each silo is sent only its own weights;
+absent silos' weight goes to the others; orphan rows get the plain average),
+with each round's sum formed under encryption (DESIGN §4,
+silo_agent/secure_rounds.py):
+
+1. the silos' signed key-agreement keys and certificates are fetched once
+   and relayed with every request (each silo verifies them itself);
+2. every participant gets `SecureScore` with its own weights and the round's
+   participant list, and answers a masked BFV ciphertext of its terms;
+3. a silo that does not answer makes the round restart with the others under
+   a new round id (its masks would not cancel), below the minimum the round
+   fails;
+4. the coordinator adds the ciphertexts with its public context, adds a
+   one-time blinding from OS entropy, has the round's decryptor (the
+   participants in turn) decrypt it, and subtracts the blinding.
+
+A round holds at most `ROWS_PER_REQUEST` rows (one ciphertext); more rows
+are several rounds, restarted together if a silo drops out in any of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import tenseal as ts
+import torch
+
+from mor_secure.secagg import aggregation
+from mor_secure.transport.authorization import AuditSink
+from mor_secure.wire.client import SecureSiloClient
+from mor_secure.wire.errors import SiloError
+from mor_secure.wire.messages import DecryptRequest, Participant, SecureScoreRequest
+
+from .audit_trail import new_round_id
+from .fusion import ABSENT, ClearFusion, RoundFailedError, weighted
+from .silo_requests import ROWS_PER_REQUEST, score_requests
+
+logger = logging.getLogger(__name__)
+
+
+class SecureFusion(ClearFusion):
+    """`ClearFusion`'s rounds, with each round's sum computed under masks and encryption."""
+
+    def __init__(self, clients: Sequence[SecureSiloClient], context: ts.Context, *, objective: str = "correct",
+                 minimum_participants: int | None = None, audit: AuditSink | None = None, method: str = "") -> None:
+        super().__init__(clients, objective=objective, minimum_participants=minimum_participants, audit=audit,
+                         method=method)
+        for index, client in enumerate(self.clients):
+            if not isinstance(client, SecureSiloClient):
+                raise ValueError(f"clients[{index}] ({client.name}) cannot take part in secure aggregation "
+                                 "(agreement_key, secure_score, decrypt)")
+        if not context.is_public():
+            raise ValueError("the coordinator's context must be the public one (it must never be able to decrypt)")
+        self.context = context
+        self._participants: dict[str, Participant] = {}
+        self._rounds = 0
+
+    def _participant(self, client: SecureSiloClient) -> Participant:
+        if client.name not in self._participants:
+            reply = client.agreement_key()
+            self._participants[client.name] = Participant(name=client.name, agreement_key=reply.agreement_key,
+                                                          certificate_pem=reply.certificate_pem)
+        return self._participants[client.name]
+
+    def _round(self, clients: Sequence[SecureSiloClient], rows: tuple[list, list, list], weights: torch.Tensor,
+               kinds: Sequence[str] | None) -> tuple[list[str], torch.Tensor]:
+        asked = list(clients)
+        while True:
+            failures: dict[str, SiloError] = {}
+            sums = []
+            for start in range(0, len(rows[0]), ROWS_PER_REQUEST):
+                part = tuple(column[start:start + ROWS_PER_REQUEST] for column in rows)
+                total = self._secure_round(asked, part, weights[start:start + ROWS_PER_REQUEST],
+                                           None if kinds is None else kinds[start:start + ROWS_PER_REQUEST],
+                                           failures)
+                if failures:
+                    break
+                sums.append(total)
+            if not failures:
+                return [c.name for c in asked], torch.cat(sums)
+            present = [c for c in asked if c.name not in failures]
+            self._check_minimum({**{c.name: None for c in asked}, **failures}, [c.name for c in present])
+            asked = present  # a restart under new round ids: the absent silo's masks would not cancel
+
+    def _secure_round(self, clients: Sequence[SecureSiloClient], rows: tuple[list, list, list],
+                      weights: torch.Tensor, kinds: Sequence[str] | None,
+                      failures: dict[str, SiloError]) -> torch.Tensor:
+        """One round of at most one ciphertext; fills `failures` (absent silos) instead of raising for them."""
+        for client in clients:
+            try:
+                self._participant(client)  # a silo's key is fetched once, when it is first asked
+            except SiloError as error:
+                if error.code not in ABSENT:
+                    raise
+                failures[client.name] = error
+        if failures:
+            return torch.zeros(0)
+        round_id = new_round_id()
+        (shared,) = score_requests(*rows, objective=self.objective, round_id=round_id)
+        column = {c.name: k for k, c in enumerate(self.clients)}
+        participants = tuple(self._participant(c) for c in clients)
+        requests = {c.name: weighted([shared], weights[:, column[c.name]]) for c in clients}
+
+        def ask(client: SecureSiloClient) -> bytes | SiloError:
+            try:
+                (ciphertext,) = client.secure_score(SecureScoreRequest(score=requests[client.name][0],
+                                                                       participants=participants)).ciphertexts
+                return ciphertext
+            except SiloError as error:
+                if error.code in ABSENT:
+                    return error
+                raise
+        with ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="secure-fusion") as pool:
+            answers = dict(zip((c.name for c in clients), pool.map(ask, clients), strict=True))
+        failures.update({name: a for name, a in answers.items() if isinstance(a, SiloError)})
+        self._on_record(round_id, [n for n in answers if n not in failures], requests, weights, kinds)
+        if failures:
+            return torch.zeros(0)
+        count = len(shared.rows)
+        blinding = aggregation.new_blinding(count)
+        blinded = aggregation.blind(aggregation.add(list(answers.values()), self.context), blinding)
+        decrypted = self._decrypt(clients, round_id, blinded)
+        return torch.tensor(aggregation.unblind(decrypted, blinding, count), dtype=torch.float32)
+
+    def _decrypt(self, clients: Sequence[SecureSiloClient], round_id: str, blinded: bytes) -> np.ndarray:
+        """The round's decryptor decrypts: the participants in turn, the next one if it is unreachable."""
+        names = tuple(c.name for c in clients)
+        start, self._rounds = self._rounds % len(clients), self._rounds + 1
+        errors = []
+        for offset in range(len(clients)):
+            decryptor = clients[(start + offset) % len(clients)]
+            try:
+                reply = decryptor.decrypt(DecryptRequest(round_id=round_id, participants=names,
+                                                         ciphertexts=(blinded,)))
+                return np.asarray(reply.values[0], dtype=np.int64)
+            except SiloError as error:
+                if error.code not in ABSENT:
+                    raise
+                errors.append(str(error))
+        raise RoundFailedError(f"no participant of round {round_id} could decrypt it: {'; '.join(errors)}")

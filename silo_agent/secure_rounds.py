@@ -1,0 +1,148 @@
+"""The silo's side of secure aggregation: one masked, encrypted answer per round; each round decrypted once.
+
+`SecureScore` (DESIGN §4 step 3): the silo checks the round (a round id it
+has not answered; at least its policy's `minimum_participants` silos, itself
+among them; every participant's key-agreement key signed by that silo's
+consortium certificate, so the coordinator cannot swap one), scores and
+pre-weights through the same `SiloService` checks as a clear Score (objective,
+weights and their cap, limits), adds its pairwise masks for this round and
+participant set, packs the terms into one BFV vector and encrypts it. Alone,
+the ciphertext decrypts to values uniform mod t.
+
+`Decrypt` (step 4): the round's decryptor, one of its participants,
+decrypts the coordinator's blinded sum once per round id, and only for a
+round it took part in with at least the minimum participants. It sees sum +
+blinding, uniformly random to it.
+
+Scores of a DP-trained model are post-processing: a secure round spends no
+privacy budget, like a clear one.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from mor_secure.pki.identity import PartyIdentity, Role
+from mor_secure.pki.kits import CertKit, identity_of
+from mor_secure.secagg import aggregation, masks
+from mor_secure.secagg.agreement import AgreementKeyError, SignedAgreementKey, verified_agreement_key
+from mor_secure.secagg.he_context import SLOTS
+from mor_secure.secagg.provisioning import silo_agreement, silo_context
+from mor_secure.wire.errors import ErrorCode, SiloError, invalid
+from mor_secure.wire.messages import (
+    AgreementKeyReply,
+    DecryptReply,
+    DecryptRequest,
+    SecureScoreReply,
+    SecureScoreRequest,
+)
+
+from .service import SiloService
+
+# Round ids remembered for replay refusal: a GRPO run makes ~600 rounds, a year of daily runs well under this.
+REMEMBERED_ROUNDS = 1_000_000
+
+
+class _Seen:
+    """A bounded set of round ids (oldest forgotten first)."""
+
+    def __init__(self) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, round_id: str) -> bool:
+        return round_id in self._ids
+
+    def add(self, round_id: str) -> None:
+        self._ids[round_id] = None
+        while len(self._ids) > REMEMBERED_ROUNDS:
+            self._ids.popitem(last=False)
+
+
+class SecureRounds:
+    """A silo's secure-aggregation answers, over its `SiloService` and its kit's secret material."""
+
+    def __init__(self, service: SiloService, kit: CertKit, *, minimum_participants: int) -> None:
+        self.service = service
+        self.name = service.name
+        self._context = silo_context(kit)
+        self._private, self._own_key = silo_agreement(kit)
+        self._certificate_pem = kit.cert_path.read_bytes()
+        self._ca = kit.ca_certificate()
+        self.minimum_participants = minimum_participants
+        self._lock = threading.Lock()
+        self._answered, self._decrypted = _Seen(), _Seen()
+
+    def agreement_key(self) -> AgreementKeyReply:
+        return AgreementKeyReply(agreement_key=self._own_key.to_json(), certificate_pem=self._certificate_pem)
+
+    def _check_participants(self, names: list[str]) -> None:
+        if len(set(names)) != len(names):
+            raise invalid(f"participants repeat a silo: {sorted(n for n in set(names) if names.count(n) > 1)}")
+        if self.name not in names:
+            raise invalid(f"silo {self.name!r} is not among the round's participants {names}")
+        if len(names) < self.minimum_participants:
+            raise SiloError(ErrorCode.FAILED_PRECONDITION, f"a secure round needs at least "
+                            f"{self.minimum_participants} participants under this silo's policy; this one has "
+                            f"{len(names)} (with fewer, one silo's terms could be isolated)")
+
+    def _peer_keys(self, request: SecureScoreRequest) -> dict:
+        keys = {}
+        for participant in request.participants:
+            try:
+                certificate = x509.load_pem_x509_certificate(participant.certificate_pem)
+                certificate.verify_directly_issued_by(self._ca)
+                identity = identity_of(certificate)
+            except (ValueError, TypeError, InvalidSignature):
+                raise SiloError(ErrorCode.PERMISSION_DENIED, f"participant {participant.name!r} has no certificate "
+                                "issued by this consortium's CA") from None
+            if identity != PartyIdentity(Role.SILO, participant.name):
+                raise SiloError(ErrorCode.PERMISSION_DENIED, f"participant {participant.name!r} came with the "
+                                f"certificate of {identity}")
+            try:
+                signed = SignedAgreementKey.from_json(participant.agreement_key)
+                keys[participant.name] = verified_agreement_key(signed, certificate)
+            except (AgreementKeyError, ValueError, KeyError, TypeError) as exc:
+                raise SiloError(ErrorCode.PERMISSION_DENIED, f"participant {participant.name!r}: {exc}") from None
+            if participant.name == self.name and signed.public_key != self._own_key.public_key:
+                raise SiloError(ErrorCode.PERMISSION_DENIED, "this silo's own key-agreement key in the round is "
+                                "not its key (swapped on the way)")
+        return keys
+
+    def secure_score(self, request: SecureScoreRequest) -> SecureScoreReply:
+        score = request.score
+        if not score.round_id:
+            raise invalid("a secure round needs a round id")
+        if not score.weights:
+            raise invalid("a secure round sends each silo its own weights; this request has none")
+        if len(score.rows) > SLOTS:
+            raise invalid(f"{len(score.rows)} rows in one secure round; one ciphertext holds at most {SLOTS}")
+        self._check_participants([p.name for p in request.participants])
+        with self._lock:
+            if score.round_id in self._answered:
+                raise SiloError(ErrorCode.FAILED_PRECONDITION, f"round {score.round_id!r} was already answered; "
+                                "a restart uses a new round id")
+            self._answered.add(score.round_id)  # reserved now: a concurrent replay is refused too
+        peers = self._peer_keys(request)
+        terms = self.service.score(score).scores  # the same checks as a clear Score; pre-weighted
+        mask = masks.mask(self._private, peers, me=self.name, round_id=score.round_id, count=len(terms))
+        return SecureScoreReply(ciphertexts=(aggregation.contribution(terms, mask, self._context),))
+
+    def decrypt(self, request: DecryptRequest) -> DecryptReply:
+        self._check_participants(list(request.participants))
+        with self._lock:
+            if request.round_id not in self._answered:
+                raise SiloError(ErrorCode.FAILED_PRECONDITION, f"this silo took no part in round "
+                                f"{request.round_id!r}; only a participant decrypts it")
+            if request.round_id in self._decrypted:
+                raise SiloError(ErrorCode.FAILED_PRECONDITION, f"round {request.round_id!r} was already decrypted; "
+                                "each round is decrypted once")
+            self._decrypted.add(request.round_id)
+        try:
+            values = tuple(tuple(int(v) for v in aggregation.decrypt(c, self._context)) for c in request.ciphertexts)
+        except (ValueError, RuntimeError, TypeError):
+            raise invalid("a ciphertext of the request is not a BFV vector of this consortium's context") from None
+        return DecryptReply(values=values)

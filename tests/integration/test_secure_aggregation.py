@@ -1,0 +1,159 @@
+"""Secure aggregation end to end: the real silo side (SecureRounds, in process and behind mTLS) and SecureFusion.
+
+Real TenSEAL, real masks and keys from `mor pki init`; the reward model is a
+fake (these tests are about the protocol around it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from silo_fakes import RightAnswerModel, png
+
+from coordinator.fusion import ClearFusion, FusionItems, RoundFailedError
+from coordinator.secure_fusion import SecureFusion
+from mor_cli.pki_cli import init_pki
+from mor_secure.pki.kits import CertKit
+from mor_secure.secagg import aggregation
+from mor_secure.secagg.fixed_point import decode
+from mor_secure.secagg.provisioning import coordinator_context
+from mor_secure.wire import ErrorCode, ImageBlob, ScoreRow, SiloError
+from mor_secure.wire.messages import DecryptRequest, Participant, ScoreRequest, SecureScoreRequest
+from silo_agent.in_process import InProcessSiloClient
+from silo_agent.secure_rounds import SecureRounds
+from silo_agent.service import SiloService
+
+SILOS = ("hospital-a", "bank-b", "hospital-c")
+
+
+class ScaledModel(RightAnswerModel):
+    """A different (known) score per silo, so a sum that mixed them up would show."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def side_inputs(self, images, prompts, responses):
+        (raw,) = super().side_inputs(images, prompts, responses)
+        return (raw * self.scale,)
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory: pytest.TempPathFactory, consortium_path: Path) -> dict[str, CertKit]:
+    root = tmp_path_factory.mktemp("secure-pki")
+    init_pki(consortium_path, root, days=2)
+    return {name: CertKit.load(root / "kits" / f"silo-{name}") for name in SILOS} | {
+        "coordinator": CertKit.load(root / "kits" / "coordinator-coordinator")}
+
+
+def clients(kits, *, minimum: int = 2) -> list[InProcessSiloClient]:
+    out = []
+    for k, name in enumerate(SILOS):
+        service = SiloService(name, ScaledModel(1.0 + k))
+        out.append(InProcessSiloClient(service, secure=SecureRounds(service, kits[name], minimum_participants=minimum)))
+    return out
+
+
+@pytest.fixture
+def items(tmp_path: Path) -> FusionItems:
+    image = tmp_path / "a.png"
+    image.write_bytes(png())
+    return FusionItems(images=(image,) * 4, prompts=("q",) * 4, responses=("right", "wrong", "right", "other"))
+
+
+def test_the_secure_fused_reward_equals_the_clear_one(kits, items) -> None:
+    weights = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.2, 0.2], [0.2, 0.3, 0.5], [0.1, 0.1, 0.8]])
+    secure = SecureFusion(clients(kits), coordinator_context(kits["coordinator"])).fuse(items, weights)
+    clear = ClearFusion(clients(kits)).fuse(items, weights)
+    assert torch.allclose(secure, clear, atol=1e-4), (secure, clear)
+
+
+class Down(InProcessSiloClient):
+    def secure_score(self, request):
+        raise SiloError(ErrorCode.UNAVAILABLE, f"silo {self.name!r}: connection refused")
+
+
+def test_a_silo_that_fails_makes_the_round_restart_with_the_others(kits, items) -> None:
+    silos = clients(kits)
+    silos[2] = Down(silos[2].service, secure=silos[2].secure)
+    weights = torch.full((4, 3), 1 / 3)
+    fusion = SecureFusion(silos, coordinator_context(kits["coordinator"]), minimum_participants=2)
+    expected = ClearFusion(clients(kits)[:2]).fuse(items, torch.full((4, 2), 0.5))
+    assert torch.allclose(fusion.fuse(items, weights), expected, atol=1e-4)
+    assert fusion.last_round == {"hospital-a": True, "bank-b": True, "hospital-c": False}
+    with pytest.raises(RoundFailedError, match="fewer than the consortium's minimum of 3"):
+        SecureFusion(silos, coordinator_context(kits["coordinator"])).fuse(items, weights)
+
+
+def request(silos, round_id: str, weights=(0.5,)) -> SecureScoreRequest:
+    """One row ("right": score 1 at hospital-a) for every silo in `silos`, as the coordinator would relay them."""
+    score = ScoreRequest(images=(ImageBlob.of(png()),), rows=(ScoreRow(0, "q", "right"),), round_id=round_id,
+                         objective="correct", weights=weights)
+    participants = tuple(Participant(name=c.name, agreement_key=c.agreement_key().agreement_key,
+                                     certificate_pem=c.agreement_key().certificate_pem) for c in silos)
+    return SecureScoreRequest(score=score, participants=participants)
+
+
+@pytest.fixture(params=["in_process", "grpc"])
+def silos(request, kits):
+    """The three silos, in process or each behind its own mTLS server (same refusals, same statuses)."""
+    local = clients(kits)
+    if request.param == "in_process":
+        yield local
+        return
+    from mor_secure.policy import SiloAdmission, SiloPolicy
+    from mor_secure.transport.server import serve
+
+    from coordinator.network_client import NetworkSiloClient
+    from silo_agent.servicer import ROLES_BY_RPC, servicer_registration
+
+    servers, remote = [], []
+    for client in local:
+        kit = kits[client.name]
+        running = serve(kit=kit, crl_path=kit.crl_path, roles_by_rpc=ROLES_BY_RPC, admission=SiloAdmission(SiloPolicy()),
+                        services=[servicer_registration(client.service, secure=client.secure)])
+        running.set_serving(True)
+        servers.append(running)
+        remote.append(NetworkSiloClient(client.name, f"127.0.0.1:{running.port}", kits["coordinator"], retries=0))
+        remote[-1].secure = client.secure  # the tests peek at the silo's context through it
+    yield remote
+    for client, running in zip(remote, servers, strict=True):
+        client.close()
+        running.stop(0)
+
+
+def refused(call, code: ErrorCode, match: str) -> None:
+    with pytest.raises(SiloError, match=match) as caught:
+        call()
+    assert caught.value.code == code
+
+
+def test_one_silos_ciphertext_is_noise_and_rounds_are_answered_and_decrypted_once(silos, kits) -> None:
+    good = request(silos, "round-x")
+    (ciphertext,) = silos[0].secure_score(good).ciphertexts
+    # Even decrypted with the secret context, one silo's contribution is masked (its score times 0.5 is 0.5).
+    assert abs(decode(aggregation.decrypt(ciphertext, silos[1].secure._context))[0] - 0.5) > 1e-3
+    refused(lambda: silos[0].secure_score(good), ErrorCode.FAILED_PRECONDITION, "was already answered")
+    names = tuple(p.name for p in good.participants)
+    decrypt = DecryptRequest(round_id="round-x", participants=names, ciphertexts=(ciphertext,))
+    silos[0].decrypt(decrypt)
+    refused(lambda: silos[0].decrypt(decrypt), ErrorCode.FAILED_PRECONDITION, "was already decrypted")
+    refused(lambda: silos[1].decrypt(decrypt), ErrorCode.FAILED_PRECONDITION, "took no part in round")
+
+
+def test_a_round_below_the_minimum_a_weight_over_the_cap_and_a_swapped_key_are_refused(silos, kits) -> None:
+    alone = replace(request(silos, "r1"), participants=request(silos, "r1").participants[:1])
+    refused(lambda: silos[0].secure_score(alone), ErrorCode.FAILED_PRECONDITION, "needs at least 2 participants")
+    refused(lambda: silos[0].secure_score(request(silos, "r2", weights=(1.5,))), ErrorCode.PERMISSION_DENIED,
+            "weight of at most 1")
+    good = request(silos, "r3")
+    other = good.participants[2]
+    swapped = replace(good.participants[1], agreement_key=other.agreement_key)  # bank-b's slot, hospital-c's key
+    refused(lambda: silos[0].secure_score(replace(good, participants=(good.participants[0], swapped, other))),
+            ErrorCode.PERMISSION_DENIED, "claims to be mor://silo/hospital-c's")
+    with pytest.raises(ValueError, match="must be the public one"):
+        SecureFusion(silos, silos[0].secure._context)
+    assert len(silos[0].secure_score(request(silos, "r4")).ciphertexts) == 1  # and it still serves

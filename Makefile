@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/dp_overhead.py
 	$(PY) benchmarks/transport.py
 	$(PY) benchmarks/audit.py
+	$(PY) benchmarks/secagg.py
 
 # Needs the demo's artefacts in $(RUNS) (run `make demo` first).
 bench-grpo: $(STAMP)

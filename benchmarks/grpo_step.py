@@ -10,8 +10,10 @@ TRL's own per-step `step_time`. Target: fused / constant <= 1.3.
 
 With `--network` it compares the same fused reward in process against the
 fused reward over mutual TLS: the demo's silos are started as `mor silo
-serve` processes and reached through the networked pool. Target: network /
-in-process <= 1.15.
+serve` processes and reached through the networked pool, which aggregates
+securely (masked, encrypted sums; issue 11's target: secure / in-process <=
+1.3). `--network --clear-aggregation` fuses the networked scores in the
+clear instead (target: network / in-process <= 1.15).
 
 Caches are warmed first (each silo's and the router's image features of the
 prompt images): a silo computes an image's features once, so the steady state
@@ -33,7 +35,7 @@ from pathlib import Path
 
 from coordinator.answer_eval import balanced_sample
 from coordinator.grpo import GRPOSettings, train_grpo
-from coordinator.pool import load_pool, pool_clients
+from coordinator.pool import load_pool, pool_clients, pool_fusion
 from coordinator.rewards import ConstantReward, FusedSiloReward
 from coordinator.router import RouterFeatures, load_router
 from mor_cli.roles import allow_in_process_silos
@@ -41,6 +43,7 @@ from mor_secure.data import load_consortium, make_splits
 
 TARGET_RATIO = 1.3
 NETWORK_TARGET_RATIO = 1.15
+SECURE_TARGET_RATIO = 1.3
 
 
 def _step_times(policy: Path, prompts: list, reward, steps: int, seed: int) -> list[float]:
@@ -52,6 +55,12 @@ def _step_times(policy: Path, prompts: list, reward, steps: int, seed: int) -> l
     return [h["step_time"] for h in history if "step_time" in h]
 
 
+def _fused(pool, router, features) -> FusedSiloReward:
+    """MoR over the pool's silos, fused as the pool says (networked: secure unless `aggregation: clear`)."""
+    return FusedSiloReward(pool_fusion(pool)(pool_clients(pool), objective="correct", method="mor"), router,
+                           features, objective="correct")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/demo", help="demo working directory (consortium, pool, router)")
@@ -60,6 +69,8 @@ def main() -> None:
     parser.add_argument("--prompts-per-kind", type=int, default=200)
     parser.add_argument("--network", action="store_true",
                         help="compare the fused reward over mTLS gRPC (silos as processes) with in-process")
+    parser.add_argument("--clear-aggregation", action="store_true",
+                        help="with --network: fuse the networked scores in the clear instead of securely")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     allow_in_process_silos()  # the in-process side runs the silos in this process (pool.yaml)
@@ -70,9 +81,11 @@ def main() -> None:
         from mor_cli.demo import serve_silos, write_pool
 
         with serve_silos(Path(args.workdir)) as served:
-            network_pool = write_pool(Path(args.workdir), addresses={n: s.address for n, s in served.silos.items()})
-            compare(args, {"fused": Path(args.workdir) / "pool.yaml", "fused_network": network_pool},
-                    baseline="fused", target=NETWORK_TARGET_RATIO)
+            network_pool = write_pool(Path(args.workdir), addresses={n: s.address for n, s in served.silos.items()},
+                                      clear_aggregation=args.clear_aggregation)
+            label = "fused_network_clear" if args.clear_aggregation else "fused_network_secure"
+            compare(args, {"fused": Path(args.workdir) / "pool.yaml", label: network_pool}, baseline="fused",
+                    target=NETWORK_TARGET_RATIO if args.clear_aggregation else SECURE_TARGET_RATIO)
         return
     compare(args, {"constant": None, "fused": Path(args.workdir) / "pool.yaml"}, baseline="constant",
             target=TARGET_RATIO)
@@ -85,8 +98,7 @@ def compare(args: argparse.Namespace, pools: dict[str, Path | None], *, baseline
     prompts = balanced_sample(list(splits.sft), args.prompts_per_kind, seed=0)
     features = RouterFeatures(workdir / "router_cache")
     router = load_router(workdir / "router")
-    rewards = {name: ConstantReward() if pool is None else
-               FusedSiloReward(pool_clients(load_pool(pool)), router, features, objective="correct")
+    rewards = {name: ConstantReward() if pool is None else _fused(load_pool(pool), router, features)
                for name, pool in pools.items()}
     images = [str(r.image_path) for r in prompts]
     for name, reward in rewards.items():

@@ -59,7 +59,8 @@ def bench_consortium(root: Path, silos: int) -> Path:
     return path
 
 
-def _silo(root: Path, consortium: Path, name: str) -> Path:
+def bench_silo(root: Path, consortium: Path, name: str) -> Path:
+    """A small_cnn silo config under `root` serving with a permissive policy (shared with benchmarks/secagg.py)."""
     path = root / "silos" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     (root / "policy.yaml").write_text("rate_limit: {per_second: 100000, burst: 100000}\nmax_concurrent_requests: 16\n",
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         init_pki(consortium, root / "pki", days=1)
         records = list(make_splits(load_consortium(consortium)).calibration)[: max(BATCHES)]
         names = [f"silo-{i}" for i in range(max(SILO_COUNTS))]
-        configs = {name: _silo(root, consortium, name) for name in names}
+        configs = {name: bench_silo(root, consortium, name) for name in names}
         coordinator_kit = CertKit.load(root / "pki" / "kits" / "coordinator-coordinator")
         print(f"starting {len(names)} silos (`mor silo serve`, one torch thread each)...", flush=True)
         with SiloProcesses(configs, probe_kit=coordinator_kit, workdir=root / "serving") as served:

@@ -94,6 +94,13 @@ def test_network_and_in_process_give_the_same_scores_and_bits(consortium_on_loop
                            ask_scores(here, images, prompts, responses, objective="correct"))
         assert torch.equal(ask_bits(remote, pairs, objective="correct"), ask_bits(here, pairs, objective="correct"))
         assert remote.describe() .architecture == here.describe().architecture == "small_cnn"
+    # The fused reward: securely aggregated over the network (the pool's default) = fused in the clear in process.
+    items = FusionItems(images=tuple(r.image_path for r in records), prompts=tuple(r.question for r in records),
+                        responses=tuple(r.answer for r in records))
+    weights = torch.softmax(torch.randn(len(records), 3, generator=torch.Generator().manual_seed(0)), dim=1)
+    secure = pool_fusion(consortium_on_loopback.network)(networked)
+    assert type(secure).__name__ == "SecureFusion"
+    assert torch.allclose(secure.fuse(items, weights), ClearFusion(local).fuse(items, weights), atol=1e-4)
 
 
 class KillAndRestart(TrainerCallback):

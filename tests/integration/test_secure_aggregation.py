@@ -157,3 +157,33 @@ def test_a_round_below_the_minimum_a_weight_over_the_cap_and_a_swapped_key_are_r
     with pytest.raises(ValueError, match="must be the public one"):
         SecureFusion(silos, silos[0].secure._context)
     assert len(silos[0].secure_score(request(silos, "r4")).ciphertexts) == 1  # and it still serves
+
+
+def test_a_secure_round_over_the_silos_daily_cap_is_refused_logged_and_costs_nothing(kits, tmp_path: Path) -> None:
+    from coordinator.network_client import NetworkSiloClient
+    from mor_secure.audit import AuditLog, read_log
+    from mor_secure.policy import SiloAdmission, SiloPolicy
+    from mor_secure.transport.server import serve
+    from silo_agent.servicer import ROLES_BY_RPC, servicer_registration
+
+    local = clients(kits)
+    kit = kits["hospital-a"]
+    log = AuditLog.for_kit(tmp_path / "audit.db", kit, checkpoint_every_entries=1)
+    running = serve(kit=kit, crl_path=kit.crl_path, roles_by_rpc=ROLES_BY_RPC, audit=log,
+                    admission=SiloAdmission(SiloPolicy(daily_cap=2)),
+                    services=[servicer_registration(local[0].service, secure=local[0].secure)])
+    running.set_serving(True)
+    remote = NetworkSiloClient("hospital-a", f"127.0.0.1:{running.port}", kits["coordinator"], retries=0)
+    try:
+        remote.secure_score(request(local, "within-cap-1"))
+        remote.secure_score(request(local, "within-cap-2"))
+        refused(lambda: remote.secure_score(request(local, "over-cap")), ErrorCode.RESOURCE_EXHAUSTED,
+                "daily cap of 2")
+        assert "over-cap" not in local[0].secure._answered  # refused before the silo scored or masked anything
+        last = read_log(log.path).entries[-1].fields()
+        assert (last["rpc"].endswith("/SecureScore"), last["decision"], last["status"], last["round_id"]) == (
+            True, "refused", "RESOURCE_EXHAUSTED", "over-cap")
+    finally:
+        remote.close()
+        running.stop(0)
+        log.close()

@@ -14,9 +14,9 @@ silo right 100% of the time would look right only 1 - p_k of the time), so
 the likelihood is forward-corrected: P(report 1) = q (1 - p_k) + (1 - q) p_k
 with q = sigmoid(logit), and q keeps the meaning "the silo is truly right".
 
-The fused reward R(x, y) = sum_k w_k(x) r_k(x, y) is computed in the clear by
-`fused_reward` (tests, baselines); in deployment each silo pre-weights its own
-scores and the sum happens under secure aggregation (DESIGN §4).
+The fused reward R(x, y) = sum_k w_k(x) r_k(x, y) is formed by a `Fusion`
+(coordinator/fusion.py): each silo pre-weights its own scores and the sum
+happens in the clear or under secure aggregation (DESIGN §4).
 """
 
 from __future__ import annotations
@@ -263,21 +263,6 @@ def load_router(directory: str | Path) -> Router:
         raise ValueError(f"{manifest_path}: invalid router manifest: {exc}") from exc
     router.load_state_dict(load_file(str(weights_path)))
     return router.eval()
-
-
-def fused_reward(router_weights: torch.Tensor, silo_scores: torch.Tensor) -> torch.Tensor:
-    """R = sum_k w_k r_k per row: [N, K] weights and [N, K] standardised scores -> [N]."""
-    for label, tensor in (("router_weights", router_weights), ("silo_scores", silo_scores)):
-        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 2 or not tensor.is_floating_point():
-            described = (f"{tuple(tensor.shape)} {tensor.dtype}" if isinstance(tensor, torch.Tensor)
-                         else type(tensor).__name__)
-            raise ValueError(f"{label} must be a floating-point [N, K] tensor, got {described}")
-    if router_weights.shape != silo_scores.shape:
-        raise ValueError(
-            f"router_weights {tuple(router_weights.shape)} and silo_scores {tuple(silo_scores.shape)} must have "
-            "the same [N, K] shape: one row per (input, response), one column per silo, in the router's silo order"
-        )
-    return (router_weights * silo_scores).sum(dim=-1)
 
 
 def _names(names: Sequence[str] | None, count: int, label: str, stem: str) -> tuple[str, ...]:

@@ -19,7 +19,6 @@ from coordinator.router import (
     RouterConfig,
     RouterFeatures,
     corrected_bce,
-    fused_reward,
     load_router,
     save_router,
     train_router,
@@ -202,18 +201,6 @@ def test_training_is_deterministic_from_the_seed(data: dict) -> None:
     first, again, other = ({k: v for k, v in r.state_dict().items()} for r in runs)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
-
-
-def test_fused_reward_is_the_weighted_sum_and_checks_shapes() -> None:
-    weights = torch.tensor([[0.5, 0.5, 0.0], [0.1, 0.2, 0.7]])
-    scores = torch.tensor([[1.0, 3.0, 100.0], [1.0, 1.0, -1.0]])
-    assert torch.allclose(fused_reward(weights, scores), torch.tensor([2.0, -0.4]))
-    with pytest.raises(ValueError, match=r"same \[N, K\] shape"):
-        fused_reward(weights, scores[:, :2])
-    with pytest.raises(ValueError, match=r"silo_scores must be a floating-point \[N, K\] tensor, got \(2,\)"):
-        fused_reward(weights[:, 0:2], torch.tensor([1.0, 2.0]))
-    with pytest.raises(ValueError, match="router_weights must be a floating-point"):
-        fused_reward(torch.ones(2, 3, dtype=torch.long), scores)
 
 
 def test_bad_inputs_are_rejected() -> None:

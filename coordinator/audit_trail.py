@@ -27,7 +27,7 @@ from mor_secure.audit.checkpoints import canonical_json
 from mor_secure.pki.kits import CertKit
 from mor_secure.transport.authorization import AuditSink
 from mor_secure.wire import serde
-from mor_secure.wire.messages import BitsRequest, ScoreRequest
+from mor_secure.wire.messages import BitsRequest, ScoreRequest, SecureScoreRequest
 
 _open_logs: dict[Path, AuditLog] = {}
 _lock = threading.Lock()
@@ -57,15 +57,24 @@ def new_round_id() -> str:
     return secrets.token_hex(16)
 
 
-def request_digest(request: ScoreRequest | BitsRequest) -> str:
+Request = ScoreRequest | BitsRequest | SecureScoreRequest
+_TO_PROTO = {ScoreRequest: serde.score_request_to_proto, BitsRequest: serde.bits_request_to_proto,
+             SecureScoreRequest: serde.secure_score_request_to_proto}
+
+
+def request_digest(request: Request) -> str:
     """SHA-256 of the request as it goes on the wire (what both parties' call entries record)."""
-    message = (serde.score_request_to_proto(request) if isinstance(request, ScoreRequest)
-               else serde.bits_request_to_proto(request))
-    return hashlib.sha256(message.SerializeToString()).hexdigest()
+    return hashlib.sha256(_TO_PROTO[type(request)](request).SerializeToString()).hexdigest()
+
+
+def _items(request: Request) -> int:
+    if isinstance(request, SecureScoreRequest):
+        return len(request.score.rows)
+    return len(request.rows if isinstance(request, ScoreRequest) else request.pairs)
 
 
 def record_round(audit: AuditSink, *, stage: str, round_id: str, objective: str, asked: Sequence[str],
-                 answered: Sequence[str], requests: Mapping[str, Sequence[ScoreRequest | BitsRequest]],
+                 answered: Sequence[str], requests: Mapping[str, Sequence[Request]],
                  weights: torch.Tensor | None = None, kinds: Sequence[str] | None = None, method: str = "") -> None:
     """One entry for one scoring round (see the module docstring).
 
@@ -76,7 +85,7 @@ def record_round(audit: AuditSink, *, stage: str, round_id: str, objective: str,
     any_silo = next(iter(requests.values()), ())
     event = {"event": "round", "stage": stage, "method": method, "round_id": round_id, "objective": objective,
              "asked": list(asked), "answered": list(answered), "requests": digests,
-             "items": sum(len(getattr(r, "rows", ()) or getattr(r, "pairs", ())) for r in any_silo),
+             "items": sum(_items(r) for r in any_silo),
              "items_digest": hashlib.sha256(canonical_json(digests)).hexdigest()}
     if weights is not None:
         weights = weights.detach().float().cpu()

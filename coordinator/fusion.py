@@ -29,11 +29,11 @@ Every round has a fresh round id that all its requests carry; with `audit=`
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 
@@ -47,6 +47,7 @@ from .silo_requests import send_scores, score_requests
 
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 # Statuses that mean "this silo is absent", not "this silo refused".
 ABSENT = (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED)
 
@@ -137,12 +138,12 @@ class ClearFusion:
     def silo_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.clients)
 
-    def _ask(self, clients: Sequence[SiloClient],
-             requests: dict[str, list[ScoreRequest]]) -> dict[str, torch.Tensor | SiloError]:
-        """Each client's weighted terms w_k * r_k for every row of its requests, asked in parallel ([D] each)."""
-        def ask(client: SiloClient) -> torch.Tensor | SiloError:
+    @staticmethod
+    def _in_parallel(clients: Sequence[SiloClient], call: Callable[[SiloClient], T]) -> dict[str, T | SiloError]:
+        """`call(client)` for every client at once; an absent silo's error is returned, any other raised."""
+        def ask(client: SiloClient) -> T | SiloError:
             try:
-                return send_scores(client, requests[client.name])
+                return call(client)
             except SiloError as error:
                 if error.code in ABSENT:
                     return error
@@ -161,7 +162,7 @@ class ClearFusion:
         shared = score_requests(*rows, objective=self.objective, round_id=round_id)
         column = {c.name: k for k, c in enumerate(self.clients)}
         requests = {c.name: weighted(shared, weights[:, column[c.name]]) for c in clients}  # its own weights only
-        answers = self._ask(clients, requests)
+        answers = self._in_parallel(clients, lambda c: send_scores(c, requests[c.name]))
         present = [name for name, answer in answers.items() if not isinstance(answer, SiloError)]
         self._on_record(round_id, present, requests, weights, kinds)
         self._check_minimum(answers, present)

@@ -22,9 +22,7 @@ are several rounds, restarted together if a silo drops out in any of them.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import tenseal as ts
@@ -39,8 +37,6 @@ from mor_secure.wire.messages import DecryptRequest, Participant, SecureScoreReq
 from .audit_trail import new_round_id
 from .fusion import ABSENT, ClearFusion, RoundFailedError, weighted
 from .silo_requests import ROWS_PER_REQUEST, score_requests
-
-logger = logging.getLogger(__name__)
 
 
 class SecureFusion(ClearFusion):
@@ -91,34 +87,20 @@ class SecureFusion(ClearFusion):
                       weights: torch.Tensor, kinds: Sequence[str] | None,
                       failures: dict[str, SiloError]) -> torch.Tensor:
         """One round of at most one ciphertext; fills `failures` (absent silos) instead of raising for them."""
-        for client in clients:
-            try:
-                self._participant(client)  # a silo's key is fetched once, when it is first asked
-            except SiloError as error:
-                if error.code not in ABSENT:
-                    raise
-                failures[client.name] = error
+        keys = self._in_parallel(clients, self._participant)  # a silo's key is fetched once, when first asked
+        failures.update({name: key for name, key in keys.items() if isinstance(key, SiloError)})
         if failures:
             return torch.zeros(0)
         round_id = new_round_id()
         (shared,) = score_requests(*rows, objective=self.objective, round_id=round_id)
         column = {c.name: k for k, c in enumerate(self.clients)}
-        participants = tuple(self._participant(c) for c in clients)
-        requests = {c.name: weighted([shared], weights[:, column[c.name]]) for c in clients}
-
-        def ask(client: SecureSiloClient) -> bytes | SiloError:
-            try:
-                (ciphertext,) = client.secure_score(SecureScoreRequest(score=requests[client.name][0],
-                                                                       participants=participants)).ciphertexts
-                return ciphertext
-            except SiloError as error:
-                if error.code in ABSENT:
-                    return error
-                raise
-        with ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="secure-fusion") as pool:
-            answers = dict(zip((c.name for c in clients), pool.map(ask, clients), strict=True))
+        participants = tuple(keys[c.name] for c in clients)
+        requests = {c.name: SecureScoreRequest(score=weighted([shared], weights[:, column[c.name]])[0],
+                                               participants=participants) for c in clients}
+        answers = self._in_parallel(clients, lambda c: c.secure_score(requests[c.name]).ciphertexts[0])
         failures.update({name: a for name, a in answers.items() if isinstance(a, SiloError)})
-        self._on_record(round_id, [n for n in answers if n not in failures], requests, weights, kinds)
+        self._on_record(round_id, [n for n in answers if n not in failures],
+                        {name: [request] for name, request in requests.items()}, weights, kinds)
         if failures:
             return torch.zeros(0)
         count = len(shared.rows)

@@ -171,3 +171,7 @@ def test_after_the_drills_every_log_verifies_and_reconciles(consortium_on_loopba
     assert {h["callee"] for h in health} == {f"mor://silo/{name}" for name in SILOS}  # the startup probes too
     rounds = [e.fields() for e in coordinator.entries if e.fields().get("event") == "round"]
     assert any("hospital-c" not in r["answered"] for r in rounds) and all(len(r["answered"]) >= 2 for r in rounds)
+    # A round entry names the very requests sent (secure ones included): each is a call on the record.
+    sent = {e.fields().get("request_digest") for e in coordinator.entries if e.fields().get("event") == "call"}
+    answered = [d for r in rounds for silo in r["answered"] for d in r["requests"][silo]]
+    assert answered and set(answered) <= sent

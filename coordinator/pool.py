@@ -118,15 +118,20 @@ class PoolConfig(StrictModel):
 
     @model_validator(mode="after")
     def _networked_needs_a_kit(self) -> PoolConfig:
-        if any(s.address for s in self.silos) and self.kit is None:
+        if self.networked and self.kit is None:
             raise ValueError("networked silos need the coordinator's certificate kit: set kit: <kit directory>")
-        if self.aggregation == "secure" and any(s.address for s in self.silos) and (
+        if self.aggregation == "secure" and self.networked and (
                 len(self.silos) < 2 or (self.minimum_participants or len(self.silos)) < 2):
             raise ValueError("secure aggregation needs at least 2 participants in every round (the sum of one "
                              "silo is its own scores): raise minimum_participants, or set aggregation: clear")
         if self.minimum_participants is not None and self.minimum_participants > len(self.silos):
             raise ValueError(f"minimum_participants {self.minimum_participants} exceeds the {len(self.silos)} silos")
         return self
+
+    @property
+    def networked(self) -> bool:
+        """Whether any silo is reached over the network (then the kit, the audit log and secure rounds apply)."""
+        return any(s.address for s in self.silos)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -138,7 +143,7 @@ def load_pool(path: str | Path) -> PoolConfig:
     pool = load_config(path, PoolConfig)
     if pool.kit is not None:
         pool = pool.model_copy(update={"kit": resolve_relative(path, pool.kit)})
-    if any(s.address for s in pool.silos):
+    if pool.networked:
         audit_log = resolve_relative(path, pool.audit_log or Path("coordinator-audit.db"))
         pool = pool.model_copy(update={"audit_log": audit_log})
     silos = []
@@ -182,7 +187,7 @@ def pool_clients(pool: PoolConfig, *, names: Sequence[str] | None = None,
 
 def pool_audit_log(pool: PoolConfig) -> AuditLog | None:
     """The coordinator's audit log for a networked pool (None for an in-process one: no calls to record)."""
-    if pool.audit_log is None or not any(s.address for s in pool.silos):
+    if pool.audit_log is None or not pool.networked:
         return None
     return coordinator_log(pool.audit_log, CertKit.load(pool.kit))
 
@@ -195,18 +200,23 @@ def pool_fusion(pool: PoolConfig) -> Callable[..., ClearFusion]:
     clear, and says so); rounds over a networked pool are entries in the
     coordinator's audit log.
     """
+    context = None  # the public BFV context, read once for every fusion this pool builds
+
     def fusion(clients: Sequence[SiloClient], *, objective: str = "correct", method: str = "") -> ClearFusion:
+        nonlocal context
         minimum = None
         if pool.minimum_participants is not None:
             # The minimum is for the whole pool; a single-silo baseline needs its one silo.
             minimum = max(1, len(clients) - (len(pool.silos) - pool.minimum_participants))
         settings = dict(objective=objective, minimum_participants=minimum, audit=pool_audit_log(pool), method=method)
         if secure_aggregation(pool) and len(clients) > 1:
-            kit = CertKit.load(pool.kit)
-            if not has_coordinator_material(kit):
-                raise ValueError(f"{kit.directory} holds no public secure-aggregation context (he_public.ctx): "
-                                 "provision the consortium with `mor pki init`, or set aggregation: clear")
-            return SecureFusion(clients, coordinator_context(kit), **settings)
+            if context is None:
+                kit = CertKit.load(pool.kit)
+                if not has_coordinator_material(kit):
+                    raise ValueError(f"{kit.directory} holds no public secure-aggregation context (he_public.ctx): "
+                                     "provision the consortium with `mor pki init`, or set aggregation: clear")
+                context = coordinator_context(kit)
+            return SecureFusion(clients, context, **settings)
         if secure_aggregation(pool):
             logger.warning("%s asks one silo alone: its round is clear (a sum over one silo is its own scores)",
                            method or "this reward")
@@ -216,7 +226,7 @@ def pool_fusion(pool: PoolConfig) -> Callable[..., ClearFusion]:
 
 def secure_aggregation(pool: PoolConfig) -> bool:
     """Whether this pool's rounds are aggregated securely (networked, `aggregation: secure`)."""
-    return pool.aggregation == "secure" and any(s.address for s in pool.silos)
+    return pool.aggregation == "secure" and pool.networked
 
 
 def client_for_model(name: str, reward_model: str | Path, *, base_model: str | Path | None = None,

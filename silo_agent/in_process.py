@@ -13,7 +13,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from mor_secure.models.reward_model import LocalResources
-from mor_secure.wire.errors import ErrorCode, SiloError
 from mor_secure.wire.messages import (
     AgreementKeyReply,
     BitsReply,
@@ -27,7 +26,7 @@ from mor_secure.wire.messages import (
     SiloDescription,
 )
 
-from .secure_rounds import SecureRounds
+from .secure_rounds import SecureRounds, no_secure_rounds
 from .service import SiloService, open_model_service
 
 
@@ -64,12 +63,6 @@ class InProcessSiloClient:
 
     def decrypt(self, request: DecryptRequest) -> DecryptReply:
         return self._rounds().decrypt(request)
-
-
-def no_secure_rounds(name: str):
-    """The refusal of a silo whose kit holds no secure-aggregation material."""
-    raise SiloError(ErrorCode.FAILED_PRECONDITION, f"silo {name!r} has no secure-aggregation keys in its kit; "
-                    "provision them with `mor pki init` (or `mor pki issue`)")
 
 
 def in_process_client(name: str, model_dir: str | Path, *, base_model: str | Path | None = None,

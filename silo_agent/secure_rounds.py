@@ -47,6 +47,12 @@ from .service import SiloService
 REMEMBERED_ROUNDS = 1_000_000
 
 
+def no_secure_rounds(name: str):
+    """The refusal of a silo whose kit holds no secure-aggregation material."""
+    raise SiloError(ErrorCode.FAILED_PRECONDITION, f"silo {name!r} has no secure-aggregation keys in its kit; "
+                    "provision them with `mor pki init` (or `mor pki issue`)")
+
+
 class _Seen:
     """A bounded set of round ids (oldest forgotten first)."""
 

@@ -22,8 +22,7 @@ from mor_secure.proto.v1 import silo_pb2, silo_pb2_grpc
 from mor_secure.wire import serde
 from mor_secure.wire.errors import ErrorCode, SiloError, invalid
 
-from .in_process import no_secure_rounds
-from .secure_rounds import SecureRounds
+from .secure_rounds import SecureRounds, no_secure_rounds
 from .service import SiloService
 
 SERVICE_NAME = silo_pb2.DESCRIPTOR.services_by_name["SiloRewardService"].full_name

@@ -240,3 +240,22 @@ def test_a_second_writer_is_refused(tmp_path: Path, pki) -> None:
     with pytest.raises(AuditLogError, match="another process is appending"):
         second.close()  # nor does it sign a checkpoint of its stale tree on the way out
     assert verified(tmp_path / "two.db", pki.kits["coordinator"]).ok
+
+
+def test_a_renewed_kit_signs_from_the_first_kit_check_after_the_renewal(tmp_path: Path, pki, monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from mor_secure.audit import checkpoints
+    from mor_secure.audit.checkpoints import KIT_CHECK_SECONDS, key_id
+
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(checkpoints, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    identity = pki.kits["hospital-a"].identity()
+    signer = CheckpointSigner.from_kit(pki.ca.issue(identity, tmp_path / "kit"))
+    renewed_kit = pki.ca.issue(identity, tmp_path / "kit", renew=True)
+    clock.now += KIT_CHECK_SECONDS / 2
+    assert signer.refreshed() is signer  # the kit's files were looked at less than a check interval ago
+    clock.now += KIT_CHECK_SECONDS
+    renewed = signer.refreshed()
+    assert renewed.key == key_id(renewed_kit.certificate().public_key()) != signer.key
+    assert renewed.refreshed() is renewed

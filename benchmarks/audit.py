@@ -5,21 +5,24 @@
    checkpoint in the same transaction as every entry, since each answer
    carries one) and as the coordinator writes it (a checkpoint every 256
    entries).
-2. Overhead on a Score call at batch 64: two silo servers, each in its own
-   process as a deployed silo is (one torch thread each), over the same
-   saved reward model, one with the silo's audit log and reached by a client
-   writing the coordinator's, one with neither (`mor silo serve` cannot turn
-   its log off, so the servers are started here with the library call);
-   both servers share one core and the client has the other. Requests alternate between
-   them call by call, and the overhead is the median of the paired
-   differences (audited call minus the unaudited call next to it) over the
-   median unaudited call: on 2 shared cores whole calls drift by +-20%
-   between runs, which paired differences cancel. Target: overhead <= 10%.
+2. Overhead on a Score call at batch 64: one silo server in its own process,
+   as a deployed silo is (one torch thread, pinned to one core; the client
+   has the other), writing the silo's audit log through a switch the client
+   flips call by call, and two channels to it from the client, one writing
+   the coordinator's log. Calls alternate between "both logs on" and "both
+   off", and the overhead is the median of the paired differences over the
+   median unaudited call. One server, not an audited and an unaudited one:
+   two identical servers with no log at all differed by 2.6 to 5.2 ms a call
+   (up to 44%), persistently within a run and either way round between runs,
+   which no pairing cancels; with one server and the switch, the same A/A
+   run gives |difference| <= 0.07 ms.
+   Target: overhead <= 10%.
 
-The model is an untrained small_cnn reward model, the cheapest real
-architecture, so the audit's share is the largest it gets.
+The model is an untrained small_cnn reward model: the cheapest of the demo's
+architectures on the requests GRPO sends (new responses each call), so the
+audit's share is the largest it gets there (docs/benchmarks.md, "Which model").
 
-    .venv/bin/python benchmarks/audit.py [--entries 2000] [--repeats 30]
+    .venv/bin/python benchmarks/audit.py [--entries 2000] [--repeats 600]
 """
 
 from __future__ import annotations
@@ -73,22 +76,34 @@ def entries_per_second(path: Path, kit: CertKit, count: int, **checkpoints) -> f
     return count / elapsed
 
 
-def _serve(root: Path, audited: bool, label: str, ports, stop) -> None:
-    """A silo server in its own process (with or without its audit log) until `stop` is set."""
+class _SwitchedAudit:
+    """The silo's log, recording only while the client has the switch on (so one server serves both arms)."""
+
+    def __init__(self, log: AuditLog, switch) -> None:
+        self.log, self.switch = log, switch
+
+    def record(self, event) -> int:
+        return self.log.record(event) if self.switch.value else -1
+
+    def latest_checkpoint(self):
+        return self.log.latest_checkpoint() if self.switch.value else None
+
+
+def _serve(root: Path, switch, ports, stop) -> None:
+    """The silo server in its own process, its audit log behind `switch`, until `stop` is set."""
     _pin(SERVER_CORE)
     torch.set_num_threads(1)
     kit = CertKit.load(root / "pki" / "kits" / "silo-silo-0")
-    log = AuditLog.for_kit(root / f"silo-{label}.db", kit, checkpoint_every_entries=1) if audited else None
+    log = AuditLog.for_kit(root / "silo.db", kit, checkpoint_every_entries=1)
     running = serve(kit=kit, crl_path=kit.crl_path, roles_by_rpc=ROLES_BY_RPC,
                     services=[servicer_registration(open_model_service("silo-0", root / "model"))],
                     admission=SiloAdmission(SiloPolicy(rate_limit=RateLimit(per_second=1e6, burst=1_000_000))),
-                    audit=log)
+                    audit=_SwitchedAudit(log, switch))
     running.set_serving(True)
-    ports.put((label, running.port))
+    ports.put(running.port)
     stop.wait()
     running.stop(0)
-    if log is not None:
-        log.close()
+    log.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,39 +127,36 @@ def main(argv: list[str] | None = None) -> int:
 
         SmallCNNRewardModel(seed=0).save(root / "model")
         spawn = multiprocessing.get_context("spawn")
-        ports, stop = spawn.Queue(), spawn.Event()
-        processes = {label: spawn.Process(target=_serve, args=(root, label == "audited", label, ports, stop))
-                     for label in ("audited", "unaudited")}
-        for process in processes.values():
-            process.start()
+        ports, stop, switch = spawn.Queue(), spawn.Event(), spawn.Value("b", 0)
+        server = spawn.Process(target=_serve, args=(root, switch, ports, stop))
+        server.start()
         _pin(CLIENT_CORE)
         coordinator_log = AuditLog.for_kit(root / "coordinator.db", coordinator_kit)
         clients = {}
         try:
-            for _ in processes:
-                label, port = ports.get(timeout=120)
-                clients[label] = NetworkSiloClient("silo-0", f"127.0.0.1:{port}", coordinator_kit,
+            address = f"127.0.0.1:{ports.get(timeout=120)}"
+            for label in ("audited", "unaudited"):
+                clients[label] = NetworkSiloClient("silo-0", address, coordinator_kit,
                                                    audit=coordinator_log if label == "audited" else None)
             records = list(make_splits(load_consortium(consortium)).calibration)[:BATCH]
             request = score_request([r.image_path for r in records], [r.question for r in records],
                                     [r.answer for r in records], objective="correct")
             times: dict[str, list[float]] = {label: [] for label in clients}
-            for client in clients.values():
-                for _ in range(5):
-                    client.score(request)  # warm: connection up, first-call costs paid
-            for _ in range(args.repeats):
-                for label in ("audited", "unaudited"):
+            for pair in range(-5, args.repeats):  # 5 untimed pairs first: connections up, first-call costs paid
+                # ABBA order, so neither arm alone carries whatever going first in a pair costs
+                for label in ("audited", "unaudited")[::1 if pair % 2 == 0 else -1]:
+                    switch.value = label == "audited"
                     started = time.perf_counter()
                     clients[label].score(request)
-                    times[label].append(time.perf_counter() - started)
+                    if pair >= 0:
+                        times[label].append(time.perf_counter() - started)
         finally:
             for client in clients.values():
                 client.close()
             stop.set()
-            for process in processes.values():
-                process.join(timeout=30)
-                if process.is_alive():
-                    process.kill()
+            server.join(timeout=30)
+            if server.is_alive():
+                server.kill()
             coordinator_log.close()
         audited, plain = (statistics.median(times[label]) for label in ("audited", "unaudited"))
         paired = statistics.median(a - b for a, b in zip(times["audited"], times["unaudited"], strict=True))

@@ -33,7 +33,8 @@ from mor_secure.pki.kits import CertKit, identity_of
 FORMAT = "mor-secure/audit-checkpoint/v1"
 _ROOT_BYTES = 32
 # A silo signs a checkpoint with every answer; looking at its kit's files each time was 4 stat calls, ~0.09 ms of
-# a 20 ms Score call (benchmarks/audit.py). Kits are renewed days before they expire, so once a second is enough.
+# a 20 ms Score call (benchmarks/audit.py). A renewal is rare and the old certificate stays valid (and in the log),
+# so signing with it for up to a second more is harmless.
 KIT_CHECK_SECONDS = 1.0
 
 
@@ -128,9 +129,10 @@ class CheckpointSigner:
 
     def refreshed(self) -> CheckpointSigner:
         """This signer, or a new one if its kit's files changed (renewed); the party must stay the same."""
-        if self._kit is None or time.monotonic() - self._kit_checked_at < KIT_CHECK_SECONDS:
+        now = time.monotonic()
+        if self._kit is None or now - self._kit_checked_at < KIT_CHECK_SECONDS:
             return self
-        self._kit_checked_at = time.monotonic()
+        self._kit_checked_at = now
         if _stamp(self._kit) == self._kit_stamp:
             return self
         renewed = CheckpointSigner.from_kit(self._kit)

@@ -255,7 +255,6 @@ class MerkleTree:
     def __init__(self) -> None:
         self._leaves: list[bytes] = []
         self._range: list[bytes] = []
-        self._root: bytes | None = None  # root() of the current size, once asked (a log asks twice per entry)
 
     @property
     def size(self) -> int:
@@ -273,19 +272,16 @@ class MerkleTree:
             node = node_hash(self._range.pop(), node)
             carry >>= 1
         self._range.append(node)
-        self._root = None
         return index
 
     def root(self) -> bytes:
         """The current root, folded from the compact range right to left."""
         if not self._range:
             return EMPTY_ROOT
-        if self._root is None:
-            node = self._range[-1]
-            for left in reversed(self._range[:-1]):
-                node = node_hash(left, node)
-            self._root = node
-        return self._root
+        node = self._range[-1]
+        for left in reversed(self._range[:-1]):
+            node = node_hash(left, node)
+        return node
 
     def _check_size(self, size: int, name: str = "size") -> int:
         if not 0 <= size <= len(self._leaves):

@@ -13,18 +13,21 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mor_secure.audit import AuditLog, AuditLogError, SignedCheckpoint, read_log
+from mor_secure.audit import AuditLog, AuditLogError, SignedCheckpoint, checkpoints, read_log
 from mor_secure.audit.checkpoints import (
+    KIT_CHECK_SECONDS,
     Checkpoint,
     CheckpointError,
     CheckpointSigner,
     canonical_json,
+    key_id,
     verify_checkpoint,
 )
 from mor_secure.audit.merkle import leaf_hash, root_hash
@@ -243,11 +246,6 @@ def test_a_second_writer_is_refused(tmp_path: Path, pki) -> None:
 
 
 def test_a_renewed_kit_signs_from_the_first_kit_check_after_the_renewal(tmp_path: Path, pki, monkeypatch) -> None:
-    from types import SimpleNamespace
-
-    from mor_secure.audit import checkpoints
-    from mor_secure.audit.checkpoints import KIT_CHECK_SECONDS, key_id
-
     clock = SimpleNamespace(now=1000.0)
     monkeypatch.setattr(checkpoints, "time", SimpleNamespace(monotonic=lambda: clock.now))
     identity = pki.kits["hospital-a"].identity()

@@ -40,6 +40,14 @@ OWN_KEYS = ("index", "prev_root")
 # A coordinator writes a checkpoint at least this often; 256 entries is ~2 GRPO steps' calls of the demo.
 DEFAULT_CHECKPOINT_ENTRIES = 256
 DEFAULT_CHECKPOINT_SECONDS = 30.0
+# SQLite folds its WAL into the database every this many pages (default 1000), and the next commit then reuses
+# the WAL file from its start. A commit that overwrites WAL bytes already on disk is fsynced without a journal
+# commit for the file's growth: 0.10 to 0.19 ms here against 0.20 to 0.32 ms for one that appends. With the
+# default, a silo's first ~400 entries after every start append (each is 2 to 3 pages) and a coordinator's
+# first ~1000; with 100 pages (400 KB) it is the first ~40 and ~100, and a fold every 40 to 100 entries costs
+# less than the appends it saves: timed right after a forward pass over 800 entries, folds included, 0.13 ms
+# less per silo entry and 0.17 ms less per coordinator entry (docs/benchmarks.md, "Audit log").
+WAL_CHECKPOINT_PAGES = 100
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -92,6 +100,7 @@ def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
     if mode.lower() != "wal":
         raise AuditLogError(f"{path}: SQLite would not switch to WAL mode (got {mode}); put the log on a local disk")
     connection.execute("PRAGMA synchronous=FULL")
+    connection.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
     return connection
 
 

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mor_secure.audit import AuditLog, AuditLogError, SignedCheckpoint, checkpoints, read_log
+from mor_secure.audit import log as log_module
 from mor_secure.audit.checkpoints import (
     KIT_CHECK_SECONDS,
     Checkpoint,
@@ -231,6 +232,20 @@ def _count(path: Path) -> int:
             return connection.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
         except sqlite3.OperationalError:
             return 0
+
+
+def test_the_wal_is_reused_from_its_start_so_commits_overwrite_instead_of_growing_the_file(tmp_path: Path,
+                                                                                         pki) -> None:
+    # 300 silo-style entries are ~700 WAL pages; SQLite's default (a fold every 1000 pages) would let the WAL
+    # grow to that, and every commit would append to it (a slower fsync: log.WAL_CHECKPOINT_PAGES).
+    path = tmp_path / "silo.db"
+    log = write_log(path, pki.kits["hospital-a"], 300, checkpoint_every_entries=1)
+    page_size = sqlite3.connect(path).execute("PRAGMA page_size").fetchone()[0]
+    wal_bytes = (tmp_path / "silo.db-wal").stat().st_size
+    log.close()
+    frame_bytes = page_size + 24  # a WAL frame: 24-byte header and one page
+    assert wal_bytes <= 32 + (log_module.WAL_CHECKPOINT_PAGES + 8) * frame_bytes < 300 * frame_bytes
+    assert verified(path, pki.kits["hospital-a"]).entries == 300
 
 
 def test_a_second_writer_is_refused(tmp_path: Path, pki) -> None:

@@ -124,12 +124,13 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
                             f"(allowed: {', '.join(sorted(r.value for r in allowed))})")
         return self.admission.admit(caller, method) if self.admission is not None else _nothing
 
-    def _finish(self, context: grpc.ServicerContext, method: str, caller: Caller | None, facts: serde.CallFacts,
+    def _finish(self, context: grpc.ServicerContext, method: str, caller: Caller | None, request: Any,
                 decision: str, code: str, reason: str, started: float) -> None:
         """Record the call and attach the log's checkpoint; INTERNAL (raised) if it cannot be recorded."""
         if self.audit is None:
             return
         try:
+            facts = serde.call_facts(method, _raw(request))
             self.audit.record({"event": "call", "side": "server", "rpc": method,
                                "caller": None if caller is None else caller.identity.uri,
                                "serial": None if caller is None else f"{caller.serial:x}",
@@ -147,38 +148,37 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
                                             serde.checkpoint_to_proto(checkpoint).SerializeToString()),))
 
     def _guarded(self, method: str, behaviour: Callable, streaming_response: bool) -> Callable:
-        def run(request_or_iterator: Any, context: grpc.ServicerContext) -> Any:
+        def run(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
-            facts = serde.call_facts(method, _raw(request_or_iterator))
             caller = None
             try:
                 caller = peer_caller(context)
                 release = self._decide(method, caller)
             except SiloError as error:
-                self._finish(context, method, caller, facts, "refused", error.code.value, error.message, started)
+                self._finish(context, method, caller, request, "refused", error.code.value, error.message, started)
                 abort_with(context, error)
             if streaming_response:
                 # Health Watch and reflection streams: admitted now, nothing held while they stream.
                 release()
-                self._finish(context, method, caller, facts, "admitted", "OK", "stream opened", started)
-                return behaviour(request_or_iterator, context)
+                self._finish(context, method, caller, request, "admitted", "OK", "stream opened", started)
+                return behaviour(request, context)
             try:
-                response = behaviour(request_or_iterator, context)
+                response = behaviour(request, context)
             except SiloError as error:
                 release()  # the party's own refusal (bad input, a policy limit the handler checks)
-                self._finish(context, method, caller, facts, "refused", error.code.value, error.message, started)
+                self._finish(context, method, caller, request, "refused", error.code.value, error.message, started)
                 abort_with(context, error)
             except Exception as exc:  # noqa: BLE001 - a bug must answer INTERNAL, never kill the server
                 release()
                 if _is_abort(exc):
-                    self._finish(context, method, caller, facts, "failed", "ABORTED", "aborted by the handler",
+                    self._finish(context, method, caller, request, "failed", "ABORTED", "aborted by the handler",
                                  started)
                     raise
                 logger.exception("%s failed for %s", method, caller.identity)
-                self._finish(context, method, caller, facts, "failed", "INTERNAL", type(exc).__name__, started)
+                self._finish(context, method, caller, request, "failed", "INTERNAL", type(exc).__name__, started)
                 context.abort(grpc.StatusCode.INTERNAL, "internal error on the server; it has been logged")
             release()
-            self._finish(context, method, caller, facts, "admitted", "OK", "", started)
+            self._finish(context, method, caller, request, "admitted", "OK", "", started)
             return response
 
         return run

@@ -46,7 +46,7 @@ DEFAULT_CHECKPOINT_SECONDS = 30.0
 # default, a silo's first ~400 entries after every start append (each is 2 to 3 pages) and a coordinator's
 # first ~1000; with 100 pages (400 KB) it is the first ~40 and ~100, and a fold every 40 to 100 entries costs
 # less than the appends it saves: timed right after a forward pass over 800 entries, folds included, 0.13 ms
-# less per silo entry and 0.17 ms less per coordinator entry (docs/benchmarks.md, "Audit log").
+# less per silo entry and 0.14 ms less per coordinator entry (docs/benchmarks.md, "Audit log").
 WAL_CHECKPOINT_PAGES = 100
 
 _SCHEMA = """

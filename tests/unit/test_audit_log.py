@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import closing
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -240,7 +241,8 @@ def test_the_wal_is_reused_from_its_start_so_commits_overwrite_instead_of_growin
     # grow to that, and every commit would append to it (a slower fsync: log.WAL_CHECKPOINT_PAGES).
     path = tmp_path / "silo.db"
     log = write_log(path, pki.kits["hospital-a"], 300, checkpoint_every_entries=1)
-    page_size = sqlite3.connect(path).execute("PRAGMA page_size").fetchone()[0]
+    with closing(sqlite3.connect(path)) as reader:
+        page_size = reader.execute("PRAGMA page_size").fetchone()[0]
     wal_bytes = (tmp_path / "silo.db-wal").stat().st_size
     log.close()
     frame_bytes = page_size + 24  # a WAL frame: 24-byte header and one page

@@ -40,6 +40,17 @@ silos:
 TINY_VLM_SIZES = {"vision_hidden": 32, "text_hidden": 32, "text_layers": 1, "vision_layers": 1, "attention_heads": 2}
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The module that uses it runs on one intra-op torch thread; the setting is restored after it."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def consortium_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small consortium YAML (seed 0; 60/20/40 shared images; three silos of 5% each)."""

@@ -43,17 +43,9 @@ silos:
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Run this module on one intra-op thread, then restore the setting.
-
-    The router's matrices are small: on 2 shared, busy cores a second thread
-    only adds contention (measured here: ~7 ms/step on 1 thread, ~70 ms on 2).
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+# The router's matrices are small: on 2 shared, busy cores a second thread only adds contention
+# (measured here: ~7 ms/step on 1 thread, ~70 ms on 2).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

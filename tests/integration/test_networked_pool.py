@@ -67,8 +67,6 @@ serve:
     return path
 
 
-
-
 @pytest.fixture(scope="module")
 def consortium_on_loopback(tmp_path_factory: pytest.TempPathFactory, consortium_path: Path) -> Iterator[SimpleNamespace]:
     root = tmp_path_factory.mktemp("networked")

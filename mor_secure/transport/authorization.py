@@ -170,15 +170,16 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
                 abort_with(context, error)
             except Exception as exc:  # noqa: BLE001 - a bug must answer INTERNAL, never kill the server
                 release()
-                if _is_abort(exc):
-                    self._finish(context, method, caller, request, "failed", "ABORTED", "aborted by the handler",
-                                 started)
+                ended = _status_set_by_handler(context)
+                if ended is not None:  # context.abort, or set_code then raise: gRPC answers that status
+                    self._finish(context, method, caller, request, "failed", *ended, started)
                     raise
                 logger.exception("%s failed for %s", method, caller.identity)
                 self._finish(context, method, caller, request, "failed", "INTERNAL", type(exc).__name__, started)
                 context.abort(grpc.StatusCode.INTERNAL, "internal error on the server; it has been logged")
             release()
-            self._finish(context, method, caller, request, "admitted", "OK", "", started)
+            code, reason = _status_set_by_handler(context) or ("OK", "")  # e.g. Health/Check's NOT_FOUND
+            self._finish(context, method, caller, request, "admitted", code, reason, started)
             return response
 
         return run
@@ -213,6 +214,14 @@ def _raw(request: Any) -> bytes:
     return serialize() if callable(serialize) else b""  # a request stream: nothing single to digest
 
 
-def _is_abort(exc: Exception) -> bool:
-    # context.abort raises a private exception type; let it through untouched.
-    return type(exc).__name__ == "_AbortionError" or isinstance(exc, grpc.RpcError)
+def _status_set_by_handler(context: grpc.ServicerContext) -> tuple[str, str] | None:
+    """(code name, details) of a status the handler set itself (`context.abort` or `set_code`), else None.
+
+    Read from the context, not from the exception: grpcio's `abort` raises a
+    bare `Exception` (1.85), so only the context tells an abort from a bug.
+    """
+    code = context.code()
+    if code is None or code == grpc.StatusCode.OK:
+        return None
+    details = context.details()
+    return code.name, details.decode("utf-8", "replace") if isinstance(details, bytes) else (details or "")

@@ -291,3 +291,44 @@ def test_a_call_that_cannot_be_recorded_is_not_answered(consortium_pki, tmp_path
     finally:
         running.stop(0)
         log.close()
+
+
+class _HandlerThatEndsCalls(silo_pb2_grpc.SiloRewardServiceServicer):
+    """Score aborts with its own status; every other RPC is the generated stub's (sets UNIMPLEMENTED, raises)."""
+
+    def Score(self, request, context):
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the model is still loading")
+
+
+def test_the_status_a_handler_ends_a_call_with_is_the_one_answered_and_on_record(consortium_pki,
+                                                                                tmp_path: Path) -> None:
+    """A handler's own status (abort, set_code) is not turned into INTERNAL, and the entry says what was answered."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    ca, _, kits = consortium_pki
+    audit = AuditLog.for_kit(tmp_path / "audit.db", kits["silo"], checkpoint_every_entries=1)
+    running = serve(kit=kits["silo"], crl_path=ca.directory / "crl.pem", roles_by_rpc=ROLES_BY_RPC,
+                    services=[(silo_pb2_grpc.add_SiloRewardServiceServicer_to_server, _HandlerThatEndsCalls(),
+                               SERVICE_NAME)], admission=SiloAdmission(SiloPolicy()), audit=audit)
+    running.set_serving(True)
+    try:
+        channel, stub = raw_stub(running.port, _credentials(kits["coordinator"]))
+        with channel:
+            with pytest.raises(grpc.RpcError) as aborted:
+                stub.Score(serde.score_request_to_proto(GOOD), timeout=10)
+            assert aborted.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert aborted.value.details() == "the model is still loading"
+            assert rpc_code(stub.Describe, silo_pb2.DescribeRequest()) == grpc.StatusCode.UNIMPLEMENTED
+            health = health_pb2_grpc.HealthStub(channel)
+            assert rpc_code(health.Check, health_pb2.HealthCheckRequest(service="no.such.Service")) == \
+                grpc.StatusCode.NOT_FOUND  # set_code, then a normal return
+            assert health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=10).status == \
+                health_pb2.HealthCheckResponse.SERVING  # and the server still serves
+        entries = [(e["rpc"].rsplit("/", 1)[1], e["decision"], e["status"], e["reason"]) for e in logged(audit)]
+        assert entries == [("Score", "failed", "FAILED_PRECONDITION", "the model is still loading"),
+                           ("Describe", "failed", "UNIMPLEMENTED", "Method not implemented!"),
+                           ("Check", "admitted", "NOT_FOUND", ""),
+                           ("Check", "admitted", "OK", "")]
+    finally:
+        running.stop(0)
+        audit.close()

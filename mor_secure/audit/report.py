@@ -15,24 +15,17 @@ attributes so tests and tools can read them without scraping prose.
 from __future__ import annotations
 
 import html
-import io
 import math
-import re
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import matplotlib
-import matplotlib.dates as mdates
-from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from .report_plots import PALETTE, PLOT_STYLE, inline_svg, new_figure, plot_dates, plot_label, time_axis
 from .report_view import ReportView
 
-# Okabe-Ito: distinguishable with the common colour-vision deficiencies.
-PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000", "#F0E442")
-_RC = {"svg.fonttype": "none", "font.size": 11, "font.family": "DejaVu Sans",
-       "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False}
 # Bucket widths for the queries-over-time plot (seconds); the first giving at most ~30 buckets wins.
 _BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400, 604800)
 _SILO_PREFIX = "mor://silo/"
@@ -93,13 +86,6 @@ def _silo_of(party: str) -> str | None:
     return party[len(_SILO_PREFIX):] if party.startswith(_SILO_PREFIX) else None
 
 
-def _mpl(text: str, limit: int = 60) -> str:
-    """A log string safe as a matplotlib label: one line, short, no mathtext."""
-    text = " ".join(str(text).split())
-    text = text if len(text) <= limit else text[: limit - 1] + "…"
-    return text.replace("$", r"\$")
-
-
 def _table(head: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
     """Cells in `rows` are already HTML; header text is escaped here."""
     out = ["<table><thead><tr>", *(f"<th>{_e(h)}</th>" for h in head), "</tr></thead><tbody>"]
@@ -115,31 +101,6 @@ def _table(head: list[str], rows: list[list[str]], numeric: set[int] = frozenset
 def _listed(items) -> str:
     inner = "".join(f"<li>{_e(p)}</li>" for p in items)
     return f'<ul class="problems">{inner}</ul>' if items else '<span class="muted">none</span>'
-
-
-def _svg(fig, alt: str) -> str:
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", metadata={"Date": None})
-    svg = buf.getvalue()
-    svg = re.sub(r"<metadata>.*?</metadata>\s*", "", svg[svg.index("<svg"):], flags=re.S)
-    svg = svg.replace("<svg", '<svg aria-hidden="true"', 1)
-    return f'<figure role="img" aria-label="{_e(alt)}">{svg}</figure>'
-
-
-def _new_figure(width: float, height: float) -> Figure:
-    return Figure(figsize=(width, height), layout="constrained")  # no pyplot: no global state, no GUI backend
-
-
-def _time_axis(ax, maxticks: int = 9) -> None:
-    locator = mdates.AutoDateLocator(tz=timezone.utc, minticks=3, maxticks=maxticks)
-    offsets = ["", "%Y", "%Y-%m", "%Y-%m-%d", "%Y-%m-%d", "%Y-%m-%d %H:%M"]
-    ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=timezone.utc, offset_formats=offsets))
-    ax.set_xlabel("time (UTC)", loc="left")  # the date offset sits at the right end of the axis
-
-
-def _dates(times):
-    return mdates.date2num([datetime.fromtimestamp(t, timezone.utc) for t in times])
 
 
 def _human(seconds: int) -> str:
@@ -205,18 +166,18 @@ class _Page:
         width = next((b for b in _BUCKETS if (t1 - t0) / b <= 30), _BUCKETS[-1])
         n = int((t1 - t0) // width) + 1  # buckets start at the first call
         starts = [t0 + i * width for i in range(n)]
-        fig = _new_figure(10, 3.2)
+        fig = new_figure(10, 3.2)
         ax = fig.add_subplot()
         for silo in sorted({q.silo for q in qs}):
             per = Counter(int((q.time - t0) // width) for q in qs if q.silo == silo)
-            ax.plot(_dates([s + width / 2 for s in starts]), [per[i] for i in range(n)], marker="o",
-                    markersize=4, color=self.colour[silo], label=_mpl(silo))
-        _time_axis(ax)
+            ax.plot(plot_dates([s + width / 2 for s in starts]), [per[i] for i in range(n)], marker="o",
+                    markersize=4, color=self.colour[silo], label=plot_label(silo))
+        time_axis(ax)
         ax.set_ylabel(f"calls per {_human(width)}")
         ax.set_ylim(bottom=0)
         ax.legend(title="silo", loc="upper left", bbox_to_anchor=(1.01, 1))
         body = (f"<p>{len(qs)} calls between {_e(_utc(t0))} and {_e(_utc(t1))}, counted per {_e(_human(width))} "
-                "(the last bucket may be partial).</p>" + _svg(fig, "calls per silo over time"))
+                "(the last bucket may be partial).</p>" + inline_svg(fig, "calls per silo over time"))
         return self._section("queries", how, body)
 
     # -- (2) refusals ------------------------------------------------------------------------
@@ -230,14 +191,14 @@ class _Page:
         for (silo, reason, _), c in refused.items():
             by_reason[reason][silo] += c
         reasons = sorted(by_reason, key=lambda r: (-sum(by_reason[r].values()), r))[:12]
-        fig = _new_figure(10, 1.2 + 0.45 * len(reasons))
+        fig = new_figure(10, 1.2 + 0.45 * len(reasons))
         ax = fig.add_subplot()
         left = [0] * len(reasons)
         for silo in sorted({s for s, _, _ in refused}):
             vals = [by_reason[r][silo] for r in reasons]
-            ax.barh(range(len(reasons)), vals, left=left, color=self.colour[silo], label=_mpl(silo))
+            ax.barh(range(len(reasons)), vals, left=left, color=self.colour[silo], label=plot_label(silo))
             left = [a + b for a, b in zip(left, vals)]
-        ax.set_yticks(range(len(reasons)), [_mpl(r, 50) for r in reasons])
+        ax.set_yticks(range(len(reasons)), [plot_label(r, 50) for r in reasons])
         ax.invert_yaxis()
         ax.set_xlabel("refused calls (count)")
         ax.legend(title="silo", loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -245,7 +206,7 @@ class _Page:
                 for (s, r, st), c in sorted(refused.items(), key=lambda kv: (kv[0][0], -kv[1], kv[0][1]))]
         note = "" if len(by_reason) <= 12 else (f'<p class="muted">The plot shows the 12 most common of '
                                                  f'{len(by_reason)} reasons; the table lists all.</p>')
-        body = _svg(fig, "refused calls by reason") + note + _table(["silo", "reason", "status", "count"], rows, {3})
+        body = inline_svg(fig, "refused calls by reason") + note + _table(["silo", "reason", "status", "count"], rows, {3})
         return self._section("refusals", how, body)
 
     # -- (3) privacy budget ------------------------------------------------------------------
@@ -257,21 +218,21 @@ class _Page:
             return self._section("budget", how, "<p>No privacy-ledger entries were recorded.</p>")
         silos = sorted({b.silo for b in pts})
         cols = min(3, len(silos))
-        fig = _new_figure(10, 3.2 * math.ceil(len(silos) / cols))
+        fig = new_figure(10, 3.2 * math.ceil(len(silos) / cols))
         rows, flat = [], []
         for i, silo in enumerate(silos):
             mine = [b for b in pts if b.silo == silo]
             last = mine[-1]
             ax = fig.add_subplot(math.ceil(len(silos) / cols), cols, i + 1)
-            ax.step(_dates([b.time for b in mine]), [b.epsilon_spent for b in mine], where="post", linewidth=2,
+            ax.step(plot_dates([b.time for b in mine]), [b.epsilon_spent for b in mine], where="post", linewidth=2,
                     color=self.colour[silo], marker="o" if len(mine) <= 60 else None, markersize=3)
             limit = last.epsilon_budget if math.isfinite(last.epsilon_budget) else 0.0
             if limit:
                 ax.axhline(limit, color="#b00020", linestyle="--")
             ax.set_ylim(0, max([b.epsilon_spent for b in mine] + [limit]) * 1.15 or 1)
-            ax.set_title(_mpl(silo))
+            ax.set_title(plot_label(silo))
             ax.set_ylabel("ε (epsilon)")
-            _time_axis(ax, maxticks=4)
+            time_axis(ax, maxticks=4)
             # "Never changes after training": queries answered once the ledger reached its final value spent nothing.
             settled = next(b.time for b in mine if b.epsilon_spent == last.epsilon_spent)
             served = [q for q in self.v.queries if q.silo == silo and q.decision == "admitted" and q.time >= settled]
@@ -283,7 +244,7 @@ class _Page:
         fig.legend(handles=[Line2D([], [], color="#555", lw=2, label="ε spent (in the silo's colour)"),
                             Line2D([], [], color="#b00020", ls="--", label="ε lifetime budget")],
                    loc="outside lower center", ncols=2)
-        body = _svg(fig, "privacy budget spent against the limit per silo")
+        body = inline_svg(fig, "privacy budget spent against the limit per silo")
         if flat:
             body += (f"<p>For {_e(', '.join(flat))}: scores of a DP-trained model are post-processing: "
                      "answering queries spends no budget. The spend was made once, when the model was trained.</p>")
@@ -393,7 +354,7 @@ class _Page:
 def render_report(view: ReportView) -> str:
     """The whole report as one HTML5 document (no external resources, no JavaScript)."""
     page = _Page(view)
-    with matplotlib.rc_context(_RC):
+    with matplotlib.rc_context(PLOT_STYLE):
         sections = [page.summary(), page.queries(), page.refusals(), page.budgets(), page.router(),
                     page.rounds(), page.checks(), page.roots(), page.policies(), page.glossary()]
     nav = "".join(f'<li><a href="#{sid}">{_e(short)}</a></li>' for sid, (_, short) in SECTIONS.items())

@@ -42,7 +42,7 @@ from mor_secure.models.reward_architectures import (
 )
 from mor_secure.models.reward_model import RewardModel
 from mor_secure.privacy import DPConfig, PrivacyReport, TrainingConfig, train_bradley_terry
-from mor_secure.privacy.accounting import epsilon_spent, noise_multiplier_for
+from mor_secure.privacy.accounting import epsilon_spent, noise_multiplier_for, poisson_schedule
 from silo_agent.config import Architecture, SiloConfig
 from silo_agent.training import (
     STANDARDISATION_SOURCE,
@@ -242,9 +242,10 @@ def plan_fedavg_noise(*, n_units: int, batch_size: int, rounds: int, local_epoch
     that noise. That pick is recomputed here and the all-rounds epsilon checked before any step.
     Releasing the global model after each round is post-processing; rounds compose adaptively.
     """
-    # Opacus's Poisson sampler, as in dp_training._train_private: rate 1/ceil(n/b), int(1/rate) steps per epoch.
-    sample_rate = 1 / math.ceil(n_units / batch_size)
-    steps_per_round = local_epochs * int(1 / sample_rate)
+    # Planned as dp_training._train_private plans a run: at the rate Opacus' accountant charges.
+    schedule = poisson_schedule(n_units=n_units, batch_size=batch_size)
+    sample_rate = schedule.accounted_rate
+    steps_per_round = local_epochs * schedule.steps_per_epoch
     total_steps = rounds * steps_per_round
     common = {"target_delta": dp.target_delta, "sample_rate": sample_rate, "accountant": dp.accountant}
     sigma = noise_multiplier_for(target_epsilon=dp.target_epsilon, steps=total_steps, **common)

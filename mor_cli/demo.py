@@ -45,7 +45,8 @@ from mor_secure.models.reward_model import RewardModel
 from mor_secure.models.tiny_vlm import build_tiny_vlm, load_vlm
 from mor_secure.pki.kits import CertKit
 from silo_agent.config import SiloConfig
-from silo_agent.training import MODEL_DIR, create_ledger, feature_cache_dir, load_silo_config, train_silo
+from silo_agent.training import (MODEL_DIR, create_ledger, feature_cache_dir, load_silo_config,
+                                 served_feature_cache_dir, train_silo)
 
 from .audit_cli import review
 from .pki_cli import init_pki
@@ -105,7 +106,7 @@ def write_pool(workdir: Path, *, addresses: dict[str, str] | None = None, clear_
         if config.base_model is not None:
             lines.append(f"    base_model: {os.path.relpath(config.base_model, workdir)}")
         if config.architecture == "frozen_encoders":
-            lines.append(f"    feature_cache: {os.path.relpath(feature_cache_dir(config), workdir)}")
+            lines.append(f"    feature_cache: {os.path.relpath(served_feature_cache_dir(config), workdir)}")
     path = workdir / ("network_pool.yaml" if addresses is not None else "pool.yaml")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -46,7 +46,9 @@ class SiloConfig(StrictModel):
     architecture: Architecture = Field(description="Reward-model architecture: lora_vlm, frozen_encoders or small_cnn.")
     base_model: Path | None = Field(None, description="Shared VLM checkpoint directory; required for lora_vlm.")
     feature_cache: Path | None = Field(
-        None, description="frozen_encoders only: where frozen image features are cached (default: <workdir>/feature_cache).")
+        None, description="frozen_encoders only: where training caches the frozen features of the silo's images "
+        "(default: <workdir>/feature_cache). Serving never reads it (a cache hit would reveal that an image is in "
+        "the silo's data); the served model caches what callers send in <workdir>/served_feature_cache.")
     validation_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of the silo's privacy units held back (never trained on) for the "
         "local held-out accuracy in local_diagnostics.json. Scores are standardised on public calibration "

@@ -34,7 +34,7 @@ from .config import SiloConfig
 from .secure_rounds import SecureRounds
 from .service import SiloService, ledger_summary, open_model_service
 from .servicer import ROLES_BY_RPC, SiloServicer, servicer_registration
-from .training import MODEL_DIR, feature_cache_dir, open_ledger
+from .training import MODEL_DIR, open_ledger, served_feature_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def _checked_kit(config: SiloConfig) -> CertKit:
 def load_service(config: SiloConfig, policy: SiloPolicy, ledger: PrivacyLedger | None) -> SiloService:
     """The silo's service over its trained model, with its policy's limits and its ledger's public summary."""
     resources = LocalResources(base_model=config.base_model,
-                               feature_cache=feature_cache_dir(config) if config.architecture == "frozen_encoders"
-                               else None)
+                               feature_cache=served_feature_cache_dir(config)
+                               if config.architecture == "frozen_encoders" else None)
     return open_model_service(config.name, config.workdir / MODEL_DIR, resources=resources, limits=policy.limits,
                               ledger=ledger, allowed_objectives=frozenset(policy.allowed_objectives),
                               max_weight=policy.max_weight)

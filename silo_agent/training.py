@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from mor_secure.models.reward_architectures import (
 )
 from mor_secure.models.reward_model import RewardModel
 from mor_secure.privacy import PrivacyLedger, PrivacyReport, train_bradley_terry
+from mor_secure.privacy.privacy_units import held_out_units
 from mor_secure.privacy.training_config import noise_label
 
 from .config import SiloConfig
@@ -89,6 +89,18 @@ def feature_cache_dir(config: SiloConfig) -> Path:
     return config.feature_cache or config.workdir / "feature_cache"
 
 
+def served_feature_cache_dir(config: SiloConfig) -> Path:
+    """The served model's own feature cache, never the training one.
+
+    The training cache holds the features of every private image, so a
+    served model reading it would answer a private image from the cache
+    (about 1 ms) and any other after an encoder pass (about 60 ms): the call's
+    latency would tell the caller which images are in the silo's data, a
+    leak outside the DP guarantee. This cache only ever holds what callers sent.
+    """
+    return config.workdir / "served_feature_cache"
+
+
 def ledger_path(config: SiloConfig) -> Path:
     return config.workdir / LEDGER_FILE
 
@@ -107,12 +119,11 @@ def open_ledger(config: SiloConfig) -> PrivacyLedger:
 
 def split_silo_pairs(config: SiloConfig, spec: ConsortiumSpec,
                      splits: ConsortiumSplits) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """(train, held-out) pairs of the silo, split by privacy unit: a seeded shuffle of units, the first
-    `validation_fraction` held back for the local held-out accuracy."""
+    """(train, held-out) pairs of the silo, split by privacy unit: about `validation_fraction` of the units,
+    each chosen on its own id (`held_out_units`), held back for the local held-out accuracy."""
     pairs = list(pairs_for_silo(splits, spec, config.name))
-    units = sorted({privacy_unit_of(p) for p in pairs})
-    random.Random(silo_seed(spec.seed, config.name) + 1).shuffle(units)
-    held_out = set(units[:max(1, int(len(units) * config.validation_fraction))])
+    held_out = held_out_units((privacy_unit_of(p) for p in pairs), fraction=config.validation_fraction,
+                              salt=f"{silo_seed(spec.seed, config.name)}/held-out")
     return ([p for p in pairs if privacy_unit_of(p) not in held_out],
             [p for p in pairs if privacy_unit_of(p) in held_out])
 

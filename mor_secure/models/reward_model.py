@@ -1,8 +1,9 @@
 """The reward-model interface every silo architecture implements.
 
 `score(images, prompts, responses) -> Tensor` returns standardised scores
-(mean 0, std 1 on the silo's own validation pairs) so that scores from
-heterogeneous silos are on one scale before they leave the silo (DESIGN §2.1).
+(mean 0, std 1 on the consortium's public calibration pairs, so that nothing
+fitted on private data is served) so that scores from heterogeneous silos are
+on one scale before they leave the silo (DESIGN §2.1).
 
 An architecture provides two things: `side_inputs` (tensors for one side of a
 pair) and `module` (an nn.Module whose forward(*side_inputs) returns one score
@@ -121,9 +122,13 @@ class RewardModel(ABC):
         return (raw - self.standardisation.mean) / self.standardisation.std
 
     def fit_standardisation(self, pairs: Sequence[PreferencePair]) -> Standardisation:
-        """Set mean/std from raw scores of both answers of the silo's validation pairs."""
+        """Set mean/std from raw scores of both answers of `pairs`.
+
+        A silo passes public pairs (`silo_agent.training.public_standardisation_pairs`):
+        a mean and std fitted on its private pairs would be served without DP noise.
+        """
         if not pairs:
-            raise ValueError("standardisation needs at least one validation pair")
+            raise ValueError("standardisation needs at least one pair")
         images = [p.image_path for p in pairs] * 2
         prompts = [p.prompt for p in pairs] * 2
         responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]

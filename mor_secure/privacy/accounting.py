@@ -12,6 +12,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 from opacus.accountants import create_accountant
@@ -34,6 +35,32 @@ def quiet_accountant() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_RDP_LARGEST_ORDER_WARNING)
         yield
+
+
+@dataclass(frozen=True)
+class PoissonSchedule:
+    """How Opacus' Poisson loader samples one epoch of `n_units`, and the rate its accountant charges."""
+
+    sampler_rate: float  # each unit joins each batch with this probability: 1 / ceil(n_units / batch_size)
+    steps_per_epoch: int  # int(1 / sampler_rate) batches per epoch
+    accounted_rate: float  # 1 / steps_per_epoch: what make_private hands its accountant, >= sampler_rate
+
+
+def poisson_schedule(*, n_units: int, batch_size: int) -> PoissonSchedule:
+    """Opacus' schedule for DataLoader(batch_size) over `n_units` (make_private with poisson_sampling).
+
+    Opacus draws at 1 / len(data_loader) for int(1 / that rate) steps, which
+    float rounding makes len - 1 for some lengths (92 for 93, 98 for 99, 104
+    for 105, ...), and then charges its accountant 1 / len(its own loader).
+    Noise planned at `accounted_rate` for `steps_per_epoch` steps is what the
+    accountant will report; the true guarantee, at `sampler_rate`, is no worse.
+    """
+    if batch_size < 1 or n_units < 1:
+        raise ValueError(f"n_units and batch_size must be >= 1, got {n_units!r} and {batch_size!r}")
+    sampler_rate = 1 / math.ceil(n_units / batch_size)
+    steps_per_epoch = int(1 / sampler_rate)
+    return PoissonSchedule(sampler_rate=sampler_rate, steps_per_epoch=steps_per_epoch,
+                           accounted_rate=1 / steps_per_epoch)
 
 
 def epsilon_spent(

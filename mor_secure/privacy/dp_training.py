@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mor_secure.privacy.accounting import noise_multiplier_for, quiet_accountant
+from mor_secure.privacy.accounting import noise_multiplier_for, poisson_schedule, quiet_accountant
 from mor_secure.privacy.ledger import PrivacyLedger, Reservation
 from mor_secure.privacy.privacy_units import (
     UnitGrouping,
@@ -110,6 +110,13 @@ def train_bradley_terry(
         if not params:
             raise ValueError("model has no trainable parameters (every parameter has requires_grad=False)")
         dp = config.dp
+        if reservation is not None and dp.enabled and (reservation.epsilon < dp.target_epsilon
+                                                       or reservation.delta < dp.target_delta):
+            # The run spends its target whatever it was handed; settling above the reservation is refused
+            # only after every noisy step has run, so check before the first.
+            raise ValueError(f"the reservation (epsilon={reservation.epsilon:g}, delta={reservation.delta:g}) does "
+                             f"not cover this run's target (epsilon={dp.target_epsilon:g}, "
+                             f"delta={dp.target_delta:g}); reserve the target, or lower it to the reservation")
         per_unit = dp.enabled and dp.privacy_unit == "image"
         if per_unit:
             if unit_ids is None or len(unit_ids) != len(dataset):
@@ -239,17 +246,14 @@ def _train_private(
                 UserWarning,
                 stacklevel=3,
             )
-        # Mirror Opacus: make_private sets sample_rate = 1 / len(data_loader), and its
-        # Poisson sampler draws int(1 / sample_rate) batches per epoch (float rounding
-        # makes that len - 1 for some lengths, e.g. 92 for 93), so the noise is
-        # planned for exactly the steps that will run.
-        sample_rate = 1 / math.ceil(n_units / config.batch_size)
-        steps_per_epoch = int(1 / sample_rate)
+        # The noise is planned at the rate Opacus' accountant charges, for exactly the
+        # steps that run, so the epsilon it reports stays within the target.
+        schedule = poisson_schedule(n_units=n_units, batch_size=config.batch_size)
         noise_multiplier = noise_multiplier_for(
             target_epsilon=dp.target_epsilon,
             target_delta=dp.target_delta,
-            sample_rate=sample_rate,
-            steps=config.epochs * steps_per_epoch,
+            sample_rate=schedule.accounted_rate,
+            steps=config.epochs * schedule.steps_per_epoch,
             accountant=dp.accountant,
         )
         private = prepare_private_training(model, units, optimizer, dp, batch_size=config.batch_size,
@@ -259,10 +263,10 @@ def _train_private(
             ledger.release(reservation, reason="DP-SGD could not start")
         raise
     try:
-        if private.loader.sample_rate != sample_rate or len(private.loader) != steps_per_epoch:
+        if (private.loader.sample_rate, len(private.loader)) != (schedule.sampler_rate, schedule.steps_per_epoch):
             raise RuntimeError(
                 f"Opacus sampled at rate {private.loader.sample_rate} for {len(private.loader)} steps per epoch, "
-                f"but the noise was planned for {sample_rate} and {steps_per_epoch}; "
+                f"but the noise was planned for {schedule.sampler_rate} and {schedule.steps_per_epoch}; "
                 "check the installed Opacus version"
             )
         losses = _run_epochs(
@@ -286,7 +290,7 @@ def _train_private(
             epsilon=_epsilon_so_far(private.engine, dp.target_delta) if steps else 0.0,
             delta=dp.target_delta if steps else 0.0,
             noise_multiplier=noise_multiplier,
-            sample_rate=sample_rate,
+            sample_rate=schedule.accounted_rate,  # what the accountant charged: epsilon_spent reproduces `epsilon`
             steps=steps,
             epochs=config.epochs,
             max_grad_norm=dp.max_grad_norm,

@@ -20,8 +20,9 @@ its real pairs and give padded rows zero gradient.
 
 from __future__ import annotations
 
+import hashlib
 import random
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,7 @@ def group_pairs_by_unit(unit_ids: Sequence[Hashable], *, max_pairs_per_unit: int
 
     The cap bounds the padding (every unit is padded to the largest one) and
     the memory of per-row gradients; it does not change the privacy unit.
+    Each unit's sample depends on `seed`, its id and its own pairs only.
     """
     if max_pairs_per_unit is not None and max_pairs_per_unit < 1:
         raise ValueError(f"max_pairs_per_unit must be >= 1 or None, got {max_pairs_per_unit!r}")
@@ -56,14 +58,36 @@ def group_pairs_by_unit(unit_ids: Sequence[Hashable], *, max_pairs_per_unit: int
         by_unit.setdefault(unit, []).append(index)
     if not by_unit:
         raise ValueError("no pairs to group into privacy units")
-    rng = random.Random(seed)
     groups, dropped = [], 0
-    for members in by_unit.values():
+    for unit, members in by_unit.items():
         if max_pairs_per_unit is not None and len(members) > max_pairs_per_unit:
             dropped += len(members) - max_pairs_per_unit
-            members = sorted(rng.sample(members, max_pairs_per_unit))
+            # One stream per unit: which pairs a unit keeps must not depend on which other units
+            # exist, or datasets one unit apart would train on sets many units apart.
+            members = sorted(random.Random(f"{seed}/{unit!r}").sample(members, max_pairs_per_unit))
         groups.append(tuple(members))
     return UnitGrouping(groups=tuple(groups), pairs_per_unit=max(len(g) for g in groups), dropped_pairs=dropped)
+
+
+def held_out_units(units: Iterable[str], *, fraction: float, salt: str) -> frozenset[str]:
+    """The units to hold out of DP training: each one on a keyed hash of its own id, with probability `fraction`.
+
+    DP-SGD's guarantee holds between training sets one unit apart, so the
+    split must keep datasets one unit apart that close: a unit's side depends
+    on `salt` and its id alone (a seeded shuffle of all units would move many
+    units when one is added). If no unit falls under the threshold, the one
+    with the lowest hash is held out, so there is always one; that keeps the
+    training sets of neighbouring datasets one unit apart too (adding a unit
+    either holds it out instead, or trains it).
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction!r}")
+    ranked = sorted((int.from_bytes(hashlib.sha256(f"{salt}/{unit}".encode()).digest()[:8], "big"), unit)
+                    for unit in set(units))
+    if not ranked:
+        raise ValueError("no units to split")
+    threshold = fraction * 2**64
+    return frozenset(unit for key, unit in ranked if key < threshold) or frozenset({ranked[0][1]})
 
 
 def unit_dataset(pairs: Dataset, grouping: UnitGrouping) -> TensorDataset:

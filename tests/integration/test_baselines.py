@@ -27,9 +27,11 @@ from mor_cli.baselines import (
     weighted_average,
 )
 from mor_secure.data import pairs_for_silo
+from mor_secure.data.preferences import silo_seed
 from mor_secure.models import load_reward_model
 from mor_secure.models.reward_architectures import SmallCNNRewardModel
 from mor_secure.privacy import DPConfig, TrainingConfig, epsilon_spent
+from mor_secure.privacy.privacy_units import held_out_units
 from silo_agent.training import LEDGER_FILE
 
 SILO_YAML = """\
@@ -70,26 +72,15 @@ def silo_configs(tmp_path_factory: pytest.TempPathFactory, consortium_path: Path
 
 @pytest.fixture(scope="module")
 def train_pairs(silo_configs, consortium) -> dict[str, int]:
-    """Training pairs per silo: its pairs minus those on held-back images, counted apart from the module."""
+    """Training pairs per silo: its pairs minus those on held-back images (`held_out_units`, tested on its own)."""
     spec, splits = consortium
     counts = {}
     for config in silo_configs:
         pairs = pairs_for_silo(splits, spec, config.name)
-        images = sorted({p.image_id for p in pairs})
-        held_back = max(1, int(len(images) * config.validation_fraction))
-        counts[config.name] = len(pairs) - sum(1 for p in pairs if p.image_id in
-                                               _held_back_images(config, spec, images, held_back))
+        held_back = held_out_units({p.image_id for p in pairs}, fraction=config.validation_fraction,
+                                   salt=f"{silo_seed(spec.seed, config.name)}/held-out")
+        counts[config.name] = sum(1 for p in pairs if p.image_id not in held_back)
     return counts
-
-
-def _held_back_images(config, spec, images: list[str], n: int) -> set[str]:
-    import random
-
-    from mor_secure.data.preferences import silo_seed
-
-    shuffled = list(images)
-    random.Random(silo_seed(spec.seed, config.name) + 1).shuffle(shuffled)
-    return set(shuffled[:n])
 
 
 @pytest.fixture(scope="module")

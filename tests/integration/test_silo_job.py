@@ -15,12 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from mor_cli.main import main
 from mor_secure.models import load_reward_model
+from mor_secure.models.images import image_key
+from mor_secure.models.reward_architectures import FrozenEncoderRewardModel
 from mor_secure.models.reward_architectures.small_cnn import WordsAndHead
+from mor_secure.policy import SiloPolicy
 from mor_secure.privacy import PrivacyReport
+from mor_secure.wire.messages import ImageBlob, ScoreRequest, ScoreRow
 from silo_agent import training as silo_training
+from silo_agent.serving import load_service
 from silo_agent.training import DIAGNOSTICS_FILE, LEDGER_FILE, MODEL_DIR, REPORT_FILE
 
 SILO_YAML = """\
@@ -330,3 +336,31 @@ def test_a_job_refused_before_dp_sgd_releases_its_reservation(silo_dir: Path, ca
     assert charge.settled and (charge.epsilon, charge.delta) == (0.0, 0.0)
     assert charge.details["outcome"].startswith("released unspent")
     assert ledger.remaining_epsilon == 10.0
+
+
+def test_the_served_model_never_answers_from_the_training_feature_cache(silo_dir: Path) -> None:
+    """A frozen_encoders silo's training cache holds every private image's features: a served model reading it
+    would answer those from the cache (fast) and others after an encoder pass (slow), telling the caller which
+    images are the silo's. Served, a private image is encoded afresh into the served model's own cache."""
+    config_path = silo_dir / "frozen.yaml"
+    config_path.write_text(SILO_YAML.replace("architecture: small_cnn", "architecture: frozen_encoders")
+                           .replace("workdir: work/hospital-a", "workdir: work/frozen"), encoding="utf-8")
+    config = silo_training.load_silo_config(config_path)
+    private, outsider = (silo_dir / "private.png", silo_dir / "outsider.png")
+    for path, colour in ((private, "red"), (outsider, "blue")):
+        Image.new("RGB", (64, 64), colour).save(path)
+    trained = FrozenEncoderRewardModel(cache_dir=silo_training.feature_cache_dir(config))
+    trained.image_encoder.encode([private])  # what training leaves behind: the private image's features
+    trained.save(config.workdir / MODEL_DIR)
+    training_cache = next(silo_training.feature_cache_dir(config).iterdir())
+    before = training_cache.read_bytes()
+
+    service = load_service(config, SiloPolicy(), ledger=None)
+    service.score(ScoreRequest(images=tuple(ImageBlob.of(p.read_bytes()) for p in (private, outsider)),
+                               rows=(ScoreRow(0, "what colour is it?", "red"), ScoreRow(1, "what colour is it?", "blue")),
+                               objective="correct"))
+
+    assert training_cache.read_bytes() == before  # never read into the served model, never written by it
+    (served,) = silo_training.served_feature_cache_dir(config).iterdir()
+    assert set(torch.load(served, weights_only=True)) == {image_key(private), image_key(outsider)}
+

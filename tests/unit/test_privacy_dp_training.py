@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS
 from pydantic import ValidationError
@@ -27,7 +29,8 @@ from mor_secure.privacy import (
     prepare_private_training,
     train_bradley_terry,
 )
-from mor_secure.privacy.privacy_units import group_pairs_by_unit, unit_dataset
+from mor_secure.privacy.accounting import PoissonSchedule, poisson_schedule
+from mor_secure.privacy.privacy_units import group_pairs_by_unit, held_out_units, unit_dataset
 
 DIM = 8
 
@@ -190,6 +193,53 @@ def test_empty_poisson_batches_are_trained_through_and_accounted() -> None:
                       delta=1e-3, accountant="rdp"))
     assert all(math.isfinite(loss) for loss in result.diagnostics.loss_history)
     assert_plain_module(model)
+
+
+def test_poisson_schedule_is_opacus_own() -> None:
+    """Float rounding: 1 / (1 / 93) < 93, so Opacus runs 92 steps at rate 1/93 and charges 1/92."""
+    assert poisson_schedule(n_units=93, batch_size=1) == PoissonSchedule(sampler_rate=1 / 93, steps_per_epoch=92,
+                                                                        accounted_rate=1 / 92)
+    assert poisson_schedule(n_units=1000, batch_size=10) == PoissonSchedule(sampler_rate=0.01, steps_per_epoch=100,
+                                                                           accounted_rate=0.01)
+
+
+def test_an_epoch_length_opacus_rounds_down_still_settles_within_the_target(tmp_path: Path) -> None:
+    """93 units at batch size 1: the noise is planned at the rate the accountant charges, 1/92, not 1/93."""
+    chosen, rejected = make_pairs(93)
+    model = make_model()
+    ledger = new_ledger(tmp_path / "ledger.json", epsilon=10.0)
+    config = TrainingConfig(epochs=1, batch_size=1, learning_rate=0.05,
+                            dp=DPConfig(target_epsilon=2.0, target_delta=1e-5, accountant="rdp", privacy_unit="pair"))
+
+    report = train_bradley_terry(model, TensorDataset(chosen, rejected), config, ledger=ledger,
+                                 progress=False).report
+
+    assert (report.sample_rate, report.steps) == (1 / 92, 92)
+    assert report.epsilon <= 2.0
+    assert report.epsilon == pytest.approx(epsilon_spent(noise_multiplier=report.noise_multiplier,
+                                                         sample_rate=report.sample_rate, steps=92, delta=1e-5,
+                                                         accountant="rdp"))
+    (entry,) = ledger.charges
+    assert entry.settled and entry.epsilon == report.epsilon
+
+
+def test_a_reservation_below_the_runs_target_is_refused_before_training(tmp_path: Path) -> None:
+    chosen, rejected = make_pairs(600)
+    model = make_model()
+    before = copy.deepcopy(model.state_dict())
+    ledger = new_ledger(tmp_path / "ledger.json", epsilon=10.0)
+    reservation = ledger.reserve(purpose="too small", epsilon=1.0, delta=1e-5)
+
+    with pytest.raises(ValueError, match=r"reservation \(epsilon=1, delta=1e-05\) does not cover this run's "
+                                         r"target \(epsilon=8"):
+        train_bradley_terry(model, TensorDataset(chosen, rejected), dp_config(accountant="rdp"), ledger=ledger,
+                            reservation=reservation, progress=False)
+
+    assert model.rows_seen == []
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name])
+    (entry,) = ledger.charges
+    assert entry.settled and (entry.epsilon, entry.delta) == (0.0, 0.0)  # released: nothing ran
 
 
 def test_run_that_fails_part_way_still_records_what_it_spent(tmp_path: Path) -> None:
@@ -416,6 +466,37 @@ def test_unit_cap_keeps_a_seeded_sample() -> None:
     assert [len(g) for g in grouping.groups] == [12, 3] and grouping.dropped_pairs == 8
     assert grouping == group_pairs_by_unit(["a"] * 20 + ["b"] * 3, max_pairs_per_unit=12, seed=0)
     assert set(grouping.groups[0]) <= set(range(20))
+
+
+def test_a_units_capped_sample_does_not_depend_on_the_other_units() -> None:
+    """Neighbouring datasets stay neighbours: dropping unit a leaves unit b's kept pairs as they were."""
+    with_a = group_pairs_by_unit(["a"] * 20 + ["b"] * 20, max_pairs_per_unit=4, seed=0)
+    without_a = group_pairs_by_unit(["b"] * 20, max_pairs_per_unit=4, seed=0)
+    assert [i - 20 for i in with_a.groups[1]] == list(without_a.groups[0])
+    assert group_pairs_by_unit(["b"] * 20, max_pairs_per_unit=4, seed=1) != without_a  # the seed still matters
+
+
+@settings(max_examples=200, deadline=None)
+@given(units=st.sets(st.text(alphabet="abcdefghij0123456789", min_size=1, max_size=6), min_size=1, max_size=60),
+       extra=st.text(alphabet="abcdefghij0123456789", min_size=1, max_size=6),
+       fraction=st.sampled_from([0.05, 0.1, 0.3]))
+def test_held_out_units_keep_neighbouring_training_sets_one_unit_apart(units: set[str], extra: str,
+                                                                     fraction: float) -> None:
+    salt = "silo-seed/held-out"
+    held = held_out_units(units, fraction=fraction, salt=salt)
+    held_plus = held_out_units(units | {extra}, fraction=fraction, salt=salt)
+    train, train_plus = units - held, (units | {extra}) - held_plus
+    assert held and held <= units
+    assert len(train ^ train_plus) <= 1  # the training sets differ by one unit at most
+
+
+def test_held_out_units_hold_back_about_the_fraction() -> None:
+    units = [f"image-{i}" for i in range(5000)]
+    held = held_out_units(units, fraction=0.1, salt="s")
+    assert 400 < len(held) < 600
+    assert held != held_out_units(units, fraction=0.1, salt="t")
+    with pytest.raises(ValueError, match="fraction must be in"):
+        held_out_units(units, fraction=0.0, salt="s")
 
 
 def _unit_batch(sides: list[Tensor], n_units: int) -> tuple[list[Tensor], Tensor]:

@@ -15,7 +15,6 @@ run these on a live party's log or on a copy.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from mor_secure.audit import read_log
 from mor_secure.audit.evidence import check_logs, report_view
 from mor_secure.audit.reconcile import reconcile
 from mor_secure.audit.report import write_report
+from mor_secure.audit.report_view import utc_text
 from mor_secure.audit.verify import Verification, verify_log
 from mor_secure.cli_errors import run_command
 
@@ -41,16 +41,12 @@ def _certificate(path: str | Path) -> x509.Certificate:
         raise ValueError(f"{path} is not a PEM certificate") from None
 
 
-def _utc(seconds: float) -> str:
-    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
 def describe_verification(path: Path, result: Verification) -> list[str]:
     """What `verify` prints about one log."""
     lines = [f"{path}: log of {result.party}, {result.entries} entries, {result.checkpoints} signed checkpoints"]
     if result.latest is not None:
         lines.append(f"  latest checkpoint: size {result.latest.size}, root {result.latest.root.hex()}, signed "
-                     f"{_utc(result.latest.time)}")
+                     f"{utc_text(result.latest.time)}")
     if result.uncovered_entries:
         lines.append(f"  {result.uncovered_entries} newest entries are not yet covered by a signed checkpoint "
                      "(a silo signs one with every answer, the coordinator every 256 entries or 30 s, and both when "

@@ -10,9 +10,11 @@ round entries, the policy in force from the silo's serving-start entry.
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 
@@ -32,6 +34,8 @@ from .report_view import (
     SiloQuery,
 )
 from .verify import Verification, verify_log
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -70,34 +74,61 @@ def _party_check(log: StoredLog, verification: Verification) -> PartyCheck:
                       problems=tuple(p.message for p in verification.problems), latest_root=latest)
 
 
+def _readable(log: StoredLog, read: Callable[[dict[str, Any]], None]) -> None:
+    """`read` each entry's fields; an entry not in the shape the log writes is left out and counted.
+
+    Such an entry was edited: `verify` names it (the page shows that), and the
+    page must still be written around it, not fail on a field's type.
+    """
+    unreadable = 0
+    for entry in log.entries:
+        try:
+            read(entry.fields())
+        except (TypeError, ValueError, KeyError, AttributeError, OverflowError):
+            unreadable += 1
+    if unreadable:
+        logger.warning("%s: %d entries are not in the shape the log writes and are left out of the page; "
+                       "run `mor audit verify` on it", log.path, unreadable)
+
+
 def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], PolicyInForce | None]:
     name = _name(silo.party)
-    queries, budgets, policy = [], [], None
+    queries, budgets, policies, times = [], [], [], []
     last_budget = None
-    for entry in silo.entries:
-        fields = entry.fields()
+
+    def read(fields: dict[str, Any]) -> None:
+        nonlocal last_budget
         event, when = fields.get("event"), float(fields.get("time", 0.0))
         privacy = fields.get("privacy") or {}
         ledger = privacy.get("ledger") if event == "call" else fields.get("ledger")
+        query = policy = state = None
         if event == "call" and str(fields.get("rpc", "")).startswith(QUERY_PREFIX):
-            queries.append(SiloQuery(silo=name, time=when, caller=str(fields.get("caller")),
-                                     rpc=str(fields["rpc"]).removeprefix(QUERY_PREFIX),
-                                     objective=str(fields.get("objective") or ""),
-                                     decision=str(fields.get("decision")), status=str(fields.get("status")),
-                                     reason=str(fields.get("reason") or ""), items=int(fields.get("items") or 0),
-                                     epsilon_spent=float(privacy.get("epsilon_spent") or 0.0)))
+            query = SiloQuery(silo=name, time=when, caller=str(fields.get("caller")),
+                              rpc=str(fields["rpc"]).removeprefix(QUERY_PREFIX),
+                              objective=str(fields.get("objective") or ""),
+                              decision=str(fields.get("decision")), status=str(fields.get("status")),
+                              reason=str(fields.get("reason") or ""), items=int(fields.get("items") or 0),
+                              epsilon_spent=float(privacy.get("epsilon_spent") or 0.0))
         elif event == "serving_started":
             policy = PolicyInForce(silo=name, digest=str(fields.get("policy_digest")),
                                    text=str(fields.get("policy_text")))
         if ledger:
-            state = (ledger["epsilon_spent"], ledger["epsilon_budget"], ledger["delta_spent"], ledger["delta_budget"])
-            if state != last_budget:  # the ledger changes only with training: one point per change
-                budgets.append(BudgetPoint(silo=name, time=when, epsilon_spent=state[0], epsilon_budget=state[1],
-                                           delta_spent=state[2], delta_budget=state[3]))
-                last_budget = state
-    if budgets and silo.entries:
+            state = tuple(float(ledger[key]) for key in ("epsilon_spent", "epsilon_budget", "delta_spent",
+                                                         "delta_budget"))
+        # Everything read: only now does the entry count (never half of one).
+        queries.extend([query] if query else [])
+        policies.extend([policy] if policy else [])
+        if state is not None and state != last_budget:  # the ledger changes only with training: one point each
+            budgets.append(BudgetPoint(silo=name, time=when, epsilon_spent=state[0], epsilon_budget=state[1],
+                                       delta_spent=state[2], delta_budget=state[3]))
+            last_budget = state
+        times.append(when)
+
+    _readable(silo, read)
+    policy = policies[-1] if policies else None
+    if budgets and times:
         final = budgets[-1]
-        end = float(silo.entries[-1].fields().get("time", final.time))
+        end = times[-1]
         if end > final.time:  # carry the last known state to the end of the log, for the plot
             budgets.append(BudgetPoint(silo=name, time=end, epsilon_spent=final.epsilon_spent,
                                        epsilon_budget=final.epsilon_budget, delta_spent=final.delta_spent,
@@ -108,20 +139,25 @@ def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], Pol
 def _coordinator_rows(coordinator: StoredLog) -> tuple[list[RoundSummary], list[RouterWeight]]:
     rounds = []
     totals: dict[tuple[str, str], list[float]] = {}
-    for entry in coordinator.entries:
-        fields = entry.fields()
+
+    def read(fields: dict[str, Any]) -> None:
         if fields.get("event") != "round":
-            continue
-        rounds.append(RoundSummary(time=float(fields.get("time", 0.0)), round_id=str(fields.get("round_id")),
-                                   objective=str(fields.get("objective")), asked=tuple(fields.get("asked", ())),
-                                   answered=tuple(fields.get("answered", ())), items=int(fields.get("items", 0))))
-        if fields.get("method") != "mor":
-            continue  # the router's weights only mean something in rounds of the router-fused reward
-        for silo, by_kind in (fields.get("mean_weight") or {}).items():
-            for kind, (mean, count) in by_kind.items():
-                total = totals.setdefault((silo, kind), [0.0, 0])
-                total[0] += mean * count
-                total[1] += count
+            return
+        summary = RoundSummary(time=float(fields.get("time", 0.0)), round_id=str(fields.get("round_id")),
+                               objective=str(fields.get("objective")), asked=tuple(fields.get("asked", ())),
+                               answered=tuple(fields.get("answered", ())), items=int(fields.get("items", 0)))
+        weights = []
+        if fields.get("method") == "mor":  # the router's weights only mean something in the router-fused reward
+            weights = [(silo, kind, float(mean), int(count))
+                       for silo, by_kind in (fields.get("mean_weight") or {}).items()
+                       for kind, (mean, count) in by_kind.items()]
+        rounds.append(summary)  # only once the whole entry has been read
+        for silo, kind, mean, count in weights:
+            total = totals.setdefault((silo, kind), [0.0, 0])
+            total[0] += mean * count
+            total[1] += count
+
+    _readable(coordinator, read)
     weights = [RouterWeight(silo=silo, question_kind=kind, mean_weight=total / count, items=int(count))
                for (silo, kind), (total, count) in sorted(totals.items()) if count]
     return rounds, weights

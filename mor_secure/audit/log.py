@@ -23,7 +23,8 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .checkpoints import CheckpointSigner, SignedCheckpoint, canonical_json, key_id
+from .checkpoints import (CheckpointError, CheckpointSigner, SignedCheckpoint, canonical_json, key_id,
+                          verify_checkpoint)
 from .merkle import MerkleTree, leaf_hash
 
 FORMAT = "mor-secure/audit-log/v1"
@@ -56,6 +58,9 @@ CREATE TABLE IF NOT EXISTS checkpoints (seq INTEGER PRIMARY KEY, size INTEGER NO
                                         signature BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS certificates (key TEXT PRIMARY KEY, pem TEXT NOT NULL);
 """
+# As blobs whatever their storage class: a body rewritten as TEXT (the sqlite3 shell, a script) reads as its bytes,
+# and verification then names the altered entry instead of failing on the type.
+_ENTRIES_QUERY = "SELECT seq, CAST(body AS BLOB), CAST(leaf_hash AS BLOB) FROM entries ORDER BY seq"
 
 
 class AuditLogError(RuntimeError):
@@ -109,21 +114,30 @@ def read_log(path: str | Path) -> StoredLog:
     path = Path(path)
     connection = _connect(path, read_only=True)
     try:
+        # One read transaction: every SELECT sees the same snapshot, so a live party's commit between
+        # two of them cannot show a checkpoint beyond the entries read (which would look like a truncation).
+        connection.execute("BEGIN")
         meta = dict(connection.execute("SELECT key, value FROM meta"))
         if meta.get("format") != FORMAT:
             raise AuditLogError(f"{path}: not a {FORMAT} log (format {meta.get('format')!r})")
-        entries = tuple(StoredEntry(seq, bytes(body), bytes(leaf)) for seq, body, leaf in
-                        connection.execute("SELECT seq, body, leaf_hash FROM entries ORDER BY seq"))
-        checkpoints = tuple(SignedCheckpoint(bytes(body), bytes(signature)) for body, signature in
-                            connection.execute("SELECT body, signature FROM checkpoints ORDER BY seq"))
-        certificates = tuple(x509.load_pem_x509_certificate(pem.encode("ascii")) for (pem,) in
-                             connection.execute("SELECT pem FROM certificates ORDER BY rowid"))
+        entries = tuple(StoredEntry(seq, body, leaf) for seq, body, leaf in connection.execute(_ENTRIES_QUERY))
+        checkpoints = tuple(SignedCheckpoint(body, signature) for body, signature in connection.execute(
+            "SELECT CAST(body AS BLOB), CAST(signature AS BLOB) FROM checkpoints ORDER BY seq"))
+        certificates = tuple(_certificate(path, pem) for (pem,) in
+                             connection.execute("SELECT CAST(pem AS BLOB) FROM certificates ORDER BY rowid"))
     except sqlite3.DatabaseError as exc:
         raise AuditLogError(f"{path}: not a readable audit log ({exc})") from None
     finally:
         connection.close()
     return StoredLog(path=path, party=meta.get("party", ""), entries=entries, checkpoints=checkpoints,
                      certificates=certificates)
+
+
+def _certificate(path: Path, pem: bytes) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
+        raise AuditLogError(f"{path}: a certificate stored in the log does not parse ({exc})") from None
 
 
 class AuditLog:
@@ -175,20 +189,22 @@ class AuditLog:
 
     def _load(self) -> None:
         """Rebuild the tree from the stored entries, refusing to extend a log that is already damaged."""
-        for position, (seq, body, stored_leaf) in enumerate(
-                self._connection.execute("SELECT seq, body, leaf_hash FROM entries ORDER BY seq")):
-            body = bytes(body)
-            fields = StoredEntry(seq, body, bytes(stored_leaf)).fields()
-            if (seq != position or leaf_hash(body) != bytes(stored_leaf) or fields.get("index") != position
+        for position, (seq, body, stored_leaf) in enumerate(self._connection.execute(_ENTRIES_QUERY)):
+            fields = StoredEntry(seq, body, stored_leaf).fields()
+            if (seq != position or leaf_hash(body) != stored_leaf or fields.get("index") != position
                     or fields.get("prev_root") != self._tree.root().hex()):
                 raise AuditLogError(f"{self.path}: entry {position} does not check out, so the log will not be "
                                     "extended; run `mor audit verify` on it and keep the file as evidence")
-            self._tree.append(bytes(stored_leaf))
-        last = self._connection.execute("SELECT size, body, signature FROM checkpoints ORDER BY seq DESC LIMIT 1"
-                                        ).fetchone()
+            self._tree.append(stored_leaf)
+        last = self._connection.execute("SELECT size, CAST(body AS BLOB), CAST(signature AS BLOB) FROM checkpoints "
+                                        "ORDER BY seq DESC LIMIT 1").fetchone()
         self._checkpointed_size = last[0] if last else -1
+        self._latest_checkpoint = SignedCheckpoint(last[1], last[2]) if last else None
+        # Checkpoint times never go back, even if the clock did while the party was down (verify checks the order).
+        certificates = [_certificate(self.path, pem) for (pem,) in
+                        self._connection.execute("SELECT CAST(pem AS BLOB) FROM certificates")]
+        self._last_checkpoint_time = _checkpoint_time(self._latest_checkpoint, certificates)
         self._checkpointed_at = time.time() if last else 0.0
-        self._latest_checkpoint = SignedCheckpoint(bytes(last[1]), bytes(last[2])) if last else None
 
     def _transaction(self):
         return _Transaction(self._connection)
@@ -217,29 +233,34 @@ class AuditLog:
             leaf = leaf_hash(body)
             due = (index + 1 - max(self._checkpointed_size, 0) >= self.checkpoint_every_entries
                    or time.time() - self._checkpointed_at >= self.checkpoint_every_seconds)
-            with self._transaction():
+            with self._atomically():
                 self._insert_entry(index, body, leaf)
                 self._tree.append(leaf)
-                try:
-                    if due:
-                        self._write_checkpoint(checked=True)
-                except BaseException:
-                    self._tree = self._stored_tree(index)  # the transaction rolls back: so must the tree
-                    self._latest_checkpoint = self._latest()
-                    raise
+                if due:
+                    self._write_checkpoint(checked=True)
             return index
 
-    def _stored_tree(self, size: int) -> MerkleTree:
-        tree = MerkleTree()
-        for (leaf,) in self._connection.execute("SELECT leaf_hash FROM entries WHERE seq < ? ORDER BY seq", (size,)):
-            tree.append(bytes(leaf))
-        return tree
+    @contextmanager
+    def _atomically(self) -> Iterator[None]:
+        """One transaction; if anything in it fails, its COMMIT included, the in-memory tree, checkpoint and
+        signer go back to what is on disk, so no checkpoint is ever handed out over an entry that is not."""
+        mark = self._tree.mark()
+        saved = (self._checkpointed_size, self._checkpointed_at, self._last_checkpoint_time,
+                 self._latest_checkpoint, self.signer)
+        try:
+            with self._transaction():
+                yield
+        except BaseException:
+            self._tree.rewind(mark)
+            (self._checkpointed_size, self._checkpointed_at, self._last_checkpoint_time,
+             self._latest_checkpoint, self.signer) = saved
+            raise
 
     def checkpoint(self) -> SignedCheckpoint | None:
         """Sign and store a checkpoint of the current tree if it grew since the last one; the latest one."""
         with self._lock:
             if self._tree.size != self._checkpointed_size:
-                with self._transaction():
+                with self._atomically():
                     self._write_checkpoint()
             return self._latest_checkpoint
 
@@ -255,15 +276,11 @@ class AuditLog:
                 return
             try:
                 if self._tree.size != self._checkpointed_size:
-                    with self._transaction():
+                    with self._atomically():
                         self._write_checkpoint()
             finally:
                 self._closed = True
                 self._connection.close()
-
-    def _latest(self) -> SignedCheckpoint | None:
-        row = self._connection.execute("SELECT body, signature FROM checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
-        return None if row is None else SignedCheckpoint(bytes(row[0]), bytes(row[1]))
 
     def _store_certificate(self) -> None:
         """Keep the signer's certificate in the log, so a reviewer can check every checkpoint, renewals included."""
@@ -279,10 +296,11 @@ class AuditLog:
             self.signer = renewed
             self._store_certificate()
         now = time.time()
-        signed = self.signer.sign(size=self._tree.size, root=self._tree.root(), time=now)
+        stamped = max(now, self._last_checkpoint_time)  # a clock stepped back (NTP) must not reorder tree heads
+        signed = self.signer.sign(size=self._tree.size, root=self._tree.root(), time=stamped)
         self._connection.execute("INSERT INTO checkpoints(size, body, signature) VALUES (?, ?, ?)",
                                  (self._tree.size, signed.body, signed.signature))
-        self._checkpointed_size, self._checkpointed_at = self._tree.size, now
+        self._checkpointed_size, self._checkpointed_at, self._last_checkpoint_time = self._tree.size, now, stamped
         self._latest_checkpoint = signed
 
     def _insert_entry(self, index: int, body: bytes, leaf: bytes) -> None:
@@ -313,5 +331,25 @@ class _Transaction:
         self._connection.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, kind, value, traceback) -> None:
-        self._connection.execute("COMMIT" if kind is None else "ROLLBACK")
+        if kind is None:
+            try:
+                self._connection.execute("COMMIT")
+            except BaseException:
+                # A COMMIT that fails (disk full, I/O error) may leave the transaction open: end it, so the
+                # next one starts from what is on disk.
+                if self._connection.in_transaction:
+                    self._connection.execute("ROLLBACK")
+                raise
+        elif self._connection.in_transaction:
+            self._connection.execute("ROLLBACK")
+
+
+def _checkpoint_time(signed: SignedCheckpoint | None, certificates: list[x509.Certificate]) -> float:
+    """The newest checkpoint's time if it is this log's own (signed under a certificate stored in it), else 0."""
+    if signed is None:
+        return 0.0
+    try:
+        return verify_checkpoint(signed, certificates).time
+    except CheckpointError:  # forged or damaged: `mor audit verify` names it; its time is not to be trusted
+        return 0.0
 

@@ -274,6 +274,16 @@ class MerkleTree:
         self._range.append(node)
         return index
 
+    def mark(self) -> tuple[int, tuple[bytes, ...]]:
+        """A point to `rewind` to: the size and compact range now (O(log n), no copy of the leaves)."""
+        return len(self._leaves), tuple(self._range)
+
+    def rewind(self, mark: tuple[int, tuple[bytes, ...]]) -> None:
+        """Drop the leaves appended since `mark` (an append whose write to disk failed)."""
+        size, compact_range = mark
+        del self._leaves[size:]
+        self._range = list(compact_range)
+
     def root(self) -> bytes:
         """The current root, folded from the compact range right to left."""
         if not self._range:

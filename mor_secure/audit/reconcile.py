@@ -10,7 +10,7 @@ query by query without either holding the query itself:
   coordinator, may be absent there: it is counted, not a mismatch);
 - every query the silo logged from the coordinator is in the coordinator's
   log (a silo cannot be asked off the record);
-- every checkpoint the silo handed back with an answer is signed by the
+- every answer carried a checkpoint, and every one the silo handed back is signed by the
   silo's consortium certificate, covers the silo's own entry for that call,
   and the silo's log today is consistent with it (its first `size` entries
   still have the signed root; the newest is also checked with an RFC 6962
@@ -87,7 +87,8 @@ def _calls(log: StoredLog, side: str, peer_field: str, peer: str) -> list[tuple[
 
 
 def _key(fields: dict) -> tuple:
-    return fields.get("rpc"), fields.get("round_id"), fields.get("request_digest")
+    # repr: a malformed entry's field may be a list or dict; it must still match by value, not crash.
+    return tuple(repr(fields.get(name)) for name in ("rpc", "round_id", "request_digest"))
 
 
 def _short(fields: dict) -> str:
@@ -110,7 +111,9 @@ def reconcile(coordinator: StoredLog, silo: StoredLog, ca: x509.Certificate) -> 
         waiting[_key(fields)].append((seq, fields))
 
     held: list[tuple[int, Checkpoint, int | None]] = []  # (coordinator entry, silo checkpoint, silo entry it answers)
-    for seq, fields in asked:
+    # Answered calls claim the silo's entries first: a retry of the same request after UNAVAILABLE is logged
+    # twice by the coordinator and once by the silo, and the silo's entry is the answered one's.
+    for seq, fields in sorted(asked, key=lambda call: call[1].get("status") in NOT_DELIVERED):
         candidates = waiting.get(_key(fields))
         silo_entry = None
         if candidates:
@@ -125,6 +128,11 @@ def reconcile(coordinator: StoredLog, silo: StoredLog, ca: x509.Certificate) -> 
         else:
             result.mismatch(f"coordinator entry {seq}: {_short(fields)} answered {fields.get('status')} is not in "
                             f"{silo.party}'s log")
+        if not fields.get("peer_checkpoint") and fields.get("status") not in NOT_DELIVERED:
+            # Every answer, a refusal too, carries the silo's signed tree head; without them a silo could
+            # rewrite its log and re-sign it unnoticed.
+            result.mismatch(f"coordinator entry {seq}: {_short(fields)} was answered {fields.get('status')} "
+                            f"without {silo.party}'s checkpoint")
         checkpoint = _held_checkpoint(fields, seq, silo_certificates, result)
         if checkpoint is not None:
             held.append((seq, checkpoint, silo_entry))

@@ -17,14 +17,13 @@ from __future__ import annotations
 import html
 import math
 from collections import Counter, defaultdict
-from datetime import datetime, timezone
 from pathlib import Path
 
 import matplotlib
 from matplotlib.lines import Line2D
 
 from .report_plots import PALETTE, PLOT_STYLE, inline_svg, new_figure, plot_dates, plot_label, time_axis
-from .report_view import ReportView
+from .report_view import ReportView, utc_text
 
 # Bucket widths for the queries-over-time plot (seconds); the first giving at most ~30 buckets wins.
 _BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400, 604800)
@@ -62,7 +61,7 @@ def _e(value: object) -> str:
 
 
 def _utc(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return utc_text(t, iso=True)
 
 
 def _when(t: float) -> str:

@@ -8,6 +8,18 @@ shown; roots and digests are hex.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
+
+
+def utc_text(seconds: float, *, iso: bool = False) -> str:
+    """`seconds` since the epoch in UTC; a time no calendar holds (a forged checkpoint's, say) as the number itself."""
+    try:
+        moment = datetime.fromtimestamp(seconds, timezone.utc)
+    except (OverflowError, OSError, ValueError, TypeError):
+        return f"{seconds!r} (not a valid time)"
+    if iso:
+        return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 @dataclass(frozen=True)

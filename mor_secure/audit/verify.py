@@ -83,8 +83,9 @@ def verify_log(log: StoredLog, certificates: Sequence[x509.Certificate]) -> Veri
         roots[0] = tree.root()
     for position, entry in enumerate(log.entries):
         if entry.seq != position:
-            problem(position, f"entry {position} is missing: the stored entries jump from {position - 1} to "
-                    f"{entry.seq} (entries {position}..{entry.seq - 1} were deleted)")
+            jump = f"jump from {position - 1} to {entry.seq}" if position else f"start at {entry.seq}"
+            problem(position, f"entry {position} is missing: the stored entries {jump} (entries "
+                    f"{position}..{entry.seq - 1} were deleted)")
             break  # every later position is shifted; the first gap is the finding
         body_leaf = leaf_hash(entry.body)
         if body_leaf != entry.leaf_hash:
@@ -97,9 +98,17 @@ def verify_log(log: StoredLog, certificates: Sequence[x509.Certificate]) -> Veri
                     "or one was inserted or removed here")
         elif not chain_broken and fields.get("prev_root") != tree.root().hex():
             chain_broken = True
-            culprit = max(position - 1, 0)
-            problem(culprit, f"entry {culprit} was altered, removed or inserted: entry {position} recorded a "
-                    f"different Merkle root for the entries before it")
+            pinned = next((number for number, c in enumerate(checkpoints)
+                           if c is not None and c.size == position and c.root == tree.root()), None)
+            if pinned is not None:  # entries 0..position-1 are as signed, so this entry's own record was edited
+                problem(position, f"entry {position} was altered: the Merkle root it records for the entries "
+                        f"before it is not theirs, which checkpoint #{pinned} (size {position}) confirms")
+            else:
+                culprit = max(position - 1, 0)
+                problem(culprit, f"entry {culprit} was altered, removed or inserted: entry {position} recorded a "
+                        "different Merkle root for the entries before it (or entry "
+                        f"{position}'s own record of that root was edited; no checkpoint at size {position} "
+                        "tells which)")
         tree.append(body_leaf)
         if tree.size in wanted_sizes:
             roots[tree.size] = tree.root()
@@ -141,9 +150,12 @@ def _checked_checkpoints(log: StoredLog, certificates, problem) -> list[Checkpoi
             continue
         if checkpoint.log != log.party:
             problem(None, f"checkpoint #{number} is of {checkpoint.log}'s log, not {log.party}'s")
-        if previous is not None and (checkpoint.size < previous.size or checkpoint.time < previous.time):
+        if previous is not None and checkpoint.size < previous.size:
             problem(None, f"checkpoint #{number} (size {checkpoint.size}) goes back from #{number - 1} (size "
                     f"{previous.size}): checkpoints were reordered or the log was reset")
+        elif previous is not None and checkpoint.time < previous.time:
+            problem(None, f"checkpoint #{number} is dated {previous.time - checkpoint.time:.3f} s before "
+                    f"#{number - 1}: checkpoints were reordered (the writer never dates one before the last)")
         previous = checkpoint
         checked.append(checkpoint)
     return checked

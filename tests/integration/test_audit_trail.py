@@ -10,6 +10,7 @@ rewrite their log and re-sign it, which `verify` cannot catch and
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import time
@@ -142,6 +143,33 @@ def test_a_silo_that_rewrites_an_earlier_entry_after_giving_a_checkpoint_is_caug
     assert "checkpoint it signed then (size 1)" not in out  # what came before the rewrite still checks out
 
 
+def test_answers_that_carried_no_checkpoint_are_mismatches(consortium_run, pki, capsys) -> None:
+    """A silo that sends no tree heads could later rewrite its log and re-sign it; reconcile names every such answer."""
+    def as_if_the_silo_sent_none(entries: list[dict]) -> list[dict]:
+        return [{**e, "peer_checkpoint": None} if e.get("event") == "call" else e for e in entries]
+
+    rewrite(consortium_run["coordinator"], pki.kits["coordinator"], as_if_the_silo_sent_none)
+    code, out = cli("reconcile", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
+                    "--ca", str(pki.ca.directory / "ca.pem"), capsys=capsys)
+    assert code == 1 and "MISMATCH" in out
+    assert out.count("without mor://silo/hospital-a's checkpoint") == 4
+    assert "was answered PERMISSION_DENIED without mor://silo/hospital-a's checkpoint" in out
+
+
+def test_a_retry_after_unavailable_reconciles(consortium_run, pki, capsys) -> None:
+    """The client retries UNAVAILABLE with the same request: two coordinator entries, one silo entry, no mismatch."""
+    def first_score_retried(entries: list[dict]) -> list[dict]:
+        first = next(i for i, e in enumerate(entries) if str(e.get("rpc", "")).endswith("/Score"))
+        attempt = {**entries[first], "status": "UNAVAILABLE", "reason": "failed to connect", "peer_checkpoint": None}
+        return [*entries[:first], attempt, *entries[first:]]
+
+    rewrite(consortium_run["coordinator"], pki.kits["coordinator"], first_score_retried)
+    code, out = cli("reconcile", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
+                    "--ca", str(pki.ca.directory / "ca.pem"), capsys=capsys)
+    assert code == 0, out
+    assert "4 queries found in both logs, 1 that never reached the silo" in out and "RECONCILED" in out
+
+
 def test_a_coordinator_that_drops_a_query_from_its_record_is_caught(consortium_run, pki, capsys) -> None:
     def drop_the_describe(entries: list[dict]) -> list[dict]:
         return [e for e in entries if not str(e.get("rpc", "")).endswith("/Describe")]
@@ -180,3 +208,40 @@ def test_verify_exits_1_naming_the_first_bad_entry_of_a_tampered_log(consortium_
                     capsys=capsys)
     assert code == 1
     assert "FAILED" in out and "the first bad entry is entry 2" in out and "entry 2 was altered" in out
+
+
+def test_a_forged_checkpoint_dated_beyond_any_calendar_is_reported_not_a_crash(consortium_run, pki, capsys,
+                                                                               tmp_path: Path) -> None:
+    """Write access and no key: a newest checkpoint with time 1e300 and a bad signature."""
+    silo = read_log(consortium_run["silo"])
+    forged = canonical_json({**json.loads(silo.checkpoints[-1].body), "time": 1e300})
+    with sqlite3.connect(consortium_run["silo"]) as connection:
+        connection.execute("INSERT INTO checkpoints(size, body, signature) VALUES (?, ?, ?)",
+                           (len(silo.entries), forged, b"\x00" * 64))
+    code, out = cli("verify", str(consortium_run["silo"]), "--cert", str(pki.kits["hospital-a"].cert_path),
+                    capsys=capsys)
+    assert code == 1 and "1e+300 (not a valid time)" in out and "the signature does not verify" in out
+    code, out = cli("report", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
+                    "--ca", str(pki.ca.directory / "ca.pem"), "--out", str(tmp_path / "audit.html"), capsys=capsys)
+    assert code == 0 and "NOT INTACT" in out.upper() and "1e+300 (not a valid time)" in \
+        (tmp_path / "audit.html").read_text(encoding="utf-8")
+
+
+def test_an_entry_in_a_shape_the_log_never_writes_is_left_out_of_the_report(consortium_run, pki, capsys,
+                                                                            tmp_path: Path, caplog) -> None:
+    with sqlite3.connect(consortium_run["silo"]) as connection:
+        (body,) = connection.execute("SELECT body FROM entries WHERE seq = 1").fetchone()
+        edited = canonical_json({**json.loads(body), "privacy": "x", "round_id": ["r", 1]})
+        connection.execute("UPDATE entries SET body = ? WHERE seq = 1", (edited,))
+    code, out = cli("reconcile", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
+                    "--ca", str(pki.ca.directory / "ca.pem"), capsys=capsys)
+    assert code == 1 and "is not in mor://silo/hospital-a's log" in out  # the edited entry no longer matches
+    out_file = tmp_path / "audit.html"
+    code, out = cli("report", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
+                    "--ca", str(pki.ca.directory / "ca.pem"), "--out", str(out_file), capsys=capsys)
+    assert code == 0 and out_file.is_file()
+    page = out_file.read_text(encoding="utf-8")
+    assert re.search(r'data-figure="queries:hospital-a"[^>]*>\s*3\s*<', page)  # the edited entry is left out
+    assert re.search(r'data-figure="verification:mor://silo/hospital-a"[^>]*>\s*FAILED', page, re.I)
+    assert "1 entries are not in the shape the log writes" in caplog.text
+

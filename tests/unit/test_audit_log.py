@@ -96,6 +96,27 @@ def test_the_last_entry_altered_is_caught_by_its_checkpoint(log_path: Path, pki)
     assert result.first_bad_entry == 9 and "does not match the entries it covers: entry 9" in result.problems[0].message
 
 
+def test_an_entrys_own_recorded_root_edited_is_named_as_that_entry(log_path: Path, pki) -> None:
+    """Entry 4's prev_root edited (leaf hash recomputed): checkpoint #3 (size 4) shows entries 0..3 are intact."""
+    fields = read_log(log_path).entries[4].fields()
+    body = canonical_json({**fields, "prev_root": "00" * 32})
+    edit(log_path, "UPDATE entries SET body = ?, leaf_hash = ? WHERE seq = 4", body, leaf_hash(body))
+    result = verified(log_path, pki.kits["hospital-a"])
+    assert result.first_bad_entry == 4
+    assert "entry 4 was altered: the Merkle root it records for the entries before it is not theirs, which " \
+           "checkpoint #3 (size 4) confirms" in result.problems[0].message
+
+
+def test_a_body_rewritten_as_text_is_named_not_a_crash(log_path: Path, pki) -> None:
+    """The sqlite3 shell or a script stores an edited body as TEXT; it must read as the bytes it holds."""
+    text = read_log(log_path).entries[2].body.decode("ascii").replace('"items":2', '"items":5')
+    edit(log_path, "UPDATE entries SET body = ? WHERE seq = 2", text)
+    result = verified(log_path, pki.kits["hospital-a"])
+    assert result.first_bad_entry == 2 and "entry 2 was altered" in result.problems[0].message
+    with pytest.raises(AuditLogError, match="entry 2 does not check out"):
+        AuditLog.for_kit(log_path, pki.kits["hospital-a"])
+
+
 def test_a_deleted_entry_is_named(log_path: Path, pki) -> None:
     edit(log_path, "DELETE FROM entries WHERE seq = 3")
     result = verified(log_path, pki.kits["hospital-a"])
@@ -248,6 +269,81 @@ def test_the_wal_is_reused_from_its_start_so_commits_overwrite_instead_of_growin
     frame_bytes = page_size + 24  # a WAL frame: 24-byte header and one page
     assert wal_bytes <= 32 + (log_module.WAL_CHECKPOINT_PAGES + 8) * frame_bytes < 300 * frame_bytes
     assert verified(path, pki.kits["hospital-a"]).entries == 300
+
+
+def test_a_commit_that_fails_leaves_nothing_in_memory_ahead_of_the_file(tmp_path: Path, pki) -> None:
+    """A real write error at COMMIT (the file-size limit, as a full disk gives): the entry is not in the file, so
+    it must not be in the tree, in a checkpoint handed out, or leave a gap before the next entry."""
+    path = tmp_path / "silo.db"
+    script = f"""
+import resource, signal, sys
+from mor_secure.audit import AuditLog
+from mor_secure.pki.kits import CertKit
+log = AuditLog.for_kit({str(path)!r}, CertKit.load({str(pki.kits["hospital-a"].directory)!r}),
+                       checkpoint_every_entries=1)
+for i in range(3):
+    log.record({{"event": "call", "i": i}})
+before = log.latest_checkpoint()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
+try:
+    log.record({{"event": "call", "i": 3, "padding": "x" * 400_000}})
+    sys.exit("the oversized entry was committed")
+except Exception as exc:
+    print("refused:", type(exc).__name__)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+assert log.size == 3 and log.latest_checkpoint() == before, (log.size, log.latest_checkpoint())
+print(log.record({{"event": "call", "i": 4}}), log.record({{"event": "call", "i": 5}}))
+log.close()
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["refused: OperationalError", "3 4"]
+    assert [e.seq for e in read_log(path).entries] == [0, 1, 2, 3, 4]
+    result = verified(path, pki.kits["hospital-a"])
+    assert result.ok, result.problems
+    AuditLog.for_kit(path, pki.kits["hospital-a"]).close()  # and the party can reopen and append
+
+
+def test_verifying_a_live_log_reads_one_snapshot(tmp_path: Path, pki) -> None:
+    """A reviewer may verify a party's log while it serves: a commit between two reads must not look like tampering."""
+    path = tmp_path / "silo.db"
+    log = write_log(path, pki.kits["hospital-a"], 1, checkpoint_every_entries=1)
+    stop = threading.Event()
+
+    def serve_calls() -> None:
+        for i in range(5000):  # bounded; stopped once the reviewer is done
+            if stop.is_set():
+                return
+            log.record({"event": "call", "side": "server", "rpc": "/x/Score", "request_digest": f"{i:064x}"})
+
+    writer = threading.Thread(target=serve_calls)
+    writer.start()
+    try:
+        failures = []
+        deadline = time.monotonic() + 20
+        for _ in range(40):
+            if time.monotonic() > deadline:
+                break
+            result = verified(path, pki.kits["hospital-a"])
+            failures += [p.message for p in result.problems]
+    finally:
+        stop.set()
+        writer.join()
+        log.close()
+    assert failures == []
+
+
+def test_checkpoint_times_never_go_back_when_the_clock_does(tmp_path: Path, pki, monkeypatch) -> None:
+    """An NTP step back between two answers: the next tree head is dated as the last, and the log verifies."""
+    clock = iter([1000.0, 1000.0, 1000.0, 998.0, 998.0, 998.0, 999.0, 999.0, 999.0] + [1001.0] * 20)
+    monkeypatch.setattr(log_module, "time", SimpleNamespace(time=lambda: next(clock)))
+    path = tmp_path / "silo.db"
+    write_log(path, pki.kits["hospital-a"], 3, checkpoint_every_entries=1).close()
+    times = [c.checkpoint.time for c in read_log(path).checkpoints]
+    assert times == sorted(times) and times[0] == 1000.0
+    result = verified(path, pki.kits["hospital-a"])
+    assert result.ok, result.problems
 
 
 def test_a_second_writer_is_refused(tmp_path: Path, pki) -> None:

@@ -256,6 +256,19 @@ def _count(path: Path) -> int:
             return 0
 
 
+def test_entries_are_committed_in_wal_mode_with_synchronous_full(tmp_path: Path, pki) -> None:
+    """What `kill -9` cannot show: a power cut keeps a committed entry only if every commit is fsynced (FULL = 2;
+    NORMAL in WAL mode syncs only when the WAL is folded)."""
+    path = tmp_path / "silo.db"
+    log = write_log(path, pki.kits["hospital-a"], 1)
+    try:
+        assert log._connection.execute("PRAGMA synchronous").fetchone()[0] == 2
+        with closing(sqlite3.connect(path)) as reader:
+            assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        log.close()
+
+
 def test_the_wal_is_reused_from_its_start_so_commits_overwrite_instead_of_growing_the_file(tmp_path: Path,
                                                                                          pki) -> None:
     # 300 silo-style entries are ~700 WAL pages; SQLite's default (a fold every 1000 pages) would let the WAL

@@ -71,6 +71,8 @@ from .router import RouterFeatures
 logger = logging.getLogger(__name__)
 
 BASELINE_MODELS = ("fedavg_rm", "centralized_rm")
+# How the leave-one-silo-out rounds are labelled in the coordinator's audit log.
+LEAVE_ONE_OUT_METHOD = "leave-one-out"
 _RESULT_FILE = "result.json"
 
 
@@ -300,6 +302,7 @@ class Evaluation:
         test_features = self.features.encode([str(p.image_path) for p in self.test_pairs],
                                               [p.prompt for p in self.test_pairs])
         kinds = [p.kind for p in self.test_pairs]
+        by_name = {c.name: c for c in self.clients}
         rows = []
         for silo in self.spec.silos:
             if silo.name not in full.silo_names:
@@ -309,7 +312,10 @@ class Evaluation:
                 kind_pairs = [p for p in self.test_pairs if p.kind == kind]
 
                 def fused_accuracy(router: Any, kind: str = kind, kind_pairs: list = kind_pairs) -> float:
-                    reward = FusedSiloReward(self.clients, router, self.features, objective=self.config.objective)
+                    # The pool's fusion, as every other method: on a secure pool these rounds are secure too.
+                    ordered = [by_name[s] for s in router.silo_names]
+                    fusion = self.fusion(ordered, objective=self.config.objective, method=LEAVE_ONE_OUT_METHOD)
+                    reward = FusedSiloReward(fusion, router, self.features, objective=self.config.objective)
                     return reward_pairwise_accuracy(reward, kind_pairs)[kind]
 
                 rows.append({

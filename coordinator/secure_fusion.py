@@ -18,6 +18,10 @@ silo_agent/secure_rounds.py):
 
 A round holds at most `ROWS_PER_REQUEST` rows (one ciphertext); more rows
 are several rounds, restarted together if a silo drops out in any of them.
+Nothing is decrypted until every one of those rounds has been answered by the
+same participants: a chunk decrypted over {A, B, C} and again, after C
+dropped out of a later chunk, over {A, B} would hand the coordinator the
+difference of the two sums, C's own terms.
 """
 
 from __future__ import annotations
@@ -68,29 +72,32 @@ class SecureFusion(ClearFusion):
         asked = list(clients)
         while True:
             failures: dict[str, SiloError] = {}
-            sums = []
+            answered = []
             for start in range(0, len(rows[0]), ROWS_PER_REQUEST):
                 part = tuple(column[start:start + ROWS_PER_REQUEST] for column in rows)
-                total = self._secure_round(asked, part, weights[start:start + ROWS_PER_REQUEST],
-                                           None if kinds is None else kinds[start:start + ROWS_PER_REQUEST],
-                                           failures)
+                answered.append(self._secure_round(asked, part, weights[start:start + ROWS_PER_REQUEST],
+                                                   None if kinds is None else kinds[start:start + ROWS_PER_REQUEST],
+                                                   failures))
                 if failures:
-                    break
-                sums.append(total)
+                    break  # the remaining chunks would be asked again anyway, of the present silos
             if not failures:
-                return [c.name for c in asked], torch.cat(sums)
+                # Every chunk was answered by all of `asked`: only now is any sum decrypted, each over that one set.
+                return [c.name for c in asked], torch.cat([self._decrypted_sum(asked, *chunk) for chunk in answered])
             present = [c for c in asked if c.name not in failures]
             self._check_minimum({**{c.name: None for c in asked}, **failures}, [c.name for c in present])
             asked = present  # a restart under new round ids: the absent silo's masks would not cancel
 
     def _secure_round(self, clients: Sequence[SecureSiloClient], rows: tuple[list, list, list],
                       weights: torch.Tensor, kinds: Sequence[str] | None,
-                      failures: dict[str, SiloError]) -> torch.Tensor:
-        """One round of at most one ciphertext; fills `failures` (absent silos) instead of raising for them."""
+                      failures: dict[str, SiloError]) -> tuple[str, int, list[bytes]]:
+        """One round of at most one ciphertext, asked but not decrypted: (round id, rows, the silos' ciphertexts).
+
+        Fills `failures` (absent silos) instead of raising for them; the round is then worthless.
+        """
         keys = self._in_parallel(clients, self._participant)  # a silo's key is fetched once, when first asked
         failures.update({name: key for name, key in keys.items() if isinstance(key, SiloError)})
         if failures:
-            return torch.zeros(0)
+            return "", 0, []
         round_id = new_round_id()
         (shared,) = score_requests(*rows, objective=self.objective, round_id=round_id)
         column = {c.name: k for k, c in enumerate(self.clients)}
@@ -101,11 +108,13 @@ class SecureFusion(ClearFusion):
         failures.update({name: a for name, a in answers.items() if isinstance(a, SiloError)})
         self._on_record(round_id, [n for n in answers if n not in failures],
                         {name: [request] for name, request in requests.items()}, weights, kinds)
-        if failures:
-            return torch.zeros(0)
-        count = len(shared.rows)
+        return round_id, len(shared.rows), [a for a in answers.values() if not isinstance(a, SiloError)]
+
+    def _decrypted_sum(self, clients: Sequence[SecureSiloClient], round_id: str, count: int,
+                       ciphertexts: list[bytes]) -> torch.Tensor:
+        """The round's sum over `clients`: added under encryption, blinded, decrypted by one of them, unblinded."""
         blinding = aggregation.new_blinding(count)
-        blinded = aggregation.blind(aggregation.add(list(answers.values()), self.context), blinding)
+        blinded = aggregation.blind(aggregation.add(ciphertexts, self.context), blinding)
         decrypted = self._decrypt(clients, round_id, blinded)
         return torch.tensor(aggregation.unblind(decrypted, blinding, count), dtype=torch.float32)
 

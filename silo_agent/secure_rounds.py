@@ -3,7 +3,9 @@
 `SecureScore` (DESIGN §4 step 3): the silo checks the round (a round id it
 has not answered; at least its policy's `minimum_participants` silos, itself
 among them; every participant's key-agreement key signed by that silo's
-consortium certificate, so the coordinator cannot swap one), scores and
+consortium certificate, so the coordinator cannot swap one, and that
+certificate unrevoked on the silo server's CRL and within its validity
+window, since a revoked kit's holder could unmask this silo's terms), scores and
 pre-weights through the same `SiloService` checks as a clear Score (objective,
 weights and their cap, limits), adds its pairwise masks for this round and
 participant set, packs the terms into one BFV vector and encrypts it. Alone,
@@ -14,14 +16,24 @@ decrypts the coordinator's blinded sum once per round id, and only for a
 round it took part in with at least the minimum participants. It sees sum +
 blinding, uniformly random to it.
 
+Both "once"s survive a restart: the masks depend only on the round id and
+the participants, so a restarted silo that answered a round id again would
+give two answers whose difference is its own terms. Every answered and
+decrypted round id goes to an append-only record in the silo's workdir
+(`RoundRecord`), flushed to disk before the answer leaves.
+
 Scores of a DP-trained model are post-processing: a secure round spends no
 privacy budget, like a clear one.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import os
 import threading
 from collections import OrderedDict
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -32,6 +44,7 @@ from mor_secure.secagg import aggregation, masks
 from mor_secure.secagg.agreement import AgreementKeyError, SignedAgreementKey, verified_agreement_key
 from mor_secure.secagg.he_context import SLOTS
 from mor_secure.secagg.provisioning import silo_agreement, silo_context
+from mor_secure.transport.revocation import RevocationList
 from mor_secure.wire.errors import ErrorCode, SiloError, invalid
 from mor_secure.wire.messages import (
     AgreementKeyReply,
@@ -45,6 +58,8 @@ from .service import SiloService
 
 # Round ids remembered for replay refusal: a GRPO run makes ~600 rounds, a year of daily runs well under this.
 REMEMBERED_ROUNDS = 1_000_000
+# The record of answered and decrypted round ids, in the silo's workdir (`RoundRecord`).
+ROUND_RECORD = "secure_rounds.jsonl"
 
 
 def no_secure_rounds(name: str):
@@ -68,11 +83,68 @@ class _Seen:
             self._ids.popitem(last=False)
 
 
-class SecureRounds:
-    """A silo's secure-aggregation answers, over its `SiloService` and its kit's secret material."""
+class RoundRecord:
+    """The round ids a silo answered and decrypted, kept across restarts: one JSON line per id, appended.
 
-    def __init__(self, service: SiloService, kit: CertKit, *, minimum_participants: int) -> None:
+    Opening it reads every earlier id back; a record that cannot be read or
+    holds a line that is not a round id refuses the start (starting empty
+    would answer every earlier round again). A last line without its newline
+    is a write cut short by a crash: its answer never left (each line is on
+    disk before its answer is sent), so it is dropped. A missing file is a
+    first start.
+    """
+
+    KINDS = ("answered", "decrypted")
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._seen = {kind: _Seen() for kind in self.KINDS}
+        if self.path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        data = self.path.read_bytes()
+        complete = data[:data.rfind(b"\n") + 1]
+        for number, line in enumerate(complete.splitlines(), start=1):
+            try:
+                entry = json.loads(line)  # bytes: bad UTF-8 is a ValueError too
+                ((kind, round_id),) = entry.items()
+                if kind not in self.KINDS or not isinstance(round_id, str):
+                    raise ValueError
+            except (ValueError, AttributeError):
+                raise ValueError(f"{self.path}: line {number} is not a round record; the silo will not start "
+                                 "without the round ids it already answered (restore the file from backup)") from None
+            self._seen[kind].add(round_id)
+        if len(complete) < len(data):
+            os.truncate(self.path, len(complete))
+
+    def seen(self, kind: str, round_id: str) -> bool:
+        return round_id in self._seen[kind]
+
+    def add(self, kind: str, round_id: str) -> None:
+        """Record `round_id` as `kind` and wait until it is on disk (the answer may leave only after)."""
+        # Opened per id rather than held: nothing to close when the silo stops, and BFV encryption dwarfs the cost.
+        with self.path.open("a", encoding="utf-8") as record:
+            record.write(json.dumps({kind: round_id}) + "\n")
+            record.flush()
+            os.fsync(record.fileno())
+        self._seen[kind].add(round_id)
+
+
+class SecureRounds:
+    """A silo's secure-aggregation answers, over its `SiloService` and its kit's secret material.
+
+    `revocations` is the silo server's own CRL (the one it checks callers
+    against), so a revocation reaches the participants it masks against as
+    soon as it reaches its callers. `rounds` is the durable record of the
+    round ids already answered and decrypted (`RoundRecord`).
+    """
+
+    def __init__(self, service: SiloService, kit: CertKit, *, minimum_participants: int,
+                 revocations: RevocationList, rounds: RoundRecord) -> None:
         self.service = service
+        self.revocations = revocations
+        self.rounds = rounds
         self.name = service.name
         self._context = silo_context(kit)
         self._private, self._own_key = silo_agreement(kit)
@@ -80,7 +152,6 @@ class SecureRounds:
         self._ca = kit.ca_certificate()
         self.minimum_participants = minimum_participants
         self._lock = threading.Lock()
-        self._answered, self._decrypted = _Seen(), _Seen()
 
     def agreement_key(self) -> AgreementKeyReply:
         return AgreementKeyReply(agreement_key=self._own_key.to_json(), certificate_pem=self._certificate_pem)
@@ -108,6 +179,7 @@ class SecureRounds:
             if identity != PartyIdentity(Role.SILO, participant.name):
                 raise SiloError(ErrorCode.PERMISSION_DENIED, f"participant {participant.name!r} came with the "
                                 f"certificate of {identity}")
+            self._check_current(participant.name, certificate)
             try:
                 signed = SignedAgreementKey.from_json(participant.agreement_key)
                 keys[participant.name] = verified_agreement_key(signed, certificate)
@@ -117,6 +189,24 @@ class SecureRounds:
                 raise SiloError(ErrorCode.PERMISSION_DENIED, "this silo's own key-agreement key in the round is "
                                 "not its key (swapped on the way)")
         return keys
+
+    def _check_current(self, name: str, certificate: x509.Certificate) -> None:
+        """Refuse a participant whose certificate is revoked, expired or not yet valid.
+
+        PERMISSION_DENIED, like every other refusal of a relayed participant
+        here: the caller (the coordinator) is authenticated, the round it asks
+        for is not allowed (UNAUTHENTICATED would blame the caller's own
+        certificate).
+        """
+        if self.revocations.is_revoked(certificate.serial_number):
+            raise SiloError(ErrorCode.PERMISSION_DENIED, f"participant {name!r}: certificate "
+                            f"{certificate.serial_number:x} is revoked on this silo's CRL")
+        now = dt.datetime.now(dt.timezone.utc)
+        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+            raise SiloError(ErrorCode.PERMISSION_DENIED, f"participant {name!r}: certificate "
+                            f"{certificate.serial_number:x} is valid only from "
+                            f"{certificate.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+                            f"{certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
 
     def secure_score(self, request: SecureScoreRequest) -> SecureScoreReply:
         score = request.score
@@ -128,10 +218,10 @@ class SecureRounds:
             raise invalid(f"{len(score.rows)} rows in one secure round; one ciphertext holds at most {SLOTS}")
         self._check_participants([p.name for p in request.participants])
         with self._lock:
-            if score.round_id in self._answered:
+            if self.rounds.seen("answered", score.round_id):
                 raise SiloError(ErrorCode.FAILED_PRECONDITION, f"round {score.round_id!r} was already answered; "
                                 "a restart uses a new round id")
-            self._answered.add(score.round_id)  # reserved now: a concurrent replay is refused too
+            self.rounds.add("answered", score.round_id)  # reserved now: a concurrent replay is refused too
         peers = self._peer_keys(request)
         terms = self.service.score(score).scores  # the same checks as a clear Score; pre-weighted
         mask = masks.mask(self._private, peers, me=self.name, round_id=score.round_id, count=len(terms))
@@ -140,13 +230,13 @@ class SecureRounds:
     def decrypt(self, request: DecryptRequest) -> DecryptReply:
         self._check_participants(list(request.participants))
         with self._lock:
-            if request.round_id not in self._answered:
+            if not self.rounds.seen("answered", request.round_id):
                 raise SiloError(ErrorCode.FAILED_PRECONDITION, f"this silo took no part in round "
                                 f"{request.round_id!r}; only a participant decrypts it")
-            if request.round_id in self._decrypted:
+            if self.rounds.seen("decrypted", request.round_id):
                 raise SiloError(ErrorCode.FAILED_PRECONDITION, f"round {request.round_id!r} was already decrypted; "
                                 "each round is decrypted once")
-            self._decrypted.add(request.round_id)
+            self.rounds.add("decrypted", request.round_id)
         try:
             values = tuple(tuple(int(v) for v in aggregation.decrypt(c, self._context)) for c in request.ciphertexts)
         except (ValueError, RuntimeError, TypeError):

@@ -31,7 +31,7 @@ from mor_secure.transport.server import RunningServer, ServerSettings, serve
 
 from .audit_trail import SiloAuditTrail
 from .config import SiloConfig
-from .secure_rounds import SecureRounds
+from .secure_rounds import ROUND_RECORD, RoundRecord, SecureRounds
 from .service import SiloService, ledger_summary, open_model_service
 from .servicer import ROLES_BY_RPC, SiloServicer, servicer_registration
 from .training import MODEL_DIR, open_ledger, served_feature_cache_dir
@@ -89,7 +89,8 @@ def start_silo_server(config: SiloConfig, *, port_file: Path | None = None) -> t
                               policy_source=str(settings.policy) if settings.policy else
                               "no policy file, the secure defaults of mor_secure/policy/schema.py")
         service = load_service(config, policy, ledger)
-        secure = (SecureRounds(service, kit, minimum_participants=policy.minimum_participants)
+        secure = (SecureRounds(service, kit, minimum_participants=policy.minimum_participants,
+                               revocations=running.revocations, rounds=RoundRecord(config.workdir / ROUND_RECORD))
                   if has_silo_material(kit) else None)
         if secure is None:
             logger.warning("silo %s: its kit holds no secure-aggregation keys, so it answers clear rounds only "

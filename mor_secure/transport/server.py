@@ -48,12 +48,14 @@ class ServerSettings:
 
 @dataclass
 class RunningServer:
-    """A started server: its port, its health servicer, and a graceful stop."""
+    """A started server: its port, its health servicer, its CRL, and a graceful stop."""
 
     server: grpc.Server
     port: int
     health: health.HealthServicer
     service_names: tuple[str, ...]
+    # The CRL its callers are checked against; services that judge other parties' certificates share it.
+    revocations: RevocationList
 
     def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -89,7 +91,8 @@ def serve(*, kit: CertKit, crl_path, services: Sequence[tuple[Callable[[object, 
     port = server.add_secure_port(f"{settings.host}:{settings.port}", server_credentials(kit))
     if port == 0:
         raise OSError(f"could not bind {settings.host}:{settings.port}")
-    running = RunningServer(server=server, port=port, health=health_servicer, service_names=tuple(names))
+    running = RunningServer(server=server, port=port, health=health_servicer, service_names=tuple(names),
+                            revocations=revocations)
     running.set_serving(False)
     server.start()
     logger.info("serving %s on %s:%d (mTLS, client certificates required)", ", ".join(names), settings.host, port)

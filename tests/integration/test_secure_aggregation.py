@@ -6,6 +6,8 @@ fake (these tests are about the protocol around it).
 
 from __future__ import annotations
 
+import datetime as dt
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,15 +17,20 @@ from silo_fakes import RightAnswerModel, png
 
 from coordinator.fusion import ClearFusion, FusionItems, RoundFailedError
 from coordinator.secure_fusion import SecureFusion
+from coordinator.silo_requests import ROWS_PER_REQUEST
+from cryptography.hazmat.primitives import serialization
 from mor_cli.pki_cli import init_pki
+from mor_secure.pki.identity import PartyIdentity, Role
 from mor_secure.pki.kits import CertKit
 from mor_secure.secagg import aggregation
+from mor_secure.secagg.agreement import new_agreement_key
 from mor_secure.secagg.fixed_point import decode
 from mor_secure.secagg.provisioning import coordinator_context
+from mor_secure.transport.revocation import RevocationList
 from mor_secure.wire import ErrorCode, ImageBlob, ScoreRow, SiloError
 from mor_secure.wire.messages import DecryptRequest, Participant, ScoreRequest, SecureScoreRequest
 from silo_agent.in_process import InProcessSiloClient
-from silo_agent.secure_rounds import SecureRounds
+from silo_agent.secure_rounds import RoundRecord, SecureRounds
 from silo_agent.service import SiloService
 
 SILOS = ("hospital-a", "bank-b", "hospital-c")
@@ -41,19 +48,40 @@ class ScaledModel(RightAnswerModel):
         return (raw * self.scale,)
 
 
+# Other certificates of bank-b, each issued by the consortium CA but not to be masked against.
+BAD_BANK_B_CERTIFICATES = ("revoked", "expired", "not yet valid")
+
+
 @pytest.fixture(scope="module")
 def kits(tmp_path_factory: pytest.TempPathFactory, consortium_path: Path) -> dict[str, CertKit]:
     root = tmp_path_factory.mktemp("secure-pki")
-    init_pki(consortium_path, root, days=2)
-    return {name: CertKit.load(root / "kits" / f"silo-{name}") for name in SILOS} | {
+    authority, _ = init_pki(consortium_path, root, days=2)
+    kits = {name: CertKit.load(root / "kits" / f"silo-{name}") for name in SILOS} | {
         "coordinator": CertKit.load(root / "kits" / "coordinator-coordinator")}
+    bank_b, now = PartyIdentity(Role.SILO, "bank-b"), dt.datetime.now(dt.timezone.utc)
+    kits["bank-b revoked"] = authority.issue(bank_b, root / "bank-b-revoked")
+    kits["bank-b expired"] = authority.issue(bank_b, root / "bank-b-expired", lifetime=dt.timedelta(days=1),
+                                             not_before=now - dt.timedelta(days=3))
+    kits["bank-b not yet valid"] = authority.issue(bank_b, root / "bank-b-future", lifetime=dt.timedelta(days=1),
+                                                   not_before=now + dt.timedelta(days=1))
+    authority.revoke(serial=kits["bank-b revoked"].certificate().serial_number, reason="keyCompromise")
+    for name in SILOS:  # the re-signed CRL, distributed to the silos as an operator would
+        shutil.copyfile(authority.directory / "crl.pem", kits[name].crl_path)
+    return kits
 
 
-def clients(kits, *, minimum: int = 2) -> list[InProcessSiloClient]:
+def secure_rounds(service: SiloService, kit: CertKit, record: Path, *, minimum: int = 2) -> SecureRounds:
+    """A silo's secure rounds as `mor silo serve` builds them: its CRL, its durable record of round ids."""
+    return SecureRounds(service, kit, minimum_participants=minimum,
+                        revocations=RevocationList(kit.crl_path, kit.ca_certificate()), rounds=RoundRecord(record))
+
+
+def clients(kits, workdir: Path, *, minimum: int = 2) -> list[InProcessSiloClient]:
     out = []
     for k, name in enumerate(SILOS):
         service = SiloService(name, ScaledModel(1.0 + k))
-        out.append(InProcessSiloClient(service, secure=SecureRounds(service, kits[name], minimum_participants=minimum)))
+        out.append(InProcessSiloClient(service, secure=secure_rounds(service, kits[name], workdir / f"{name}.jsonl",
+                                                                     minimum=minimum)))
     return out
 
 
@@ -64,10 +92,10 @@ def items(tmp_path: Path) -> FusionItems:
     return FusionItems(images=(image,) * 4, prompts=("q",) * 4, responses=("right", "wrong", "right", "other"))
 
 
-def test_the_secure_fused_reward_equals_the_clear_one(kits, items) -> None:
+def test_the_secure_fused_reward_equals_the_clear_one(kits, items, tmp_path: Path) -> None:
     weights = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.2, 0.2], [0.2, 0.3, 0.5], [0.1, 0.1, 0.8]])
-    secure = SecureFusion(clients(kits), coordinator_context(kits["coordinator"])).fuse(items, weights)
-    clear = ClearFusion(clients(kits)).fuse(items, weights)
+    secure = SecureFusion(clients(kits, tmp_path), coordinator_context(kits["coordinator"])).fuse(items, weights)
+    clear = ClearFusion(clients(kits, tmp_path)).fuse(items, weights)
     assert torch.allclose(secure, clear, atol=1e-4), (secure, clear)
 
 
@@ -76,16 +104,50 @@ class Down(InProcessSiloClient):
         raise SiloError(ErrorCode.UNAVAILABLE, f"silo {self.name!r}: connection refused")
 
 
-def test_a_silo_that_fails_makes_the_round_restart_with_the_others(kits, items) -> None:
-    silos = clients(kits)
+def test_a_silo_that_fails_makes_the_round_restart_with_the_others(kits, items, tmp_path: Path) -> None:
+    silos = clients(kits, tmp_path)
     silos[2] = Down(silos[2].service, secure=silos[2].secure)
     weights = torch.full((4, 3), 1 / 3)
     fusion = SecureFusion(silos, coordinator_context(kits["coordinator"]), minimum_participants=2)
-    expected = ClearFusion(clients(kits)[:2]).fuse(items, torch.full((4, 2), 0.5))
+    expected = ClearFusion(clients(kits, tmp_path)[:2]).fuse(items, torch.full((4, 2), 0.5))
     assert torch.allclose(fusion.fuse(items, weights), expected, atol=1e-4)
     assert fusion.last_round == {"hospital-a": True, "bank-b": True, "hospital-c": False}
     with pytest.raises(RoundFailedError, match="fewer than the consortium's minimum of 3"):
         SecureFusion(silos, coordinator_context(kits["coordinator"])).fuse(items, weights)
+
+
+def test_a_silo_lost_in_a_later_chunk_leaves_no_decrypted_sum_that_included_it(kits, tmp_path: Path) -> None:
+    """Over ROWS_PER_REQUEST rows a fuse is several rounds: chunk 1's sum decrypted with hospital-c, then again
+    without it after it dropped out of chunk 2, would hand the coordinator hospital-c's terms (the difference)."""
+    decrypted_over: list[tuple[str, ...]] = []
+
+    class Witnessed(InProcessSiloClient):
+        def decrypt(self, request):
+            decrypted_over.append(tuple(request.participants))
+            return super().decrypt(request)
+
+    class LostAfterItsFirstAnswer(Witnessed):
+        answered = False
+
+        def secure_score(self, request):
+            if self.answered:
+                raise SiloError(ErrorCode.UNAVAILABLE, f"silo {self.name!r}: connection reset")
+            self.answered = True
+            return super().secure_score(request)
+
+    silos = [(LostAfterItsFirstAnswer if c.name == "hospital-c" else Witnessed)(c.service, secure=c.secure)
+             for c in clients(kits, tmp_path)]
+    image = tmp_path / "a.png"
+    image.write_bytes(png())
+    rows = ROWS_PER_REQUEST + 88  # two chunks; distinct prompts, so no row is folded into another
+    items = FusionItems(images=(image,) * rows, prompts=tuple(f"q{i}" for i in range(rows)),
+                        responses=tuple("right" if i % 3 else "wrong" for i in range(rows)))
+    fusion = SecureFusion(silos, coordinator_context(kits["coordinator"]), minimum_participants=2)
+    fused = fusion.fuse(items, torch.full((rows, 3), 1 / 3))
+    assert decrypted_over == [("hospital-a", "bank-b")] * 2  # one decryption per chunk, none with hospital-c
+    expected = ClearFusion(clients(kits, tmp_path)[:2]).fuse(items, torch.full((rows, 2), 0.5))
+    assert torch.allclose(fused, expected, atol=1e-4)
+    assert fusion.last_round == {"hospital-a": True, "bank-b": True, "hospital-c": False}
 
 
 def request(silos, round_id: str, weights=(0.5,)) -> SecureScoreRequest:
@@ -98,9 +160,9 @@ def request(silos, round_id: str, weights=(0.5,)) -> SecureScoreRequest:
 
 
 @pytest.fixture(params=["in_process", "grpc"])
-def silos(request, kits):
+def silos(request, kits, tmp_path: Path):
     """The three silos, in process or each behind its own mTLS server (same refusals, same statuses)."""
-    local = clients(kits)
+    local = clients(kits, tmp_path)
     if request.param == "in_process":
         yield local
         return
@@ -159,6 +221,24 @@ def test_a_round_below_the_minimum_a_weight_over_the_cap_and_a_swapped_key_are_r
     assert len(silos[0].secure_score(request(silos, "r4")).ciphertexts) == 1  # and it still serves
 
 
+def participant_of(kit: CertKit) -> Participant:
+    """The participant entry whoever holds `kit` would present: its certificate and a key-agreement key it signed."""
+    certificate_key = serialization.load_pem_private_key(kit.key_path.read_bytes(), password=None)
+    _, signed = new_agreement_key(certificate_key, kit.certificate())
+    return Participant(name=kit.identity().name, agreement_key=signed.to_json(),
+                       certificate_pem=kit.cert_path.read_bytes())
+
+
+@pytest.mark.parametrize("which", BAD_BANK_B_CERTIFICATES)
+def test_a_participant_whose_certificate_is_revoked_or_out_of_its_validity_is_refused(silos, kits, which) -> None:
+    """Signed by the CA yet revoked (its holder could unmask hospital-a's terms with it), expired or not yet valid."""
+    good = request(silos[:2], f"with bank-b {which}")
+    impostor = participant_of(kits[f"bank-b {which}"])
+    refused(lambda: silos[0].secure_score(replace(good, participants=(good.participants[0], impostor))),
+            ErrorCode.PERMISSION_DENIED, "revoked on this silo's CRL" if which == "revoked" else "is valid only from")
+    assert len(silos[0].secure_score(request(silos[:2], f"after bank-b {which}")).ciphertexts) == 1  # still serves
+
+
 def test_a_secure_round_over_the_silos_daily_cap_is_refused_logged_and_costs_nothing(kits, tmp_path: Path) -> None:
     from coordinator.network_client import NetworkSiloClient
     from mor_secure.audit import AuditLog, read_log
@@ -166,7 +246,7 @@ def test_a_secure_round_over_the_silos_daily_cap_is_refused_logged_and_costs_not
     from mor_secure.transport.server import serve
     from silo_agent.servicer import ROLES_BY_RPC, servicer_registration
 
-    local = clients(kits)
+    local = clients(kits, tmp_path)
     kit = kits["hospital-a"]
     log = AuditLog.for_kit(tmp_path / "audit.db", kit, checkpoint_every_entries=1)
     running = serve(kit=kit, crl_path=kit.crl_path, roles_by_rpc=ROLES_BY_RPC, audit=log,
@@ -179,7 +259,7 @@ def test_a_secure_round_over_the_silos_daily_cap_is_refused_logged_and_costs_not
         remote.secure_score(request(local, "within-cap-2"))
         refused(lambda: remote.secure_score(request(local, "over-cap")), ErrorCode.RESOURCE_EXHAUSTED,
                 "daily cap of 2")
-        assert "over-cap" not in local[0].secure._answered  # refused before the silo scored or masked anything
+        assert not local[0].secure.rounds.seen("answered", "over-cap")  # refused before anything was scored
         last = read_log(log.path).entries[-1].fields()
         assert (last["rpc"].endswith("/SecureScore"), last["decision"], last["status"], last["round_id"]) == (
             True, "refused", "RESOURCE_EXHAUSTED", "over-cap")
@@ -187,3 +267,60 @@ def test_a_secure_round_over_the_silos_daily_cap_is_refused_logged_and_costs_not
         remote.close()
         running.stop(0)
         log.close()
+
+
+def test_a_replayed_round_id_is_refused_after_the_silo_restarts(kits, tmp_path: Path) -> None:
+    """Masks depend only on the round id and participants: a restarted silo answering a round id again would give
+    two answers under the same masks, whose difference is its terms. Also a second decryption after a restart."""
+    from coordinator.network_client import NetworkSiloClient
+    from mor_secure.policy import SiloAdmission, SiloPolicy
+    from mor_secure.transport.server import serve
+    from silo_agent.servicer import ROLES_BY_RPC, servicer_registration
+
+    (tmp_path / "peers").mkdir()
+    local, kit = clients(kits, tmp_path / "peers"), kits["hospital-a"]
+    record = tmp_path / "hospital-a" / "secure_rounds.jsonl"
+    record.parent.mkdir()
+
+    def started(secure: SecureRounds):
+        running = serve(kit=kit, crl_path=kit.crl_path, roles_by_rpc=ROLES_BY_RPC,
+                        admission=SiloAdmission(SiloPolicy()),
+                        services=[servicer_registration(local[0].service, secure=secure)])
+        running.set_serving(True)
+        return running, NetworkSiloClient("hospital-a", f"127.0.0.1:{running.port}", kits["coordinator"], retries=0)
+
+    first = request(local, "before-restart")
+    decrypt = DecryptRequest(round_id="before-restart", participants=tuple(p.name for p in first.participants),
+                             ciphertexts=())
+    running, remote = started(secure_rounds(local[0].service, kit, record))
+    try:
+        (ciphertext,) = remote.secure_score(first).ciphertexts
+        remote.decrypt(replace(decrypt, ciphertexts=(ciphertext,)))
+    finally:
+        remote.close()
+        running.stop(0)
+    running, remote = started(secure_rounds(local[0].service, kit, record))  # the restart: a new process's state
+    try:
+        refused(lambda: remote.secure_score(replace(first, score=replace(first.score, weights=(0.25,)))),
+                ErrorCode.FAILED_PRECONDITION, "was already answered")
+        refused(lambda: remote.decrypt(replace(decrypt, ciphertexts=(ciphertext,))), ErrorCode.FAILED_PRECONDITION,
+                "was already decrypted")
+        assert len(remote.secure_score(request(local, "after-restart")).ciphertexts) == 1  # and it still serves
+    finally:
+        remote.close()
+        running.stop(0)
+
+
+def test_a_round_record_that_cannot_be_read_refuses_the_start_and_a_cut_short_last_line_is_dropped(
+        kits, tmp_path: Path) -> None:
+    service, kit = SiloService("hospital-a", ScaledModel(1.0)), kits["hospital-a"]
+    record = tmp_path / "secure_rounds.jsonl"
+    record.write_text('{"answered": "r1"}\nnot a round id\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2 is not a round record; the silo will not start"):
+        secure_rounds(service, kit, record)
+    # A crash between writing a line and its newline: that round's answer never left, so it is not a round seen.
+    record.write_text('{"answered": "r1"}\n{"answered": "r2', encoding="utf-8")
+    rounds = RoundRecord(record)
+    assert (rounds.seen("answered", "r1"), rounds.seen("answered", "r2")) == (True, False)
+    rounds.add("decrypted", "r1")
+    assert record.read_text(encoding="utf-8") == '{"answered": "r1"}\n{"decrypted": "r1"}\n'

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from coordinator.answer_eval import balanced_sample
 from coordinator.evaluation import EvaluationConfig, available_methods, reward_pairwise_accuracy
@@ -151,3 +152,42 @@ def test_in_training_probe_reads_dev_and_reported_numbers_read_test(consortium, 
     resized = spec.model_copy(update={"splits": spec.splits.model_copy(update={"dev_images": 10})})
     with pytest.raises(ValueError, match=r"changed: \['consortium'\]"):
         Evaluation(resized, [], tmp_path / "reference", tmp_path / "out", config, progress=False)
+
+
+def test_leave_one_silo_out_fuses_through_the_pools_fusion(consortium, tmp_path: Path, monkeypatch) -> None:
+    """On a secure pool the pool's fusion is secure aggregation: leave-one-silo-out must not fall back to clear rounds."""
+    import coordinator.evaluation as evaluation_module
+    from coordinator.evaluation import LEAVE_ONE_OUT_METHOD, Evaluation
+    from coordinator.fusion import ClearFusion
+    from coordinator.router import Router, RouterConfig
+    from silo_agent.in_process import InProcessSiloClient
+    from silo_agent.service import SiloService
+    from silo_fakes import RightAnswerModel
+
+    class ZeroFeatures:  # the frozen encoder is not what this test is about
+        def __init__(self, cache) -> None:
+            pass
+
+        def encode(self, images, prompts, *, progress: bool = False):
+            return torch.zeros(len(images), 4)
+
+    monkeypatch.setattr(evaluation_module, "RouterFeatures", ZeroFeatures)
+    spec, _ = consortium
+    names = [silo.name for silo in spec.silos]
+    silos = [InProcessSiloClient(SiloService(name, RightAnswerModel())) for name in reversed(names)]
+    built: list[tuple[list[str], str]] = []
+
+    def pool_fusion(clients, **settings):
+        built.append(([c.name for c in clients], settings["method"]))
+        return ClearFusion(clients, **settings)
+
+    config = EvaluationConfig(test_questions_per_kind=2, eval_questions_per_kind=1, pairwise_pairs_per_kind=2)
+    evaluation = Evaluation(spec, silos, tmp_path / "reference", tmp_path / "out", config, progress=False,
+                            fusion=pool_fusion)
+    router = Router(4, len(names), 1, RouterConfig(), silo_names=names, objective_names=[config.objective])
+    monkeypatch.setattr(evaluation, "router", lambda seed, exclude_kinds=None: router)
+    rows = evaluation.leave_one_silo_out()
+    assert [(row["held_out_silo"], row["held_out_kind"]) for row in rows] == [
+        (silo.name, kind) for silo in spec.silos for kind in silo.reliable_kinds]
+    # Two fused rewards per row (held-out router, full router), each over the router's silos in its order.
+    assert built == [(names, LEAVE_ONE_OUT_METHOD)] * (2 * len(rows))

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .files import write_private, write_public
-from .identity import PartyIdentity, parse_identity
+from .identity import IDENTITY_DOMAIN, PartyIdentity, parse_identity
 from .kits import CA_FILE, CERT_FILE, CRL_FILE, KEY_FILE, CertKit
 
 CA_KEY_FILE = "ca.key"
@@ -134,6 +134,13 @@ class CertificateAuthority:
         if (kit_dir / KEY_FILE).exists() and not renew:
             raise FileExistsError(f"{kit_dir} already holds a kit; renew it with --renew (its old key is retired, "
                                   "never overwritten)")
+        for host in hosts:
+            # Clients pin a connection to the party they meant by its name under IDENTITY_DOMAIN: a host there
+            # (or a wildcard) in another party's certificate would let that party answer in its place.
+            if "*" in host or host.lower().rstrip(".") == IDENTITY_DOMAIN or \
+                    host.lower().rstrip(".").endswith("." + IDENTITY_DOMAIN):
+                raise ValueError(f"host {host!r} is a wildcard or a party name under {IDENTITY_DOMAIN}, which "
+                                 "only the party's own identity may carry; name the machine's real host or IP")
         key = ec.generate_private_key(ec.SECP256R1())
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri), x509.DNSName(identity.tls_name)]
         for host in hosts:

@@ -17,7 +17,7 @@ SCHEME = "mor"
 # A DNS name per party, never resolved: clients make TLS verify it (ssl_target_name_override), which binds a
 # connection to the party they meant to reach, not just to any holder of a consortium certificate.
 IDENTITY_DOMAIN = "mor-secure.invalid"  # .invalid is reserved (RFC 2606): it can never name a real host
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # used with fullmatch: `$` would admit a final "\n"
 
 
 class Role(str, Enum):
@@ -37,7 +37,7 @@ class PartyIdentity:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "role", Role(self.role))
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
             raise ValueError(f"party name {self.name!r} must be 1-63 lower-case letters, digits or '-', "
                              "starting and ending with a letter or digit")
 

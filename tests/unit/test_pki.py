@@ -60,9 +60,24 @@ def test_revocation_is_published_in_a_signed_crl(tmp_path: Path, capsys) -> None
 
 def test_identities_are_strict(tmp_path: Path) -> None:
     assert parse_identity("mor://silo/hospital-a") == PartyIdentity(Role.SILO, "hospital-a")
-    for bad in ("https://silo/hospital-a", "mor://silo", "mor://janitor/x", "mor://silo/Hospital_A", "mor://silo/a/b"):
+    for bad in ("https://silo/hospital-a", "mor://silo", "mor://janitor/x", "mor://silo/Hospital_A", "mor://silo/a/b",
+                "mor://silo/hospital-a\n"):
         with pytest.raises(ValueError):
             parse_identity(bad)
     # The CA certificate has no SAN URI: it speaks for no party.
     with pytest.raises(ValueError, match="names no consortium party"):
         identity_of(CertificateAuthority.create(tmp_path / "ca").certificate)
+
+
+def test_extra_hosts_may_not_claim_a_partys_pinned_name(tmp_path: Path) -> None:
+    """Clients pin a connection by the party's name under mor-secure.invalid; no other kit may carry one."""
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    identity = PartyIdentity(Role.SILO, "hospital-a")
+    for host in ("*.silo.mor-secure.invalid", "bank-b.silo.mor-secure.invalid", "BANK-B.silo.mor-secure.invalid.",
+                 "*.example.org"):
+        with pytest.raises(ValueError, match="only the party's own identity may carry"):
+            ca.issue(identity, tmp_path / f"kit-{len(host)}", hosts=[host])
+    kit = ca.issue(identity, tmp_path / "kit", hosts=["silo1.example.org", "10.0.0.5"])
+    names = kit.certificate().extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "silo1.example.org" in names.get_values_for_type(x509.DNSName)
+

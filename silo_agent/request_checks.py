@@ -5,7 +5,9 @@ field and index, so a caller can fix the request from the message alone.
 Images are decoded here, once per request: the header's size is checked
 against the pixel limit before any pixel is decoded (a 100-byte PNG can
 declare a gigapixel image), and anything PIL cannot decode is refused rather
-than passed on.
+than passed on. Only PNG and JPEG are opened: other formats PIL knows decode
+pixels before the size can be checked (ICO holds a whole PNG) or hand the
+caller's bytes to other programs (EPS goes to Ghostscript).
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from mor_secure.models.images import KeyedImage
 from mor_secure.policy import RequestLimits
 from mor_secure.wire.errors import ErrorCode, SiloError, invalid
 from mor_secure.wire.messages import OBJECTIVES, ImageBlob, sha256_hex
+
+# The image formats a caller may send (PIL format names); see the module docstring for why no others.
+IMAGE_FORMATS = ("PNG", "JPEG")
 
 
 def check_objective(objective: str, allowed: frozenset[str]) -> str:
@@ -82,7 +87,7 @@ def _decode(index: int, data: bytes, limits: RequestLimits) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
                 width, height = image.size
                 if width * height > limits.max_image_pixels:
                     raise invalid(f"images[{index}] is {width}x{height} pixels; this silo's policy allows at most "

@@ -8,12 +8,14 @@ The reward model is a fake (these tests are about the transport around it).
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from PIL import Image
 from silo_fakes import RightAnswerModel, png
 
 from coordinator.network_client import NetworkSiloClient
@@ -215,6 +217,33 @@ def test_oversize_undecodable_and_nan_weighted_messages_are_refused(consortium_p
         still_serves(running.port, kits)
     finally:
         running.stop(0)
+
+
+def _encoded(image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def test_only_png_and_jpeg_images_are_decoded(server, consortium_pki) -> None:
+    """ICO decodes its embedded PNG before the pixel limit can be checked; EPS is handed to Ghostscript."""
+    running, _ = server
+    _, _, kits = consortium_pki
+    good = client(running.port, kits["coordinator"])
+    try:
+        for image_format in ("PNG", "JPEG"):
+            blob = ImageBlob.of(_encoded(image_format))
+            request = ScoreRequest(objective="correct", images=(blob,), rows=(ScoreRow(0, "what shape?", "right"),))
+            assert good.score(request).scores == (1.0,)
+        for image_format in ("ICO", "BMP", "GIF", "EPS"):
+            blob = ImageBlob.of(_encoded(image_format))
+            with pytest.raises(SiloError) as refused:
+                good.score(ScoreRequest(objective="correct", images=(blob,), rows=(ScoreRow(0, "q", "right"),)))
+            assert refused.value.code == ErrorCode.INVALID_ARGUMENT, image_format
+            assert "could not be decoded as an image" in refused.value.message
+    finally:
+        good.close()
+    still_serves(running.port, kits)
 
 
 def _credentials(kit: CertKit) -> grpc.ChannelCredentials:

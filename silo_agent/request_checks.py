@@ -31,10 +31,10 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 def check_objective(objective: str, allowed: frozenset[str]) -> str:
     """A request names a known objective (INVALID_ARGUMENT otherwise) that the policy allows (PERMISSION_DENIED)."""
     if objective not in OBJECTIVES:
-        raise invalid(f"objective {objective!r} is not one this consortium knows; name one of {sorted(OBJECTIVES)}")
+        raise invalid(f"objective {objective!r:.80} is not one this consortium knows; name one of {sorted(OBJECTIVES)}")
     if objective not in allowed:
         raise SiloError(ErrorCode.PERMISSION_DENIED, f"this silo's policy does not allow its model to be used for "
-                        f"{objective!r} (allowed: {', '.join(sorted(allowed)) or 'nothing'})")
+                        f"{objective!r:.80} (allowed: {', '.join(sorted(allowed)) or 'nothing'})")
     return objective
 
 

@@ -136,7 +136,7 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
                                "serial": None if caller is None else f"{caller.serial:x}",
                                "round_id": facts.round_id, "objective": facts.objective,
                                "request_digest": facts.request_digest, "items": facts.items,
-                               "decision": decision, "status": code, "reason": reason,
+                               "decision": decision, "status": code, "reason": serde.bounded_text(reason),
                                "latency_ms": round((time.perf_counter() - started) * 1e3, 3)})
             checkpoint = self.audit.latest_checkpoint()
         except Exception:  # noqa: BLE001 - an unrecorded call must not be answered

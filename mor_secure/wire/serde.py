@@ -38,6 +38,19 @@ from .messages import (
 )
 
 _SHA256_BYTES = 32
+# Round ids are 32 hex characters (coordinator.audit_trail.new_round_id); a longer one is refused, so that what
+# a caller sends cannot grow every party's audit entries (round_id is the one request field they record).
+MAX_ROUND_ID_BYTES = 128
+# Caller-influenced text in an audit entry (the objective, a refusal's reason) is cut to this many characters.
+MAX_AUDIT_TEXT = 256
+
+
+def bounded_text(text: str, limit: int = MAX_AUDIT_TEXT) -> str:
+    """`text` if short; else its first `limit` characters, how many more there were and the digest of the whole."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
+    return f"{text[:limit]}... ({len(text) - limit} more characters, sha256 {digest})"
 
 
 def _text(value: bytes, field: str) -> str:
@@ -45,6 +58,12 @@ def _text(value: bytes, field: str) -> str:
         return value.decode("utf-8")
     except UnicodeDecodeError:
         raise invalid(f"{field} is not valid UTF-8 text") from None
+
+
+def _round_id(value: bytes) -> str:
+    if len(value) > MAX_ROUND_ID_BYTES:
+        raise invalid(f"round_id is {len(value)} bytes; a round id has at most {MAX_ROUND_ID_BYTES}")
+    return _text(value, "round_id")
 
 
 def _images_to_proto(images: tuple[ImageBlob, ...]) -> list[pb.ImageBlob]:
@@ -72,7 +91,7 @@ def score_request_from_proto(message: pb.ScoreRequest) -> ScoreRequest:
                         rows=tuple(ScoreRow(image=r.image, prompt=_text(r.prompt, f"rows[{i}].prompt"),
                                             response=_text(r.response, f"rows[{i}].response"))
                                    for i, r in enumerate(message.rows)),
-                        round_id=_text(message.round_id, "round_id"), objective=message.objective,
+                        round_id=_round_id(message.round_id), objective=message.objective,
                         weights=tuple(message.weights))
 
 
@@ -101,7 +120,7 @@ def bits_request_from_proto(message: pb.BitsRequest) -> BitsRequest:
                   for i, p in enumerate(message.pairs))
     epsilon = message.randomized_response_epsilon if message.HasField("randomized_response_epsilon") else None
     return BitsRequest(images=_images_from_proto(message.images), pairs=pairs, randomized_response_epsilon=epsilon,
-                       round_id=_text(message.round_id, "round_id"), objective=message.objective)
+                       round_id=_round_id(message.round_id), objective=message.objective)
 
 
 def bits_reply_to_proto(reply: BitsReply) -> pb.BitsReply:
@@ -213,8 +232,14 @@ def call_facts(method: str, raw: bytes) -> CallFacts:
     rows = message
     for field in items.split("."):
         rows = getattr(rows, field)
-    return CallFacts(request_digest=digest, round_id=inner.round_id.decode("utf-8", "replace"),
-                     objective=getattr(inner, "objective", ""), items=len(rows))
+    # Bounded as the parties record them: the request itself may be refused for a round id or objective too long.
+    round_id = bytes(inner.round_id)
+    round_text = round_id[:MAX_ROUND_ID_BYTES + 1].decode("utf-8", "replace")
+    if len(round_id) > MAX_ROUND_ID_BYTES:
+        round_text = (f"{round_text[:MAX_ROUND_ID_BYTES]}... ({len(round_id)} bytes, sha256 "
+                      f"{hashlib.sha256(round_id).hexdigest()})")
+    return CallFacts(request_digest=digest, round_id=round_text,
+                     objective=bounded_text(getattr(inner, "objective", "")), items=len(rows))
 
 
 def agreement_key_reply_to_proto(reply: AgreementKeyReply) -> pb.AgreementKeyReply:
@@ -251,7 +276,7 @@ def decrypt_request_to_proto(request: DecryptRequest) -> pb.DecryptRequest:
 
 
 def decrypt_request_from_proto(message: pb.DecryptRequest) -> DecryptRequest:
-    return DecryptRequest(round_id=_text(message.round_id, "round_id"), participants=tuple(message.participants),
+    return DecryptRequest(round_id=_round_id(message.round_id), participants=tuple(message.participants),
                           ciphertexts=tuple(bytes(c) for c in message.ciphertexts))
 
 

@@ -8,6 +8,7 @@ The reward model is a fake (these tests are about the transport around it).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import io
 import json
 from collections.abc import Iterator
@@ -217,6 +218,30 @@ def test_oversize_undecodable_and_nan_weighted_messages_are_refused(consortium_p
         still_serves(running.port, kits)
     finally:
         running.stop(0)
+
+
+def test_a_huge_round_id_or_objective_cannot_grow_the_audit_log(server, consortium_pki, tmp_path: Path) -> None:
+    """round_id and objective are recorded in every entry, a refused call's too: what a caller sends there is
+    bounded, so a party refused for its role cannot write megabytes per call into the silo's log."""
+    running, audit = server
+    _, _, kits = consortium_pki
+    request = serde.score_request_to_proto(GOOD)
+    request.round_id = b"\xff" * (1 << 20)
+    long_objective = serde.score_request_to_proto(GOOD)
+    long_objective.objective = "x" * (1 << 20)
+    for kit, message, expected in ((kits["auditor"], request, grpc.StatusCode.PERMISSION_DENIED),
+                                   (kits["coordinator"], request, grpc.StatusCode.INVALID_ARGUMENT),
+                                   (kits["coordinator"], long_objective, grpc.StatusCode.INVALID_ARGUMENT)):
+        channel, stub = raw_stub(running.port, _credentials(kit))
+        with channel:
+            assert rpc_code(stub.Score, message) == expected
+    entries = [e.fields() for e in read_log(audit.path).entries][-3:]
+    assert [e["status"] for e in entries] == ["PERMISSION_DENIED", "INVALID_ARGUMENT", "INVALID_ARGUMENT"]
+    assert all(len(e.body) < 2_000 for e in read_log(audit.path).entries)
+    assert entries[0]["round_id"].endswith(f"... (1048576 bytes, sha256 {hashlib.sha256(request.round_id).hexdigest()})")
+    assert "round_id is 1048576 bytes; a round id has at most 128" in entries[1]["reason"]
+    assert entries[2]["objective"].startswith("x" * 256 + "... (1048320 more characters")
+    still_serves(running.port, kits)
 
 
 def _encoded(image_format: str) -> bytes:

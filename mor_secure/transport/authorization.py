@@ -22,14 +22,17 @@ sends, the wrapper reads the caller's identity (the SAN URI) and serial, then
    call fails with INTERNAL: nothing is answered off the record.
 
 Health checking and reflection are for standard tools: every role may call
-them, but they pass through the same identity, revocation and audit steps.
+them, but they pass through the same identity, revocation and audit steps,
+and at most `max_open_streams` of their streams are open at once (each holds
+a worker thread while open: RESOURCE_EXHAUSTED beyond that).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -49,6 +52,9 @@ logger = logging.getLogger(__name__)
 # Services every authenticated party may use: gRPC health checking and server reflection.
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
+# Streams (health Watch, reflection) open at once on one server: each holds a worker thread while open
+# (ServerSettings.max_workers, 8), so two leave six for calls; standard tools open one, briefly.
+DEFAULT_MAX_OPEN_STREAMS = 2
 # Trailing metadata key of the checkpoint every answer carries ("-bin": binary, a serialised SignedCheckpoint).
 CHECKPOINT_METADATA = "mor-checkpoint-bin"
 
@@ -102,11 +108,16 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
     """Wraps every handler of the server it is installed on (see the module docstring)."""
 
     def __init__(self, roles_by_rpc: Mapping[str, frozenset[Role]], revocations: RevocationList, *,
-                 admission: Admission | None = None, audit: AuditSink | None = None) -> None:
+                 admission: Admission | None = None, audit: AuditSink | None = None,
+                 max_open_streams: int = DEFAULT_MAX_OPEN_STREAMS) -> None:
+        if max_open_streams < 1:
+            raise ValueError(f"max_open_streams must be >= 1, got {max_open_streams!r}")
         self.roles_by_rpc = {method: frozenset(roles) for method, roles in roles_by_rpc.items()}
         self.revocations = revocations
         self.admission = admission
         self.audit = audit
+        self.max_open_streams = max_open_streams
+        self._open_streams = threading.BoundedSemaphore(max_open_streams)
 
     # --- the decision -------------------------------------------------------------------
     def _decide(self, method: str, caller: Caller) -> Callable[[], None]:
@@ -158,10 +169,9 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
                 self._finish(context, method, caller, request, "refused", error.code.value, error.message, started)
                 abort_with(context, error)
             if streaming_response:
-                # Health Watch and reflection streams: admitted now, nothing held while they stream.
+                # Health Watch and reflection streams: admitted now, no policy slot held while they stream.
                 release()
-                self._finish(context, method, caller, request, "admitted", "OK", "stream opened", started)
-                return behaviour(request, context)
+                return self._open_stream(method, behaviour, request, context, caller, started)
             try:
                 response = behaviour(request, context)
             except SiloError as error:
@@ -184,6 +194,28 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
 
         return run
 
+    def _open_stream(self, method: str, behaviour: Callable, request: Any, context: grpc.ServicerContext,
+                     caller: Caller, started: float) -> Any:
+        """The stream, if fewer than `max_open_streams` are open (RESOURCE_EXHAUSTED otherwise).
+
+        Each open stream holds one of the server's worker threads until it
+        ends, so without a cap any consortium member could open as many as
+        there are workers and the server would answer nothing else.
+        """
+        if not self._open_streams.acquire(blocking=False):
+            error = SiloError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.max_open_streams} streams (health Watch, "
+                              "reflection) are already open on this server; close one and retry")
+            self._finish(context, method, caller, request, "refused", error.code.value, error.message, started)
+            abort_with(context, error)
+        closed = _once(self._open_streams.release)
+        try:
+            self._finish(context, method, caller, request, "admitted", "OK", "stream opened", started)
+            context.add_callback(closed)  # however the stream ends: done, cancelled, deadline, server stop
+            return _closing(behaviour(request, context), closed)
+        except BaseException:
+            closed()
+            raise
+
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
         if handler is None:
@@ -204,6 +236,27 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
 
 def _nothing() -> None:
     return None
+
+
+def _once(action: Callable[[], None]) -> Callable[[], None]:
+    """`action`, run at most once however many times the result is called (from any thread)."""
+    lock, done = threading.Lock(), []
+
+    def run() -> None:
+        with lock:
+            if done:
+                return
+            done.append(True)
+        action()
+
+    return run
+
+
+def _closing(responses: Iterator[Any], closed: Callable[[], None]) -> Iterator[Any]:
+    try:
+        yield from responses
+    finally:
+        closed()
 
 
 def _raw(request: Any) -> bytes:

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from mor_secure.pki.identity import Role
 from mor_secure.pki.kits import CertKit
 
-from .authorization import Admission, AuditSink, AuthorizingInterceptor
+from .authorization import DEFAULT_MAX_OPEN_STREAMS, Admission, AuditSink, AuthorizingInterceptor
 from .credentials import server_credentials
 from .revocation import RevocationList
 
@@ -42,6 +42,8 @@ class ServerSettings:
     # RESOURCE_EXHAUSTED before any of our code runs; smaller ones reach the policy's checks.
     max_message_bytes: int = 32 << 20
     max_workers: int = 8
+    # Health Watch and reflection streams open at once; each holds one of the workers while open.
+    max_open_streams: int = DEFAULT_MAX_OPEN_STREAMS
     # Clients ping every 60 s when idle (channel.py); allow that, refuse floods of pings.
     min_ping_interval_ms: int = 30_000
 
@@ -74,7 +76,11 @@ def serve(*, kit: CertKit, crl_path, services: Sequence[tuple[Callable[[object, 
     """Start a server for `services` ((add_to_server, servicer, full service name), ...) on an mTLS port."""
     settings = settings or ServerSettings()
     revocations = RevocationList(crl_path, kit.ca_certificate())
-    interceptor = AuthorizingInterceptor(roles_by_rpc, revocations, admission=admission, audit=audit)
+    if settings.max_open_streams >= settings.max_workers:
+        raise ValueError(f"max_open_streams ({settings.max_open_streams}) must be below max_workers "
+                         f"({settings.max_workers}), or open streams could take every worker from the calls")
+    interceptor = AuthorizingInterceptor(roles_by_rpc, revocations, admission=admission, audit=audit,
+                                         max_open_streams=settings.max_open_streams)
     options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                ("grpc.max_send_message_length", settings.max_message_bytes),
                ("grpc.http2.min_recv_ping_interval_without_data_ms", settings.min_ping_interval_ms),

@@ -11,11 +11,13 @@ import datetime as dt
 import hashlib
 import io
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from silo_fakes import RightAnswerModel, png
 
@@ -24,6 +26,7 @@ from mor_secure.audit import AuditLog, read_log
 from mor_secure.pki import CertificateAuthority, CertKit, PartyIdentity
 from mor_secure.policy import RateLimit, RequestLimits, SiloAdmission, SiloPolicy
 from mor_secure.proto.v1 import silo_pb2, silo_pb2_grpc
+from mor_secure.transport.authorization import DEFAULT_MAX_OPEN_STREAMS
 from mor_secure.transport.server import RunningServer, serve
 from mor_secure.wire import ErrorCode, ImageBlob, ScoreRequest, ScoreRow, SiloError, serde
 from silo_agent.service import SiloService
@@ -244,6 +247,40 @@ def test_a_huge_round_id_or_objective_cannot_grow_the_audit_log(server, consorti
     still_serves(running.port, kits)
 
 
+def test_open_streams_are_capped_so_calls_are_still_answered(server, consortium_pki) -> None:
+    """Each health Watch holds a worker thread while open: another silo opening eight used to stop the server
+    answering anything. Beyond two: RESOURCE_EXHAUSTED, calls still served, and a closed stream frees its place."""
+    running, _ = server
+    _, _, kits = consortium_pki
+    channel = grpc.secure_channel(f"127.0.0.1:{running.port}", _credentials(kits["other-silo"]))
+    watch = health_pb2_grpc.HealthStub(channel).Watch
+    streams = []
+    try:
+        for _ in range(DEFAULT_MAX_OPEN_STREAMS):
+            stream = watch(health_pb2.HealthCheckRequest(), timeout=60)
+            assert next(stream).status == health_pb2.HealthCheckResponse.SERVING  # open, holding a worker
+            streams.append(stream)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(watch(health_pb2.HealthCheckRequest(), timeout=10))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        still_serves(running.port, kits)
+        streams.pop().cancel()
+        deadline = time.monotonic() + 10
+        while True:  # the cancelled stream's place comes back once gRPC has ended it
+            try:
+                reopened = watch(health_pb2.HealthCheckRequest(), timeout=10)
+                assert next(reopened).status == health_pb2.HealthCheckResponse.SERVING
+                streams.append(reopened)
+                break
+            except grpc.RpcError as error:
+                assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        for stream in streams:
+            stream.cancel()
+        channel.close()
+
+
 def _encoded(image_format: str) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, format=image_format)
@@ -357,8 +394,6 @@ class _HandlerThatEndsCalls(silo_pb2_grpc.SiloRewardServiceServicer):
 def test_the_status_a_handler_ends_a_call_with_is_the_one_answered_and_on_record(consortium_pki,
                                                                                 tmp_path: Path) -> None:
     """A handler's own status (abort, set_code) is not turned into INTERNAL, and the entry says what was answered."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     ca, _, kits = consortium_pki
     audit = AuditLog.for_kit(tmp_path / "audit.db", kits["silo"], checkpoint_every_entries=1)
     running = serve(kit=kits["silo"], crl_path=ca.directory / "crl.pem", roles_by_rpc=ROLES_BY_RPC,

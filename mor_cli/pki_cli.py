@@ -56,19 +56,26 @@ def init_pki(consortium_path: str | Path, out: str | Path, *, days: int) -> tupl
     return authority, kits
 
 
+def _days(text: str) -> int:
+    days = int(text)
+    if days < 1:
+        raise argparse.ArgumentTypeError(f"a certificate lifetime is at least 1 day, got {days}")
+    return days
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Consortium PKI: CA, kits, revocation.")
     commands = parser.add_subparsers(dest="command", required=True)
     init = commands.add_parser("init", help="create the CA and one kit per party named in the consortium file")
     init.add_argument("--consortium", required=True, help="consortium YAML (silos, coordinator, auditors)")
     init.add_argument("--out", required=True, help="PKI directory to create (ca/ and kits/)")
-    init.add_argument("--days", type=int, default=LEAF_LIFETIME.days, help="leaf certificate lifetime in days")
+    init.add_argument("--days", type=_days, default=LEAF_LIFETIME.days, help="leaf certificate lifetime in days")
     issue = commands.add_parser("issue", help="issue (or renew) one party's kit")
     issue.add_argument("--ca", required=True, help="the CA directory (pki/ca)")
     issue.add_argument("--role", required=True, choices=[r.value for r in Role])
     issue.add_argument("--name", required=True, help="party name, e.g. hospital-d")
     issue.add_argument("--out", required=True, help="kit directory to write")
-    issue.add_argument("--days", type=int, default=LEAF_LIFETIME.days, help="certificate lifetime in days")
+    issue.add_argument("--days", type=_days, default=LEAF_LIFETIME.days, help="certificate lifetime in days")
     issue.add_argument("--host", action="append", help="host name or IP the party serves on (repeatable; default "
                        "localhost and 127.0.0.1)")
     issue.add_argument("--renew", action="store_true", help="replace an existing kit's certificate and key "

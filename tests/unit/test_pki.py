@@ -81,3 +81,11 @@ def test_extra_hosts_may_not_claim_a_partys_pinned_name(tmp_path: Path) -> None:
     names = kit.certificate().extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "silo1.example.org" in names.get_values_for_type(x509.DNSName)
 
+
+def test_a_lifetime_under_a_day_is_refused_by_the_cli(tmp_path: Path, capsys) -> None:
+    CertificateAuthority.create(tmp_path / "ca")
+    code = main(["pki", "issue", "--ca", str(tmp_path / "ca"), "--role", "silo", "--name", "hospital-d",
+                 "--out", str(tmp_path / "kit"), "--days", "0"])
+    assert code == 2 and "a certificate lifetime is at least 1 day, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "kit").exists()
+

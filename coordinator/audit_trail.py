@@ -75,11 +75,14 @@ def _items(request: Request) -> int:
 
 def record_round(audit: AuditSink, *, stage: str, round_id: str, objective: str, asked: Sequence[str],
                  answered: Sequence[str], requests: Mapping[str, Sequence[Request]],
-                 weights: torch.Tensor | None = None, kinds: Sequence[str] | None = None, method: str = "") -> None:
+                 weights: torch.Tensor | None = None, columns: Sequence[str] | None = None,
+                 kinds: Sequence[str] | None = None, method: str = "") -> None:
     """One entry for one scoring round (see the module docstring).
 
-    `requests` are those sent to each silo (a silo's copy carries its own
-    weights); `weights` is [N, K] over `asked`.
+    `asked` are the silos the round was sent to and `requests` what each was
+    sent (a silo's copy carries its own weights); `weights` is [N, K] with
+    one column per silo of `columns` (default `asked`), of which the entry
+    keeps the asked silos' only.
     """
     digests = {silo: [request_digest(r) for r in sent] for silo, sent in requests.items()}
     any_silo = next(iter(requests.values()), ())
@@ -89,18 +92,19 @@ def record_round(audit: AuditSink, *, stage: str, round_id: str, objective: str,
              "items_digest": hashlib.sha256(canonical_json(digests)).hexdigest()}
     if weights is not None:
         weights = weights.detach().float().cpu()
-        event["weights_digest"] = {silo: hashlib.sha256(weights[:, k].contiguous().numpy().tobytes()).hexdigest()
-                                   for k, silo in enumerate(asked)}
+        column = {silo: k for k, silo in enumerate(asked if columns is None else columns)}
+        event["weights_digest"] = {silo: hashlib.sha256(weights[:, column[silo]].contiguous().numpy().tobytes()
+                                                        ).hexdigest() for silo in asked}
         if kinds is not None and len(kinds) == weights.shape[0]:
-            event["mean_weight"] = _mean_weight_by_kind(weights, asked, kinds)
+            event["mean_weight"] = _mean_weight_by_kind(weights, {silo: column[silo] for silo in asked}, kinds)
     audit.record(event)
 
 
-def _mean_weight_by_kind(weights: torch.Tensor, silos: Sequence[str],
+def _mean_weight_by_kind(weights: torch.Tensor, columns: Mapping[str, int],
                          kinds: Sequence[str]) -> dict[str, dict[str, list[float]]]:
-    """silo -> question kind -> [mean weight, rows]."""
+    """silo -> question kind -> [mean weight, rows], for each silo's column of `weights`."""
     table: dict[str, dict[str, list[float]]] = {}
-    for k, silo in enumerate(silos):
+    for silo, k in columns.items():
         table[silo] = {}
         for kind in sorted(set(kinds)):
             rows = torch.tensor([x == kind for x in kinds])

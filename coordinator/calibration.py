@@ -38,6 +38,7 @@ from pydantic import Field, field_validator
 
 from mor_secure.config import StrictModel
 from mor_secure.data import QUESTION_KINDS, PreferencePair, QuestionKind, VQARecord, make_pairs
+from mor_secure.privacy.randomized_response import debiased_mean
 from mor_secure.transport.authorization import AuditSink
 from mor_secure.wire.client import SiloClient
 from mor_secure.wire.messages import OBJECTIVES as WIRE_OBJECTIVES
@@ -104,7 +105,7 @@ class CalibrationResult:
 
     router: Router
     records: int
-    silo_accuracy: dict[str, dict[str, dict[str, float]]]  # objective -> silo -> kind -> share of bits = 1
+    silo_accuracy: dict[str, dict[str, dict[str, float]]]  # objective -> silo -> kind -> share ranked right (debiased under RR)
 
     def to_dict(self) -> dict:
         return {"records": self.records, "silos": list(self.router.silo_names),
@@ -148,7 +149,7 @@ class CalibrationBits:
     objective_names: tuple[str, ...]
     flip_probabilities: list[float] | None
     records: int
-    silo_accuracy: dict[str, dict[str, dict[str, float]]]  # objective -> silo -> kind -> share of bits = 1
+    silo_accuracy: dict[str, dict[str, dict[str, float]]]  # objective -> silo -> kind -> share ranked right (debiased under RR)
 
 
 def collect_bits(clients: Sequence[SiloClient], records: Sequence[VQARecord], features: RouterFeatures,
@@ -170,12 +171,19 @@ def collect_bits(clients: Sequence[SiloClient], records: Sequence[VQARecord], fe
         pairs = objective_pairs(chosen, objective, seed=config.seed)
         requests = bits_requests(pairs, objective=objective, round_id=new_round_id(),
                                  randomized_response_epsilon=config.randomized_response_epsilon)
-        bits = torch.stack([send_bits(client, requests) for client in clients], dim=1)
-        if audit is not None:
-            names = [c.name for c in clients]
-            record_round(audit, stage="calibration", round_id=requests[0].round_id, objective=objective,
-                         asked=names, answered=names, requests={name: requests for name in names})
-        silo_accuracy[objective] = _accuracy_by_kind(bits, pairs, [c.name for c in clients])
+        answers, asked = [], []
+        try:
+            for client in clients:  # in turn; a refusal or absence stops calibration (it needs every silo)
+                asked.append(client.name)
+                answers.append(send_bits(client, requests))
+        finally:  # on the record whether or not every silo answered
+            if audit is not None:
+                record_round(audit, stage="calibration", round_id=requests[0].round_id, objective=objective,
+                             asked=asked, answered=asked[:len(answers)],
+                             requests={name: requests for name in asked})
+        bits = torch.stack(answers, dim=1)
+        silo_accuracy[objective] = _accuracy_by_kind(bits, pairs, [c.name for c in clients],
+                                                     epsilon=config.randomized_response_epsilon)
         objective_blocks.append(torch.full((len(pairs),), objective_id, dtype=torch.long))
         bit_blocks.append(bits)
 
@@ -221,13 +229,17 @@ def mean_weights_by_kind(router: Router, features: torch.Tensor, kinds: Sequence
     return table
 
 
-def _accuracy_by_kind(bits: torch.Tensor, pairs: Sequence[PreferencePair],
-                      silos: Sequence[str]) -> dict[str, dict[str, float]]:
+def _accuracy_by_kind(bits: torch.Tensor, pairs: Sequence[PreferencePair], silos: Sequence[str], *,
+                      epsilon: float | None) -> dict[str, dict[str, float]]:
+    """Per silo and kind, the share of pairs it ranked right; under randomized response (`epsilon`), the
+    unbiased estimate of that share from the noisy bits (the raw share of noisy bits is pulled towards 0.5)."""
     kinds = [p.kind for p in pairs]
     table: dict[str, dict[str, float]] = {}
     for index, silo in enumerate(silos):
         table[silo] = {}
         for kind in sorted(set(kinds)):
             rows = torch.tensor([k == kind for k in kinds])
-            table[silo][kind] = round(bits[rows, index].float().mean().item(), 4)
+            column = bits[rows, index]
+            share = column.float().mean().item() if epsilon is None else debiased_mean(column.bool(), epsilon=epsilon)
+            table[silo][kind] = round(share, 4)
     return table

@@ -140,14 +140,16 @@ class ClearFusion:
 
     @staticmethod
     def _in_parallel(clients: Sequence[SiloClient], call: Callable[[SiloClient], T]) -> dict[str, T | SiloError]:
-        """`call(client)` for every client at once; an absent silo's error is returned, any other raised."""
+        """`call(client)` for every client at once: each silo's answer, or its error (absent or refusing).
+
+        Refusals are returned too, so the round can be recorded with who did
+        answer before `raise_refusal` fails it.
+        """
         def ask(client: SiloClient) -> T | SiloError:
             try:
                 return call(client)
             except SiloError as error:
-                if error.code in ABSENT:
-                    return error
-                raise
+                return error
         if len(clients) == 1:
             return {clients[0].name: ask(clients[0])}
         with ThreadPoolExecutor(max_workers=len(clients), thread_name_prefix="fusion") as pool:
@@ -164,16 +166,17 @@ class ClearFusion:
         requests = {c.name: weighted(shared, weights[:, column[c.name]]) for c in clients}  # its own weights only
         answers = self._in_parallel(clients, lambda c: send_scores(c, requests[c.name]))
         present = [name for name, answer in answers.items() if not isinstance(answer, SiloError)]
-        self._on_record(round_id, present, requests, weights, kinds)
+        self._on_record(round_id, list(answers), present, requests, weights, kinds)  # a refused round too
+        raise_refusal(answers)
         self._check_minimum(answers, present)
         return present, sum(answers[name] for name in present)
 
-    def _on_record(self, round_id: str, present: Sequence[str], requests: dict, weights: torch.Tensor,
-                   kinds: Sequence[str] | None) -> None:
+    def _on_record(self, round_id: str, asked: Sequence[str], present: Sequence[str], requests: dict,
+                   weights: torch.Tensor, kinds: Sequence[str] | None) -> None:
         if self.audit is not None:
             record_round(self.audit, stage="reward", round_id=round_id, objective=self.objective,
-                         asked=self.silo_names, answered=list(present), requests=requests, weights=weights,
-                         kinds=kinds, method=self.method)
+                         asked=asked, answered=list(present), requests=requests, weights=weights,
+                         columns=self.silo_names, kinds=kinds, method=self.method)
 
     def _check_minimum(self, answers: dict[str, object], present: Sequence[str]) -> None:
         missing = [name for name in answers if name not in present]
@@ -217,8 +220,17 @@ class ClearFusion:
             if client.name in answered:
                 uniform[:, k] = 1.0 / len(clients)
         rows = tuple([column[i] for i in chosen] for column in columns)
-        again, summed = self._round(clients, rows, uniform, None if kinds is None else [kinds[i] for i in chosen])
+        # No question kinds on this round's record: its weights are this fallback's, not the router's, and the
+        # report's mean router weight per silo and kind must not count them.
+        again, summed = self._round(clients, rows, uniform, None)
         return summed * (len(clients) / len(again))
+
+
+def raise_refusal(answers: dict[str, object]) -> None:
+    """Raise the first refusal among `answers` (an error that is not an absence: the round fails at once)."""
+    for answer in answers.values():
+        if isinstance(answer, SiloError) and answer.code not in ABSENT:
+            raise answer
 
 
 def weighted(requests: Sequence[ScoreRequest], weights: torch.Tensor) -> list[ScoreRequest]:

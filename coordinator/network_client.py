@@ -7,6 +7,10 @@ its silo die waits out gRPC's reconnect backoff before trying again, so a
 silo that came back would otherwise stay unused for seconds. Every other
 status is the silo's answer and is raised at once as `SiloError` with that
 code (retrying a refusal would only spend the silo's rate limit).
+`SecureScore` and `Decrypt` are never retried: the silo records their round
+id before it answers, so a retry of one that reached it is refused as a
+replay; secure fusion restarts the round under a new id instead, or asks
+the next decryptor.
 
 With `audit=` (the coordinator's log) every attempt, retries included, is an
 entry in the coordinator's log, holding the checkpoint the silo's answer
@@ -42,6 +46,8 @@ from mor_secure.wire.messages import (
 )
 
 logger = logging.getLogger(__name__)
+# Calls a silo answers once per round id (silo_agent/secure_rounds.py): not retried (see the module docstring).
+ONCE_PER_ROUND = frozenset({"SecureScore", "Decrypt"})
 T = TypeVar("T")
 
 # A GRPO step's Score call takes well under a second on the demo's silos; 60 s leaves room for a
@@ -87,7 +93,7 @@ class NetworkSiloClient:
                 if failure.code == ErrorCode.UNAVAILABLE:
                     self._channel.close()
                     self._connect()  # the next call (retry, or the next round) dials afresh
-                if failure.code != ErrorCode.UNAVAILABLE or attempt >= self.retries:
+                if failure.code != ErrorCode.UNAVAILABLE or attempt >= self.retries or method in ONCE_PER_ROUND:
                     raise failure from None
                 delay = BACKOFF_S * 2 ** attempt
                 logger.info("silo %s unavailable (%s); retrying in %.1f s", self._name, error.details(), delay)

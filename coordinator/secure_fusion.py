@@ -39,7 +39,7 @@ from mor_secure.wire.errors import SiloError
 from mor_secure.wire.messages import DecryptRequest, Participant, SecureScoreRequest
 
 from .audit_trail import new_round_id
-from .fusion import ABSENT, ClearFusion, RoundFailedError, weighted
+from .fusion import ABSENT, ClearFusion, RoundFailedError, raise_refusal, weighted
 from .silo_requests import ROWS_PER_REQUEST, score_requests
 
 
@@ -95,6 +95,7 @@ class SecureFusion(ClearFusion):
         Fills `failures` (absent silos) instead of raising for them; the round is then worthless.
         """
         keys = self._in_parallel(clients, self._participant)  # a silo's key is fetched once, when first asked
+        raise_refusal(keys)
         failures.update({name: key for name, key in keys.items() if isinstance(key, SiloError)})
         if failures:
             return "", 0, []
@@ -105,9 +106,10 @@ class SecureFusion(ClearFusion):
         requests = {c.name: SecureScoreRequest(score=weighted([shared], weights[:, column[c.name]])[0],
                                                participants=participants) for c in clients}
         answers = self._in_parallel(clients, lambda c: c.secure_score(requests[c.name]).ciphertexts[0])
+        self._on_record(round_id, [c.name for c in clients], [n for n, a in answers.items() if not isinstance(a, SiloError)],
+                        {name: [request] for name, request in requests.items()}, weights, kinds)  # a refused one too
+        raise_refusal(answers)
         failures.update({name: a for name, a in answers.items() if isinstance(a, SiloError)})
-        self._on_record(round_id, [n for n in answers if n not in failures],
-                        {name: [request] for name, request in requests.items()}, weights, kinds)
         return round_id, len(shared.rows), [a for a in answers.values() if not isinstance(a, SiloError)]
 
     def _decrypted_sum(self, clients: Sequence[SecureSiloClient], round_id: str, count: int,

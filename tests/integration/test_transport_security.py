@@ -11,8 +11,11 @@ import datetime as dt
 import hashlib
 import io
 import json
+import socket
 import time
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -29,6 +32,7 @@ from mor_secure.proto.v1 import silo_pb2, silo_pb2_grpc
 from mor_secure.transport.authorization import DEFAULT_MAX_OPEN_STREAMS
 from mor_secure.transport.server import RunningServer, serve
 from mor_secure.wire import ErrorCode, ImageBlob, ScoreRequest, ScoreRow, SiloError, serde
+from mor_secure.wire.messages import DecryptRequest, SecureScoreRequest
 from silo_agent.service import SiloService
 from silo_agent.servicer import ROLES_BY_RPC, SERVICE_NAME, servicer_registration
 
@@ -279,6 +283,32 @@ def test_open_streams_are_capped_so_calls_are_still_answered(server, consortium_
         for stream in streams:
             stream.cancel()
         channel.close()
+
+
+def test_only_calls_a_silo_answers_once_per_round_are_not_retried(consortium_pki, tmp_path: Path) -> None:
+    """A silo records SecureScore's and Decrypt's round id before answering, so a retry that follows a dropped
+    answer is refused as a replay; they fail at once (fusion restarts the round), Score is retried."""
+    _, _, kits = consortium_pki
+    with socket.socket() as probe:  # a port nothing listens on: every call is UNAVAILABLE
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = AuditLog.for_kit(tmp_path / "coordinator.db", kits["coordinator"])
+    silo = NetworkSiloClient("hospital-a", f"127.0.0.1:{port}", kits["coordinator"], retries=2, deadline_s=5,
+                             audit=log)
+    secure = SecureScoreRequest(score=replace(GOOD, round_id="r1"), participants=())
+    try:
+        for call in (lambda: silo.score(GOOD), lambda: silo.secure_score(secure),
+                     lambda: silo.decrypt(DecryptRequest(round_id="r1", participants=("hospital-a",),
+                                                         ciphertexts=(b"x",)))):
+            with pytest.raises(SiloError) as absent:
+                call()
+            assert absent.value.code == ErrorCode.UNAVAILABLE
+    finally:
+        silo.close()
+        log.close()
+    attempts = Counter(e.fields()["rpc"].rsplit("/", 1)[1] for e in read_log(tmp_path / "coordinator.db").entries
+                       if e.fields().get("event") == "call")
+    assert attempts == {"Score": 3, "SecureScore": 1, "Decrypt": 1}
 
 
 def _encoded(image_format: str) -> bytes:

@@ -25,6 +25,7 @@ from coordinator.calibration import (
 from coordinator.router import RouterConfig, RouterFeatures
 from mor_secure.data import QUESTION_KINDS
 from mor_secure.data.easyvqa import kind_of_answer
+from mor_secure.privacy.randomized_response import debiased_mean, flip_probability, randomize_bits
 from mor_secure.wire import BitsReply, BitsRequest, SiloDescription
 
 SILO_OF_KIND = {"color": "color-expert", "shape": "shape-expert", "yes_no": "yes-no-expert"}
@@ -132,3 +133,35 @@ def test_randomized_response_needs_no_ledger_and_config_checks(consortium, featu
         CalibrationConfig(randomized_response_epsilon=0.0)
     with pytest.raises(ValueError, match="at least one silo"):
         calibrate_router([], splits.calibration, features, config)
+
+
+class NoisyKindExpert(KindExpert):
+    """A `KindExpert` answering through randomized response, seeded (a test of the calibration code around it)."""
+
+    def __init__(self, name: str, kind: str, *, epsilon: float) -> None:
+        super().__init__(name, kind)
+        self.epsilon, self.generator = epsilon, torch.Generator().manual_seed(5)
+        self.reported: list[bool] = []
+
+    def correctness_bits(self, request: BitsRequest) -> BitsReply:
+        true_bits = torch.tensor(super().correctness_bits(request).bits, dtype=torch.bool)
+        noisy = randomize_bits(true_bits, epsilon=self.epsilon, generator=self.generator)
+        self.reported += noisy.tolist()
+        return BitsReply(bits=tuple(noisy.tolist()), flip_probability=flip_probability(epsilon=self.epsilon))
+
+
+def test_the_reported_share_ranked_right_is_debiased_under_randomized_response(consortium, features) -> None:
+    """A silo right on every shape pair: the raw share of its noisy bits is about 0.73 at epsilon 1, the share
+    calibration reports is the unbiased estimate of the true share, 1."""
+    _, splits = consortium
+    silo = NoisyKindExpert("shape-expert", "shape", epsilon=1.0)
+    config = CalibrationConfig(objectives=["correct"], randomized_response_epsilon=1.0, max_records_per_kind=None,
+                               router=RouterConfig(epochs=1))
+    result = calibrate_router([silo], splits.calibration, features, config)
+    shape = [kind_of_answer(p.chosen) == "shape" for p in objective_pairs(
+        calibration_records(splits.calibration, config), "correct", seed=config.seed)]
+    noisy = torch.tensor([bit for bit, is_shape in zip(silo.reported, shape, strict=True) if is_shape])
+    reported = result.silo_accuracy["correct"]["shape-expert"]["shape"]
+    assert reported == round(debiased_mean(noisy, epsilon=1.0), 4)
+    assert noisy.float().mean().item() < 0.85 and abs(reported - 1.0) < 0.3
+

@@ -9,6 +9,7 @@ import torch
 from silo_fakes import RightAnswerModel, png
 
 from coordinator.fusion import ClearFusion, FusionItems, RoundFailedError
+from mor_secure.audit import AuditLog, read_log
 from mor_secure.wire import ErrorCode, SiloError
 from silo_agent.in_process import InProcessSiloClient
 from silo_agent.service import SiloService
@@ -17,15 +18,21 @@ from silo_agent.service import SiloService
 class Recording(InProcessSiloClient):
     """The real service behind the in-process adapter, recording the weights each request carried."""
 
-    def __init__(self, name: str, *, down: bool = False) -> None:
+    def __init__(self, name: str, *, down: bool = False, refuses: bool = False) -> None:
         super().__init__(SiloService(name, RightAnswerModel()))
-        self.down, self.weights = down, []
+        self.down, self.refuses, self.weights = down, refuses, []
 
     def score(self, request):
         if self.down:
             raise SiloError(ErrorCode.UNAVAILABLE, f"silo {self.name!r}: connection refused")
+        if self.refuses:
+            raise SiloError(ErrorCode.PERMISSION_DENIED, f"silo {self.name!r}: its policy refuses this objective")
         self.weights.append(request.weights)
         return super().score(request)
+
+
+def rounds(path: Path) -> list[dict]:
+    return [e.fields() for e in read_log(path).entries if e.fields().get("event") == "round"]
 
 
 @pytest.fixture
@@ -55,3 +62,36 @@ def test_an_absent_silos_weight_goes_to_the_others_and_orphan_rows_get_their_pla
     assert silos[0].weights == [(0.25, 0.0), (0.5,)] and silos[1].weights == [(0.0, 0.0), (0.5,)]
     with pytest.raises(RoundFailedError, match="only 2 of 3 silos answered, fewer than the consortium's minimum of 3"):
         ClearFusion(silos, minimum_participants=3).fuse(items, weights)
+
+
+def test_a_refused_round_is_on_the_record_with_who_answered(items, pki, tmp_path: Path) -> None:
+    log = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
+    silos = [Recording("a"), Recording("b", refuses=True)]
+    try:
+        with pytest.raises(SiloError) as refused:
+            ClearFusion(silos, audit=log, method="mor").fuse(items, torch.full((3, 2), 0.5))
+        assert refused.value.code == ErrorCode.PERMISSION_DENIED
+    finally:
+        log.close()
+    (entry,) = rounds(tmp_path / "coordinator.db")
+    assert (entry["asked"], entry["answered"]) == (["a", "b"], ["a"])
+
+
+def test_the_fallback_round_records_only_the_silos_it_asked_and_no_router_weights(items, pki, tmp_path: Path) -> None:
+    """The orphan rows' second round goes to the present silos with equal weights, which are not the router's."""
+    log = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
+    silos = [Recording("a"), Recording("b"), Recording("c", down=True)]
+    weights = torch.tensor([[0.25, 0.0, 0.75], [0.0, 0.0, 1.0], [0.25, 0.0, 0.75]])
+    kinds = FusionItems(images=items.images, prompts=items.prompts, responses=items.responses,
+                        kinds=("color",) * 3)
+    try:
+        ClearFusion(silos, minimum_participants=2, audit=log, method="mor").fuse(kinds, weights)
+    finally:
+        log.close()
+    first, fallback = rounds(tmp_path / "coordinator.db")
+    assert (first["asked"], first["answered"]) == (["a", "b", "c"], ["a", "b"])
+    assert set(first["mean_weight"]) == {"a", "b", "c"}  # the router's weights, for every silo asked
+    assert (fallback["asked"], fallback["answered"]) == (["a", "b"], ["a", "b"])
+    assert set(fallback["requests"]) == set(fallback["weights_digest"]) == {"a", "b"}
+    assert "mean_weight" not in fallback
+

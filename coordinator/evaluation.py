@@ -65,7 +65,7 @@ from .results_report import (
 )
 from .fusion import ClearFusion, Fusion
 from .methods import RewardTransform, grpo_reward, method_reward
-from .rewards import FusedSiloReward, answer_vocabulary
+from .rewards import answer_vocabulary
 from .router import RouterFeatures
 
 logger = logging.getLogger(__name__)
@@ -302,7 +302,6 @@ class Evaluation:
         test_features = self.features.encode([str(p.image_path) for p in self.test_pairs],
                                               [p.prompt for p in self.test_pairs])
         kinds = [p.kind for p in self.test_pairs]
-        by_name = {c.name: c for c in self.clients}
         rows = []
         for silo in self.spec.silos:
             if silo.name not in full.silo_names:
@@ -313,9 +312,9 @@ class Evaluation:
 
                 def fused_accuracy(router: Any, kind: str = kind, kind_pairs: list = kind_pairs) -> float:
                     # The pool's fusion, as every other method: on a secure pool these rounds are secure too.
-                    ordered = [by_name[s] for s in router.silo_names]
-                    fusion = self.fusion(ordered, objective=self.config.objective, method=LEAVE_ONE_OUT_METHOD)
-                    reward = FusedSiloReward(fusion, router, self.features, objective=self.config.objective)
+                    reward = method_reward("mor", silos=self.clients, router=router, features=self.features,
+                                           objective=self.config.objective, fusion=self.fusion,
+                                           record_as=LEAVE_ONE_OUT_METHOD)
                     return reward_pairwise_accuracy(reward, kind_pairs)[kind]
 
                 rows.append({

@@ -207,11 +207,11 @@ class ClearFusion:
         present = torch.tensor([self.last_round[c.name] for c in self.clients])
         fused, orphans = renormalised(summed, distinct_weights, present)
         if orphans.any():
-            fused[orphans] = self._uniform_over(answered, columns, orphans, kinds)
+            fused[orphans] = self._uniform_over(answered, columns, orphans)
         return fused[index]
 
     def _uniform_over(self, answered: Sequence[str], columns: tuple[list, list, list],
-                      orphans: torch.Tensor, kinds: Sequence[str] | None) -> torch.Tensor:
+                      orphans: torch.Tensor) -> torch.Tensor:
         """Rows whose whole weight was on absent silos: the plain average of the present silos, in a new round."""
         chosen = orphans.nonzero().flatten().tolist()
         clients = [c for c in self.clients if c.name in answered]

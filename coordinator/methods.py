@@ -36,13 +36,16 @@ RewardTransform = Literal["group_top", "score"]
 
 def method_reward(method: str, *, silos: Sequence[SiloClient], router: Any = None, features: Any = None,
                   objective: str = "correct", baselines: Mapping[str, SiloClient] | None = None,
-                  fusion: Callable[..., Fusion] = ClearFusion) -> Reward:
+                  fusion: Callable[..., Fusion] = ClearFusion, record_as: str | None = None) -> Reward:
     """The reward of `method` as the silos (and router) give it, before the GRPO transforms.
 
     `fusion(clients, objective=..., method=...)` builds how the weighted sum over silos
     is formed (in the clear by default; secure aggregation plugs in here);
-    every method asks the silos under `objective`.
+    every method asks the silos under `objective`. Its rounds are recorded under
+    `record_as` (default: `method`), e.g. so that an experiment's routers are not
+    counted as the deployed router's.
     """
+    label = record_as or method
     silos = list(silos)
     baselines = dict(baselines or {})
     by_name = {c.name: c for c in silos}
@@ -56,16 +59,16 @@ def method_reward(method: str, *, silos: Sequence[SiloClient], router: Any = Non
         if len(ordered) != len(router.silo_names) or len(ordered) != len(silos):
             raise ValueError(f"the pool's silos {sorted(by_name)} must be exactly the router's silos "
                              f"{list(router.silo_names)}")
-        return FusedSiloReward(fusion(ordered, objective=objective, method=method), router, features, objective=objective)
+        return FusedSiloReward(fusion(ordered, objective=objective, method=label), router, features, objective=objective)
     if method == "uniform":
-        return UniformSiloReward(fusion(silos, objective=objective, method=method))
+        return UniformSiloReward(fusion(silos, objective=objective, method=label))
     if method.startswith("single:"):
         name = method.removeprefix("single:")
         if name not in by_name:
             raise ValueError(f"unknown silo {name!r} in method {method!r}; the pool has {sorted(by_name)}")
-        return SingleSiloReward(fusion([by_name[name]], objective=objective, method=method))
+        return SingleSiloReward(fusion([by_name[name]], objective=objective, method=label))
     if method in baselines:
-        return SingleSiloReward(fusion([baselines[method]], objective=objective, method=method))
+        return SingleSiloReward(fusion([baselines[method]], objective=objective, method=label))
     known = ["mor", "uniform", *(f"single:{s}" for s in by_name), *baselines, "oracle"]
     raise ValueError(f"unknown method {method!r}; known: {known}")
 

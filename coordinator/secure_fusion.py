@@ -106,7 +106,8 @@ class SecureFusion(ClearFusion):
         requests = {c.name: SecureScoreRequest(score=weighted([shared], weights[:, column[c.name]])[0],
                                                participants=participants) for c in clients}
         answers = self._in_parallel(clients, lambda c: c.secure_score(requests[c.name]).ciphertexts[0])
-        self._on_record(round_id, [c.name for c in clients], [n for n, a in answers.items() if not isinstance(a, SiloError)],
+        present = [name for name, answer in answers.items() if not isinstance(answer, SiloError)]
+        self._on_record(round_id, [c.name for c in clients], present,
                         {name: [request] for name, request in requests.items()}, weights, kinds)  # a refused one too
         raise_refusal(answers)
         failures.update({name: a for name, a in answers.items() if isinstance(a, SiloError)})

@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS certificates (key TEXT PRIMARY KEY, pem TEXT NOT NULL
 # As blobs whatever their storage class: a body rewritten as TEXT (the sqlite3 shell, a script) reads as its bytes,
 # and verification then names the altered entry instead of failing on the type.
 _ENTRIES_QUERY = "SELECT seq, CAST(body AS BLOB), CAST(leaf_hash AS BLOB) FROM entries ORDER BY seq"
+_CERTIFICATES_QUERY = "SELECT CAST(pem AS BLOB) FROM certificates ORDER BY rowid"
 
 
 class AuditLogError(RuntimeError):
@@ -123,8 +124,7 @@ def read_log(path: str | Path) -> StoredLog:
         entries = tuple(StoredEntry(seq, body, leaf) for seq, body, leaf in connection.execute(_ENTRIES_QUERY))
         checkpoints = tuple(SignedCheckpoint(body, signature) for body, signature in connection.execute(
             "SELECT CAST(body AS BLOB), CAST(signature AS BLOB) FROM checkpoints ORDER BY seq"))
-        certificates = tuple(_certificate(path, pem) for (pem,) in
-                             connection.execute("SELECT CAST(pem AS BLOB) FROM certificates ORDER BY rowid"))
+        certificates = tuple(_certificate(path, pem) for (pem,) in connection.execute(_CERTIFICATES_QUERY))
     except sqlite3.DatabaseError as exc:
         raise AuditLogError(f"{path}: not a readable audit log ({exc})") from None
     finally:
@@ -201,8 +201,7 @@ class AuditLog:
         self._checkpointed_size = last[0] if last else -1
         self._latest_checkpoint = SignedCheckpoint(last[1], last[2]) if last else None
         # Checkpoint times never go back, even if the clock did while the party was down (verify checks the order).
-        certificates = [_certificate(self.path, pem) for (pem,) in
-                        self._connection.execute("SELECT CAST(pem AS BLOB) FROM certificates")]
+        certificates = [_certificate(self.path, pem) for (pem,) in self._connection.execute(_CERTIFICATES_QUERY)]
         self._last_checkpoint_time = _checkpoint_time(self._latest_checkpoint, certificates)
         self._checkpointed_at = time.time() if last else 0.0
 

@@ -137,8 +137,8 @@ class CertificateAuthority:
         for host in hosts:
             # Clients pin a connection to the party they meant by its name under IDENTITY_DOMAIN: a host there
             # (or a wildcard) in another party's certificate would let that party answer in its place.
-            if "*" in host or host.lower().rstrip(".") == IDENTITY_DOMAIN or \
-                    host.lower().rstrip(".").endswith("." + IDENTITY_DOMAIN):
+            name = host.lower().rstrip(".")
+            if "*" in host or name == IDENTITY_DOMAIN or name.endswith("." + IDENTITY_DOMAIN):
                 raise ValueError(f"host {host!r} is a wildcard or a party name under {IDENTITY_DOMAIN}, which "
                                  "only the party's own identity may carry; name the machine's real host or IP")
         key = ec.generate_private_key(ec.SECP256R1())

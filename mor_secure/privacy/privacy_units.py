@@ -82,12 +82,11 @@ def held_out_units(units: Iterable[str], *, fraction: float, salt: str) -> froze
     """
     if not 0 < fraction < 1:
         raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction!r}")
-    ranked = sorted((int.from_bytes(hashlib.sha256(f"{salt}/{unit}".encode()).digest()[:8], "big"), unit)
-                    for unit in set(units))
-    if not ranked:
+    keys = {unit: int.from_bytes(hashlib.sha256(f"{salt}/{unit}".encode()).digest()[:8], "big") for unit in units}
+    if not keys:
         raise ValueError("no units to split")
     threshold = fraction * 2**64
-    return frozenset(unit for key, unit in ranked if key < threshold) or frozenset({ranked[0][1]})
+    return frozenset(unit for unit, key in keys.items() if key < threshold) or frozenset({min(keys, key=keys.get)})
 
 
 def unit_dataset(pairs: Dataset, grouping: UnitGrouping) -> TensorDataset:

@@ -56,6 +56,7 @@ class AuditingClientInterceptor(grpc.UnaryUnaryClientInterceptor):
         self.audit.record({"event": "call", "side": "client", "rpc": client_call_details.method,
                            "callee": self.callee.uri, "round_id": facts.round_id, "objective": facts.objective,
                            "request_digest": facts.request_digest, "items": facts.items, "status": status,
-                           "reason": serde.bounded_text(reason), "latency_ms": round((time.perf_counter() - started) * 1e3, 3),
+                           "reason": serde.bounded_text(reason),
+                           "latency_ms": round((time.perf_counter() - started) * 1e3, 3),
                            "peer_checkpoint": _held_checkpoint(outcome.trailing_metadata())})
         return outcome

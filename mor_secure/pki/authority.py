@@ -31,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .files import write_private, write_public
 from .identity import IDENTITY_DOMAIN, PartyIdentity, parse_identity
-from .kits import CA_FILE, CERT_FILE, CRL_FILE, KEY_FILE, CertKit
+from .kits import CA_FILE, CERT_FILE, CRL_FILE, KEY_FILE, CertKit, crl_number
 
 CA_KEY_FILE = "ca.key"
 ISSUED_FILE = "issued.json"
@@ -200,16 +200,24 @@ class CertificateAuthority:
         return sorted(serials)
 
     def write_crl(self, *, lifetime: dt.timedelta = CRL_LIFETIME) -> Path:
-        """Sign and publish the CRL of every revoked serial (atomically replaced)."""
+        """Sign and publish the CRL of every revoked serial (atomically replaced), numbered one above the last."""
         now = _now()
+        path = self.directory / CRL_FILE
         builder = (x509.CertificateRevocationListBuilder().issuer_name(self.certificate.subject)
-                   .last_update(now).next_update(now + lifetime))
+                   .last_update(now).next_update(now + lifetime)
+                   .add_extension(x509.CRLNumber(self._next_crl_number(path)), critical=False))
         for row in self.issued():
             if row.revoked_at is not None:
                 builder = builder.add_revoked_certificate(
                     x509.RevokedCertificateBuilder().serial_number(row.serial)
                     .revocation_date(dt.datetime.fromisoformat(row.revoked_at)).build())
         crl = builder.sign(self._key, hashes.SHA256())
-        path = self.directory / CRL_FILE
         write_public(path, crl.public_bytes(serialization.Encoding.PEM))
         return path
+
+    @staticmethod
+    def _next_crl_number(path: Path) -> int:
+        # RFC 5280 §5.2.3: a monotonically increasing CRL number, so that a server can refuse an older
+        # CRL put back in place of a newer one (which would un-revoke). Timestamps cannot do it: two
+        # CRLs signed within one second carry the same lastUpdate.
+        return crl_number(x509.load_pem_x509_crl(path.read_bytes())) + 1 if path.is_file() else 1

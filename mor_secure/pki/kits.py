@@ -42,6 +42,14 @@ def identity_of(certificate: x509.Certificate) -> PartyIdentity:
     return identities[0]
 
 
+def crl_number(crl: x509.CertificateRevocationList) -> int:
+    """The CRL's number (RFC 5280 §5.2.3), or 0 for a CRL written before `mor pki` numbered its CRLs."""
+    try:
+        return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        return 0
+
+
 @dataclass(frozen=True)
 class CertKit:
     """The files of one party's kit; `load` checks they are all there."""

@@ -2,18 +2,28 @@
 
 The CRL file is re-read when its modification time or size changes (a
 revocation published by `mor pki revoke` reaches channels that are already
-open, on their next call). A CRL is used only if the consortium CA signed it;
-one that fails to parse or verify keeps the last good list and is logged,
-since silently accepting every certificate would be worse than a stale list.
+open, on their next call). A CRL is used only if the consortium CA signed it
+and its number (RFC 5280 §5.2.3) is not below the one in use: an older CRL
+put back in place would un-revoke whatever was revoked since. One that fails
+any of these checks keeps the last good list and is logged, since silently
+accepting every certificate would be worse than a stale list.
+
+A server does not start on a CRL past its next update (`mor pki crl`
+re-signs it); one that goes stale while the server runs is logged as an
+error, once, and still used: refusing every caller would stop the silo over a
+missed re-signing, while a newer revocation would arrive in a newer file.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 from pathlib import Path
 
 from cryptography import x509
+
+from mor_secure.pki.kits import crl_number
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +36,9 @@ class RevocationList:
         self._ca = ca_certificate
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
+        self._number = -1
+        self._next_update: dt.datetime | None = None
+        self._stale_logged = False
         self._revoked: frozenset[int] = frozenset()
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: CRL not found; every server needs the consortium CRL "
@@ -33,6 +46,10 @@ class RevocationList:
         self._reload()
         if self._stamp is None:
             raise ValueError(f"{self.path}: not a CRL signed by the consortium CA")
+        if self._is_stale():
+            raise ValueError(f"{self.path}: the CRL went stale at {self._next_update:%Y-%m-%d %H:%M} UTC, so "
+                             "revocations since then may be missing; re-sign it with `mor pki crl --ca pki/ca` "
+                             "and publish it here")
 
     def _reload(self) -> None:
         stat = self.path.stat()
@@ -43,11 +60,19 @@ class RevocationList:
             crl = x509.load_pem_x509_crl(self.path.read_bytes())
             if crl.issuer != self._ca.subject or not crl.is_signature_valid(self._ca.public_key()):
                 raise ValueError("not signed by the consortium CA")
+            number = crl_number(crl)
+            if number < self._number:
+                raise ValueError(f"CRL number {number} is older than the {self._number} in use; an older CRL "
+                                 "would un-revoke the certificates revoked since")
         except ValueError as exc:
             logger.error("%s: CRL rejected (%s); keeping the previous revocation list", self.path, exc)
             return
         self._revoked = frozenset(entry.serial_number for entry in crl)
-        self._stamp = stamp
+        self._number, self._next_update, self._stamp = number, crl.next_update_utc, stamp
+        self._stale_logged = False
+
+    def _is_stale(self) -> bool:
+        return self._next_update is not None and self._next_update < dt.datetime.now(dt.timezone.utc)
 
     def is_revoked(self, serial: int) -> bool:
         """Whether `serial` is on the current CRL (re-read first if the file changed)."""
@@ -56,4 +81,8 @@ class RevocationList:
                 self._reload()
             except OSError as exc:
                 logger.error("%s: cannot read the CRL (%s); keeping the previous revocation list", self.path, exc)
+            if not self._stale_logged and self._is_stale():
+                self._stale_logged = True
+                logger.error("%s: the CRL in use went stale at %s; re-sign it with `mor pki crl --ca pki/ca` "
+                             "and publish it here", self.path, self._next_update)
             return serial in self._revoked

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import io
 import json
+import logging
 import socket
 import time
 from collections import Counter
@@ -160,6 +161,27 @@ def test_a_revoked_certificate_is_refused_also_on_a_channel_opened_before(server
     still_serves(running.port, kits)
     assert any(e["decision"] == "refused" and e["status"] == "UNAUTHENTICATED" and "revoked" in e["reason"]
                for e in logged(audit))
+
+
+def test_an_older_crl_put_back_does_not_un_revoke(server, consortium_pki, caplog) -> None:
+    running, _ = server
+    ca, kit, kits = consortium_pki
+    crl = ca.directory / "crl.pem"
+    before = crl.read_bytes()  # CA-signed, but from before the revocation
+    doomed_kit = kit("coordinator", "coordinator", "rolled-back-coordinator")
+    ca.revoke(serial=doomed_kit.certificate().serial_number, reason="key compromise drill")
+    doomed = client(running.port, doomed_kit)
+    with pytest.raises(SiloError, match="is revoked"):
+        doomed.score(GOOD)  # the server has read the newer CRL
+    crl.write_bytes(before)
+    with caplog.at_level(logging.ERROR, logger="mor_secure.transport.revocation"):
+        with pytest.raises(SiloError, match="is revoked") as caught:
+            doomed.score(GOOD)
+    assert caught.value.code == ErrorCode.UNAUTHENTICATED
+    assert any("is older than the" in r.getMessage() and "would un-revoke" in r.getMessage() for r in caplog.records)
+    doomed.close()
+    still_serves(running.port, kits)
+    ca.write_crl()  # leave the module's PKI with a current CRL for the tests after this one
 
 
 def test_a_silo_certificate_may_not_call_a_coordinator_rpc(server, consortium_pki) -> None:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import os
 import stat
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 
 from mor_cli.main import main
 from mor_secure.pki import CertificateAuthority, CertKit, PartyIdentity, Role, identity_of, parse_identity
+from mor_secure.pki.kits import crl_number
+from mor_secure.transport.revocation import RevocationList
 
 
 def test_init_issues_one_kit_per_party_of_the_consortium(consortium_path: Path, tmp_path: Path, capsys) -> None:
@@ -56,6 +61,46 @@ def test_revocation_is_published_in_a_signed_crl(tmp_path: Path, capsys) -> None
     assert main(["pki", "list", "--ca", str(tmp_path / "ca")]) == 0
     assert "revoked" in capsys.readouterr().out
     assert main(["pki", "revoke", "--ca", str(tmp_path / "ca"), "--serial", f"{serial:x}"]) == 1  # already revoked
+
+
+def test_every_crl_is_numbered_one_above_the_last(tmp_path: Path) -> None:
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    path = tmp_path / "ca" / "crl.pem"
+    assert crl_number(x509.load_pem_x509_crl(path.read_bytes())) == 1
+    ca.revoke(serial=ca.issue(PartyIdentity(Role.SILO, "hospital-a"), tmp_path / "kit").certificate().serial_number)
+    assert crl_number(x509.load_pem_x509_crl(path.read_bytes())) == 2
+    assert main(["pki", "crl", "--ca", str(tmp_path / "ca")]) == 0
+    assert crl_number(x509.load_pem_x509_crl(path.read_bytes())) == 3
+
+
+def _crl_signed_by(ca_dir: Path, *, number: int, last_update: dt.datetime, next_update: dt.datetime) -> bytes:
+    key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
+    ca_certificate = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca_certificate.subject)
+           .last_update(last_update).next_update(next_update)
+           .add_extension(x509.CRLNumber(number), critical=False).sign(key, hashes.SHA256()))
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def test_a_server_does_not_start_on_a_stale_crl_and_logs_one_that_goes_stale(tmp_path: Path, caplog) -> None:
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    now = dt.datetime.now(dt.timezone.utc)
+    stale = _crl_signed_by(ca.directory, number=5, last_update=now - dt.timedelta(days=8),
+                           next_update=now - dt.timedelta(days=1))
+    path = tmp_path / "crl.pem"
+    path.write_bytes(stale)
+    with pytest.raises(ValueError, match="went stale .* `mor pki crl --ca pki/ca`"):
+        RevocationList(path, ca.certificate)
+    path.write_bytes((ca.directory / "crl.pem").read_bytes())
+    revocations = RevocationList(path, ca.certificate)
+    path.write_bytes(stale)  # a newer number, but already past its next update while the server runs
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))  # same size: mark it changed
+    with caplog.at_level(logging.ERROR, logger="mor_secure.transport.revocation"):
+        for _ in range(3):
+            assert not revocations.is_revoked(1)
+    assert [r.getMessage() for r in caplog.records].count(
+        f"{path}: the CRL in use went stale at {now.replace(microsecond=0) - dt.timedelta(days=1)}; re-sign it "
+        "with `mor pki crl --ca pki/ca` and publish it here") == 1
 
 
 def test_identities_are_strict(tmp_path: Path) -> None:

@@ -289,7 +289,6 @@ class Evaluation:
                            history=history, seconds=round(time.perf_counter() - started, 1), greedy_accuracy=greedy)
         run_dir.mkdir(parents=True, exist_ok=True)
         result_path.write_text(json.dumps(result.__dict__, indent=2) + "\n", encoding="utf-8")
-        logger.info("%s seed %d: %s", method, seed, {k: round(v, 3) for k, v in accuracy.items()})
         return result
 
     def leave_one_silo_out(self) -> list[dict]:

@@ -33,7 +33,7 @@ from .fusion import Fusion, FusionItems, as_fusion
 
 # Reward of an empty (or whitespace-only) completion under a silo mixture. Silos
 # refuse to score empty responses, and scores are standardised (mean 0, std 1
-# on each silo's validation pairs), so -3 sits below nearly every real answer:
+# on the consortium's public calibration pairs), so -3 sits below nearly every real answer:
 # an empty answer is never right, and the policy should learn to avoid it.
 EMPTY_COMPLETION_REWARD = -3.0
 

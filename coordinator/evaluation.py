@@ -111,9 +111,10 @@ class EvaluationConfig(StrictModel):
     eval_questions_per_kind: int = Field(
         100, gt=0, description="Dev-split questions per kind in each in-training accuracy check (a probe: never "
         "the test split, which only the reported numbers read).")
-    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig,
-                                           description="Router calibration (calibration.router.seed is replaced by each run's seed; "
-                                           "calibration.seed, the subsample, is shared by all runs).")
+    calibration: CalibrationConfig = Field(
+        default_factory=CalibrationConfig,
+        description="Router calibration (calibration.router.seed is replaced by each run's seed; calibration.seed, "
+        "the subsample, is shared by all runs).")
     leave_one_silo_out: bool = Field(True, description="Also run the leave-one-silo-out routing experiment.")
 
     @field_validator("grpo")

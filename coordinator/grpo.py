@@ -90,8 +90,8 @@ class GRPOSettings(StrictModel):
     num_generations: int = Field(
         8, ge=2,
         description="Completions sampled per prompt (the GRPO group). Advantages are each completion's reward minus "
-        "its group's mean, over the group's std (TRL's scale_rewards='group'), so at least 2 are needed; 8 makes it likely that the right answer is among them "
-        "(8 colours), which a group-relative reward needs (docs/grpo.md).",
+        "its group's mean, over the group's std (TRL's scale_rewards='group'), so at least 2 are needed; 8 makes "
+        "it likely that the right answer is among them (8 colours), which a group-relative reward needs (docs/grpo.md).",
     )
     per_device_train_batch_size: int = Field(
         64, gt=0,

@@ -32,9 +32,9 @@ from .answer_eval import normalise_answer
 from .fusion import Fusion, FusionItems, as_fusion
 
 # Reward of an empty (or whitespace-only) completion under a silo mixture. Silos
-# refuse to score empty responses, and scores are standardised (mean 0, std 1
-# on the consortium's public calibration pairs), so -3 sits below nearly every real answer:
-# an empty answer is never right, and the policy should learn to avoid it.
+# refuse to score empty responses, and scores are standardised (mean 0, std 1 on
+# the consortium's public calibration pairs), so -3 sits below nearly every real
+# answer: an empty answer is never right, and the policy should learn to avoid it.
 EMPTY_COMPLETION_REWARD = -3.0
 
 # Router rows must sum to 1; allow float32 round-off.

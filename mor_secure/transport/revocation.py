@@ -27,6 +27,8 @@ from mor_secure.pki.kits import crl_number
 
 logger = logging.getLogger(__name__)
 
+_RESIGN_HINT = "re-sign it with `mor pki crl --ca pki/ca` and publish it here"
+
 
 class RevocationList:
     """The serials revoked by the consortium CA, from a CRL file that may change while the server runs."""
@@ -48,8 +50,7 @@ class RevocationList:
             raise ValueError(f"{self.path}: not a CRL signed by the consortium CA")
         if self._is_stale():
             raise ValueError(f"{self.path}: the CRL went stale at {self._next_update:%Y-%m-%d %H:%M} UTC, so "
-                             "revocations since then may be missing; re-sign it with `mor pki crl --ca pki/ca` "
-                             "and publish it here")
+                             f"revocations since then may be missing; {_RESIGN_HINT}")
 
     def _reload(self) -> None:
         stat = self.path.stat()
@@ -83,6 +84,5 @@ class RevocationList:
                 logger.error("%s: cannot read the CRL (%s); keeping the previous revocation list", self.path, exc)
             if not self._stale_logged and self._is_stale():
                 self._stale_logged = True
-                logger.error("%s: the CRL in use went stale at %s; re-sign it with `mor pki crl --ca pki/ca` "
-                             "and publish it here", self.path, self._next_update)
+                logger.error("%s: the CRL in use went stale at %s; %s", self.path, self._next_update, _RESIGN_HINT)
             return serial in self._revoked

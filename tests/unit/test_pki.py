@@ -73,10 +73,10 @@ def test_every_crl_is_numbered_one_above_the_last(tmp_path: Path) -> None:
     assert crl_number(x509.load_pem_x509_crl(path.read_bytes())) == 3
 
 
-def _crl_signed_by(ca_dir: Path, *, number: int, last_update: dt.datetime, next_update: dt.datetime) -> bytes:
-    key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), password=None)
-    ca_certificate = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
-    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca_certificate.subject)
+def _crl_signed_by(ca: CertificateAuthority, *, number: int, last_update: dt.datetime,
+                   next_update: dt.datetime) -> bytes:
+    key = serialization.load_pem_private_key((ca.directory / "ca.key").read_bytes(), password=None)
+    crl = (x509.CertificateRevocationListBuilder().issuer_name(ca.certificate.subject)
            .last_update(last_update).next_update(next_update)
            .add_extension(x509.CRLNumber(number), critical=False).sign(key, hashes.SHA256()))
     return crl.public_bytes(serialization.Encoding.PEM)
@@ -85,7 +85,7 @@ def _crl_signed_by(ca_dir: Path, *, number: int, last_update: dt.datetime, next_
 def test_a_server_does_not_start_on_a_stale_crl_and_logs_one_that_goes_stale(tmp_path: Path, caplog) -> None:
     ca = CertificateAuthority.create(tmp_path / "ca")
     now = dt.datetime.now(dt.timezone.utc)
-    stale = _crl_signed_by(ca.directory, number=5, last_update=now - dt.timedelta(days=8),
+    stale = _crl_signed_by(ca, number=5, last_update=now - dt.timedelta(days=8),
                            next_update=now - dt.timedelta(days=1))
     path = tmp_path / "crl.pem"
     path.write_bytes(stale)

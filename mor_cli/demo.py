@@ -296,7 +296,7 @@ def main(argv: Sequence[str]) -> int:
     run.add_argument("--clear-aggregation", action="store_true",
                      help="fuse the silos' scores in the clear (benchmarks only: the coordinator then sees every "
                      "silo's weighted scores)")
-    table = commands.add_parser("table", help="MoR vs every baseline over 3 seeds (about 50 minutes on 2 cores)")
+    table = commands.add_parser("table", help="MoR vs every baseline over 3 seeds (about 2 hours on 2 cores)")
     table.add_argument("--workdir", default="runs/table",
                        help="working directory; finished stages (silo models, baselines, runs) are reused")
     table.add_argument("--results-dir", type=Path, default=Path("docs/results"),

@@ -7,9 +7,11 @@
                                                      both checks and the activity, on one page
 
 `verify` and `reconcile` exit 1 when they find a problem and print each one
-(verify names the first bad entry); `report` writes the page either way and
-says whether the record is intact. Logs are opened read-only: a reviewer may
-run these on a live party's log or on a copy.
+(verify names the first bad entry); `report` writes the page either way,
+says whether the record is intact, and exits 1 when it is not. Each log says
+whose it is: the coordinator's comes first, then each silo's once, or the
+command stops and says so. Logs are opened read-only: a reviewer may run
+these on a live party's log or on a copy.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from cryptography import x509
 
 from mor_secure.audit import read_log
 from mor_secure.audit.evidence import check_logs, report_view
-from mor_secure.audit.reconcile import reconcile
+from mor_secure.audit.reconcile import check_parties, reconcile
 from mor_secure.audit.report import write_report
 from mor_secure.audit.report_view import utc_text
 from mor_secure.audit.verify import Verification, verify_log
@@ -72,9 +74,11 @@ def _verify(args: argparse.Namespace) -> int:
 def _reconcile(args: argparse.Namespace) -> int:
     ca = _certificate(args.ca)
     coordinator = read_log(args.coordinator_log)
+    silos = [read_log(path) for path in args.silo_logs]
+    check_parties(coordinator, silos)
     failed = False
-    for path in args.silo_logs:
-        result = reconcile(coordinator, read_log(path), ca)
+    for silo in silos:
+        result = reconcile(coordinator, silo, ca)
         print(f"{result.silo}: {result.matched} queries found in both logs, {result.not_delivered} that never "
               f"reached the silo, {result.checkpoints_checked} of its checkpoints checked against its log today")
         if result.ok:
@@ -106,8 +110,7 @@ def review(coordinator_log: str | Path, silo_logs: Sequence[str | Path], ca: str
 
 
 def _report(args: argparse.Namespace) -> int:
-    review(args.coordinator_log, args.silo_logs, args.ca, args.out, title=args.title)
-    return 0
+    return 0 if review(args.coordinator_log, args.silo_logs, args.ca, args.out, title=args.title) else 1
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from cryptography import x509
 from mor_secure.pki.identity import parse_identity
 
 from .log import StoredLog
-from .reconcile import QUERY_PREFIX, Reconciliation, reconcile, trusted_certificates
+from .reconcile import QUERY_PREFIX, Reconciliation, check_parties, reconcile, trusted_certificates
 from .report_view import (
     BudgetPoint,
     PartyCheck,
@@ -59,6 +59,7 @@ def _name(party: str) -> str:
 
 def check_logs(coordinator: StoredLog, silos: Sequence[StoredLog], ca: x509.Certificate) -> Evidence:
     """`verify` every log with its CA-issued certificates and `reconcile` the coordinator's with each silo's."""
+    check_parties(coordinator, silos)
     verifications = tuple(verify_log(log, trusted_certificates(log, ca)) for log in (coordinator, *silos))
     reconciliations = tuple(reconcile(coordinator, silo, ca) for silo in silos)
     return Evidence(verifications, reconciliations)

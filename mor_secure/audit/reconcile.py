@@ -25,12 +25,15 @@ of the silo's model, so they are not matched here.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from mor_secure.pki.identity import Role, parse_identity
 from mor_secure.pki.kits import identity_of
 
 from .checkpoints import Checkpoint, CheckpointError, SignedCheckpoint, verify_checkpoint
@@ -97,8 +100,37 @@ def _short(fields: dict) -> str:
     return f"{rpc} (round {fields.get('round_id') or '-'}, request {digest}...)"
 
 
+def _role(log: StoredLog) -> Role | None:
+    try:
+        return parse_identity(log.party).role
+    except ValueError:
+        return None
+
+
+def check_parties(coordinator: StoredLog, silos: Sequence[StoredLog]) -> None:
+    """ValueError saying how to fix it unless `coordinator` is a coordinator's log and `silos` distinct silos' logs.
+
+    Each log says whose it is; matching two logs in the wrong roles (swapped,
+    or the coordinator's against itself) would compare the wrong sides of
+    every call and could call an unchecked record reconciled.
+    """
+    if _role(coordinator) is not Role.COORDINATOR:
+        raise ValueError(f"{coordinator.path} is the log of {coordinator.party or 'no party'}, not of a "
+                         "coordinator: give the coordinator's log first, then each silo's")
+    seen: dict[str, Path] = {}
+    for silo in silos:
+        if _role(silo) is not Role.SILO:
+            raise ValueError(f"{silo.path} is the log of {silo.party or 'no party'}, not of a silo: give the "
+                             "coordinator's log first, then each silo's")
+        if silo.party in seen:
+            raise ValueError(f"{seen[silo.party]} and {silo.path} are both logs of {silo.party}: give each "
+                             "silo's log once")
+        seen[silo.party] = silo.path
+
+
 def reconcile(coordinator: StoredLog, silo: StoredLog, ca: x509.Certificate) -> Reconciliation:
-    """Every check of the module docstring between `coordinator`'s log and `silo`'s."""
+    """Every check of the module docstring between `coordinator`'s log and `silo`'s (`check_parties` first)."""
+    check_parties(coordinator, [silo])
     result = Reconciliation(silo=silo.party)
     silo_certificates = trusted_certificates(silo, ca)
     if not silo_certificates:

@@ -200,6 +200,21 @@ def test_the_report_is_written_from_the_logs(consortium_run, pki, capsys, tmp_pa
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # self-contained: nothing fetched
 
 
+@pytest.mark.parametrize("command", ["reconcile", "report"])
+def test_logs_given_in_the_wrong_roles_are_refused_not_reconciled(consortium_run, pki, capsys, tmp_path: Path,
+                                                                   command: str) -> None:
+    """Swapped, or the coordinator's log against itself, once matched nothing and said RECONCILED."""
+    coordinator, silo = str(consortium_run["coordinator"]), str(consortium_run["silo"])
+    extra = ["--out", str(tmp_path / "audit.html")] if command == "report" else []
+    for logs, says in [((silo, coordinator), "is the log of mor://silo/hospital-a, not of a coordinator"),
+                       ((coordinator, coordinator), "is the log of mor://coordinator/coordinator, not of a silo"),
+                       ((coordinator, silo, silo), "are both logs of mor://silo/hospital-a")]:
+        code = audit_main([command, *logs, "--ca", str(pki.ca.directory / "ca.pem"), *extra])
+        captured = capsys.readouterr()
+        assert code == 1 and says in captured.err and "RECONCILED" not in captured.out, (logs, captured)
+        assert not (tmp_path / "audit.html").exists()
+
+
 def test_verify_exits_1_naming_the_first_bad_entry_of_a_tampered_log(consortium_run, pki, capsys) -> None:
     with sqlite3.connect(consortium_run["silo"]) as connection:
         (body,) = connection.execute("SELECT body FROM entries WHERE seq = 2").fetchone()
@@ -223,7 +238,7 @@ def test_a_forged_checkpoint_dated_beyond_any_calendar_is_reported_not_a_crash(c
     assert code == 1 and "1e+300 (not a valid time)" in out and "the signature does not verify" in out
     code, out = cli("report", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
                     "--ca", str(pki.ca.directory / "ca.pem"), "--out", str(tmp_path / "audit.html"), capsys=capsys)
-    assert code == 0 and "NOT INTACT" in out.upper() and "1e+300 (not a valid time)" in \
+    assert code == 1 and "NOT INTACT" in out.upper() and "1e+300 (not a valid time)" in \
         (tmp_path / "audit.html").read_text(encoding="utf-8")
 
 
@@ -239,7 +254,7 @@ def test_an_entry_in_a_shape_the_log_never_writes_is_left_out_of_the_report(cons
     out_file = tmp_path / "audit.html"
     code, out = cli("report", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
                     "--ca", str(pki.ca.directory / "ca.pem"), "--out", str(out_file), capsys=capsys)
-    assert code == 0 and out_file.is_file()
+    assert code == 1 and "NOT INTACT" in out and out_file.is_file()  # written, and the exit says it is not intact
     page = out_file.read_text(encoding="utf-8")
     assert re.search(r'data-figure="queries:hospital-a"[^>]*>\s*3\s*<', page)  # the edited entry is left out
     assert re.search(r'data-figure="verification:mor://silo/hospital-a"[^>]*>\s*FAILED', page, re.I)

@@ -12,10 +12,17 @@ Row format, one JSON object per line (blank lines skipped):
 `kind` and `unit_id` are optional. `unit_id` names the privacy unit (a
 patient): with the default `privacy_unit: image`, all pairs of one unit_id
 are one DP sample; rows without it are grouped by their image.
+
+An image is known by its content (SHA-256 of the file), not its path: the
+same picture under two paths is one image, so one unit. Every row of one
+image must name the same unit_id, or none: a picture in two units (two
+patients, or a patient and itself as an image) would count one person's data
+twice while the DP guarantee is stated per unit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -94,6 +101,7 @@ def import_preference_jsonl(jsonl_path: str | Path, image_root: str | Path) -> t
     problems.raise_if_any()
 
     images = _ImageChecker(root)
+    units = _UnitOfImage()
     pairs: list[PreferencePair] = []
     rows = 0
     with jsonl_path.open("rb") as handle:
@@ -108,9 +116,11 @@ def import_preference_jsonl(jsonl_path: str | Path, image_root: str | Path) -> t
                 problems.add(line_number, f"more than {MAX_ROWS} rows; split the file")
                 break
             pair, reasons = _parse_row(raw, images)
+            if pair is not None:
+                reasons = units.check(pair, line_number)
             for reason in reasons:
                 problems.add(line_number, reason)
-            if pair is not None:
+            if pair is not None and not reasons:
                 pairs.append(pair)
     if rows == 0 and not problems.listed:
         problems.add(0, "no rows: the file is empty or blank")
@@ -165,6 +175,7 @@ def _parse_row(raw: bytes, images: _ImageChecker) -> tuple[PreferencePair | None
     if reasons or image is None:
         return None, reasons
     image_id, image_path = image
+    unit_id = row.get("unit_id")
     pair = PreferencePair(
         image_id=image_id,
         image_path=image_path,
@@ -172,7 +183,8 @@ def _parse_row(raw: bytes, images: _ImageChecker) -> tuple[PreferencePair | None
         chosen=chosen,
         rejected=rejected,
         kind=kind,
-        unit_id=row.get("unit_id"),
+        # Stripped: "patient-1 " and "patient-1" are one patient, so one unit.
+        unit_id=unit_id.strip() if unit_id is not None else None,
     )
     return pair, []
 
@@ -185,12 +197,33 @@ def _text_problems(name: str, value: Any) -> list[str]:
     return []
 
 
+class _UnitOfImage:
+    """Holds each image to the unit_id its first row named (or to none): one picture, one privacy unit."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, tuple[str | None, int, Path]] = {}  # image id -> (unit_id, line, path)
+
+    def check(self, pair: PreferencePair, line: int) -> list[str]:
+        unit, first_line, first_path = self._first.setdefault(pair.image_id, (pair.unit_id, line, pair.image_path))
+        if unit == pair.unit_id:
+            return []
+        same = "this image" if first_path == pair.image_path else f"the same picture ({first_path.name})"
+        return [f"unit_id {_named(pair.unit_id)} differs from line {first_line}'s {_named(unit)} for {same}: every "
+                "row of one image must name the same unit_id, or none (one picture in two units counts its person "
+                "twice)"]
+
+
+def _named(unit_id: str | None) -> str:
+    return "(none)" if unit_id is None else repr(unit_id)
+
+
 class _ImageChecker:
-    """Resolves row image paths safely under the root; opens each distinct file once."""
+    """Resolves row image paths safely under the root; reads each distinct file once."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._verdicts: dict[Path, str | None] = {}
+        self._ids: dict[Path, str] = {}  # a readable image's path -> its image id (from its content)
+        self._problems: dict[Path, str] = {}  # any other path -> why it is not an image
 
     def check(self, images: Any, reasons: list[str]) -> tuple[str, Path] | None:
         """(image_id, absolute path) of the row's single image, or None with reasons appended."""
@@ -207,26 +240,34 @@ class _ImageChecker:
         if not resolved.is_relative_to(self.root):
             reasons.append(f"image path {relative!r} escapes the image root {self.root}")
             return None
-        if resolved not in self._verdicts:
-            self._verdicts[resolved] = _image_problem(resolved)
-        problem = self._verdicts[resolved]
-        if problem is not None:
-            reasons.append(f"image {relative!r}: {problem}")
+        if resolved not in self._problems and resolved not in self._ids:
+            problem, digest = _read_image(resolved)
+            if problem is None:
+                self._ids[resolved] = f"import:sha256:{digest}"
+            else:
+                self._problems[resolved] = problem
+        if resolved in self._problems:
+            reasons.append(f"image {relative!r}: {self._problems[resolved]}")
             return None
-        return "import:" + resolved.relative_to(self.root).as_posix(), resolved
+        return self._ids[resolved], resolved
 
 
-def _image_problem(path: Path) -> str | None:
+def _read_image(path: Path) -> tuple[str | None, str]:
+    """(why `path` is not a whole image PIL can decode, or None; the SHA-256 of its bytes)."""
     if not path.is_file():
-        return f"file not found ({path})"
+        return f"file not found ({path})", ""
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.verify()  # the container: chunk checksums, headers
+        # verify() does not decode: a truncated JPEG, BMP or GIF passes it and fails only in training.
+        with Image.open(path) as image:
+            image.load()
     # PIL signals corrupt or unsupported files with many exception types
     # (OSError, SyntaxError, ValueError, DecompressionBombError, ...).
     except Exception as exc:  # noqa: BLE001
-        return f"not an image PIL can read ({type(exc).__name__}: {exc})"
-    return None
+        return f"not an image PIL can read ({type(exc).__name__}: {exc})", ""
+    with path.open("rb") as handle:
+        return None, hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _json_type(value: Any) -> str:

@@ -48,5 +48,9 @@ class PreferencePair:
 
 
 def privacy_unit_of(pair: PreferencePair) -> str:
-    """The DP unit a pair belongs to: its `unit_id` (a patient) if the data names one, else its image."""
-    return pair.unit_id if pair.unit_id is not None else pair.image_id
+    """The DP unit a pair belongs to: its `unit_id` (a patient) if the data names one, else its image.
+
+    The two are kept apart ("unit:" before a unit_id): a patient named like an
+    image id would otherwise share a unit with that image's other rows.
+    """
+    return f"unit:{pair.unit_id}" if pair.unit_id is not None else pair.image_id

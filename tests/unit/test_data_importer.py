@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -10,13 +12,18 @@ from PIL import Image
 
 from mor_secure.data import DataImportError, PreferencePair, import_preference_jsonl
 from mor_secure.data import importer
+from mor_secure.data.records import privacy_unit_of
 
 PROMPT = "what color is the shape?"
 
 
-def _png(path: Path) -> None:
+def _png(path: Path, color: tuple[int, int, int] = (200, 30, 30)) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (4, 4), (200, 30, 30)).save(path)
+    Image.new("RGB", (4, 4), color).save(path)
+
+
+def _id(path: Path) -> str:
+    return "import:sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _row(image: str = "img/a.png", **overrides: object) -> str:
@@ -34,7 +41,7 @@ def _write(path: Path, lines: list[str]) -> Path:
 def image_root(tmp_path: Path) -> Path:
     root = tmp_path / "images"
     _png(root / "img" / "a.png")
-    _png(root / "img" / "b.png")
+    _png(root / "img" / "b.png", (30, 30, 200))
     return root
 
 
@@ -46,11 +53,53 @@ def test_a_good_file_imports_every_row(tmp_path: Path, image_root: Path) -> None
     pairs = import_preference_jsonl(jsonl, image_root)
     a_png, b_png = (image_root / "img/a.png").resolve(), (image_root / "img/b.png").resolve()
     assert pairs == (
-        PreferencePair("import:img/a.png", a_png, PROMPT, "red", "blue"),
-        PreferencePair("import:img/b.png", b_png, PROMPT, "red", "blue", "color"),
+        PreferencePair(_id(a_png), a_png, PROMPT, "red", "blue"),
+        PreferencePair(_id(b_png), b_png, PROMPT, "red", "blue", "color"),
         # "img/../img/a.png" is normalised, so the same file gets the same image id.
-        PreferencePair("import:img/a.png", a_png, PROMPT, "yes", "no"),
+        PreferencePair(_id(a_png), a_png, PROMPT, "yes", "no"),
     )
+
+
+def test_one_picture_is_one_privacy_unit_whatever_its_path_or_spelling(tmp_path: Path, image_root: Path) -> None:
+    """A copy of a.png under another path is the same image; a unit_id's spaces do not make a second patient."""
+    (image_root / "copy").mkdir()
+    (image_root / "copy" / "a-again.png").write_bytes((image_root / "img/a.png").read_bytes())
+    like_an_image_id = "import:sha256:" + "0" * 64
+    jsonl = _write(tmp_path / "prefs.jsonl", [_row(unit_id="patient-1"), _row("copy/a-again.png", unit_id=" patient-1 "),
+                                              _row("img/b.png", unit_id=like_an_image_id)])
+    pairs = import_preference_jsonl(jsonl, image_root)
+    assert pairs[0].image_id == pairs[1].image_id and pairs[1].unit_id == "patient-1"
+    assert len({privacy_unit_of(p) for p in pairs[:2]}) == 1
+    # A unit_id spelled like an image id stays a unit of its own, apart from any image's.
+    assert privacy_unit_of(pairs[2]) != _id(image_root / "img/b.png") and privacy_unit_of(pairs[2]).startswith("unit:")
+
+
+@pytest.mark.parametrize(("second", "says"), [
+    (_row(), "unit_id (none) differs from line 1's 'patient-1' for this image"),
+    (_row(unit_id="patient-2"), "unit_id 'patient-2' differs from line 1's 'patient-1' for this image"),
+    (_row("copy/a-again.png"), "unit_id (none) differs from line 1's 'patient-1' for the same picture (a.png)"),
+], ids=["no-unit", "another-unit", "a-copy-with-no-unit"])
+def test_an_image_in_two_privacy_units_is_refused(tmp_path: Path, image_root: Path, second: str, says: str) -> None:
+    """One picture in two units would count its patient twice under a per-unit guarantee."""
+    (image_root / "copy").mkdir()
+    (image_root / "copy" / "a-again.png").write_bytes((image_root / "img/a.png").read_bytes())
+    jsonl = _write(tmp_path / "prefs.jsonl", [_row(unit_id="patient-1"), _row("img/b.png"), second])
+    with pytest.raises(DataImportError) as caught:
+        import_preference_jsonl(jsonl, image_root)
+    assert [(p.line, p.reason.split(":")[0]) for p in caught.value.problems] == [(3, says)]
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "BMP", "GIF", "PNG"])
+def test_a_truncated_image_is_refused_at_import(tmp_path: Path, image_root: Path, image_format: str) -> None:
+    """Image.verify() alone passes a cut-off JPEG, BMP or GIF; the import must decode it."""
+    encoded = io.BytesIO()
+    Image.effect_noise((64, 64), 60).convert("RGB" if image_format != "GIF" else "L").save(encoded, image_format)
+    (image_root / "cut.img").write_bytes(encoded.getvalue()[: len(encoded.getvalue()) * 2 // 3])
+    jsonl = _write(tmp_path / "prefs.jsonl", [_row(), _row("cut.img")])
+    with pytest.raises(DataImportError) as caught:
+        import_preference_jsonl(jsonl, image_root)
+    assert [p.line for p in caught.value.problems] == [2]
+    assert "not an image PIL can read" in caught.value.problems[0].reason
 
 
 def test_every_bad_row_is_reported_with_its_line_and_nothing_is_imported(tmp_path: Path, image_root: Path) -> None:

@@ -48,7 +48,8 @@ class SiloConfig(StrictModel):
     feature_cache: Path | None = Field(
         None, description="frozen_encoders only: where training caches the frozen features of the silo's images "
         "(default: <workdir>/feature_cache). Serving never reads it (a cache hit would reveal that an image is in "
-        "the silo's data); the served model caches what callers send in <workdir>/served_feature_cache.")
+        "the silo's data); the served model caches what callers send in <workdir>/served_feature_cache, which "
+        "this may not be, hold or lie within.")
     validation_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of the silo's privacy units held back (never trained on) for the "
         "local held-out accuracy in local_diagnostics.json. Scores are standardised on public calibration "

@@ -86,11 +86,17 @@ def build_reward_model(config: SiloConfig) -> RewardModel:
 
 
 def feature_cache_dir(config: SiloConfig) -> Path:
-    return config.feature_cache or config.workdir / "feature_cache"
+    """Where training caches the frozen features of the silo's own images; ValueError if it is the served cache."""
+    training, served = config.feature_cache or config.workdir / "feature_cache", _served_cache(config)
+    if training.resolve().is_relative_to(served.resolve()) or served.resolve().is_relative_to(training.resolve()):
+        raise ValueError(f"feature_cache {training} is, holds or lies within {served}, the served model's cache: "
+                         "serving would answer the silo's own images from it, and its latency would tell callers "
+                         "which images are private; set feature_cache elsewhere (or leave it out)")
+    return training
 
 
 def served_feature_cache_dir(config: SiloConfig) -> Path:
-    """The served model's own feature cache, never the training one.
+    """The served model's own feature cache, never the training one (`feature_cache_dir` refuses that).
 
     The training cache holds the features of every private image, so a
     served model reading it would answer a private image from the cache
@@ -98,6 +104,11 @@ def served_feature_cache_dir(config: SiloConfig) -> Path:
     latency would tell the caller which images are in the silo's data, a
     leak outside the DP guarantee. This cache only ever holds what callers sent.
     """
+    feature_cache_dir(config)
+    return _served_cache(config)
+
+
+def _served_cache(config: SiloConfig) -> Path:
     return config.workdir / "served_feature_cache"
 
 

@@ -364,3 +364,15 @@ def test_the_served_model_never_answers_from_the_training_feature_cache(silo_dir
     (served,) = silo_training.served_feature_cache_dir(config).iterdir()
     assert set(torch.load(served, weights_only=True)) == {image_key(private), image_key(outsider)}
 
+
+
+@pytest.mark.parametrize("cache", ["work/frozen/served_feature_cache", "work/frozen", "work/frozen/served_feature_cache/x"])
+def test_a_training_cache_in_the_served_cache_is_refused(silo_dir: Path, capsys, cache: str) -> None:
+    """The served cache must only hold what callers sent, or a cache hit's latency tells them an image is private."""
+    config_path = silo_dir / "frozen-shared-cache.yaml"
+    config_path.write_text(SILO_YAML.replace("architecture: small_cnn", f"architecture: frozen_encoders\nfeature_cache: {cache}")
+                           .replace("workdir: work/hospital-a", "workdir: work/frozen"), encoding="utf-8")
+    config = silo_training.load_silo_config(config_path)
+    for where in (silo_training.feature_cache_dir, silo_training.served_feature_cache_dir):
+        with pytest.raises(ValueError, match="the served model's cache"):
+            where(config)

@@ -96,7 +96,8 @@ class GRPOSettings(StrictModel):
     per_device_train_batch_size: int = Field(
         64, gt=0,
         description="Completions (not prompts) per process per optimizer step: 64 = 8 prompts x 8 generations. "
-        "Times the number of processes it must be a multiple of num_generations.",
+        "Times the number of processes it must be a multiple of num_generations; with several processes it must "
+        "be one itself, so every process scores whole groups.",
     )
     learning_rate: float = Field(
         3e-4, gt=0, allow_inf_nan=False,
@@ -194,6 +195,18 @@ class GRPOSettings(StrictModel):
                 f"({self.num_generations}): GRPO compares the {self.num_generations} completions of a prompt within "
                 f"one batch. Set per_device_train_batch_size to a multiple of {self.num_generations} "
                 f"(e.g. {suggestion}), or pick a num_generations that divides {batch}"
+            )
+        if processes > 1 and self.per_device_train_batch_size % self.num_generations:
+            # TRL deals the repeated prompts out per_device_train_batch_size at a time, process by process
+            # (the figure in GRPOTrainer._get_train_sampler), and each process scores only its share: a group
+            # cut across processes would be ranked in parts by a group-relative reward (group_top).
+            suggestion = -(-self.per_device_train_batch_size // self.num_generations) * self.num_generations
+            raise ValueError(
+                f"with {processes} processes, per_device_train_batch_size ({self.per_device_train_batch_size}) must "
+                f"be a multiple of num_generations ({self.num_generations}): TRL hands each process "
+                f"{self.per_device_train_batch_size} completions at a time, so a prompt's group would be split "
+                "between processes and each part ranked on its own by the group_top reward. Set "
+                f"per_device_train_batch_size to a multiple of {self.num_generations} (e.g. {suggestion})"
             )
 
     def to_grpo_config(self) -> Any:

@@ -341,6 +341,18 @@ def test_settings_refuse_what_trl_would_misuse(tmp_path: Path):
         GRPOSettings(output_dir=tmp_path, per_device_train_batch_size=6)
     with pytest.raises(ValidationError, match="num_generations"):
         GRPOSettings(output_dir=tmp_path, num_generations=1)
+
+
+def test_several_processes_must_each_score_whole_groups(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """6 x 2 processes = 12 is a multiple of 4, but TRL deals 6 at a time per process: one group would be split."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValidationError, match=r"with 2 processes, per_device_train_batch_size \(6\) must be a "
+                                              r"multiple of num_generations \(4\).*\(e.g. 8\)"):
+        GRPOSettings(output_dir=tmp_path, per_device_train_batch_size=6, num_generations=4)
+    # (A 2-process run that passes is test_two_processes_under_accelerate_launch: GRPOConfig needs its launcher.)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert GRPOSettings(output_dir=tmp_path, per_device_train_batch_size=6, num_generations=4,
+                        trl_overrides={"gradient_accumulation_steps": 2})  # one process sees every group whole
     with pytest.raises(ValidationError, match="trl.GRPOConfig rejects these settings"):
         GRPOSettings(output_dir=tmp_path, trl_overrides={"lr_scheduler_type": "no-such-schedule"})
 

@@ -194,7 +194,7 @@ def _build_model(architecture: str, *, seed: int, feature_cache: Path, base_mode
     if architecture == "lora_vlm":
         return LoraVLMRewardModel(base_model=base_model, seed=seed)
     if architecture == "frozen_encoders":
-        return FrozenEncoderRewardModel(cache_dir=feature_cache)
+        return FrozenEncoderRewardModel(cache_dir=feature_cache, seed=seed)
     return SmallCNNRewardModel(seed=seed)
 
 

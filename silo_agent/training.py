@@ -81,7 +81,7 @@ def build_reward_model(config: SiloConfig) -> RewardModel:
     if config.architecture == "lora_vlm":
         return LoraVLMRewardModel(base_model=config.base_model, seed=config.training.seed)
     if config.architecture == "frozen_encoders":
-        return FrozenEncoderRewardModel(cache_dir=feature_cache_dir(config))
+        return FrozenEncoderRewardModel(cache_dir=feature_cache_dir(config), seed=config.training.seed)
     return SmallCNNRewardModel(seed=config.training.seed)
 
 

@@ -141,6 +141,18 @@ def test_every_architecture_is_registered() -> None:
     assert set(ARCHITECTURES) <= set(architectures())
 
 
+@pytest.mark.parametrize("build", [lambda seed, cache: FrozenEncoderRewardModel(cache_dir=cache, seed=seed),
+                                   lambda seed, cache: SmallCNNRewardModel(channels=16, text_dim=16, width=16, seed=seed)],
+                         ids=["frozen_encoders", "small_cnn"])
+def test_a_fresh_model_starts_from_its_seed_whatever_ran_before(build, tmp_path: Path) -> None:
+    """A baseline's or a silo's `seed` must fix its initial weights (frozen_encoders once took the global RNG's)."""
+    first = _snapshot(build(1, tmp_path), trainable=True)
+    torch.rand(7)  # other work in the same process moves the global RNG
+    again, other = _snapshot(build(1, tmp_path), trainable=True), _snapshot(build(2, tmp_path), trainable=True)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not all(torch.equal(first[name], other[name]) for name in first)
+
+
 def test_module_passes_opacus_validators(trained: Trained) -> None:
     assert trained.validator_errors == []
 

@@ -30,7 +30,8 @@ class FrozenEncoderRewardModel(RewardModel):
     architecture = "frozen_encoders"
 
     def __init__(self, *, width: int = 64, cache_dir: str | Path | None = None,
-                 standardisation: Standardisation | None = None):
+                 standardisation: Standardisation | None = None, seed: int = 0):
+        torch.manual_seed(seed)  # the head's initialisation, as the other architectures seed theirs
         super().__init__(InteractionHead(EFFICIENTNET_FEATURES, MINILM_FEATURES, MINILM_FEATURES, width=width),
                          standardisation)
         self.width = width

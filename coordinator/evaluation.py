@@ -308,7 +308,9 @@ class Evaluation:
             if silo.name not in full.silo_names:
                 continue
             for kind in silo.reliable_kinds:
-                held_out = self.router(seed, exclude_kinds=[kind])
+                # On top of the kinds the configured calibration already leaves out, or the two routers
+                # would differ in more than the held-out kind.
+                held_out = self.router(seed, exclude_kinds=sorted({*self.config.calibration.exclude_kinds, kind}))
                 kind_pairs = [p for p in self.test_pairs if p.kind == kind]
 
                 def fused_accuracy(router: Any, kind: str = kind, kind_pairs: list = kind_pairs) -> float:

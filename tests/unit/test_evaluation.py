@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from coordinator.answer_eval import balanced_sample
+from coordinator.calibration import CalibrationConfig
 from coordinator.evaluation import EvaluationConfig, available_methods, reward_pairwise_accuracy
 from coordinator.pool import pool_clients, load_pool
 from coordinator.rewards import ExactMatchReward
@@ -181,13 +182,17 @@ def test_leave_one_silo_out_fuses_through_the_pools_fusion(consortium, tmp_path:
         built.append(([c.name for c in clients], settings["method"]))
         return ClearFusion(clients, **settings)
 
-    config = EvaluationConfig(test_questions_per_kind=2, eval_questions_per_kind=1, pairwise_pairs_per_kind=2)
+    config = EvaluationConfig(test_questions_per_kind=2, eval_questions_per_kind=1, pairwise_pairs_per_kind=2,
+                              calibration=CalibrationConfig(exclude_kinds=["yes_no"]))
     evaluation = Evaluation(spec, silos, tmp_path / "reference", tmp_path / "out", config, progress=False,
                             fusion=pool_fusion)
     router = Router(4, len(names), 1, RouterConfig(), silo_names=names, objective_names=[config.objective])
-    monkeypatch.setattr(evaluation, "router", lambda seed, exclude_kinds=None: router)
+    excluded: list = []
+    monkeypatch.setattr(evaluation, "router", lambda seed, exclude_kinds=None: excluded.append(exclude_kinds) or router)
     rows = evaluation.leave_one_silo_out()
     assert [(row["held_out_silo"], row["held_out_kind"]) for row in rows] == [
         (silo.name, kind) for silo in spec.silos for kind in silo.reliable_kinds]
+    # The full router is the configured one; each held-out one leaves out its kind on top of the configured yes_no.
+    assert excluded == [None] + [sorted({"yes_no", kind}) for silo in spec.silos for kind in silo.reliable_kinds]
     # Two fused rewards per row (held-out router, full router), each over the router's silos in its order.
     assert built == [(names, LEAVE_ONE_OUT_METHOD)] * (2 * len(rows))

@@ -56,9 +56,31 @@ from .silo_processes import SiloProcesses
 PROG = "mor demo"
 SILOS = ("hospital-a", "bank-b", "hospital-c")
 COORDINATOR_AUDIT_LOG = "coordinator-audit.db"  # beside the networked pool file
+DEMO_MARKER = ".mor-demo-run"  # left in the workdir by every run: only a directory holding it is replaced
 # Held-out pairs scored per kind: enough for +-0.02 at 95% (binomial), bounded for CPU time.
 EVAL_PAIRS_PER_KIND = 1000
 EVAL_SEED = 12345
+
+
+def claim_workdir(workdir: Path) -> None:
+    """Make `workdir` the demo's own, empty, marked directory; FileExistsError for anything the demo did not make.
+
+    A demo run replaces its previous run (a stale ledger would rightly refuse
+    a second training), but `--workdir` is the user's to give: a directory
+    without the marker a run leaves is never removed.
+    """
+    if workdir.exists() and not workdir.is_dir():
+        raise FileExistsError(f"--workdir {workdir} is a file, not a directory; pick another --workdir")
+    if workdir.is_dir() and any(workdir.iterdir()):
+        if not (workdir / DEMO_MARKER).is_file():
+            raise FileExistsError(f"--workdir {workdir} is not empty and no demo run made it (it has no "
+                                  f"{DEMO_MARKER} file), so it is left as it is; pick another --workdir, or remove "
+                                  "it yourself")
+        print(f"demo: removing the previous demo run in {workdir}")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / DEMO_MARKER).write_text("Made by `mor demo run`, which replaces this directory on its next run.\n",
+                                       encoding="utf-8")
 
 
 def _install_configs(workdir: Path) -> Path:
@@ -191,10 +213,7 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool, clear
     started = time.monotonic()
     if not progress:
         hf_logging.disable_progress_bar()  # checkpoint save/load bars too, not only ours
-    if workdir.exists():
-        # Demo runs own their workdir; a stale ledger would (rightly) refuse a second training.
-        print(f"demo: removing the previous demo run in {workdir}")
-        shutil.rmtree(workdir)
+    claim_workdir(workdir)
     consortium_path = _install_configs(workdir)
     splits = make_splits(load_consortium(consortium_path))
 
@@ -289,8 +308,10 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool, clear
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description="Run the whole consortium locally.")
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="build, train and compare everything (about 10 minutes on 2 cores)")
-    run.add_argument("--workdir", default="runs/demo", help="directory the demo owns (replaced on each run)")
+    run = commands.add_parser("run", help="build, train and compare everything (about 10 to 20 minutes on 2 cores)")
+    run.add_argument("--workdir", default="runs/demo",
+                     help=f"directory the demo owns: replaced on each run if an earlier run made it ({DEMO_MARKER}), "
+                     "else it must be new or empty")
     run.add_argument("--write-results", type=Path, help="also write the results JSON here")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.add_argument("--clear-aggregation", action="store_true",

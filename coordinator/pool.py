@@ -200,6 +200,10 @@ def pool_fusion(pool: PoolConfig) -> Callable[..., ClearFusion]:
     clear, and says so); rounds over a networked pool are entries in the
     coordinator's audit log.
     """
+    if pool.networked and pool.aggregation == "clear":
+        logger.warning("this pool fuses in the clear (aggregation: clear): every silo's weighted scores reach the "
+                       "coordinator; for benchmarks and comparisons only, never with patients' data (set "
+                       "aggregation: secure, the default)")
     context = None  # the public BFV context, read once for every fusion this pool builds
 
     def fusion(clients: Sequence[SiloClient], *, objective: str = "correct", method: str = "") -> ClearFusion:

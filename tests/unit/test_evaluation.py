@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from coordinator.answer_eval import balanced_sample
 from coordinator.calibration import CalibrationConfig
 from coordinator.evaluation import EvaluationConfig, available_methods, reward_pairwise_accuracy
-from coordinator.pool import pool_clients, load_pool
+from coordinator.pool import load_pool, pool_clients, pool_fusion
 from coordinator.rewards import ExactMatchReward
 from mor_secure.config import ConfigError
 from mor_secure.data import QUESTION_KINDS, make_pairs
@@ -77,6 +78,21 @@ def test_pool_file_resolves_paths_and_reports_problems(tmp_path: Path) -> None:
     pool_path.write_text("silos:\n  - {name: a, reward_model: x, adress: y}\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="adress"):
         load_pool(pool_path)
+
+
+def test_a_networked_pool_that_fuses_in_the_clear_says_so_loudly(tmp_path: Path, caplog) -> None:
+    pool_path = tmp_path / "pool.yaml"
+    pool_path.write_text("kit: kit\naggregation: clear\nsilos:\n  - {name: a, address: 127.0.0.1:1}\n"
+                         "  - {name: b, address: 127.0.0.1:2}\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="coordinator.pool"):
+        pool_fusion(load_pool(pool_path))
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "every silo's weighted scores reach the coordinator" in caplog.text
+    caplog.clear()
+    pool_path.write_text(pool_path.read_text(encoding="utf-8").replace("aggregation: clear", "aggregation: secure"),
+                         encoding="utf-8")
+    pool_fusion(load_pool(pool_path))
+    assert not caplog.records
 
 
 def test_group_top_keeps_each_prompts_winners_only() -> None:

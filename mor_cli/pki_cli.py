@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -44,15 +45,30 @@ def consortium_parties(consortium_path: str | Path) -> list[PartyIdentity]:
 
 
 def init_pki(consortium_path: str | Path, out: str | Path, *, days: int) -> tuple[CertificateAuthority, dict]:
-    """A new CA under <out>/ca and a kit per consortium party under <out>/kits, with secure-aggregation keys."""
+    """A new CA under <out>/ca and a kit per consortium party under <out>/kits, with secure-aggregation keys.
+
+    All or nothing: `out` must be new or empty, and a failure part way removes
+    what this call wrote, so a consortium never starts from half a PKI (a CA
+    whose kits were not all issued, which a second `init` would then refuse).
+    """
     out = Path(out)
     parties = consortium_parties(consortium_path)
-    authority = CertificateAuthority.create(out / CA_DIR)
-    new_consortium_context(authority.directory)
-    kits = {}
-    for party in parties:
-        kits[party.uri] = authority.issue(party, kit_dir(out, party), lifetime=dt.timedelta(days=days))
-        provision_kit(kits[party.uri], party.role, authority.directory)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not empty: `mor pki init` makes a consortium's PKI in a new or "
+                              "empty directory (use the CA there with `mor pki issue` to add a party; an init cut "
+                              "short by a kill leaves a partial one: remove it and run init again)")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        authority = CertificateAuthority.create(out / CA_DIR)
+        new_consortium_context(authority.directory)
+        kits = {}
+        for party in parties:
+            kits[party.uri] = authority.issue(party, kit_dir(out, party), lifetime=dt.timedelta(days=days))
+            provision_kit(kits[party.uri], party.role, authority.directory)
+    except BaseException:
+        for written in out.iterdir():  # all of it ours: `out` was empty
+            shutil.rmtree(written) if written.is_dir() else written.unlink()
+        raise
     return authority, kits
 
 

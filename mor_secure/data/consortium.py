@@ -159,6 +159,10 @@ class ConsortiumSpec(StrictModel):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"silo names must be unique; repeated: {duplicates}")
+        repeated_auditors = sorted({name for name in self.auditors if self.auditors.count(name) > 1})
+        if repeated_auditors:
+            raise ValueError(f"auditor names must be unique (each is one party with one kit); repeated: "
+                             f"{repeated_auditors}")
         reserved = sorted(set(names) & set(SHARED_SPLIT_NAMES))
         if reserved:
             raise ValueError(f"silo names {reserved} are reserved for shared splits; rename the silos")

@@ -31,8 +31,41 @@ def test_init_issues_one_kit_per_party_of_the_consortium(consortium_path: Path, 
         certificate.verify_directly_issued_by(kit.ca_certificate())
     assert stat.S_IMODE((tmp_path / "pki" / "ca" / "ca.key").stat().st_mode) == 0o600
     # Running init again never overwrites the CA key.
+    ca_key = (tmp_path / "pki" / "ca" / "ca.key").read_bytes()
     assert main(["pki", "init", "--consortium", str(consortium_path), "--out", str(tmp_path / "pki")]) == 1
-    assert "already holds a CA key" in capsys.readouterr().err
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (tmp_path / "pki" / "ca" / "ca.key").read_bytes() == ca_key
+
+
+def test_init_that_fails_part_way_leaves_nothing_behind(consortium_path: Path, tmp_path: Path, capsys,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kit that cannot be issued (here: the disk fills at the third) must not leave a CA with two kits."""
+    import mor_cli.pki_cli as pki_cli
+
+    issued, issue = [], CertificateAuthority.issue
+
+    def third_fails(self, identity, *args, **kwargs):
+        if len(issued) == 2:
+            raise OSError(28, "No space left on device")
+        issued.append(identity)
+        return issue(self, identity, *args, **kwargs)
+
+    monkeypatch.setattr(pki_cli.CertificateAuthority, "issue", third_fails)
+    (tmp_path / "pki").mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        main(["pki", "init", "--consortium", str(consortium_path), "--out", str(tmp_path / "pki")])
+    assert list((tmp_path / "pki").iterdir()) == []  # the empty directory it was given, as it was
+    monkeypatch.undo()
+    assert main(["pki", "init", "--consortium", str(consortium_path), "--out", str(tmp_path / "pki")]) == 0
+
+
+def test_a_consortium_naming_one_auditor_twice_is_refused_before_any_key_is_made(consortium_path: Path,
+                                                                                 tmp_path: Path, capsys) -> None:
+    doubled = tmp_path / "consortium.yaml"
+    doubled.write_text(consortium_path.read_text(encoding="utf-8") + "auditors: [auditor, auditor]\n",
+                       encoding="utf-8")
+    assert main(["pki", "init", "--consortium", str(doubled), "--out", str(tmp_path / "pki")]) == 1
+    assert "auditor names must be unique" in capsys.readouterr().err and not (tmp_path / "pki").exists()
 
 
 def test_keys_are_never_overwritten_and_renewal_retires_the_old_one(tmp_path: Path) -> None:

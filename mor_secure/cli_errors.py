@@ -8,14 +8,17 @@ from collections.abc import Callable, Mapping, Sequence
 
 from mor_secure.audit.log import AuditLogError
 from mor_secure.config import ConfigError
+from mor_secure.data.consortium import UnknownNameError
 from mor_secure.data.importer import DataImportError
 from mor_secure.privacy import BudgetExceededError
 from mor_secure.wire.errors import SiloError
 
 # Failures a user can act on from the message alone; anything else is a bug and keeps its traceback.
-# A SiloError is a silo's refusal (or absence), with the status it chose and why.
-USER_ERRORS = (ConfigError, DataImportError, BudgetExceededError, FileNotFoundError, FileExistsError, ValueError,
-               SiloError, AuditLogError)
+# A SiloError is a silo's refusal (or absence), with the status it chose and why; the OS errors are a path
+# given wrong (a file where a directory belongs, or the other way round, or one the user may not write).
+USER_ERRORS = (ConfigError, DataImportError, BudgetExceededError, FileNotFoundError, FileExistsError,
+               NotADirectoryError, IsADirectoryError, PermissionError, ValueError, SiloError, AuditLogError,
+               UnknownNameError)
 EXIT_USER_ERROR = 1
 
 

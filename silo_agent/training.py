@@ -117,7 +117,12 @@ def ledger_path(config: SiloConfig) -> Path:
 
 
 def create_ledger(config: SiloConfig, *, force: bool = False) -> PrivacyLedger:
-    """`mor silo init`: the silo's ledger, created once with the configured lifetime budget."""
+    """`mor silo init`: the silo's ledger, created once with the configured lifetime budget.
+
+    Only for a silo the consortium file names (UnknownNameError otherwise): a
+    ledger made under a mistyped name would be charged for nothing it trains.
+    """
+    load_consortium(config.consortium).silo(config.name)
     return PrivacyLedger.create(ledger_path(config), silo=config.name, epsilon_budget=config.privacy_budget.epsilon,
                                 delta_budget=config.privacy_budget.delta, force=force)
 

@@ -26,6 +26,13 @@ SHARED_SPLIT_NAMES: tuple[str, ...] = ("sft", "calibration", "dev", "test")
 _SHARE_SUM_TOLERANCE = 1e-9
 
 
+class UnknownNameError(KeyError):
+    """A silo or split the consortium does not have; the message names the ones it has."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # KeyError's own str() would print the message in quotes
+
+
 class SplitSpec(StrictModel):
     """Sizes of the shared splits, in images; the silos' private pool is what remains.
 
@@ -186,7 +193,7 @@ class ConsortiumSpec(StrictModel):
         for silo in self.silos:
             if silo.name == name:
                 return silo
-        raise KeyError(f"no silo {name!r} in the consortium; known silos: {[s.name for s in self.silos]}")
+        raise UnknownNameError(f"no silo {name!r} in the consortium; known silos: {[s.name for s in self.silos]}")
 
 
 def silo_image_count(image_share: float, pool_size: int) -> int:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
 
-from mor_secure.data.consortium import SHARED_SPLIT_NAMES, ConsortiumSpec, silo_image_count
+from mor_secure.data.consortium import SHARED_SPLIT_NAMES, ConsortiumSpec, UnknownNameError, silo_image_count
 from mor_secure.data.easyvqa import load_easyvqa
 from mor_secure.data.records import VQARecord
 
@@ -57,7 +57,7 @@ class ConsortiumSplits:
             return shared[split_name]
         if split_name in self.private:
             return self.private[split_name]
-        raise KeyError(f"no split {split_name!r}; known splits: {list(self.all_split_names())}")
+        raise UnknownNameError(f"no split {split_name!r}; known splits: {list(self.all_split_names())}")
 
     def image_ids(self, split_name: str) -> frozenset[str]:
         """The distinct image ids of a shared split or of a silo."""

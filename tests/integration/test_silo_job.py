@@ -376,3 +376,14 @@ def test_a_training_cache_in_the_served_cache_is_refused(silo_dir: Path, capsys,
     for where in (silo_training.feature_cache_dir, silo_training.served_feature_cache_dir):
         with pytest.raises(ValueError, match="the served model's cache"):
             where(config)
+
+
+def test_a_silo_the_consortium_does_not_name_gets_no_ledger_and_one_clear_line(silo_dir: Path, capsys) -> None:
+    config_path = silo_dir / "nobody.yaml"
+    config_path.write_text(SILO_YAML.replace("name: hospital-a", "name: nobody")
+                           .replace("workdir: work/hospital-a", "workdir: work/nobody"), encoding="utf-8")
+    assert main(["silo", "init", "--config", str(config_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("mor silo: error: no silo 'nobody' in the consortium; known silos: "
+                           "['hospital-a', 'bank-b', 'hospital-c']"), err
+    assert not (silo_dir / "work" / "nobody").exists()

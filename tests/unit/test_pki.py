@@ -59,6 +59,12 @@ def test_init_that_fails_part_way_leaves_nothing_behind(consortium_path: Path, t
     assert main(["pki", "init", "--consortium", str(consortium_path), "--out", str(tmp_path / "pki")]) == 0
 
 
+def test_an_out_path_under_a_file_is_one_clear_line(consortium_path: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "a-file").write_text("x", encoding="utf-8")
+    assert main(["pki", "init", "--consortium", str(consortium_path), "--out", str(tmp_path / "a-file" / "pki")]) == 1
+    assert capsys.readouterr().err.startswith("mor pki: error: [Errno 20] Not a directory")
+
+
 def test_a_consortium_naming_one_auditor_twice_is_refused_before_any_key_is_made(consortium_path: Path,
                                                                                  tmp_path: Path, capsys) -> None:
     doubled = tmp_path / "consortium.yaml"

@@ -79,6 +79,13 @@ def _days(text: str) -> int:
     return days
 
 
+def _serial(text: str) -> int:
+    try:
+        return int(text, 16)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a serial is hexadecimal, as `mor pki list` shows it, got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Consortium PKI: CA, kits, revocation.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -99,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     revoke = commands.add_parser("revoke", help="revoke a certificate and re-sign the CRL")
     revoke.add_argument("--ca", required=True)
     target = revoke.add_mutually_exclusive_group(required=True)
-    target.add_argument("--serial", help="certificate serial (hex, as `mor pki list` shows it)")
+    target.add_argument("--serial", type=_serial, help="certificate serial (hex, as `mor pki list` shows it)")
     target.add_argument("--identity", help="revoke every live certificate of this party, e.g. mor://silo/hospital-d")
     revoke.add_argument("--reason", default="unspecified", help="recorded in issued.json")
     listing = commands.add_parser("list", help="every certificate issued, with its status")
@@ -130,7 +137,7 @@ def _issue(args: argparse.Namespace) -> int:
 
 def _revoke(args: argparse.Namespace) -> int:
     authority = CertificateAuthority(args.ca)
-    serials = authority.revoke(serial=int(args.serial, 16) if args.serial else None, identity=args.identity,
+    serials = authority.revoke(serial=args.serial, identity=args.identity,
                                reason=args.reason)
     print(f"revoked {', '.join(f'{s:x}' for s in serials)}; CRL re-signed at {authority.directory / 'crl.pem'} "
           "(servers re-read it on their next call)")

@@ -27,11 +27,21 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the trained reward model over mutually authenticated gRPC")
     serve.add_argument("--config", required=True, help="silo YAML with a `serve:` section (kit, policy, port)")
     serve.add_argument("--port-file", help="write {\"port\": N, \"pid\": P} here once listening (for scripts)")
-    serve.add_argument("--port", type=int, help="listen on this port instead of serve.port (e.g. to restart a silo "
+    serve.add_argument("--port", type=_port, help="listen on this port instead of serve.port (e.g. to restart a silo "
                        "where the coordinator's pool expects it)")
     ledger = commands.add_parser("ledger", help="show the privacy ledger: budget, every spend, what is left")
     ledger.add_argument("--config", required=True, help="silo YAML")
     return parser
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port is a whole number, got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535 (0: the OS chooses), got {port}")
+    return port
 
 
 def _init(args: argparse.Namespace) -> int:

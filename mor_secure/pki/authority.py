@@ -190,7 +190,8 @@ class CertificateAuthority:
         rows = self.issued()
         chosen = [r for r in rows if r.revoked_at is None and (r.serial == serial or r.identity == identity)]
         if not chosen:
-            raise ValueError(f"no unrevoked certificate with {'serial ' + hex(serial) if serial else identity}; "
+            which = f"serial {serial:x}" if serial is not None else identity
+            raise ValueError(f"no unrevoked certificate with {which}; "
                              "`mor pki list` shows what was issued")
         now = _now().isoformat()
         serials = {r.serial for r in chosen}

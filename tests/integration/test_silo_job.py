@@ -257,6 +257,9 @@ def test_top_level_usage_and_exit_codes(capsys) -> None:
     assert "usage: mor <group>" in capsys.readouterr().out
     assert main(["no-such-group"]) == 2
     assert "unknown group 'no-such-group'" in capsys.readouterr().err
+    for port, says in (("70000", "a port is 0 to 65535"), ("ab", "a port is a whole number")):
+        assert main(["silo", "serve", "--config", "silo.yaml", "--port", port]) == 2
+        assert f"argument --port: {says}" in capsys.readouterr().err
 
 
 def exit_code(argv: list[str]) -> int:
@@ -366,11 +369,13 @@ def test_the_served_model_never_answers_from_the_training_feature_cache(silo_dir
 
 
 
-@pytest.mark.parametrize("cache", ["work/frozen/served_feature_cache", "work/frozen", "work/frozen/served_feature_cache/x"])
+@pytest.mark.parametrize("cache", ["work/frozen/served_feature_cache", "work/frozen",
+                                   "work/frozen/served_feature_cache/x"])
 def test_a_training_cache_in_the_served_cache_is_refused(silo_dir: Path, capsys, cache: str) -> None:
     """The served cache must only hold what callers sent, or a cache hit's latency tells them an image is private."""
     config_path = silo_dir / "frozen-shared-cache.yaml"
-    config_path.write_text(SILO_YAML.replace("architecture: small_cnn", f"architecture: frozen_encoders\nfeature_cache: {cache}")
+    config_path.write_text(SILO_YAML.replace("architecture: small_cnn",
+                                             f"architecture: frozen_encoders\nfeature_cache: {cache}")
                            .replace("workdir: work/hospital-a", "workdir: work/frozen"), encoding="utf-8")
     config = silo_training.load_silo_config(config_path)
     for where in (silo_training.feature_cache_dir, silo_training.served_feature_cache_dir):

@@ -65,7 +65,8 @@ def test_one_picture_is_one_privacy_unit_whatever_its_path_or_spelling(tmp_path:
     (image_root / "copy").mkdir()
     (image_root / "copy" / "a-again.png").write_bytes((image_root / "img/a.png").read_bytes())
     like_an_image_id = "import:sha256:" + "0" * 64
-    jsonl = _write(tmp_path / "prefs.jsonl", [_row(unit_id="patient-1"), _row("copy/a-again.png", unit_id=" patient-1 "),
+    jsonl = _write(tmp_path / "prefs.jsonl", [_row(unit_id="patient-1"),
+                                              _row("copy/a-again.png", unit_id=" patient-1 "),
                                               _row("img/b.png", unit_id=like_an_image_id)])
     pairs = import_preference_jsonl(jsonl, image_root)
     assert pairs[0].image_id == pairs[1].image_id and pairs[1].unit_id == "patient-1"

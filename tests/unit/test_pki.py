@@ -100,6 +100,9 @@ def test_revocation_is_published_in_a_signed_crl(tmp_path: Path, capsys) -> None
     assert main(["pki", "list", "--ca", str(tmp_path / "ca")]) == 0
     assert "revoked" in capsys.readouterr().out
     assert main(["pki", "revoke", "--ca", str(tmp_path / "ca"), "--serial", f"{serial:x}"]) == 1  # already revoked
+    assert f"no unrevoked certificate with serial {serial:x}" in capsys.readouterr().err
+    assert main(["pki", "revoke", "--ca", str(tmp_path / "ca"), "--serial", "zz"]) == 2  # a usage error, one line
+    assert "argument --serial: a serial is hexadecimal" in capsys.readouterr().err
 
 
 def test_every_crl_is_numbered_one_above_the_last(tmp_path: Path) -> None:

@@ -20,11 +20,12 @@ import threading
 from pathlib import Path
 
 from mor_secure.audit import AuditLog
+from mor_secure.data import load_consortium
 from mor_secure.models.reward_model import LocalResources
 from mor_secure.pki.files import write_public
 from mor_secure.pki.identity import Role
 from mor_secure.pki.kits import CertKit
-from mor_secure.policy import SiloAdmission, SiloPolicy, load_policy
+from mor_secure.policy import SiloAdmission, SiloPolicy, default_allowed_callers, load_policy
 from mor_secure.privacy import PrivacyLedger
 from mor_secure.secagg.provisioning import has_silo_material
 from mor_secure.transport.server import RunningServer, ServerSettings, serve
@@ -63,13 +64,28 @@ def audit_log_path(config: SiloConfig) -> Path:
     return config.serve.audit_log or config.workdir / "audit.db"
 
 
+def serving_policy(config: SiloConfig) -> tuple[SiloPolicy, str]:
+    """The policy `config`'s silo serves under, and where it came from (for the audit log).
+
+    Without a policy file, the secure defaults of mor_secure/policy/schema.py
+    for this consortium's own coordinator and auditors: a consortium that
+    names its coordinator otherwise is not refused by every silo.
+    """
+    if config.serve is not None and config.serve.policy is not None:
+        return load_policy(config.serve.policy), str(config.serve.policy)
+    spec = load_consortium(config.consortium)
+    callers = default_allowed_callers(coordinator=spec.coordinator, auditors=spec.auditors)
+    return SiloPolicy(allowed_callers=callers), ("no policy file: the secure defaults of mor_secure/policy/schema.py, "
+                                                 f"for coordinator {spec.coordinator!r}")
+
+
 def start_silo_server(config: SiloConfig, *, port_file: Path | None = None) -> tuple[RunningServer, SiloAuditTrail]:
     """Start serving `config`'s silo (returns once health is SERVING)."""
     if config.serve is None:
         raise ValueError(f"silo {config.name!r} has no `serve:` section in its YAML (kit, policy, port); add one")
     settings = config.serve
     kit = _checked_kit(config)
-    policy = load_policy(settings.policy) if settings.policy is not None else SiloPolicy()
+    policy, policy_source = serving_policy(config)
     if not (config.workdir / MODEL_DIR).is_dir():
         raise FileNotFoundError(f"{config.workdir / MODEL_DIR}: no trained reward model; run "
                                 "`mor silo train --config <silo>.yaml` first")
@@ -86,8 +102,7 @@ def start_silo_server(config: SiloConfig, *, port_file: Path | None = None) -> t
     logger.info("silo %s listening on %s:%d; loading its reward model", config.name, settings.host, running.port)
     try:
         audit.serving_started(silo=config.name, policy=policy, address=f"{settings.host}:{running.port}",
-                              policy_source=str(settings.policy) if settings.policy else
-                              "no policy file, the secure defaults of mor_secure/policy/schema.py")
+                              policy_source=policy_source)
         service = load_service(config, policy, ledger)
         secure = (SecureRounds(service, kit, minimum_participants=policy.minimum_participants,
                                revocations=running.revocations, rounds=RoundRecord(config.workdir / ROUND_RECORD))

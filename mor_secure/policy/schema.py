@@ -16,12 +16,13 @@ hold megabytes of text.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from pydantic import Field, field_validator
 
 from mor_secure.config import StrictModel, load_config
-from mor_secure.pki.identity import parse_identity
+from mor_secure.pki.identity import PartyIdentity, Role, parse_identity
 from mor_secure.wire.messages import OBJECTIVES
 
 RPCS = ("Describe", "Score", "CorrectnessBits", "AgreementKey", "SecureScore", "Decrypt")
@@ -52,14 +53,27 @@ class RateLimit(StrictModel):
     burst: int = Field(40, gt=0, description="Requests a caller may make at once after being idle.")
 
 
+def default_allowed_callers(*, coordinator: str = "coordinator",
+                            auditors: Sequence[str] = ("auditor",)) -> dict[str, list[str]]:
+    """The secure default: only the coordinator may call anything; the auditors may also read the description.
+
+    The names are the consortium file's (`coordinator:`, `auditors:`), whose
+    defaults these are; a silo serving without a policy file uses its
+    consortium's (`silo_agent.serving`).
+    """
+    coordinator_uri = PartyIdentity(Role.COORDINATOR, coordinator).uri
+    return {"Describe": [coordinator_uri, *(PartyIdentity(Role.AUDITOR, a).uri for a in auditors)],
+            **{rpc: [coordinator_uri] for rpc in RPCS if rpc != "Describe"}}
+
+
 class SiloPolicy(StrictModel):
     """`policies/<silo>.yaml`: who may ask this silo what, how often, and how much at once."""
 
     allowed_callers: dict[str, list[str]] = Field(
-        default_factory=lambda: {"Describe": ["mor://coordinator/coordinator", "mor://auditor/auditor"],
-                                 **{rpc: ["mor://coordinator/coordinator"] for rpc in RPCS if rpc != "Describe"}},
+        default_factory=default_allowed_callers,
         description="Per RPC, the SAN URIs of the parties allowed to call it (on top of the roles the RPC "
-        "admits at all). An RPC left out is refused to everyone.")
+        "admits at all). An RPC left out is refused to everyone. Default: mor://coordinator/coordinator for "
+        "every RPC, and mor://auditor/auditor for Describe.")
     rate_limit: RateLimit = Field(default_factory=RateLimit, description="Requests per caller over time.")
     daily_cap: int = Field(200_000, gt=0,
                            description="Most requests per caller per UTC day (a 300-step GRPO run makes ~600).")

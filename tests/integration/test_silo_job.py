@@ -392,3 +392,20 @@ def test_a_silo_the_consortium_does_not_name_gets_no_ledger_and_one_clear_line(s
     assert err.strip() == ("mor silo: error: no silo 'nobody' in the consortium; known silos: "
                            "['hospital-a', 'bank-b', 'hospital-c']"), err
     assert not (silo_dir / "work" / "nobody").exists()
+
+
+def test_without_a_policy_file_the_silo_admits_its_own_consortiums_coordinator(silo_dir: Path, tmp_path: Path) -> None:
+    """The defaults once named mor://coordinator/coordinator whatever the consortium called its coordinator."""
+    from silo_agent.serving import serving_policy
+
+    consortium = tmp_path / "consortium.yaml"
+    consortium.write_text((silo_dir / "consortium.yaml").read_text(encoding="utf-8")
+                          + "coordinator: central\nauditors: [regulator]\n", encoding="utf-8")
+    config_path = tmp_path / "silo.yaml"
+    config_path.write_text(SILO_YAML.replace("consortium: consortium.yaml", f"consortium: {consortium}")
+                           + "serve:\n  kit: kit\n", encoding="utf-8")
+    policy, source = serving_policy(silo_training.load_silo_config(config_path))
+    assert policy.allowed_callers["Score"] == ["mor://coordinator/central"]
+    assert policy.allowed_callers["Describe"] == ["mor://coordinator/central", "mor://auditor/regulator"]
+    assert "for coordinator 'central'" in source
+    assert SiloPolicy().allowed_callers["Score"] == ["mor://coordinator/coordinator"]  # the consortium file's default

@@ -7,8 +7,9 @@ import json
 from collections.abc import Sequence
 
 from mor_secure.cli_errors import run_command
+from mor_secure.privacy.ledger_chain import NEW_LEDGER_IS_NOT_A_RESET, LedgerExistsError
 
-from .training import create_ledger, load_silo_config, open_ledger, train_silo
+from .training import create_ledger, ledger_path, load_silo_config, open_ledger, train_silo
 
 PROG = "mor silo"
 
@@ -31,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
                        "where the coordinator's pool expects it)")
     ledger = commands.add_parser("ledger", help="show the privacy ledger: budget, every spend, what is left")
     ledger.add_argument("--config", required=True, help="silo YAML")
+    ledger.add_argument("--json", action="store_true", help="print it as JSON, for scripts")
     return parser
 
 
@@ -46,7 +48,12 @@ def _port(text: str) -> int:
 
 def _init(args: argparse.Namespace) -> int:
     config = load_silo_config(args.config)
-    ledger = create_ledger(config, force=args.force_new_ledger)
+    try:
+        ledger = create_ledger(config, force=args.force_new_ledger)
+    except LedgerExistsError:
+        raise LedgerExistsError(f"{ledger_path(config)}: this silo already has a privacy ledger, and its spends "
+                                f"stay on it. {NEW_LEDGER_IS_NOT_A_RESET} For that case only: add "
+                                "--force-new-ledger (the old ledger is kept as a superseded file).") from None
     print(f"privacy ledger created: {ledger.path}")
     print(f"lifetime budget: epsilon {ledger.epsilon_budget:g}, delta {ledger.delta_budget:g}; back this file up: "
           "it cannot be recreated without resetting the budget")
@@ -85,6 +92,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _ledger(args: argparse.Namespace) -> int:
     ledger = open_ledger(load_silo_config(args.config))
+    if not args.json:
+        print(f"privacy ledger of silo {ledger.silo}: {ledger.path}")
+        for label, epsilon, delta in (("budget", ledger.epsilon_budget, ledger.delta_budget),
+                                      ("spent", ledger.spent_epsilon, ledger.spent_delta),
+                                      ("remaining", ledger.remaining_epsilon, ledger.remaining_delta)):
+            print(f"  {label:<10} epsilon {epsilon:.4g}, delta {delta:.3g}")
+        print(f"  {len(ledger.charges)} charge(s):")
+        for c in ledger.charges:
+            state = "settled" if c.settled else "reserved, not settled (a job running, or one that died)"
+            print(f"    {c.timestamp}  {c.purpose}  epsilon {c.epsilon:.4g}  delta {c.delta:.3g}  {state}")
+        print(f"  head digest {ledger.head_digest} (record it: a ledger rolled back to an older copy has another)")
+        return 0
     print(json.dumps({
         "silo": ledger.silo,
         "budget": {"epsilon": ledger.epsilon_budget, "delta": ledger.delta_budget},

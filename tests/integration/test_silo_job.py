@@ -159,7 +159,8 @@ def test_train_without_init_is_refused_and_creates_nothing(silo_dir: Path, capsy
 def test_init_refuses_an_existing_ledger(first_run: FirstRun, capsys) -> None:
     before = (first_run.workdir / LEDGER_FILE).read_bytes()
     assert main(["silo", "init", "--config", str(first_run.config)]) == 1
-    assert "mor silo: error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "mor silo: error:" in err and "add --force-new-ledger" in err and "PrivacyLedger(" not in err
     assert (first_run.workdir / LEDGER_FILE).read_bytes() == before
 
 
@@ -189,6 +190,11 @@ def test_saved_model_loads_with_the_reported_standardisation(first_run: FirstRun
 
 def test_ledger_command_prints_remaining_budget(first_run: FirstRun) -> None:
     code, out, err = run_cli(["silo", "ledger", "--config", str(first_run.config)])
+    assert code == 0, err
+    lines = out.splitlines()  # for people: one line per figure and per charge
+    assert lines[0].startswith("privacy ledger of silo hospital-a: ") and lines[1] == "  budget     epsilon 10, delta 2e-05"
+    assert lines[4] == "  1 charge(s):" and "train:reward-model:small_cnn" in lines[5] and lines[5].endswith("settled")
+    code, out, err = run_cli(["silo", "ledger", "--config", str(first_run.config), "--json"])
     assert code == 0, err
     shown = json.loads(out)
     spent = silo_training.open_ledger(silo_training.load_silo_config(first_run.config)).charges[0].epsilon

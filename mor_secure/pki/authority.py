@@ -17,10 +17,13 @@ answers on.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import ipaddress
 import json
+import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +38,8 @@ from .kits import CA_FILE, CERT_FILE, CRL_FILE, KEY_FILE, CertKit, crl_number
 
 CA_KEY_FILE = "ca.key"
 ISSUED_FILE = "issued.json"
+# Held while issued.json or the CRL is read and rewritten: two `mor pki` commands at once would lose a row.
+LOCK_FILE = ".lock"
 # A CA outlives many leaf renewals; leaves are short-lived so a stolen key expires soon even unrevoked.
 CA_LIFETIME = dt.timedelta(days=5 * 365)
 LEAF_LIFETIME = dt.timedelta(days=90)
@@ -110,6 +115,17 @@ class CertificateAuthority:
         """Every certificate this CA issued, oldest first."""
         return [IssuedCertificate(**row) for row in json.loads((self.directory / ISSUED_FILE).read_text("utf-8"))]
 
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        # A sidecar file: issued.json and the CRL are replaced on every write, so a lock on their inode
+        # would not exclude the next writer (as the privacy ledger's lock).
+        fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def _record(self, rows: Sequence[IssuedCertificate]) -> None:
         write_public(self.directory / ISSUED_FILE, (json.dumps([asdict(r) for r in rows], indent=2) + "\n").encode())
 
@@ -175,9 +191,10 @@ class CertificateAuthority:
         write_public(kit_dir / CERT_FILE, certificate.public_bytes(serialization.Encoding.PEM))
         shutil.copyfile(self.directory / CA_FILE, kit_dir / CA_FILE)
         shutil.copyfile(self.directory / CRL_FILE, kit_dir / CRL_FILE)
-        self._record([*self.issued(), IssuedCertificate(
-            serial=serial, identity=identity.uri, not_before=start.isoformat(), not_after=end.isoformat(),
-            kit=str(kit_dir.resolve()))])
+        with self._exclusive():
+            self._record([*self.issued(), IssuedCertificate(
+                serial=serial, identity=identity.uri, not_before=start.isoformat(), not_after=end.isoformat(),
+                kit=str(kit_dir.resolve()))])
         return CertKit.load(kit_dir)
 
     # --- revocation ---------------------------------------------------------------------
@@ -187,21 +204,26 @@ class CertificateAuthority:
             raise ValueError("revoke needs exactly one of serial or identity")
         if identity is not None:
             identity = parse_identity(identity).uri
-        rows = self.issued()
-        chosen = [r for r in rows if r.revoked_at is None and (r.serial == serial or r.identity == identity)]
-        if not chosen:
-            which = f"serial {serial:x}" if serial is not None else identity
-            raise ValueError(f"no unrevoked certificate with {which}; "
-                             "`mor pki list` shows what was issued")
-        now = _now().isoformat()
-        serials = {r.serial for r in chosen}
-        self._record([IssuedCertificate(**{**asdict(r), "revoked_at": now, "revocation_reason": reason})
-                      if r.serial in serials else r for r in rows])
-        self.write_crl()
+        with self._exclusive():
+            rows = self.issued()
+            chosen = [r for r in rows if r.revoked_at is None and (r.serial == serial or r.identity == identity)]
+            if not chosen:
+                which = f"serial {serial:x}" if serial is not None else identity
+                raise ValueError(f"no unrevoked certificate with {which}; "
+                                 "`mor pki list` shows what was issued")
+            now = _now().isoformat()
+            serials = {r.serial for r in chosen}
+            self._record([IssuedCertificate(**{**asdict(r), "revoked_at": now, "revocation_reason": reason})
+                          if r.serial in serials else r for r in rows])
+            self._write_crl(CRL_LIFETIME)
         return sorted(serials)
 
     def write_crl(self, *, lifetime: dt.timedelta = CRL_LIFETIME) -> Path:
         """Sign and publish the CRL of every revoked serial (atomically replaced), numbered one above the last."""
+        with self._exclusive():
+            return self._write_crl(lifetime)
+
+    def _write_crl(self, lifetime: dt.timedelta) -> Path:
         now = _now()
         path = self.directory / CRL_FILE
         builder = (x509.CertificateRevocationListBuilder().issuer_name(self.certificate.subject)

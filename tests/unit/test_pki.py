@@ -176,3 +176,26 @@ def test_a_lifetime_under_a_day_is_refused_by_the_cli(tmp_path: Path, capsys) ->
     assert code == 2 and "a certificate lifetime is at least 1 day, got 0" in capsys.readouterr().err
     assert not (tmp_path / "kit").exists()
 
+
+
+def _issue_kits(ca_dir: str, kits_dir: str, worker: int, count: int) -> None:
+    authority = CertificateAuthority(ca_dir)
+    for i in range(count):
+        authority.issue(PartyIdentity(Role.SILO, f"silo-{worker}-{i}"), Path(kits_dir) / f"{worker}-{i}")
+
+
+def test_kits_issued_at_once_by_several_processes_are_all_on_record(tmp_path: Path) -> None:
+    """issued.json is read, extended and rewritten: two operators' `mor pki issue` at once once lost a row."""
+    import multiprocessing
+
+    CertificateAuthority.create(tmp_path / "ca")
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_issue_kits, args=(str(tmp_path / "ca"), str(tmp_path / "kits"), w, 15))
+               for w in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    issued = CertificateAuthority(tmp_path / "ca").issued()
+    assert len(issued) == 60 and len({row.serial for row in issued}) == 60

@@ -180,6 +180,8 @@ class GRPOSettings(StrictModel):
         # TRL's own check, restated with the fix: every prompt's group must sit in one generation batch.
         overrides = self.trl_overrides
         processes = _world_size()
+        # The next multiple of num_generations up from the batch size asked for, for the error messages.
+        suggestion = -(-self.per_device_train_batch_size // self.num_generations) * self.num_generations
         if overrides.get("generation_batch_size") is not None:
             batch, how = int(overrides["generation_batch_size"]), "trl_overrides.generation_batch_size"
         else:
@@ -189,7 +191,6 @@ class GRPOSettings(StrictModel):
             how = (f"per_device_train_batch_size ({self.per_device_train_batch_size}) x processes ({processes}) "
                    f"x steps_per_generation ({steps_per_generation})")
         if batch % self.num_generations:
-            suggestion = -(-self.per_device_train_batch_size // self.num_generations) * self.num_generations
             raise ValueError(
                 f"{how} = {batch} completions per generation batch, which is not a multiple of num_generations "
                 f"({self.num_generations}): GRPO compares the {self.num_generations} completions of a prompt within "
@@ -200,7 +201,6 @@ class GRPOSettings(StrictModel):
             # TRL deals the repeated prompts out per_device_train_batch_size at a time, process by process
             # (the figure in GRPOTrainer._get_train_sampler), and each process scores only its share: a group
             # cut across processes would be ranked in parts by a group-relative reward (group_top).
-            suggestion = -(-self.per_device_train_batch_size // self.num_generations) * self.num_generations
             raise ValueError(
                 f"with {processes} processes, per_device_train_batch_size ({self.per_device_train_batch_size}) must "
                 f"be a multiple of num_generations ({self.num_generations}): TRL hands each process "

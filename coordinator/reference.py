@@ -34,7 +34,8 @@ class SFTConfig(StrictModel):
 
     vision_pretraining: VisionPretrainingConfig = Field(
         default_factory=VisionPretrainingConfig,
-        description="Warm-up of the vision tower and projector before SFT (coordinator/vision_pretraining.py).",
+        description="Warm-up of the vision tower alone before SFT (coordinator/vision_pretraining.py); SFT then "
+        "trains the whole VLM.",
     )
     steps: int = Field(
         150, gt=0,

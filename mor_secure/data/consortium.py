@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from mor_secure.config import StrictModel, load_config
 from mor_secure.data.easyvqa import EASYVQA_TEST_IMAGES, EASYVQA_TRAIN_IMAGES
 from mor_secure.data.records import QuestionKind
+from mor_secure.pki.identity import PartyIdentity, Role
 
 # Names of the shared splits; a silo may not take one, since split names and
 # silo names share one namespace in `ConsortiumSplits.image_ids`.
@@ -24,6 +26,15 @@ SHARED_SPLIT_NAMES: tuple[str, ...] = ("sft", "calibration", "dev", "test")
 
 # Shares like 0.33 are written in decimal but summed in binary floating point.
 _SHARE_SUM_TOLERANCE = 1e-9
+
+
+def _certifiable_name(role: Role) -> AfterValidator:
+    """A check that a party name is one its certificate can carry: the PKI's own rule, never a copy of it."""
+
+    def check(name: str) -> str:
+        return PartyIdentity(role, name).name  # ValueError saying the rule otherwise
+
+    return AfterValidator(check)
 
 
 class UnknownNameError(KeyError):
@@ -112,9 +123,9 @@ class SplitSpec(StrictModel):
 class SiloDataSpec(StrictModel):
     """One silo's slice of the private pool and the quality of its labels."""
 
-    name: str = Field(
-        pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
-        description="Silo name (lowercase letters, digits, '-'); the same name as in its certificate.",
+    name: Annotated[str, _certifiable_name(Role.SILO)] = Field(
+        description="Silo name, the same as in its certificate (mor://silo/<name>): 1-63 lower-case letters, "
+                    "digits or '-', starting and ending with a letter or digit.",
     )
     image_share: float = Field(
         gt=0.0,
@@ -155,10 +166,12 @@ class ConsortiumSpec(StrictModel):
         min_length=1,
         description="The silos, in order; each takes consecutive images of the shuffled private pool.",
     )
-    coordinator: str = Field("coordinator", description="The coordinator's party name: its certificate says "
-                             "mor://coordinator/<name> (`mor pki init` issues it a kit).")
-    auditors: list[str] = Field(default_factory=lambda: ["auditor"], description="Compliance reviewers' party "
-                                "names (mor://auditor/<name>): they may read silo descriptions, never scores.")
+    coordinator: Annotated[str, _certifiable_name(Role.COORDINATOR)] = Field(
+        "coordinator", description="The coordinator's party name: its certificate says mor://coordinator/<name> "
+        "(`mor pki init` issues it a kit); the same rule as a silo name.")
+    auditors: list[Annotated[str, _certifiable_name(Role.AUDITOR)]] = Field(
+        default_factory=lambda: ["auditor"], description="Compliance reviewers' party names "
+        "(mor://auditor/<name>, the same rule as a silo name): they may read silo descriptions, never scores.")
 
     @model_validator(mode="after")
     def _silos_fit_together(self) -> ConsortiumSpec:

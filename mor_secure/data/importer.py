@@ -18,13 +18,19 @@ same picture under two paths is one image, so one unit. Every row of one
 image must name the same unit_id, or none: a picture in two units (two
 patients, or a patient and itself as an image) would count one person's data
 twice while the DP guarantee is stated per unit.
+
+Text must be what the models can take as written (text_rules.py): no lone
+surrogate, no control character but tab and newlines, and no chat-template
+marker in a prompt or answer. A field named twice in one row is refused, not
+resolved: JSON readers disagree on which copy wins, so a swapped
+chosen/rejected or a second unit_id would otherwise pass unseen.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import IO, Any
@@ -32,6 +38,7 @@ from typing import IO, Any
 from PIL import Image
 
 from mor_secure.data.records import QUESTION_KINDS, PreferencePair
+from mor_secure.data.text_rules import model_text_problem, plain_text_problem
 
 # Bounds on what one import may hold, so a wrong file (a binary dump, a
 # whole dataset on one line) fails fast instead of exhausting memory.
@@ -68,6 +75,23 @@ class DataImportError(ValueError):
         if omitted:
             lines.append(f"... and {omitted} more")
         super().__init__("\n".join(lines))
+
+
+class _RepeatedFields(Exception):
+    """A JSON object names a field more than once; `fields` lists which."""
+
+    def __init__(self, fields: list[str]) -> None:
+        super().__init__(fields)
+        self.fields = fields
+
+
+def _object_without_repeats(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads' object_pairs_hook: the object as a dict, or _RepeatedFields instead of last-wins."""
+    names = [name for name, _ in items]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise _RepeatedFields(repeated)
+    return dict(items)
 
 
 class _ProblemList:
@@ -145,9 +169,11 @@ def _numbered_lines(handle: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
 def _parse_row(raw: bytes, images: _ImageChecker) -> tuple[PreferencePair | None, list[str]]:
     """The row's pair, or None and every reason it is invalid."""
     try:
-        row = json.loads(raw.decode("utf-8"))
+        row = json.loads(raw.decode("utf-8"), object_pairs_hook=_object_without_repeats)
     except UnicodeDecodeError:
         return None, ["not valid UTF-8"]
+    except _RepeatedFields as exc:
+        return None, [f"field(s) {exc.fields} appear more than once; keep one of each"]
     except json.JSONDecodeError as exc:
         return None, [f"invalid JSON: {exc.msg} at column {exc.colno}"]
     if not isinstance(row, dict):
@@ -160,13 +186,13 @@ def _parse_row(raw: bytes, images: _ImageChecker) -> tuple[PreferencePair | None
     reasons += [f"missing field '{name}'" for name in _REQUIRED_FIELDS if name not in row]
     for name in _TEXT_FIELDS:
         if name in row:
-            reasons += _text_problems(name, row[name])
+            reasons += _text_problems(name, row[name], model_text_problem)
     chosen, rejected = row.get("chosen"), row.get("rejected")
     # Compared without surrounding spaces: "yes" against "yes " is the same answer.
     if isinstance(chosen, str) and isinstance(rejected, str) and chosen.strip() == rejected.strip() != "":
         reasons.append(f"chosen and rejected are the same answer ({chosen!r})")
     if "unit_id" in row:
-        reasons += _text_problems("unit_id", row["unit_id"])
+        reasons += _text_problems("unit_id", row["unit_id"], plain_text_problem)
     kind = row.get("kind")
     if "kind" in row and kind not in QUESTION_KINDS:
         reasons.append(f"kind must be one of {list(QUESTION_KINDS)} or omitted, got {kind!r}")
@@ -189,12 +215,13 @@ def _parse_row(raw: bytes, images: _ImageChecker) -> tuple[PreferencePair | None
     return pair, []
 
 
-def _text_problems(name: str, value: Any) -> list[str]:
+def _text_problems(name: str, value: Any, content_problem: Callable[[str], str | None]) -> list[str]:
     if not isinstance(value, str):
         return [f"field '{name}' must be a string, got {_json_type(value)}"]
     if not value.strip():
         return [f"field '{name}' is empty"]
-    return []
+    problem = content_problem(value)
+    return [f"field '{name}' {problem}"] if problem else []
 
 
 class _UnitOfImage:
@@ -231,12 +258,21 @@ class _ImageChecker:
             reasons.append(f"field 'images' must be a list holding one non-empty path string, got {images!r:.80}")
             return None
         relative = images[0]
+        # A NUL or a lone surrogate cannot reach the OS (pathlib raises ValueError on them).
+        problem = plain_text_problem(relative)
+        if problem:
+            reasons.append(f"image path {relative!r} {problem}")
+            return None
         # Reject both POSIX and Windows absolute forms: the file must work on every silo host.
         if PurePosixPath(relative).is_absolute() or PureWindowsPath(relative).is_absolute():
             reasons.append(f"image path {relative!r} must be relative to the image root")
             return None
         # resolve() also follows symlinks, so a link pointing outside the root is caught too.
-        resolved = (self.root / relative).resolve()
+        try:
+            resolved = (self.root / relative).resolve()
+        except RuntimeError:  # how Python 3.11's non-strict resolve() reports a symlink loop
+            reasons.append(f"image path {relative!r} is a symlink loop; point the link at a file")
+            return None
         if not resolved.is_relative_to(self.root):
             reasons.append(f"image path {relative!r} escapes the image root {self.root}")
             return None
@@ -254,8 +290,11 @@ class _ImageChecker:
 
 def _read_image(path: Path) -> tuple[str | None, str]:
     """(why `path` is not a whole image PIL can decode, or None; the SHA-256 of its bytes)."""
-    if not path.is_file():
-        return f"file not found ({path})", ""
+    try:
+        if not path.is_file():
+            return f"file not found ({path})", ""
+    except OSError as exc:  # is_file() answers False only for a missing file; a name too long raises
+        return f"cannot be opened ({exc.strerror}); shorten or fix the path", ""
     try:
         with Image.open(path) as image:
             image.verify()  # the container: chunk checksums, headers

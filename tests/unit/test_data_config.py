@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,39 @@ def test_dev_and_test_overflow_is_rejected_with_the_fix(tmp_path: Path) -> None:
     path = _write(tmp_path, "splits:\n  dev_images: 600\n  test_images: 500\n" + _silos(("hospital-a", 0.5)))
     with pytest.raises(ConfigError, match=r"consortium\.yaml.*1100 > 1000.*lower one of them"):
         load_consortium(path)
+
+
+@pytest.mark.parametrize(("names", "field"), [
+    ("coordinator: Coordinator One\n", "coordinator"),
+    ("coordinator: ''\n", "coordinator"),
+    ("auditors: ['']\n", "auditors.0"),
+    ("auditors: [auditor, audit/x]\n", "auditors.1"),
+    ("auditors: [-auditor]\n", "auditors.0"),
+], ids=["spaces-and-capitals", "empty-coordinator", "empty-auditor", "slash", "leading-dash"])
+def test_party_names_no_certificate_can_carry_are_rejected(tmp_path: Path, names: str, field: str) -> None:
+    """The names become mor://<role>/<name> in certificates: the PKI's own rule (PartyIdentity) applies."""
+    path = _write(tmp_path, names + _silos(("hospital-a", 0.5)))
+    with pytest.raises(ConfigError, match=rf"consortium\.yaml: invalid ConsortiumSpec: {field}: .*must be 1-63 "
+                                          r"lower-case letters, digits or '-', starting and ending with a letter"):
+        load_consortium(path)
+
+
+@pytest.mark.parametrize("name", ["bank-", "-bank", "a" * 64, "bank\n"])
+def test_a_silo_name_no_certificate_can_carry_is_rejected(tmp_path: Path, name: str) -> None:
+    path = _write(tmp_path, _silos((json.dumps(name), 0.5)))  # a JSON string is a YAML scalar, "\n" included
+    with pytest.raises(ConfigError, match=r"silos\.0\.name: .*starting and ending with a letter or digit"):
+        load_consortium(path)
+
+
+def test_names_certificates_can_carry_are_kept() -> None:
+    silo = SiloDataSpec(name="a" * 63, image_share=0.5, reliable_kinds=["color"], label_flip_rate=0.1)
+    spec = ConsortiumSpec(silos=[silo], coordinator="coord-1", auditors=["auditor", "a"])
+    assert (spec.silos[0].name, spec.coordinator, spec.auditors) == ("a" * 63, "coord-1", ["auditor", "a"])
+
+
+def test_the_sft_config_says_the_vision_warm_up_trains_only_the_vision_tower() -> None:
+    """pretrain_vision leaves the projector untouched (tests/unit/test_vision_pretraining.py); the text says so."""
+    from coordinator.reference import SFTConfig
+
+    description = SFTConfig.model_fields["vision_pretraining"].description
+    assert "vision tower" in description and "projector" not in description

@@ -186,3 +186,68 @@ def test_missing_file_root_or_rows_are_reported(tmp_path: Path, image_root: Path
         import_preference_jsonl(_write(tmp_path / "p.jsonl", [_row()]), tmp_path / "no-root")
     with pytest.raises(DataImportError, match="no rows"):
         import_preference_jsonl(_write(tmp_path / "blank.jsonl", ["", "  "]), image_root)
+
+
+@pytest.mark.parametrize(("image", "expected_reason"), [
+    ("img/a\x00.png", "image path 'img/a\\x00.png' holds control character U+0000"),
+    ("img/" + "x" * 300 + ".png", "cannot be opened (File name too long)"),
+    ("img/loop1", "image path 'img/loop1' is a symlink loop"),
+], ids=["nul-byte", "name-too-long", "symlink-loop"])
+def test_an_unresolvable_image_path_is_a_named_bad_row(tmp_path: Path, image_root: Path, image: str,
+                                                       expected_reason: str) -> None:
+    """pathlib raises ValueError, OSError or RuntimeError on these; each must be a row problem, not a crash."""
+    (image_root / "img" / "loop1").symlink_to("loop2")
+    (image_root / "img" / "loop2").symlink_to("loop1")
+    jsonl = _write(tmp_path / "prefs.jsonl", [_row(image), _row(), _row("img/missing.png")])
+    with pytest.raises(DataImportError) as caught:
+        import_preference_jsonl(jsonl, image_root)
+    assert [p.line for p in caught.value.problems] == [1, 3]
+    assert expected_reason in caught.value.problems[0].reason
+
+
+def test_a_repeated_field_is_refused_not_resolved_by_last_wins(tmp_path: Path, image_root: Path) -> None:
+    """JSON readers disagree on which duplicate wins: a swapped chosen/rejected or unit_id must not pass silently."""
+    row = ('{"prompt": "what color?", "chosen": "blue", "rejected": "red", "chosen": "red", "rejected": "blue", '
+           '"unit_id": "patient-1", "unit_id": "patient-2", "images": ["img/a.png"]}')
+    jsonl = _write(tmp_path / "prefs.jsonl", [_row(), row])
+    with pytest.raises(DataImportError) as caught:
+        import_preference_jsonl(jsonl, image_root)
+    assert [(p.line, p.reason) for p in caught.value.problems] == [
+        (2, "field(s) ['chosen', 'rejected', 'unit_id'] appear more than once; keep one of each")]
+
+
+@pytest.mark.parametrize(("field", "value", "expected_reason"), [
+    ("prompt", "what \ud800 color?", "field 'prompt' holds a lone surrogate (a \\ud800-\\udfff escape)"),
+    ("unit_id", "patient-\udfff", "field 'unit_id' holds a lone surrogate"),
+    ("prompt", "what\x00color?", "field 'prompt' holds control character U+0000"),
+    ("chosen", "red\x1b[0m", "field 'chosen' holds control character U+001B"),
+    ("unit_id", "patient-1\x7f", "field 'unit_id' holds control character U+007F"),
+    ("prompt", "<image> what color?", "field 'prompt' holds the chat template's marker '<image>'"),
+    ("chosen", "red<|end|>", "field 'chosen' holds the chat template's marker '<|end|>'"),
+    ("rejected", "<|assistant|>blue", "field 'rejected' holds the chat template's marker '<|assistant|>'"),
+], ids=["surrogate-prompt", "surrogate-unit", "nul", "escape", "delete", "image-token", "end-token",
+        "role-token"])
+def test_text_the_model_cannot_take_as_written_is_refused(tmp_path: Path, image_root: Path, field: str,
+                                                           value: str, expected_reason: str) -> None:
+    """Surrogates fail only later, at training's UTF-8 encode; a chat marker in the text forges the template."""
+    jsonl = _write(tmp_path / "prefs.jsonl", [_row(), _row(**{field: value})])
+    with pytest.raises(DataImportError) as caught:
+        import_preference_jsonl(jsonl, image_root)
+    assert [p.line for p in caught.value.problems] == [2]
+    assert caught.value.problems[0].reason.startswith(expected_reason)
+
+
+def test_tabs_newlines_and_non_ascii_text_still_import(tmp_path: Path, image_root: Path) -> None:
+    jsonl = _write(tmp_path / "prefs.jsonl", [_row(prompt="quelle couleur ?\tété", chosen="rouge\nvif",
+                                                   rejected="<b>bleu</b> 🙂", unit_id="patiënt-1")])
+    (pair,) = import_preference_jsonl(jsonl, image_root)
+    assert (pair.prompt, pair.chosen, pair.rejected, pair.unit_id) == (
+        "quelle couleur ?\tété", "rouge\nvif", "<b>bleu</b> 🙂", "patiënt-1")
+
+
+def test_the_refused_markers_are_the_tiny_vlm_tokenizers_special_tokens() -> None:
+    """The importer keeps its own list so `mor_secure.data` need not load torch; this pins the two together."""
+    from mor_secure.data.text_rules import CHAT_TEMPLATE_MARKERS
+    from mor_secure.models.tiny_vlm import SPECIAL_TOKENS
+
+    assert sorted(CHAT_TEMPLATE_MARKERS) == sorted(SPECIAL_TOKENS)

@@ -25,11 +25,14 @@ from pathlib import Path
 from mor_secure.cli_errors import run_command
 from mor_secure.data import load_consortium
 from mor_secure.pki import CertificateAuthority, PartyIdentity, Role
-from mor_secure.pki.authority import LEAF_LIFETIME
+from mor_secure.pki.authority import DEFAULT_HOSTS, LEAF_LIFETIME
 from mor_secure.secagg.provisioning import new_consortium_context, provision_kit
 
 PROG = "mor pki"
 CA_DIR, KITS_DIR = "ca", "kits"
+# A century: far past any CA's lifetime (5 years), so a long lifetime meets "would outlive the CA", and far from
+# the year 9999 where Python's dates end (99999999 days overflowed there with a traceback).
+MAX_DAYS = 36500
 
 
 def kit_dir(root: Path, identity: PartyIdentity) -> Path:
@@ -76,6 +79,8 @@ def _days(text: str) -> int:
     days = int(text)
     if days < 1:
         raise argparse.ArgumentTypeError(f"a certificate lifetime is at least 1 day, got {days}")
+    if days > MAX_DAYS:
+        raise argparse.ArgumentTypeError(f"a certificate lifetime is at most {MAX_DAYS} days, got {days}")
     return days
 
 
@@ -99,8 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--name", required=True, help="party name, e.g. hospital-d")
     issue.add_argument("--out", required=True, help="kit directory to write")
     issue.add_argument("--days", type=_days, default=LEAF_LIFETIME.days, help="certificate lifetime in days")
-    issue.add_argument("--host", action="append", help="host name or IP the party serves on (repeatable; default "
-                       "localhost and 127.0.0.1)")
+    issue.add_argument("--host", action="append", default=[], help="host name or IP the party serves on "
+                       f"(repeatable; added to {' and '.join(DEFAULT_HOSTS)}, which the certificate always names)")
     issue.add_argument("--renew", action="store_true", help="replace an existing kit's certificate and key "
                        "(the old key is kept as party-retired-<serial>.key); servers pick it up without a restart")
     revoke = commands.add_parser("revoke", help="revoke a certificate and re-sign the CRL")
@@ -129,7 +134,7 @@ def _issue(args: argparse.Namespace) -> int:
     authority = CertificateAuthority(args.ca)
     identity = PartyIdentity(Role(args.role), args.name)
     kit = authority.issue(identity, args.out, lifetime=dt.timedelta(days=args.days),
-                          hosts=tuple(args.host) if args.host else ("localhost", "127.0.0.1"), renew=args.renew)
+                          hosts=tuple(dict.fromkeys([*DEFAULT_HOSTS, *args.host])), renew=args.renew)
     provision_kit(kit, identity.role, authority.directory)
     print(f"{'renewed' if args.renew else 'issued'} {identity}: serial {kit.certificate().serial_number:x}, kit {kit.directory}")
     return 0

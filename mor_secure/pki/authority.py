@@ -21,9 +21,8 @@ import fcntl
 import ipaddress
 import json
 import os
-import shutil
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .files import write_private, write_public
 from .identity import IDENTITY_DOMAIN, PartyIdentity, parse_identity
-from .kits import CA_FILE, CERT_FILE, CRL_FILE, KEY_FILE, CertKit, crl_number
+from .kits import CA_FILE, CERT_FILE, CRL_FILE, KEY_FILE, CertKit, crl_number, identity_of
 
 CA_KEY_FILE = "ca.key"
 ISSUED_FILE = "issued.json"
@@ -132,13 +131,17 @@ class CertificateAuthority:
     def issue(self, identity: PartyIdentity, kit_dir: str | Path, *, lifetime: dt.timedelta = LEAF_LIFETIME,
               hosts: Sequence[str] = DEFAULT_HOSTS, renew: bool = False,
               not_before: dt.datetime | None = None) -> CertKit:
-        """Write a kit for `identity` into `kit_dir`.
+        """Write a kit for `identity` into `kit_dir`, its certificate naming `hosts` besides the party itself.
 
         The leaf must expire before the CA does (a certificate outliving its
         issuer cannot be verified). `renew` replaces an existing kit's
         certificate and key, keeping the old key as party-retired-<serial>.key;
-        without it an existing kit is refused. `not_before` (default: now)
-        exists for tests and rotation drills (e.g. an already expired kit).
+        without it an existing kit is refused, and so is renewing a kit that
+        belongs to another party. The certificate is recorded in issued.json
+        before the kit is written, so that one signed is always listed and
+        revocable; a kit that cannot be written is left as it was. `not_before`
+        (default: now) exists for tests and rotation drills (e.g. an already
+        expired kit).
         """
         kit_dir = Path(kit_dir)
         start = (not_before or _now()) - dt.timedelta(minutes=5)  # tolerate clock skew between parties
@@ -147,30 +150,48 @@ class CertificateAuthority:
             raise ValueError(f"a certificate valid until {end:%Y-%m-%d} would outlive the CA "
                              f"(valid until {self.certificate.not_valid_after_utc:%Y-%m-%d}); choose a shorter "
                              "lifetime")
-        if (kit_dir / KEY_FILE).exists() and not renew:
+        renewed_serial = self._kit_to_replace(identity, kit_dir, renew)
+        _check_hosts(hosts)
+        key = ec.generate_private_key(ec.SECP256R1())
+        certificate = self._sign_leaf(identity, key, hosts, start, end)
+        with self._exclusive():
+            self._record([*self.issued(), IssuedCertificate(
+                serial=certificate.serial_number, identity=identity.uri, not_before=start.isoformat(),
+                not_after=end.isoformat(), kit=str(kit_dir.resolve()))])
+        self._write_kit(kit_dir, key, certificate, renewed_serial)
+        return CertKit.load(kit_dir)
+
+    def _kit_to_replace(self, identity: PartyIdentity, kit_dir: Path, renew: bool) -> int | None:
+        """The serial of the kit in `kit_dir` that `issue` renews (None for a new kit); refuses any other kit."""
+        resolved, ca_directory = kit_dir.resolve(), self.directory.resolve()
+        if resolved == ca_directory or ca_directory in resolved.parents:
+            raise ValueError(f"kit directory {kit_dir} is in the CA directory {self.directory}, which holds the "
+                             "CA's key and is never handed out; choose one outside it, e.g. pki/kits/<role>-<name>")
+        if not ((kit_dir / KEY_FILE).exists() or (kit_dir / CERT_FILE).exists()):
+            return None
+        if not renew:
             raise FileExistsError(f"{kit_dir} already holds a kit; renew it with --renew (its old key is retired, "
                                   "never overwritten)")
-        for host in hosts:
-            # Clients pin a connection to the party they meant by its name under IDENTITY_DOMAIN: a host there
-            # (or a wildcard) in another party's certificate would let that party answer in its place.
-            name = host.lower().rstrip(".")
-            if "*" in host or name == IDENTITY_DOMAIN or name.endswith("." + IDENTITY_DOMAIN):
-                raise ValueError(f"host {host!r} is a wildcard or a party name under {IDENTITY_DOMAIN}, which "
-                                 "only the party's own identity may carry; name the machine's real host or IP")
-        key = ec.generate_private_key(ec.SECP256R1())
+        current = CertKit(kit_dir).certificate()
+        if (holder := identity_of(current)) != identity:
+            raise ValueError(f"{kit_dir} holds the kit of {holder}, not {identity}; renew a kit only as the party "
+                             "it belongs to (`mor pki list` shows which kit is whose)")
+        return current.serial_number
+
+    def _sign_leaf(self, identity: PartyIdentity, key: ec.EllipticCurvePrivateKey, hosts: Sequence[str],
+                   start: dt.datetime, end: dt.datetime) -> x509.Certificate:
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri), x509.DNSName(identity.tls_name)]
         for host in hosts:
             try:
                 names.append(x509.IPAddress(ipaddress.ip_address(host)))
             except ValueError:
                 names.append(x509.DNSName(host))
-        serial = x509.random_serial_number()
-        certificate = (
+        return (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, identity.role.value),
                                      x509.NameAttribute(NameOID.COMMON_NAME, identity.name)]))
-            .issuer_name(self.certificate.subject).public_key(key.public_key()).serial_number(serial)
-            .not_valid_before(start).not_valid_after(end)
+            .issuer_name(self.certificate.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                          data_encipherment=False, key_agreement=False, key_cert_sign=False,
@@ -182,20 +203,42 @@ class CertificateAuthority:
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self._key.public_key()), critical=False)
             .sign(self._key, hashes.SHA256())
         )
-        if renew and (kit_dir / KEY_FILE).exists():
-            old_serial = CertKit(kit_dir).certificate().serial_number
-            (kit_dir / KEY_FILE).rename(kit_dir / f"party-retired-{old_serial:x}.key")
-        # Key first, then certificate: a server reloading between the two sees a mismatched pair and keeps its old one.
-        write_private(kit_dir / f"{KEY_FILE}.new", _pem_key(key))
-        (kit_dir / f"{KEY_FILE}.new").rename(kit_dir / KEY_FILE)
-        write_public(kit_dir / CERT_FILE, certificate.public_bytes(serialization.Encoding.PEM))
-        shutil.copyfile(self.directory / CA_FILE, kit_dir / CA_FILE)
-        shutil.copyfile(self.directory / CRL_FILE, kit_dir / CRL_FILE)
-        with self._exclusive():
-            self._record([*self.issued(), IssuedCertificate(
-                serial=serial, identity=identity.uri, not_before=start.isoformat(), not_after=end.isoformat(),
-                kit=str(kit_dir.resolve()))])
-        return CertKit.load(kit_dir)
+
+    def _write_kit(self, kit_dir: Path, key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate,
+                   renewed_serial: int | None) -> None:
+        """Put the kit's files in place; on any failure, remove the ones this call added and restore the old key."""
+        made_directory = not kit_dir.exists()
+        kit_dir.mkdir(parents=True, exist_ok=True)
+        key_path, pending_key = kit_dir / KEY_FILE, kit_dir / f"{KEY_FILE}.new"
+        pending_key.unlink(missing_ok=True)  # left by a renewal killed before it moved it in place: never in use
+        added = [p for p in (kit_dir / CA_FILE, kit_dir / CRL_FILE, key_path, kit_dir / CERT_FILE) if not p.exists()]
+        retired = (kit_dir / f"party-retired-{renewed_serial:x}.key"
+                   if renewed_serial is not None and key_path.exists() else None)
+        retired_linked = key_replaced = False
+        try:
+            write_public(kit_dir / CA_FILE, (self.directory / CA_FILE).read_bytes())
+            write_public(kit_dir / CRL_FILE, (self.directory / CRL_FILE).read_bytes())
+            write_private(pending_key, _pem_key(key))
+            if retired is not None:
+                os.link(key_path, retired)  # a second name, so that party.key is replaced in one step, never absent
+                retired_linked = True
+            os.replace(pending_key, key_path)
+            key_replaced = True
+            # Key first, then certificate: a server reloading between the two sees a mismatched pair and keeps its
+            # old one.
+            write_public(kit_dir / CERT_FILE, certificate.public_bytes(serialization.Encoding.PEM))
+        except BaseException:
+            pending_key.unlink(missing_ok=True)
+            if retired_linked and key_replaced:
+                os.replace(retired, key_path)  # the old key back in place
+            elif retired_linked:
+                retired.unlink()  # the old key never left party.key
+            for path in added:
+                path.unlink(missing_ok=True)
+            if made_directory:
+                with suppress(OSError):  # not empty: someone else wrote there meanwhile, so it is not all ours
+                    kit_dir.rmdir()
+            raise
 
     # --- revocation ---------------------------------------------------------------------
     def revoke(self, *, serial: int | None = None, identity: str | None = None, reason: str = "unspecified") -> list[int]:
@@ -244,3 +287,15 @@ class CertificateAuthority:
         # CRL put back in place of a newer one (which would un-revoke). Timestamps cannot do it: two
         # CRLs signed within one second carry the same lastUpdate.
         return crl_number(x509.load_pem_x509_crl(path.read_bytes())) + 1 if path.is_file() else 1
+
+
+def _check_hosts(hosts: Sequence[str]) -> None:
+    for host in hosts:
+        if not host or any(character.isspace() for character in host):
+            raise ValueError(f"host {host!r} is empty or has a space; name the machine's real host or IP")
+        # Clients pin a connection to the party they meant by its name under IDENTITY_DOMAIN: a host there
+        # (or a wildcard) in another party's certificate would let that party answer in its place.
+        name = host.lower().rstrip(".")
+        if "*" in host or name == IDENTITY_DOMAIN or name.endswith("." + IDENTITY_DOMAIN):
+            raise ValueError(f"host {host!r} is a wildcard or a party name under {IDENTITY_DOMAIN}, which "
+                             "only the party's own identity may carry; name the machine's real host or IP")

@@ -199,3 +199,119 @@ def test_kits_issued_at_once_by_several_processes_are_all_on_record(tmp_path: Pa
         assert worker.exitcode == 0
     issued = CertificateAuthority(tmp_path / "ca").issued()
     assert len(issued) == 60 and len({row.serial for row in issued}) == 60
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def test_renewing_another_partys_kit_is_refused_before_anything_is_written(consortium_path: Path, tmp_path: Path,
+                                                                            capsys) -> None:
+    """Renewing the coordinator's kit as a silo would give the coordinator the silos' HE secret key."""
+    assert main(["pki", "init", "--consortium", str(consortium_path), "--out", str(tmp_path / "pki")]) == 0
+    coordinator = tmp_path / "pki" / "kits" / "coordinator-coordinator"
+    kit_before, ca_before = _files(coordinator), _files(tmp_path / "pki" / "ca")
+    capsys.readouterr()
+    assert main(["pki", "issue", "--ca", str(tmp_path / "pki" / "ca"), "--role", "silo", "--name", "hospital-a",
+                 "--out", str(coordinator), "--renew"]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1
+    assert "holds the kit of mor://coordinator/coordinator, not mor://silo/hospital-a" in error
+    assert _files(coordinator) == kit_before and _files(tmp_path / "pki" / "ca") == ca_before
+
+
+def test_a_renewal_cut_short_by_a_full_disk_keeps_the_old_key_and_can_be_retried(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    identity = PartyIdentity(Role.SILO, "hospital-a")
+    old = ca.issue(identity, tmp_path / "kit")
+    old_key, old_serial = old.key_path.read_bytes(), old.certificate().serial_number
+
+    def full_disk(descriptor: int) -> None:  # the real write_private runs; the disk reports full as it syncs
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        ca.issue(identity, tmp_path / "kit", renew=True)
+    monkeypatch.undo()
+    kit = CertKit.load(tmp_path / "kit")
+    assert kit.key_path.read_bytes() == old_key and kit.certificate().serial_number == old_serial
+    assert not (tmp_path / "kit" / "party.key.new").exists()
+    (tmp_path / "kit" / "party.key.new").write_bytes(b"left by a renewal that was killed")  # never in use
+    renewed = ca.issue(identity, tmp_path / "kit", renew=True)
+    assert renewed.key_path.read_bytes() != old_key and not (tmp_path / "kit" / "party.key.new").exists()
+    assert (tmp_path / "kit" / f"party-retired-{old_serial:x}.key").read_bytes() == old_key
+
+
+def test_an_out_in_the_ca_directory_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    CertificateAuthority.create(tmp_path / "ca")
+    ca_before = _files(tmp_path / "ca")
+    for out in (tmp_path / "ca", tmp_path / "ca" / "kit", tmp_path / "ca" / ".." / "ca"):
+        assert main(["pki", "issue", "--ca", str(tmp_path / "ca"), "--role", "silo", "--name", "hospital-z",
+                     "--out", str(out)]) == 1
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and "is in the CA directory" in error
+    assert _files(tmp_path / "ca") == ca_before and not (tmp_path / "ca" / "kit").exists()
+
+
+def test_a_kit_that_cannot_be_written_leaves_its_certificate_on_record_and_no_files(tmp_path: Path) -> None:
+    """A CA-signed certificate must be listed (and revocable) even when its kit could not be written."""
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    identity = PartyIdentity(Role.SILO, "hospital-a")
+    fresh, renewed = tmp_path / "fresh", tmp_path / "renewed"
+    old = ca.issue(identity, renewed)
+    kit_before = _files(renewed)
+    for kit in (fresh, renewed):  # a directory where write_public puts party.pem's partial file: a real failure
+        (kit / f".party.pem.{os.getpid()}.partial").mkdir(parents=True)
+    with pytest.raises(IsADirectoryError):
+        ca.issue(identity, fresh)
+    assert _files(fresh) == {}
+    with pytest.raises(IsADirectoryError):
+        ca.issue(identity, renewed, renew=True)
+    assert _files(renewed) == kit_before and CertKit.load(renewed).certificate() == old.certificate()
+    rows = [row for row in ca.issued() if row.identity == identity.uri]
+    assert len(rows) == 3 and all(row.revoked_at is None for row in rows)
+    assert sorted(ca.revoke(identity=identity.uri)) == sorted(row.serial for row in rows)
+
+
+def test_hosts_are_added_to_localhost_and_127_0_0_1(tmp_path: Path, capsys) -> None:
+    """The silo guide's grpcurl and openssl commands reach 127.0.0.1 even when a kit names its real host."""
+    CertificateAuthority.create(tmp_path / "ca")
+    assert main(["pki", "issue", "--ca", str(tmp_path / "ca"), "--role", "silo", "--name", "hospital-d",
+                 "--out", str(tmp_path / "kit"), "--host", "silo.example.org", "--host", "localhost"]) == 0
+    names = CertKit(tmp_path / "kit").certificate().extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["hospital-d.silo.mor-secure.invalid", "localhost",
+                                                       "silo.example.org"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize("host", ["", "  ", "silo .example.org"])
+def test_an_empty_or_spaced_host_is_refused(tmp_path: Path, capsys, host: str) -> None:
+    CertificateAuthority.create(tmp_path / "ca")
+    assert main(["pki", "issue", "--ca", str(tmp_path / "ca"), "--role", "silo", "--name", "hospital-d",
+                 "--out", str(tmp_path / "kit"), "--host", host]) == 1
+    assert f"host {host!r} is empty or has a space" in capsys.readouterr().err
+    assert not (tmp_path / "kit").exists()
+
+
+@pytest.mark.parametrize("command", ["init", "issue"])
+def test_a_lifetime_over_a_century_is_a_usage_error(consortium_path: Path, tmp_path: Path, capsys,
+                                                     command: str) -> None:
+    CertificateAuthority.create(tmp_path / "ca")
+    arguments = {"init": ["--consortium", str(consortium_path)],
+                 "issue": ["--ca", str(tmp_path / "ca"), "--role", "silo", "--name", "hospital-d"]}[command]
+    assert main(["pki", command, *arguments, "--out", str(tmp_path / "out"), "--days", "99999999"]) == 2
+    assert "a certificate lifetime is at most 36500 days, got 99999999" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_kit_whose_key_was_moved_away_is_not_overwritten_by_a_plain_issue(tmp_path: Path) -> None:
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    identity = PartyIdentity(Role.SILO, "hospital-a")
+    kit = ca.issue(identity, tmp_path / "kit")
+    kit.key_path.rename(tmp_path / "moved.key")
+    certificate = kit.cert_path.read_bytes()
+    with pytest.raises(FileExistsError, match="already holds a kit; renew it with --renew"):
+        ca.issue(identity, tmp_path / "kit")
+    assert kit.cert_path.read_bytes() == certificate and not kit.key_path.exists()

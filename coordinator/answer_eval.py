@@ -38,7 +38,8 @@ def generate_answers(model: PreTrainedModel, processor: ProcessorMixin, records:
                {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0,
                 "num_return_sequences": samples})
     answers: list[str] = []
-    with torch.random.fork_rng(devices=[]):
+    # manual_seed seeds every CUDA device too: fork them all, or GRPO's sampling continues from this seed.
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
         torch.manual_seed(seed)
         for start in range(0, len(records), batch_size):
             batch = generation_batch(processor, records[start:start + batch_size])
@@ -49,7 +50,7 @@ def generate_answers(model: PreTrainedModel, processor: ProcessorMixin, records:
 
 
 def accuracy_by_kind(records: Sequence[VQARecord], answers: Sequence[str]) -> dict[str, float]:
-    """Exact-match accuracy per kind plus "overall" (the mean over answers, not over kinds).
+    """Exact-match accuracy per kind plus "overall", the mean over kinds (each silo's domain weighs the same).
 
     `answers` may hold several answers per record, record-major (as
     `generate_answers(..., samples=n)` returns them).
@@ -62,7 +63,7 @@ def accuracy_by_kind(records: Sequence[VQARecord], answers: Sequence[str]) -> di
         record = records[index // per_record]
         hits[record.kind].append(answer == record.answer)
     result = {kind: sum(h) / len(h) for kind in QUESTION_KINDS if (h := hits.get(kind))}
-    result["overall"] = sum(sum(h) for h in hits.values()) / len(answers)
+    result["overall"] = sum(result.values()) / len(result)
     return result
 
 
@@ -77,15 +78,15 @@ def balanced_sample(records: Sequence[VQARecord], per_kind: int | None, *, seed:
     """At most `per_kind` records of each kind (seeded), so that "overall" weighs every silo's domain equally.
 
     easy-VQA's test split is 74% yes/no: a micro-averaged overall would mostly
-    measure one silo's kind. On a balanced sample the mean over records is the
-    mean over kinds. `per_kind=None` keeps every record.
+    measure one silo's kind. `per_kind=None` keeps every record. Each kind is
+    drawn from its own seeded stream, so leaving a kind out (leave-one-silo-out)
+    keeps exactly the records the other kinds had.
     """
-    rng = random.Random(seed)
     kept: list[VQARecord] = []
     for kind in QUESTION_KINDS:
         group = [r for r in records if r.kind == kind]
         if per_kind is not None and len(group) > per_kind:
-            group = rng.sample(group, per_kind)
+            group = random.Random(f"{seed}/{kind}").sample(group, per_kind)
         kept.extend(group)
     if not kept:
         raise ValueError("no records to sample from")

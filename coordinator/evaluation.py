@@ -48,7 +48,7 @@ from pydantic import Field, field_validator, model_validator
 
 from mor_secure.config import StrictModel
 from mor_secure.data import QUESTION_KINDS, ConsortiumSpec, PreferencePair, VQARecord, make_pairs, make_splits
-from mor_secure.models.tiny_vlm import load_vlm
+from mor_secure.models.tiny_vlm import checkpoint_digest, load_vlm
 from mor_secure.transport.authorization import AuditSink
 from mor_secure.wire.client import SiloClient
 
@@ -174,21 +174,35 @@ def reward_pairwise_accuracy(reward: Callable[..., list[float]], pairs: Sequence
 _SETTINGS_FREE_TO_CHANGE = {"seeds", "methods", "leave_one_silo_out"}
 
 
-def _check_settings_match(out_dir: Path, config: EvaluationConfig, spec: ConsortiumSpec) -> None:
-    """Refuse to reuse `out_dir`'s finished runs if they were made under other evaluation settings.
+def run_inputs(reference_dir: Path, clients: Sequence[SiloClient], baselines: dict[str, SiloClient]) -> dict[str, Any]:
+    """What runs are made from besides the settings: the reference policy's digest, the silos' and baselines' names.
+
+    Silos are known by name only (`describe()` has no digest of a reward model). A reference that is not a
+    checkpoint (yet) is recorded by its path: no run can be made from it, and no checkpoint matches it.
+    """
+    reference = checkpoint_digest(reference_dir) if (reference_dir / "config.json").is_file() else str(
+        reference_dir.resolve())
+    return {"reference_checkpoint": reference, "silos": [c.name for c in clients], "baseline_models": sorted(baselines)}
+
+
+def _check_settings_match(out_dir: Path, config: EvaluationConfig, spec: ConsortiumSpec,
+                          inputs: dict[str, Any]) -> None:
+    """Refuse to reuse `out_dir`'s finished runs if they were made under other evaluation settings or inputs.
 
     The consortium is part of the settings: its splits decide which questions a
     run is trained, probed and scored on (resizing dev changes the test split).
+    So are `run_inputs`: the policy GRPO starts from and the silos it asks.
     """
     record = out_dir / "evaluation_settings.json"
     settings = {**config.model_dump(mode="json", exclude=_SETTINGS_FREE_TO_CHANGE),
-                "consortium": spec.model_dump(mode="json")}
+                "consortium": spec.model_dump(mode="json"), **inputs}
     if record.is_file():
         recorded = json.loads(record.read_text(encoding="utf-8"))
         changed = sorted(k for k in settings.keys() | recorded.keys() if settings.get(k) != recorded.get(k))
         if changed:
-            raise ValueError(f"{out_dir} holds runs made with other evaluation settings (changed: {changed}); "
-                             "their results would be reused as if made with these. Use another --out, or delete it.")
+            raise ValueError(f"{out_dir} holds runs made with other evaluation settings or inputs (changed: "
+                             f"{changed}); their results would be reused as if made with these. Use another --out, "
+                             "or delete it.")
     out_dir.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
@@ -209,7 +223,7 @@ class Evaluation:
             raise ValueError(f"unknown baseline model(s) {unknown}; known: {list(BASELINE_MODELS)}")
         self.reference_dir = Path(reference_dir)
         self.out_dir = Path(out_dir)
-        _check_settings_match(self.out_dir, config, spec)
+        _check_settings_match(self.out_dir, config, spec, run_inputs(self.reference_dir, self.clients, self.baselines))
         possible = available_methods([c.name for c in self.clients], list(self.baselines))
         self.methods = list(config.methods) if config.methods is not None else possible
         missing = [m for m in self.methods if m not in possible]
@@ -392,7 +406,7 @@ def publish(evaluation: Evaluation, runs: Sequence[RunResult], *, json_path: str
     steps = config.grpo_settings(evaluation.out_dir, 0).steps
     notes = [f"Exact match of sampled answers (temperature 1, {config.eval_samples} per question) on "
              f"{len(evaluation.test)} questions of the test split (held-out easy-VQA test images; in-training "
-             "checks read the separate dev split), the same number per kind, so overall is the mean over kinds.",
+             "checks read the separate dev split); overall is the mean over kinds.",
              f"Every GRPO run: {steps} steps from the same reference; all settings in `{json_path.name}`."]
     markdown = results_markdown(summary, kinds=kinds, title=title, notes=notes)
     markdown += "\n" + results_markdown(greedy, kinds=kinds, title=f"{title}: greedy decoding",

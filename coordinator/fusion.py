@@ -14,8 +14,8 @@ not the sum. A silo that does not answer (UNAVAILABLE or DEADLINE_EXCEEDED
 after its client's retries) is left out of the round when at least
 `minimum_participants` silos answered: the sum of the others' terms is
 divided by their total weight per item (their weights renormalised), and an
-item whose whole weight was on absent silos is asked again, in a second
-round, with equal weights for the present ones; `last_round` says who
+item with (almost) all its weight on absent silos (`MIN_PRESENT_WEIGHT`) is
+asked again, in a second round, with equal weights for the present ones; `last_round` says who
 answered, and the reward logs it with GRPO's metrics. It is asked again next round, so a silo that
 comes back rejoins. With fewer answers than the minimum the round fails
 with an error naming the missing silos. Any other refusal (a policy limit,
@@ -37,6 +37,7 @@ from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 
+from mor_secure.cli_errors import RoundFailedError
 from mor_secure.transport.authorization import AuditSink
 from mor_secure.wire.client import SiloClient
 from mor_secure.wire.errors import ErrorCode, SiloError
@@ -50,10 +51,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # Statuses that mean "this silo is absent", not "this silo refused".
 ABSENT = (ErrorCode.UNAVAILABLE, ErrorCode.DEADLINE_EXCEEDED)
-
-
-class RoundFailedError(RuntimeError):
-    """Too few silos answered a scoring round for the consortium's minimum participants."""
+# Least total weight of a row's present silos that is renormalised; below it the row gets their plain average.
+# Secure aggregation rounds each term to 2^-20 (mor_secure/secagg/fixed_point.py): over its 16 silos at most,
+# the sum errs by 16 * 2^-21 = 2^-17, which dividing by a weight of at least 2^-7 keeps within 2^-10 (~1e-3,
+# a thousandth of a standardised score's spread).
+MIN_PRESENT_WEIGHT = 2.0**-7
 
 
 @dataclass(frozen=True)
@@ -248,12 +250,13 @@ def renormalised(summed: torch.Tensor, weights: torch.Tensor, present: torch.Ten
 
     Dividing by the present silos' weight is the fused reward under their
     weights rescaled to sum to 1 (all present: the sum is 1). A row whose
-    whole weight was on absent silos has nothing to rescale: it is returned
-    as an orphan, for the plain average of the present silos.
+    present silos hold less than `MIN_PRESENT_WEIGHT` has nothing worth
+    rescaling (the router all but ruled them out): it is returned as an
+    orphan, for the plain average of the present silos.
     """
     total = weights[:, present].sum(dim=1)
-    orphans = total <= 0
-    return torch.where(orphans, torch.zeros_like(total), summed / total.clamp(min=1e-12)), orphans
+    orphans = total < MIN_PRESENT_WEIGHT
+    return torch.where(orphans, torch.zeros_like(total), summed / torch.where(orphans, 1.0, total)), orphans
 
 
 def as_fusion(silos: Fusion | Sequence[SiloClient]) -> Fusion:

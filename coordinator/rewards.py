@@ -296,10 +296,16 @@ class GroupTopReward:
     transform at beta 0.04; with beta 0.2 the KL keeps the right answer among
     the samples (docs/grpo.md). Groups are the completions of one (image,
     question) in a call; ties all win.
+
+    Rows the wrapped reward floored (an `OnFormatReward`: its `on_format`
+    says which) never win: they get 0 and do not count for the group's top.
+    A floored answer's score is a constant, not a ranking, and it would
+    otherwise win whenever every real answer scored below the floor.
     """
 
     def __init__(self, reward: Callable[..., list[float]]) -> None:
         self.reward = reward
+        self.eligible: Callable[..., list[bool]] | None = getattr(reward, "on_format", None)
         self.__name__ = _wrapped_name(reward, "group_top")
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
@@ -307,11 +313,14 @@ class GroupTopReward:
         rows = len(scores)
         images = _column(kwargs, "image_path", rows, self.__name__)
         questions = _column(kwargs, "question", rows, self.__name__)
+        eligible = [True] * rows if self.eligible is None else self.eligible(completions, **kwargs)
+        keys = list(zip(map(str, images), map(str, questions)))
         best: dict[tuple[str, str], float] = {}
-        for key, score in zip(zip(map(str, images), map(str, questions)), scores, strict=True):
-            best[key] = max(best.get(key, -math.inf), score)
-        return [float(score >= best[(str(i), str(q))] - _TIE_TOLERANCE)
-                for i, q, score in zip(images, questions, scores, strict=True)]
+        for key, score, may_win in zip(keys, scores, eligible, strict=True):
+            if may_win:
+                best[key] = max(best.get(key, -math.inf), score)
+        return [float(may_win and score >= best[key] - _TIE_TOLERANCE)
+                for key, score, may_win in zip(keys, scores, eligible, strict=True)]
 
 
 def answer_vocabulary(records: Sequence[Any]) -> dict[str, frozenset[str]]:
@@ -336,6 +345,12 @@ class OnFormatReward:
     wrapped alike, so the comparison stays fair; the vocabulary is public (the
     coordinator's calibration answers per kind) and says nothing about which
     answer is right. Rows are matched to kinds by the dataset's `kind` column.
+
+    The wrapped reward is given each completion's answer, exactly what the
+    guard checked (`normalise_answer`: first word, lower-cased, without
+    surrounding punctuation; the answer that accuracy and the oracle read),
+    and "" for a floored one (not sent to the silos): "red zq!" is scored as
+    "red", and a silo never scores text outside the vocabulary.
     """
 
     def __init__(self, reward: Callable[..., list[float]], vocabulary: dict[str, frozenset[str]], *,
@@ -347,13 +362,21 @@ class OnFormatReward:
         self.reward, self.vocabulary, self.floor = reward, vocabulary, floor
         self.__name__ = name
 
+    def on_format(self, completions: Sequence[Any], **kwargs: Any) -> list[bool]:
+        """Per completion: is its answer in the vocabulary of its question's kind (else it is floored)?"""
+        return [answer in self.vocabulary[kind] for answer, kind in self._answers_and_kinds(completions, kwargs)]
+
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float]:
-        scores = self.reward(prompts, completions, **kwargs)
+        checked = [(answer, answer in self.vocabulary[kind])
+                   for answer, kind in self._answers_and_kinds(completions, kwargs)]
+        scores = self.reward(prompts, [answer if ok else "" for answer, ok in checked], **kwargs)
+        return [score if ok else self.floor for score, (_, ok) in zip(scores, checked, strict=True)]
+
+    def _answers_and_kinds(self, completions: Sequence[Any], columns: dict[str, Any]) -> list[tuple[str, str]]:
         texts = completion_texts(completions)
-        kinds = _column(kwargs, "kind", len(texts), self.__name__)
-        unknown = sorted({str(k) for k in kinds} - set(self.vocabulary))
+        kinds = [str(k) for k in _column(columns, "kind", len(texts), self.__name__)]
+        unknown = sorted(set(kinds) - set(self.vocabulary))
         if unknown:
             raise ValueError(f"{self.__name__}: no answer vocabulary for kind(s) {unknown}; "
                              f"it has {sorted(self.vocabulary)}")
-        return [score if normalise_answer(text) in self.vocabulary[str(kind)] else self.floor
-                for score, text, kind in zip(scores, texts, kinds, strict=True)]
+        return [(normalise_answer(text), kind) for text, kind in zip(texts, kinds, strict=True)]

@@ -185,7 +185,8 @@ def train_router(
                          f"in silo_names), got {described}")
     flips = _flip_tensor(flip_probabilities, n_silos)
 
-    with torch.random.fork_rng(devices=[]):
+    # manual_seed seeds every CUDA device too: fork them all, or GRPO's sampling continues from this seed.
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
         torch.manual_seed(config.seed)
         router = Router(features.shape[1], n_silos, n_objectives, config,
                         silo_names=silo_names, objective_names=objective_names)

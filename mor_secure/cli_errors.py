@@ -13,12 +13,22 @@ from mor_secure.data.importer import DataImportError
 from mor_secure.privacy import BudgetExceededError
 from mor_secure.wire.errors import SiloError
 
+
+class RoundFailedError(RuntimeError):
+    """Too few silos answered a scoring round for the consortium's minimum participants.
+
+    Raised by the coordinator's fusion (coordinator/fusion.py re-exports it); defined here because
+    `mor_secure` never imports a role package (DESIGN §3) and USER_ERRORS must name it.
+    """
+
+
 # Failures a user can act on from the message alone; anything else is a bug and keeps its traceback.
-# A SiloError is a silo's refusal (or absence), with the status it chose and why; the OS errors are a path
-# given wrong (a file where a directory belongs, or the other way round, or one the user may not write).
+# A SiloError is a silo's refusal (or absence), with the status it chose and why; a RoundFailedError names the
+# silos missing from a round; the OS errors are a path given wrong (a file where a directory belongs, or the
+# other way round, or one the user may not write).
 USER_ERRORS = (ConfigError, DataImportError, BudgetExceededError, FileNotFoundError, FileExistsError,
                NotADirectoryError, IsADirectoryError, PermissionError, ValueError, SiloError, AuditLogError,
-               UnknownNameError)
+               UnknownNameError, RoundFailedError)
 EXIT_USER_ERROR = 1
 
 

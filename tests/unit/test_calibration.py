@@ -165,3 +165,12 @@ def test_the_reported_share_ranked_right_is_debiased_under_randomized_response(c
     assert reported == round(debiased_mean(noisy, epsilon=1.0), 4)
     assert noisy.float().mean().item() < 0.85 and abs(reported - 1.0) < 0.3
 
+
+
+def test_leaving_a_kind_out_keeps_the_other_kinds_calibration_records(consortium) -> None:
+    """Leave-one-silo-out compares routers that differ in the held-out kind only, not in a reshuffled subsample."""
+    _, splits = consortium
+    full = calibration_records(splits.calibration, CalibrationConfig(max_records_per_kind=3))
+    for held_out in QUESTION_KINDS:
+        config = CalibrationConfig(max_records_per_kind=3, exclude_kinds=[held_out])
+        assert calibration_records(splits.calibration, config) == [r for r in full if r.kind != held_out]

@@ -35,3 +35,36 @@ def test_evaluate_policy_defaults_to_dev_and_prints_the_split(tmp_path: Path, ti
 def test_evaluate_policy_rejects_other_splits(tmp_path: Path, capsys) -> None:
     code = main(["evaluate-policy", "--consortium", "c.yaml", "--model", "m", "--split", "calibration"])
     assert code == 2 and "invalid choice: 'calibration'" in capsys.readouterr().err
+
+
+def test_a_round_with_too_few_silos_ends_in_one_line_not_a_traceback(tmp_path: Path, capsys) -> None:
+    """`align` / `evaluate` with silos down: the round fails (RoundFailedError), which the user fixes, not a bug."""
+    import argparse
+
+    import torch
+    from silo_fakes import RightAnswerModel, png
+
+    from coordinator.fusion import ClearFusion, FusionItems
+    from mor_secure.cli_errors import EXIT_USER_ERROR, run_command
+    from mor_secure.wire import ErrorCode, SiloError
+    from silo_agent.in_process import InProcessSiloClient
+    from silo_agent.service import SiloService
+
+    class Down(InProcessSiloClient):
+        def score(self, request):
+            raise SiloError(ErrorCode.UNAVAILABLE, f"silo {self.name!r}: connection refused")
+
+    image = tmp_path / "a.png"
+    image.write_bytes(png())
+    silos = [InProcessSiloClient(SiloService("a", RightAnswerModel())), Down(SiloService("b", RightAnswerModel()))]
+
+    def align(args) -> int:
+        items = FusionItems(images=(image,), prompts=("q",), responses=("right",))
+        ClearFusion(silos, minimum_participants=2).fuse(items, torch.full((1, 2), 0.5))
+        return 0
+
+    parser = argparse.ArgumentParser(prog="mor coordinator")
+    parser.add_subparsers(dest="command").add_parser("align")
+    assert run_command(parser, ["align"], {"align": align}) == EXIT_USER_ERROR
+    assert capsys.readouterr().err == ("mor coordinator: error: only 1 of 2 silos answered, fewer than the "
+                                       "consortium's minimum of 2: UNAVAILABLE: silo 'b': connection refused\n")

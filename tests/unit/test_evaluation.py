@@ -212,3 +212,98 @@ def test_leave_one_silo_out_fuses_through_the_pools_fusion(consortium, tmp_path:
     assert excluded == [None] + [sorted({"yes_no", kind}) for silo in spec.silos for kind in silo.reliable_kinds]
     # Two fused rewards per row (held-out router, full router), each over the router's silos in its order.
     assert built == [(names, LEAVE_ONE_OUT_METHOD)] * (2 * len(rows))
+
+
+def test_balanced_sample_draws_each_kind_independently_of_the_others(consortium) -> None:
+    """Leaving a kind out (leave-one-silo-out) must not change which records the other kinds keep."""
+    _, splits = consortium
+    full = balanced_sample(splits.test, 4, seed=0)
+    without_color = balanced_sample([r for r in splits.test if r.kind != "color"], 4, seed=0)
+    assert without_color == [r for r in full if r.kind != "color"]
+
+
+def test_overall_accuracy_is_the_mean_over_kinds_when_kinds_are_unequal() -> None:
+    from coordinator.answer_eval import accuracy_by_kind
+
+    records = [VQARecord(f"y{i}", Path("y.png"), "is it red?", "yes", "yes_no") for i in range(3)]
+    records.append(VQARecord("c", Path("c.png"), "what color?", "red", "color"))
+    assert accuracy_by_kind(records, ["yes", "yes", "yes", "blue"]) == {"color": 0.0, "yes_no": 1.0, "overall": 0.5}
+
+
+def test_the_silos_score_exactly_the_answer_the_format_guard_checked(tmp_path: Path) -> None:
+    """'right zq!' passes the guard as the answer 'right': the silos must score that, not text the guard never read."""
+    from coordinator.methods import grpo_reward
+    from coordinator.rewards import EMPTY_COMPLETION_REWARD, UniformSiloReward, answer_vocabulary
+    from silo_agent.in_process import InProcessSiloClient
+    from silo_agent.service import SiloService
+    from silo_fakes import RightAnswerModel, png
+
+    class Recording(InProcessSiloClient):
+        def __init__(self) -> None:
+            super().__init__(SiloService("a", RightAnswerModel()))
+            self.scored: list[str] = []
+
+        def score(self, request):
+            self.scored.extend(row.response for row in request.rows)
+            return super().score(request)
+
+    image = tmp_path / "a.png"
+    image.write_bytes(png())
+    vocabulary = answer_vocabulary([VQARecord("i", image, "what?", answer, "color") for answer in ("right", "wrong")])
+    silo = Recording()
+    reward = grpo_reward(UniformSiloReward([silo]), vocabulary=vocabulary, transform="score")
+    completions = ["right", "Right!", "right zq!", "wrong", "zq right"]
+    columns = {"image_path": [str(image)] * 5, "question": ["what?"] * 5, "kind": ["color"] * 5}
+    # RightAnswerModel's standardised score: 1 for "right", -1 for any other text.
+    assert reward(["q"] * 5, completions, **columns) == [1.0, 1.0, 1.0, -1.0, EMPTY_COMPLETION_REWARD]
+    assert set(silo.scored) == {"right", "wrong"}
+
+
+def test_a_floored_answer_never_wins_its_group() -> None:
+    """Every on-vocabulary answer scored below the floor: the off-vocabulary ones must still not win group-top."""
+    from coordinator.methods import grpo_reward
+    from coordinator.rewards import answer_vocabulary
+
+    records = [VQARecord("i", Path("i.png"), "what shape?", answer, "shape") for answer in ("circle", "triangle")]
+    vocabulary = answer_vocabulary([*records, VQARecord("k", Path("k.png"), "what color?", "red", "color")])
+
+    def confidently_wrong(prompts, completions, **columns):  # standardised scores have such tails
+        return [{"circle": -3.4, "triangle": -3.9}.get(c, 5.0) for c in completions]
+
+    reward = grpo_reward(confidently_wrong, vocabulary=vocabulary)
+    columns = {"image_path": ["i.png"] * 4, "question": ["what shape?"] * 4, "kind": ["shape"] * 4}
+    assert reward(["q"] * 4, ["circle", "triangle", "xq", "red"], **columns) == [1.0, 0.0, 0.0, 0.0]
+    only_floored = {name: values[:2] for name, values in columns.items()}
+    assert reward(["q"] * 2, ["xq", "red"], **only_floored) == [0.0, 0.0]
+
+
+def test_a_resume_refuses_runs_made_from_another_reference_or_other_silos(consortium, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    import coordinator.evaluation as evaluation_module
+    from coordinator.evaluation import Evaluation
+    from silo_agent.in_process import InProcessSiloClient
+    from silo_agent.service import SiloService
+    from silo_fakes import RightAnswerModel
+
+    monkeypatch.setattr(evaluation_module, "RouterFeatures", lambda cache: None)  # no encoder needed here
+    spec, _ = consortium
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    (reference / "config.json").write_text("{}", encoding="utf-8")
+    (reference / "model.safetensors").write_bytes(b"policy v1")
+    silos = [InProcessSiloClient(SiloService(name, RightAnswerModel())) for name in ("a", "b")]
+    config = EvaluationConfig(seeds=[0], methods=["reference"], leave_one_silo_out=False)
+    out = tmp_path / "out"
+
+    def evaluation(clients=silos, baselines=None):
+        return Evaluation(spec, clients, reference, out, config, baselines=baselines, progress=False)
+
+    evaluation()
+    evaluation()  # the same inputs: resumes
+    with pytest.raises(ValueError, match=r"changed: \['silos'\].*another --out"):
+        evaluation(clients=silos[:1])
+    with pytest.raises(ValueError, match=r"changed: \['baseline_models'\]"):
+        evaluation(baselines={"fedavg_rm": silos[0]})
+    (reference / "model.safetensors").write_bytes(b"policy v2")
+    with pytest.raises(ValueError, match=r"changed: \['reference_checkpoint'\]"):
+        evaluation()

@@ -95,3 +95,25 @@ def test_the_fallback_round_records_only_the_silos_it_asked_and_no_router_weight
     assert set(fallback["requests"]) == set(fallback["weights_digest"]) == {"a", "b"}
     assert "mean_weight" not in fallback
 
+
+
+def test_a_row_whose_present_silos_hold_almost_no_weight_gets_their_plain_average(items: FusionItems) -> None:
+    """Rescaling a weight of 1e-13 to 1 trusts a silo the router did not; and it used to shrink the reward."""
+    silos = [Recording("a"), Recording("b", down=True)]
+    weights = torch.tensor([[1e-13, 1.0], [0.5, 0.5], [1e-13, 1.0]])
+    assert ClearFusion(silos, minimum_participants=1).fuse(items, weights).tolist() == pytest.approx([1.0, -1.0, 1.0])
+
+
+def test_secure_rounding_divided_by_the_present_weight_stays_within_a_thousandth() -> None:
+    """Secure terms are rounded to 2^-20 before the sum; renormalising divides that error by the present weight."""
+    from coordinator.fusion import MIN_PRESENT_WEIGHT, renormalised
+    from mor_secure.secagg.fixed_point import decode, encode
+
+    score, present = 0.7, torch.tensor([True, False])
+    for weight in (MIN_PRESENT_WEIGHT, 0.3):
+        summed = torch.tensor(decode(encode([weight * score])), dtype=torch.float32)
+        fused, orphans = renormalised(summed, torch.tensor([[weight, 1 - weight]]), present)
+        assert not orphans.item() and abs(fused.item() - score) <= 1e-3
+    for weight in (3e-7, MIN_PRESENT_WEIGHT / 2):
+        summed = torch.tensor(decode(encode([weight * score])), dtype=torch.float32)
+        assert renormalised(summed, torch.tensor([[weight, 1 - weight]]), present)[1].item()

@@ -217,3 +217,34 @@ def test_bad_inputs_are_rejected() -> None:
         RouterConfig(temperature=0.0)
     with pytest.raises(ValueError, match="extra"):
         RouterConfig(temprature=1.0)  # type: ignore[call-arg]
+
+
+@pytest.fixture
+def fake_cuda_generator(monkeypatch) -> dict:
+    """One CUDA device whose generator state is a number (the test is about the code around the RNG, not CUDA)."""
+    generator = {"state": 7}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: generator.update(state=seed))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([generator["state"]]))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda state, device="cuda": generator.update(state=int(state[0])))
+    return generator
+
+
+def test_training_leaves_the_cuda_generator_as_it_was(fake_cuda_generator: dict) -> None:
+    """GRPO samples with the CUDA generator: seeding the router's initialisation must not reseed it."""
+    features, bits = torch.randn(8, 4), torch.rand(8, 2) > 0.5
+    train_router(features, torch.zeros(8, dtype=torch.long), bits, silo_names=["a", "b"],
+                 objective_names=["correct"], config=RouterConfig(epochs=1, seed=1234))
+    assert fake_cuda_generator["state"] == 7
+
+
+def test_seeded_answer_generation_leaves_the_cuda_generator_as_it_was(fake_cuda_generator: dict, tiny_vlm_dir: Path,
+                                                                      consortium) -> None:
+    """The in-training accuracy probes sample with their own seed, between GRPO steps that sample on CUDA."""
+    from coordinator.answer_eval import generate_answers
+    from mor_secure.models.tiny_vlm import load_vlm
+
+    model, processor = load_vlm(tiny_vlm_dir)
+    generate_answers(model, processor, consortium[1].dev[:1], samples=1, seed=3)
+    assert fake_cuda_generator["state"] == 7

@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 
 from mor_secure.cli_errors import run_command
+from mor_secure.privacy import NOISE_SEEDED
 from mor_secure.privacy.ledger_chain import NEW_LEDGER_IS_NOT_A_RESET, LedgerExistsError
 
 from .training import create_ledger, ledger_path, load_silo_config, open_ledger, train_silo
@@ -101,7 +102,10 @@ def _ledger(args: argparse.Namespace) -> int:
         print(f"  {len(ledger.charges)} charge(s):")
         for c in ledger.charges:
             state = "settled" if c.settled else "reserved, not settled (a job running, or one that died)"
-            print(f"    {c.timestamp}  {c.purpose}  epsilon {c.epsilon:.4g}  delta {c.delta:.3g}  {state}")
+            unit = f"per {c.privacy_unit}" if c.privacy_unit is not None else "no stated privacy unit"
+            seeded = c.noise == NOISE_SEEDED
+            print(f"    {c.timestamp}  {c.purpose}  epsilon {c.epsilon:.4g}  delta {c.delta:.3g}  {unit}  {state}"
+                  + ("  NOT PRIVATE (seeded noise: whoever knows the seed can remove it)" if seeded else ""))
         print(f"  head digest {ledger.head_digest} (record it: a ledger rolled back to an older copy has another)")
         return 0
     print(json.dumps({
@@ -110,7 +114,9 @@ def _ledger(args: argparse.Namespace) -> int:
         "spent": {"epsilon": ledger.spent_epsilon, "delta": ledger.spent_delta},
         "remaining": {"epsilon": ledger.remaining_epsilon, "delta": ledger.remaining_delta},
         "charges": [{"timestamp": c.timestamp, "purpose": c.purpose, "epsilon": c.epsilon, "delta": c.delta,
-                     "settled": c.settled} for c in ledger.charges],
+                     "settled": c.settled, "privacy_unit": c.privacy_unit, "noise": c.noise,
+                     # None: the reservation named no noise source, so nobody can say.
+                     "private": None if c.noise is None else c.noise != NOISE_SEEDED} for c in ledger.charges],
         "head_digest": ledger.head_digest,
     }, indent=2))
     return 0

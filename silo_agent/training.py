@@ -32,6 +32,7 @@ from mor_secure.models.reward_architectures import (
 )
 from mor_secure.models.reward_model import RewardModel
 from mor_secure.privacy import PrivacyLedger, PrivacyReport, train_bradley_terry
+from mor_secure.privacy.ledger_chain import NEW_LEDGER_IS_NOT_A_RESET, LedgerMissingError
 from mor_secure.privacy.privacy_units import held_out_units
 from mor_secure.privacy.training_config import noise_label
 
@@ -121,9 +122,27 @@ def create_ledger(config: SiloConfig, *, force: bool = False) -> PrivacyLedger:
 
     Only for a silo the consortium file names (UnknownNameError otherwise): a
     ledger made under a mistyped name would be charged for nothing it trains.
+    A ledger belongs to its workdir, and only this silo's commands write
+    there: a workdir that holds anything but no ledger (the ledger's lock
+    file, a report, a model, an audit log) lost its ledger, so it is refused
+    with `LedgerMissingError` unless `force` (new data only), which logs a warning.
     """
     load_consortium(config.consortium).silo(config.name)
-    return PrivacyLedger.create(ledger_path(config), silo=config.name, epsilon_budget=config.privacy_budget.epsilon,
+    path = ledger_path(config)
+    used = sorted(p.name for p in config.workdir.iterdir()) if config.workdir.is_dir() else []
+    if used and not path.exists():
+        if not force:
+            raise LedgerMissingError(
+                f"{config.workdir}: this workdir was used before (it holds {', '.join(used)}) but has no privacy "
+                f"ledger, and a new one would give the silo its whole budget again for data it trained on. Restore "
+                f"{LEDGER_FILE} from backup into it. {NEW_LEDGER_IS_NOT_A_RESET} A new silo gets a new, empty "
+                "workdir; for new data only, add --force-new-ledger.")
+        logger.warning(
+            "privacy ledger %s: FORCED NEW LEDGER for silo %r in a workdir that was used before (it holds %s) and "
+            "lost its ledger: the record of past spends is gone. Training again on the same data under the new "
+            "budget VOIDS the differential-privacy guarantee: this is only correct for new data.",
+            path, config.name, ", ".join(used))
+    return PrivacyLedger.create(path, silo=config.name, epsilon_budget=config.privacy_budget.epsilon,
                                 delta_budget=config.privacy_budget.delta, force=force)
 
 

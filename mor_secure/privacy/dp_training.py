@@ -8,7 +8,8 @@ returns a 1-D tensor of scores, one per row.
 The privacy unit (`DPConfig.privacy_unit`) is one image / one patient by
 default: `unit_ids` names each pair's unit, all pairs of a unit are one DP
 sample with one clipped gradient (`privacy_units`), and the accountant's
-sample rate is over units. `privacy_unit: pair` makes each pair its own unit.
+sample rate is over units. `privacy_unit: pair` makes each pair its own unit,
+and warns on every run that the guarantee is then per pair, not per unit.
 
 Randomness: `TrainingConfig.seed` sets weight initialisation and data order
 only. Poisson sampling and the Gaussian noise come from generators seeded from
@@ -93,7 +94,7 @@ def train_bradley_terry(
     """Train `model` in place on preference pairs and return what it cost.
 
     `unit_ids` (one per pair) names each pair's privacy unit; it is required
-    with `privacy_unit: image` and ignored with `pair`. With DP (the default)
+    with `privacy_unit: image` and ignored, with a warning, under `pair`. With DP (the default)
     and a `ledger`, the run spends a `reservation` made before any data was
     read (or reserves `target_epsilon` itself, refused with
     `BudgetExceededError` if unaffordable) and settles it with the epsilon
@@ -125,6 +126,8 @@ def train_bradley_terry(
                     f"(got {'none' if unit_ids is None else len(unit_ids)}); or set dp.privacy_unit: pair")
             grouping = group_pairs_by_unit(unit_ids, max_pairs_per_unit=dp.max_pairs_per_unit, seed=config.seed)
         else:
+            if dp.enabled:
+                _warn_per_pair(description, unit_ids)
             grouping = group_pairs_by_unit(range(len(dataset)), max_pairs_per_unit=None, seed=config.seed)
         if config.batch_size >= grouping.units:
             raise ValueError(
@@ -306,6 +309,13 @@ def _train_private(
         if ledger is not None and reservation is not None:
             ledger.settle(reservation, epsilon=report.epsilon, delta=report.delta, details=report.to_dict())
     return report, losses
+
+
+def _warn_per_pair(description: str, unit_ids: Sequence[Hashable] | None) -> None:
+    """`privacy_unit: pair` weakens the default per-unit guarantee: say so on every run, as for DP off."""
+    units = "" if unit_ids is None else f"the {len(set(unit_ids))} units unit_ids names are ignored, and "
+    warn_dp_off(f"training {description!r} with privacy_unit 'pair': its epsilon is per preference pair, NOT per "
+                f"unit: {units}a unit with k pairs is protected only at k x epsilon (group privacy)")
 
 
 def _epsilon_so_far(engine: PrivacyEngine, delta: float) -> float:

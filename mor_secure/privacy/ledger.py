@@ -8,6 +8,7 @@ what it actually spent (at most the reservation). A reservation is charged its
 settled amount once settled, its reserved amount until then: a run that crashed
 or was killed stays charged for ever, as nobody can tell what it released.
 Checking and charging are one locked step, so two jobs cannot both pass a check.
+The charges of one ledger are over one privacy unit (`PrivacyLedger.reserve`).
 
 Creation is explicit (`PrivacyLedger.create`) and opening never creates: if it
 did, deleting a silo's workdir would hand the silo a fresh budget.
@@ -52,6 +53,7 @@ from mor_secure.privacy.ledger_chain import (
     LedgerMismatchError,
     LedgerMissingError,
     LedgerTamperedError,
+    PrivacyUnitMismatchError,
     check_amounts,
     check_genesis_values,
     read_chain_file,
@@ -68,10 +70,14 @@ __all__ = [
     "LedgerTamperedError",
     "PrivacyCharge",
     "PrivacyLedger",
+    "PrivacyUnitMismatchError",
     "Reservation",
 ]
 
 logger = logging.getLogger(__name__)
+
+# The reservation details' key naming what one unit of the guarantee is (`DPConfig.privacy_unit`).
+PRIVACY_UNIT = "privacy_unit"
 
 @dataclass(frozen=True)
 class Reservation:
@@ -90,6 +96,9 @@ class PrivacyCharge:
 
     `details` are the settle entry's if settled (for training, the privacy
     report, so an auditor can recompute epsilon), else the reservation's.
+    `privacy_unit` and `noise` are what the reservation declared before the
+    mechanism ran (its details' keys of those names; None if it named none):
+    what one unit of the guarantee is, and where the noise came from.
     """
 
     reservation_id: str
@@ -101,6 +110,8 @@ class PrivacyCharge:
     reserved_delta: float
     settled: bool
     details: dict[str, Any] = field(default_factory=dict)
+    privacy_unit: str | None = None
+    noise: str | None = None
 
 
 class PrivacyLedger:
@@ -204,7 +215,8 @@ class PrivacyLedger:
             charges.append(PrivacyCharge(
                 reservation_id=rid, timestamp=r["timestamp"], purpose=r["purpose"], epsilon=charged["epsilon"],
                 delta=charged["delta"], reserved_epsilon=r["epsilon"], reserved_delta=r["delta"],
-                settled=rid in state.settles, details=charged["details"]))
+                settled=rid in state.settles, details=charged["details"],
+                privacy_unit=r["details"].get(PRIVACY_UNIT), noise=r["details"].get("noise")))
         return tuple(charges)
 
     @property
@@ -225,7 +237,15 @@ class PrivacyLedger:
 
     def reserve(self, *, purpose: str, epsilon: float, delta: float,
                 details: dict[str, Any] | None = None) -> Reservation:
-        """Charge (epsilon, delta) before the mechanism runs, or raise `BudgetExceededError` and change nothing."""
+        """Charge (epsilon, delta) before the mechanism runs, or raise `BudgetExceededError` and change nothing.
+
+        ``details["privacy_unit"]`` says what one unit of the guarantee is
+        ("image": a patient or image, "pair"). It must be the unit of the
+        ledger's earlier charges, or `PrivacyUnitMismatchError` is raised and
+        nothing changes: epsilons over different units do not add up to one
+        guarantee. A charge released unspent (settled at zero), or one that
+        names no unit, binds none.
+        """
         if not isinstance(purpose, str) or not purpose.strip():
             raise ValueError(f"purpose must be a non-empty string saying what the spend is for, got {purpose!r}")
         check_amounts(epsilon, delta)
@@ -233,6 +253,7 @@ class PrivacyLedger:
                 "delta": float(delta), "details": _json_details(details)}
         with _locked(self._path):
             state = self._state()
+            self._check_privacy_unit(state, body["details"].get(PRIVACY_UNIT))
             self._check_affordable(state, body["epsilon"], body["delta"])
             self._append(state, "reserve", body)
         logger.info("privacy ledger %s: reserved %s for %s: epsilon=%g delta=%g",
@@ -276,6 +297,20 @@ class PrivacyLedger:
     def _append(self, state: ChainState, kind: str, body: dict[str, Any]) -> None:
         head = state.entries[-1]
         _write(self._path, [*state.entries, seal_entry(kind, body, index=head["index"] + 1, prev=head["digest"])])
+
+    def _check_privacy_unit(self, state: ChainState, unit: Any) -> None:
+        if unit is None:  # a charge that names no unit (not a DP-SGD run) has none to compare
+            return
+        earlier = {r["details"].get(PRIVACY_UNIT) for rid, r in state.reserves.items()
+                   if any(state.settles.get(rid, r)[amount] > 0 for amount in ("epsilon", "delta"))} - {None}
+        if earlier - {unit}:
+            only = next(iter(earlier)) if len(earlier) == 1 else None
+            fix = (f"To charge this ledger, set dp.privacy_unit: {only} (the unit its budget protects)"
+                   if only is not None else "Charge it only over the unit of its earlier charges")
+            raise PrivacyUnitMismatchError(
+                f"{self._path}: this charge is per {unit!r}, but its earlier charges are per "
+                f"{' and '.join(sorted(map(repr, earlier)))}: epsilons over different privacy units do not add up "
+                f"to one guarantee, so one ledger holds charges over one unit. {fix}.")
 
     def _check_affordable(self, state: ChainState, epsilon: float, delta: float) -> None:
         if state.over(epsilon, delta):

@@ -62,6 +62,15 @@ class LedgerTamperedError(LedgerError):
         return type(self), (self.path, self.index, self.problem)
 
 
+class PrivacyUnitMismatchError(ValueError):
+    """A charge is over another privacy unit than the ledger's earlier charges.
+
+    Epsilons per pair and per patient do not add up to one guarantee (a
+    patient with k pairs pays k times a pair's epsilon, by group privacy), so
+    the sum a ledger checks against its budget is only meaningful over one unit.
+    """
+
+
 class BudgetExceededError(RuntimeError):
     """A reservation was refused because it would take the ledger over its budget.
 

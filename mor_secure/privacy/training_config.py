@@ -97,11 +97,17 @@ class DPConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _warn_when_off(self) -> DPConfig:
+    def _warn_when_weakened(self) -> DPConfig:
         if not self.enabled:
             warn_dp_off(
                 "DP is OFF: the reward model will be trained without differential privacy, so its "
                 "weights and scores can reveal individual training pairs; never use for data that must stay private"
+            )
+        elif self.privacy_unit == "pair":
+            warn_dp_off(
+                "privacy_unit is 'pair': the DP guarantee is per preference pair, NOT per patient/image: a patient "
+                "with k pairs is protected only at k x epsilon (group privacy); set privacy_unit: image unless "
+                "every patient has one pair"
             )
         return self
 

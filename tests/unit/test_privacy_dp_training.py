@@ -30,6 +30,7 @@ from mor_secure.privacy import (
     train_bradley_terry,
 )
 from mor_secure.privacy.accounting import PoissonSchedule, poisson_schedule
+from mor_secure.privacy.ledger import PrivacyUnitMismatchError
 from mor_secure.privacy.privacy_units import group_pairs_by_unit, held_out_units, unit_dataset
 
 DIM = 8
@@ -544,3 +545,26 @@ def test_unit_layout_and_flat_layout_give_the_same_unit_gradients(architecture: 
     for flat_grad, unit_grad in zip(*grads):
         assert flat_grad.shape[0] == 7
         assert torch.allclose(flat_grad, unit_grad, atol=1e-5)
+
+
+def test_pair_unit_warns_that_the_guarantee_is_per_pair_and_unit_ids_are_ignored() -> None:
+    """60 patients of 10 pairs each: per pair, each patient is only protected at 10 x epsilon (group privacy)."""
+    with pytest.warns(UserWarning, match="privacy_unit is 'pair'.*per preference pair, NOT per patient"):
+        config = dp_config(epochs=1)
+    chosen, rejected = make_pairs(600)
+    unit_ids = [f"patient-{i // 10}" for i in range(600)]
+    with pytest.warns(UserWarning, match="per preference pair, NOT per unit: the 60 units unit_ids names are ignored"):
+        train_bradley_terry(make_model(), TensorDataset(chosen, rejected), config, unit_ids=unit_ids, progress=False)
+
+
+def test_a_pair_run_on_a_ledger_of_per_patient_charges_is_refused_before_training(tmp_path: Path) -> None:
+    chosen, rejected = make_pairs(600)
+    unit_ids = [f"patient-{i // 10}" for i in range(600)]
+    ledger = new_ledger(tmp_path / "ledger.json", epsilon=20.0)
+    per_patient = TrainingConfig(epochs=1, batch_size=30, dp=DPConfig(target_epsilon=4.0))
+    train_bradley_terry(make_model(), TensorDataset(chosen, rejected), per_patient, unit_ids=unit_ids,
+                        ledger=ledger, progress=False)
+    with pytest.raises(PrivacyUnitMismatchError, match="set dp.privacy_unit: image"):
+        train_bradley_terry(make_model(), TensorDataset(chosen, rejected), dp_config(epochs=1, target_epsilon=4.0),
+                            ledger=ledger, progress=False)
+    assert [(c.privacy_unit, c.settled) for c in ledger.charges] == [("image", True)]

@@ -20,6 +20,7 @@ from mor_secure.privacy.ledger import (
     LedgerTamperedError,
     PrivacyCharge,
     PrivacyLedger,
+    PrivacyUnitMismatchError,
     Reservation,
 )
 
@@ -487,3 +488,29 @@ def test_release_settles_an_unused_reservation_at_zero(tmp_path: Path) -> None:
     assert ledger.remaining_epsilon == 1.0
     with pytest.raises(ValueError, match="already settled"):
         ledger.release(reservation, reason="twice")
+
+
+# ---- one ledger, one privacy unit --------------------------------------------------------------------------
+
+
+def test_a_charge_over_another_privacy_unit_is_refused_and_the_file_is_unchanged(path: Path) -> None:
+    """Per-pair and per-patient epsilons do not add up to one guarantee: the ledger keeps the unit of its charges."""
+    ledger = create(path)
+    ledger.reserve(purpose="train:a", epsilon=2.0, delta=1e-6, details={"privacy_unit": "image"})
+    before = path.read_bytes()
+    with pytest.raises(PrivacyUnitMismatchError,
+                       match=r"per 'pair', but its earlier charges are per 'image'.*set dp.privacy_unit: image"):
+        ledger.reserve(purpose="train:b", epsilon=2.0, delta=1e-6, details={"privacy_unit": "pair"})
+    assert path.read_bytes() == before
+    ledger.reserve(purpose="rr:labels", epsilon=1.0, delta=0.0)  # names no unit: nothing to compare
+    ledger.reserve(purpose="train:d", epsilon=2.0, delta=1e-6, details={"privacy_unit": "image"})
+    assert [c.privacy_unit for c in reopen(path).charges] == ["image", None, "image"]
+
+
+def test_a_reservation_released_unspent_does_not_fix_the_ledgers_unit(path: Path) -> None:
+    """A run refused before its first noisy step released nothing; fixing its config must stay possible."""
+    ledger = create(path)
+    ledger.release(ledger.reserve(purpose="train:a", epsilon=2.0, delta=1e-6, details={"privacy_unit": "pair"}),
+                   reason="config error")
+    ledger.reserve(purpose="train:b", epsilon=2.0, delta=1e-6, details={"privacy_unit": "image"})
+    assert [c.privacy_unit for c in ledger.charges] == ["pair", "image"]

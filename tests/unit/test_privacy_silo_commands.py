@@ -1,0 +1,79 @@
+"""`mor silo init` and `mor silo ledger` on real ledger files: what they refuse and what they report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mor_secure.privacy import NOISE_SEEDED
+from silo_agent.cli import main
+from silo_agent.training import REPORT_FILE, ledger_path, load_silo_config, open_ledger
+
+SILO_YAML = "name: hospital-a\nconsortium: consortium.yaml\nworkdir: work/hospital-a\narchitecture: small_cnn\n"
+SEEDED = "training:\n  dp:\n    insecure_seeded_noise: 7\n"
+
+
+@pytest.fixture
+def silo_yaml(tmp_path: Path, consortium_path: Path) -> Path:
+    shutil.copy(consortium_path, tmp_path / "consortium.yaml")
+    path = tmp_path / "hospital-a.yaml"
+    path.write_text(SILO_YAML, encoding="utf-8")
+    return path
+
+
+def spend_and_lose_the_ledger(silo_yaml: Path) -> Path:
+    """`init`, a run that spends 7.99, its public report; then the ledger file alone is deleted."""
+    assert main(["init", "--config", str(silo_yaml)]) == 0
+    config = load_silo_config(silo_yaml)
+    ledger = open_ledger(config)
+    ledger.settle(ledger.reserve(purpose="train:reward-model:small_cnn", epsilon=8.0, delta=1e-5,
+                                 details={"privacy_unit": "image"}), epsilon=7.99, delta=1e-5)
+    (config.workdir / REPORT_FILE).write_text(json.dumps({"ledger": {"spent_epsilon": 7.99}}), encoding="utf-8")
+    ledger_path(config).unlink()
+    return ledger_path(config)
+
+
+def test_init_refuses_a_used_workdir_whose_ledger_is_gone(silo_yaml: Path, capsys: pytest.CaptureFixture) -> None:
+    """A fresh ledger there would hand the silo its whole budget again for the data it already trained on."""
+    path = spend_and_lose_the_ledger(silo_yaml)
+    capsys.readouterr()
+    assert main(["init", "--config", str(silo_yaml)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mor silo: error: ") and err.count("\n") == 1
+    assert "was used before" in err and "privacy_ledger.json.lock" in err and REPORT_FILE in err
+    assert "Restore privacy_ledger.json from backup" in err and "--force-new-ledger" in err
+    assert not path.exists()
+
+
+def test_forced_init_in_a_used_workdir_says_loudly_what_it_discards(silo_yaml: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    path = spend_and_lose_the_ledger(silo_yaml)
+    with caplog.at_level(logging.WARNING):
+        assert main(["init", "--config", str(silo_yaml), "--force-new-ledger"]) == 0
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "FORCED NEW LEDGER" in warning and "VOIDS" in warning and REPORT_FILE in warning
+    assert path.exists()
+
+
+def test_ledger_marks_a_seeded_noise_charge_not_private_and_names_its_unit(
+        silo_yaml: Path, capsys: pytest.CaptureFixture) -> None:
+    silo_yaml.write_text(SILO_YAML + SEEDED, encoding="utf-8")
+    with pytest.warns(UserWarning, match="SEEDED"):
+        assert main(["init", "--config", str(silo_yaml)]) == 0
+        ledger = open_ledger(load_silo_config(silo_yaml))
+    # What train_silo reserves and _train_private settles for a seeded run.
+    reservation = ledger.reserve(purpose="train:reward-model:small_cnn", epsilon=8.0, delta=1e-5,
+                                 details={"mechanism": "dp-sgd", "privacy_unit": "image", "noise": NOISE_SEEDED})
+    ledger.settle(reservation, epsilon=7.99, delta=1e-5, details={"noise": NOISE_SEEDED, "private": False})
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="SEEDED"):
+        assert main(["ledger", "--config", str(silo_yaml)]) == 0
+        (line,) = [line for line in capsys.readouterr().out.splitlines() if "train:reward-model" in line]
+        assert "per image" in line and "NOT PRIVATE" in line
+        assert main(["ledger", "--config", str(silo_yaml), "--json"]) == 0
+    (charge,) = json.loads(capsys.readouterr().out)["charges"]
+    assert (charge["privacy_unit"], charge["noise"], charge["private"]) == ("image", NOISE_SEEDED, False)

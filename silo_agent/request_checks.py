@@ -3,11 +3,12 @@
 Each check raises `SiloError(INVALID_ARGUMENT, ...)` naming the offending
 field and index, so a caller can fix the request from the message alone.
 Images are decoded here, once per request: the header's size is checked
-against the pixel limit before any pixel is decoded (a 100-byte PNG can
-declare a gigapixel image), and anything PIL cannot decode is refused rather
-than passed on. Only PNG and JPEG are opened: other formats PIL knows decode
-pixels before the size can be checked (ICO holds a whole PNG) or hand the
-caller's bytes to other programs (EPS goes to Ghostscript).
+against the per-image and per-request pixel limits before any pixel is
+decoded (a 100-byte PNG can declare a gigapixel image), and anything PIL
+fails on while decoding is refused rather than passed on. Only PNG and JPEG
+are opened: other formats PIL knows decode pixels before the size can be
+checked (ICO holds a whole PNG) or hand the caller's bytes to other programs
+(EPS goes to Ghostscript).
 """
 
 from __future__ import annotations
@@ -39,8 +40,15 @@ def check_objective(objective: str, allowed: frozenset[str]) -> str:
 
 
 def check_weights(weights: Sequence[float], rows: int, max_weight: float) -> tuple[float, ...] | None:
-    """None (no weights), or one finite weight in [0, max_weight] per row (INVALID_ARGUMENT / PERMISSION_DENIED)."""
+    """None (no weights), or one finite weight in [0, max_weight] per row (INVALID_ARGUMENT / PERMISSION_DENIED).
+
+    No weights is weight 1 on every row, so it too is refused under a cap below 1.
+    """
     if not weights:
+        if max_weight < 1:
+            raise SiloError(ErrorCode.PERMISSION_DENIED, f"a request without weights gives this silo's score "
+                            f"weight 1 on every row; this silo's policy allows at most {max_weight:g}: send one "
+                            "weight per row")
         return None
     if len(weights) != rows:
         raise invalid(f"{len(weights)} weights for {rows} rows; send one weight per row, or none")
@@ -67,6 +75,7 @@ def decode_images(blobs: Sequence[ImageBlob], limits: RequestLimits) -> list[Key
     check_count("images", len(blobs), limits.max_images)
     seen: set[str] = set()
     decoded = []
+    request_pixels = 0
     for index, blob in enumerate(blobs):
         if len(blob.data) == 0:
             raise invalid(f"images[{index}] is empty")
@@ -79,11 +88,13 @@ def decode_images(blobs: Sequence[ImageBlob], limits: RequestLimits) -> list[Key
             raise invalid(f"images[{index}] repeats an earlier image; send each distinct image once and refer "
                           "to it by index")
         seen.add(blob.sha256.lower())
-        decoded.append(KeyedImage(sha256=blob.sha256.lower(), image=_decode(index, blob.data, limits)))
+        image, request_pixels = _decode(index, blob.data, limits, request_pixels)
+        decoded.append(KeyedImage(sha256=blob.sha256.lower(), image=image))
     return decoded
 
 
-def _decode(index: int, data: bytes, limits: RequestLimits) -> Image.Image:
+def _decode(index: int, data: bytes, limits: RequestLimits, request_pixels: int) -> tuple[Image.Image, int]:
+    """The image in RGB, and the request's decoded pixels with it; both pixel limits are checked first."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -92,21 +103,32 @@ def _decode(index: int, data: bytes, limits: RequestLimits) -> Image.Image:
                 if width * height > limits.max_image_pixels:
                     raise invalid(f"images[{index}] is {width}x{height} pixels; this silo's policy allows at most "
                                   f"{limits.max_image_pixels} pixels")
-                return image.convert("RGB")
-    # What PIL raises on bad bytes varies by format (UnidentifiedImageError is an OSError; truncated or
-    # malformed data gives ValueError, SyntaxError, EOFError ...); all of them mean "not an image we take".
-    except (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
-        raise invalid(f"images[{index}] could not be decoded as an image ({type(exc).__name__}: {exc})") from None
+                request_pixels += width * height
+                if request_pixels > limits.max_request_pixels:
+                    raise invalid(f"images[{index}] brings the request to {request_pixels} decoded pixels; this "
+                                  f"silo's policy allows at most {limits.max_request_pixels} (split the request)")
+                return image.convert("RGB"), request_pixels
+    except SiloError:
+        raise
+    # Whatever PIL raises on the caller's bytes means "not an image we take": it varies by format and
+    # version (UnidentifiedImageError, ValueError, SyntaxError, EOFError ..., and an AssertionError from
+    # convert() for a palette PNG without its palette), so every exception here is the caller's input.
+    except Exception as exc:  # noqa: BLE001
+        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise invalid(f"images[{index}] could not be decoded as an image ({reason})") from None
 
 
-def check_text(label: str, index: int, text: str, limits: RequestLimits) -> str:
-    """A non-empty, non-blank string of at most `max_text_chars`; returned unchanged."""
+def check_text(label: str, index: int, text: str, limits: RequestLimits, reserved: Sequence[str] = ()) -> str:
+    """A non-empty, non-blank string of at most `max_text_chars`, holding none of `reserved`; returned unchanged."""
     if not isinstance(text, str) or not text.strip():
         raise invalid(f"{label}[{index}] is empty; every {label[:-1] if label.endswith('s') else label} needs text")
     if len(text) > limits.max_text_chars:
         raise invalid(f"{label}[{index}] is {len(text)} characters; this silo's policy allows at most "
                       f"{limits.max_text_chars}")
+    for token in reserved:
+        if token in text:
+            raise invalid(f"{label}[{index}] contains {token!r}, a control token of this silo's model; remove it "
+                          "from the text")
     return text
 
 

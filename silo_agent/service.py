@@ -73,6 +73,8 @@ class SiloService:
             raise ValueError(f"model must be a RewardModel, got {type(model).__name__}")
         self._name = name
         self._model = model
+        # Text the model's tokenizer would read as control tokens (lora_vlm's `reserved_text`; others have none).
+        self._reserved_text = tuple(getattr(model, "reserved_text", ()))
         self.limits = limits or RequestLimits()
         self.allowed_objectives = frozenset(allowed_objectives)
         self.max_weight = max_weight
@@ -112,8 +114,8 @@ class SiloService:
         for index, row in enumerate(request.rows):
             used.add(check_image_index("rows", index, row.image, len(images)))
             row_images.append(images[row.image])
-            prompts.append(check_text("prompts", index, row.prompt, limits))
-            responses.append(check_text("responses", index, row.response, limits))
+            prompts.append(check_text("prompts", index, row.prompt, limits, self._reserved_text))
+            responses.append(check_text("responses", index, row.response, limits, self._reserved_text))
         check_all_images_used(used, len(images))
         with self._model_lock:
             scores = self._checked(self._model.score(row_images, prompts, responses), len(responses))
@@ -136,9 +138,9 @@ class SiloService:
         for index, pair in enumerate(request.pairs):
             used.add(check_image_index("pairs", index, pair.image, len(images)))
             row_images.append(images[pair.image])
-            prompts.append(check_text("prompts", index, pair.prompt, limits))
-            chosen.append(check_text("chosen", index, pair.chosen, limits))
-            rejected.append(check_text("rejected", index, pair.rejected, limits))
+            prompts.append(check_text("prompts", index, pair.prompt, limits, self._reserved_text))
+            chosen.append(check_text("chosen", index, pair.chosen, limits, self._reserved_text))
+            rejected.append(check_text("rejected", index, pair.rejected, limits, self._reserved_text))
         check_all_images_used(used, len(images))
         with self._model_lock:
             # One batched call for both sides: [chosen..., rejected...]; raw scores rank exactly like standardised.

@@ -7,7 +7,9 @@ decision, so both paths answer alike (tests/contract/). Refusals raised as
 
 Requests arrive as raw bytes and are parsed here, not by gRPC: bytes that are
 not a valid message then answer INVALID_ARGUMENT naming the message type,
-where gRPC's own deserializer would answer INTERNAL.
+where gRPC's own deserializer would answer INTERNAL. Every RPC's raw length is
+checked against the policy's `max_request_bytes` before it is parsed (unknown
+fields make any message, an empty DescribeRequest too, as large as a caller likes).
 """
 
 from __future__ import annotations
@@ -59,17 +61,16 @@ class SiloServicer(silo_pb2_grpc.SiloRewardServiceServicer):
     def Describe(self, request: silo_pb2.DescribeRequest, context: grpc.ServicerContext) -> silo_pb2.SiloDescription:
         return serde.description_to_proto(self.service.describe())
 
-    def _check_size(self, request) -> None:
-        size, limit = request.ByteSize(), self.service.limits.max_request_bytes
+    def check_size(self, size: int) -> None:
+        """A serialised request of `size` bytes is within the policy's max_request_bytes (INVALID_ARGUMENT)."""
+        limit = self.service.limits.max_request_bytes
         if size > limit:
             raise invalid(f"request is {size} bytes; this silo's policy allows at most {limit} (split it)")
 
     def Score(self, request: silo_pb2.ScoreRequest, context: grpc.ServicerContext) -> silo_pb2.ScoreReply:
-        self._check_size(request)
         return serde.score_reply_to_proto(self.service.score(serde.score_request_from_proto(request)))
 
     def CorrectnessBits(self, request: silo_pb2.BitsRequest, context: grpc.ServicerContext) -> silo_pb2.BitsReply:
-        self._check_size(request)
         return serde.bits_reply_to_proto(self.service.correctness_bits(serde.bits_request_from_proto(request)))
 
     @property
@@ -83,16 +84,15 @@ class SiloServicer(silo_pb2_grpc.SiloRewardServiceServicer):
 
     def SecureScore(self, request: silo_pb2.SecureScoreRequest,
                     context: grpc.ServicerContext) -> silo_pb2.SecureScoreReply:
-        self._check_size(request)
         return serde.secure_score_reply_to_proto(self.secure.secure_score(serde.secure_score_request_from_proto(request)))
 
     def Decrypt(self, request: silo_pb2.DecryptRequest, context: grpc.ServicerContext) -> silo_pb2.DecryptReply:
-        self._check_size(request)
         return serde.decrypt_reply_to_proto(self.secure.decrypt(serde.decrypt_request_from_proto(request)))
 
 
-def _parsed(behaviour: Callable, message_class: type) -> Callable:
+def _parsed(servicer: SiloServicer, behaviour: Callable, message_class: type) -> Callable:
     def handle(raw: bytes, context: grpc.ServicerContext):
+        servicer.check_size(len(raw))
         try:
             request = message_class.FromString(raw)
         except DecodeError:
@@ -102,11 +102,11 @@ def _parsed(behaviour: Callable, message_class: type) -> Callable:
 
 
 def add_to_server(servicer: SiloServicer, server: grpc.Server) -> None:
-    """Register every RPC of SiloRewardService, taking raw request bytes (parsed in `_parsed`)."""
+    """Register every RPC of SiloRewardService, taking raw request bytes (size-checked and parsed in `_parsed`)."""
     service = silo_pb2.DESCRIPTOR.services_by_name["SiloRewardService"]
     handlers = {
         method.name: grpc.unary_unary_rpc_method_handler(
-            _parsed(getattr(servicer, method.name), getattr(silo_pb2, method.input_type.name)),
+            _parsed(servicer, getattr(servicer, method.name), getattr(silo_pb2, method.input_type.name)),
             request_deserializer=None,
             response_serializer=getattr(silo_pb2, method.output_type.name).SerializeToString)
         for method in service.methods}

@@ -28,16 +28,19 @@ from mor_secure.pki.kits import CertKit
 from mor_secure.policy import SiloAdmission, SiloPolicy, default_allowed_callers, load_policy
 from mor_secure.privacy import PrivacyLedger
 from mor_secure.secagg.provisioning import has_silo_material
+from mor_secure.transport.authorization import DEFAULT_MAX_OPEN_STREAMS
 from mor_secure.transport.server import RunningServer, ServerSettings, serve
 
 from .audit_trail import SiloAuditTrail
-from .config import SiloConfig
+from .config import ServeSettings, SiloConfig
 from .secure_rounds import ROUND_RECORD, RoundRecord, SecureRounds
 from .service import SiloService, ledger_summary, open_model_service
 from .servicer import ROLES_BY_RPC, SiloServicer, servicer_registration
 from .training import MODEL_DIR, open_ledger, served_feature_cache_dir
 
 logger = logging.getLogger(__name__)
+# Workers beyond the policy's calls and streams, for health checks and quick refusals while those are all taken.
+SPARE_WORKERS = 2
 
 
 def _checked_kit(config: SiloConfig) -> CertKit:
@@ -79,6 +82,19 @@ def serving_policy(config: SiloConfig) -> tuple[SiloPolicy, str]:
                                                  f"for coordinator {spec.coordinator!r}")
 
 
+def server_settings(settings: ServeSettings, policy: SiloPolicy) -> ServerSettings:
+    """The transport's settings for `policy`: a worker for every call it admits and every open stream, plus spares.
+
+    An admitted call beyond the workers would be queued, not refused, and a
+    health check would wait behind it; the spare workers answer health checks
+    and refusals while the policy's every slot and stream is taken (the
+    default policy's 4 calls and 2 streams: 8 workers).
+    """
+    workers = policy.max_concurrent_requests + DEFAULT_MAX_OPEN_STREAMS + SPARE_WORKERS
+    return ServerSettings(host=settings.host, port=settings.port, max_workers=workers,
+                          max_open_streams=DEFAULT_MAX_OPEN_STREAMS)
+
+
 def start_silo_server(config: SiloConfig, *, port_file: Path | None = None) -> tuple[RunningServer, SiloAuditTrail]:
     """Start serving `config`'s silo (returns once health is SERVING)."""
     if config.serve is None:
@@ -96,7 +112,7 @@ def start_silo_server(config: SiloConfig, *, port_file: Path | None = None) -> t
     servicer = SiloServicer(None)
     running = serve(kit=kit, crl_path=settings.crl or kit.crl_path, services=[servicer_registration(servicer)],
                     roles_by_rpc=ROLES_BY_RPC, admission=SiloAdmission(policy), audit=audit,
-                    settings=ServerSettings(host=settings.host, port=settings.port))
+                    settings=server_settings(settings, policy))
     if port_file is not None:
         write_public(Path(port_file), (json.dumps({"port": running.port, "pid": os.getpid()}) + "\n").encode())
     logger.info("silo %s listening on %s:%d; loading its reward model", config.name, settings.host, running.port)

@@ -33,6 +33,11 @@ class SiloAdmission:
         self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, time)
         self._daily: dict[tuple[str, dt.date], int] = {}
 
+    @property
+    def max_concurrent_calls(self) -> int:
+        """Calls admitted at once (each holds a server worker until it ends)."""
+        return self.policy.max_concurrent_requests
+
     def admit(self, caller, method: str) -> Callable[[], None]:
         rpc = method.rsplit("/", 1)[-1]
         who = caller.identity.uri

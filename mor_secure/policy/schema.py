@@ -10,8 +10,9 @@ ask for scores and bits, an auditor may only read the description.
 over a limit is refused with INVALID_ARGUMENT and costs the silo nothing but
 the parse. The defaults fit a GRPO step of the shipped consortium with room to
 spare (8 generations x 16 prompts = 128 rows, one 64x64 PNG per prompt, ~2 KB
-each) and stop a caller from making the silo decode a decompression bomb or
-hold megabytes of text.
+each) and stop a caller from making the silo decode a decompression bomb,
+hold more decoded pixels per request than `max_request_pixels`, or hold
+megabytes of text.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ class RequestLimits(StrictModel):
     max_image_pixels: int = Field(1 << 20, gt=0, le=1 << 28,
                                   description="Largest decoded image accepted, width x height (1 megapixel by "
                                   "default), checked from the header before any pixel is decoded.")
+    # 16 images at the per-image maximum, 8x the demo's largest request (512 images of 64x64 = 2 Mpx): 48 MiB of
+    # RGB per request, so the 4 requests served at once by default hold under 200 MiB of decoded pixels.
+    max_request_pixels: int = Field(1 << 24, gt=0, le=1 << 30,
+                                    description="Most decoded pixels (width x height, summed over its images) in one "
+                                    "request (16 megapixels by default), checked from the headers before decoding.")
     max_text_chars: int = Field(2048, gt=0, le=1 << 16,
                                 description="Longest prompt or response accepted, in characters.")
     max_request_bytes: int = Field(8 << 20, gt=0, le=30 << 20,
@@ -77,8 +83,11 @@ class SiloPolicy(StrictModel):
     rate_limit: RateLimit = Field(default_factory=RateLimit, description="Requests per caller over time.")
     daily_cap: int = Field(200_000, gt=0,
                            description="Most requests per caller per UTC day (a 300-step GRPO run makes ~600).")
-    max_concurrent_requests: int = Field(4, gt=0, description="Requests served at once; more are refused "
-                                         "(RESOURCE_EXHAUSTED) rather than queued.")
+    # Each request served holds one of the server's worker threads; 64 bounds the threads a policy can ask for.
+    max_concurrent_requests: int = Field(4, gt=0, le=64, description="Requests served at once; more are refused "
+                                         "(RESOURCE_EXHAUSTED) rather than queued. `mor silo serve` runs this many "
+                                         "worker threads plus the open streams' and two spare, so a health check "
+                                         "is always answered.")
     limits: RequestLimits = Field(default_factory=RequestLimits, description="Per-request size limits.")
     allowed_objectives: list[str] = Field(
         default_factory=lambda: list(OBJECTIVES),

@@ -7,7 +7,9 @@ behaviour runs inside the call, where `context.auth_context()` holds the peer
 certificate the handshake verified. From it, and from nothing the caller
 sends, the wrapper reads the caller's identity (the SAN URI) and serial, then
 
-1. refuses a revoked certificate (UNAUTHENTICATED), checked on every call;
+1. refuses a revoked certificate (UNAUTHENTICATED), checked on every call
+   and before every response of a stream (a revoked party's open health
+   Watch ends UNAUTHENTICATED at its next update);
 2. refuses a role the RPC does not allow (PERMISSION_DENIED), from a table
    that must name every RPC (a missing one is refused, and a test fails);
 3. asks the party's policy (`Admission`), e.g. the silo's allowed callers,
@@ -53,7 +55,8 @@ logger = logging.getLogger(__name__)
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                  "/grpc.reflection.v1.ServerReflection/")
 # Streams (health Watch, reflection) open at once on one server: each holds a worker thread while open
-# (ServerSettings.max_workers, 8), so two leave six for calls; standard tools open one, briefly.
+# (ServerSettings.max_workers: 8 by default, leaving six for calls; `mor silo serve` adds a worker per call
+# its policy admits); standard tools open one, briefly.
 DEFAULT_MAX_OPEN_STREAMS = 2
 # Trailing metadata key of the checkpoint every answer carries ("-bin": binary, a serialised SignedCheckpoint).
 CHECKPOINT_METADATA = "mor-checkpoint-bin"
@@ -69,6 +72,11 @@ class Caller:
 
 class Admission(Protocol):
     """A party's policy decision for one call; raise `SiloError` to refuse, return a release callback."""
+
+    @property
+    def max_concurrent_calls(self) -> int:
+        """The most calls it admits at once (the server checks it has workers for them; see `serve`)."""
+        ...
 
     def admit(self, caller: Caller, method: str) -> Callable[[], None]:
         ...
@@ -120,11 +128,14 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
         self._open_streams = threading.BoundedSemaphore(max_open_streams)
 
     # --- the decision -------------------------------------------------------------------
-    def _decide(self, method: str, caller: Caller) -> Callable[[], None]:
-        """Revocation, role, then the party's policy; returns the policy's release callback."""
+    def _check_unrevoked(self, caller: Caller) -> None:
         if self.revocations.is_revoked(caller.serial):
             raise SiloError(ErrorCode.UNAUTHENTICATED, f"certificate {caller.serial:x} of {caller.identity} is "
                             "revoked")
+
+    def _decide(self, method: str, caller: Caller) -> Callable[[], None]:
+        """Revocation, role, then the party's policy; returns the policy's release callback."""
+        self._check_unrevoked(caller)
         if method.startswith(OPEN_SERVICES):
             return _nothing
         allowed = self.roles_by_rpc.get(method)
@@ -211,10 +222,25 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
         try:
             self._finish(context, method, caller, request, "admitted", "OK", "stream opened", started)
             context.add_callback(closed)  # however the stream ends: done, cancelled, deadline, server stop
-            return _closing(behaviour(request, context), closed)
+            return self._streamed(behaviour(request, context), closed, method, caller, request, context, started)
         except BaseException:
             closed()
             raise
+
+    def _streamed(self, responses: Iterator[Any], closed: Callable[[], None], method: str, caller: Caller,
+                  request: Any, context: grpc.ServicerContext, started: float) -> Iterator[Any]:
+        """`responses`, each sent only while the caller's certificate is unrevoked (UNAUTHENTICATED ends it)."""
+        try:
+            for response in responses:
+                try:
+                    self._check_unrevoked(caller)
+                except SiloError as error:
+                    self._finish(context, method, caller, request, "refused", error.code.value,
+                                 f"{error.message}; its open stream was ended", started)
+                    abort_with(context, error)
+                yield response
+        finally:
+            closed()
 
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = continuation(handler_call_details)
@@ -250,13 +276,6 @@ def _once(action: Callable[[], None]) -> Callable[[], None]:
         action()
 
     return run
-
-
-def _closing(responses: Iterator[Any], closed: Callable[[], None]) -> Iterator[Any]:
-    try:
-        yield from responses
-    finally:
-        closed()
 
 
 def _raw(request: Any) -> bytes:

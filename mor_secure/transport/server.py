@@ -79,6 +79,13 @@ def serve(*, kit: CertKit, crl_path, services: Sequence[tuple[Callable[[object, 
     if settings.max_open_streams >= settings.max_workers:
         raise ValueError(f"max_open_streams ({settings.max_open_streams}) must be below max_workers "
                          f"({settings.max_workers}), or open streams could take every worker from the calls")
+    # Admitted calls beyond the free workers would wait in the executor's queue, not be refused, and a health
+    # check would wait behind them: at least one worker stays free for health checks and refusals.
+    if admission is not None and admission.max_concurrent_calls + settings.max_open_streams >= settings.max_workers:
+        raise ValueError(f"the policy's max_concurrent_requests ({admission.max_concurrent_calls}) plus "
+                         f"max_open_streams ({settings.max_open_streams}) must be below max_workers "
+                         f"({settings.max_workers}); lower max_concurrent_requests to at most "
+                         f"{settings.max_workers - settings.max_open_streams - 1} or run more workers")
     interceptor = AuthorizingInterceptor(roles_by_rpc, revocations, admission=admission, audit=audit,
                                          max_open_streams=settings.max_open_streams)
     options = [("grpc.max_receive_message_length", settings.max_message_bytes),

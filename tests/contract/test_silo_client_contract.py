@@ -42,12 +42,13 @@ def service(**kwargs) -> tuple[SiloService, RightAnswerModel]:
     return SiloService("hospital-a", model, **kwargs), model
 
 
-def refused(client: SiloClient, call, request, code: ErrorCode, match: str) -> None:
-    """The request is refused with `code` and a message naming the problem, and the silo still serves."""
+def refused(client: SiloClient, call, request, code: ErrorCode, match: str, *, good: ScoreRequest = GOOD_SCORE,
+            good_scores: tuple[float, ...] = (1.0, -1.0, 1.0)) -> None:
+    """The request is refused with `code` and a message naming the problem, and the silo still serves `good`."""
     with pytest.raises(SiloError, match=match) as caught:
         call(request)
     assert caught.value.code == code
-    assert client.score(GOOD_SCORE).scores == (1.0, -1.0, 1.0)
+    assert client.score(good).scores == good_scores
 
 
 def test_describe_names_the_silo_and_its_architecture(connect) -> None:
@@ -179,10 +180,14 @@ def test_weighted_requests_are_answered_pre_weighted_and_bad_weights_are_refused
     client = connect(service(max_weight=0.8)[0])
     weighted = Score(images=GOOD_SCORE.images, rows=GOOD_SCORE.rows, weights=(0.5, 0.25, 0.0))
     assert client.score(weighted).scores == (0.5, -0.25, 0.0)  # w * (1, -1, 1)
+    # An unweighted request is the score at weight 1, so under a cap below 1 the silo still serves the weighted one.
+    still_serves = {"good": weighted, "good_scores": (0.5, -0.25, 0.0)}
     for weights, match in (((0.5, float("nan"), 0.1), r"weights\[1\] is nan; a weight must be a finite number >= 0"),
                            ((0.5, float("inf"), 0.1), r"weights\[1\] is inf"), ((0.5, -0.1, 0.1), r"weights\[1\] is -0.1"),
                            ((0.5, 0.5), "2 weights for 3 rows")):
         refused(client, client.score, Score(images=GOOD_SCORE.images, rows=GOOD_SCORE.rows, weights=weights),
-                ErrorCode.INVALID_ARGUMENT, match)
+                ErrorCode.INVALID_ARGUMENT, match, **still_serves)
     refused(client, client.score, Score(images=GOOD_SCORE.images, rows=GOOD_SCORE.rows, weights=(0.5, 0.9, 0.1)),
-            ErrorCode.PERMISSION_DENIED, r"weights\[1\] is 0.9; this silo's policy allows its score a weight of at most 0.8")
+            ErrorCode.PERMISSION_DENIED, r"weights\[1\] is 0.9; this silo's policy allows its score a weight of at most 0.8",
+            **still_serves)
+    refused(client, client.score, GOOD_SCORE, ErrorCode.PERMISSION_DENIED, "a request without weights", **still_serves)

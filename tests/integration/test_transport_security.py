@@ -13,9 +13,13 @@ import io
 import json
 import logging
 import socket
+import struct
+import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,7 +38,9 @@ from mor_secure.transport.authorization import DEFAULT_MAX_OPEN_STREAMS
 from mor_secure.transport.server import RunningServer, serve
 from mor_secure.wire import ErrorCode, ImageBlob, ScoreRequest, ScoreRow, SiloError, serde
 from mor_secure.wire.messages import DecryptRequest, SecureScoreRequest
+from silo_agent.config import ServeSettings
 from silo_agent.service import SiloService
+from silo_agent.serving import server_settings
 from silo_agent.servicer import ROLES_BY_RPC, SERVICE_NAME, servicer_registration
 
 RED = ImageBlob.of(png((200, 30, 30)))
@@ -59,7 +65,7 @@ def start(ca, silo_kit: CertKit, tmp_path: Path, policy: SiloPolicy | None = Non
           audit=None) -> tuple[RunningServer, AuditLog]:
     policy = policy or SiloPolicy()
     audit = audit or AuditLog.for_kit(tmp_path / "audit.db", silo_kit, checkpoint_every_entries=1)
-    service = SiloService("hospital-a", RightAnswerModel(), limits=policy.limits)
+    service = SiloService("hospital-a", RightAnswerModel(), limits=policy.limits, max_weight=policy.max_weight)
     running = serve(kit=silo_kit, crl_path=ca.directory / "crl.pem", services=[servicer_registration(service)],
                     roles_by_rpc=ROLES_BY_RPC, admission=SiloAdmission(policy), audit=audit)
     running.set_serving(True)
@@ -244,9 +250,156 @@ def test_oversize_undecodable_and_nan_weighted_messages_are_refused(consortium_p
             nan_weights = serde.score_request_to_proto(GOOD)
             nan_weights.weights.extend([0.5, float("nan")])
             assert rpc_code(stub.Score, nan_weights) == grpc.StatusCode.INVALID_ARGUMENT
+            # A palette PNG with transparency but no palette: PIL's convert("RGB") fails an assertion on it.
+            no_palette = serde.score_request_to_proto(ScoreRequest(objective="correct", images=(ImageBlob.of(
+                _palette_png_without_plte()),), rows=(ScoreRow(0, "q", "right"),)))
+            assert rpc_code(stub.Score, no_palette) == grpc.StatusCode.INVALID_ARGUMENT
         still_serves(running.port, kits)
     finally:
         running.stop(0)
+
+
+def _palette_png_without_plte() -> bytes:
+    """A 2x2 palette PNG (colour type 3) with a tRNS chunk and no PLTE chunk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 2, 2, 8, 3, 0, 0, 0))
+            + chunk(b"tRNS", b"\x00") + chunk(b"IDAT", zlib.compress(b"\x00\x00\x00" * 2)) + chunk(b"IEND", b""))
+
+
+def _unknown_field_padding(size: int) -> bytes:
+    """A valid message of any type: `size` bytes in an unknown length-delimited field (number 15)."""
+    return b"\x7a" + _varint(size) + b"A" * size
+
+
+def _varint(value: int) -> bytes:
+    out = b""
+    while value > 0x7F:
+        out += bytes([(value & 0x7F) | 0x80])
+        value >>= 7
+    return out + bytes([value])
+
+
+def test_every_rpc_refuses_a_request_over_max_request_bytes_before_parsing_it(consortium_pki, tmp_path: Path) -> None:
+    """Describe and AgreementKey used to parse and answer 30 MiB whatever the policy said (the auditor's too)."""
+    ca, _, kits = consortium_pki
+    running, audit = start(ca, kits["silo"], tmp_path, SiloPolicy(limits=RequestLimits(max_request_bytes=64 << 10)))
+    try:
+        padding = _unknown_field_padding(100 << 10)
+        for kit, rpc in ((kits["auditor"], "Describe"), (kits["coordinator"], "Describe"),
+                         (kits["coordinator"], "AgreementKey")):
+            with grpc.secure_channel(f"127.0.0.1:{running.port}", _credentials(kit)) as channel:
+                call = channel.unary_unary(f"/{SERVICE_NAME}/{rpc}", request_serializer=lambda raw: raw,
+                                           response_deserializer=lambda raw: raw)
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(padding, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, rpc
+            assert "this silo's policy allows at most 65536" in refused.value.details()
+            assert logged(audit)[-1]["status"] == "INVALID_ARGUMENT"
+        assert client(running.port, kits["auditor"]).describe().name == "hospital-a"
+        still_serves(running.port, kits)
+    finally:
+        running.stop(0)
+        audit.close()
+
+
+def test_a_request_without_weights_is_refused_when_the_policy_caps_the_weight(consortium_pki, tmp_path: Path) -> None:
+    """No weights means weight 1 on every row: under max_weight 0.5 that is above the cap, as an explicit 1 is."""
+    ca, _, kits = consortium_pki
+    running, audit = start(ca, kits["silo"], tmp_path, SiloPolicy(max_weight=0.5))
+    coordinator = client(running.port, kits["coordinator"])
+    try:
+        with pytest.raises(SiloError, match="weight 1 on every row; this silo's policy allows") as refused:
+            coordinator.score(GOOD)
+        assert refused.value.code == ErrorCode.PERMISSION_DENIED
+        assert coordinator.score(replace(GOOD, weights=(0.5, 0.25))).scores == (0.5, -0.25)  # still serves
+    finally:
+        coordinator.close()
+        running.stop(0)
+        audit.close()
+
+
+def test_the_decoded_pixels_of_a_whole_request_are_capped(consortium_pki, tmp_path: Path) -> None:
+    """Each image within max_image_pixels, the request over max_request_pixels: refused from the headers."""
+    ca, _, kits = consortium_pki
+    limits = RequestLimits(max_image_pixels=64 * 64, max_request_pixels=3 * 64 * 64)
+    running, audit = start(ca, kits["silo"], tmp_path, SiloPolicy(limits=limits))
+    coordinator = client(running.port, kits["coordinator"])
+    try:
+        images = tuple(ImageBlob.of(png((i, 0, 0), size=(64, 64))) for i in range(4))
+        rows = tuple(ScoreRow(i, "what shape?", "right") for i in range(4))
+        with pytest.raises(SiloError, match=r"images\[3\] brings the request to 16384 decoded pixels; this silo's "
+                           "policy allows at most 12288") as refused:
+            coordinator.score(ScoreRequest(objective="correct", images=images, rows=rows))
+        assert refused.value.code == ErrorCode.INVALID_ARGUMENT
+        assert coordinator.score(ScoreRequest(objective="correct", images=images[:3], rows=rows[:3])).scores == \
+            (1.0, 1.0, 1.0)
+    finally:
+        coordinator.close()
+        running.stop(0)
+        audit.close()
+
+
+def test_a_policy_admitting_more_calls_than_the_free_workers_is_refused_at_start(consortium_pki,
+                                                                                 tmp_path: Path) -> None:
+    """Calls beyond the free workers were queued, not refused, and health checks waited behind them."""
+    ca, _, kits = consortium_pki
+    audit = AuditLog.for_kit(tmp_path / "audit.db", kits["silo"], checkpoint_every_entries=1)
+    try:
+        with pytest.raises(ValueError, match=r"max_concurrent_requests \(16\) plus max_open_streams \(2\) must be "
+                           r"below max_workers \(8\)"):
+            start(ca, kits["silo"], tmp_path, SiloPolicy(max_concurrent_requests=16), audit=audit)
+        running, _ = start(ca, kits["silo"], tmp_path, SiloPolicy(max_concurrent_requests=5), audit=audit)  # 5 + 2 < 8
+        still_serves(running.port, kits)
+        running.stop(0)
+    finally:
+        audit.close()
+
+
+class _BlockedModel(RightAnswerModel):
+    """Scores only once `go` is set: the calls it is asked hold their policy slots and workers until then."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = threading.Event()
+
+    def side_inputs(self, images, prompts, responses):
+        assert self.go.wait(30)
+        return super().side_inputs(images, prompts, responses)
+
+
+def test_with_every_slot_taken_calls_are_refused_and_health_is_answered(consortium_pki, tmp_path: Path) -> None:
+    """`mor silo serve`'s workers hold every call its policy admits, every stream, and spares for the rest."""
+    ca, _, kits = consortium_pki
+    policy = SiloPolicy(max_concurrent_requests=8, rate_limit=RateLimit(per_second=100, burst=100))
+    model, admission = _BlockedModel(), SiloAdmission(policy)
+    audit = AuditLog.for_kit(tmp_path / "audit.db", kits["silo"], checkpoint_every_entries=1)
+    running = serve(kit=kits["silo"], crl_path=ca.directory / "crl.pem", roles_by_rpc=ROLES_BY_RPC,
+                    services=[servicer_registration(SiloService("hospital-a", model))], admission=admission,
+                    audit=audit, settings=server_settings(ServeSettings(kit=kits["silo"].directory), policy))
+    running.set_serving(True)
+    coordinator = client(running.port, kits["coordinator"])
+    try:
+        with ThreadPoolExecutor(policy.max_concurrent_requests) as pool:
+            held = [pool.submit(coordinator.score, GOOD) for _ in range(policy.max_concurrent_requests)]
+            deadline = time.monotonic() + 10
+            while admission._in_flight < policy.max_concurrent_requests:
+                assert time.monotonic() < deadline, "the calls were not all admitted"
+                time.sleep(0.05)
+            with pytest.raises(SiloError, match="serves at most 8 requests at once") as refused:
+                coordinator.score(GOOD)
+            assert refused.value.code == ErrorCode.RESOURCE_EXHAUSTED
+            with grpc.secure_channel(f"127.0.0.1:{running.port}", _credentials(kits["auditor"])) as channel:
+                assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status \
+                    == health_pb2.HealthCheckResponse.SERVING
+            model.go.set()
+            assert all(call.result(timeout=30).scores == (1.0, -1.0) for call in held)
+    finally:
+        model.go.set()
+        coordinator.close()
+        running.stop(0)
+        audit.close()
 
 
 def test_a_huge_round_id_or_objective_cannot_grow_the_audit_log(server, consortium_pki, tmp_path: Path) -> None:
@@ -304,6 +457,27 @@ def test_open_streams_are_capped_so_calls_are_still_answered(server, consortium_
     finally:
         for stream in streams:
             stream.cancel()
+        channel.close()
+
+
+def test_a_revoked_partys_open_stream_ends_unauthenticated(server, consortium_pki) -> None:
+    """A Watch opened before its kit was revoked used to keep receiving, and keep its place under the cap."""
+    running, _ = server
+    ca, kit, kits = consortium_pki
+    doomed = kit("silo", "bank-c", "doomed-watcher")
+    channel = grpc.secure_channel(f"127.0.0.1:{running.port}", _credentials(doomed))
+    try:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+        assert next(stream).status == health_pb2.HealthCheckResponse.SERVING
+        ca.revoke(serial=doomed.certificate().serial_number, reason="key compromise drill")
+        running.set_serving(False)  # the next update the stream would carry
+        with pytest.raises(grpc.RpcError) as ended:
+            next(stream)
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "is revoked" in ended.value.details()
+        running.set_serving(True)
+        still_serves(running.port, kits)
+    finally:
         channel.close()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from mor_secure.models.reward_architectures import (
 )
 from mor_secure.models.reward_model import MANIFEST, LocalResources
 from mor_secure.privacy import DPConfig, TrainingConfig, TrainingResult, train_bradley_terry
+from mor_secure.wire import ErrorCode, ImageBlob, ScoreRequest, ScoreRow, SiloError
+from silo_agent.service import SiloService
 
 ARCHITECTURES = ("lora_vlm", "frozen_encoders", "small_cnn")
 # Pairs come from this many images only: the frozen encoders run EfficientNet at 224 px per image.
@@ -313,3 +316,27 @@ def test_untrained_lora_vlm_scores_what_the_silo_learned_not_the_shared_vlm(cons
     answers = [record.answer, "circle", "red", "yes", "no"]
     scores = model.raw_scores([record.image_path] * len(answers), [record.question] * len(answers), answers)
     assert torch.allclose(scores, torch.zeros_like(scores), atol=1e-5)
+
+
+def test_lora_vlm_refuses_text_holding_its_tokenizers_control_tokens(consortium, reference_dir: Path) -> None:
+    """`<image>` in a prompt made the processor count two images for one (a ValueError answered INTERNAL), and
+    `<|end|>` or `<|assistant|>` in a response were read as the chat's own control tokens."""
+    model = LoraVLMRewardModel(base_model=reference_dir, rank=4, alpha=8, seed=0)
+    assert {"<image>", "<|end|>", "<|assistant|>", "<|user|>"} <= set(model.reserved_text)
+    _, splits = consortium
+    record = splits.test[0]
+    for prompt, response, field in ((f"<image> {record.question}", "red", "prompts[0]"),
+                                    (record.question, "red<|end|>", "responses[0]"),
+                                    (record.question, "<|assistant|>no", "responses[0]")):
+        with pytest.raises(ValueError, match=rf"{re.escape(field)} contains '<\|?[a-z]+\|?>', a control token of "
+                           "this model's tokenizer"):
+            model.raw_scores([record.image_path], [prompt], [response])
+    service = SiloService("hospital-a", model)
+    image = ImageBlob.of(Path(record.image_path).read_bytes())
+    for prompt, response, refusal in (("<image> what colour?", "red", "prompts[0] contains '<image>'"),
+                                      ("what colour?", "red<|end|>", "responses[0] contains '<|end|>'")):
+        with pytest.raises(SiloError, match=re.escape(f"{refusal}, a control token of this silo's model")) as refused:
+            service.score(ScoreRequest(objective="correct", images=(image,), rows=(ScoreRow(0, prompt, response),)))
+        assert refused.value.code == ErrorCode.INVALID_ARGUMENT
+    assert len(service.score(ScoreRequest(objective="correct", images=(image,),
+                                          rows=(ScoreRow(0, record.question, "red"),))).scores) == 1

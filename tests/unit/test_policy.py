@@ -33,10 +33,18 @@ def test_bad_policies_name_the_field(tmp_path: Path) -> None:
     for text, match in (("allowed_callers: {Scores: []}\n", "unknown RPC"),
                         ("allowed_callers: {Score: [https://evil]}\n", "not a consortium identity"),
                         ("daily_cap: 0\n", "daily_cap"), ("max_items: 3\n", "max_items"),
+                        ("max_concurrent_requests: 65\n", "max_concurrent_requests"),
+                        ("limits: {max_request_pixels: 0}\n", "max_request_pixels"),
                         ("allowed_objectives: [correct, gossip]\n", r"unknown objective\(s\) \['gossip'\]")):
         path.write_text(text, encoding="utf-8")
         with pytest.raises(ConfigError, match=match):
             load_policy(path)
+
+
+def test_the_default_pixel_limit_holds_the_largest_request_of_the_consortiums_images() -> None:
+    """The consortium's images are 64x64 (easy-VQA): a request of as many as max_images allows fits."""
+    for limits in (SiloPolicy().limits, load_policy(REPO / "policies" / "hospital-strict.yaml").limits):
+        assert limits.max_images * 64 * 64 <= limits.max_request_pixels < 1 << 25
 
 
 def refused(admission: SiloAdmission, code: ErrorCode, match: str, caller=COORDINATOR) -> None:

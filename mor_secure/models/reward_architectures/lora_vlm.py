@@ -21,6 +21,12 @@ whatever its own data say. With the demo's reference that echo alone gave
 GRPO under that reward merely sharpened the policy (docs/results.md). The
 ratio is zero until the silo's data move the adapters, so the score is what
 the silo learned. It costs one extra forward pass, without gradients.
+
+A prompt or response may not contain the tokenizer's added tokens (`<image>`,
+`<|end|>`, `<|assistant|>`, ...): the tokenizer matches them in raw text, so
+`<image>` in a question would ask for a second image and `<|end|>` in an
+answer would end the turn the score is about. They are refused by name
+(ValueError), and `reserved_text` lists them for the silo's request checks.
 """
 
 from __future__ import annotations
@@ -113,9 +119,20 @@ class LoraVLMRewardModel(RewardModel):
         # The backbone's digest, not its path: a path is this machine's; the digest says which VLM it must be.
         self.settings = {"base_model_digest": checkpoint_digest(base_model), "rank": rank, "alpha": alpha}
         self._reference_cache: dict[tuple[str, str, str], torch.Tensor] = {}
+        # Every token the tokenizer matches in raw text before BPE: the chat's control tokens and <image>.
+        self.reserved_text = tuple(sorted(t.content for t in self.processor.tokenizer.added_tokens_decoder.values()))
+
+    def _check_text(self, label: str, texts: Sequence[str]) -> None:
+        for index, text in enumerate(texts):
+            for token in self.reserved_text:
+                if token in text:
+                    raise ValueError(f"{label}[{index}] contains {token!r}, a control token of this model's "
+                                     "tokenizer; remove it from the text")
 
     def side_inputs(self, images: Sequence[ImageInput], prompts: Sequence[str],
                     responses: Sequence[str]) -> tuple[torch.Tensor, ...]:
+        self._check_text("prompts", prompts)
+        self._check_text("responses", responses)
         texts = [self.processor.apply_chat_template(user_prompt(p), add_generation_prompt=True, tokenize=False)
                  + r + END_TOKEN for p, r in zip(prompts, responses)]
         pil = [as_pil(p) for p in images]

@@ -7,7 +7,8 @@
                                                      both checks and the activity, on one page
 
 `verify` and `reconcile` exit 1 when they find a problem and print each one
-(verify names the first bad entry); `report` writes the page either way,
+(verify names the first bad entry; reconcile also names each silo the
+coordinator called or asked whose log was not given); `report` writes the page either way,
 says whether the record is intact, and exits 1 when it is not. Each log says
 whose it is: the coordinator's comes first, then each silo's once, or the
 command stops and says so. Logs are opened read-only: a reviewer may run
@@ -24,7 +25,7 @@ from cryptography import x509
 
 from mor_secure.audit import read_log
 from mor_secure.audit.evidence import check_logs, report_view
-from mor_secure.audit.reconcile import check_parties, reconcile
+from mor_secure.audit.reconcile import check_parties, reconcile, unlogged_silos
 from mor_secure.audit.report import write_report
 from mor_secure.audit.report_view import utc_text
 from mor_secure.audit.verify import Verification, verify_log
@@ -49,7 +50,7 @@ def describe_verification(path: Path, result: Verification) -> list[str]:
     if result.latest is not None:
         lines.append(f"  latest checkpoint: size {result.latest.size}, root {result.latest.root.hex()}, signed "
                      f"{utc_text(result.latest.time)}")
-    if result.uncovered_entries:
+    if result.uncovered_entries and result.checkpoints:  # with none at all, the problem below says why
         lines.append(f"  {result.uncovered_entries} newest entries are not yet covered by a signed checkpoint "
                      "(a silo signs one with every answer, the coordinator every 256 entries or 30 s, and both when "
                      "they stop)")
@@ -87,6 +88,9 @@ def _reconcile(args: argparse.Namespace) -> int:
             failed = True
             print(f"  MISMATCH: {len(result.mismatches)} finding(s)")
             print("\n".join(f"  - {m}" for m in result.mismatches))
+    for unlogged in unlogged_silos(coordinator, silos):
+        failed = True
+        print(f"{unlogged.silo}: NO LOG GIVEN: {unlogged.finding()}")
     return 1 if failed else 0
 
 
@@ -103,10 +107,12 @@ def review(coordinator_log: str | Path, silo_logs: Sequence[str | Path], ca: str
         for result in evidence.reconciliations:
             print(f"reconcile {result.silo}: " + (f"reconciled, {result.matched} queries in both logs" if result.ok
                                                  else f"MISMATCH ({result.mismatches[0]})"))
-    page = write_report(report_view(coordinator, silos, evidence, title=title), out)
-    verdict = "INTACT" if evidence.intact else "NOT INTACT (the page lists each finding)"
+    view = report_view(coordinator, silos, evidence, title=title)
+    page = write_report(view, out)
+    intact = not view.failures()  # the page's own verdict: what the reviewer reads is what the exit status says
+    verdict = "INTACT" if intact else "NOT INTACT (the page lists each finding)"
     print(f"record {verdict}; report written to {page.resolve()} (one self-contained page: open it in a browser)")
-    return evidence.intact
+    return intact
 
 
 def _report(args: argparse.Namespace) -> int:

@@ -47,6 +47,19 @@ def canonical_json(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def parse_json(body: bytes) -> object:
+    """`body` as JSON, refusing what `canonical_json` never writes: NaN and Infinity, or nesting deeper than the
+    parser's recursion allows (a crafted body must read as malformed, never crash the reader); ValueError if not."""
+    try:
+        return json.loads(body.decode("ascii"), parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("nested too deeply to be anything the log writes") from None
+
+
 def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
     """Hex SHA-256 of the key's DER SubjectPublicKeyInfo: how a checkpoint names its signing key."""
     der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -70,7 +83,7 @@ class Checkpoint:
     @classmethod
     def parse(cls, body: bytes) -> Checkpoint:
         try:
-            fields = json.loads(body.decode("ascii"))
+            fields = parse_json(body)
             if not isinstance(fields, dict) or fields.get("format") != FORMAT:
                 raise ValueError(f"not a {FORMAT} checkpoint")
             checkpoint = cls(log=str(fields["log"]), size=int(fields["size"]), root=bytes.fromhex(fields["root"]),

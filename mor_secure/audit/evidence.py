@@ -6,14 +6,20 @@ silo's own entries, its privacy ledger's state as recorded with each call,
 the router's weights (from the rounds of the MoR reward only: the other
 methods' weights are fixed) and the scoring rounds from the coordinator's
 round entries, the policy in force from the silo's serving-start entry.
+
+The logs are untrusted input: a party signs whatever its own software wrote.
+Every value the page uses is checked for the type and range the log writes
+(a time within 1970..9999, finite numbers, lists of names), and an entry that
+is not in that shape is counted, per party, as a finding of the page (`Shape`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -21,8 +27,10 @@ from cryptography import x509
 from mor_secure.pki.identity import parse_identity
 
 from .log import StoredLog
-from .reconcile import QUERY_PREFIX, Reconciliation, check_parties, reconcile, trusted_certificates
+from .reconcile import (QUERY_PREFIX, Reconciliation, UnloggedSilo, check_parties, reconcile, trusted_certificates,
+                        unlogged_silos)
 from .report_view import (
+    LATEST_TIME,
     BudgetPoint,
     PartyCheck,
     PolicyInForce,
@@ -44,10 +52,7 @@ class Evidence:
 
     verifications: tuple[Verification, ...]
     reconciliations: tuple[Reconciliation, ...]
-
-    @property
-    def intact(self) -> bool:
-        return all(v.ok for v in self.verifications) and all(r.ok for r in self.reconciliations)
+    unlogged: tuple[UnloggedSilo, ...]  # silos the coordinator called or asked whose log was not given
 
 
 def _name(party: str) -> str:
@@ -58,64 +63,109 @@ def _name(party: str) -> str:
 
 
 def check_logs(coordinator: StoredLog, silos: Sequence[StoredLog], ca: x509.Certificate) -> Evidence:
-    """`verify` every log with its CA-issued certificates and `reconcile` the coordinator's with each silo's."""
+    """`verify` every log with its CA-issued certificates, `reconcile` the coordinator's with each silo's, and name
+    each silo the coordinator called or asked whose log is not among `silos`."""
     check_parties(coordinator, silos)
     verifications = tuple(verify_log(log, trusted_certificates(log, ca)) for log in (coordinator, *silos))
     reconciliations = tuple(reconcile(coordinator, silo, ca) for silo in silos)
-    return Evidence(verifications, reconciliations)
+    return Evidence(verifications, reconciliations, tuple(unlogged_silos(coordinator, silos)))
 
 
-def _party_check(log: StoredLog, verification: Verification) -> PartyCheck:
+def _party_check(log: StoredLog, verification: Verification, shape: Shape) -> PartyCheck:
     latest = None
     if verification.latest is not None:
         c = verification.latest
         latest = SignedRoot(party=log.party, size=c.size, root=c.root.hex(), time=c.time,
                             signature_ok=verification.latest_signature_ok)
     return PartyCheck(party=log.party, log_name=log.path.name, entries=verification.entries, ok=verification.ok,
-                      problems=tuple(p.message for p in verification.problems), latest_root=latest)
+                      problems=tuple(p.message for p in verification.problems), latest_root=latest,
+                      uncovered_entries=verification.uncovered_entries, misshapen_entries=shape.misshapen,
+                      left_out_entries=shape.left_out)
 
 
-def _readable(log: StoredLog, read: Callable[[dict[str, Any]], None]) -> None:
-    """`read` each entry's fields; an entry not in the shape the log writes is left out and counted.
+@dataclass
+class Shape:
+    """How one log's entries read: `misshapen` were not in the shape the log writes, `left_out` of them not shown.
 
-    Such an entry was edited: `verify` names it (the page shows that), and the
-    page must still be written around it, not fail on a field's type.
+    The counts a silo's entry holds are read tolerantly (a value that is not a
+    count reads as 0 and marks the entry), so a silo cannot hide a refusal
+    from the page by writing one field in another shape; anything else not
+    in the log's shape leaves the entry out. Either way the page says so.
     """
-    unreadable = 0
-    for entry in log.entries:
-        try:
-            read(entry.fields())
-        except (TypeError, ValueError, KeyError, AttributeError, OverflowError):
-            unreadable += 1
-    if unreadable:
-        logger.warning("%s: %d entries are not in the shape the log writes and are left out of the page; "
-                       "run `mor audit verify` on it", log.path, unreadable)
+
+    misshapen: int = 0
+    left_out: int = 0
+    _odd: bool = field(default=False, init=False, repr=False)  # the entry being read had a field out of shape
+
+    def count(self, value: Any) -> int:
+        """A whole number >= 0 as the log writes it (absent: 0); anything else reads as 0 and marks the entry."""
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value or 0
+        self._odd = True
+        return 0
+
+    def read(self, log: StoredLog, read: Callable[[dict[str, Any]], None]) -> None:
+        """`read` each entry's fields; an entry `read` cannot take (it raises) is left out."""
+        for entry in log.entries:
+            self._odd = False
+            try:
+                read(entry.fields())
+            except (TypeError, ValueError, KeyError, AttributeError, OverflowError):
+                self.left_out += 1
+                self._odd = True
+            self.misshapen += self._odd
+        if self.left_out:
+            logger.warning("%s: %d entries are not in the shape the log writes and are left out of the page; "
+                           "run `mor audit verify` on it", log.path, self.left_out)
 
 
-def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], PolicyInForce | None]:
+def _number(value: Any) -> float:
+    """A finite JSON number (never a bool, a string or NaN), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{value!r} is not a finite number")
+    return float(value)
+
+
+def _time(fields: dict[str, Any]) -> float:
+    """The entry's time: the log's clock writes seconds within the calendar, never NaN or 1e300."""
+    when = _number(fields.get("time"))
+    if not 0 <= when <= LATEST_TIME:
+        raise ValueError(f"time {when!r} is outside 1970..9999")
+    return when
+
+
+def _strings(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{value!r} is not a list of names")
+    return tuple(value)
+
+
+def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], PolicyInForce | None, Shape]:
     name = _name(silo.party)
     queries, budgets, policies, times = [], [], [], []
     last_budget = None
+    shape = Shape()
 
     def read(fields: dict[str, Any]) -> None:
         nonlocal last_budget
-        event, when = fields.get("event"), float(fields.get("time", 0.0))
+        event, when = fields.get("event"), _time(fields)
         privacy = fields.get("privacy") or {}
         ledger = privacy.get("ledger") if event == "call" else fields.get("ledger")
         query = policy = state = None
         if event == "call" and str(fields.get("rpc", "")).startswith(QUERY_PREFIX):
+            spent = privacy.get("epsilon_spent")
             query = SiloQuery(silo=name, time=when, caller=str(fields.get("caller")),
                               rpc=str(fields["rpc"]).removeprefix(QUERY_PREFIX),
                               objective=str(fields.get("objective") or ""),
                               decision=str(fields.get("decision")), status=str(fields.get("status")),
-                              reason=str(fields.get("reason") or ""), items=int(fields.get("items") or 0),
-                              epsilon_spent=float(privacy.get("epsilon_spent") or 0.0))
+                              reason=str(fields.get("reason") or ""), items=shape.count(fields.get("items")),
+                              epsilon_spent=0.0 if spent is None else _number(spent))
         elif event == "serving_started":
             policy = PolicyInForce(silo=name, digest=str(fields.get("policy_digest")),
                                    text=str(fields.get("policy_text")))
         if ledger:
-            state = tuple(float(ledger[key]) for key in ("epsilon_spent", "epsilon_budget", "delta_spent",
-                                                         "delta_budget"))
+            state = tuple(_number(ledger[key]) for key in ("epsilon_spent", "epsilon_budget", "delta_spent",
+                                                           "delta_budget"))
         # Everything read: only now does the entry count (never half of one).
         queries.extend([query] if query else [])
         policies.extend([policy] if policy else [])
@@ -125,7 +175,7 @@ def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], Pol
             last_budget = state
         times.append(when)
 
-    _readable(silo, read)
+    shape.read(silo, read)
     policy = policies[-1] if policies else None
     if budgets and times:
         final = budgets[-1]
@@ -134,22 +184,23 @@ def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], Pol
             budgets.append(BudgetPoint(silo=name, time=end, epsilon_spent=final.epsilon_spent,
                                        epsilon_budget=final.epsilon_budget, delta_spent=final.delta_spent,
                                        delta_budget=final.delta_budget))
-    return queries, budgets, policy
+    return queries, budgets, policy, shape
 
 
-def _coordinator_rows(coordinator: StoredLog) -> tuple[list[RoundSummary], list[RouterWeight]]:
+def _coordinator_rows(coordinator: StoredLog) -> tuple[list[RoundSummary], list[RouterWeight], Shape]:
     rounds = []
     totals: dict[tuple[str, str], list[float]] = {}
+    shape = Shape()
 
     def read(fields: dict[str, Any]) -> None:
         if fields.get("event") != "round":
             return
-        summary = RoundSummary(time=float(fields.get("time", 0.0)), round_id=str(fields.get("round_id")),
-                               objective=str(fields.get("objective")), asked=tuple(fields.get("asked", ())),
-                               answered=tuple(fields.get("answered", ())), items=int(fields.get("items", 0)))
+        summary = RoundSummary(time=_time(fields), round_id=str(fields.get("round_id")),
+                               objective=str(fields.get("objective")), asked=_strings(fields.get("asked", [])),
+                               answered=_strings(fields.get("answered", [])), items=shape.count(fields.get("items")))
         weights = []
         if fields.get("method") == "mor":  # the router's weights only mean something in the router-fused reward
-            weights = [(silo, kind, float(mean), int(count))
+            weights = [(str(silo), str(kind), _number(mean), shape.count(count))
                        for silo, by_kind in (fields.get("mean_weight") or {}).items()
                        for kind, (mean, count) in by_kind.items()]
         rounds.append(summary)  # only once the whole entry has been read
@@ -158,10 +209,10 @@ def _coordinator_rows(coordinator: StoredLog) -> tuple[list[RoundSummary], list[
             total[0] += mean * count
             total[1] += count
 
-    _readable(coordinator, read)
+    shape.read(coordinator, read)
     weights = [RouterWeight(silo=silo, question_kind=kind, mean_weight=total / count, items=int(count))
                for (silo, kind), (total, count) in sorted(totals.items()) if count]
-    return rounds, weights
+    return rounds, weights, shape
 
 
 def report_view(coordinator: StoredLog, silos: Sequence[StoredLog], evidence: Evidence, *,
@@ -169,18 +220,21 @@ def report_view(coordinator: StoredLog, silos: Sequence[StoredLog], evidence: Ev
     """The page's contents (mor_secure.audit.report renders them)."""
     logs = (coordinator, *silos)
     queries, budgets, policies = [], [], []
+    rounds, weights, coordinator_shape = _coordinator_rows(coordinator)
+    shapes = [coordinator_shape]
     for silo in silos:
-        silo_queries, silo_budgets, policy = _silo_rows(silo)
+        silo_queries, silo_budgets, policy, shape = _silo_rows(silo)
         queries += silo_queries
         budgets += silo_budgets
+        shapes.append(shape)
         if policy is not None:
             policies.append(policy)
-    rounds, weights = _coordinator_rows(coordinator)
     return ReportView(
         title=title, generated_at=time.time(),
-        parties=tuple(_party_check(log, v) for log, v in zip(logs, evidence.verifications, strict=True)),
+        parties=tuple(_party_check(log, v, shape)
+                      for log, v, shape in zip(logs, evidence.verifications, shapes, strict=True)),
         reconciliation=tuple(ReconcileCheck(silo=_name(r.silo), ok=r.ok, queries_matched=r.matched,
                                             checkpoints_checked=r.checkpoints_checked,
                                             mismatches=tuple(r.mismatches)) for r in evidence.reconciliations),
         queries=tuple(queries), budgets=tuple(budgets), router_weights=tuple(weights), rounds=tuple(rounds),
-        policies=tuple(policies))
+        policies=tuple(policies), unlogged=evidence.unlogged)

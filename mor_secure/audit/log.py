@@ -19,7 +19,6 @@ One process writes a log; a second writer is detected and refused.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
@@ -32,7 +31,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .checkpoints import (CheckpointError, CheckpointSigner, SignedCheckpoint, canonical_json, key_id,
+from .checkpoints import (CheckpointError, CheckpointSigner, SignedCheckpoint, canonical_json, key_id, parse_json,
                           verify_checkpoint)
 from .merkle import MerkleTree, leaf_hash
 
@@ -79,8 +78,8 @@ class StoredEntry:
     def fields(self) -> dict[str, Any]:
         """The entry's JSON fields ({} when the body does not parse: verification says why)."""
         try:
-            value = json.loads(self.body.decode("ascii"))
-        except (UnicodeDecodeError, ValueError):
+            value = parse_json(self.body)
+        except ValueError:  # UnicodeDecodeError is one
             return {}
         return value if isinstance(value, dict) else {}
 

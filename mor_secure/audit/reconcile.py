@@ -20,11 +20,16 @@ query by query without either holding the query itself:
 
 Health checks and reflection are logged by both sides but are not queries
 of the silo's model, so they are not matched here.
+
+A silo the coordinator's log says it called (a client call's `callee`) or
+asked (a round's `asked`) but whose log was not given cannot be reconciled
+at all: `unlogged_silos` names each, so that leaving a log out is a finding,
+never a silent pass.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +49,7 @@ QUERY_PREFIX = "/mor_secure.proto.v1.SiloRewardService/"
 # Statuses the coordinator sees when its call may never have reached the silo.
 NOT_DELIVERED = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"})
 MAX_MISMATCHES = 100
+SILO_PREFIX = "mor://silo/"  # a round's `asked` names silos; calls name them by identity
 
 
 @dataclass
@@ -63,6 +69,33 @@ class Reconciliation:
     def mismatch(self, message: str) -> None:
         if len(self.mismatches) < MAX_MISMATCHES:
             self.mismatches.append(message)
+
+
+@dataclass(frozen=True)
+class UnloggedSilo:
+    """A silo the coordinator's log says it called `calls` times and asked in `rounds` rounds; no log given."""
+
+    silo: str
+    calls: int
+    rounds: int
+
+    def finding(self) -> str:
+        return (f"the coordinator's log records {self.calls} call{'' if self.calls == 1 else 's'} to it and "
+                f"{self.rounds} round{'' if self.rounds == 1 else 's'} that asked it; give its log to reconcile them")
+
+
+def unlogged_silos(coordinator: StoredLog, silos: Sequence[StoredLog]) -> list[UnloggedSilo]:
+    """Every silo the coordinator's log names as called or asked whose log is not among `silos`."""
+    calls: Counter[str] = Counter()
+    rounds: Counter[str] = Counter()
+    for entry in coordinator.entries:
+        fields = entry.fields()
+        if fields.get("event") == "call" and fields.get("side") == "client" and isinstance(fields.get("callee"), str):
+            calls[fields["callee"]] += 1
+        elif fields.get("event") == "round" and isinstance(fields.get("asked"), list):
+            rounds.update({SILO_PREFIX + name for name in fields["asked"] if isinstance(name, str)})
+    given = {silo.party for silo in silos}
+    return [UnloggedSilo(silo, calls[silo], rounds[silo]) for silo in sorted((calls.keys() | rounds.keys()) - given)]
 
 
 def trusted_certificates(log: StoredLog, ca: x509.Certificate) -> list[x509.Certificate]:

@@ -23,11 +23,15 @@ import matplotlib
 from matplotlib.lines import Line2D
 
 from .report_plots import PALETTE, PLOT_STYLE, inline_svg, new_figure, plot_dates, plot_label, time_axis
-from .report_view import ReportView, utc_text
+from .report_view import ReportView, plural, silo_name, utc_text
 
-# Bucket widths for the queries-over-time plot (seconds); the first giving at most ~30 buckets wins.
+# Bucket widths for the queries-over-time plot (seconds); the first giving at most ~30 buckets wins, and beyond a
+# week a whole number of weeks does, so a log spanning centuries still plots ~30 buckets (not one per week).
 _BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400, 604800)
-_SILO_PREFIX = "mor://silo/"
+_MAX_BUCKETS = 30
+# matplotlib's tick maths overflows on an axis reaching the largest floats (1.7e308 fails, 1e307 draws): a ledger
+# value beyond this is drawn at it (the table gives the number as logged).
+_PLOT_MAX = 1e300
 _MAX_ROWS = 500  # long tables are cut here (with a sentence saying so) to keep the page small
 
 # Section id -> (heading, name in the page's contents line).
@@ -74,15 +78,9 @@ def _fig(kind: str, name: str, text: object, cls: str = "") -> str:
 
 
 def _num(x: float) -> str:
-    return "∞" if math.isinf(x) else f"{x:.2f}"
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" if n == 1 else f"{n} {word}{'es' if word.endswith('ch') else 's'}"
-
-
-def _silo_of(party: str) -> str | None:
-    return party[len(_SILO_PREFIX):] if party.startswith(_SILO_PREFIX) else None
+    if math.isinf(x):
+        return "∞"
+    return f"{x:.2f}" if abs(x) < 1e6 else f"{x:.3g}"  # a forged 1.7e308 as a number, not 309 digits
 
 
 def _table(head: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
@@ -102,6 +100,16 @@ def _listed(items) -> str:
     return f'<ul class="problems">{inner}</ul>' if items else '<span class="muted">none</span>'
 
 
+def _rise(silo: str, served: float, changed: list) -> str:
+    """What a ledger that changed after the silo's first admitted query did, and when."""
+    before, after = changed[0][0], changed[-1][1]
+    how = "rose" if after.epsilon_spent > before.epsilon_spent else "changed"
+    return (f"{silo}'s ledger {how} from ε {_num(before.epsilon_spent)} to {_num(after.epsilon_spent)} after its "
+            f"first answered query ({_utc(served)}): at {', '.join(_utc(b.time) for _, b in changed)}. Scores of a "
+            "DP-trained model spend no budget, so the silo was charged for something else while it served "
+            "(randomized-response labels, or training); its ledger's charges say what.")
+
+
 def _human(seconds: int) -> str:
     for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if seconds >= size and seconds % size == 0:
@@ -117,33 +125,21 @@ class _Page:
         self.v = view
         names = {q.silo for q in view.queries} | {b.silo for b in view.budgets}
         names |= {w.silo for w in view.router_weights} | {r.silo for r in view.reconciliation}
-        names |= {p.silo for p in view.policies} | {s for p in view.parties if (s := _silo_of(p.party))}
+        names |= {p.silo for p in view.policies} | {s for p in view.parties if (s := silo_name(p.party))}
         self.silos = sorted(names)
         self.colour = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(self.silos)}
 
     # -- verdict -------------------------------------------------------------------------
-    def failures(self) -> list[str]:
-        """What stops the record reading INTACT, one phrase each (empty: intact)."""
-        v, out = self.v, [] if self.v.parties else ["no party's log was verified"]
-        reconciled = {r.silo for r in v.reconciliation}
-        for p in v.parties:
-            if not p.ok:
-                out.append(f"verification of {p.party} ({_plural(len(p.problems), 'problem')})")
-            if p.latest_root is not None and not p.latest_root.signature_ok:
-                out.append(f"signature on the latest root of {p.party}")
-            if (silo := _silo_of(p.party)) is not None and silo not in reconciled:
-                out.append(f"no reconciliation of {silo} with the coordinator")
-        out += [f"reconciliation of {r.silo} with the coordinator ({_plural(len(r.mismatches), 'mismatch')})"
-                for r in v.reconciliation if not r.ok]
-        return out
-
     def summary(self) -> str:
-        v, fails = self.v, self.failures()
+        v, fails = self.v, self.v.failures()
         if fails:
             verdict = "NOT INTACT — failed: " + "; ".join(fails) + "."
         else:
+            unsigned = [f"{plural(p.uncovered_entries, 'entry')} of {p.party}" for p in v.parties
+                        if p.uncovered_entries]
             verdict = (f"INTACT — all {len(v.parties)} logs verified, all {len(v.reconciliation)} silo logs "
-                       "reconciled with the coordinator's, and every signed root checks out.")
+                       "reconciled with the coordinator's, and every signed root checks out"
+                       + (f"; no root yet covers the newest {', '.join(unsigned)}." if unsigned else "."))
         cls = "bad" if fails else "ok"
         counts = Counter(q.silo for q in v.queries)
         refused = Counter(q.silo for q in v.queries if q.decision == "refused")
@@ -162,7 +158,9 @@ class _Page:
         if not qs:
             return self._section("queries", how, "<p>No queries were recorded.</p>")
         t0, t1 = min(q.time for q in qs), max(q.time for q in qs)
-        width = next((b for b in _BUCKETS if (t1 - t0) / b <= 30), _BUCKETS[-1])
+        week = _BUCKETS[-1]
+        width = next((b for b in _BUCKETS if (t1 - t0) / b <= _MAX_BUCKETS),
+                     math.ceil((t1 - t0) / _MAX_BUCKETS / week) * week)
         n = int((t1 - t0) // width) + 1  # buckets start at the first call
         starts = [t0 + i * width for i in range(n)]
         fig = new_figure(10, 3.2)
@@ -218,25 +216,29 @@ class _Page:
         silos = sorted({b.silo for b in pts})
         cols = min(3, len(silos))
         fig = new_figure(10, 3.2 * math.ceil(len(silos) / cols))
-        rows, flat = [], []
+        rows, flat, rises = [], [], []
         for i, silo in enumerate(silos):
             mine = [b for b in pts if b.silo == silo]
             last = mine[-1]
             ax = fig.add_subplot(math.ceil(len(silos) / cols), cols, i + 1)
-            ax.step(plot_dates([b.time for b in mine]), [b.epsilon_spent for b in mine], where="post", linewidth=2,
+            spent = [min(b.epsilon_spent, _PLOT_MAX) for b in mine]
+            ax.step(plot_dates([b.time for b in mine]), spent, where="post", linewidth=2,
                     color=self.colour[silo], marker="o" if len(mine) <= 60 else None, markersize=3)
-            limit = last.epsilon_budget if math.isfinite(last.epsilon_budget) else 0.0
+            limit = min(last.epsilon_budget, _PLOT_MAX) if math.isfinite(last.epsilon_budget) else 0.0
             if limit:
                 ax.axhline(limit, color="#b00020", linestyle="--")
-            ax.set_ylim(0, max([b.epsilon_spent for b in mine] + [limit]) * 1.15 or 1)
+            ax.set_ylim(0, min(max(spent + [limit]) * 1.15, _PLOT_MAX) or 1)
             ax.set_title(plot_label(silo))
             ax.set_ylabel("ε (epsilon)")
             time_axis(ax, maxticks=4)
-            # "Never changes after training": queries answered once the ledger reached its final value spent nothing.
-            settled = next(b.time for b in mine if b.epsilon_spent == last.epsilon_spent)
-            served = [q for q in self.v.queries if q.silo == silo and q.decision == "admitted" and q.time >= settled]
-            if served and all(q.epsilon_spent == 0 for q in self.v.queries if q.silo == silo):
-                flat.append(silo)
+            # "Spends nothing while serving" holds only if no ledger change falls after the first admitted query.
+            served = min((q.time for q in self.v.queries if q.silo == silo and q.decision == "admitted"), default=None)
+            if served is not None:
+                if changed := [(a, b) for a, b in zip(mine, mine[1:]) if b.time > served and
+                               (a.epsilon_spent, a.delta_spent) != (b.epsilon_spent, b.delta_spent)]:
+                    rises.append(_fig("budget-rise", silo, _rise(silo, served, changed), "bad"))
+                elif all(q.epsilon_spent == 0 for q in self.v.queries if q.silo == silo):
+                    flat.append(silo)
             rows.append([_e(silo), _fig("epsilon-spent", silo, _num(last.epsilon_spent)),
                          _fig("epsilon-budget", silo, _num(last.epsilon_budget)),
                          f"{last.delta_spent:.3g}", f"{last.delta_budget:.3g}", _when(last.time)])
@@ -244,6 +246,7 @@ class _Page:
                             Line2D([], [], color="#b00020", ls="--", label="ε lifetime budget")],
                    loc="outside lower center", ncols=2)
         body = inline_svg(fig, "privacy budget spent against the limit per silo")
+        body += "".join(f"<p>{rise}</p>" for rise in rises)
         if flat:
             body += (f"<p>For {_e(', '.join(flat))}: scores of a DP-trained model are post-processing: "
                      "answering queries spends no budget. The spend was made once, when the model was trained.</p>")
@@ -300,11 +303,17 @@ class _Page:
     def checks(self) -> str:
         how = ("Verification (mor audit verify) checks each log is whole, in order and unaltered; reconciliation "
                "(mor audit reconcile) checks the coordinator's record of each silo matches the silo's own; "
-               "every problem is quoted as found.")
+               "every problem is quoted as found. 'Newest not yet signed' entries are covered by no signed root yet "
+               "(a silo signs with every answer, the coordinator every 256 entries or 30 s, both when they stop); "
+               "'not in the log's shape' entries hold a value the log never writes and are read as 0 or left out "
+               "of this page.")
         prow = [[_e(p.party), f"<code>{_e(p.log_name)}</code>", str(p.entries),
+                 _fig("uncovered", p.party, p.uncovered_entries),
+                 _fig("misshapen", p.party, p.misshapen_entries, "bad" if p.misshapen_entries else ""),
                  _fig("verification", p.party, "verified" if p.ok else "FAILED", "ok" if p.ok else "bad"),
                  _listed(p.problems)] for p in self.v.parties]
-        body = (_table(["party", "log", "entries", "verification", "problems"], prow, {2}) if prow
+        body = (_table(["party", "log", "entries", "newest not yet signed", "not in the log's shape",
+                        "verification", "problems"], prow, {2, 3, 4}) if prow
                 else "<p>No party's log was verified.</p>")
         rrow = [[_e(r.silo), _fig("reconciliation", r.silo, *(("reconciled", "ok") if r.ok else ("MISMATCH", "bad"))),
                  str(r.queries_matched), str(r.checkpoints_checked), _listed(r.mismatches)]
@@ -321,6 +330,8 @@ class _Page:
         rows = [[_e(p.party), str(r.size), f'<code class="root">{_e(r.root)}</code>', _when(r.time),
                  '<span class="ok">ok</span>' if r.signature_ok else '<span class="bad">INVALID</span>']
                 for p in self.v.parties if (r := p.latest_root) is not None]
+        rows += [[_e(p.party), "—", '<span class="bad">no signed root</span>', "—", "—"]
+                 for p in self.v.parties if p.latest_root is None and p.entries]
         body = (_table(["party", "tree size", "root (hex)", "signed at (UTC)", "signature"], rows, {1}) if rows
                 else "<p>No signed roots were recorded.</p>")
         return self._section("roots", how, body)

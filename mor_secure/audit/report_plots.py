@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 import matplotlib.dates as mdates
 from matplotlib.figure import Figure
 
+from .report_view import LATEST_TIME
+
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000", "#F0E442")
 PLOT_STYLE = {"svg.fonttype": "none", "font.size": 11, "font.family": "DejaVu Sans",
@@ -49,7 +51,11 @@ def time_axis(ax, maxticks: int = 9) -> None:
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator, tz=timezone.utc, offset_formats=offsets))
     ax.set_xlabel("time (UTC)", loc="left")  # the date offset sits at the right end of the axis
+    # matplotlib draws dates of years 1..9999 only; the axis margin past a call late in year 9999 would leave them.
+    lo, hi = ax.get_xlim()
+    ax.set_xlim(lo, min(hi, float(plot_dates([LATEST_TIME])[0])))
 
 
 def plot_dates(times):
-    return mdates.date2num([datetime.fromtimestamp(t, timezone.utc) for t in times])
+    """UNIX times as matplotlib dates; a bucket's midpoint past the calendar's last second is drawn at it."""
+    return mdates.date2num([datetime.fromtimestamp(min(t, LATEST_TIME), timezone.utc) for t in times])

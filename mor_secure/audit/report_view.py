@@ -10,6 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from .reconcile import SILO_PREFIX, UnloggedSilo
+
+# 9999-12-31T23:59:59Z, the last second a calendar date (datetime) holds: an entry dated later, before 1970, or
+# at NaN was not dated by the log's clock.
+LATEST_TIME = 253_402_300_799.0
+
 
 def utc_text(seconds: float, *, iso: bool = False) -> str:
     """`seconds` since the epoch in UTC; a time no calendar holds (a forged checkpoint's, say) as the number itself."""
@@ -20,6 +26,17 @@ def utc_text(seconds: float, *, iso: bool = False) -> str:
     if iso:
         return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def plural(n: int, word: str) -> str:
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word[:-1]}ies" if word.endswith("y") else f"{n} {word}{'es' if word.endswith('ch') else 's'}"
+
+
+def silo_name(party: str) -> str | None:
+    """`hospital-a` for `mor://silo/hospital-a`; None for a party that is not a silo."""
+    return party[len(SILO_PREFIX):] if party.startswith(SILO_PREFIX) else None
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,12 @@ class PartyCheck:
     ok: bool
     problems: tuple[str, ...]
     latest_root: SignedRoot | None
+    # The newest entries no signed checkpoint covers yet (up to a checkpoint interval while the party runs).
+    uncovered_entries: int = 0
+    # Entries not in the shape the log writes (a field of the wrong type, a time no calendar holds), and how many
+    # of them could not be shown at all; verify cannot see this (the party may have signed them itself).
+    misshapen_entries: int = 0
+    left_out_entries: int = 0
 
 
 @dataclass(frozen=True)
@@ -128,3 +151,26 @@ class ReportView:
     router_weights: tuple[RouterWeight, ...]
     rounds: tuple[RoundSummary, ...]
     policies: tuple[PolicyInForce, ...]
+    unlogged: tuple[UnloggedSilo, ...] = ()  # silos the coordinator called or asked whose log was not given
+
+    def failures(self) -> list[str]:
+        """What stops the record reading INTACT, one phrase each (empty: intact): the page's verdict and the exit
+        status of `mor audit report` both come from here."""
+        out = [] if self.parties else ["no party's log was verified"]
+        reconciled = {r.silo for r in self.reconciliation}
+        for p in self.parties:
+            if not p.ok:
+                out.append(f"verification of {p.party} ({plural(len(p.problems), 'problem')})")
+            if p.latest_root is not None and not p.latest_root.signature_ok:
+                out.append(f"signature on the latest root of {p.party}")
+            if (silo := silo_name(p.party)) is not None and silo not in reconciled:
+                out.append(f"no reconciliation of {silo} with the coordinator")
+            if p.misshapen_entries:
+                out.append(f"{plural(p.misshapen_entries, 'entry')} of {p.party} "
+                           f"{'is' if p.misshapen_entries == 1 else 'are'} not in the shape the log writes "
+                           f"({p.left_out_entries} left out of the page)")
+        out += [f"reconciliation of {r.silo} with the coordinator ({plural(len(r.mismatches), 'mismatch')})"
+                for r in self.reconciliation if not r.ok]
+        out += [f"no log given of {u.silo} (the coordinator called it {plural(u.calls, 'time')} and asked it in "
+                f"{plural(u.rounds, 'round')})" for u in self.unlogged]
+        return out

@@ -13,7 +13,12 @@ Checks, in one pass over the entries in storage order:
   truncated log is named), and its root equals the root of the first
   `size` entries. Equal roots at every checkpoint's size mean every later
   checkpoint is consistent with every earlier one (RFC 6962 §2.1.2: the
-  consistency proofs of one tree always verify), so no proof needs storing.
+  consistency proofs of one tree always verify), so no proof needs storing;
+- signed at all: the writer signs a checkpoint in the same transaction as its
+  first entry, so a log with entries and no checkpoint was stripped of
+  them or rebuilt without the party's key. A newest stretch of up to
+  `checkpoint_every_entries` (or `checkpoint_every_seconds` of) entries is
+  legitimately not yet covered; `uncovered_entries` counts it.
 
 A log can pass this and still have been rewritten wholesale by its own party
 (who can re-sign): checkpoints another party holds catch that
@@ -22,13 +27,12 @@ A log can pass this and still have been rewritten wholesale by its own party
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
 
-from .checkpoints import Checkpoint, CheckpointError, canonical_json, verify_checkpoint
+from .checkpoints import Checkpoint, CheckpointError, canonical_json, parse_json, verify_checkpoint
 from .log import StoredLog
 from .merkle import MerkleTree, leaf_hash
 
@@ -130,6 +134,9 @@ def verify_log(log: StoredLog, certificates: Sequence[x509.Certificate]) -> Veri
                     f"checkpoint #{number} (size {checkpoint.size}) does not match the entries it covers: {where} "
                     "was altered after the checkpoint was signed")
         covered = max(covered, checkpoint.size)
+    if log.entries and not log.checkpoints:  # stored but invalid ones are each a problem already
+        problem(None, f"none of the {len(log.entries)} entries is covered by a signed checkpoint: the party signs "
+                "one with its first entry, so its checkpoints were removed or the log was rebuilt without its key")
     if log.checkpoints:
         result.latest_signature_ok = checkpoints[-1] is not None
         result.latest = checkpoints[-1] or _parsed_or_none(log.checkpoints[-1])
@@ -163,8 +170,8 @@ def _checked_checkpoints(log: StoredLog, certificates, problem) -> list[Checkpoi
 
 def _canonical_fields(body: bytes) -> dict | None:
     try:
-        fields = json.loads(body.decode("ascii"))
-    except (UnicodeDecodeError, ValueError):
+        fields = parse_json(body)
+    except ValueError:  # UnicodeDecodeError is one
         return None
     if not isinstance(fields, dict) or canonical_json(fields) != body:
         return None

@@ -10,6 +10,7 @@ rewrite their log and re-sign it, which `verify` cannot catch and
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import sqlite3
@@ -30,6 +31,9 @@ from mor_secure.audit.merkle import MerkleTree, leaf_hash
 from mor_secure.policy import SiloAdmission, SiloPolicy
 from mor_secure.transport.server import serve
 from mor_secure.wire import ErrorCode, ImageBlob, ScoreRequest, ScoreRow, SiloError
+from mor_secure.wire.messages import LedgerSummary
+from silo_agent import audit_trail
+from silo_agent.audit_trail import SiloAuditTrail
 from silo_agent.service import SiloService
 from silo_agent.servicer import ROLES_BY_RPC, servicer_registration
 
@@ -260,3 +264,157 @@ def test_an_entry_in_a_shape_the_log_never_writes_is_left_out_of_the_report(cons
     assert re.search(r'data-figure="verification:mor://silo/hospital-a"[^>]*>\s*FAILED', page, re.I)
     assert "1 entries are not in the shape the log writes" in caplog.text
 
+
+
+QUERY = "/mor_secure.proto.v1.SiloRewardService/Score"
+
+
+def served_logs(tmp_path: Path, pki, *, silo_event: Callable[[str, int], dict] | None = None,
+                ledgers: dict[str, Callable[[], LedgerSummary]] | None = None, calls: int = 3) -> dict[str, str]:
+    """Both silos answer `calls` Score calls (the last refused), as the silo's audit trail and the coordinator's
+    client write them, one MoR round per call; `silo_event(silo, i)` overrides fields of a silo's own entry."""
+    def ledger() -> LedgerSummary:
+        return LedgerSummary(epsilon_budget=8.0, delta_budget=1e-5, epsilon_spent=1.0, delta_spent=1e-6, charges=1,
+                             open_reservations=0, head_digest="00" * 32)
+
+    silos = ("hospital-a", "bank-b")
+    coordinator = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
+    trails = {s: SiloAuditTrail(AuditLog.for_kit(tmp_path / f"{s}.db", pki.kits[s], checkpoint_every_entries=1),
+                                (ledgers or {}).get(s, ledger)) for s in silos}
+    for silo, trail in trails.items():
+        trail.serving_started(silo=silo, policy=SiloPolicy(), policy_source="test", address="127.0.0.1:1")
+    for i in range(calls):
+        round_id, refused = f"{i:032x}", i == calls - 1
+        for silo, trail in trails.items():
+            call = {"event": "call", "rpc": QUERY, "round_id": round_id, "objective": "correct", "items": 2,
+                    "request_digest": f"{i:02x}{silo}".ljust(64, "0"), "latency_ms": 1.0,
+                    "status": "PERMISSION_DENIED" if refused else "OK", "reason": "rate limit" if refused else ""}
+            own = silo_event(silo, i) if silo_event else {}
+            trail.record({**call, "side": "server", "caller": "mor://coordinator/coordinator", "serial": "1",
+                          "decision": "refused" if refused else "admitted", **own})
+            held = trail.latest_checkpoint()
+            coordinator.record({**call, "side": "client", "callee": f"mor://silo/{silo}",
+                                "peer_checkpoint": {"body": held.body.hex(), "signature": held.signature.hex()}})
+        coordinator.record({"event": "round", "stage": "grpo", "method": "mor", "round_id": round_id,
+                            "objective": "correct", "asked": list(silos), "answered": list(silos), "requests": {},
+                            "items": 2, "items_digest": "00", "mean_weight": {s: {"shape": [0.5, 2]} for s in silos}})
+    for trail in trails.values():
+        trail.close()
+    coordinator.close()
+    return {"coordinator": str(tmp_path / "coordinator.db"), "ca": str(pki.ca.directory / "ca.pem"),
+            **{silo: str(tmp_path / f"{silo}.db") for silo in silos}}
+
+
+def report(logs: dict[str, str], *silos: str, capsys, tmp_path: Path) -> tuple[int, str, str]:
+    """`mor audit report` on the coordinator's log and the named silos' logs: exit code, stdout, the page."""
+    code, out = cli("report", logs["coordinator"], *(logs[s] for s in silos), "--ca", logs["ca"],
+                    "--out", str(tmp_path / "audit.html"), capsys=capsys)
+    return code, out, (tmp_path / "audit.html").read_text(encoding="utf-8")
+
+
+def figure(page: str, name: str) -> str:
+    found = re.search(rf'data-figure="{re.escape(name)}"[^>]*>\s*([^<]*?)\s*<', page)
+    assert found, name
+    return html.unescape(found.group(1))
+
+
+def test_the_served_logs_are_intact(pki, capsys, tmp_path: Path) -> None:
+    logs = served_logs(tmp_path, pki)
+    code, out, page = report(logs, "hospital-a", "bank-b", capsys=capsys, tmp_path=tmp_path)
+    assert code == 0 and figure(page, "verdict").startswith("INTACT"), figure(page, "verdict")
+    assert figure(page, "refusals:bank-b") == "1"
+    assert "The spend was made once, when the model was trained" in page
+
+
+def test_the_page_counts_the_newest_entries_no_root_covers_yet_and_claims_no_root_over_them(pki, capsys,
+                                                                                            tmp_path: Path) -> None:
+    logs = served_logs(tmp_path, pki)
+    running = AuditLog.for_kit(logs["coordinator"], pki.kits["coordinator"])  # still running: signs in 30 s
+    try:
+        for _ in range(2):
+            running.record({"event": "call", "side": "client", "rpc": "/grpc.health.v1.Health/Check",
+                            "callee": "mor://silo/hospital-a", "status": "OK"})
+        code, _, page = report(logs, "hospital-a", "bank-b", capsys=capsys, tmp_path=tmp_path)
+    finally:
+        running.close()
+    assert code == 0 and figure(page, "uncovered:mor://coordinator/coordinator") == "2"
+    assert figure(page, "verdict").endswith("every signed root checks out; no root yet covers the newest 2 entries "
+                                            "of mor://coordinator/coordinator.")
+
+
+def test_a_silo_the_coordinator_called_whose_log_was_not_given_is_a_finding(pki, capsys, tmp_path: Path) -> None:
+    logs = served_logs(tmp_path, pki)
+    code, out = cli("reconcile", logs["coordinator"], logs["hospital-a"], "--ca", logs["ca"], capsys=capsys)
+    assert code == 1 and "RECONCILED" in out
+    assert ("mor://silo/bank-b: NO LOG GIVEN: the coordinator's log records 3 calls to it and 3 rounds that asked "
+            "it; give its log to reconcile them") in out
+    code, out, page = report(logs, "hospital-a", capsys=capsys, tmp_path=tmp_path)
+    assert code == 1 and "NOT INTACT" in out
+    assert "no log given of mor://silo/bank-b (the coordinator called it 3 times" in figure(page, "verdict")
+
+
+def test_a_refusal_written_in_a_shape_the_log_never_writes_still_counts_and_is_a_finding(pki, capsys,
+                                                                                        tmp_path: Path) -> None:
+    """A silo with its own key writes its refusal with "items": "2 rows"; verify and reconcile cannot object."""
+    logs = served_logs(tmp_path, pki, silo_event=lambda silo, i: {"items": "2 rows"} if (silo, i) == ("bank-b", 2)
+                       else {})
+    code, out, page = report(logs, "hospital-a", "bank-b", capsys=capsys, tmp_path=tmp_path)
+    assert code == 1 and "NOT INTACT" in out
+    assert figure(page, "refusals:bank-b") == "1" and figure(page, "queries:bank-b") == "3"
+    assert "1 entry of mor://silo/bank-b is not in the shape the log writes" in figure(page, "verdict")
+    assert figure(page, "misshapen:mor://silo/bank-b") == "1"
+
+
+@pytest.mark.parametrize("when", [1e300, 1e12, "nan", -1.0], ids=["1e300", "year-33658", "nan-string", "before-1970"])
+def test_an_entry_time_no_calendar_holds_is_a_finding_not_a_hang(pki, capsys, tmp_path: Path, when) -> None:
+    logs = served_logs(tmp_path, pki, silo_event=lambda silo, i: {"time": when} if (silo, i) == ("bank-b", 1)
+                       else {})
+    code, out, page = report(logs, "hospital-a", "bank-b", capsys=capsys, tmp_path=tmp_path)
+    assert code == 1 and "1 entry of mor://silo/bank-b is not in the shape the log writes (1 left out of the page)" \
+        in figure(page, "verdict")
+    assert figure(page, "queries:bank-b") == "2"
+
+
+def test_the_buckets_of_the_queries_plot_are_capped_over_any_span(pki, capsys, tmp_path: Path) -> None:
+    """Two calls 8,000 years apart (both times a calendar holds) once made a bucket per week: 400,000 of them."""
+    logs = served_logs(tmp_path, pki, silo_event=lambda silo, i: {"time": 253_000_000_000.0} if (silo, i) ==
+                       ("bank-b", 1) else {})
+    code, _, page = report(logs, "hospital-a", "bank-b", capsys=capsys, tmp_path=tmp_path)
+    days = int(re.search(r"counted per (\d+) days \(the last bucket", page).group(1))
+    assert days >= 8000 * 365 // 31  # so the plot holds ~30 buckets
+
+
+def test_a_budget_beyond_any_plot_and_a_round_naming_a_number_do_not_abort_the_report(pki, capsys,
+                                                                                      tmp_path: Path) -> None:
+    def vast() -> LedgerSummary:
+        return LedgerSummary(epsilon_budget=1.7e308, delta_budget=1e-5, epsilon_spent=1.0, delta_spent=1e-6,
+                             charges=1, open_reservations=0, head_digest="00" * 32)
+
+    logs = served_logs(tmp_path, pki, ledgers={"bank-b": vast})
+
+    def a_number_asked(entries: list[dict]) -> list[dict]:
+        next(e for e in entries if e.get("event") == "round")["asked"] = ["hospital-a", 7]
+        return entries
+
+    rewrite(Path(logs["coordinator"]), pki.kits["coordinator"], a_number_asked)
+    code, out, page = report(logs, "hospital-a", "bank-b", capsys=capsys, tmp_path=tmp_path)
+    assert code == 1 and figure(page, "epsilon-budget:bank-b") == "1.7e+308"
+    assert "1 entry of mor://coordinator/coordinator is not in the shape the log writes" in figure(page, "verdict")
+
+
+def test_a_ledger_that_rises_while_the_silo_serves_is_stated_not_called_post_processing(pki, capsys, tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    monkeypatch.setattr(audit_trail, "LEDGER_REFRESH_SECONDS", 0.0)  # a fresh ledger read with every entry
+    spends = iter([1.0, 1.0, 3.0, 5.0, 5.0, 5.0])
+
+    def rising() -> LedgerSummary:
+        return LedgerSummary(epsilon_budget=8.0, delta_budget=1e-5, epsilon_spent=next(spends, 5.0),
+                             delta_spent=1e-6, charges=1, open_reservations=0, head_digest="00" * 32)
+
+    logs = served_logs(tmp_path, pki, ledgers={"bank-b": rising}, calls=4)
+    _, _, page = report(logs, "hospital-a", "bank-b", capsys=capsys, tmp_path=tmp_path)
+    rose = figure(page, "budget-rise:bank-b")
+    assert rose.startswith("bank-b's ledger rose from ε 1.00 to 5.00 after its first answered query (")
+    assert len(re.findall(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", rose)) == 3  # that query, then each rise
+    assert "For hospital-a: scores of a DP-trained model are post-processing" in page
+    assert "For bank-b" not in page

@@ -383,3 +383,47 @@ def test_a_renewed_kit_signs_from_the_first_kit_check_after_the_renewal(tmp_path
     renewed = signer.refreshed()
     assert renewed.key == key_id(renewed_kit.certificate().public_key()) != signer.key
     assert renewed.refreshed() is renewed
+
+
+def test_a_log_whose_checkpoints_were_all_removed_fails_verification(log_path: Path, pki) -> None:
+    """The writer signs a checkpoint with its first entry, so a log with entries and no valid checkpoint was
+    stripped of them (or rebuilt without the party's key): nothing vouches for any entry."""
+    edit(log_path, "DELETE FROM checkpoints")
+    result = verified(log_path, pki.kits["hospital-a"])
+    assert not result.ok and result.uncovered_entries == 10
+    assert [p.message for p in result.problems] == [
+        "none of the 10 entries is covered by a signed checkpoint: the party signs one with its first entry, so "
+        "its checkpoints were removed or the log was rebuilt without its key"]
+
+
+def test_a_tail_the_writer_has_not_yet_signed_still_verifies(tmp_path: Path, pki) -> None:
+    """Up to `checkpoint_every_entries` newest entries are legitimately uncovered while the party runs."""
+    log = write_log(tmp_path / "coordinator.db", pki.kits["coordinator"], 5, checkpoint_every_entries=256)
+    try:
+        result = verified(tmp_path / "coordinator.db", pki.kits["coordinator"])
+        assert result.ok, result.problems
+        assert result.checkpoints == 1 and result.uncovered_entries == 4
+    finally:
+        log.close()
+
+
+@pytest.mark.parametrize("body", [b'{"event":"call","items":NaN}', b'{"event":"call","items":-Infinity}',
+                                  b"[" * 100_000 + b"]" * 100_000], ids=["nan", "infinity", "deep"])
+def test_an_entry_body_json_cannot_hold_is_named_as_altered_not_a_crash(log_path: Path, pki, body: bytes) -> None:
+    edit(log_path, "UPDATE entries SET body = ? WHERE seq = 2", body)
+    result = verified(log_path, pki.kits["hospital-a"])
+    assert result.first_bad_entry == 2
+    assert "entry 2 was altered: its content is not the canonical JSON the log writes" in \
+        [p.message for p in result.problems]
+    assert read_log(log_path).entries[2].fields() == {}
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000,
+                                  b'{"format":"mor-secure/audit-checkpoint/v1","key":"00","log":"x","root":"00",'
+                                  b'"size":1,"time":NaN}'], ids=["deep", "nan"])
+def test_a_checkpoint_body_json_cannot_hold_is_a_checkpoint_error(log_path: Path, pki, body: bytes) -> None:
+    edit(log_path, "UPDATE checkpoints SET body = ? WHERE seq = (SELECT MIN(seq) FROM checkpoints)", body)
+    with pytest.raises(CheckpointError, match="checkpoint body does not parse"):
+        SignedCheckpoint(body, b"").checkpoint
+    result = verified(log_path, pki.kits["hospital-a"])
+    assert result.problems[0].message.startswith("checkpoint #0: checkpoint body does not parse")

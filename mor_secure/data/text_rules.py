@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import unicodedata
 
-# The tiny VLM tokenizer's special tokens (mor_secure/models/tiny_vlm.py SPECIAL_TOKENS, which the LoRA VLM
-# reward model tokenizes with), kept as a copy so importing data does not load torch and transformers (~5 s);
-# a unit test pins the two lists together.
+# The tiny VLM tokenizer's special tokens, in their token-id order: mor_secure/models/tiny_vlm.py builds its
+# SPECIAL_TOKENS from this list (the LoRA VLM reward model tokenizes with it); defined here so that importing
+# data does not load torch and transformers (~5 s).
 CHAT_TEMPLATE_MARKERS: tuple[str, ...] = ("<pad>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>", "<image>")
 # Whitespace that tokenizers and answers legitimately hold; every other control character is refused.
 _ALLOWED_CONTROLS = frozenset("\t\n\r")

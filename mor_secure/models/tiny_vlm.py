@@ -29,11 +29,13 @@ from transformers import (
 )
 
 from mor_secure.config import StrictModel
+from mor_secure.data.text_rules import CHAT_TEMPLATE_MARKERS
 
 IMAGE_TOKEN = "<image>"
 END_TOKEN = "<|end|>"
 PAD_TOKEN = "<pad>"
-SPECIAL_TOKENS = [PAD_TOKEN, END_TOKEN, "<|user|>", "<|assistant|>", "<|system|>", IMAGE_TOKEN]
+# One list, in data/text_rules.py (no torch there), so the importer refuses exactly these tokens in users' text.
+SPECIAL_TOKENS = list(CHAT_TEMPLATE_MARKERS)
 
 # One turn per message; content may be a string or a list of {"type": "image"|"text"} parts
 # (the format TRL's GRPOTrainer and processors use for vision-language prompts).

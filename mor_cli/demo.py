@@ -230,6 +230,8 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool, clear
     clean = make_pairs(splits.test, seed=EVAL_SEED, max_pairs_per_kind=EVAL_PAIRS_PER_KIND)
     pairs_by_kind = {k: [p for p in clean if p.kind == k] for k in QUESTION_KINDS}
     rows = []
+    print("each silo trains its DP reward model, then the same model WITHOUT DP on the same pairs, only to show "
+          "what privacy costs in the table's noDP columns: the non-private models are never served")
     for silo in SILOS:
         print(f"== silo {silo} ==")
         config = load_silo_config(workdir / "silos" / f"{silo}.yaml")

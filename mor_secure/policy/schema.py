@@ -97,7 +97,8 @@ class SiloPolicy(StrictModel):
     max_weight: float = Field(
         1.0, gt=0, le=1.0, description="Largest router weight a request may give this silo's score on one row; "
         "more is refused (PERMISSION_DENIED). Router weights are a convex mixture, so 1 caps nothing; a silo that "
-        "will not be the sole judge of any answer sets less (the coordinator must then cap its router).")
+        "will not be the sole judge of any answer sets less (the coordinator must then cap its router). A Score "
+        "request without weights gives the score weight 1 on every row, so under less than 1 it is refused too.")
 
     minimum_participants: int = Field(
         2, ge=2, description="Fewest silos in a secure-aggregation round this silo answers or decrypts "

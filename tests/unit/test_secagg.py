@@ -61,6 +61,15 @@ def test_the_masks_cancel_exactly_over_the_participants() -> None:
     assert not np.array_equal(a, b)
 
 
+# As a raw HKDF salt, a round id was an HMAC key, and HMAC pads a short key with zeros: "r" and "r\x00" were
+# one key, so a coordinator could ask a silo twice under the same masks and difference the two answers.
+@pytest.mark.parametrize("round_id, other", [("r", "r\x00"), ("r", "r\x00\x00"), ("x" * 63, "x" * 63 + "\x00")])
+def test_every_distinct_round_id_gets_its_own_masks(round_id: str, other: str) -> None:
+    private, public = silo_keys(2)
+    a, b = (masks.mask(private["silo-0"], public, me="silo-0", round_id=r, count=64) for r in (round_id, other))
+    assert not np.array_equal(a, b)
+
+
 def test_one_silos_ciphertext_alone_decrypts_to_values_uncorrelated_with_its_scores(contexts) -> None:
     # Over 1000 items |r| of a truly random mask has a standard deviation of about 1/sqrt(1000) = 0.032, so one
     # draw exceeds 0.05 about 12% of the time: the check averages 20 independent rounds (fresh keys, round ids

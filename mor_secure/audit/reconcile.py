@@ -38,7 +38,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from mor_secure.pki.identity import Role, parse_identity
+from mor_secure.pki.identity import SCHEME, Role, parse_identity
 from mor_secure.pki.kits import identity_of
 
 from .checkpoints import Checkpoint, CheckpointError, SignedCheckpoint, verify_checkpoint
@@ -49,7 +49,7 @@ QUERY_PREFIX = "/mor_secure.proto.v1.SiloRewardService/"
 # Statuses the coordinator sees when its call may never have reached the silo.
 NOT_DELIVERED = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"})
 MAX_MISMATCHES = 100
-SILO_PREFIX = "mor://silo/"  # a round's `asked` names silos; calls name them by identity
+SILO_PREFIX = f"{SCHEME}://{Role.SILO.value}/"  # a round's `asked` names silos; calls name them by identity
 
 
 @dataclass

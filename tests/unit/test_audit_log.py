@@ -242,10 +242,15 @@ def test_a_log_survives_kill_minus_9_mid_write_and_the_party_appends_after_resta
     assert result.ok, result.problems[:3]
     assert result.entries >= 200
     log = AuditLog.for_kit(path, kit)
-    assert log.record({"event": "restarted"}) == result.entries
+    # Read right after the kill, the log was seen (in some runs) to show one entry fewer than once the party
+    # reopens it: the newest commit, durable in the WAL, not yet in the WAL index the dead writer left (seen at
+    # ec3040e too). Never more than that one, and the reopened log verifies with it.
+    reopened = verified(path, kit)
+    assert reopened.ok and result.entries <= reopened.entries <= result.entries + 1
+    assert log.record({"event": "restarted"}) == reopened.entries
     log.close()
     after = verified(path, kit)
-    assert after.ok and after.entries == result.entries + 1 and after.uncovered_entries == 0
+    assert after.ok and after.entries == reopened.entries + 1 and after.uncovered_entries == 0
 
 
 def _count(path: Path) -> int:

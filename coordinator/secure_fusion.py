@@ -33,6 +33,7 @@ import tenseal as ts
 import torch
 
 from mor_secure.secagg import aggregation
+from mor_secure.secagg.fixed_point import MAX_PARTICIPANTS
 from mor_secure.transport.authorization import AuditSink
 from mor_secure.wire.client import SecureSiloClient
 from mor_secure.wire.errors import SiloError
@@ -54,6 +55,9 @@ class SecureFusion(ClearFusion):
             if not isinstance(client, SecureSiloClient):
                 raise ValueError(f"clients[{index}] ({client.name}) cannot take part in secure aggregation "
                                  "(agreement_key, secure_score, decrypt)")
+        if len(self.clients) > MAX_PARTICIPANTS:
+            raise ValueError(f"secure aggregation sums at most {MAX_PARTICIPANTS} silos' terms without overflowing "
+                             f"its fixed-point range; this consortium has {len(self.clients)}")
         if not context.is_public():
             raise ValueError("the coordinator's context must be the public one (it must never be able to decrypt)")
         self.context = context

@@ -12,9 +12,9 @@ participant set, packs the terms into one BFV vector and encrypts it. Alone,
 the ciphertext decrypts to values uniform mod t.
 
 `Decrypt` (step 4): the round's decryptor, one of its participants,
-decrypts the coordinator's blinded sum once per round id, and only for a
-round it took part in with at least the minimum participants. It sees sum +
-blinding, uniformly random to it.
+decrypts the coordinator's blinded sum (one ciphertext) once per round id,
+and only for a round it took part in with at least the minimum
+participants. It sees sum + blinding, uniformly random to it.
 
 Both "once"s survive a restart: the masks depend only on the round id and
 the participants, so a restarted silo that answered a round id again would
@@ -29,6 +29,7 @@ privacy budget, like a clear one.
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import os
 import threading
@@ -42,6 +43,7 @@ from mor_secure.pki.identity import PartyIdentity, Role
 from mor_secure.pki.kits import CertKit, identity_of
 from mor_secure.secagg import aggregation, masks
 from mor_secure.secagg.agreement import AgreementKeyError, SignedAgreementKey, verified_agreement_key
+from mor_secure.secagg.fixed_point import MAX_PARTICIPANTS
 from mor_secure.secagg.he_context import SLOTS
 from mor_secure.secagg.provisioning import silo_agreement, silo_context
 from mor_secure.transport.revocation import RevocationList
@@ -92,6 +94,12 @@ class RoundRecord:
     is a write cut short by a crash: its answer never left (each line is on
     disk before its answer is sent), so it is dropped. A missing file is a
     first start.
+
+    The record is the only memory of what was answered, so it has one
+    writer: it holds an exclusive lock on the file until `close()` (or the
+    process's end), and a second opening, by another `mor silo serve` on
+    the same workdir or within one process, is refused. Two processes each
+    reading the record at start would each answer a round id once.
     """
 
     KINDS = ("answered", "decrypted")
@@ -99,8 +107,20 @@ class RoundRecord:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._seen = {kind: _Seen() for kind in self.KINDS}
-        if self.path.exists():
+        # Unbuffered, appending: a failed write leaves no bytes in a buffer to land after the cut (see `add`).
+        self._file = self.path.open("ab", buffering=0)
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._file.close()
+            raise ValueError(f"{self.path} is in use by another process serving this workdir; run one "
+                             "`mor silo serve` per workdir (two would each answer the same round id once)") from None
+        self._broken = False
+        try:
             self._read()
+        except BaseException:
+            self.close()
+            raise
 
     def _read(self) -> None:
         data = self.path.read_bytes()
@@ -116,19 +136,43 @@ class RoundRecord:
                                  "without the round ids it already answered (restore the file from backup)") from None
             self._seen[kind].add(round_id)
         if len(complete) < len(data):
-            os.truncate(self.path, len(complete))
+            self._truncate(len(complete))
+
+    def _truncate(self, size: int) -> None:
+        os.ftruncate(self._file.fileno(), size)
+        os.fsync(self._file.fileno())
 
     def seen(self, kind: str, round_id: str) -> bool:
         return round_id in self._seen[kind]
 
     def add(self, kind: str, round_id: str) -> None:
-        """Record `round_id` as `kind` and wait until it is on disk (the answer may leave only after)."""
-        # Opened per id rather than held: nothing to close when the silo stops, and BFV encryption dwarfs the cost.
-        with self.path.open("a", encoding="utf-8") as record:
-            record.write(json.dumps({kind: round_id}) + "\n")
-            record.flush()
-            os.fsync(record.fileno())
+        """Record `round_id` as `kind` and wait until it is on disk (the answer may leave only after).
+
+        A write that fails (a full disk) is cut back to the last whole line,
+        so the next id does not land on its fragment (the record would then
+        refuse the next start); if even that fails, every later add is
+        refused until a restart, whose read drops the fragment.
+        """
+        if self._broken:
+            raise OSError(f"{self.path}: an earlier write failed and could not be undone; restart the silo")
+        line = (json.dumps({kind: round_id}) + "\n").encode()
+        size = os.fstat(self._file.fileno()).st_size
+        try:
+            written = 0
+            while written < len(line):  # a short write (the disk filling up) is followed by the error
+                written += self._file.write(line[written:])
+            os.fsync(self._file.fileno())
+        except OSError:
+            try:
+                self._truncate(size)
+            except OSError:
+                self._broken = True
+            raise
         self._seen[kind].add(round_id)
+
+    def close(self) -> None:
+        """Release the record (and its lock); it is read again at the next start."""
+        self._file.close()
 
 
 class SecureRounds:
@@ -161,6 +205,9 @@ class SecureRounds:
             raise invalid(f"participants repeat a silo: {sorted(n for n in set(names) if names.count(n) > 1)}")
         if self.name not in names:
             raise invalid(f"silo {self.name!r} is not among the round's participants {names}")
+        if len(names) > MAX_PARTICIPANTS:
+            raise invalid(f"a secure round has at most {MAX_PARTICIPANTS} participants (its sum would overflow "
+                          f"the fixed-point range); this one has {len(names)}")
         if len(names) < self.minimum_participants:
             raise SiloError(ErrorCode.FAILED_PRECONDITION, f"a secure round needs at least "
                             f"{self.minimum_participants} participants under this silo's policy; this one has "
@@ -221,14 +268,28 @@ class SecureRounds:
             if self.rounds.seen("answered", score.round_id):
                 raise SiloError(ErrorCode.FAILED_PRECONDITION, f"round {score.round_id!r} was already answered; "
                                 "a restart uses a new round id")
-            self.rounds.add("answered", score.round_id)  # reserved now: a concurrent replay is refused too
+            self._record("answered", score.round_id)  # reserved now: a concurrent replay is refused too
         peers = self._peer_keys(request)
         terms = self.service.score(score).scores  # the same checks as a clear Score; pre-weighted
         mask = masks.mask(self._private, peers, me=self.name, round_id=score.round_id, count=len(terms))
-        return SecureScoreReply(ciphertexts=(aggregation.contribution(terms, mask, self._context),))
+        try:
+            ciphertext = aggregation.contribution(terms, mask, self._context)
+        except ValueError as exc:  # standardised scores are O(1) and weights at most 1: only a broken model gets here
+            raise SiloError(ErrorCode.FAILED_PRECONDITION, f"silo {self.name!r} cannot encode its scores for "
+                            f"round {score.round_id!r}: {exc}; check its reward model") from None
+        return SecureScoreReply(ciphertexts=(ciphertext,))
 
     def decrypt(self, request: DecryptRequest) -> DecryptReply:
         self._check_participants(list(request.participants))
+        if len(request.ciphertexts) != 1:
+            raise invalid(f"a Decrypt request carries one ciphertext, the round's blinded sum; this one has "
+                          f"{len(request.ciphertexts)}")
+        # Decrypted before the round is marked, so a malformed request does not use up its one decryption; the
+        # values leave only once the mark is on disk.
+        try:
+            values = tuple(int(v) for v in aggregation.decrypt(request.ciphertexts[0], self._context))
+        except (ValueError, RuntimeError, TypeError):
+            raise invalid("the ciphertext of the request is not a BFV vector of this consortium's context") from None
         with self._lock:
             if not self.rounds.seen("answered", request.round_id):
                 raise SiloError(ErrorCode.FAILED_PRECONDITION, f"this silo took no part in round "
@@ -236,9 +297,13 @@ class SecureRounds:
             if self.rounds.seen("decrypted", request.round_id):
                 raise SiloError(ErrorCode.FAILED_PRECONDITION, f"round {request.round_id!r} was already decrypted; "
                                 "each round is decrypted once")
-            self.rounds.add("decrypted", request.round_id)
+            self._record("decrypted", request.round_id)
+        return DecryptReply(values=(values,))
+
+    def _record(self, kind: str, round_id: str) -> None:
+        """`rounds.add`, a write that fails (a full disk) refused as the silo's, not the request's, failure."""
         try:
-            values = tuple(tuple(int(v) for v in aggregation.decrypt(c, self._context)) for c in request.ciphertexts)
-        except (ValueError, RuntimeError, TypeError):
-            raise invalid("a ciphertext of the request is not a BFV vector of this consortium's context") from None
-        return DecryptReply(values=values)
+            self.rounds.add(kind, round_id)
+        except OSError as exc:
+            raise SiloError(ErrorCode.FAILED_PRECONDITION, f"silo {self.name!r} could not record round "
+                            f"{round_id!r} as {kind} ({exc}); it answers no secure round until it can") from None

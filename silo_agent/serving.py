@@ -1,7 +1,8 @@
 """`mor silo serve`: the silo's trained reward model behind mutually authenticated gRPC, under its policy.
 
 Order of a run: the policy and kit are checked (a bad file fails before any
-port opens); the server starts on an mTLS port with health NOT_SERVING; the
+port opens); the workdir's round record is locked (a second server on the
+same workdir stops here); the server starts on an mTLS port with health NOT_SERVING; the
 port is reported (log line, and `--port-file` for scripts: the OS chooses it
 when the config says port 0); the model is loaded; health turns SERVING. On
 SIGTERM or SIGINT the silo turns NOT_SERVING, stops accepting calls, lets the
@@ -95,16 +96,34 @@ def server_settings(settings: ServeSettings, policy: SiloPolicy) -> ServerSettin
                           max_open_streams=DEFAULT_MAX_OPEN_STREAMS)
 
 
-def start_silo_server(config: SiloConfig, *, port_file: Path | None = None) -> tuple[RunningServer, SiloAuditTrail]:
-    """Start serving `config`'s silo (returns once health is SERVING)."""
+def start_silo_server(config: SiloConfig, *,
+                      port_file: Path | None = None) -> tuple[RunningServer, SiloAuditTrail, RoundRecord]:
+    """Start serving `config`'s silo (returns once health is SERVING).
+
+    The workdir's round record is opened first: its lock refuses a second
+    server on the same workdir before it touches the ledger, the audit log
+    or a port (`RoundRecord`).
+    """
     if config.serve is None:
         raise ValueError(f"silo {config.name!r} has no `serve:` section in its YAML (kit, policy, port); add one")
-    settings = config.serve
     kit = _checked_kit(config)
     policy, policy_source = serving_policy(config)
     if not (config.workdir / MODEL_DIR).is_dir():
         raise FileNotFoundError(f"{config.workdir / MODEL_DIR}: no trained reward model; run "
                                 "`mor silo train --config <silo>.yaml` first")
+    rounds = RoundRecord(config.workdir / ROUND_RECORD)
+    try:
+        running, audit = _serve_model(config, kit, policy, policy_source, rounds, port_file)
+    except BaseException:
+        rounds.close()
+        raise
+    return running, audit, rounds
+
+
+def _serve_model(config: SiloConfig, kit: CertKit, policy: SiloPolicy, policy_source: str, rounds: RoundRecord,
+                 port_file: Path | None) -> tuple[RunningServer, SiloAuditTrail]:
+    """`start_silo_server` once the workdir is its own: ledger, audit log, port, model, secure rounds."""
+    settings = config.serve
     ledger = open_ledger(config) if config.training.dp.enabled else None
     # One checkpoint per entry: every answer carries a signed tree head that covers its own entry.
     audit = SiloAuditTrail(AuditLog.for_kit(audit_log_path(config), kit, checkpoint_every_entries=1),
@@ -121,7 +140,7 @@ def start_silo_server(config: SiloConfig, *, port_file: Path | None = None) -> t
                               policy_source=policy_source)
         service = load_service(config, policy, ledger)
         secure = (SecureRounds(service, kit, minimum_participants=policy.minimum_participants,
-                               revocations=running.revocations, rounds=RoundRecord(config.workdir / ROUND_RECORD))
+                               revocations=running.revocations, rounds=rounds)
                   if has_silo_material(kit) else None)
         if secure is None:
             logger.warning("silo %s: its kit holds no secure-aggregation keys, so it answers clear rounds only "
@@ -142,11 +161,12 @@ def serve_until_signalled(config: SiloConfig, *, port_file: Path | None = None) 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    running, audit = start_silo_server(config, port_file=port_file)
+    running, audit, rounds = start_silo_server(config, port_file=port_file)
     stop.wait()
     logger.info("silo %s draining (up to %.0f s for in-flight calls)", config.name, config.serve.drain_seconds)
     running.stop(config.serve.drain_seconds)
     audit.serving_stopped(silo=config.name)
     audit.close()
+    rounds.close()
     logger.info("silo %s stopped", config.name)
     return 0

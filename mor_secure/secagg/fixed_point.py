@@ -20,6 +20,8 @@ PLAIN_MODULUS = 1099511922689
 SCALE_BITS = 20
 SCALE = 1 << SCALE_BITS
 MAX_ABS_TERM = float(1 << 15)
+# Silos whose terms one sum may add: 16 * 2^15 * 2^20 = 2^39 < t / 2 (t just above 2^40), so it never wraps.
+MAX_PARTICIPANTS = 16
 
 
 def encode(values: Sequence[float]) -> np.ndarray:

@@ -11,6 +11,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from silo_fakes import RightAnswerModel, png
@@ -76,12 +77,13 @@ def secure_rounds(service: SiloService, kit: CertKit, record: Path, *, minimum: 
                         revocations=RevocationList(kit.crl_path, kit.ca_certificate()), rounds=RoundRecord(record))
 
 
-def clients(kits, workdir: Path, *, minimum: int = 2) -> list[InProcessSiloClient]:
+def clients(kits, workdir: Path | None, *, minimum: int = 2) -> list[InProcessSiloClient]:
+    """The three silos in process; with no `workdir` (and so no round records), for clear rounds only."""
     out = []
     for k, name in enumerate(SILOS):
         service = SiloService(name, ScaledModel(1.0 + k))
-        out.append(InProcessSiloClient(service, secure=secure_rounds(service, kits[name], workdir / f"{name}.jsonl",
-                                                                     minimum=minimum)))
+        out.append(InProcessSiloClient(service, secure=None if workdir is None else secure_rounds(
+            service, kits[name], workdir / f"{name}.jsonl", minimum=minimum)))
     return out
 
 
@@ -95,7 +97,7 @@ def items(tmp_path: Path) -> FusionItems:
 def test_the_secure_fused_reward_equals_the_clear_one(kits, items, tmp_path: Path) -> None:
     weights = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.2, 0.2], [0.2, 0.3, 0.5], [0.1, 0.1, 0.8]])
     secure = SecureFusion(clients(kits, tmp_path), coordinator_context(kits["coordinator"])).fuse(items, weights)
-    clear = ClearFusion(clients(kits, tmp_path)).fuse(items, weights)
+    clear = ClearFusion(clients(kits, None)).fuse(items, weights)
     assert torch.allclose(secure, clear, atol=1e-4), (secure, clear)
 
 
@@ -109,7 +111,7 @@ def test_a_silo_that_fails_makes_the_round_restart_with_the_others(kits, items, 
     silos[2] = Down(silos[2].service, secure=silos[2].secure)
     weights = torch.full((4, 3), 1 / 3)
     fusion = SecureFusion(silos, coordinator_context(kits["coordinator"]), minimum_participants=2)
-    expected = ClearFusion(clients(kits, tmp_path)[:2]).fuse(items, torch.full((4, 2), 0.5))
+    expected = ClearFusion(clients(kits, None)[:2]).fuse(items, torch.full((4, 2), 0.5))
     assert torch.allclose(fusion.fuse(items, weights), expected, atol=1e-4)
     assert fusion.last_round == {"hospital-a": True, "bank-b": True, "hospital-c": False}
     with pytest.raises(RoundFailedError, match="fewer than the consortium's minimum of 3"):
@@ -145,7 +147,7 @@ def test_a_silo_lost_in_a_later_chunk_leaves_no_decrypted_sum_that_included_it(k
     fusion = SecureFusion(silos, coordinator_context(kits["coordinator"]), minimum_participants=2)
     fused = fusion.fuse(items, torch.full((rows, 3), 1 / 3))
     assert decrypted_over == [("hospital-a", "bank-b")] * 2  # one decryption per chunk, none with hospital-c
-    expected = ClearFusion(clients(kits, tmp_path)[:2]).fuse(items, torch.full((rows, 2), 0.5))
+    expected = ClearFusion(clients(kits, None)[:2]).fuse(items, torch.full((rows, 2), 0.5))
     assert torch.allclose(fused, expected, atol=1e-4)
     assert fusion.last_round == {"hospital-a": True, "bank-b": True, "hospital-c": False}
 
@@ -221,6 +223,49 @@ def test_a_round_below_the_minimum_a_weight_over_the_cap_and_a_swapped_key_are_r
     assert len(silos[0].secure_score(request(silos, "r4")).ciphertexts) == 1  # and it still serves
 
 
+def test_a_decrypt_of_other_than_one_valid_ciphertext_is_refused_and_the_round_keeps_its_decryption(
+        silos, kits) -> None:
+    good = request(silos, "round-d")
+    ciphertexts = [silo.secure_score(good).ciphertexts[0] for silo in silos]
+    decrypt = DecryptRequest(round_id="round-d", participants=tuple(p.name for p in good.participants),
+                             ciphertexts=())
+    refused(lambda: silos[0].decrypt(decrypt), ErrorCode.INVALID_ARGUMENT, "carries one ciphertext.*this one has 0")
+    refused(lambda: silos[0].decrypt(replace(decrypt, ciphertexts=tuple(ciphertexts[:2]))),
+            ErrorCode.INVALID_ARGUMENT, "this one has 2")
+    refused(lambda: silos[0].decrypt(replace(decrypt, ciphertexts=(b"not a ciphertext",))),
+            ErrorCode.INVALID_ARGUMENT, "is not a BFV vector")
+    # None of those used up the round's one decryption: the sum decrypts, 0.5 * (1 + 3 + 5) (scores 1, 3, 5).
+    total = aggregation.add(ciphertexts, coordinator_context(kits["coordinator"])).serialize()
+    (values,) = silos[0].decrypt(replace(decrypt, ciphertexts=(total,))).values
+    assert abs(decode(np.asarray(values[:1]))[0] - 4.5) < 1e-4
+    refused(lambda: silos[0].decrypt(replace(decrypt, ciphertexts=(total,))), ErrorCode.FAILED_PRECONDITION,
+            "was already decrypted")
+
+
+def test_a_round_of_more_silos_than_the_fixed_point_range_sums_is_refused(silos, kits) -> None:
+    """17 silos' terms at the extremes would wrap around mod t; the silo refuses the round, the coordinator the
+    consortium."""
+    good = request(silos, "r-17")
+    many = good.participants + tuple(replace(good.participants[1], name=f"silo-{k}") for k in range(14))
+    refused(lambda: silos[0].secure_score(replace(good, participants=many)), ErrorCode.INVALID_ARGUMENT,
+            "at most 16 participants.*this one has 17")
+    refused(lambda: silos[0].decrypt(DecryptRequest(round_id="r-17", participants=tuple(p.name for p in many),
+                                                    ciphertexts=(b"",))),
+            ErrorCode.INVALID_ARGUMENT, "at most 16 participants")
+    assert len(silos[0].secure_score(good).ciphertexts) == 1  # the round id was not used up, and it still serves
+    seventeen = [InProcessSiloClient(SiloService(f"silo-{k}", ScaledModel(1.0))) for k in range(17)]
+    with pytest.raises(ValueError, match="at most 16 silos' terms.*this consortium has 17"):
+        SecureFusion(seventeen, coordinator_context(kits["coordinator"]))
+
+
+def test_a_score_beyond_the_fixed_point_range_fails_as_the_silos_own_precondition(kits, tmp_path: Path) -> None:
+    service = SiloService("hospital-a", ScaledModel(1e5))  # standardised score ~2e5, beyond 2^15
+    broken = InProcessSiloClient(service, secure=secure_rounds(service, kits["hospital-a"], tmp_path / "a.jsonl"))
+    silos = [broken, *clients(kits, tmp_path)[1:]]
+    refused(lambda: broken.secure_score(request(silos, "too-large")), ErrorCode.FAILED_PRECONDITION,
+            "cannot encode its scores for round 'too-large'.*beyond the fixed-point range.*check its reward model")
+
+
 def participant_of(kit: CertKit) -> Participant:
     """The participant entry whoever holds `kit` would present: its certificate and a key-agreement key it signed."""
     certificate_key = serialization.load_pem_private_key(kit.key_path.read_bytes(), password=None)
@@ -292,13 +337,15 @@ def test_a_replayed_round_id_is_refused_after_the_silo_restarts(kits, tmp_path: 
     first = request(local, "before-restart")
     decrypt = DecryptRequest(round_id="before-restart", participants=tuple(p.name for p in first.participants),
                              ciphertexts=())
-    running, remote = started(secure_rounds(local[0].service, kit, record))
+    secure = secure_rounds(local[0].service, kit, record)
+    running, remote = started(secure)
     try:
         (ciphertext,) = remote.secure_score(first).ciphertexts
         remote.decrypt(replace(decrypt, ciphertexts=(ciphertext,)))
     finally:
         remote.close()
         running.stop(0)
+        secure.rounds.close()  # as `mor silo serve` does when it stops
     running, remote = started(secure_rounds(local[0].service, kit, record))  # the restart: a new process's state
     try:
         refused(lambda: remote.secure_score(replace(first, score=replace(first.score, weights=(0.25,)))),
@@ -309,18 +356,3 @@ def test_a_replayed_round_id_is_refused_after_the_silo_restarts(kits, tmp_path: 
     finally:
         remote.close()
         running.stop(0)
-
-
-def test_a_round_record_that_cannot_be_read_refuses_the_start_and_a_cut_short_last_line_is_dropped(
-        kits, tmp_path: Path) -> None:
-    service, kit = SiloService("hospital-a", ScaledModel(1.0)), kits["hospital-a"]
-    record = tmp_path / "secure_rounds.jsonl"
-    record.write_text('{"answered": "r1"}\nnot a round id\n', encoding="utf-8")
-    with pytest.raises(ValueError, match="line 2 is not a round record; the silo will not start"):
-        secure_rounds(service, kit, record)
-    # A crash between writing a line and its newline: that round's answer never left, so it is not a round seen.
-    record.write_text('{"answered": "r1"}\n{"answered": "r2', encoding="utf-8")
-    rounds = RoundRecord(record)
-    assert (rounds.seen("answered", "r1"), rounds.seen("answered", "r2")) == (True, False)
-    rounds.add("decrypted", "r1")
-    assert record.read_text(encoding="utf-8") == '{"answered": "r1"}\n{"decrypted": "r1"}\n'

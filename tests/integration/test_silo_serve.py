@@ -251,6 +251,22 @@ def _mutate(case: tuple[bytes, list[tuple[int, int]], int]) -> bytes:
     return bytes(data[: max(1, cut % (len(data) + 1))]) if data else bytes(data)
 
 
+def test_a_second_server_on_the_same_workdir_is_refused_before_it_opens_anything(served_silo, pki) -> None:
+    """Each would read the round record once at start, so each would answer a secure round id once."""
+    audit_log = served_silo.config.workdir / "audit.db"
+    entries_before = len(read_log(audit_log).entries)
+    port_file = served_silo.tmp / "second-port.json"
+    second = subprocess.run([sys.executable, "-m", "mor_cli", "silo", "serve", "--config",
+                             str(served_silo.tmp / "hospital-a.yaml"), "--port-file", str(port_file)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert second.returncode == 1, second
+    assert "is in use by another process serving this workdir; run one `mor silo serve` per workdir" in second.stderr
+    assert not port_file.exists()  # no port was opened
+    assert len(read_log(audit_log).entries) == entries_before  # nothing written to the first server's log
+    assert health_status(served_silo.port, pki.kits["coordinator"]) == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_sigterm_drains_and_exits_zero_with_a_final_checkpoint(served_silo, pki) -> None:
     """Runs last in this module: it stops the served silo."""
     served_silo.process.send_signal(signal.SIGTERM)

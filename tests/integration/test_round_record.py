@@ -1,0 +1,89 @@
+"""The silo's record of answered and decrypted round ids (`RoundRecord`): read back whole, written whole, one writer.
+
+Real files, real `flock`, a real second process, and a real short write: a
+child process under RLIMIT_FSIZE, the kernel's "disk full" for one file.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from silo_agent.secure_rounds import RoundRecord
+
+
+def test_a_round_record_that_cannot_be_read_refuses_the_start_and_a_cut_short_last_line_is_dropped(
+        tmp_path: Path) -> None:
+    record = tmp_path / "secure_rounds.jsonl"
+    record.write_text('{"answered": "r1"}\nnot a round id\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="line 2 is not a round record; the silo will not start"):
+        RoundRecord(record)
+    # A crash between writing a line and its newline: that round's answer never left, so it is not a round seen.
+    record.write_text('{"answered": "r1"}\n{"answered": "r2', encoding="utf-8")
+    rounds = RoundRecord(record)  # the refused opening above let its lock go
+    assert (rounds.seen("answered", "r1"), rounds.seen("answered", "r2")) == (True, False)
+    rounds.add("decrypted", "r1")
+    assert record.read_text(encoding="utf-8") == '{"answered": "r1"}\n{"decrypted": "r1"}\n'
+    rounds.close()
+
+
+def run_python(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script), *args], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_a_second_process_on_the_same_record_is_refused_until_the_first_closes_it(tmp_path: Path) -> None:
+    """Two silo servers on one workdir would each read the record once and each answer a round id once."""
+    path = tmp_path / "secure_rounds.jsonl"
+    second_server = """
+        import sys
+        from silo_agent.secure_rounds import RoundRecord
+        try:
+            RoundRecord(sys.argv[1]).add("answered", "r1")
+        except ValueError as error:
+            sys.exit(f"refused: {error}")
+        print("answered r1")
+    """
+    first = RoundRecord(path)
+    child = run_python(second_server, str(path))
+    assert child.returncode == 1 and "is in use by another process serving this workdir" in child.stderr, child
+    with pytest.raises(ValueError, match="is in use by another process"):  # within one process too
+        RoundRecord(path)
+    first.add("answered", "r0")  # the holder still records
+    first.close()
+    child = run_python(second_server, str(path))
+    assert (child.returncode, child.stdout) == (0, "answered r1\n"), child
+    reopened = RoundRecord(path)
+    assert reopened.seen("answered", "r0") and reopened.seen("answered", "r1")
+    reopened.close()
+
+
+def test_a_write_cut_short_by_a_full_disk_leaves_only_whole_lines(tmp_path: Path) -> None:
+    """The failed id is not recorded (its answer never leaves); the next one is a line of its own, so the record
+    still opens at the next start with every id that was answered."""
+    path = tmp_path / "secure_rounds.jsonl"
+    child = run_python("""
+        import os, resource, signal, sys
+        from silo_agent.secure_rounds import RoundRecord
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal, as on a full disk
+        record = RoundRecord(sys.argv[1])
+        record.add("answered", "r1")
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(sys.argv[1]) + 10, hard))
+        try:
+            record.add("answered", "a round id longer than the ten bytes left")
+        except OSError as error:
+            print("refused:", error.errno == 27)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))  # room again
+        record.add("answered", "r3")
+        print("seen:", record.seen("answered", "a round id longer than the ten bytes left"))
+    """, str(path))
+    assert (child.returncode, child.stdout) == (0, "refused: True\nseen: False\n"), child
+    assert path.read_text(encoding="utf-8") == '{"answered": "r1"}\n{"answered": "r3"}\n'
+    rounds = RoundRecord(path)
+    assert (rounds.seen("answered", "r1"), rounds.seen("answered", "r3")) == (True, True)
+    rounds.close()

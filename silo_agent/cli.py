@@ -68,7 +68,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"public privacy report: {outcome.report_path}")
     print(f"local diagnostics (not for release): {outcome.diagnostics_path}")
     if r.dp_enabled:
-        print(f"epsilon {r.epsilon:.3f}  delta {r.delta:g}  per {r.privacy_unit}  noise {r.noise_multiplier:.3f}  "
+        unit = "image (or unit_id, where the data names one)" if r.privacy_unit == "image" else r.privacy_unit
+        print(f"epsilon {r.epsilon:.3f}  delta {r.delta:g}  per {unit}  noise {r.noise_multiplier:.3f}  "
               f"sample rate {r.sample_rate:.4f}  steps {r.steps}  clip {r.max_grad_norm}  accountant {r.accountant}")
         if not r.private:
             print(f"WARNING: noise {r.noise}: this model is NOT differentially private")

@@ -36,6 +36,17 @@ class ServeSettings(StrictModel):
     drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM: how long in-flight calls may finish.")
 
 
+class OwnData(StrictModel):
+    """The silo's own preference pairs (docs/silo-operator.md section 5). Paths relative to the YAML."""
+
+    pairs: Path = Field(description="Preference JSONL in TRL's field names, one pair per line: prompt, chosen, "
+                        "rejected, images (one path, relative to `images`), optional kind and unit_id (the patient: "
+                        "the privacy unit). Validated whole before training: one bad row refuses the run, every "
+                        "bad row listed as FILE:LINE: reason.")
+    images: Path = Field(description="Directory the rows' image paths are resolved under; a path that leaves it "
+                         "(absolute, `..`, a symlink out) is refused.")
+
+
 class SiloConfig(StrictModel):
     """`mor silo train --config silo.yaml`. Relative paths are relative to this file."""
 
@@ -44,6 +55,9 @@ class SiloConfig(StrictModel):
     workdir: Path = Field(description="Where the reward model, privacy ledger, public privacy report and local "
                           "diagnostics are written. The ledger is created once by `mor silo init`.")
     architecture: Architecture = Field(description="Reward-model architecture: lora_vlm, frozen_encoders or small_cnn.")
+    data: OwnData | None = Field(
+        None, description="Your own preference pairs to train on. Without it, `mor silo train` trains on the "
+        "easy-VQA partition the consortium file gives this silo, with the label noise it sets (the benchmark).")
     base_model: Path | None = Field(None, description="Shared VLM checkpoint directory; required for lora_vlm.")
     feature_cache: Path | None = Field(
         None, description="frozen_encoders only: where training caches the frozen features of the silo's images "

@@ -18,6 +18,7 @@ from mor_secure.data import (
     ConsortiumSpec,
     ConsortiumSplits,
     PreferencePair,
+    import_preference_jsonl,
     load_consortium,
     make_pairs,
     make_splits,
@@ -69,6 +70,9 @@ def load_silo_config(path: str | Path) -> SiloConfig:
     for optional in ("base_model", "feature_cache"):
         if getattr(config, optional) is not None:
             updates[optional] = resolve_relative(path, getattr(config, optional))
+    if config.data is not None:
+        updates["data"] = config.data.model_copy(update={
+            field: resolve_relative(path, getattr(config.data, field)) for field in ("pairs", "images")})
     if config.serve is not None:
         serve = config.serve
         updates["serve"] = serve.model_copy(update={
@@ -152,11 +156,19 @@ def open_ledger(config: SiloConfig) -> PrivacyLedger:
                          delta_budget=config.privacy_budget.delta)
 
 
+def silo_pairs(config: SiloConfig, spec: ConsortiumSpec, splits: ConsortiumSplits) -> tuple[PreferencePair, ...]:
+    """The silo's private pairs: its own file (`data:`, validated whole: DataImportError), else its easy-VQA
+    partition with the consortium file's label noise (the benchmark)."""
+    if config.data is not None:
+        return import_preference_jsonl(config.data.pairs, config.data.images)
+    return pairs_for_silo(splits, spec, config.name)
+
+
 def split_silo_pairs(config: SiloConfig, spec: ConsortiumSpec,
                      splits: ConsortiumSplits) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(train, held-out) pairs of the silo, split by privacy unit: about `validation_fraction` of the units,
     each chosen on its own id (`held_out_units`), held back for the local held-out accuracy."""
-    pairs = list(pairs_for_silo(splits, spec, config.name))
+    pairs = list(silo_pairs(config, spec, splits))
     held_out = held_out_units((privacy_unit_of(p) for p in pairs), fraction=config.validation_fraction,
                               salt=f"{silo_seed(spec.seed, config.name)}/held-out")
     return ([p for p in pairs if privacy_unit_of(p) not in held_out],
@@ -183,7 +195,8 @@ def train_silo(config: SiloConfig, *, progress: bool = True) -> SiloTrainingOutc
         spec: ConsortiumSpec = load_consortium(config.consortium)
         splits = make_splits(spec)
         train, held_out = split_silo_pairs(config, spec, splits)
-        logger.info("silo %s: %d training pairs, %d held-out pairs", config.name, len(train), len(held_out))
+        logger.info("silo %s: %d training pairs, %d held-out pairs, from %s", config.name, len(train), len(held_out),
+                    config.data.pairs if config.data is not None else "its easy-VQA partition")
         model = build_reward_model(config)
         if isinstance(model, SmallCNNRewardModel):
             # Public data only (the coordinator's published SFT split): no privacy cost.

@@ -1,0 +1,109 @@
+"""`mor silo train` on the operator's own preference file (`data:` in the silo YAML), end to end through the CLI.
+
+The file is built from easy-VQA images copied under an image root, 2 pairs
+per image, 3 images per patient (`unit_id`), so the privacy unit is the
+patient: 15 patients, 90 pairs (the consortium's partition would give
+hospital-a 120).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mor_cli.main import main
+from mor_secure.data import make_pairs
+from silo_agent import training as silo_training
+from silo_agent.training import DIAGNOSTICS_FILE, MODEL_DIR, REPORT_FILE
+
+PATIENTS, IMAGES_PER_PATIENT, PAIRS_PER_IMAGE = 15, 3, 2
+
+OWN_DATA_YAML = """\
+name: hospital-a
+consortium: consortium.yaml
+workdir: {workdir}
+architecture: small_cnn
+public_pretraining_steps: 5
+data:
+  pairs: {pairs}
+  images: images
+training:
+  epochs: 2
+  batch_size: 4
+  learning_rate: 0.005
+  dp:
+    target_epsilon: 8.0
+    target_delta: 1.0e-5
+privacy_budget:
+  epsilon: 10.0
+  delta: 2.0e-5
+"""
+
+
+@pytest.fixture(scope="module")
+def own_data(tmp_path_factory: pytest.TempPathFactory, consortium_path: Path, consortium) -> Path:
+    """A silo directory: the consortium file, `images/` and `pairs.jsonl` (relative paths, as an operator writes)."""
+    _, splits = consortium
+    directory = tmp_path_factory.mktemp("own-data")
+    shutil.copy(consortium_path, directory / "consortium.yaml")
+    (directory / "images").mkdir()
+    by_image: dict[Path, list] = {}
+    for record in splits.private["hospital-a"]:
+        by_image.setdefault(record.image_path, []).append(record)
+    chosen_images = [image for image, records in by_image.items()
+                     if len(records) >= PAIRS_PER_IMAGE][:PATIENTS * IMAGES_PER_PATIENT]
+    rows = []
+    for index, image in enumerate(chosen_images):
+        shutil.copy(image, directory / "images" / f"scan-{index}.png")
+        for pair in make_pairs(by_image[image][:PAIRS_PER_IMAGE], seed=index):
+            rows.append({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected,
+                         "images": [f"scan-{index}.png"], "kind": pair.kind,
+                         "unit_id": f"patient-{index // IMAGES_PER_PATIENT}"})
+    (directory / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return directory
+
+
+def silo_yaml(directory: Path, name: str, pairs: str) -> Path:
+    path = directory / f"{name}.yaml"
+    path.write_text(OWN_DATA_YAML.format(workdir=f"work/{name}", pairs=pairs), encoding="utf-8")
+    assert main(["silo", "init", "--config", str(path)]) == 0
+    return path
+
+
+def test_a_silo_trains_on_its_own_file_with_the_patient_as_the_privacy_unit(own_data: Path, capsys) -> None:
+    config = silo_yaml(own_data, "own", "pairs.jsonl")
+    assert main(["silo", "train", "--config", str(config), "--no-progress"]) == 0, capsys.readouterr().err
+    workdir = own_data / "work" / "own"
+    diagnostics = json.loads((workdir / DIAGNOSTICS_FILE).read_text())
+    pairs_per_patient = IMAGES_PER_PATIENT * PAIRS_PER_IMAGE
+    assert diagnostics["train_pairs"] + diagnostics["held_out_pairs"] == PATIENTS * pairs_per_patient
+    # Held back and trained on whole patients: one DP unit per patient, never an image of one on each side.
+    assert diagnostics["held_out_pairs"] % pairs_per_patient == 0 and diagnostics["held_out_pairs"] > 0
+    assert diagnostics["units"] == diagnostics["train_pairs"] // pairs_per_patient
+    privacy = json.loads((workdir / REPORT_FILE).read_text())["privacy"]
+    assert privacy["privacy_unit"] == "image" and privacy["private"] is True
+    assert privacy["sample_rate"] == pytest.approx(1 / -(-diagnostics["units"] // 4))
+    (charge,) = silo_training.open_ledger(silo_training.load_silo_config(config)).charges
+    assert charge.settled and charge.epsilon == privacy["epsilon"] > 0
+    assert (workdir / MODEL_DIR / "reward_model.json").is_file()
+
+
+def test_a_file_with_bad_rows_is_refused_whole_listing_each_and_spends_nothing(own_data: Path, capsys) -> None:
+    lines = (own_data / "pairs.jsonl").read_text(encoding="utf-8").splitlines(keepends=True)
+    same = json.loads(lines[2])
+    lines[2] = json.dumps({**same, "rejected": same["chosen"]}) + "\n"
+    lines[4] = json.dumps({**json.loads(lines[4]), "images": ["../consortium.yaml"]}) + "\n"
+    (own_data / "bad.jsonl").write_text("".join(lines), encoding="utf-8")
+    config = silo_yaml(own_data, "bad", "bad.jsonl")
+    capsys.readouterr()
+    assert main(["silo", "train", "--config", str(config), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"{own_data / 'bad.jsonl'}: 2 problem(s), nothing imported:" in err
+    assert f"{own_data / 'bad.jsonl'}:3: chosen and rejected are the same answer" in err
+    assert f"{own_data / 'bad.jsonl'}:5: " in err and "Traceback" not in err
+    (charge,) = silo_training.open_ledger(silo_training.load_silo_config(config)).charges
+    assert charge.settled and (charge.epsilon, charge.delta) == (0.0, 0.0)
+    assert not (own_data / "work" / "bad" / MODEL_DIR).exists()

@@ -14,7 +14,9 @@ both roles) and never in `silo_agent` or `coordinator`.
   one model; DP off by default. An upper bound that breaks privacy.
 
 Train/validation split per silo is exactly `silo_agent.training.train_silo`'s,
-so no baseline trains on a pair a silo held back.
+so no baseline trains on a pair a silo held back. A silo YAML naming its own
+data (`data:`) is refused: the baselines only ever read the benchmark
+partitions.
 """
 
 from __future__ import annotations
@@ -182,8 +184,19 @@ def silo_configs_from_paths(paths: Sequence[str | Path]) -> list[SiloConfig]:
 
 def _load_silo_data(silo_configs: Sequence[SiloConfig]) -> tuple[
         ConsortiumSpec, ConsortiumSplits, dict[str, tuple[list[PreferencePair], list[PreferencePair]]]]:
-    """The consortium, its splits and, per silo, its (train, held-out) pairs."""
+    """The consortium, its splits and, per silo, its (train, held-out) pairs of the benchmark partition.
+
+    A silo with its own data (`data:`) is refused before anything is read: a
+    baseline pools every silo's pairs in this one process and charges no
+    ledger, so it must never see a silo's real data.
+    """
     check_same_consortium(silo_configs)
+    own = sorted(c.name for c in silo_configs if c.data is not None)
+    if own:
+        raise ValueError(f"silo(s) {', '.join(own)} name their own data (`data:` in the silo YAML); the FedAvg and "
+                         "centralised baselines are a simulation on the consortium's easy-VQA partitions that pools "
+                         "every silo's pairs in one process and charges no privacy ledger, so they never read a "
+                         "silo's own data. Remove `data:` from a copy of the silo YAML to run the benchmark.")
     spec = load_consortium(silo_configs[0].consortium)
     splits = make_splits(spec)
     data = {c.name: split_silo_pairs(c, spec, splits) for c in silo_configs}

@@ -202,3 +202,23 @@ def test_silos_of_different_consortia_are_refused(tmp_path: Path, consortium_pat
         silo_configs_from_paths([first, second])
     with pytest.raises(ValueError, match="repeat"):
         silo_configs_from_paths([first, first])
+
+
+@pytest.mark.parametrize("baseline", ["fedavg", "centralized"])
+def test_a_silo_with_its_own_data_is_refused_before_its_file_is_read(baseline: str, tmp_path: Path,
+                                                                     consortium_path: Path) -> None:
+    """The baselines pool every silo's pairs in one process with no ledger charge: never a silo's real data."""
+    paths = write_silos(tmp_path, consortium_path)
+    own = paths[1]
+    (tmp_path / "images").mkdir()
+    # Unreadable on purpose: a baseline that opened it would fail with DataImportError, not this refusal.
+    (tmp_path / "pairs.jsonl").write_text("not json\n", encoding="utf-8")
+    own.write_text(own.read_text(encoding="utf-8") + "data:\n  pairs: pairs.jsonl\n  images: images\n",
+                   encoding="utf-8")
+    configs = silo_configs_from_paths(paths)
+    train, settings = ((train_fedavg_reward_model, FedAvgSettings()) if baseline == "fedavg" else
+                       (train_centralized_reward_model, CentralizedSettings(training=TrainingConfig())))
+    with pytest.raises(ValueError, match=r"bank-b.*own data.*simulation") as refused:
+        train(configs, tmp_path / "out", settings, progress=False)
+    assert type(refused.value) is ValueError
+    assert not (tmp_path / "out").exists()

@@ -100,30 +100,54 @@ class RoundRecord:
     process's end), and a second opening, by another `mor silo serve` on
     the same workdir or within one process, is refused. Two processes each
     reading the record at start would each answer a round id once.
+    `flock` locks a file, not a name, so the file is checked to be still
+    the one at `path` when locked and before every write (`add`).
     """
 
     KINDS = ("answered", "decrypted")
+    # A file put in place between opening and locking is opened again; more than this many in a row is not an
+    # accident of timing but something rewriting the record in a loop.
+    _OPEN_ATTEMPTS = 5
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._seen = {kind: _Seen() for kind in self.KINDS}
-        # Unbuffered, appending: a failed write leaves no bytes in a buffer to land after the cut (see `add`).
-        self._file = self.path.open("ab", buffering=0)
-        try:
-            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._file.close()
-            raise ValueError(f"{self.path} is in use by another process serving this workdir; run one "
-                             "`mor silo serve` per workdir (two would each answer the same round id once)") from None
-        self._broken = False
+        self._refusal: str | None = None  # why every add is refused until a restart, once one is
+        self._file = self._open_locked()
         try:
             self._read()
         except BaseException:
             self.close()
             raise
 
+    def _open_locked(self):
+        """The record's file, locked, and still the file at `path` once locked (flock locks a file, not a name)."""
+        for _ in range(self._OPEN_ATTEMPTS):
+            # Unbuffered, appending: a failed write leaves no bytes in a buffer to land after the cut (see `add`).
+            file = self.path.open("a+b", buffering=0)
+            try:
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.close()
+                raise ValueError(f"{self.path} is in use by another process serving this workdir; run one `mor "
+                                 "silo serve` per workdir (two would each answer the same round id once)") from None
+            if self._in_place(file):
+                return file
+            file.close()
+        raise ValueError(f"{self.path} was replaced {self._OPEN_ATTEMPTS} times while the silo opened it; stop "
+                         "whatever rewrites it (edit or restore the record only while the silo is stopped)")
+
+    def _in_place(self, file) -> bool:
+        try:
+            named = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        opened = os.fstat(file.fileno())
+        return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
     def _read(self) -> None:
-        data = self.path.read_bytes()
+        self._file.seek(0)
+        data = self._file.read()  # the locked file, not whatever the name points to by now
         complete = data[:data.rfind(b"\n") + 1]
         for number, line in enumerate(complete.splitlines(), start=1):
             try:
@@ -151,10 +175,17 @@ class RoundRecord:
         A write that fails (a full disk) is cut back to the last whole line,
         so the next id does not land on its fragment (the record would then
         refuse the next start); if even that fails, every later add is
-        refused until a restart, whose read drops the fragment.
+        refused until a restart, whose read drops the fragment. A record
+        replaced or removed under the running silo (restored from backup,
+        `sed -i`, rsync) refuses this and every later add too: the ids
+        would go to a file the next start never reads.
         """
-        if self._broken:
-            raise OSError(f"{self.path}: an earlier write failed and could not be undone; restart the silo")
+        if self._refusal is None and not self._in_place(self._file):
+            # An id appended now would go to a file no longer in place and be forgotten at the next start.
+            self._refusal = (f"{self.path} was replaced or removed while the silo serves; restart the silo (it "
+                             "reads the record in place then; edit or restore the record only while it is stopped)")
+        if self._refusal is not None:
+            raise OSError(self._refusal)
         line = (json.dumps({kind: round_id}) + "\n").encode()
         size = os.fstat(self._file.fileno()).st_size
         try:
@@ -166,7 +197,7 @@ class RoundRecord:
             try:
                 self._truncate(size)
             except OSError:
-                self._broken = True
+                self._refusal = f"{self.path}: an earlier write failed and could not be undone; restart the silo"
             raise
         self._seen[kind].add(round_id)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from silo_agent import secure_rounds
 from silo_agent.secure_rounds import RoundRecord
 
 
@@ -86,4 +87,55 @@ def test_a_write_cut_short_by_a_full_disk_leaves_only_whole_lines(tmp_path: Path
     assert path.read_text(encoding="utf-8") == '{"answered": "r1"}\n{"answered": "r3"}\n'
     rounds = RoundRecord(path)
     assert (rounds.seen("answered", "r1"), rounds.seen("answered", "r3")) == (True, True)
+    rounds.close()
+
+
+def test_a_record_replaced_while_serving_refuses_every_later_round_and_a_second_opening_keeps_its_lock(
+        tmp_path: Path) -> None:
+    """The lock is on the file, not its name: after a restore from backup, `sed -i` or rsync put a new file in
+    place, the serving silo must not append to the file no longer in place (those ids would be lost at its next
+    start), and a second opening must not hold a lock on a file that is no longer the record."""
+    path = tmp_path / "secure_rounds.jsonl"
+    first = RoundRecord(path)
+    first.add("answered", "r1")
+    replacement = tmp_path / "restored.jsonl"
+    replacement.write_text('{"answered": "r1"}\n', encoding="utf-8")
+    replacement.replace(path)
+    with pytest.raises(OSError, match="was replaced or removed while the silo serves; restart the silo"):
+        first.add("answered", "r2")
+    with pytest.raises(OSError, match="restart the silo"):  # refused from then on, not only once
+        first.add("answered", "r3")
+    assert path.read_text(encoding="utf-8") == '{"answered": "r1"}\n'
+    second = RoundRecord(path)  # the restart: the file in place now is unlocked
+    assert second.seen("answered", "r1") and not second.seen("answered", "r2")
+    with pytest.raises(ValueError, match="is in use by another process"):  # and it is this file's lock it holds
+        RoundRecord(path)
+    second.close()
+    first.close()
+    third = RoundRecord(path)
+    path.unlink()
+    with pytest.raises(OSError, match="was replaced or removed while the silo serves"):
+        third.add("answered", "r4")
+    third.close()
+
+
+def test_a_record_replaced_between_opening_and_locking_is_opened_again(tmp_path: Path, monkeypatch) -> None:
+    """The race a test cannot time: the file is swapped at the moment of the lock (a fake flock around the real
+    one, which is what this test is about), so the opening must lock and read the file in place, not the old one."""
+    path = tmp_path / "secure_rounds.jsonl"
+    path.write_text('{"answered": "old"}\n', encoding="utf-8")
+    real_flock, swaps = secure_rounds.fcntl.flock, []
+
+    def flock_after_a_swap(fd: int, operation: int) -> None:
+        if not swaps:
+            swaps.append(fd)
+            (tmp_path / "new.jsonl").write_text('{"answered": "new"}\n', encoding="utf-8")
+            (tmp_path / "new.jsonl").replace(path)
+        real_flock(fd, operation)
+
+    monkeypatch.setattr(secure_rounds.fcntl, "flock", flock_after_a_swap)
+    rounds = RoundRecord(path)
+    assert (rounds.seen("answered", "new"), rounds.seen("answered", "old")) == (True, False)
+    rounds.add("answered", "r1")
+    assert path.read_text(encoding="utf-8") == '{"answered": "new"}\n{"answered": "r1"}\n'
     rounds.close()

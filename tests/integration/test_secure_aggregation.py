@@ -258,6 +258,19 @@ def test_a_round_of_more_silos_than_the_fixed_point_range_sums_is_refused(silos,
         SecureFusion(seventeen, coordinator_context(kits["coordinator"]))
 
 
+def test_a_round_record_replaced_under_the_serving_silo_refuses_secure_rounds_and_clear_ones_go_on(silos) -> None:
+    """Ids appended to a record no longer in place would be forgotten at the next start: no more secure rounds."""
+    record = silos[0].secure.rounds.path
+    restored = record.with_name("restored.jsonl")
+    restored.write_bytes(record.read_bytes())
+    restored.replace(record)
+    good = request(silos, "after-replace")
+    refused(lambda: silos[0].secure_score(good), ErrorCode.FAILED_PRECONDITION,
+            "could not record round 'after-replace'.*was replaced or removed while the silo serves")
+    refused(lambda: silos[0].secure_score(good), ErrorCode.FAILED_PRECONDITION, "was replaced or removed")
+    assert silos[0].score(replace(good.score, weights=())).scores == (1.0,)  # clear rounds: it still serves
+
+
 def test_a_score_beyond_the_fixed_point_range_fails_as_the_silos_own_precondition(kits, tmp_path: Path) -> None:
     service = SiloService("hospital-a", ScaledModel(1e5))  # standardised score ~2e5, beyond 2^15
     broken = InProcessSiloClient(service, secure=secure_rounds(service, kits["hospital-a"], tmp_path / "a.jsonl"))

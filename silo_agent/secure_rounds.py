@@ -315,6 +315,8 @@ class SecureRounds:
         if len(request.ciphertexts) != 1:
             raise invalid(f"a Decrypt request carries one ciphertext, the round's blinded sum; this one has "
                           f"{len(request.ciphertexts)}")
+        with self._lock:  # a replay is refused before it costs a decryption
+            self._check_decryptable(request.round_id)
         # Decrypted before the round is marked, so a malformed request does not use up its one decryption; the
         # values leave only once the mark is on disk.
         try:
@@ -322,14 +324,17 @@ class SecureRounds:
         except (ValueError, RuntimeError, TypeError):
             raise invalid("the ciphertext of the request is not a BFV vector of this consortium's context") from None
         with self._lock:
-            if not self.rounds.seen("answered", request.round_id):
-                raise SiloError(ErrorCode.FAILED_PRECONDITION, f"this silo took no part in round "
-                                f"{request.round_id!r}; only a participant decrypts it")
-            if self.rounds.seen("decrypted", request.round_id):
-                raise SiloError(ErrorCode.FAILED_PRECONDITION, f"round {request.round_id!r} was already decrypted; "
-                                "each round is decrypted once")
+            self._check_decryptable(request.round_id)  # again: a concurrent request may have decrypted it meanwhile
             self._record("decrypted", request.round_id)
         return DecryptReply(values=(values,))
+
+    def _check_decryptable(self, round_id: str) -> None:
+        if not self.rounds.seen("answered", round_id):
+            raise SiloError(ErrorCode.FAILED_PRECONDITION, f"this silo took no part in round {round_id!r}; only a "
+                            "participant decrypts it")
+        if self.rounds.seen("decrypted", round_id):
+            raise SiloError(ErrorCode.FAILED_PRECONDITION, f"round {round_id!r} was already decrypted; each round "
+                            "is decrypted once")
 
     def _record(self, kind: str, round_id: str) -> None:
         """`rounds.add`, a write that fails (a full disk) refused as the silo's, not the request's, failure."""

@@ -206,6 +206,10 @@ def test_one_silos_ciphertext_is_noise_and_rounds_are_answered_and_decrypted_onc
     silos[0].decrypt(decrypt)
     refused(lambda: silos[0].decrypt(decrypt), ErrorCode.FAILED_PRECONDITION, "was already decrypted")
     refused(lambda: silos[1].decrypt(decrypt), ErrorCode.FAILED_PRECONDITION, "took no part in round")
+    # Refused before anything is decrypted: a replay, or a round the silo is not in, costs it no BFV decryption.
+    garbage = replace(decrypt, ciphertexts=(b"not a ciphertext",))
+    refused(lambda: silos[0].decrypt(garbage), ErrorCode.FAILED_PRECONDITION, "was already decrypted")
+    refused(lambda: silos[1].decrypt(garbage), ErrorCode.FAILED_PRECONDITION, "took no part in round")
 
 
 def test_a_round_below_the_minimum_a_weight_over_the_cap_and_a_swapped_key_are_refused(silos, kits) -> None:

@@ -23,9 +23,8 @@ from mor_cli.baselines import (
     silo_configs_from_paths,
     train_centralized_reward_model,
     train_fedavg_reward_model,
-    trainable_state,
-    weighted_average,
 )
+from mor_cli.fedavg import trainable_state, weighted_average
 from mor_secure.data import pairs_for_silo
 from mor_secure.data.preferences import silo_seed
 from mor_secure.models import load_reward_model

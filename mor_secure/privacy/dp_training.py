@@ -134,6 +134,14 @@ def train_bradley_terry(
                 f"batch_size ({config.batch_size}) must be smaller than the number of privacy units "
                 f"({grouping.units}); lower batch_size or add data"
             )
+        if dp.enabled and dp.target_delta >= 1 / grouping.units:
+            # Dwork & Roth 2014, section 2.3: publishing each record with probability delta is
+            # (0, delta)-DP, so delta >= 1/n lets about one whole unit out in the clear.
+            raise ValueError(
+                f"target_delta ({dp.target_delta:g}) must be below 1/n = {1 / grouping.units:.3g} for the "
+                f"{grouping.units} privacy units (with delta >= 1/n the guarantee allows publishing a whole unit in "
+                "the clear); lower target_delta (1/n^1.1 or less is usual) or add data"
+            )
         torch.manual_seed(config.seed)
         optimizer = torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         units = unit_dataset(dataset, grouping)
@@ -239,15 +247,6 @@ def _train_private(
                 + "; ".join(str(e) for e in errors)
                 + ". Replace the offending layers before training, e.g. "
                 "`model = opacus.validators.ModuleValidator.fix(model)` swaps BatchNorm for GroupNorm."
-            )
-        if dp.target_delta >= 1 / n_units:
-            # Dwork & Roth 2014, section 2.3: publishing each record with probability delta
-            # is (0, delta)-DP, so delta >= 1/n lets about one whole unit out in the clear.
-            warnings.warn(
-                f"target_delta={dp.target_delta:g} is not below 1/n_units: the guarantee then allows revealing "
-                "whole units; use a smaller delta",
-                UserWarning,
-                stacklevel=3,
             )
         # The noise is planned at the rate Opacus' accountant charges, for exactly the
         # steps that run, so the epsilon it reports stays within the target.

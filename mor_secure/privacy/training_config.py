@@ -43,7 +43,8 @@ class DPConfig(StrictModel):
         1e-5,
         gt=0,
         lt=1,
-        description="Delta of the guarantee; keep it well below 1 / number of privacy units.",
+        description="Delta of the guarantee; a run with delta >= 1 / number of privacy units is refused "
+        "(it would allow publishing a whole unit); keep it well below that.",
     )
     max_grad_norm: float = Field(
         1.0,

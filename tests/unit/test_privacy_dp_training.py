@@ -321,6 +321,23 @@ def test_batch_size_must_be_below_the_number_of_units() -> None:
                             unit_ids=[i // 2 for i in range(50)], progress=False)
 
 
+def test_a_delta_not_below_one_over_the_units_is_refused_before_training_and_the_reservation_released(
+        tmp_path: Path) -> None:
+    """Dwork & Roth 2014, 2.3: delta >= 1/n allows publishing a whole unit in the clear; no guarantee to report."""
+    chosen, rejected = make_pairs(100)
+    model = make_model()
+    ledger = new_ledger(tmp_path / "ledger.json", epsilon=10.0, delta=0.5)
+    reservation = ledger.reserve(purpose="delta too large", epsilon=8.0, delta=0.01)
+    config = dp_config(accountant="rdp", target_delta=0.01).model_copy(update={"batch_size": 20})  # 1/100 units
+    with pytest.raises(ValueError, match=r"target_delta \(0.01\) must be below 1/n = 0.01 for the 100 privacy "
+                                         r"units.*lower target_delta"):
+        train_bradley_terry(model, TensorDataset(chosen, rejected), config, ledger=ledger, reservation=reservation,
+                            progress=False)
+    assert model.rows_seen == []
+    (entry,) = ledger.charges
+    assert entry.settled and (entry.epsilon, entry.delta) == (0.0, 0.0)  # released: nothing ran
+
+
 def test_image_unit_needs_unit_ids() -> None:
     chosen, rejected = make_pairs(50)
     with pytest.raises(ValueError, match="privacy_unit 'image' needs unit_ids, one per pair"):

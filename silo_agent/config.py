@@ -56,8 +56,9 @@ class SiloConfig(StrictModel):
                           "diagnostics are written. The ledger is created once by `mor silo init`.")
     architecture: Architecture = Field(description="Reward-model architecture: lora_vlm, frozen_encoders or small_cnn.")
     data: OwnData | None = Field(
-        None, description="Your own preference pairs to train on. Without it, `mor silo train` trains on the "
-        "easy-VQA partition the consortium file gives this silo, with the label noise it sets (the benchmark).")
+        None, description="Your own preference pairs to train on, only with DP on and unseeded noise (refused "
+        "otherwise). Without it, `mor silo train` trains on the easy-VQA partition the consortium file gives "
+        "this silo, with the label noise it sets (the benchmark).")
     base_model: Path | None = Field(None, description="Shared VLM checkpoint directory; required for lora_vlm.")
     feature_cache: Path | None = Field(
         None, description="frozen_encoders only: where training caches the frozen features of the silo's images "
@@ -82,6 +83,12 @@ class SiloConfig(StrictModel):
             raise ValueError(f"base_model is only used by lora_vlm; remove it or set architecture: lora_vlm "
                              f"(architecture is {self.architecture})")
         dp = self.training.dp
+        if self.data is not None and (not dp.enabled or dp.insecure_seeded_noise is not None):
+            raise ValueError(
+                "data: names the silo's own data, which is trained on only with differential privacy: set "
+                "training.dp.enabled: true and remove training.dp.insecure_seeded_noise (without DP the run "
+                "would reach no privacy ledger; with seeded noise it would be charged as private and is not). "
+                "Remove data: to run the easy-VQA benchmark without DP")
         if dp.enabled and (dp.target_epsilon > self.privacy_budget.epsilon or dp.target_delta > self.privacy_budget.delta):
             raise ValueError(
                 f"training.dp targets (epsilon {dp.target_epsilon}, delta {dp.target_delta}) exceed the whole "

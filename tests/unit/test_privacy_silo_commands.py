@@ -77,3 +77,15 @@ def test_ledger_marks_a_seeded_noise_charge_not_private_and_names_its_unit(
         assert main(["ledger", "--config", str(silo_yaml), "--json"]) == 0
     (charge,) = json.loads(capsys.readouterr().out)["charges"]
     assert (charge["privacy_unit"], charge["noise"], charge["private"]) == ("image", NOISE_SEEDED, False)
+
+
+@pytest.mark.parametrize("dp", ["    enabled: false\n", "    insecure_seeded_noise: 7\n"])
+def test_own_data_with_dp_off_or_seeded_noise_is_refused_at_load(silo_yaml: Path, dp: str) -> None:
+    """A silo's own data is what must stay private: a run without a guarantee on it would reach no ledger (DP
+    off) or be charged as if private, and its model be served. Simulations use the benchmark partition."""
+    silo_yaml.write_text(SILO_YAML + "data:\n  pairs: pairs.jsonl\n  images: images\ntraining:\n  dp:\n" + dp,
+                         encoding="utf-8")
+    with pytest.raises(ValueError, match=r"data: names the silo's own data.*differential privacy"):
+        load_silo_config(silo_yaml)
+    silo_yaml.write_text(SILO_YAML + "training:\n  dp:\n" + dp, encoding="utf-8")  # the benchmark: allowed, loudly
+    assert load_silo_config(silo_yaml).data is None

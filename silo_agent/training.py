@@ -35,7 +35,7 @@ from mor_secure.models.reward_model import RewardModel
 from mor_secure.privacy import PrivacyLedger, PrivacyReport, train_bradley_terry
 from mor_secure.privacy.ledger_chain import NEW_LEDGER_IS_NOT_A_RESET, LedgerMissingError
 from mor_secure.privacy.privacy_units import held_out_units
-from mor_secure.privacy.training_config import noise_label
+from mor_secure.privacy.training_config import run_declaration
 
 from .config import SiloConfig
 
@@ -188,8 +188,7 @@ def train_silo(config: SiloConfig, *, progress: bool = True) -> SiloTrainingOutc
     if dp.enabled:
         ledger = open_ledger(config)
         reservation = ledger.reserve(purpose=purpose, epsilon=dp.target_epsilon, delta=dp.target_delta,
-                                     details={"mechanism": "dp-sgd", "privacy_unit": dp.privacy_unit,
-                                              "noise": noise_label(dp)})
+                                     details=run_declaration(dp))
     try:
         config.workdir.mkdir(parents=True, exist_ok=True)
         spec: ConsortiumSpec = load_consortium(config.consortium)

@@ -49,7 +49,14 @@ from mor_secure.privacy.privacy_units import (
     unit_weights,
 )
 from mor_secure.privacy.reports import LocalDiagnostics, PrivacyReport, TrainingResult
-from mor_secure.privacy.training_config import NOISE_SEEDED, DPConfig, TrainingConfig, noise_label, warn_dp_off
+from mor_secure.privacy.training_config import (
+    NOISE_SEEDED,
+    DPConfig,
+    TrainingConfig,
+    noise_label,
+    run_declaration,
+    warn_dp_off,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +106,19 @@ def train_bradley_terry(
     read (or reserves `target_epsilon` itself, refused with
     `BudgetExceededError` if unaffordable) and settles it with the epsilon
     actually spent, also when training stops on an error part-way. A process
-    killed mid-run leaves its reservation charged. `model` comes back as the
+    killed mid-run leaves its reservation charged. A reservation handed in
+    must be open in `ledger` as reserved, declaring `run_declaration` of this
+    run (unit and noise), or the run is refused before its first step and
+    the reservation left as it is. `model` comes back as the
     plain module it was, with every Opacus hook and attribute removed.
     """
     start = time.perf_counter()
     if reservation is not None and ledger is None:
         raise ValueError("a reservation needs the ledger it was made in: pass ledger= as well")
+    if reservation is not None and config.dp.enabled:
+        # Before the first step, and outside the release below: a reservation that is not this run's open one
+        # (settled, another ledger's, declared for another unit or noise) is left as it is.
+        ledger.check_open(reservation, declared=run_declaration(config.dp))
     try:
         n_inputs = _inputs_per_side(dataset)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -234,8 +248,7 @@ def _train_private(
     n_units = grouping.units
     if ledger is not None and reservation is None:
         reservation = ledger.reserve(purpose=purpose, epsilon=dp.target_epsilon, delta=dp.target_delta,
-                                     details={"mechanism": "dp-sgd", "privacy_unit": dp.privacy_unit,
-                                              "noise": noise_label(dp)})
+                                     details=run_declaration(dp))
     try:
         # ModuleValidator flags layers Opacus cannot privatise (BatchNorm mixes samples);
         # GradSampleModule.validate flags trainable layers holding buffers, which make_private

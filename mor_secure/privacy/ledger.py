@@ -35,7 +35,7 @@ import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -285,6 +285,36 @@ class PrivacyLedger:
                     "may not exceed its reservation. Reserve at least what the mechanism can spend, before it runs.")
             self._append(state, "settle", body)
         logger.info("privacy ledger %s: settled %s: epsilon=%g delta=%g", self._path, rid, epsilon, delta)
+
+    def check_open(self, reservation: Reservation, *, declared: Mapping[str, Any]) -> None:
+        """Raise ValueError unless `reservation` is open in this ledger, as reserved, with these declared details.
+
+        For a mechanism handed a reservation, before it runs: `settle` checks
+        the same at the end, when every noisy step has already run; and the
+        ledger reads a charge's unit and noise from what its reservation
+        declared, so a run must be the one it declared.
+        """
+        with _locked(self._path):
+            state = self._state()
+        reserved = state.reserves.get(reservation.id)
+        if reserved is None:
+            raise ValueError(f"{self._path}: reservation {reservation.id!r} was not made in this ledger; pass the "
+                             "ledger that reserve() was called on")
+        if reservation.id in state.settles:
+            raise ValueError(f"{self._path}: reservation {reservation.id!r} is already settled; reserve again for "
+                             "this run")
+        if (reserved["epsilon"], reserved["delta"], reserved["purpose"]) != (
+                reservation.epsilon, reservation.delta, reservation.purpose):
+            raise ValueError(f"{self._path}: reservation {reservation.id!r} (epsilon={reservation.epsilon:g}, "
+                             f"delta={reservation.delta:g}) does not match what the ledger reserved "
+                             f"(epsilon={reserved['epsilon']:g}, delta={reserved['delta']:g}); pass what "
+                             "reserve() returned")
+        for key, value in declared.items():
+            if reserved["details"].get(key) != value:
+                raise ValueError(f"{self._path}: reservation {reservation.id!r} declared {key} "
+                                 f"{reserved['details'].get(key)!r}, but this run uses {value!r}; reserve with "
+                                 f"details {{{key!r}: {value!r}}} (a charge is read as what its reservation "
+                                 "declared)")
 
     def release(self, reservation: Reservation, *, reason: str) -> None:
         """Settle an open reservation at zero because its mechanism never ran (nothing was released).

@@ -138,6 +138,12 @@ def noise_label(dp: DPConfig) -> str:
     return NOISE_SEEDED if dp.insecure_seeded_noise is not None else NOISE_OS_ENTROPY
 
 
+def run_declaration(dp: DPConfig) -> dict[str, str]:
+    """What a DP-SGD run under `dp` declares in its ledger reservation: the ledger reads a charge's unit and
+    noise from there (`PrivacyLedger.check_open` holds the run to it)."""
+    return {"mechanism": "dp-sgd", "privacy_unit": dp.privacy_unit, "noise": noise_label(dp)}
+
+
 def warn_dp_off(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=3)
     logger.warning(message)

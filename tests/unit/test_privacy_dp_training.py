@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ from mor_secure.privacy import (
 )
 from mor_secure.privacy.accounting import PoissonSchedule, poisson_schedule
 from mor_secure.privacy.ledger import PrivacyUnitMismatchError
+from mor_secure.privacy.training_config import run_declaration
 from mor_secure.privacy.privacy_units import group_pairs_by_unit, held_out_units, unit_dataset
 
 DIM = 8
@@ -89,6 +91,11 @@ def dp_config(*, epochs: int = 10, **dp: object) -> TrainingConfig:
 
 def new_ledger(path: Path, *, epsilon: float, delta: float = 1e-4) -> PrivacyLedger:
     return PrivacyLedger.create(path, silo="silo-a", epsilon_budget=epsilon, delta_budget=delta)
+
+
+def declared(config: TrainingConfig) -> dict[str, str]:
+    """What `train_silo` declares when it reserves a run: the unit and the noise the run will use."""
+    return run_declaration(config.dp)
 
 
 def test_two_forward_passes_give_one_per_pair_gradient() -> None:
@@ -229,11 +236,12 @@ def test_a_reservation_below_the_runs_target_is_refused_before_training(tmp_path
     model = make_model()
     before = copy.deepcopy(model.state_dict())
     ledger = new_ledger(tmp_path / "ledger.json", epsilon=10.0)
-    reservation = ledger.reserve(purpose="too small", epsilon=1.0, delta=1e-5)
+    config = dp_config(accountant="rdp")
+    reservation = ledger.reserve(purpose="too small", epsilon=1.0, delta=1e-5, details=declared(config))
 
     with pytest.raises(ValueError, match=r"reservation \(epsilon=1, delta=1e-05\) does not cover this run's "
                                          r"target \(epsilon=8"):
-        train_bradley_terry(model, TensorDataset(chosen, rejected), dp_config(accountant="rdp"), ledger=ledger,
+        train_bradley_terry(model, TensorDataset(chosen, rejected), config, ledger=ledger,
                             reservation=reservation, progress=False)
 
     assert model.rows_seen == []
@@ -241,6 +249,42 @@ def test_a_reservation_below_the_runs_target_is_refused_before_training(tmp_path
         assert torch.equal(tensor, before[name])
     (entry,) = ledger.charges
     assert entry.settled and (entry.epsilon, entry.delta) == (0.0, 0.0)  # released: nothing ran
+
+
+def test_a_settled_foreign_or_mislabelled_reservation_is_refused_before_any_step_and_left_as_it_is(
+        tmp_path: Path) -> None:
+    """Only the final settle used to check the reservation: every noisy step ran on one that could not be
+    charged (settled, another ledger's), or was spent under another unit or noise than it declared (the ledger
+    reads the unit and the noise from the reservation, so a per-pair seeded run would read as private per unit)."""
+    chosen, rejected = make_pairs(600)
+    config = dp_config(accountant="rdp")
+    ledger, other, fresh, per_image = (new_ledger(tmp_path / name, epsilon=30.0)
+                                       for name in ("a.json", "b.json", "c.json", "d.json"))
+    settled = ledger.reserve(purpose="first run", epsilon=8.0, delta=1e-5, details=declared(config))
+    ledger.settle(settled, epsilon=7.9, delta=1e-5)
+    forged = ledger.reserve(purpose="forged", epsilon=8.0, delta=1e-5, details=declared(config))
+    seeded = dp_config(accountant="rdp", insecure_seeded_noise=3)
+    cases = [
+        (ledger, config, settled, "is already settled; reserve again for this run"),
+        (ledger, config, other.reserve(purpose="elsewhere", epsilon=8.0, delta=1e-5, details=declared(config)),
+         "was not made in this ledger"),
+        (ledger, config, replace(forged, epsilon=8.5), "does not match what the ledger reserved"),
+        (per_image, config, per_image.reserve(purpose="per image", epsilon=8.0, delta=1e-5,
+                                              details={**declared(config), "privacy_unit": "image"}),
+         "declared privacy_unit 'image', but this run uses 'pair'"),
+        (fresh, seeded, fresh.reserve(purpose="private noise", epsilon=8.0, delta=1e-5, details=declared(config)),
+         "declared noise 'os-entropy.*but this run uses 'seeded: not private'"),
+        (fresh, config, fresh.reserve(purpose="no details", epsilon=8.0, delta=1e-5), "declared mechanism None"),
+    ]
+    for charged, run, reservation, refusal in cases:
+        model = make_model()
+        before = charged.charges
+        with pytest.raises(ValueError, match=refusal):
+            train_bradley_terry(model, TensorDataset(chosen, rejected), run, ledger=charged,
+                                reservation=reservation, progress=False)
+        assert model.rows_seen == []  # no step ran
+        assert charged.charges == before  # and nothing was released: an open reservation stays charged in full
+    assert [c.settled for c in other.charges] == [False]
 
 
 def test_run_that_fails_part_way_still_records_what_it_spent(tmp_path: Path) -> None:
@@ -327,8 +371,8 @@ def test_a_delta_not_below_one_over_the_units_is_refused_before_training_and_the
     chosen, rejected = make_pairs(100)
     model = make_model()
     ledger = new_ledger(tmp_path / "ledger.json", epsilon=10.0, delta=0.5)
-    reservation = ledger.reserve(purpose="delta too large", epsilon=8.0, delta=0.01)
     config = dp_config(accountant="rdp", target_delta=0.01).model_copy(update={"batch_size": 20})  # 1/100 units
+    reservation = ledger.reserve(purpose="delta too large", epsilon=8.0, delta=0.01, details=declared(config))
     with pytest.raises(ValueError, match=r"target_delta \(0.01\) must be below 1/n = 0.01 for the 100 privacy "
                                          r"units.*lower target_delta"):
         train_bradley_terry(model, TensorDataset(chosen, rejected), config, ledger=ledger, reservation=reservation,

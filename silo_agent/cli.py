@@ -10,7 +10,7 @@ from mor_secure.cli_errors import run_command
 from mor_secure.privacy import NOISE_SEEDED
 from mor_secure.privacy.ledger_chain import NEW_LEDGER_IS_NOT_A_RESET, LedgerExistsError
 
-from .training import create_ledger, ledger_path, load_silo_config, open_ledger, train_silo
+from .training import create_ledger, guarantee_unit, ledger_path, load_silo_config, open_ledger, train_silo
 
 PROG = "mor silo"
 
@@ -62,13 +62,14 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    outcome = train_silo(load_silo_config(args.config), progress=not args.no_progress)
+    config = load_silo_config(args.config)
+    outcome = train_silo(config, progress=not args.no_progress)
     r = outcome.report
     print(f"reward model: {outcome.model_dir}")
     print(f"public privacy report: {outcome.report_path}")
     print(f"local diagnostics (not for release): {outcome.diagnostics_path}")
     if r.dp_enabled:
-        unit = "image (or unit_id, where the data names one)" if r.privacy_unit == "image" else r.privacy_unit
+        unit = guarantee_unit(config)
         print(f"epsilon {r.epsilon:.3f}  delta {r.delta:g}  per {unit}  noise {r.noise_multiplier:.3f}  "
               f"sample rate {r.sample_rate:.4f}  steps {r.steps}  clip {r.max_grad_norm}  accountant {r.accountant}")
         if not r.private:

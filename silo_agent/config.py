@@ -45,6 +45,10 @@ class OwnData(StrictModel):
                         "bad row listed as FILE:LINE: reason.")
     images: Path = Field(description="Directory the rows' image paths are resolved under; a path that leaves it "
                          "(absolute, `..`, a symlink out) is refused.")
+    unit: Literal["patient", "image"] = Field(
+        "patient", description="What one unit of the guarantee is (with training.dp.privacy_unit: image): patient, "
+        "every row naming its patient in unit_id (a row without one is refused); or image, no row naming a "
+        "unit_id. The ledger holds charges over one unit, so a silo cannot sum per-image and per-patient epsilons.")
 
 
 class SiloConfig(StrictModel):

@@ -33,6 +33,7 @@ from mor_secure.models.reward_architectures import (
 )
 from mor_secure.models.reward_model import RewardModel
 from mor_secure.privacy import PrivacyLedger, PrivacyReport, train_bradley_terry
+from mor_secure.privacy.ledger import GUARANTEE_UNIT
 from mor_secure.privacy.ledger_chain import NEW_LEDGER_IS_NOT_A_RESET, LedgerMissingError
 from mor_secure.privacy.privacy_units import held_out_units
 from mor_secure.privacy.training_config import run_declaration
@@ -160,8 +161,15 @@ def silo_pairs(config: SiloConfig, spec: ConsortiumSpec, splits: ConsortiumSplit
     """The silo's private pairs: its own file (`data:`, validated whole: DataImportError), else its easy-VQA
     partition with the consortium file's label noise (the benchmark)."""
     if config.data is not None:
-        return import_preference_jsonl(config.data.pairs, config.data.images)
+        return import_preference_jsonl(config.data.pairs, config.data.images, unit=config.data.unit)
     return pairs_for_silo(splits, spec, config.name)
+
+
+def guarantee_unit(config: SiloConfig) -> str:
+    """What one unit of the silo's guarantee is: pair, patient (its own data, per unit_id) or image."""
+    if config.training.dp.privacy_unit == "pair":
+        return "pair"
+    return config.data.unit if config.data is not None else "image"
 
 
 def split_silo_pairs(config: SiloConfig, spec: ConsortiumSpec,
@@ -188,7 +196,7 @@ def train_silo(config: SiloConfig, *, progress: bool = True) -> SiloTrainingOutc
     if dp.enabled:
         ledger = open_ledger(config)
         reservation = ledger.reserve(purpose=purpose, epsilon=dp.target_epsilon, delta=dp.target_delta,
-                                     details=run_declaration(dp))
+                                     details={**run_declaration(dp), GUARANTEE_UNIT: guarantee_unit(config)})
     try:
         config.workdir.mkdir(parents=True, exist_ok=True)
         spec: ConsortiumSpec = load_consortium(config.consortium)

@@ -9,9 +9,10 @@ cap) as "FILE:LINE: reason", so one pass fixes them all.
 Row format, one JSON object per line (blank lines skipped):
     {"prompt": "...", "chosen": "...", "rejected": "...",
      "images": ["relative/path.png"], "kind": "color", "unit_id": "patient-0042"}
-`kind` and `unit_id` are optional. `unit_id` names the privacy unit (a
-patient): with the default `privacy_unit: image`, all pairs of one unit_id
-are one DP sample; rows without it are grouped by their image.
+`kind` and `unit_id` are optional here; the silo's `data.unit` makes
+`unit_id` required (patient) or refused (image). `unit_id` names the privacy
+unit (a patient): with the default `privacy_unit: image`, all pairs of one
+unit_id are one DP sample; rows without it are grouped by their image.
 
 An image is known by its content (SHA-256 of the file), not its path: the
 same picture under two paths is one image, so one unit. Every row of one
@@ -33,7 +34,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from PIL import Image
 
@@ -113,8 +114,14 @@ class _ProblemList:
             raise DataImportError(self.path, self.listed, self.omitted)
 
 
-def import_preference_jsonl(jsonl_path: str | Path, image_root: str | Path) -> tuple[PreferencePair, ...]:
-    """Every row of `jsonl_path` as a pair, images resolved under `image_root`; else DataImportError."""
+def import_preference_jsonl(jsonl_path: str | Path, image_root: str | Path, *,
+                            unit: Literal["patient", "image"] | None = None) -> tuple[PreferencePair, ...]:
+    """Every row of `jsonl_path` as a pair, images resolved under `image_root`; else DataImportError.
+
+    `unit` is the privacy unit the operator declared (`data.unit`): "patient"
+    refuses a row without a `unit_id` (its patient would be protected per
+    image only), "image" a row with one; None takes each row as it comes.
+    """
     jsonl_path = Path(jsonl_path)
     problems = _ProblemList(jsonl_path)
     root = Path(image_root).resolve()
@@ -141,7 +148,7 @@ def import_preference_jsonl(jsonl_path: str | Path, image_root: str | Path) -> t
                 break
             pair, reasons = _parse_row(raw, images)
             if pair is not None:
-                reasons = units.check(pair, line_number)
+                reasons = units.check(pair, line_number) + _declared_unit_problems(pair, unit)
             for reason in reasons:
                 problems.add(line_number, reason)
             if pair is not None and not reasons:
@@ -150,6 +157,16 @@ def import_preference_jsonl(jsonl_path: str | Path, image_root: str | Path) -> t
         problems.add(0, "no rows: the file is empty or blank")
     problems.raise_if_any()
     return tuple(pairs)
+
+
+def _declared_unit_problems(pair: PreferencePair, unit: str | None) -> list[str]:
+    if unit == "patient" and pair.unit_id is None:
+        return ["no unit_id, but data.unit is patient: every row names its patient, or this row's patient would be "
+                "protected per image only"]
+    if unit == "image" and pair.unit_id is not None:
+        return [f"unit_id {pair.unit_id!r}, but data.unit is image (the guarantee per image): remove unit_id, or "
+                "set data.unit: patient"]
+    return []
 
 
 def _numbered_lines(handle: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:

@@ -78,6 +78,18 @@ logger = logging.getLogger(__name__)
 
 # The reservation details' key naming what one unit of the guarantee is (`DPConfig.privacy_unit`).
 PRIVACY_UNIT = "privacy_unit"
+# The key that names it more finely where the caller knows: "patient" or "image" for a per-unit run, "pair".
+GUARANTEE_UNIT = "guarantee_unit"
+
+
+_HOW_TO_TRAIN_PER = {"pair": "dp.privacy_unit: pair", "image": "dp.privacy_unit: image, and data.unit: image for "
+                     "your own data", "patient": "dp.privacy_unit: image and data.unit: patient"}
+
+
+def _unit_of(details: Mapping[str, Any]) -> Any:
+    """A charge's unit: its guarantee_unit if it names one, else its privacy_unit (None: no unit stated)."""
+    return details.get(GUARANTEE_UNIT, details.get(PRIVACY_UNIT))
+
 
 @dataclass(frozen=True)
 class Reservation:
@@ -97,7 +109,8 @@ class PrivacyCharge:
     `details` are the settle entry's if settled (for training, the privacy
     report, so an auditor can recompute epsilon), else the reservation's.
     `privacy_unit` and `noise` are what the reservation declared before the
-    mechanism ran (its details' keys of those names; None if it named none):
+    mechanism ran (its details' guarantee_unit, else privacy_unit, and noise;
+    None if it named none):
     what one unit of the guarantee is, and where the noise came from.
     """
 
@@ -216,7 +229,7 @@ class PrivacyLedger:
                 reservation_id=rid, timestamp=r["timestamp"], purpose=r["purpose"], epsilon=charged["epsilon"],
                 delta=charged["delta"], reserved_epsilon=r["epsilon"], reserved_delta=r["delta"],
                 settled=rid in state.settles, details=charged["details"],
-                privacy_unit=r["details"].get(PRIVACY_UNIT), noise=r["details"].get("noise")))
+                privacy_unit=_unit_of(r["details"]), noise=r["details"].get("noise")))
         return tuple(charges)
 
     @property
@@ -240,7 +253,9 @@ class PrivacyLedger:
         """Charge (epsilon, delta) before the mechanism runs, or raise `BudgetExceededError` and change nothing.
 
         ``details["privacy_unit"]`` says what one unit of the guarantee is
-        ("image": a patient or image, "pair"). It must be the unit of the
+        ("image": a patient or image, "pair"), and ``details["guarantee_unit"]``
+        more finely where the caller knows ("patient", "image", "pair"); the
+        finer one, where given, is the charge's unit. It must be the unit of the
         ledger's earlier charges, or `PrivacyUnitMismatchError` is raised and
         nothing changes: epsilons over different units do not add up to one
         guarantee. A charge released unspent (settled at zero), or one that
@@ -253,7 +268,7 @@ class PrivacyLedger:
                 "delta": float(delta), "details": _json_details(details)}
         with _locked(self._path):
             state = self._state()
-            self._check_privacy_unit(state, body["details"].get(PRIVACY_UNIT))
+            self._check_privacy_unit(state, _unit_of(body["details"]))
             self._check_affordable(state, body["epsilon"], body["delta"])
             self._append(state, "reserve", body)
         logger.info("privacy ledger %s: reserved %s for %s: epsilon=%g delta=%g",
@@ -331,11 +346,12 @@ class PrivacyLedger:
     def _check_privacy_unit(self, state: ChainState, unit: Any) -> None:
         if unit is None:  # a charge that names no unit (not a DP-SGD run) has none to compare
             return
-        earlier = {r["details"].get(PRIVACY_UNIT) for rid, r in state.reserves.items()
+        earlier = {_unit_of(r["details"]) for rid, r in state.reserves.items()
                    if any(state.settles.get(rid, r)[amount] > 0 for amount in ("epsilon", "delta"))} - {None}
         if earlier - {unit}:
             only = next(iter(earlier)) if len(earlier) == 1 else None
-            fix = (f"To charge this ledger, set dp.privacy_unit: {only} (the unit its budget protects)"
+            fix = (f"To charge this ledger, train per {only} (the unit its budget protects: "
+                   f"{_HOW_TO_TRAIN_PER.get(only, 'the unit its earlier charges name')})"
                    if only is not None else "Charge it only over the unit of its earlier charges")
             raise PrivacyUnitMismatchError(
                 f"{self._path}: this charge is per {unit!r}, but its earlier charges are per "

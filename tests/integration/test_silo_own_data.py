@@ -76,6 +76,7 @@ def silo_yaml(directory: Path, name: str, pairs: str) -> Path:
 def test_a_silo_trains_on_its_own_file_with_the_patient_as_the_privacy_unit(own_data: Path, capsys) -> None:
     config = silo_yaml(own_data, "own", "pairs.jsonl")
     assert main(["silo", "train", "--config", str(config), "--no-progress"]) == 0, capsys.readouterr().err
+    assert " per patient " in capsys.readouterr().out
     workdir = own_data / "work" / "own"
     diagnostics = json.loads((workdir / DIAGNOSTICS_FILE).read_text())
     pairs_per_patient = IMAGES_PER_PATIENT * PAIRS_PER_IMAGE
@@ -88,6 +89,7 @@ def test_a_silo_trains_on_its_own_file_with_the_patient_as_the_privacy_unit(own_
     assert privacy["sample_rate"] == pytest.approx(1 / -(-diagnostics["units"] // 4))
     (charge,) = silo_training.open_ledger(silo_training.load_silo_config(config)).charges
     assert charge.settled and charge.epsilon == privacy["epsilon"] > 0
+    assert charge.privacy_unit == "patient"
     assert (workdir / MODEL_DIR / "reward_model.json").is_file()
 
 

@@ -251,3 +251,16 @@ def test_the_refused_markers_are_the_tiny_vlm_tokenizers_special_tokens() -> Non
     from mor_secure.models.tiny_vlm import SPECIAL_TOKENS
 
     assert sorted(CHAT_TEMPLATE_MARKERS) == sorted(SPECIAL_TOKENS)
+
+
+def test_the_declared_unit_holds_every_row_to_it(tmp_path: Path, image_root: Path) -> None:
+    """data.unit: patient refuses a row without its patient (it would be protected per image only); image refuses a
+    row that names one. Both listed with their lines, nothing imported; undeclared, each row is taken as it comes."""
+    jsonl = _write(tmp_path / "prefs.jsonl", [_row(unit_id="patient-1"), _row("img/b.png")])
+    with pytest.raises(DataImportError, match=r"prefs.jsonl:2: no unit_id, but data.unit is patient") as refused:
+        import_preference_jsonl(jsonl, image_root, unit="patient")
+    assert len(refused.value.problems) == 1
+    with pytest.raises(DataImportError, match=r"prefs.jsonl:1: unit_id 'patient-1', but data.unit is image") as refused:
+        import_preference_jsonl(jsonl, image_root, unit="image")
+    assert len(refused.value.problems) == 1
+    assert len(import_preference_jsonl(jsonl, image_root)) == 2

@@ -625,7 +625,7 @@ def test_a_pair_run_on_a_ledger_of_per_patient_charges_is_refused_before_trainin
     per_patient = TrainingConfig(epochs=1, batch_size=30, dp=DPConfig(target_epsilon=4.0))
     train_bradley_terry(make_model(), TensorDataset(chosen, rejected), per_patient, unit_ids=unit_ids,
                         ledger=ledger, progress=False)
-    with pytest.raises(PrivacyUnitMismatchError, match="set dp.privacy_unit: image"):
+    with pytest.raises(PrivacyUnitMismatchError, match="train per image .*dp.privacy_unit: image"):
         train_bradley_terry(make_model(), TensorDataset(chosen, rejected), dp_config(epochs=1, target_epsilon=4.0),
                             ledger=ledger, progress=False)
     assert [(c.privacy_unit, c.settled) for c in ledger.charges] == [("image", True)]

@@ -499,12 +499,26 @@ def test_a_charge_over_another_privacy_unit_is_refused_and_the_file_is_unchanged
     ledger.reserve(purpose="train:a", epsilon=2.0, delta=1e-6, details={"privacy_unit": "image"})
     before = path.read_bytes()
     with pytest.raises(PrivacyUnitMismatchError,
-                       match=r"per 'pair', but its earlier charges are per 'image'.*set dp.privacy_unit: image"):
+                       match=r"per 'pair', but its earlier charges are per 'image'.*train per image .*"
+                             r"dp.privacy_unit: image"):
         ledger.reserve(purpose="train:b", epsilon=2.0, delta=1e-6, details={"privacy_unit": "pair"})
     assert path.read_bytes() == before
     ledger.reserve(purpose="rr:labels", epsilon=1.0, delta=0.0)  # names no unit: nothing to compare
     ledger.reserve(purpose="train:d", epsilon=2.0, delta=1e-6, details={"privacy_unit": "image"})
     assert [c.privacy_unit for c in reopen(path).charges] == ["image", None, "image"]
+
+
+def test_a_per_patient_charge_on_a_ledger_of_per_image_charges_is_refused(path: Path) -> None:
+    """Both are privacy_unit image (one clipped gradient per unit); a patient with k images was protected at k x
+    epsilon by a per-image run, so the two sums are no one guarantee: guarantee_unit tells them apart."""
+    ledger = create(path)
+    ledger.reserve(purpose="train:a", epsilon=2.0, delta=1e-6, details={"privacy_unit": "image",
+                                                                      "guarantee_unit": "image"})
+    with pytest.raises(PrivacyUnitMismatchError, match=r"per 'patient', but its earlier charges are per 'image'"):
+        ledger.reserve(purpose="train:b", epsilon=2.0, delta=1e-6, details={"privacy_unit": "image",
+                                                                          "guarantee_unit": "patient"})
+    ledger.reserve(purpose="train:c", epsilon=2.0, delta=1e-6, details={"privacy_unit": "image"})  # image: as before
+    assert [c.privacy_unit for c in reopen(path).charges] == ["image", "image"]
 
 
 def test_a_reservation_released_unspent_does_not_fix_the_ledgers_unit(path: Path) -> None:

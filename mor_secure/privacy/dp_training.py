@@ -57,6 +57,7 @@ from mor_secure.privacy.training_config import (
     run_declaration,
     warn_dp_off,
 )
+from mor_secure.privacy.unprotected_state import BufferSnapshot, running_statistics_problems
 
 logger = logging.getLogger(__name__)
 
@@ -252,8 +253,9 @@ def _train_private(
     try:
         # ModuleValidator flags layers Opacus cannot privatise (BatchNorm mixes samples);
         # GradSampleModule.validate flags trainable layers holding buffers, which make_private
-        # would otherwise reject only after tagging the parameters.
-        errors = [*ModuleValidator.validate(model, strict=False), *GradSampleModule.validate(model, strict=False)]
+        # would otherwise reject only after tagging the parameters; neither looks at frozen layers.
+        errors = [*ModuleValidator.validate(model, strict=False), *GradSampleModule.validate(model, strict=False),
+                  *running_statistics_problems(model)]
         if errors:
             raise ValueError(
                 "model is not compatible with DP-SGD (Opacus validators): "
@@ -273,6 +275,7 @@ def _train_private(
         )
         private = prepare_private_training(model, units, optimizer, dp, batch_size=config.batch_size,
                                            noise_multiplier=noise_multiplier)
+        buffers_before = BufferSnapshot(model)
     except BaseException:
         if reservation is not None:  # refused before the first noisy step: nothing was released
             ledger.release(reservation, reason="DP-SGD could not start")
@@ -295,6 +298,13 @@ def _train_private(
             description=description,
             epsilon_so_far=lambda: _epsilon_so_far(private.engine, dp.target_delta),
         )
+        changed = buffers_before.restore_changed()
+        if changed:
+            raise RuntimeError(
+                f"the model's buffers {', '.join(changed)} changed during DP-SGD: they were computed from private "
+                "data outside the clipped, noised gradients, so the model is not private. They were put back and "
+                "the run's spending is recorded; keep such state out of training (eval mode, or no buffer)"
+            )
     finally:
         _detach_opacus(private.module, private.optimizer, model)
         # The accountant counts every noisy step taken, including those of a run

@@ -337,6 +337,52 @@ def test_trainable_layer_with_buffers_is_rejected_before_opacus_touches_it() -> 
     assert_plain_module(model)
 
 
+def test_a_frozen_layer_keeping_running_statistics_is_refused_before_any_step(tmp_path: Path) -> None:
+    class FrozenNormalised(TinyRewardModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.BatchNorm1d(DIM).requires_grad_(False)  # frozen: Opacus' validators skip it
+
+        def forward(self, x: Tensor) -> Tensor:
+            return super().forward(self.norm(x))
+
+    torch.manual_seed(0)
+    model = FrozenNormalised()
+    ledger = new_ledger(tmp_path / "ledger.json", epsilon=20.0)
+    with pytest.raises(ValueError, match=r"norm \(BatchNorm1d\) updates its running statistics.*track_running_stats"):
+        train_bradley_terry(model, TensorDataset(*make_pairs(100)), dp_config(epochs=1), ledger=ledger,
+                            progress=False)
+    (charge,) = ledger.charges
+    assert charge.settled and (charge.epsilon, charge.delta) == (0.0, 0.0)
+    assert model.rows_seen == [] and int(model.norm.num_batches_tracked) == 0
+
+
+def test_a_buffer_changed_during_training_is_put_back_and_fails_the_run_with_its_spending_recorded(
+        tmp_path: Path) -> None:
+    class CountingFrozen(TinyRewardModel):
+        """A frozen layer that keeps the mean of what it saw: statistics of the private data, outside DP."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("seen_mean", torch.zeros(DIM))
+
+        def forward(self, x: Tensor) -> Tensor:
+            if self.training and x.shape[0]:
+                self.seen_mean = x.detach().mean(0)
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model = CountingFrozen()
+    ledger = new_ledger(tmp_path / "ledger.json", epsilon=20.0)
+    with pytest.raises(RuntimeError, match="buffers seen_mean changed during DP-SGD.*not private"):
+        train_bradley_terry(model, TensorDataset(*make_pairs(100)), dp_config(epochs=1), ledger=ledger,
+                            progress=False)
+    assert torch.equal(model.seen_mean, torch.zeros(DIM)) and model.rows_seen
+    (charge,) = ledger.charges
+    assert charge.settled and charge.epsilon > 0
+    assert_plain_module(model)
+
+
 def test_dp_off_warns_trains_and_charges_nothing(tmp_path: Path) -> None:
     chosen, rejected = make_pairs(600)
     model = make_model()

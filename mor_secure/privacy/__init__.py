@@ -3,13 +3,15 @@
 `accounting` and `randomized_response` are pure (no state); `privacy_units`
 groups pairs into DP samples; `ledger` owns the on-disk, hash-chained record of
 spends; `dp_training` trains reward models with Opacus and settles the
-ledger; `reports` separates the public privacy report from local diagnostics.
+ledger, `opacus_engine` attaching Opacus (with noise of its own) and taking it
+off, `unprotected_state` refusing model state that changes outside the noised
+gradients; `reports` separates the public privacy report from local diagnostics.
 """
 
 from __future__ import annotations
 
 from mor_secure.privacy.accounting import Accountant, epsilon_spent, noise_multiplier_for
-from mor_secure.privacy.dp_training import bradley_terry_loss, prepare_private_training, train_bradley_terry
+from mor_secure.privacy.dp_training import bradley_terry_loss, train_bradley_terry
 from mor_secure.privacy.ledger import (
     BudgetExceededError,
     LedgerError,
@@ -18,6 +20,7 @@ from mor_secure.privacy.ledger import (
     PrivacyLedger,
     Reservation,
 )
+from mor_secure.privacy.opacus_engine import prepare_private_training
 from mor_secure.privacy.randomized_response import debiased_mean, flip_probability, randomize_bits
 from mor_secure.privacy.reports import LocalDiagnostics, PrivacyReport, TrainingResult
 from mor_secure.privacy.training_config import NOISE_SEEDED, DPConfig, PrivacyUnit, TrainingConfig

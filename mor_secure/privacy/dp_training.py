@@ -21,24 +21,24 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from opacus import PrivacyEngine
-from opacus.grad_sample import GradSampleModule
-from opacus.validators import ModuleValidator
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from mor_secure.privacy.accounting import noise_multiplier_for, poisson_schedule, quiet_accountant
+from mor_secure.privacy.accounting import noise_multiplier_for, poisson_schedule
 from mor_secure.privacy.ledger import PrivacyLedger, Reservation
+from mor_secure.privacy.opacus_engine import (
+    check_dp_compatible,
+    detach_opacus,
+    epsilon_so_far,
+    prepare_private_training,
+)
 from mor_secure.privacy.privacy_units import (
     UnitGrouping,
     flatten_units,
@@ -51,18 +51,13 @@ from mor_secure.privacy.privacy_units import (
 from mor_secure.privacy.reports import LocalDiagnostics, PrivacyReport, TrainingResult
 from mor_secure.privacy.training_config import (
     NOISE_SEEDED,
-    DPConfig,
     TrainingConfig,
-    noise_label,
     run_declaration,
     warn_dp_off,
 )
-from mor_secure.privacy.unprotected_state import BufferSnapshot, running_statistics_problems
+from mor_secure.privacy.unprotected_state import BufferSnapshot
 
 logger = logging.getLogger(__name__)
-
-# Opacus warns on every engine built without secure_mode; our report states the noise source instead.
-_OPACUS_SECURE_RNG_WARNING = "Secure RNG turned off"
 
 
 def bradley_terry_loss(model: nn.Module, chosen: Sequence[Tensor], rejected: Sequence[Tensor],
@@ -185,52 +180,6 @@ def train_bradley_terry(
     return TrainingResult(report=report, diagnostics=diagnostics)
 
 
-@dataclass(frozen=True)
-class PrivateTraining:
-    """What `prepare_private_training` hands the training loop (and tests inspect)."""
-
-    engine: PrivacyEngine
-    module: nn.Module
-    optimizer: Any
-    loader: DataLoader
-    noise: str
-
-
-def prepare_private_training(
-    model: nn.Module, units: Dataset, optimizer: torch.optim.Optimizer, dp: DPConfig, *,
-    batch_size: int, noise_multiplier: float,
-) -> PrivateTraining:
-    """Opacus' engine, wrapped module, DP optimizer and Poisson loader, with noise nobody can regenerate.
-
-    Opacus draws Poisson masks and noise from torch's global generator unless
-    given one (DESIGN §5), and the global generator is seeded with the
-    training seed; so both get their own generators here, seeded from OS
-    entropy (or Opacus' CSPRNG in secure mode, or the explicitly insecure seed).
-    """
-    sampling = noise_generator = None  # secure mode: Opacus uses its CSPRNG for both
-    if not dp.secure_mode:
-        if dp.insecure_seeded_noise is not None:
-            seeds = (dp.insecure_seeded_noise, dp.insecure_seeded_noise + 1)
-        else:
-            seeds = (int.from_bytes(os.urandom(8), "big"), int.from_bytes(os.urandom(8), "big"))
-        sampling, noise_generator = (torch.Generator().manual_seed(seed) for seed in seeds)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_OPACUS_SECURE_RNG_WARNING)
-        engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
-    # Opacus builds its Poisson sampler on the loader's generator when it has no CSPRNG.
-    dp_model, dp_optimizer, dp_loader = engine.make_private(
-        module=model,
-        optimizer=optimizer,
-        data_loader=DataLoader(units, batch_size=batch_size, generator=sampling),
-        noise_multiplier=noise_multiplier,
-        max_grad_norm=dp.max_grad_norm,
-        poisson_sampling=True,
-        noise_generator=noise_generator,
-    )
-    return PrivateTraining(engine=engine, module=dp_model, optimizer=dp_optimizer, loader=dp_loader,
-                           noise=noise_label(dp))
-
-
 def _train_private(
     model: nn.Module,
     units: Dataset,
@@ -251,18 +200,7 @@ def _train_private(
         reservation = ledger.reserve(purpose=purpose, epsilon=dp.target_epsilon, delta=dp.target_delta,
                                      details=run_declaration(dp))
     try:
-        # ModuleValidator flags layers Opacus cannot privatise (BatchNorm mixes samples);
-        # GradSampleModule.validate flags trainable layers holding buffers, which make_private
-        # would otherwise reject only after tagging the parameters; neither looks at frozen layers.
-        errors = [*ModuleValidator.validate(model, strict=False), *GradSampleModule.validate(model, strict=False),
-                  *running_statistics_problems(model)]
-        if errors:
-            raise ValueError(
-                "model is not compatible with DP-SGD (Opacus validators): "
-                + "; ".join(str(e) for e in errors)
-                + ". Replace the offending layers before training, e.g. "
-                "`model = opacus.validators.ModuleValidator.fix(model)` swaps BatchNorm for GroupNorm."
-            )
+        check_dp_compatible(model)
         # The noise is planned at the rate Opacus' accountant charges, for exactly the
         # steps that run, so the epsilon it reports stays within the target.
         schedule = poisson_schedule(n_units=n_units, batch_size=config.batch_size)
@@ -296,7 +234,7 @@ def _train_private(
             per_unit_gradients=True,
             progress=progress,
             description=description,
-            epsilon_so_far=lambda: _epsilon_so_far(private.engine, dp.target_delta),
+            epsilon_so_far=lambda: epsilon_so_far(private.engine, dp.target_delta),
         )
         changed = buffers_before.restore_changed()
         if changed:
@@ -306,13 +244,13 @@ def _train_private(
                 "the run's spending is recorded; keep such state out of training (eval mode, or no buffer)"
             )
     finally:
-        _detach_opacus(private.module, private.optimizer, model)
+        detach_opacus(private.module, private.optimizer, model)
         # The accountant counts every noisy step taken, including those of a run
         # that failed part-way: they are spent whether or not training finished.
         steps = sum(n for _, _, n in private.engine.accountant.history)
         report = PrivacyReport(
             dp_enabled=True,
-            epsilon=_epsilon_so_far(private.engine, dp.target_delta) if steps else 0.0,
+            epsilon=epsilon_so_far(private.engine, dp.target_delta) if steps else 0.0,
             delta=dp.target_delta if steps else 0.0,
             noise_multiplier=noise_multiplier,
             sample_rate=schedule.accounted_rate,  # what the accountant charged: epsilon_spent reproduces `epsilon`
@@ -338,11 +276,6 @@ def _warn_per_pair(description: str, unit_ids: Sequence[Hashable] | None) -> Non
     units = "" if unit_ids is None else f"the {len(set(unit_ids))} units unit_ids names are ignored, and "
     warn_dp_off(f"training {description!r} with privacy_unit 'pair': its epsilon is per preference pair, NOT per "
                 f"unit: {units}a unit with k pairs is protected only at k x epsilon (group privacy)")
-
-
-def _epsilon_so_far(engine: PrivacyEngine, delta: float) -> float:
-    with quiet_accountant():
-        return float(engine.accountant.get_epsilon(delta=delta))
 
 
 def _train_plain(
@@ -448,22 +381,6 @@ def _run_epochs(
                 postfix["epsilon"] = f"{epsilon_so_far():.3f}"
                 bar.set_postfix(postfix)
     return history
-
-
-def _detach_opacus(dp_model: nn.Module, dp_optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-    """Leave `model` exactly a plain module again: no hooks, no per-sample state, no noisy grads."""
-    dp_optimizer.zero_grad(set_to_none=True)
-    # Removes the grad-sample hooks and grad_sample/_forward_counter/... attributes.
-    dp_model.to_standard_module()
-    # Not covered by GradSampleModule.cleanup(): the DP optimizer's per-parameter
-    # sum of clipped gradients, and the activation stash of each hooked layer.
-    for p in model.parameters():
-        if hasattr(p, "summed_grad"):
-            del p.summed_grad
-    for module in model.modules():
-        for attr in ("activations", "max_batch_len"):
-            if attr in vars(module):
-                delattr(module, attr)
 
 
 def _inputs_per_side(dataset: Dataset) -> int:

@@ -8,8 +8,11 @@ the public report.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +49,8 @@ MODEL_DIR = "reward_model"
 LEDGER_FILE = "privacy_ledger.json"
 REPORT_FILE = "privacy_report.json"
 DIAGNOSTICS_FILE = "local_diagnostics.json"
+# Held (flock) for the whole of `train_silo`: one training per workdir at a time.
+TRAINING_LOCK_FILE = ".training.lock"
 # Where the served scores' standardisation comes from: public data, so it releases nothing (DESIGN §4).
 STANDARDISATION_SOURCE = ("both answers of the consortium's public calibration pairs, scored by the DP model "
                           "(post-processing: no privacy cost)")
@@ -188,8 +193,33 @@ def public_standardisation_pairs(spec: ConsortiumSpec, splits: ConsortiumSplits)
     return make_pairs(splits.calibration, seed=spec.seed, max_pairs_per_kind=STANDARDISATION_PAIRS_PER_KIND)
 
 
+class WorkdirBusyError(ValueError):
+    """Another training holds the silo's workdir."""
+
+
+@contextmanager
+def _training_lock(workdir: Path) -> Iterator[None]:
+    """The workdir for one training at a time: two would interleave their saves, so the public report beside
+    the model could be the other run's. Taken before the ledger is touched, so a refused run reserves nothing."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    with open(workdir / TRAINING_LOCK_FILE, "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise WorkdirBusyError(
+                f"{workdir}: another `mor silo train` is running on this workdir; wait for it to finish (two at "
+                "once would mix their model and public report). Nothing was reserved or read") from None
+        yield  # the lock goes with the file's closing, however the job ends
+
+
 def train_silo(config: SiloConfig, *, progress: bool = True) -> SiloTrainingOutcome:
-    """Run the whole job. With DP, the target spend is reserved before any private data is read."""
+    """Run the whole job, alone on its workdir. With DP, the target spend is reserved before any private data
+    is read."""
+    with _training_lock(config.workdir):
+        return _train_silo(config, progress=progress)
+
+
+def _train_silo(config: SiloConfig, *, progress: bool) -> SiloTrainingOutcome:
     dp = config.training.dp
     purpose = f"train:reward-model:{config.architecture}"
     ledger = reservation = None
@@ -198,7 +228,6 @@ def train_silo(config: SiloConfig, *, progress: bool = True) -> SiloTrainingOutc
         reservation = ledger.reserve(purpose=purpose, epsilon=dp.target_epsilon, delta=dp.target_delta,
                                      details={**run_declaration(dp), GUARANTEE_UNIT: guarantee_unit(config)})
     try:
-        config.workdir.mkdir(parents=True, exist_ok=True)
         spec: ConsortiumSpec = load_consortium(config.consortium)
         splits = make_splits(spec)
         train, held_out = split_silo_pairs(config, spec, splits)

@@ -8,6 +8,7 @@ hospital-a 120).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +18,7 @@ import pytest
 from mor_cli.main import main
 from mor_secure.data import make_pairs
 from silo_agent import training as silo_training
-from silo_agent.training import DIAGNOSTICS_FILE, MODEL_DIR, REPORT_FILE
+from silo_agent.training import DIAGNOSTICS_FILE, MODEL_DIR, REPORT_FILE, TRAINING_LOCK_FILE
 
 PATIENTS, IMAGES_PER_PATIENT, PAIRS_PER_IMAGE = 15, 3, 2
 
@@ -109,3 +110,19 @@ def test_a_file_with_bad_rows_is_refused_whole_listing_each_and_spends_nothing(o
     (charge,) = silo_training.open_ledger(silo_training.load_silo_config(config)).charges
     assert charge.settled and (charge.epsilon, charge.delta) == (0.0, 0.0)
     assert not (own_data / "work" / "bad" / MODEL_DIR).exists()
+
+
+def test_a_second_training_on_a_busy_workdir_is_refused_before_reserving_and_the_workdir_trains_after(
+        own_data: Path, capsys) -> None:
+    config = silo_yaml(own_data, "busy", "pairs.jsonl")
+    workdir = own_data / "work" / "busy"
+    with open(workdir / TRAINING_LOCK_FILE, "a+b") as other_run:  # a training in another process holds this
+        fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        assert main(["silo", "train", "--config", str(config), "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert f"{workdir}: another `mor silo train` is running on this workdir" in err and "Traceback" not in err
+        assert silo_training.open_ledger(silo_training.load_silo_config(config)).charges == ()
+    assert main(["silo", "train", "--config", str(config), "--no-progress"]) == 0, capsys.readouterr().err
+    (charge,) = silo_training.open_ledger(silo_training.load_silo_config(config)).charges
+    assert charge.settled and charge.epsilon > 0

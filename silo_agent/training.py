@@ -134,12 +134,14 @@ def create_ledger(config: SiloConfig, *, force: bool = False) -> PrivacyLedger:
     ledger made under a mistyped name would be charged for nothing it trains.
     A ledger belongs to its workdir, and only this silo's commands write
     there: a workdir that holds anything but no ledger (the ledger's lock
-    file, a report, a model, an audit log) lost its ledger, so it is refused
+    file, a report, a model, an audit log; the training lock aside) lost its ledger, so it is refused
     with `LedgerMissingError` unless `force` (new data only), which logs a warning.
     """
     load_consortium(config.consortium).silo(config.name)
     path = ledger_path(config)
-    used = sorted(p.name for p in config.workdir.iterdir()) if config.workdir.is_dir() else []
+    # The training lock alone is no sign of a lost ledger: a refused or DP-off `mor silo train` leaves it.
+    used = sorted(p.name for p in config.workdir.iterdir() if p.name != TRAINING_LOCK_FILE) \
+        if config.workdir.is_dir() else []
     if used and not path.exists():
         if not force:
             raise LedgerMissingError(
@@ -215,16 +217,17 @@ def _training_lock(workdir: Path) -> Iterator[None]:
 def train_silo(config: SiloConfig, *, progress: bool = True) -> SiloTrainingOutcome:
     """Run the whole job, alone on its workdir. With DP, the target spend is reserved before any private data
     is read."""
+    # The ledger first: an uninitialised workdir is refused before the lock (or anything else) is written there.
+    ledger = open_ledger(config) if config.training.dp.enabled else None
     with _training_lock(config.workdir):
-        return _train_silo(config, progress=progress)
+        return _train_silo(config, ledger, progress=progress)
 
 
-def _train_silo(config: SiloConfig, *, progress: bool) -> SiloTrainingOutcome:
+def _train_silo(config: SiloConfig, ledger: PrivacyLedger | None, *, progress: bool) -> SiloTrainingOutcome:
     dp = config.training.dp
     purpose = f"train:reward-model:{config.architecture}"
-    ledger = reservation = None
-    if dp.enabled:
-        ledger = open_ledger(config)
+    reservation = None
+    if ledger is not None:
         reservation = ledger.reserve(purpose=purpose, epsilon=dp.target_epsilon, delta=dp.target_delta,
                                      details={**run_declaration(dp), GUARANTEE_UNIT: guarantee_unit(config)})
     try:

@@ -11,7 +11,7 @@ import pytest
 
 from mor_secure.privacy import NOISE_SEEDED
 from silo_agent.cli import main
-from silo_agent.training import REPORT_FILE, ledger_path, load_silo_config, open_ledger
+from silo_agent.training import REPORT_FILE, TRAINING_LOCK_FILE, ledger_path, load_silo_config, open_ledger
 
 SILO_YAML = "name: hospital-a\nconsortium: consortium.yaml\nworkdir: work/hospital-a\narchitecture: small_cnn\n"
 SEEDED = "training:\n  dp:\n    insecure_seeded_noise: 7\n"
@@ -47,6 +47,15 @@ def test_init_refuses_a_used_workdir_whose_ledger_is_gone(silo_yaml: Path, capsy
     assert "was used before" in err and "privacy_ledger.json.lock" in err and REPORT_FILE in err
     assert "Restore privacy_ledger.json from backup" in err and "--force-new-ledger" in err
     assert not path.exists()
+
+
+def test_init_goes_ahead_in_a_workdir_that_holds_only_the_training_lock(silo_yaml: Path) -> None:
+    """A `mor silo train` stopped before it wrote anything leaves its lock file: no sign of a lost ledger."""
+    workdir = load_silo_config(silo_yaml).workdir
+    workdir.mkdir(parents=True)
+    (workdir / TRAINING_LOCK_FILE).touch()
+    assert main(["init", "--config", str(silo_yaml)]) == 0
+    assert open_ledger(load_silo_config(silo_yaml)).charges == ()
 
 
 def test_forced_init_in_a_used_workdir_says_loudly_what_it_discards(silo_yaml: Path,

@@ -55,7 +55,7 @@ from mor_secure.privacy.training_config import (
     run_declaration,
     warn_dp_off,
 )
-from mor_secure.privacy.unprotected_state import BufferSnapshot
+from mor_secure.privacy.unprotected_state import FrozenStateSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def _train_private(
         )
         private = prepare_private_training(model, units, optimizer, dp, batch_size=config.batch_size,
                                            noise_multiplier=noise_multiplier)
-        buffers_before = BufferSnapshot(model)
+        frozen_before = FrozenStateSnapshot(model)
     except BaseException:
         if reservation is not None:  # refused before the first noisy step: nothing was released
             ledger.release(reservation, reason="DP-SGD could not start")
@@ -236,13 +236,6 @@ def _train_private(
             description=description,
             epsilon_so_far=lambda: epsilon_so_far(private.engine, dp.target_delta),
         )
-        changed = buffers_before.restore_changed()
-        if changed:
-            raise RuntimeError(
-                f"the model's buffers {', '.join(changed)} changed during DP-SGD: they were computed from private "
-                "data outside the clipped, noised gradients, so the model is not private. They were put back and "
-                "the run's spending is recorded; keep such state out of training (eval mode, or no buffer)"
-            )
     finally:
         detach_opacus(private.module, private.optimizer, model)
         # The accountant counts every noisy step taken, including those of a run
@@ -268,6 +261,15 @@ def _train_private(
         )
         if ledger is not None and reservation is not None:
             ledger.settle(reservation, epsilon=report.epsilon, delta=report.delta, details=report.to_dict())
+        # After the settle, which nothing may skip; and on a run that fails part-way too.
+        changed = frozen_before.restore_changed()
+    if changed:
+        raise RuntimeError(
+            f"the model's state {', '.join(changed)} changed during DP-SGD: it was computed from private data "
+            "outside the clipped, noised gradients, so the model is not private. The run's spending is recorded; "
+            "buffers were put back, a frozen parameter cannot be (discard the model). Keep such state out of "
+            "training (eval mode, no buffer, no writes into frozen weights)"
+        )
     return report, losses
 
 

@@ -33,15 +33,13 @@ def check_dp_compatible(model: nn.Module) -> None:
     # ModuleValidator flags layers Opacus cannot privatise (BatchNorm mixes samples);
     # GradSampleModule.validate flags trainable layers holding buffers, which make_private
     # would otherwise reject only after tagging the parameters; neither looks at frozen layers.
-    errors = [*ModuleValidator.validate(model, strict=False), *GradSampleModule.validate(model, strict=False),
-              *running_statistics_problems(model)]
-    if errors:
-        raise ValueError(
-            "model is not compatible with DP-SGD (Opacus validators): "
-            + "; ".join(str(e) for e in errors)
-            + ". Replace the offending layers before training, e.g. "
-            "`model = opacus.validators.ModuleValidator.fix(model)` swaps BatchNorm for GroupNorm."
-        )
+    opacus_errors = [*ModuleValidator.validate(model, strict=False), *GradSampleModule.validate(model, strict=False)]
+    # ModuleValidator.fix skips frozen layers, so its hint is only for what Opacus itself flagged.
+    hint = (". Replace the offending layers before training, e.g. `model = opacus.validators.ModuleValidator.fix("
+            "model)` swaps BatchNorm for GroupNorm" if opacus_errors else "")
+    problems = [str(e) for e in opacus_errors] + running_statistics_problems(model)
+    if problems:
+        raise ValueError("model is not compatible with DP-SGD (Opacus validators): " + "; ".join(problems) + hint)
 
 
 @dataclass(frozen=True)

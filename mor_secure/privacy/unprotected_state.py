@@ -1,15 +1,19 @@
-"""Model state that DP-SGD does not protect: buffers training changes outside the gradients.
+"""Model state that DP-SGD does not protect: what training changes outside the gradients.
 
 Opacus privatises gradients only, and its validators look at trainable layers
 (`ModuleValidator`, `GradSampleModule.validate`). A *frozen* BatchNorm left in
 training mode still moves its running mean and variance with every private
 batch, unclipped and without noise, and those buffers ship with the model: a
 reader of the weights sees statistics of the private data that no epsilon
-covers. Such layers are refused before the first step; any other buffer that
-changes during a run is put back and the run fails, so no such model leaves.
+covers. Such layers are refused before the first step. Any other buffer that
+changes during a run is put back, whether the run ends or fails, and a run
+that ended fails; a frozen parameter that changes (a forward pass writing
+into it) is named, and the run fails too.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 from torch import nn
@@ -27,26 +31,66 @@ def running_statistics_problems(model: nn.Module) -> list[str]:
     ]
 
 
-class BufferSnapshot:
-    """The model's buffers as they were before training, to tell whether a run changed any."""
+class FrozenStateSnapshot:
+    """A model's buffers (copied, to be put back) and frozen parameters (digests) as they were before training.
+
+    Every layer's own buffers are kept, shared ones included (named_buffers()
+    would list a buffer two layers share once, and only one of them would be
+    put back), with their persistence (whether state_dict saves them).
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self._model = model
-        self._saved = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+        copies: dict[int, torch.Tensor] = {}  # a buffer two layers share is put back shared
+        self._buffers: dict[tuple[str, str], tuple[torch.Tensor, bool]] = {}
+        for path, module in model.named_modules(remove_duplicate=False):
+            for name, buffer in _own_buffers(module).items():
+                if id(buffer) not in copies:
+                    copies[id(buffer)] = buffer.detach().clone()
+                # torch has no public view of a buffer's persistence but this set (Module.register_buffer's).
+                self._buffers[(path, name)] = (copies[id(buffer)], name not in module._non_persistent_buffers_set)
+        self._frozen = {name: _digest(parameter)
+                        for name, parameter in model.named_parameters(remove_duplicate=False)
+                        if not parameter.requires_grad}
 
     def restore_changed(self) -> list[str]:
-        """Names of the buffers the run changed, added or removed; each is put back as it was."""
-        current = dict(self._model.named_buffers())
-        changed = sorted(name for name in current.keys() | self._saved.keys()
-                         if name not in current or name not in self._saved
-                         or not torch.equal(current[name], self._saved[name]))
-        for name in changed:
-            owner_name, _, attribute = name.rpartition(".")
-            owner = self._model.get_submodule(owner_name)
-            if name not in self._saved:
-                delattr(owner, attribute)
-            elif name in current:  # assigning keeps the buffer's persistence
-                setattr(owner, attribute, self._saved[name])
+        """What the run changed: buffers changed, added or removed (each put back as it was), then frozen
+        parameters changed (named with "(frozen parameter)"; these cannot be put back)."""
+        current = {(path, name): buffer for path, module in self._model.named_modules(remove_duplicate=False)
+                   for name, buffer in _own_buffers(module).items()}
+        changed = []
+        for key in sorted(current.keys() | self._buffers.keys()):
+            saved, now = self._buffers.get(key), current.get(key)
+            if saved is not None and now is not None and _same(saved[0], now):
+                continue
+            path, name = key
+            changed.append(f"{path}.{name}" if path else name)
+            owner = self._model.get_submodule(path)
+            if saved is None:
+                delattr(owner, name)
             else:
-                owner.register_buffer(attribute, self._saved[name])
+                owner.register_buffer(name, saved[0], persistent=saved[1])
+        frozen_now = dict(self._model.named_parameters(remove_duplicate=False))
+        changed += [f"{name} (frozen parameter)" for name, digest in self._frozen.items()
+                    if name not in frozen_now or _digest(frozen_now[name]) != digest]
         return changed
+
+
+def _own_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.named_buffers(recurse=False))
+
+
+def _same(before: torch.Tensor, after: torch.Tensor) -> bool:
+    """Equal in shape, type and every value, a NaN matching a NaN (a constant NaN buffer is unchanged)."""
+    if before.shape != after.shape or before.dtype != after.dtype or before.device != after.device:
+        return False
+    if torch.equal(before, after):
+        return True
+    return (before.is_floating_point() and torch.equal(before.isnan(), after.isnan())
+            and torch.equal(before.nan_to_num(), after.nan_to_num()))
+
+
+def _digest(tensor: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, str]:
+    """Shape, type and SHA-256 of the bytes: a frozen base model is not copied (135M parameters would double)."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return tuple(tensor.shape), tensor.dtype, hashlib.sha256(data).hexdigest()

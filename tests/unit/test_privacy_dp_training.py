@@ -34,6 +34,7 @@ from mor_secure.privacy.accounting import PoissonSchedule, poisson_schedule
 from mor_secure.privacy.ledger import PrivacyUnitMismatchError
 from mor_secure.privacy.training_config import run_declaration
 from mor_secure.privacy.privacy_units import group_pairs_by_unit, held_out_units, unit_dataset
+from mor_secure.privacy.unprotected_state import FrozenStateSnapshot
 
 DIM = 8
 
@@ -349,9 +350,10 @@ def test_a_frozen_layer_keeping_running_statistics_is_refused_before_any_step(tm
     torch.manual_seed(0)
     model = FrozenNormalised()
     ledger = new_ledger(tmp_path / "ledger.json", epsilon=20.0)
-    with pytest.raises(ValueError, match=r"norm \(BatchNorm1d\) updates its running statistics.*track_running_stats"):
+    with pytest.raises(ValueError, match=r"norm \(BatchNorm1d\) updates its running statistics.*track_running_stats") as refusal:
         train_bradley_terry(model, TensorDataset(*make_pairs(100)), dp_config(epochs=1), ledger=ledger,
                             progress=False)
+    assert "ModuleValidator.fix" not in str(refusal.value)  # fix() skips frozen layers: it would change nothing
     (charge,) = ledger.charges
     assert charge.settled and (charge.epsilon, charge.delta) == (0.0, 0.0)
     assert model.rows_seen == [] and int(model.norm.num_batches_tracked) == 0
@@ -374,13 +376,67 @@ def test_a_buffer_changed_during_training_is_put_back_and_fails_the_run_with_its
     torch.manual_seed(0)
     model = CountingFrozen()
     ledger = new_ledger(tmp_path / "ledger.json", epsilon=20.0)
-    with pytest.raises(RuntimeError, match="buffers seen_mean changed during DP-SGD.*not private"):
+    with pytest.raises(RuntimeError, match="state seen_mean changed during DP-SGD.*not private"):
         train_bradley_terry(model, TensorDataset(*make_pairs(100)), dp_config(epochs=1), ledger=ledger,
                             progress=False)
     assert torch.equal(model.seen_mean, torch.zeros(DIM)) and model.rows_seen
     (charge,) = ledger.charges
     assert charge.settled and charge.epsilon > 0
     assert_plain_module(model)
+
+
+def test_a_run_failing_part_way_still_puts_back_the_buffers_it_changed(tmp_path: Path) -> None:
+    class FailingCounting(TinyRewardModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("seen_mean", torch.zeros(DIM))
+
+        def forward(self, x: Tensor) -> Tensor:
+            if len(self.rows_seen) >= 2 * 2:  # two forward passes a step: fails in the third step
+                raise RuntimeError("disk full")
+            if x.shape[0]:
+                self.seen_mean.copy_(x.detach().mean(0))  # in place, not reassigned
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    model = FailingCounting()
+    with pytest.raises(RuntimeError, match="disk full"):
+        train_bradley_terry(model, TensorDataset(*make_pairs(100)), dp_config(epochs=5),
+                            ledger=new_ledger(tmp_path / "ledger.json", epsilon=20.0), progress=False)
+    assert len(model.rows_seen) == 4 and torch.equal(model.seen_mean, torch.zeros(DIM))
+
+
+def test_a_frozen_parameter_written_during_training_fails_the_run() -> None:
+    class WritingIntoFrozen(TinyRewardModel):
+        def forward(self, x: Tensor) -> Tensor:
+            if x.shape[0]:
+                with torch.no_grad():
+                    self.encoder.bias.copy_(x.mean(0))
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match=r"state encoder\.bias \(frozen parameter\) changed during DP-SGD"):
+        train_bradley_terry(WritingIntoFrozen(), TensorDataset(*make_pairs(100)), dp_config(epochs=1),
+                            progress=False)
+
+
+def test_the_snapshot_puts_back_shared_and_non_persistent_buffers_and_takes_a_constant_nan_as_unchanged() -> None:
+    shared = torch.zeros(2)
+    model = nn.Sequential(nn.Module(), nn.Module())
+    model[0].register_buffer("stats", shared)
+    model[1].register_buffer("stats", shared)  # one tensor, two layers
+    model[0].register_buffer("scratch", torch.ones(2), persistent=False)
+    model[1].register_buffer("unknown", torch.tensor([float("nan"), 1.0]))
+    snapshot = FrozenStateSnapshot(model)
+    assert snapshot.restore_changed() == []
+    shared.add_(5.0)
+    del model[0].scratch
+    model[1].register_buffer("added", torch.ones(1))
+    assert snapshot.restore_changed() == ["0.scratch", "0.stats", "1.added", "1.stats"]
+    assert torch.equal(model[0].stats, torch.zeros(2)) and model[0].stats is model[1].stats
+    assert "0.scratch" not in model.state_dict() and torch.equal(model[0].scratch, torch.ones(2))
+    assert not hasattr(model[1], "added")
+    assert snapshot.restore_changed() == []
 
 
 def test_dp_off_warns_trains_and_charges_nothing(tmp_path: Path) -> None:

@@ -168,7 +168,9 @@ def silo_pairs(config: SiloConfig, spec: ConsortiumSpec, splits: ConsortiumSplit
     """The silo's private pairs: its own file (`data:`, validated whole: DataImportError), else its easy-VQA
     partition with the consortium file's label noise (the benchmark)."""
     if config.data is not None:
-        return import_preference_jsonl(config.data.pairs, config.data.images, unit=config.data.unit)
+        # Per pair, no row's unit_id counts (the config warns so), so `data.unit` has nothing to hold rows to.
+        declared = None if config.training.dp.privacy_unit == "pair" else config.data.unit
+        return import_preference_jsonl(config.data.pairs, config.data.images, unit=declared)
     return pairs_for_silo(splits, spec, config.name)
 
 

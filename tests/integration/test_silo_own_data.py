@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from mor_cli.main import main
-from mor_secure.data import make_pairs
+from mor_secure.data import DataImportError, make_pairs
 from silo_agent import training as silo_training
 from silo_agent.training import DIAGNOSTICS_FILE, MODEL_DIR, REPORT_FILE, TRAINING_LOCK_FILE
 
@@ -92,6 +92,23 @@ def test_a_silo_trains_on_its_own_file_with_the_patient_as_the_privacy_unit(own_
     assert charge.settled and charge.epsilon == privacy["epsilon"] > 0
     assert charge.privacy_unit == "patient"
     assert (workdir / MODEL_DIR / "reward_model.json").is_file()
+
+
+def test_pair_level_training_takes_rows_without_a_unit_id_that_a_per_patient_one_refuses(own_data: Path,
+                                                                                        consortium) -> None:
+    rows = [json.loads(line) for line in (own_data / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]
+    (own_data / "no-units.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in row.items() if k != "unit_id"}) + "\n" for row in rows), encoding="utf-8")
+    per_patient = own_data / "no-units-patient.yaml"
+    per_patient.write_text(OWN_DATA_YAML.format(workdir="work/no-units", pairs="no-units.jsonl"), encoding="utf-8")
+    with pytest.raises(DataImportError, match="no unit_id, but data.unit is patient"):
+        silo_training.silo_pairs(silo_training.load_silo_config(per_patient), *consortium)
+    per_pair = own_data / "no-units-pair.yaml"
+    per_pair.write_text(per_patient.read_text(encoding="utf-8").replace(
+        "    target_delta: 1.0e-5\n", "    target_delta: 1.0e-5\n    privacy_unit: pair\n"), encoding="utf-8")
+    with pytest.warns(UserWarning, match="privacy_unit is 'pair'"):
+        config = silo_training.load_silo_config(per_pair)
+    assert len(silo_training.silo_pairs(config, *consortium)) == len(rows)
 
 
 def test_a_file_with_bad_rows_is_refused_whole_listing_each_and_spends_nothing(own_data: Path, capsys) -> None:

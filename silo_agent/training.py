@@ -204,7 +204,7 @@ class WorkdirBusyError(ValueError):
 @contextmanager
 def _training_lock(workdir: Path) -> Iterator[None]:
     """The workdir for one training at a time: two would interleave their saves, so the public report beside
-    the model could be the other run's. Taken before the ledger is touched, so a refused run reserves nothing."""
+    the model could be the other run's. Taken before anything is reserved, so a refused run reserves nothing."""
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / TRAINING_LOCK_FILE, "a+b") as handle:
         try:

@@ -211,13 +211,14 @@ def _train_private(
             steps=config.epochs * schedule.steps_per_epoch,
             accountant=dp.accountant,
         )
+        frozen_before = FrozenStateSnapshot(model)  # before Opacus attaches: nothing to detach if it fails
         private = prepare_private_training(model, units, optimizer, dp, batch_size=config.batch_size,
                                            noise_multiplier=noise_multiplier)
-        frozen_before = FrozenStateSnapshot(model)
     except BaseException:
         if reservation is not None:  # refused before the first noisy step: nothing was released
             ledger.release(reservation, reason="DP-SGD could not start")
         raise
+    failure: BaseException | None = None
     try:
         if (private.loader.sample_rate, len(private.loader)) != (schedule.sampler_rate, schedule.steps_per_epoch):
             raise RuntimeError(
@@ -236,6 +237,9 @@ def _train_private(
             description=description,
             epsilon_so_far=lambda: epsilon_so_far(private.engine, dp.target_delta),
         )
+    except BaseException as error:
+        failure = error
+        raise
     finally:
         detach_opacus(private.module, private.optimizer, model)
         # The accountant counts every noisy step taken, including those of a run
@@ -263,14 +267,19 @@ def _train_private(
             ledger.settle(reservation, epsilon=report.epsilon, delta=report.delta, details=report.to_dict())
         # After the settle, which nothing may skip; and on a run that fails part-way too.
         changed = frozen_before.restore_changed()
+        if changed and failure is not None:  # the run's own error goes on, saying this too
+            logger.error("%s", _state_changed_message(changed))
+            failure.add_note(_state_changed_message(changed))
     if changed:
-        raise RuntimeError(
-            f"the model's state {', '.join(changed)} changed during DP-SGD: it was computed from private data "
+        raise RuntimeError(_state_changed_message(changed))
+    return report, losses
+
+
+def _state_changed_message(changed: list[str]) -> str:
+    return (f"the model's state {', '.join(changed)} changed during DP-SGD: it was computed from private data "
             "outside the clipped, noised gradients, so the model is not private. The run's spending is recorded; "
             "buffers were put back, a frozen parameter cannot be (discard the model). Keep such state out of "
-            "training (eval mode, no buffer, no writes into frozen weights)"
-        )
-    return report, losses
+            "training (eval mode, no buffer, no writes into frozen weights)")
 
 
 def _warn_per_pair(description: str, unit_ids: Sequence[Hashable] | None) -> None:

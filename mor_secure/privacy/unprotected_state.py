@@ -24,7 +24,7 @@ def running_statistics_problems(model: nn.Module) -> list[str]:
     """One reason per layer that would update running statistics from private batches (in training mode)."""
     return [
         f"{name or 'the model'} ({type(module).__name__}) updates its running statistics from every private batch "
-        "in training mode, without clipping or noise, though its weights are frozen: keep it in eval mode (override "
+        "in training mode, without clipping or noise, whether or not its weights train: keep it in eval mode (override "
         "the model's train()) or build it with track_running_stats=False"
         for name, module in model.named_modules()
         if isinstance(module, _NormBase) and module.track_running_stats and module.training
@@ -45,10 +45,11 @@ class FrozenStateSnapshot:
         self._buffers: dict[tuple[str, str], tuple[torch.Tensor, bool]] = {}
         for path, module in model.named_modules(remove_duplicate=False):
             for name, buffer in _own_buffers(module).items():
-                if id(buffer) not in copies:
+                if buffer is not None and id(buffer) not in copies:
                     copies[id(buffer)] = buffer.detach().clone()
                 # torch has no public view of a buffer's persistence but this set (Module.register_buffer's).
-                self._buffers[(path, name)] = (copies[id(buffer)], name not in module._non_persistent_buffers_set)
+                self._buffers[(path, name)] = (copies.get(id(buffer)) if buffer is not None else None,
+                                               name not in module._non_persistent_buffers_set)
         self._frozen = {name: _digest(parameter)
                         for name, parameter in model.named_parameters(remove_duplicate=False)
                         if not parameter.requires_grad}
@@ -60,8 +61,8 @@ class FrozenStateSnapshot:
                    for name, buffer in _own_buffers(module).items()}
         changed = []
         for key in sorted(current.keys() | self._buffers.keys()):
-            saved, now = self._buffers.get(key), current.get(key)
-            if saved is not None and now is not None and _same(saved[0], now):
+            saved = self._buffers.get(key)
+            if saved is not None and key in current and _same(saved[0], current[key]):
                 continue
             path, name = key
             changed.append(f"{path}.{name}" if path else name)
@@ -76,12 +77,15 @@ class FrozenStateSnapshot:
         return changed
 
 
-def _own_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
-    return dict(module.named_buffers(recurse=False))
+def _own_buffers(module: nn.Module) -> dict[str, torch.Tensor | None]:
+    """The layer's buffer slots, a None one included (named_buffers() skips it; a run that fills it changed it)."""
+    return dict(module._buffers)
 
 
-def _same(before: torch.Tensor, after: torch.Tensor) -> bool:
+def _same(before: torch.Tensor | None, after: torch.Tensor | None) -> bool:
     """Equal in shape, type and every value, a NaN matching a NaN (a constant NaN buffer is unchanged)."""
+    if before is None or after is None:
+        return before is after
     if before.shape != after.shape or before.dtype != after.dtype or before.device != after.device:
         return False
     if torch.equal(before, after):
@@ -91,6 +95,13 @@ def _same(before: torch.Tensor, after: torch.Tensor) -> bool:
 
 
 def _digest(tensor: torch.Tensor) -> tuple[tuple[int, ...], torch.dtype, str]:
-    """Shape, type and SHA-256 of the bytes: a frozen base model is not copied (135M parameters would double)."""
-    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    """Shape, type and SHA-256 of the values: a frozen base model is not copied (135M parameters would double).
+
+    A tensor without data (on the meta device, or a lazy layer's before its first call) has none to write into.
+    """
+    if tensor.is_meta or isinstance(tensor, nn.parameter.UninitializedTensorMixin):
+        return tuple(tensor.shape) if tensor.is_meta else (), tensor.dtype, "no data"
+    values = tensor.detach()
+    values = values.to_dense() if values.is_sparse else values
+    data = values.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
     return tuple(tensor.shape), tensor.dtype, hashlib.sha256(data).hexdigest()

@@ -396,14 +396,19 @@ def test_a_run_failing_part_way_still_puts_back_the_buffers_it_changed(tmp_path:
                 raise RuntimeError("disk full")
             if x.shape[0]:
                 self.seen_mean.copy_(x.detach().mean(0))  # in place, not reassigned
+                with torch.no_grad():
+                    self.encoder.bias.copy_(x.mean(0))
             return super().forward(x)
 
     torch.manual_seed(0)
     model = FailingCounting()
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(RuntimeError, match="disk full") as failure:
         train_bradley_terry(model, TensorDataset(*make_pairs(100)), dp_config(epochs=5),
                             ledger=new_ledger(tmp_path / "ledger.json", epsilon=20.0), progress=False)
     assert len(model.rows_seen) == 4 and torch.equal(model.seen_mean, torch.zeros(DIM))
+    # The run's own error goes on, and says what it leaves unprivate.
+    (note,) = failure.value.__notes__
+    assert "state seen_mean, encoder.bias (frozen parameter) changed during DP-SGD" in note
 
 
 def test_a_frozen_parameter_written_during_training_fails_the_run() -> None:
@@ -436,6 +441,17 @@ def test_the_snapshot_puts_back_shared_and_non_persistent_buffers_and_takes_a_co
     assert torch.equal(model[0].stats, torch.zeros(2)) and model[0].stats is model[1].stats
     assert "0.scratch" not in model.state_dict() and torch.equal(model[0].scratch, torch.ones(2))
     assert not hasattr(model[1], "added")
+    assert snapshot.restore_changed() == []
+
+
+def test_the_snapshot_puts_an_empty_buffer_slot_back_empty_and_passes_over_a_frozen_weight_without_data() -> None:
+    model = nn.Module()
+    model.register_buffer("cache", None)  # a lazy cache, filled on first use
+    model.offloaded = nn.Parameter(torch.empty(3, device="meta"), requires_grad=False)
+    snapshot = FrozenStateSnapshot(model)
+    model.cache = torch.ones(2)
+    assert snapshot.restore_changed() == ["cache"]
+    assert "cache" in model._buffers and model.cache is None
     assert snapshot.restore_changed() == []
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import shutil
@@ -46,6 +47,18 @@ def test_init_refuses_a_used_workdir_whose_ledger_is_gone(silo_yaml: Path, capsy
     assert err.startswith("mor silo: error: ") and err.count("\n") == 1
     assert "was used before" in err and "privacy_ledger.json.lock" in err and REPORT_FILE in err
     assert "Restore privacy_ledger.json from backup" in err and "--force-new-ledger" in err
+    assert not path.exists()
+
+
+def test_forced_init_during_a_training_is_refused_and_changes_nothing(silo_yaml: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    path = spend_and_lose_the_ledger(silo_yaml)
+    with open(path.parent / TRAINING_LOCK_FILE, "a+b") as training:  # a `mor silo train` in another process
+        fcntl.flock(training, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        capsys.readouterr()
+        assert main(["init", "--config", str(silo_yaml), "--force-new-ledger"]) == 1
+    err = capsys.readouterr().err
+    assert "another `mor silo train` is running on this workdir" in err and "lose the spend" in err
     assert not path.exists()
 
 

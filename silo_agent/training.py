@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mor_secure.config import load_config, resolve_relative
@@ -263,6 +263,9 @@ def _train_silo(config: SiloConfig, ledger: PrivacyLedger | None, *, progress: b
                                  unit_ids=[privacy_unit_of(p) for p in train], ledger=ledger,
                                  reservation=reservation, purpose=purpose, progress=progress,
                                  description=f"{config.name} {config.architecture}")
+    # DP-SGD knows units, not what they are: the public report names the unit the silo's guarantee is over.
+    report = (replace(result.report, privacy_unit=guarantee_unit(config))
+              if result.report.privacy_unit is not None else result.report)
     standardisation = model.fit_standardisation(public_standardisation_pairs(spec, splits))
     model_dir = model.save(config.workdir / MODEL_DIR)
     report_path = config.workdir / REPORT_FILE
@@ -270,7 +273,7 @@ def _train_silo(config: SiloConfig, ledger: PrivacyLedger | None, *, progress: b
         "silo": config.name,
         "architecture": config.architecture,
         "trainable_params": model.trainable_parameters(),
-        "privacy": result.report.to_dict(),
+        "privacy": report.to_dict(),
         "standardisation": {"mean": standardisation.mean, "std": standardisation.std,
                             "fitted_on": STANDARDISATION_SOURCE},
         "ledger": None if ledger is None else {
@@ -284,4 +287,4 @@ def _train_silo(config: SiloConfig, ledger: PrivacyLedger | None, *, progress: b
         "held_out_pairs": len(held_out),
         "held_out_pairwise_accuracy": model.pairwise_accuracy(held_out),
     }, indent=2), encoding="utf-8")
-    return SiloTrainingOutcome(model, result.report, model_dir, report_path, diagnostics_path)
+    return SiloTrainingOutcome(model, report, model_dir, report_path, diagnostics_path)

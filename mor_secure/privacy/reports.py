@@ -8,10 +8,15 @@ exact statistics of private data and are never released.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 from mor_secure.privacy.accounting import Accountant
 from mor_secure.privacy.training_config import PrivacyUnit
+
+# What one unit of a report's guarantee is: DPConfig's unit, or "patient" for a silo's own data grouped by unit_id
+# (silo_agent's `guarantee_unit`): a per-patient epsilon is no per-image one (removing one image of a patient with
+# several is covered only at 2 x epsilon by group privacy), so the report must not say "image" for it.
+GuaranteeUnit = PrivacyUnit | Literal["patient"]
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,7 @@ class PrivacyReport:
     epochs: int
     max_grad_norm: float | None
     accountant: Accountant | None
-    privacy_unit: PrivacyUnit | None
+    privacy_unit: GuaranteeUnit | None
     max_pairs_per_unit: int | None
     noise: str | None
     private: bool

@@ -86,7 +86,7 @@ def test_a_silo_trains_on_its_own_file_with_the_patient_as_the_privacy_unit(own_
     assert diagnostics["held_out_pairs"] % pairs_per_patient == 0 and diagnostics["held_out_pairs"] > 0
     assert diagnostics["units"] == diagnostics["train_pairs"] // pairs_per_patient
     privacy = json.loads((workdir / REPORT_FILE).read_text())["privacy"]
-    assert privacy["privacy_unit"] == "image" and privacy["private"] is True
+    assert privacy["privacy_unit"] == "patient" and privacy["private"] is True
     assert privacy["sample_rate"] == pytest.approx(1 / -(-diagnostics["units"] // 4))
     (charge,) = silo_training.open_ledger(silo_training.load_silo_config(config)).charges
     assert charge.settled and charge.epsilon == privacy["epsilon"] > 0

@@ -59,7 +59,7 @@ def test_replies_round_trip(scores, bits, flip) -> None:
 
 def test_description_round_trip_with_and_without_report() -> None:
     report = PrivacyReport(dp_enabled=True, epsilon=7.9, delta=1e-5, noise_multiplier=1.02, sample_rate=0.33,
-                           steps=12, epochs=4, max_grad_norm=1.0, accountant="prv", privacy_unit="image",
+                           steps=12, epochs=4, max_grad_norm=1.0, accountant="prv", privacy_unit="patient",
                            max_pairs_per_unit=16, noise="os-entropy", private=True, mechanisms=("DP-SGD", "scores"))
     ledger = LedgerSummary(epsilon_budget=10.0, delta_budget=2e-5, epsilon_spent=7.9, delta_spent=1e-5, charges=1,
                            open_reservations=0, head_digest="ab" * 32)

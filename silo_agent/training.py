@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from mor_secure.config import load_config, resolve_relative
@@ -36,10 +36,9 @@ from mor_secure.models.reward_architectures import (
 )
 from mor_secure.models.reward_model import RewardModel
 from mor_secure.privacy import PrivacyLedger, PrivacyReport, train_bradley_terry
-from mor_secure.privacy.ledger import GUARANTEE_UNIT
 from mor_secure.privacy.ledger_chain import NEW_LEDGER_IS_NOT_A_RESET, LedgerMissingError
 from mor_secure.privacy.privacy_units import held_out_units
-from mor_secure.privacy.training_config import run_declaration
+from mor_secure.privacy.training_config import GuaranteeUnit, UnitKind, guarantee_unit_of, run_declaration
 
 from .config import SiloConfig
 
@@ -181,11 +180,15 @@ def silo_pairs(config: SiloConfig, spec: ConsortiumSpec, splits: ConsortiumSplit
     return pairs_for_silo(splits, spec, config.name)
 
 
-def guarantee_unit(config: SiloConfig) -> str:
-    """What one unit of the silo's guarantee is: pair, patient (its own data, per unit_id) or image."""
-    if config.training.dp.privacy_unit == "pair":
-        return "pair"
+def units_are(config: SiloConfig) -> UnitKind:
+    """What the silo's privacy units are: its own data's `data.unit` (patients by unit_id, or images), else
+    images (its easy-VQA partition)."""
     return config.data.unit if config.data is not None else "image"
+
+
+def guarantee_unit(config: SiloConfig) -> GuaranteeUnit:
+    """What one unit of the silo's guarantee is: pair, patient (its own data, per unit_id) or image."""
+    return guarantee_unit_of(config.training.dp, units_are=units_are(config))
 
 
 def split_silo_pairs(config: SiloConfig, spec: ConsortiumSpec,
@@ -240,7 +243,7 @@ def _train_silo(config: SiloConfig, ledger: PrivacyLedger | None, *, progress: b
     reservation = None
     if ledger is not None:
         reservation = ledger.reserve(purpose=purpose, epsilon=dp.target_epsilon, delta=dp.target_delta,
-                                     details={**run_declaration(dp), GUARANTEE_UNIT: guarantee_unit(config)})
+                                     details=run_declaration(dp, units_are=units_are(config)))
     try:
         spec: ConsortiumSpec = load_consortium(config.consortium)
         splits = make_splits(spec)
@@ -260,12 +263,10 @@ def _train_silo(config: SiloConfig, ledger: PrivacyLedger | None, *, progress: b
         raise
     # From here on `train_bradley_terry` settles the reservation, whatever happens.
     result = train_bradley_terry(model.module, dataset, config.training,
-                                 unit_ids=[privacy_unit_of(p) for p in train], ledger=ledger,
+                                 unit_ids=[privacy_unit_of(p) for p in train], units_are=units_are(config),
+                                 ledger=ledger,
                                  reservation=reservation, purpose=purpose, progress=progress,
                                  description=f"{config.name} {config.architecture}")
-    # DP-SGD knows units, not what they are: the public report names the unit the silo's guarantee is over.
-    report = (replace(result.report, privacy_unit=guarantee_unit(config))
-              if result.report.privacy_unit is not None else result.report)
     standardisation = model.fit_standardisation(public_standardisation_pairs(spec, splits))
     model_dir = model.save(config.workdir / MODEL_DIR)
     report_path = config.workdir / REPORT_FILE
@@ -273,7 +274,7 @@ def _train_silo(config: SiloConfig, ledger: PrivacyLedger | None, *, progress: b
         "silo": config.name,
         "architecture": config.architecture,
         "trainable_params": model.trainable_parameters(),
-        "privacy": report.to_dict(),
+        "privacy": result.report.to_dict(),
         "standardisation": {"mean": standardisation.mean, "std": standardisation.std,
                             "fitted_on": STANDARDISATION_SOURCE},
         "ledger": None if ledger is None else {
@@ -287,4 +288,4 @@ def _train_silo(config: SiloConfig, ledger: PrivacyLedger | None, *, progress: b
         "held_out_pairs": len(held_out),
         "held_out_pairwise_accuracy": model.pairwise_accuracy(held_out),
     }, indent=2), encoding="utf-8")
-    return SiloTrainingOutcome(model, report, model_dir, report_path, diagnostics_path)
+    return SiloTrainingOutcome(model, result.report, model_dir, report_path, diagnostics_path)

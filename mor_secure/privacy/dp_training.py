@@ -52,6 +52,8 @@ from mor_secure.privacy.reports import LocalDiagnostics, PrivacyReport, Training
 from mor_secure.privacy.training_config import (
     NOISE_SEEDED,
     TrainingConfig,
+    UnitKind,
+    guarantee_unit_of,
     run_declaration,
     warn_dp_off,
 )
@@ -88,6 +90,7 @@ def train_bradley_terry(
     config: TrainingConfig,
     *,
     unit_ids: Sequence[Hashable] | None = None,
+    units_are: UnitKind = "image",
     ledger: PrivacyLedger | None = None,
     reservation: Reservation | None = None,
     purpose: str = "train:reward-model",
@@ -97,7 +100,9 @@ def train_bradley_terry(
     """Train `model` in place on preference pairs and return what it cost.
 
     `unit_ids` (one per pair) names each pair's privacy unit; it is required
-    with `privacy_unit: image` and ignored, with a warning, under `pair`. With DP (the default)
+    with `privacy_unit: image` and ignored, with a warning, under `pair`; `units_are` says what those
+    units are (images, or patients: a silo's own data), which the report and the ledger charge name as the
+    guarantee's unit. With DP (the default)
     and a `ledger`, the run spends a `reservation` made before any data was
     read (or reserves `target_epsilon` itself, refused with
     `BudgetExceededError` if unaffordable) and settles it with the epsilon
@@ -114,7 +119,7 @@ def train_bradley_terry(
     if reservation is not None and config.dp.enabled:
         # Before the first step, and outside the release below: a reservation that is not this run's open one
         # (settled, another ledger's, declared for another unit or noise) is left as it is.
-        ledger.check_open(reservation, declared=run_declaration(config.dp))
+        ledger.check_open(reservation, declared=run_declaration(config.dp, units_are=units_are))
     try:
         n_inputs = _inputs_per_side(dataset)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -164,7 +169,7 @@ def train_bradley_terry(
     try:
         if dp.enabled:
             report, losses = _train_private(
-                model, units, grouping, config, optimizer, n_inputs=n_inputs, ledger=ledger,
+                model, units, grouping, config, optimizer, n_inputs=n_inputs, units_are=units_are, ledger=ledger,
                 reservation=reservation, purpose=purpose, progress=progress, description=description,
             )
         else:
@@ -188,6 +193,7 @@ def _train_private(
     optimizer: torch.optim.Optimizer,
     *,
     n_inputs: int,
+    units_are: UnitKind,
     ledger: PrivacyLedger | None,
     reservation: Reservation | None,
     purpose: str,
@@ -198,7 +204,7 @@ def _train_private(
     n_units = grouping.units
     if ledger is not None and reservation is None:
         reservation = ledger.reserve(purpose=purpose, epsilon=dp.target_epsilon, delta=dp.target_delta,
-                                     details=run_declaration(dp))
+                                     details=run_declaration(dp, units_are=units_are))
     try:
         check_dp_compatible(model)
         # The noise is planned at the rate Opacus' accountant charges, for exactly the
@@ -255,7 +261,7 @@ def _train_private(
             epochs=config.epochs,
             max_grad_norm=dp.max_grad_norm,
             accountant=dp.accountant,
-            privacy_unit=dp.privacy_unit,
+            privacy_unit=guarantee_unit_of(dp, units_are=units_are),
             max_pairs_per_unit=dp.max_pairs_per_unit if dp.privacy_unit == "image" else None,
             noise=private.noise,
             private=private.noise != NOISE_SEEDED,

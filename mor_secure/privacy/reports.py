@@ -8,15 +8,10 @@ exact statistics of private data and are never released.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any
 
 from mor_secure.privacy.accounting import Accountant
-from mor_secure.privacy.training_config import PrivacyUnit
-
-# What one unit of a report's guarantee is: DPConfig's unit, or "patient" for a silo's own data grouped by unit_id
-# (silo_agent's `guarantee_unit`): a per-patient epsilon is no per-image one (removing one image of a patient with
-# several is covered only at 2 x epsilon by group privacy), so the report must not say "image" for it.
-GuaranteeUnit = PrivacyUnit | Literal["patient"]
+from mor_secure.privacy.training_config import GuaranteeUnit
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,16 @@ from pydantic import Field, model_validator
 
 from mor_secure.config import StrictModel
 from mor_secure.privacy.accounting import Accountant
+from mor_secure.privacy.ledger import GUARANTEE_UNIT
 
 logger = logging.getLogger(__name__)
 
 PrivacyUnit = Literal["image", "pair"]
+# What a run's unit_ids name under privacy_unit: image: images (the benchmark's), or patients (a silo's own data,
+# `data.unit`). A per-patient epsilon is no per-image one (removing one image of a patient with several is covered
+# only at 2 x epsilon, by group privacy), so reports and ledger charges name the one the run had.
+UnitKind = Literal["image", "patient"]
+GuaranteeUnit = Literal["image", "patient", "pair"]
 # Where the DP noise came from, as every report and ledger entry states it.
 NOISE_OS_ENTROPY = "os-entropy: torch generators seeded from os.urandom on every run"
 NOISE_SECURE_MODE = "secure-mode: Opacus CSPRNG (torchcsprng, /dev/urandom)"
@@ -138,10 +144,16 @@ def noise_label(dp: DPConfig) -> str:
     return NOISE_SEEDED if dp.insecure_seeded_noise is not None else NOISE_OS_ENTROPY
 
 
-def run_declaration(dp: DPConfig) -> dict[str, str]:
+def guarantee_unit_of(dp: DPConfig, *, units_are: UnitKind) -> GuaranteeUnit:
+    """What one unit of a DP-SGD run's guarantee is: a pair, or what its unit_ids name (`units_are`)."""
+    return "pair" if dp.privacy_unit == "pair" else units_are
+
+
+def run_declaration(dp: DPConfig, *, units_are: UnitKind = "image") -> dict[str, str]:
     """What a DP-SGD run under `dp` declares in its ledger reservation: the ledger reads a charge's unit and
     noise from there (`PrivacyLedger.check_open` holds the run to it)."""
-    return {"mechanism": "dp-sgd", "privacy_unit": dp.privacy_unit, "noise": noise_label(dp)}
+    return {"mechanism": "dp-sgd", "privacy_unit": dp.privacy_unit,
+            GUARANTEE_UNIT: guarantee_unit_of(dp, units_are=units_are), "noise": noise_label(dp)}
 
 
 def warn_dp_off(message: str) -> None:

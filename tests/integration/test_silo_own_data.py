@@ -90,7 +90,7 @@ def test_a_silo_trains_on_its_own_file_with_the_patient_as_the_privacy_unit(own_
     assert privacy["sample_rate"] == pytest.approx(1 / -(-diagnostics["units"] // 4))
     (charge,) = silo_training.open_ledger(silo_training.load_silo_config(config)).charges
     assert charge.settled and charge.epsilon == privacy["epsilon"] > 0
-    assert charge.privacy_unit == "patient"
+    assert charge.privacy_unit == charge.details["privacy_unit"] == "patient"  # reserved and settled
     assert (workdir / MODEL_DIR / "reward_model.json").is_file()
 
 

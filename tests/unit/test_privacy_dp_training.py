@@ -736,14 +736,19 @@ def test_pair_unit_warns_that_the_guarantee_is_per_pair_and_unit_ids_are_ignored
         train_bradley_terry(make_model(), TensorDataset(chosen, rejected), config, unit_ids=unit_ids, progress=False)
 
 
-def test_a_pair_run_on_a_ledger_of_per_patient_charges_is_refused_before_training(tmp_path: Path) -> None:
+def test_a_pair_or_per_image_run_on_a_ledger_of_per_patient_charges_is_refused_before_training(tmp_path: Path) -> None:
     chosen, rejected = make_pairs(600)
     unit_ids = [f"patient-{i // 10}" for i in range(600)]
     ledger = new_ledger(tmp_path / "ledger.json", epsilon=20.0)
     per_patient = TrainingConfig(epochs=1, batch_size=30, dp=DPConfig(target_epsilon=4.0))
-    train_bradley_terry(make_model(), TensorDataset(chosen, rejected), per_patient, unit_ids=unit_ids,
-                        ledger=ledger, progress=False)
-    with pytest.raises(PrivacyUnitMismatchError, match="train per image .*dp.privacy_unit: image"):
-        train_bradley_terry(make_model(), TensorDataset(chosen, rejected), dp_config(epochs=1, target_epsilon=4.0),
-                            ledger=ledger, progress=False)
-    assert [(c.privacy_unit, c.settled) for c in ledger.charges] == [("image", True)]
+    result = train_bradley_terry(make_model(), TensorDataset(chosen, rejected), per_patient, unit_ids=unit_ids,
+                                 units_are="patient", ledger=ledger, progress=False)
+    assert result.report.privacy_unit == "patient"
+    for other_unit in (dict(config=dp_config(epochs=1, target_epsilon=4.0)),  # per pair
+                       dict(config=per_patient, unit_ids=unit_ids)):  # the same ids, taken as images
+        with pytest.raises(PrivacyUnitMismatchError, match="train per patient .*data.unit: patient"):
+            train_bradley_terry(make_model(), TensorDataset(chosen, rejected), other_unit.pop("config"),
+                                ledger=ledger, progress=False, **other_unit)
+    # The reservation, and the report settled into the ledger, both name the patient.
+    assert [(c.privacy_unit, c.details["privacy_unit"], c.settled) for c in ledger.charges] == [
+        ("patient", "patient", True)]

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from mor_secure.cli_errors import run_command
 from mor_secure.privacy import NOISE_SEEDED
 from mor_secure.privacy.ledger_chain import NEW_LEDGER_IS_NOT_A_RESET, LedgerExistsError
+from mor_secure.privacy.ledger_units import DECLARABLE_UNITS, UNDECLARED_EARLIER_UNIT
 
 from .training import create_ledger, guarantee_unit, ledger_path, load_silo_config, open_ledger, train_silo
 
@@ -34,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     ledger = commands.add_parser("ledger", help="show the privacy ledger: budget, every spend, what is left")
     ledger.add_argument("--config", required=True, help="silo YAML")
     ledger.add_argument("--json", action="store_true", help="print it as JSON, for scripts")
+    ledger.add_argument("--declare-earlier-unit", choices=DECLARABLE_UNITS,
+                        help="once, for a ledger from before data.unit: record what its DP-SGD charges were per "
+                             "(patient: the rows named a unit_id; image: none did), so it can be charged again")
     return parser
 
 
@@ -95,6 +99,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _ledger(args: argparse.Namespace) -> int:
     ledger = open_ledger(load_silo_config(args.config))
+    if args.declare_earlier_unit is not None:
+        ledger.declare_earlier_unit(args.declare_earlier_unit)
+        print(f"declared: the charges recorded before data.unit are per {args.declare_earlier_unit}; this ledger "
+              f"takes charges per {args.declare_earlier_unit} from now on")
     if not args.json:
         print(f"privacy ledger of silo {ledger.silo}: {ledger.path}")
         for label, epsilon, delta in (("budget", ledger.epsilon_budget, ledger.delta_budget),
@@ -108,6 +116,9 @@ def _ledger(args: argparse.Namespace) -> int:
             seeded = c.noise == NOISE_SEEDED
             print(f"    {c.timestamp}  {c.purpose}  epsilon {c.epsilon:.4g}  delta {c.delta:.3g}  {unit}  {state}"
                   + ("  NOT PRIVATE (seeded noise: whoever knows the seed can remove it)" if seeded else ""))
+        if any(c.privacy_unit == UNDECLARED_EARLIER_UNIT for c in ledger.charges):
+            print(f"  charges recorded before data.unit: declare their unit once, with mor silo ledger --config "
+                  f"{args.config} --declare-earlier-unit patient|image (patient if your rows named a unit_id)")
         print(f"  head digest {ledger.head_digest} (record it: a ledger rolled back to an older copy has another)")
         return 0
     print(json.dumps({

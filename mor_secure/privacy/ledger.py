@@ -60,6 +60,7 @@ from mor_secure.privacy.ledger_chain import (
     seal_entry,
     verify_chain,
 )
+from mor_secure.privacy.ledger_units import check_declarable, check_one_unit, predates_guarantee_unit, unit_of
 
 __all__ = [
     "BudgetExceededError",
@@ -75,20 +76,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-# The reservation details' key naming what one unit of the guarantee is (`DPConfig.privacy_unit`).
-PRIVACY_UNIT = "privacy_unit"
-# The key that names it more finely where the caller knows: "patient" or "image" for a per-unit run, "pair".
-GUARANTEE_UNIT = "guarantee_unit"
-
-
-_HOW_TO_TRAIN_PER = {"pair": "dp.privacy_unit: pair", "image": "dp.privacy_unit: image, and data.unit: image for "
-                     "your own data", "patient": "dp.privacy_unit: image and data.unit: patient"}
-
-
-def _unit_of(details: Mapping[str, Any]) -> Any:
-    """A charge's unit: its guarantee_unit if it names one, else its privacy_unit (None: no unit stated)."""
-    return details.get(GUARANTEE_UNIT, details.get(PRIVACY_UNIT))
 
 
 @dataclass(frozen=True)
@@ -229,7 +216,8 @@ class PrivacyLedger:
                 reservation_id=rid, timestamp=r["timestamp"], purpose=r["purpose"], epsilon=charged["epsilon"],
                 delta=charged["delta"], reserved_epsilon=r["epsilon"], reserved_delta=r["delta"],
                 settled=rid in state.settles, details=charged["details"],
-                privacy_unit=_unit_of(r["details"]), noise=r["details"].get("noise")))
+                privacy_unit=unit_of(r["details"], declared_earlier_unit=state.declared_unit),
+                noise=r["details"].get("noise")))
         return tuple(charges)
 
     @property
@@ -259,16 +247,20 @@ class PrivacyLedger:
         ledger's earlier charges, or `PrivacyUnitMismatchError` is raised and
         nothing changes: epsilons over different units do not add up to one
         guarantee. A charge released unspent (settled at zero), or one that
-        names no unit, binds none.
+        names no unit, binds none. A DP-SGD charge per unit must say which
+        (guarantee_unit, as `run_declaration` does): "image" alone no longer does.
         """
         if not isinstance(purpose, str) or not purpose.strip():
             raise ValueError(f"purpose must be a non-empty string saying what the spend is for, got {purpose!r}")
         check_amounts(epsilon, delta)
         body = {"id": uuid.uuid4().hex, "timestamp": _now(), "purpose": purpose, "epsilon": float(epsilon),
                 "delta": float(delta), "details": _json_details(details)}
+        if predates_guarantee_unit(body["details"]):
+            raise ValueError("a DP-SGD reservation with privacy_unit image must name its guarantee_unit (image or "
+                             "patient: what its units are); reserve with run_declaration(dp, units_are=...)")
         with _locked(self._path):
             state = self._state()
-            self._check_privacy_unit(state, _unit_of(body["details"]))
+            check_one_unit(self._path, state, unit_of(body["details"], declared_earlier_unit=None))
             self._check_affordable(state, body["epsilon"], body["delta"])
             self._append(state, "reserve", body)
         logger.info("privacy ledger %s: reserved %s for %s: epsilon=%g delta=%g",
@@ -331,6 +323,17 @@ class PrivacyLedger:
                                  f"details {{{key!r}: {value!r}}} (a charge is read as what its reservation "
                                  "declared)")
 
+    def declare_earlier_unit(self, unit: str) -> None:
+        """Record, once, what the units of the DP-SGD charges made before guarantee_unit existed were: "patient"
+        (the silo's rows named a unit_id) or "image" (none did). Those charges are then over that unit; until
+        then the ledger takes no charge over any unit (`ledger_units`)."""
+        with _locked(self._path):
+            state = self._state()
+            check_declarable(self._path, state, unit)
+            self._append(state, "declare_unit", {"timestamp": _now(), "unit": unit})
+        logger.warning("privacy ledger %s: the charges recorded before data.unit are DECLARED per %s by the "
+                       "operator; the ledger takes charges per %s from now on", self._path, unit, unit)
+
     def release(self, reservation: Reservation, *, reason: str) -> None:
         """Settle an open reservation at zero because its mechanism never ran (nothing was released).
 
@@ -342,21 +345,6 @@ class PrivacyLedger:
     def _append(self, state: ChainState, kind: str, body: dict[str, Any]) -> None:
         head = state.entries[-1]
         _write(self._path, [*state.entries, seal_entry(kind, body, index=head["index"] + 1, prev=head["digest"])])
-
-    def _check_privacy_unit(self, state: ChainState, unit: Any) -> None:
-        if unit is None:  # a charge that names no unit (not a DP-SGD run) has none to compare
-            return
-        earlier = {_unit_of(r["details"]) for rid, r in state.reserves.items()
-                   if any(state.settles.get(rid, r)[amount] > 0 for amount in ("epsilon", "delta"))} - {None}
-        if earlier - {unit}:
-            only = next(iter(earlier)) if len(earlier) == 1 else None
-            fix = (f"To charge this ledger, train per {only} (the unit its budget protects: "
-                   f"{_HOW_TO_TRAIN_PER.get(only, 'the unit its earlier charges name')})"
-                   if only is not None else "Charge it only over the unit of its earlier charges")
-            raise PrivacyUnitMismatchError(
-                f"{self._path}: this charge is per {unit!r}, but its earlier charges are per "
-                f"{' and '.join(sorted(map(repr, earlier)))}: epsilons over different privacy units do not add up "
-                f"to one guarantee, so one ledger holds charges over one unit. {fix}.")
 
     def _check_affordable(self, state: ChainState, epsilon: float, delta: float) -> None:
         if state.over(epsilon, delta):

@@ -27,6 +27,8 @@ ENTRY_FIELDS = {
     "genesis": {"silo", "epsilon_budget", "delta_budget", "created", "supersedes"},
     "reserve": {"id", "timestamp", "purpose", "epsilon", "delta", "details"},
     "settle": {"reservation", "timestamp", "epsilon", "delta", "details"},
+    # Once, by the operator: the unit of the DP-SGD charges recorded before guarantee_unit (`ledger_units`).
+    "declare_unit": {"timestamp", "unit"},
 }
 NEW_LEDGER_IS_NOT_A_RESET = (
     "A new ledger (`mor silo init --config ...`) is only for a new silo or new data, never to reset a budget."
@@ -105,6 +107,7 @@ class ChainState:
     genesis: dict[str, Any] = field(default_factory=dict)
     reserves: dict[str, dict[str, Any]] = field(default_factory=dict)
     settles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    declared_unit: str | None = None
 
     def charged(self) -> tuple[float, float]:
         amounts = [self.settles.get(rid, r) for rid, r in self.reserves.items()]
@@ -143,7 +146,7 @@ def verify_chain(path: Path, raw: Any) -> ChainState:
         kind = entry.get("kind") if isinstance(entry, dict) else None
         if not isinstance(kind, str) or kind not in ENTRY_FIELDS or (kind == "genesis") != (i == 0):
             raise LedgerTamperedError(path, i, f"has kind {kind!r}; entry 0 must be the genesis, others "
-                                               "reserve or settle")
+                                               "reserve, settle or declare_unit")
         expected = ENTRY_FIELDS[kind] | {"index", "kind", "prev", "digest"}
         if set(entry) != expected:
             raise LedgerTamperedError(path, i, f"has fields {sorted(entry)}, expected {sorted(expected)}")
@@ -170,6 +173,11 @@ def _apply(kind: str, entry: dict[str, Any], state: ChainState) -> None:
         if entry["supersedes"] is not None and not isinstance(entry["supersedes"], str):
             raise ValueError("has a supersedes that is neither a digest nor null")
         state.genesis = entry
+        return
+    if kind == "declare_unit":
+        if entry["unit"] not in ("image", "patient") or state.declared_unit is not None:
+            raise ValueError(f"declares unit {entry['unit']!r}: declare_unit names image or patient, once")
+        state.declared_unit = entry["unit"]
         return
     check_amounts(entry["epsilon"], entry["delta"])
     if not isinstance(entry["details"], dict) or not isinstance(entry["timestamp"], str):

@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from mor_secure.config import StrictModel
 from mor_secure.privacy.accounting import Accountant
-from mor_secure.privacy.ledger import GUARANTEE_UNIT
+from mor_secure.privacy.ledger_units import GUARANTEE_UNIT
 
 logger = logging.getLogger(__name__)
 

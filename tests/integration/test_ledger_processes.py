@@ -24,10 +24,12 @@ from mor_secure.privacy.ledger import PrivacyLedger
 
 LEDGER_PY = Path(ledger_module.__file__).resolve()
 CHAIN_PY = LEDGER_PY.with_name("ledger_chain.py")
-# Registered under its package name first, so that ledger.py's import finds it without the package.
+UNITS_PY = LEDGER_PY.with_name("ledger_units.py")
+# Registered under their package names first, so that ledger.py's imports find them without the package.
 LOAD_LEDGER = """
 import importlib.util, sys
-for name, file in (("mor_secure.privacy.ledger_chain", {chain_py!r}), ("ledger_under_test", {ledger_py!r})):
+for name, file in (("mor_secure.privacy.ledger_chain", {chain_py!r}),
+                   ("mor_secure.privacy.ledger_units", {units_py!r}), ("ledger_under_test", {ledger_py!r})):
     spec = importlib.util.spec_from_file_location(name, file)
     module = importlib.util.module_from_spec(spec); sys.modules[name] = module; spec.loader.exec_module(module)
 assert "torch" not in sys.modules
@@ -71,7 +73,8 @@ handle.settle(r, epsilon=0.1, delta=0.0)
 
 
 def _spawn(code: str, *args: str) -> subprocess.Popen[str]:
-    script = code.format(ledger_py=str(LEDGER_PY), chain_py=str(CHAIN_PY), silo=SILO, timeout=TIMEOUT_S)
+    script = code.format(ledger_py=str(LEDGER_PY), chain_py=str(CHAIN_PY), units_py=str(UNITS_PY), silo=SILO,
+                         timeout=TIMEOUT_S)
     return subprocess.Popen([sys.executable, "-c", script, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -528,3 +528,73 @@ def test_a_reservation_released_unspent_does_not_fix_the_ledgers_unit(path: Path
                    reason="config error")
     ledger.reserve(purpose="train:b", epsilon=2.0, delta=1e-6, details={"privacy_unit": "image"})
     assert [c.privacy_unit for c in ledger.charges] == ["pair", "image"]
+
+
+# ---- charges recorded before guarantee_unit ---------------------------------------------------------------------
+
+# What `mor silo train` reserved before data.unit existed: per unit, without saying whether images or patients.
+EARLIER_DP_SGD = {"mechanism": "dp-sgd", "privacy_unit": "image", "noise": "os-entropy"}
+
+
+def add_a_charge_from_before_data_unit(path: Path) -> None:
+    """Append to the ledger at `path` the reserve and settle entries of such a run."""
+    old = entries(path)
+    reserve = {"kind": "reserve", "id": "earlier-run", "timestamp": "2026-11-30T00:00:00+00:00",
+               "purpose": "train:reward-model:small_cnn", "epsilon": 4.0, "delta": 1e-6, "details": EARLIER_DP_SGD}
+    settle = {"kind": "settle", "reservation": "earlier-run", "timestamp": "2026-11-30T00:10:00+00:00",
+              "epsilon": 3.9, "delta": 1e-6, "details": {}}
+    write_entries(path, [*old, reserve, settle], rechain=True)
+
+
+def with_a_charge_from_before_data_unit(path: Path) -> PrivacyLedger:
+    create(path)
+    add_a_charge_from_before_data_unit(path)
+    return reopen(path)
+
+
+@pytest.mark.parametrize("unit", ["image", "patient"])
+def test_an_earlier_per_unit_charge_is_undeclared_and_no_unit_may_follow_it_until_declared(path: Path,
+                                                                                          unit: str) -> None:
+    """Per patient if the rows named a unit_id, else per image: neither sum would be one guarantee if guessed."""
+    ledger = with_a_charge_from_before_data_unit(path)
+    assert [c.privacy_unit for c in ledger.charges] == ["image or patient (recorded before data.unit; undeclared)"]
+    before = path.read_bytes()
+    for new_unit in ("image", "patient", "pair"):
+        with pytest.raises(PrivacyUnitMismatchError, match="--declare-earlier-unit patient"):
+            ledger.reserve(purpose="train:b", epsilon=1.0, delta=1e-6,
+                           details={"privacy_unit": "image", "guarantee_unit": new_unit})
+    assert path.read_bytes() == before
+    ledger.declare_earlier_unit(unit)
+    assert [c.privacy_unit for c in reopen(path).charges] == [unit]
+    other = {"image": "patient", "patient": "image"}[unit]
+    with pytest.raises(PrivacyUnitMismatchError, match=f"per '{other}', but its earlier charges are per '{unit}'"):
+        ledger.reserve(purpose="train:b", epsilon=1.0, delta=1e-6,
+                       details={**EARLIER_DP_SGD, "guarantee_unit": other})
+    ledger.reserve(purpose="train:c", epsilon=1.0, delta=1e-6, details={**EARLIER_DP_SGD, "guarantee_unit": unit})
+    assert [c.privacy_unit for c in reopen(path).charges] == [unit, unit]
+    with pytest.raises(ValueError, match=f"declared already \\({unit}\\).*never changed"):
+        ledger.declare_earlier_unit(other)
+
+
+def test_a_declaration_is_refused_where_every_charge_names_its_unit_and_a_forged_second_one_is_caught(
+        path: Path) -> None:
+    ledger = create(path)
+    ledger.reserve(purpose="train:a", epsilon=1.0, delta=1e-6, details={**EARLIER_DP_SGD, "guarantee_unit": "image"})
+    with pytest.raises(ValueError, match="names its unit already; there is nothing to declare"):
+        ledger.declare_earlier_unit("patient")
+    with pytest.raises(ValueError, match="one of image, patient, got 'pair'"):
+        with_a_charge_from_before_data_unit(path.parent / "other.json").declare_earlier_unit("pair")
+    ledger = with_a_charge_from_before_data_unit(path.parent / "third.json")
+    ledger.declare_earlier_unit("patient")
+    forged = entries(ledger.path)
+    write_entries(ledger.path, [*forged, {**forged[-1], "unit": "image"}], rechain=True)
+    with pytest.raises(LedgerTamperedError, match="entry 4 declares unit 'image': declare_unit names image or "
+                                                  "patient, once"):
+        _ = reopen(ledger.path).charges
+
+
+def test_a_new_per_unit_dp_sgd_charge_must_say_what_its_units_are(path: Path) -> None:
+    ledger = create(path)
+    with pytest.raises(ValueError, match="must name its guarantee_unit"):
+        ledger.reserve(purpose="train:a", epsilon=1.0, delta=1e-6, details=EARLIER_DP_SGD)
+    assert ledger.charges == ()

@@ -14,6 +14,8 @@ from mor_secure.privacy import NOISE_SEEDED
 from silo_agent.cli import main
 from silo_agent.training import REPORT_FILE, TRAINING_LOCK_FILE, ledger_path, load_silo_config, open_ledger
 
+from test_privacy_ledger import add_a_charge_from_before_data_unit
+
 SILO_YAML = "name: hospital-a\nconsortium: consortium.yaml\nworkdir: work/hospital-a\narchitecture: small_cnn\n"
 SEEDED = "training:\n  dp:\n    insecure_seeded_noise: 7\n"
 
@@ -89,7 +91,8 @@ def test_ledger_marks_a_seeded_noise_charge_not_private_and_names_its_unit(
         ledger = open_ledger(load_silo_config(silo_yaml))
     # What train_silo reserves and _train_private settles for a seeded run.
     reservation = ledger.reserve(purpose="train:reward-model:small_cnn", epsilon=8.0, delta=1e-5,
-                                 details={"mechanism": "dp-sgd", "privacy_unit": "image", "noise": NOISE_SEEDED})
+                                 details={"mechanism": "dp-sgd", "privacy_unit": "image", "guarantee_unit": "image",
+                                          "noise": NOISE_SEEDED})
     ledger.settle(reservation, epsilon=7.99, delta=1e-5, details={"noise": NOISE_SEEDED, "private": False})
     capsys.readouterr()
     with pytest.warns(UserWarning, match="SEEDED"):
@@ -111,3 +114,21 @@ def test_own_data_with_dp_off_or_seeded_noise_is_refused_at_load(silo_yaml: Path
         load_silo_config(silo_yaml)
     silo_yaml.write_text(SILO_YAML + "training:\n  dp:\n" + dp, encoding="utf-8")  # the benchmark: allowed, loudly
     assert load_silo_config(silo_yaml).data is None
+
+
+def test_the_ledger_command_asks_for_and_records_the_unit_of_charges_from_before_data_unit(
+        silo_yaml: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["init", "--config", str(silo_yaml)]) == 0
+    add_a_charge_from_before_data_unit(ledger_path(load_silo_config(silo_yaml)))
+    capsys.readouterr()
+    assert main(["ledger", "--config", str(silo_yaml)]) == 0
+    out = capsys.readouterr().out
+    assert "per image or patient (recorded before data.unit; undeclared)" in out
+    assert f"--config {silo_yaml} --declare-earlier-unit patient|image" in out
+    assert main(["ledger", "--config", str(silo_yaml), "--declare-earlier-unit", "patient"]) == 0
+    out = capsys.readouterr().out
+    assert "declared: the charges recorded before data.unit are per patient" in out
+    assert "  per patient  settled" in out and "undeclared" not in out
+    assert main(["ledger", "--config", str(silo_yaml), "--declare-earlier-unit", "image"]) == 1
+    assert "declared already (patient)" in capsys.readouterr().err
+    assert [c.privacy_unit for c in open_ledger(load_silo_config(silo_yaml)).charges] == ["patient"]

@@ -1,0 +1,84 @@
+"""What one unit of each ledger charge's guarantee is, and the rule that one ledger holds charges over one unit.
+
+Pure (no file, no lock; `ledger` holds those). Epsilons over different units
+do not add up to one guarantee: per pair and per patient differ by group
+privacy (a patient with k pairs pays k times a pair's epsilon), and per image
+and per patient differ both ways (a per-image run protects a patient with k
+images at k x epsilon; a per-patient run protects one image of a patient with
+several only at about 2 x epsilon, since removing it changes the patient's
+unit instead of removing it, and Opacus' accountant is for add/remove).
+
+A DP-SGD charge recorded before `guarantee_unit` existed says only
+`privacy_unit: image`, which then meant "one clipped gradient per unit": per
+patient if the silo's rows named a unit_id, per image if not. Its unit is
+unknown until the operator declares it once (`declare_earlier_unit`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from mor_secure.privacy.ledger_chain import ChainState, PrivacyUnitMismatchError
+
+# The reservation details' key naming the run's `DPConfig.privacy_unit` ("image": one gradient per unit, "pair").
+PRIVACY_UNIT = "privacy_unit"
+# The key naming what one unit of the guarantee is: "patient", "image" or "pair".
+GUARANTEE_UNIT = "guarantee_unit"
+# The unit of an earlier DP-SGD charge that recorded no guarantee_unit, while none is declared.
+UNDECLARED_EARLIER_UNIT = "image or patient (recorded before data.unit; undeclared)"
+DECLARABLE_UNITS = ("image", "patient")
+
+_HOW_TO_TRAIN_PER = {"pair": "dp.privacy_unit: pair", "image": "dp.privacy_unit: image, and data.unit: image for "
+                     "your own data", "patient": "dp.privacy_unit: image and data.unit: patient"}
+
+
+def predates_guarantee_unit(details: Mapping[str, Any]) -> bool:
+    """A DP-SGD reservation per unit that does not say whether its units were images or patients."""
+    return (details.get("mechanism") == "dp-sgd" and details.get(PRIVACY_UNIT) == "image"
+            and GUARANTEE_UNIT not in details)
+
+
+def unit_of(details: Mapping[str, Any], *, declared_earlier_unit: str | None) -> Any:
+    """A charge's unit, from its reservation's details: guarantee_unit, else (an earlier DP-SGD charge) the
+    declared unit, else privacy_unit (None: the charge names no unit, as for a non-DP-SGD mechanism)."""
+    if GUARANTEE_UNIT in details:
+        return details[GUARANTEE_UNIT]
+    if predates_guarantee_unit(details):
+        return declared_earlier_unit or UNDECLARED_EARLIER_UNIT
+    return details.get(PRIVACY_UNIT)
+
+
+def check_one_unit(path: Any, state: ChainState, unit: Any) -> None:
+    """Raise `PrivacyUnitMismatchError` unless a new charge over `unit` matches the ledger's spent charges."""
+    if unit is None:  # a charge that names no unit (not a DP-SGD run) has none to compare
+        return
+    earlier = {unit_of(r["details"], declared_earlier_unit=state.declared_unit) for rid, r in state.reserves.items()
+               if any(state.settles.get(rid, r)[amount] > 0 for amount in ("epsilon", "delta"))} - {None}
+    if UNDECLARED_EARLIER_UNIT in earlier:
+        raise PrivacyUnitMismatchError(
+            f"{path}: its earlier DP-SGD charges were recorded before data.unit existed, so they do not say whether "
+            "they were per patient (the silo's rows named a unit_id) or per image (no row did, or the easy-VQA "
+            "partition). Declare which, once, with `mor silo ledger --config SILO.yaml --declare-earlier-unit "
+            "patient` (or `image`); if some rows named a unit_id and some did not, neither holds, and this ledger "
+            "can take no further training.")
+    if earlier - {unit}:
+        only = next(iter(earlier)) if len(earlier) == 1 else None
+        fix = (f"To charge this ledger, train per {only} (the unit its budget protects: "
+               f"{_HOW_TO_TRAIN_PER.get(only, 'the unit its earlier charges name')})"
+               if only is not None else "Charge it only over the unit of its earlier charges")
+        raise PrivacyUnitMismatchError(
+            f"{path}: this charge is per {unit!r}, but its earlier charges are per "
+            f"{' and '.join(sorted(map(repr, earlier)))}: epsilons over different privacy units do not add up "
+            f"to one guarantee, so one ledger holds charges over one unit. {fix}.")
+
+
+def check_declarable(path: Any, state: ChainState, unit: str) -> None:
+    """Raise ValueError unless `unit` may be declared for the ledger's earlier charges now."""
+    if unit not in DECLARABLE_UNITS:
+        raise ValueError(f"the earlier charges' unit is one of {', '.join(DECLARABLE_UNITS)}, got {unit!r}")
+    if state.declared_unit is not None:
+        raise ValueError(f"{path}: the unit of its earlier charges was declared already ({state.declared_unit}); "
+                         "it is declared once and never changed")
+    if not any(predates_guarantee_unit(r["details"]) for r in state.reserves.values()):
+        raise ValueError(f"{path}: every charge in it names its unit already; there is nothing to declare")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 
 from mor_secure.cli_errors import run_command
@@ -102,7 +103,8 @@ def _ledger(args: argparse.Namespace) -> int:
     if args.declare_earlier_unit is not None:
         ledger.declare_earlier_unit(args.declare_earlier_unit)
         print(f"declared: the charges recorded before data.unit are per {args.declare_earlier_unit}; this ledger "
-              f"takes charges per {args.declare_earlier_unit} from now on")
+              f"takes charges per {args.declare_earlier_unit} from now on",
+              file=sys.stderr if args.json else sys.stdout)  # --json keeps stdout JSON
     if not args.json:
         print(f"privacy ledger of silo {ledger.silo}: {ledger.path}")
         for label, epsilon, delta in (("budget", ledger.epsilon_budget, ledger.delta_budget),

@@ -60,7 +60,7 @@ from mor_secure.privacy.ledger_chain import (
     seal_entry,
     verify_chain,
 )
-from mor_secure.privacy.ledger_units import check_declarable, check_one_unit, predates_guarantee_unit, unit_of
+from mor_secure.privacy.ledger_units import check_declarable, check_one_unit, declaration_problem, unit_of
 
 __all__ = [
     "BudgetExceededError",
@@ -247,17 +247,18 @@ class PrivacyLedger:
         ledger's earlier charges, or `PrivacyUnitMismatchError` is raised and
         nothing changes: epsilons over different units do not add up to one
         guarantee. A charge released unspent (settled at zero), or one that
-        names no unit, binds none. A DP-SGD charge per unit must say which
-        (guarantee_unit, as `run_declaration` does): "image" alone no longer does.
+        names no unit, binds none. A DP-SGD charge must name its guarantee_unit
+        (as `run_declaration` does), one its privacy_unit allows: "image" alone no longer says it.
         """
         if not isinstance(purpose, str) or not purpose.strip():
             raise ValueError(f"purpose must be a non-empty string saying what the spend is for, got {purpose!r}")
         check_amounts(epsilon, delta)
         body = {"id": uuid.uuid4().hex, "timestamp": _now(), "purpose": purpose, "epsilon": float(epsilon),
                 "delta": float(delta), "details": _json_details(details)}
-        if predates_guarantee_unit(body["details"]):
-            raise ValueError("a DP-SGD reservation with privacy_unit image must name its guarantee_unit (image or "
-                             "patient: what its units are); reserve with run_declaration(dp, units_are=...)")
+        problem = declaration_problem(body["details"])
+        if problem is not None:
+            raise ValueError(f"a DP-SGD reservation must say what one unit of its guarantee is, but {problem}; "
+                             "reserve with details=run_declaration(dp, units_are=...)")
         with _locked(self._path):
             state = self._state()
             check_one_unit(self._path, state, unit_of(body["details"], declared_earlier_unit=None))

@@ -175,8 +175,10 @@ def _apply(kind: str, entry: dict[str, Any], state: ChainState) -> None:
         state.genesis = entry
         return
     if kind == "declare_unit":
-        if entry["unit"] not in ("image", "patient") or state.declared_unit is not None:
-            raise ValueError(f"declares unit {entry['unit']!r}: declare_unit names image or patient, once")
+        if (entry["unit"] not in ("image", "patient") or state.declared_unit is not None
+                or not isinstance(entry["timestamp"], str)):
+            raise ValueError(f"declares unit {entry['unit']!r}: declare_unit names image or patient, once, "
+                             "with a timestamp")
         state.declared_unit = entry["unit"]
         return
     check_amounts(entry["epsilon"], entry["delta"])

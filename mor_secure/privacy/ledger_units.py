@@ -39,6 +39,19 @@ def predates_guarantee_unit(details: Mapping[str, Any]) -> bool:
             and GUARANTEE_UNIT not in details)
 
 
+def declaration_problem(details: Mapping[str, Any]) -> str | None:
+    """Why a new DP-SGD reservation's details do not say what one unit of its guarantee is (None: they do)."""
+    if details.get("mechanism") != "dp-sgd":
+        return None
+    allowed = {"pair": ("pair",), "image": DECLARABLE_UNITS}.get(details.get(PRIVACY_UNIT))
+    if allowed is None:
+        return f"its privacy_unit is {details.get(PRIVACY_UNIT)!r}, not image or pair"
+    if details.get(GUARANTEE_UNIT) not in allowed:
+        return (f"with privacy_unit {details[PRIVACY_UNIT]!r}, its guarantee_unit must be "
+                f"{' or '.join(allowed)} (what its units are), got {details.get(GUARANTEE_UNIT)!r}")
+    return None
+
+
 def unit_of(details: Mapping[str, Any], *, declared_earlier_unit: str | None) -> Any:
     """A charge's unit, from its reservation's details: guarantee_unit, else (an earlier DP-SGD charge) the
     declared unit, else privacy_unit (None: the charge names no unit, as for a non-DP-SGD mechanism)."""
@@ -53,8 +66,8 @@ def check_one_unit(path: Any, state: ChainState, unit: Any) -> None:
     """Raise `PrivacyUnitMismatchError` unless a new charge over `unit` matches the ledger's spent charges."""
     if unit is None:  # a charge that names no unit (not a DP-SGD run) has none to compare
         return
-    earlier = {unit_of(r["details"], declared_earlier_unit=state.declared_unit) for rid, r in state.reserves.items()
-               if any(state.settles.get(rid, r)[amount] > 0 for amount in ("epsilon", "delta"))} - {None}
+    earlier = {unit_of(r["details"], declared_earlier_unit=state.declared_unit)
+               for r in _spent_reserves(state)} - {None}
     if UNDECLARED_EARLIER_UNIT in earlier:
         raise PrivacyUnitMismatchError(
             f"{path}: its earlier DP-SGD charges were recorded before data.unit existed, so they do not say whether "
@@ -80,5 +93,19 @@ def check_declarable(path: Any, state: ChainState, unit: str) -> None:
     if state.declared_unit is not None:
         raise ValueError(f"{path}: the unit of its earlier charges was declared already ({state.declared_unit}); "
                          "it is declared once and never changed")
-    if not any(predates_guarantee_unit(r["details"]) for r in state.reserves.values()):
-        raise ValueError(f"{path}: every charge in it names its unit already; there is nothing to declare")
+    spent = _spent_reserves(state)
+    if not any(predates_guarantee_unit(r["details"]) for r in spent):
+        raise ValueError(f"{path}: every charge that spent budget in it names its unit already; there is nothing "
+                         "to declare")
+    later = {r["details"][GUARANTEE_UNIT] for r in spent if GUARANTEE_UNIT in r["details"]} - {unit}
+    if later:
+        raise ValueError(
+            f"{path}: its charges that name their unit are per {' and '.join(sorted(later))}, not {unit}: declare "
+            f"{' or '.join(sorted(later))} if the earlier ones were per that too; if they were not, the ledger "
+            "already mixes units and can take no more training")
+
+
+def _spent_reserves(state: ChainState) -> list[dict[str, Any]]:
+    """The reserve entries of charges that spend budget (a reservation released unspent binds no unit)."""
+    return [r for rid, r in state.reserves.items()
+            if any(state.settles.get(rid, r)[amount] > 0 for amount in ("epsilon", "delta"))]

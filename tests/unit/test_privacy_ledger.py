@@ -593,8 +593,27 @@ def test_a_declaration_is_refused_where_every_charge_names_its_unit_and_a_forged
         _ = reopen(ledger.path).charges
 
 
-def test_a_new_per_unit_dp_sgd_charge_must_say_what_its_units_are(path: Path) -> None:
+@pytest.mark.parametrize("details", [EARLIER_DP_SGD, {**EARLIER_DP_SGD, "guarantee_unit": None},
+                                     {**EARLIER_DP_SGD, "guarantee_unit": "Patient"},
+                                     {**EARLIER_DP_SGD, "privacy_unit": "pair", "guarantee_unit": "patient"},
+                                     {**EARLIER_DP_SGD, "privacy_unit": None, "guarantee_unit": "image"}])
+def test_a_new_dp_sgd_charge_must_say_what_one_unit_of_its_guarantee_is(path: Path, details: dict) -> None:
     ledger = create(path)
-    with pytest.raises(ValueError, match="must name its guarantee_unit"):
-        ledger.reserve(purpose="train:a", epsilon=1.0, delta=1e-6, details=EARLIER_DP_SGD)
+    with pytest.raises(ValueError, match="must say what one unit of its guarantee is"):
+        ledger.reserve(purpose="train:a", epsilon=1.0, delta=1e-6, details=details)
     assert ledger.charges == ()
+
+
+def test_a_declaration_against_the_unit_of_later_charges_is_refused(path: Path) -> None:
+    """Code between data.unit and declarations read earlier charges as per image and added per-image ones."""
+    create(path)
+    add_a_charge_from_before_data_unit(path)
+    old = entries(path)
+    later = {"kind": "reserve", "id": "later-run", "timestamp": "2026-12-02T00:00:00+00:00", "purpose": "train:b",
+             "epsilon": 1.0, "delta": 1e-6, "details": {**EARLIER_DP_SGD, "guarantee_unit": "image"}}
+    write_entries(path, [*old, later], rechain=True)
+    ledger = reopen(path)
+    with pytest.raises(ValueError, match="per image, not patient: declare image if the earlier ones"):
+        ledger.declare_earlier_unit("patient")
+    ledger.declare_earlier_unit("image")
+    assert [c.privacy_unit for c in reopen(path).charges] == ["image", "image"]

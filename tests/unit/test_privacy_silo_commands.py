@@ -129,6 +129,18 @@ def test_the_ledger_command_asks_for_and_records_the_unit_of_charges_from_before
     out = capsys.readouterr().out
     assert "declared: the charges recorded before data.unit are per patient" in out
     assert "  per patient  settled" in out and "undeclared" not in out
+    assert main(["ledger", "--config", str(silo_yaml), "--json"]) == 0
+    assert [c["privacy_unit"] for c in json.loads(capsys.readouterr().out)["charges"]] == ["patient"]
     assert main(["ledger", "--config", str(silo_yaml), "--declare-earlier-unit", "image"]) == 1
     assert "declared already (patient)" in capsys.readouterr().err
     assert [c.privacy_unit for c in open_ledger(load_silo_config(silo_yaml)).charges] == ["patient"]
+
+
+def test_declaring_with_json_keeps_stdout_json(silo_yaml: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["init", "--config", str(silo_yaml)]) == 0
+    add_a_charge_from_before_data_unit(ledger_path(load_silo_config(silo_yaml)))
+    capsys.readouterr()
+    assert main(["ledger", "--config", str(silo_yaml), "--declare-earlier-unit", "image", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [c["privacy_unit"] for c in json.loads(captured.out)["charges"]] == ["image"]
+    assert "declared: the charges recorded before data.unit are per image" in captured.err

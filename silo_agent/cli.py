@@ -12,7 +12,7 @@ from mor_secure.privacy import NOISE_SEEDED
 from mor_secure.privacy.ledger_chain import NEW_LEDGER_IS_NOT_A_RESET, LedgerExistsError
 from mor_secure.privacy.ledger_units import DECLARABLE_UNITS, UNDECLARED_EARLIER_UNIT
 
-from .training import create_ledger, guarantee_unit, ledger_path, load_silo_config, open_ledger, train_silo
+from .training import create_ledger, ledger_path, load_silo_config, open_ledger, train_silo
 
 PROG = "mor silo"
 
@@ -74,8 +74,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"public privacy report: {outcome.report_path}")
     print(f"local diagnostics (not for release): {outcome.diagnostics_path}")
     if r.dp_enabled:
-        unit = guarantee_unit(config)
-        print(f"epsilon {r.epsilon:.3f}  delta {r.delta:g}  per {unit}  noise {r.noise_multiplier:.3f}  "
+        print(f"epsilon {r.epsilon:.3f}  delta {r.delta:g}  per {r.privacy_unit}  noise {r.noise_multiplier:.3f}  "
               f"sample rate {r.sample_rate:.4f}  steps {r.steps}  clip {r.max_grad_norm}  accountant {r.accountant}")
         if not r.private:
             print(f"WARNING: noise {r.noise}: this model is NOT differentially private")

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 
 from mor_secure.config import StrictModel
 from mor_secure.privacy import TrainingConfig
+from mor_secure.privacy.training_config import UnitKind
 
 Architecture = Literal["lora_vlm", "frozen_encoders", "small_cnn"]
 
@@ -45,7 +46,7 @@ class OwnData(StrictModel):
                         "bad row listed as FILE:LINE: reason.")
     images: Path = Field(description="Directory the rows' image paths are resolved under; a path that leaves it "
                          "(absolute, `..`, a symlink out) is refused.")
-    unit: Literal["patient", "image"] = Field(
+    unit: UnitKind = Field(
         "patient", description="What one unit of the guarantee is (with training.dp.privacy_unit: image): patient, "
         "every row naming its patient in unit_id (a row without one is refused); or image, no row naming a "
         "unit_id. The ledger holds charges over one unit, so a silo cannot sum per-image and per-patient epsilons.")

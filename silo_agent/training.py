@@ -38,7 +38,7 @@ from mor_secure.models.reward_model import RewardModel
 from mor_secure.privacy import PrivacyLedger, PrivacyReport, train_bradley_terry
 from mor_secure.privacy.ledger_chain import NEW_LEDGER_IS_NOT_A_RESET, LedgerMissingError
 from mor_secure.privacy.privacy_units import held_out_units
-from mor_secure.privacy.training_config import GuaranteeUnit, UnitKind, guarantee_unit_of, run_declaration
+from mor_secure.privacy.training_config import UnitKind, run_declaration
 
 from .config import SiloConfig
 
@@ -186,11 +186,6 @@ def units_are(config: SiloConfig) -> UnitKind:
     return config.data.unit if config.data is not None else "image"
 
 
-def guarantee_unit(config: SiloConfig) -> GuaranteeUnit:
-    """What one unit of the silo's guarantee is: pair, patient (its own data, per unit_id) or image."""
-    return guarantee_unit_of(config.training.dp, units_are=units_are(config))
-
-
 def split_silo_pairs(config: SiloConfig, spec: ConsortiumSpec,
                      splits: ConsortiumSplits) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(train, held-out) pairs of the silo, split by privacy unit: about `validation_fraction` of the units,
@@ -264,8 +259,7 @@ def _train_silo(config: SiloConfig, ledger: PrivacyLedger | None, *, progress: b
     # From here on `train_bradley_terry` settles the reservation, whatever happens.
     result = train_bradley_terry(model.module, dataset, config.training,
                                  unit_ids=[privacy_unit_of(p) for p in train], units_are=units_are(config),
-                                 ledger=ledger,
-                                 reservation=reservation, purpose=purpose, progress=progress,
+                                 ledger=ledger, reservation=reservation, purpose=purpose, progress=progress,
                                  description=f"{config.name} {config.architecture}")
     standardisation = model.fit_standardisation(public_standardisation_pairs(spec, splits))
     model_dir = model.save(config.workdir / MODEL_DIR)

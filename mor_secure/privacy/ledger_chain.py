@@ -22,6 +22,8 @@ GENESIS_PREV = "0" * 64
 # Relative slack when comparing summed charges with a budget, so that float
 # rounding of a sum (0.1 + 0.2 > 0.3) cannot refuse a reservation that fits exactly.
 BUDGET_RTOL = 1e-9
+# What a declare_unit entry may name as the unit of DP-SGD charges recorded before guarantee_unit (`ledger_units`).
+DECLARABLE_UNITS = ("image", "patient")
 
 ENTRY_FIELDS = {
     "genesis": {"silo", "epsilon_budget", "delta_budget", "created", "supersedes"},
@@ -175,7 +177,7 @@ def _apply(kind: str, entry: dict[str, Any], state: ChainState) -> None:
         state.genesis = entry
         return
     if kind == "declare_unit":
-        if (entry["unit"] not in ("image", "patient") or state.declared_unit is not None
+        if (entry["unit"] not in DECLARABLE_UNITS or state.declared_unit is not None
                 or not isinstance(entry["timestamp"], str)):
             raise ValueError(f"declares unit {entry['unit']!r}: declare_unit names image or patient, once, "
                              "with a timestamp")

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mor_secure.privacy.ledger_chain import ChainState, PrivacyUnitMismatchError
+from mor_secure.privacy.ledger_chain import DECLARABLE_UNITS, ChainState, PrivacyUnitMismatchError
 
 # The reservation details' key naming the run's `DPConfig.privacy_unit` ("image": one gradient per unit, "pair").
 PRIVACY_UNIT = "privacy_unit"
@@ -27,7 +27,6 @@ PRIVACY_UNIT = "privacy_unit"
 GUARANTEE_UNIT = "guarantee_unit"
 # The unit of an earlier DP-SGD charge that recorded no guarantee_unit, while none is declared.
 UNDECLARED_EARLIER_UNIT = "image or patient (recorded before data.unit; undeclared)"
-DECLARABLE_UNITS = ("image", "patient")
 
 _HOW_TO_TRAIN_PER = {"pair": "dp.privacy_unit: pair", "image": "dp.privacy_unit: image, and data.unit: image for "
                      "your own data", "patient": "dp.privacy_unit: image and data.unit: patient"}

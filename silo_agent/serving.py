@@ -4,7 +4,10 @@ Order of a run: the policy and kit are checked (a bad file fails before any
 port opens); the workdir's round record is locked (a second server on the
 same workdir stops here); the server starts on an mTLS port with health NOT_SERVING; the
 port is reported (log line, and `--port-file` for scripts: the OS chooses it
-when the config says port 0); the model is loaded; health turns SERVING. On
+when the config says port 0); the model is loaded; health turns SERVING. A
+training running on the workdir refuses the start (the workdir's training
+lock is held from before the port opens until the model and its report are
+loaded, so they are one run's). On
 SIGTERM or SIGINT the silo turns NOT_SERVING, stops accepting calls, lets the
 in-flight ones finish for up to `drain_seconds`, records that it stopped,
 writes a final signed checkpoint of its audit log and exits 0. Bad input never crashes it (the request checks and the authorizing
@@ -37,7 +40,7 @@ from .config import ServeSettings, SiloConfig
 from .secure_rounds import ROUND_RECORD, RoundRecord, SecureRounds
 from .service import SiloService, ledger_summary, open_model_service
 from .servicer import ROLES_BY_RPC, SiloServicer, servicer_registration
-from .training import MODEL_DIR, open_ledger, served_feature_cache_dir
+from .training import MODEL_DIR, open_ledger, served_feature_cache_dir, training_lock
 
 logger = logging.getLogger(__name__)
 # Workers beyond the policy's calls and streams, for health checks and quick refusals while those are all taken.
@@ -102,7 +105,8 @@ def start_silo_server(config: SiloConfig, *,
 
     The workdir's round record is opened first: its lock refuses a second
     server on the same workdir before it touches the ledger, the audit log
-    or a port (`RoundRecord`).
+    or a port (`RoundRecord`). Then the training lock, held until the model
+    is loaded: a `mor silo train` running on the workdir refuses the start.
     """
     if config.serve is None:
         raise ValueError(f"silo {config.name!r} has no `serve:` section in its YAML (kit, policy, port); add one")
@@ -113,7 +117,11 @@ def start_silo_server(config: SiloConfig, *,
                                 "`mor silo train --config <silo>.yaml` first")
     rounds = RoundRecord(config.workdir / ROUND_RECORD)
     try:
-        running, audit = _serve_model(config, kit, policy, policy_source, rounds, port_file)
+        # Held until the model and its report are loaded: a training replaces both, and a server loading them
+        # meanwhile could serve one run's model under the other's report.
+        with training_lock(config.workdir, refused="a training replaces the model and the privacy report beside "
+                           "it, so serving starts once it has finished. Nothing was opened"):
+            running, audit = _serve_model(config, kit, policy, policy_source, rounds, port_file)
     except BaseException:
         rounds.close()
         raise

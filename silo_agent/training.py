@@ -138,7 +138,7 @@ def create_ledger(config: SiloConfig, *, force: bool = False) -> PrivacyLedger:
     """
     load_consortium(config.consortium).silo(config.name)
     # A forced ledger under a running training would take the place of the one holding its reservation.
-    with _training_lock(config.workdir, refused="a new ledger would lose the spend it has reserved. Nothing "
+    with training_lock(config.workdir, refused="a new ledger would lose the spend it has reserved. Nothing "
                         "was changed"):
         return _create_ledger(config, force=force)
 
@@ -207,18 +207,20 @@ class WorkdirBusyError(ValueError):
 
 
 @contextmanager
-def _training_lock(workdir: Path, *, refused: str) -> Iterator[None]:
+def training_lock(workdir: Path, *, refused: str) -> Iterator[None]:
     """The workdir for one training at a time: two would interleave their saves, so the public report beside
     the model could be the other run's. Taken before anything is reserved or written, so a refused run (or
-    `mor silo init`, which takes it too) changes nothing; `refused` says why, in the refusal."""
+    `mor silo init`, which takes it too) changes nothing; `mor silo serve` takes it while it loads the model
+    and its report, so it never pairs one run's model with another's report. `refused` says why, in the
+    refusal."""
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / TRAINING_LOCK_FILE, "a+b") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise WorkdirBusyError(
-                f"{workdir}: another `mor silo train` is running on this workdir; wait for it to finish: "
-                f"{refused}") from None
+                f"{workdir}: another `mor silo train` or `mor silo init` is running on this workdir, or a "
+                f"`mor silo serve` is starting on it; wait for it to finish: {refused}") from None
         yield  # the lock goes with the file's closing, however the job ends
 
 
@@ -227,7 +229,7 @@ def train_silo(config: SiloConfig, *, progress: bool = True) -> SiloTrainingOutc
     is read."""
     # The ledger first: an uninitialised workdir is refused before the lock (or anything else) is written there.
     ledger = open_ledger(config) if config.training.dp.enabled else None
-    with _training_lock(config.workdir, refused="two at once would mix their model and public report. Nothing "
+    with training_lock(config.workdir, refused="two at once would mix their model and public report. Nothing "
                         "was reserved or read"):
         return _train_silo(config, ledger, progress=progress)
 

@@ -9,6 +9,7 @@ without one. The silo's model is a real, untrained small_cnn reward model
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -33,7 +34,8 @@ from mor_secure.audit.verify import verify_log
 from mor_secure.data import make_pairs
 from mor_secure.models.reward_architectures import SmallCNNRewardModel
 from mor_secure.transport.credentials import channel_credentials
-from silo_agent.training import MODEL_DIR, create_ledger, load_silo_config
+from silo_agent.serving import start_silo_server
+from silo_agent.training import MODEL_DIR, TRAINING_LOCK_FILE, WorkdirBusyError, create_ledger, load_silo_config
 
 STARTUP_TIMEOUT_S = 120
 
@@ -265,6 +267,29 @@ def test_a_second_server_on_the_same_workdir_is_refused_before_it_opens_anything
     assert not port_file.exists()  # no port was opened
     assert len(read_log(audit_log).entries) == entries_before  # nothing written to the first server's log
     assert health_status(served_silo.port, pki.kits["coordinator"]) == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_serve_is_refused_while_a_training_holds_the_workdir_and_starts_after(tmp_path: Path, consortium_path: Path,
+                                                                             pki) -> None:
+    """A training replaces the model and the report beside it; a server loading them meanwhile could pair the two
+    runs' files, so the start is refused before any port, log or ledger change, and goes ahead once it ends."""
+    config = load_silo_config(_silo_yaml(tmp_path, consortium_path, pki.kits["hospital-a"].directory, pki.crl))
+    create_ledger(config)
+    SmallCNNRewardModel(seed=0).save(config.workdir / MODEL_DIR)
+    port_file = tmp_path / "port.json"
+    with open(config.workdir / TRAINING_LOCK_FILE, "a+b") as training:  # a `mor silo train` in another process
+        fcntl.flock(training, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(WorkdirBusyError, match="is running on this workdir, or a `mor silo serve` is starting "
+                           "on it; wait for it to finish: a training replaces the model and the privacy report"):
+            start_silo_server(config, port_file=port_file)
+    assert not port_file.exists() and not (config.workdir / "audit.db").exists()
+    running, audit, rounds = start_silo_server(config, port_file=port_file)
+    try:
+        assert health_status(running.port, pki.kits["coordinator"]) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.stop(0)
+        audit.close()
+        rounds.close()
 
 
 def test_sigterm_drains_and_exits_zero_with_a_final_checkpoint(served_silo, pki) -> None:

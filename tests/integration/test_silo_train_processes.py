@@ -55,7 +55,7 @@ def test_two_concurrent_trainings_with_budget_for_one(silo_config: Path) -> None
     refused_err = next(err for p, (_, err) in zip(processes, outputs) if p.returncode == 1)
     # Whichever guard stops the second run (the workdir's training lock while the first holds it, else the
     # budget), it is stopped before it reserves or reads anything: the ledger keeps the first run's one charge.
-    assert "another `mor silo train` is running on this workdir" in refused_err \
+    assert "another `mor silo train` or `mor silo init` is running on this workdir" in refused_err \
         or "privacy budget exceeded" in refused_err, refused_err
     assert READ_DATA_LOG not in refused_err  # refused before reading any private pair
     (charge,) = open_ledger(load_silo_config(silo_config)).charges

@@ -60,7 +60,7 @@ def test_forced_init_during_a_training_is_refused_and_changes_nothing(silo_yaml:
         capsys.readouterr()
         assert main(["init", "--config", str(silo_yaml), "--force-new-ledger"]) == 1
     err = capsys.readouterr().err
-    assert "another `mor silo train` is running on this workdir" in err and "lose the spend" in err
+    assert "another `mor silo train` or `mor silo init` is running on this workdir" in err and "lose the spend" in err
     assert not path.exists()
 
 

@@ -7,9 +7,12 @@ behaviour runs inside the call, where `context.auth_context()` holds the peer
 certificate the handshake verified. From it, and from nothing the caller
 sends, the wrapper reads the caller's identity (the SAN URI) and serial, then
 
-1. refuses a revoked certificate (UNAUTHENTICATED), checked on every call
-   and before every response of a stream (a revoked party's open health
-   Watch ends UNAUTHENTICATED at its next update);
+1. refuses a revoked certificate, and one outside its validity dates
+   (UNAUTHENTICATED), checked on every call and before every response of a
+   stream: the handshake checks the dates only when a connection opens, and
+   a client's keepalive pings hold one open for good, so without this a
+   certificate that expires (or is revoked) mid-connection would go on
+   being served (a party's open health Watch ends at its next update);
 2. refuses a role the RPC does not allow (PERMISSION_DENIED), from a table
    that must name every RPC (a missing one is refused, and a test fails);
 3. asks the party's policy (`Admission`), e.g. the silo's allowed callers,
@@ -26,11 +29,16 @@ sends, the wrapper reads the caller's identity (the SAN URI) and serial, then
 Health checking and reflection are for standard tools: every role may call
 them, but they pass through the same identity, revocation and audit steps,
 and at most `max_open_streams` of their streams are open at once (each holds
-a worker thread while open: RESOURCE_EXHAUSTED beyond that).
+a worker thread while open: RESOURCE_EXHAUSTED beyond that). Their requests
+are parsed only after the decision (a malformed one is INVALID_ARGUMENT, on
+record, not an INTERNAL from gRPC before the wrapper runs), and a method the
+server does not have goes through the same steps and ends UNIMPLEMENTED, so
+nobody probes for methods off the record.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 import time
@@ -45,7 +53,7 @@ from mor_secure.audit.checkpoints import SignedCheckpoint
 from mor_secure.pki.identity import PartyIdentity, Role
 from mor_secure.pki.kits import identity_of
 from mor_secure.wire import serde
-from mor_secure.wire.errors import ErrorCode, SiloError
+from mor_secure.wire.errors import ErrorCode, SiloError, invalid
 
 from .revocation import RevocationList
 
@@ -64,10 +72,12 @@ CHECKPOINT_METADATA = "mor-checkpoint-bin"
 
 @dataclass(frozen=True)
 class Caller:
-    """The verified caller of one RPC."""
+    """The verified caller of one RPC, and its certificate's validity dates (UTC)."""
 
     identity: PartyIdentity
     serial: int
+    valid_from: dt.datetime
+    valid_until: dt.datetime
 
 
 class Admission(Protocol):
@@ -104,12 +114,17 @@ def peer_caller(context: grpc.ServicerContext) -> Caller:
         identity = identity_of(certificate)
     except ValueError as exc:
         raise SiloError(ErrorCode.UNAUTHENTICATED, f"client certificate names no consortium party: {exc}") from None
-    return Caller(identity=identity, serial=certificate.serial_number)
+    return Caller(identity=identity, serial=certificate.serial_number, valid_from=certificate.not_valid_before_utc,
+                  valid_until=certificate.not_valid_after_utc)
 
 
 def abort_with(context: grpc.ServicerContext, error: SiloError) -> None:
-    """End the call with the gRPC status named like `error.code` (raises, as context.abort does)."""
-    context.abort(getattr(grpc.StatusCode, error.code.value), error.message)
+    """End the call with the gRPC status named like `error.code` (raises, as context.abort does).
+
+    The message is bounded as the audit entry's reason is: a refusal may quote what the caller sent, and
+    details over gRPC's 16 KiB metadata limit would reach the caller as RESOURCE_EXHAUSTED instead.
+    """
+    context.abort(getattr(grpc.StatusCode, error.code.value), serde.bounded_text(error.message))
 
 
 class AuthorizingInterceptor(grpc.ServerInterceptor):
@@ -128,14 +143,20 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
         self._open_streams = threading.BoundedSemaphore(max_open_streams)
 
     # --- the decision -------------------------------------------------------------------
-    def _check_unrevoked(self, caller: Caller) -> None:
+    def _check_standing(self, caller: Caller) -> None:
+        """UNAUTHENTICATED unless the caller's certificate is unrevoked and within its validity dates now."""
         if self.revocations.is_revoked(caller.serial):
             raise SiloError(ErrorCode.UNAUTHENTICATED, f"certificate {caller.serial:x} of {caller.identity} is "
                             "revoked")
+        now = dt.datetime.now(dt.timezone.utc)
+        if not caller.valid_from <= now <= caller.valid_until:
+            raise SiloError(ErrorCode.UNAUTHENTICATED, f"certificate {caller.serial:x} of {caller.identity} is "
+                            f"valid from {caller.valid_from:%Y-%m-%d %H:%M:%S} to "
+                            f"{caller.valid_until:%Y-%m-%d %H:%M:%S} UTC, not now; renew the kit and reconnect")
 
     def _decide(self, method: str, caller: Caller) -> Callable[[], None]:
-        """Revocation, role, then the party's policy; returns the policy's release callback."""
-        self._check_unrevoked(caller)
+        """Standing (revocation, dates), role, then the party's policy; returns the policy's release callback."""
+        self._check_standing(caller)
         if method.startswith(OPEN_SERVICES):
             return _nothing
         allowed = self.roles_by_rpc.get(method)
@@ -169,7 +190,10 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
             context.set_trailing_metadata(((CHECKPOINT_METADATA,
                                             serde.checkpoint_to_proto(checkpoint).SerializeToString()),))
 
-    def _guarded(self, method: str, behaviour: Callable, streaming_response: bool) -> Callable:
+    def _guarded(self, method: str, behaviour: Callable, streaming_response: bool,
+                 parse: Callable[[bytes], Any] | None) -> Callable:
+        """`behaviour` behind the decision and the audit; `parse` turns a single request's bytes into the message
+        it takes (None: it takes what arrives, raw bytes or a request stream)."""
         def run(request: Any, context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             caller = None
@@ -179,12 +203,22 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
             except SiloError as error:
                 self._finish(context, method, caller, request, "refused", error.code.value, error.message, started)
                 abort_with(context, error)
+            message = request
+            if parse is not None:
+                try:
+                    message = parse(request)
+                except Exception as exc:  # noqa: BLE001 - any parser failure is the request's fault
+                    release()
+                    error = invalid(f"the request is not a valid {method} message ({type(exc).__name__})")
+                    self._finish(context, method, caller, request, "refused", error.code.value, error.message,
+                                 started)
+                    abort_with(context, error)
             if streaming_response:
                 # Health Watch and reflection streams: admitted now, no policy slot held while they stream.
                 release()
-                return self._open_stream(method, behaviour, request, context, caller, started)
+                return self._open_stream(method, behaviour, request, message, context, caller, started)
             try:
-                response = behaviour(request, context)
+                response = behaviour(message, context)
             except SiloError as error:
                 release()  # the party's own refusal (bad input, a policy limit the handler checks)
                 self._finish(context, method, caller, request, "refused", error.code.value, error.message, started)
@@ -205,8 +239,8 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
 
         return run
 
-    def _open_stream(self, method: str, behaviour: Callable, request: Any, context: grpc.ServicerContext,
-                     caller: Caller, started: float) -> Any:
+    def _open_stream(self, method: str, behaviour: Callable, request: Any, message: Any,
+                     context: grpc.ServicerContext, caller: Caller, started: float) -> Any:
         """The stream, if fewer than `max_open_streams` are open (RESOURCE_EXHAUSTED otherwise).
 
         Each open stream holds one of the server's worker threads until it
@@ -222,18 +256,19 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
         try:
             self._finish(context, method, caller, request, "admitted", "OK", "stream opened", started)
             context.add_callback(closed)  # however the stream ends: done, cancelled, deadline, server stop
-            return self._streamed(behaviour(request, context), closed, method, caller, request, context, started)
+            return self._streamed(behaviour(message, context), closed, method, caller, request, context, started)
         except BaseException:
             closed()
             raise
 
     def _streamed(self, responses: Iterator[Any], closed: Callable[[], None], method: str, caller: Caller,
                   request: Any, context: grpc.ServicerContext, started: float) -> Iterator[Any]:
-        """`responses`, each sent only while the caller's certificate is unrevoked (UNAUTHENTICATED ends it)."""
+        """`responses`, each sent only while the caller's certificate is unrevoked and in date (UNAUTHENTICATED
+        ends it)."""
         try:
             for response in responses:
                 try:
-                    self._check_unrevoked(caller)
+                    self._check_standing(caller)
                 except SiloError as error:
                     self._finish(context, method, caller, request, "refused", error.code.value,
                                  f"{error.message}; its open stream was ended", started)
@@ -242,11 +277,29 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
         finally:
             closed()
 
+    def _unknown_method(self, method: str) -> Callable:
+        """A call to a method this server does not have: the caller's standing first (a revoked party learns
+        nothing of which methods exist), then UNIMPLEMENTED; refused either way, and on record."""
+        def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            caller = None
+            try:
+                caller = peer_caller(context)
+                self._check_standing(caller)
+                error = SiloError(ErrorCode.UNIMPLEMENTED, f"this server has no method {method}")
+            except SiloError as refusal:
+                error = refusal
+            self._finish(context, method, caller, b"", "refused", error.code.value, error.message, started)
+            abort_with(context, error)
+
+        return run
+
     def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
         method = handler_call_details.method
+        handler = continuation(handler_call_details)
+        if handler is None:  # no such method: still identified, checked and on record, then UNIMPLEMENTED
+            # Stream in, stream out: it takes a call of any of the four kinds without reading its messages.
+            return grpc.stream_stream_rpc_method_handler(self._unknown_method(method))
         kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler, False),
                  ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
                  ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
@@ -254,8 +307,12 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
         for attribute, make, streaming_response in kinds:
             behaviour = getattr(handler, attribute)
             if behaviour is not None:
-                return make(self._guarded(method, behaviour, streaming_response),
-                            request_deserializer=handler.request_deserializer,
+                # A single request arrives as bytes and is parsed after the decision; a request stream is parsed
+                # message by message as the handler reads it, which is after the decision already.
+                single_request = attribute.startswith("unary_")
+                return make(self._guarded(method, behaviour, streaming_response,
+                                          handler.request_deserializer if single_request else None),
+                            request_deserializer=None if single_request else handler.request_deserializer,
                             response_serializer=handler.response_serializer)
         return handler  # pragma: no cover - grpc has exactly the four kinds above
 
@@ -279,7 +336,7 @@ def _once(action: Callable[[], None]) -> Callable[[], None]:
 
 
 def _raw(request: Any) -> bytes:
-    """The request's serialised bytes (our servicers take raw bytes; health and reflection parsed messages)."""
+    """The request's serialised bytes (every single request arrives as bytes; a request stream has none)."""
     if isinstance(request, bytes):
         return request
     serialize = getattr(request, "SerializeToString", None)

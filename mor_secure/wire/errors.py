@@ -19,6 +19,7 @@ class ErrorCode(str, Enum):
     PERMISSION_DENIED = "PERMISSION_DENIED"      # the caller is not allowed this RPC by the silo's policy
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"    # a rate limit, daily cap, concurrency or budget is used up
     FAILED_PRECONDITION = "FAILED_PRECONDITION"  # the silo cannot serve yet (no trained model, draining)
+    UNIMPLEMENTED = "UNIMPLEMENTED"              # the server has no such method (a client of another version)
     UNAVAILABLE = "UNAVAILABLE"                  # the silo cannot be reached (client side only)
     DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"      # the silo did not answer in time (client side only)
     INTERNAL = "INTERNAL"                        # a bug on the silo's side; nothing about the request

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
-import json
 import logging
 import socket
 import struct
@@ -167,6 +166,80 @@ def test_a_revoked_certificate_is_refused_also_on_a_channel_opened_before(server
     still_serves(running.port, kits)
     assert any(e["decision"] == "refused" and e["status"] == "UNAUTHENTICATED" and "revoked" in e["reason"]
                for e in logged(audit))
+
+
+def test_a_certificate_that_expires_on_an_open_channel_is_refused_on_it(server, consortium_pki) -> None:
+    """The handshake checks the dates once; keepalive pings hold a connection open for good, so a stolen key
+    whose certificate ran out would otherwise go on being served on a connection opened before."""
+    running, audit = server
+    _, kit, kits = consortium_pki
+    # issue() starts a certificate 5 minutes before not_before (clock skew), so this one ends 4 s from now.
+    short_lived = kit("coordinator", "coordinator", "short-lived-coordinator",
+                      not_before=dt.datetime.now(dt.timezone.utc), lifetime=dt.timedelta(minutes=5, seconds=4))
+    ending = client(running.port, short_lived)
+    try:
+        assert ending.score(GOOD).scores == (1.0, -1.0)  # the channel is open and working
+        time.sleep(max(0.0, (short_lived.certificate().not_valid_after_utc
+                             - dt.datetime.now(dt.timezone.utc)).total_seconds()) + 1.0)
+        with pytest.raises(SiloError, match="not now; renew the kit and reconnect") as caught:
+            ending.score(GOOD)
+        assert caught.value.code == ErrorCode.UNAUTHENTICATED
+    finally:
+        ending.close()
+    still_serves(running.port, kits)
+    refusal = [e for e in logged(audit) if e["serial"] == f"{short_lived.certificate().serial_number:x}"][-1]
+    assert (refusal["decision"], refusal["status"]) == ("refused", "UNAUTHENTICATED")
+
+
+def test_a_method_the_server_lacks_is_on_record_and_unimplemented_only_for_a_party_in_good_standing(
+        server, consortium_pki) -> None:
+    """gRPC answers an unknown method itself, before any interceptor's wrapper: a revoked party could map the
+    server's methods off the record. The wrapper now takes those calls too."""
+    running, audit = server
+    ca, kit, kits = consortium_pki
+    revoked = kit("silo", "bank-c", "revoked-method-prober")
+    ca.revoke(serial=revoked.certificate().serial_number, reason="key compromise drill")
+    before = len(logged(audit))
+    for who, expected in ((kits["auditor"], grpc.StatusCode.UNIMPLEMENTED), (revoked, grpc.StatusCode.UNAUTHENTICATED)):
+        with grpc.secure_channel(f"127.0.0.1:{running.port}", _credentials(who)) as channel:
+            for method in (f"/{SERVICE_NAME}/NoSuchMethod", "/no.such.Service/Call"):
+                call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+                assert rpc_code(call, b"\x08\x01") == expected, (who.identity(), method)
+    assert [(e["rpc"], e["decision"], e["status"]) for e in logged(audit)[before:]] == [
+        (f"/{SERVICE_NAME}/NoSuchMethod", "refused", "UNIMPLEMENTED"),
+        ("/no.such.Service/Call", "refused", "UNIMPLEMENTED"),
+        (f"/{SERVICE_NAME}/NoSuchMethod", "refused", "UNAUTHENTICATED"),
+        ("/no.such.Service/Call", "refused", "UNAUTHENTICATED")]
+    still_serves(running.port, kits)
+
+
+def test_a_malformed_health_request_is_invalid_argument_on_record_after_the_identity_checks(server,
+                                                                                          consortium_pki) -> None:
+    """Health and reflection parse their requests after the decision: gRPC's own parser failed first, INTERNAL
+    with a traceback, off the record, and a revoked party got that answer too."""
+    running, audit = server
+    ca, kit, kits = consortium_pki
+    revoked = kit("silo", "bank-c", "revoked-health-caller")
+    ca.revoke(serial=revoked.certificate().serial_number, reason="key compromise drill")
+    before = len(logged(audit))
+    for who, expected in ((kits["coordinator"], grpc.StatusCode.INVALID_ARGUMENT),
+                          (revoked, grpc.StatusCode.UNAUTHENTICATED)):
+        with grpc.secure_channel(f"127.0.0.1:{running.port}", _credentials(who)) as channel:
+            check = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=None,
+                                        response_deserializer=None)
+            assert rpc_code(check, b"\xff\xff\xff") == expected, who.identity()
+            watch = channel.unary_stream("/grpc.health.v1.Health/Watch", request_serializer=None,
+                                         response_deserializer=None)
+            with pytest.raises(grpc.RpcError) as ended:
+                next(watch(b"\xff\xff\xff", timeout=10))
+            assert ended.value.code() == expected, who.identity()
+    assert [(e["rpc"].rsplit("/", 1)[1], e["decision"], e["status"]) for e in logged(audit)[before:]] == [
+        ("Check", "refused", "INVALID_ARGUMENT"), ("Watch", "refused", "INVALID_ARGUMENT"),
+        ("Check", "refused", "UNAUTHENTICATED"), ("Watch", "refused", "UNAUTHENTICATED")]
+    with grpc.secure_channel(f"127.0.0.1:{running.port}", _credentials(kits["coordinator"])) as channel:
+        assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+            health_pb2.HealthCheckResponse.SERVING
+    still_serves(running.port, kits)
 
 
 def test_an_older_crl_put_back_does_not_un_revoke(server, consortium_pki, caplog) -> None:

@@ -33,7 +33,7 @@ import fcntl
 import json
 import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 from cryptography import x509
@@ -232,13 +232,15 @@ class SecureRounds:
         return AgreementKeyReply(agreement_key=self._own_key.to_json(), certificate_pem=self._certificate_pem)
 
     def _check_participants(self, names: list[str]) -> None:
-        if len(set(names)) != len(names):
-            raise invalid(f"participants repeat a silo: {sorted(n for n in set(names) if names.count(n) > 1)}")
-        if self.name not in names:
-            raise invalid(f"silo {self.name!r} is not among the round's participants {names}")
+        # The count first: the checks after it then look at no more than MAX_PARTICIPANTS names.
         if len(names) > MAX_PARTICIPANTS:
             raise invalid(f"a secure round has at most {MAX_PARTICIPANTS} participants (its sum would overflow "
                           f"the fixed-point range); this one has {len(names)}")
+        repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+        if repeated:
+            raise invalid(f"participants repeat a silo: {repeated}")
+        if self.name not in names:
+            raise invalid(f"silo {self.name!r} is not among the round's participants {names}")
         if len(names) < self.minimum_participants:
             raise SiloError(ErrorCode.FAILED_PRECONDITION, f"a secure round needs at least "
                             f"{self.minimum_participants} participants under this silo's policy; this one has "

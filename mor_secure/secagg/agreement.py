@@ -23,6 +23,10 @@ from mor_secure.audit.checkpoints import canonical_json
 from mor_secure.pki.kits import identity_of
 
 FORMAT = "mor-secure/agreement-key/v1"
+# The longest signed key's JSON: a 74-character party URI (63-character name), 64 hex digits of key and at most
+# 144 of DER ECDSA signature come to ~320 characters. Longer text is refused before parsing, which also keeps
+# nesting below the depth at which `json` raises RecursionError (~1000).
+MAX_SIGNED_KEY_CHARS = 512
 
 
 class AgreementKeyError(ValueError):
@@ -45,6 +49,9 @@ class SignedAgreementKey:
 
     @classmethod
     def from_json(cls, text: str) -> SignedAgreementKey:
+        if len(text) > MAX_SIGNED_KEY_CHARS:
+            raise AgreementKeyError(f"its signed key is {len(text)} characters long, more than a signed key can "
+                                    f"be ({MAX_SIGNED_KEY_CHARS})")
         fields = json.loads(text)
         return cls(party=fields["party"], public_key=bytes.fromhex(fields["x25519"]),
                    signature=bytes.fromhex(fields["signature"]))

@@ -11,9 +11,11 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from silo_fakes import RightAnswerModel, png
 
 from coordinator.fusion import ClearFusion, FusionItems, RoundFailedError
@@ -27,6 +29,7 @@ from mor_secure.secagg import aggregation
 from mor_secure.secagg.agreement import new_agreement_key
 from mor_secure.secagg.fixed_point import decode
 from mor_secure.secagg.provisioning import coordinator_context
+from mor_secure.transport.credentials import channel_credentials
 from mor_secure.transport.revocation import RevocationList
 from mor_secure.wire import ErrorCode, ImageBlob, ScoreRow, SiloError
 from mor_secure.wire.messages import DecryptRequest, Participant, ScoreRequest, SecureScoreRequest
@@ -210,6 +213,32 @@ def test_one_silos_ciphertext_is_noise_and_rounds_are_answered_and_decrypted_onc
     garbage = replace(decrypt, ciphertexts=(b"not a ciphertext",))
     refused(lambda: silos[0].decrypt(garbage), ErrorCode.FAILED_PRECONDITION, "was already decrypted")
     refused(lambda: silos[1].decrypt(garbage), ErrorCode.FAILED_PRECONDITION, "took no part in round")
+    # And the silos still serve: a new round is answered and decrypted.
+    fresh = request(silos, "round-y")
+    (answer,) = silos[0].secure_score(fresh).ciphertexts
+    (values,) = silos[0].decrypt(replace(decrypt, round_id="round-y", ciphertexts=(answer,))).values
+    assert len(values) > 0
+
+
+def test_a_deeply_nested_agreement_key_is_refused_like_any_malformed_one(silos, kits) -> None:
+    """A key-agreement key far longer than a signed key can be is refused before parsing (nested JSON that deep
+    made `json` raise RecursionError, answered INTERNAL)."""
+    good = request(silos, "nested-key")
+    nested = replace(good.participants[1], agreement_key="[" * 100_000 + "]" * 100_000)
+    refused(lambda: silos[0].secure_score(replace(good, participants=(good.participants[0], nested,
+                                                                     good.participants[2]))),
+            ErrorCode.PERMISSION_DENIED, "participant 'bank-b': its signed key is 200000 characters long")
+    assert len(silos[0].secure_score(request(silos, "after-nested-key")).ciphertexts) == 1  # and it still serves
+
+
+def test_a_refusal_quoting_long_participant_names_is_answered_with_its_own_status(silos, kits) -> None:
+    """The refusal names the round's participants; over gRPC, details past its 16 KiB metadata limit reached the
+    coordinator as RESOURCE_EXHAUSTED (a rate limit, to it) while the silo recorded INVALID_ARGUMENT."""
+    good = request(silos, "long-names")
+    strangers = tuple(replace(good.participants[1], name=f"{k}-" + "x" * 4000) for k in range(6))
+    refused(lambda: silos[0].secure_score(replace(good, participants=good.participants[1:] + strangers)),
+            ErrorCode.INVALID_ARGUMENT, "is not among the round's participants")
+    assert len(silos[0].secure_score(good).ciphertexts) == 1  # and it still serves
 
 
 def test_a_round_below_the_minimum_a_weight_over_the_cap_and_a_swapped_key_are_refused(silos, kits) -> None:
@@ -256,6 +285,11 @@ def test_a_round_of_more_silos_than_the_fixed_point_range_sums_is_refused(silos,
     refused(lambda: silos[0].decrypt(DecryptRequest(round_id="r-17", participants=tuple(p.name for p in many),
                                                     ciphertexts=(b"",))),
             ErrorCode.INVALID_ARGUMENT, "at most 16 participants")
+    # The count is checked before anything looks at the names: a repeat among thousands of names used to be
+    # searched for with list.count per name, minutes of one worker for one request the size limit admits.
+    thousands = tuple(p.name for p in many) + tuple(f"silo-{k}" for k in range(5000))
+    refused(lambda: silos[0].decrypt(DecryptRequest(round_id="r-17", participants=thousands, ciphertexts=(b"",))),
+            ErrorCode.INVALID_ARGUMENT, "at most 16 participants.*this one has 5017")
     assert len(silos[0].secure_score(good).ciphertexts) == 1  # the round id was not used up, and it still serves
     seventeen = [InProcessSiloClient(SiloService(f"silo-{k}", ScaledModel(1.0))) for k in range(17)]
     with pytest.raises(ValueError, match="at most 16 silos' terms.*this consortium has 17"):
@@ -325,6 +359,9 @@ def test_a_secure_round_over_the_silos_daily_cap_is_refused_logged_and_costs_not
         last = read_log(log.path).entries[-1].fields()
         assert (last["rpc"].endswith("/SecureScore"), last["decision"], last["status"], last["round_id"]) == (
             True, "refused", "RESOURCE_EXHAUSTED", "over-cap")
+        with grpc.secure_channel(f"127.0.0.1:{running.port}", channel_credentials(kits["coordinator"])) as channel:
+            assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status \
+                == health_pb2.HealthCheckResponse.SERVING  # the server still answers (health is not capped)
     finally:
         remote.close()
         running.stop(0)

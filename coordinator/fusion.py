@@ -141,16 +141,18 @@ class ClearFusion:
         return tuple(c.name for c in self.clients)
 
     @staticmethod
-    def _in_parallel(clients: Sequence[SiloClient], call: Callable[[SiloClient], T]) -> dict[str, T | SiloError]:
-        """`call(client)` for every client at once: each silo's answer, or its error (absent or refusing).
+    def _in_parallel(clients: Sequence[SiloClient], call: Callable[[SiloClient], T]) -> dict[str, T | Exception]:
+        """`call(client)` for every client at once: each silo's answer, or its error (absent, refusing, an answer
+        that does not check out, or a bug).
 
-        Refusals are returned too, so the round can be recorded with who did
-        answer before `raise_refusal` fails it.
+        Errors are returned too, so the round can be recorded with who did
+        answer before `raise_refusal` fails it (a silo cannot keep a round
+        off the record by answering malformed).
         """
-        def ask(client: SiloClient) -> T | SiloError:
+        def ask(client: SiloClient) -> T | Exception:
             try:
                 return call(client)
-            except SiloError as error:
+            except Exception as error:  # noqa: BLE001 - returned, and raised once the round is on record
                 return error
         if len(clients) == 1:
             return {clients[0].name: ask(clients[0])}
@@ -167,7 +169,7 @@ class ClearFusion:
         column = {c.name: k for k, c in enumerate(self.clients)}
         requests = {c.name: weighted(shared, weights[:, column[c.name]]) for c in clients}  # its own weights only
         answers = self._in_parallel(clients, lambda c: send_scores(c, requests[c.name]))
-        present = [name for name, answer in answers.items() if not isinstance(answer, SiloError)]
+        present = [name for name, answer in answers.items() if not isinstance(answer, Exception)]
         self._on_record(round_id, list(answers), present, requests, weights, kinds)  # a refused round too
         raise_refusal(answers)
         self._check_minimum(answers, present)
@@ -229,9 +231,10 @@ class ClearFusion:
 
 
 def raise_refusal(answers: dict[str, object]) -> None:
-    """Raise the first refusal among `answers` (an error that is not an absence: the round fails at once)."""
+    """Raise the first error among `answers` that is not an absence (a refusal, a malformed answer, a bug: the
+    round fails at once; an exception keeps its traceback)."""
     for answer in answers.values():
-        if isinstance(answer, SiloError) and answer.code not in ABSENT:
+        if isinstance(answer, Exception) and not (isinstance(answer, SiloError) and answer.code in ABSENT):
             raise answer
 
 

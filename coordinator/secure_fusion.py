@@ -36,7 +36,7 @@ from mor_secure.secagg import aggregation
 from mor_secure.secagg.fixed_point import MAX_PARTICIPANTS
 from mor_secure.transport.authorization import AuditSink
 from mor_secure.wire.client import SecureSiloClient
-from mor_secure.wire.errors import SiloError
+from mor_secure.wire.errors import ErrorCode, SiloError
 from mor_secure.wire.messages import DecryptRequest, Participant, SecureScoreRequest
 
 from .audit_trail import new_round_id
@@ -109,8 +109,9 @@ class SecureFusion(ClearFusion):
         participants = tuple(keys[c.name] for c in clients)
         requests = {c.name: SecureScoreRequest(score=weighted([shared], weights[:, column[c.name]])[0],
                                                participants=participants) for c in clients}
-        answers = self._in_parallel(clients, lambda c: c.secure_score(requests[c.name]).ciphertexts[0])
-        present = [name for name, answer in answers.items() if not isinstance(answer, SiloError)]
+        answers = self._in_parallel(clients, lambda c: _one(c.secure_score(requests[c.name]).ciphertexts, "ciphertext",
+                                                            c.name))
+        present = [name for name, answer in answers.items() if not isinstance(answer, Exception)]
         self._on_record(round_id, [c.name for c in clients], present,
                         {name: [request] for name, request in requests.items()}, weights, kinds)  # a refused one too
         raise_refusal(answers)
@@ -135,9 +136,16 @@ class SecureFusion(ClearFusion):
             try:
                 reply = decryptor.decrypt(DecryptRequest(round_id=round_id, participants=names,
                                                          ciphertexts=(blinded,)))
-                return np.asarray(reply.values[0], dtype=np.int64)
+                return np.asarray(_one(reply.values, "decrypted vector", decryptor.name), dtype=np.int64)
             except SiloError as error:
                 if error.code not in ABSENT:
                     raise
                 errors.append(str(error))
         raise RoundFailedError(f"no participant of round {round_id} could decrypt it: {'; '.join(errors)}")
+
+
+def _one(answers: Sequence, what: str, silo: str):
+    """The one `what` a silo's answer must hold; INTERNAL (its fault, the round fails on record) otherwise."""
+    if len(answers) != 1:
+        raise SiloError(ErrorCode.INTERNAL, f"silo {silo!r} answered {len(answers)} {what}s, not one")
+    return answers[0]

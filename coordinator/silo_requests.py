@@ -18,6 +18,7 @@ import torch
 
 from mor_secure.data.records import PreferencePair
 from mor_secure.wire.client import SiloClient
+from mor_secure.wire.errors import ErrorCode, SiloError
 from mor_secure.wire.messages import (
     BitsPair,
     BitsRequest,
@@ -70,13 +71,13 @@ def bits_request(pairs: Sequence[PreferencePair], *, objective: str,
 
 
 def reply_scores(reply: ScoreReply, rows: int, silo: str) -> torch.Tensor:
-    """[rows] float tensor of a silo's scores, refused unless there is one finite score per row."""
+    """[rows] float tensor of a silo's scores; INTERNAL (the silo's fault) unless there is one finite score per row."""
     scores = getattr(reply, "scores", None)
     if not isinstance(scores, (tuple, list)) or len(scores) != rows:
         found = len(scores) if isinstance(scores, (tuple, list)) else type(reply).__name__
-        raise RuntimeError(f"silo {silo!r} returned {found} scores for {rows} rows")
+        raise SiloError(ErrorCode.INTERNAL, f"silo {silo!r} returned {found} scores for {rows} rows")
     if not all(isinstance(s, float) and math.isfinite(s) for s in scores):
-        raise RuntimeError(f"silo {silo!r} returned non-finite scores")
+        raise SiloError(ErrorCode.INTERNAL, f"silo {silo!r} returned non-finite scores")
     return torch.tensor(scores, dtype=torch.float32)
 
 

@@ -34,7 +34,7 @@ from coordinator.rewards import (
 )
 from coordinator.router import Router, RouterConfig
 from coordinator.silo_requests import image_blob
-from mor_secure.wire import ScoreReply, ScoreRequest, SiloDescription
+from mor_secure.wire import ScoreReply, ScoreRequest, SiloDescription, SiloError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -297,7 +297,7 @@ def test_fused_reward_rejects_mismatched_inputs(router: Router):
             return ScoreReply(scores=(0.0,) * (len(request.rows) + 1))
 
     bad = FusedSiloReward([*silos[:2], WrongShape("hospital-c", 9)], router, CountingFeatures(), objective="accuracy")
-    with pytest.raises(RuntimeError, match="silo 'hospital-c' returned 6 scores for 5 rows"):
+    with pytest.raises(SiloError, match="silo 'hospital-c' returned 6 scores for 5 rows"):
         bad(QUESTIONS, RESPONSES, image_path=IMAGES, question=QUESTIONS)
 
 

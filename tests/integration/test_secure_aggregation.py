@@ -121,6 +121,31 @@ def test_a_silo_that_fails_makes_the_round_restart_with_the_others(kits, items, 
         SecureFusion(silos, coordinator_context(kits["coordinator"])).fuse(items, weights)
 
 
+def test_a_secure_round_a_silo_answers_without_its_ciphertext_fails_on_the_record(kits, items, pki,
+                                                                                  tmp_path: Path) -> None:
+    """An empty answer used to fail the round with an IndexError before it was recorded (and as a traceback)."""
+    from mor_secure.audit import AuditLog, read_log
+    from mor_secure.wire.messages import SecureScoreReply
+
+    class Empty(InProcessSiloClient):
+        def secure_score(self, request):
+            super().secure_score(request)
+            return SecureScoreReply(ciphertexts=())
+
+    silos = clients(kits, tmp_path)
+    silos[1] = Empty(silos[1].service, secure=silos[1].secure)
+    log = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
+    try:
+        with pytest.raises(SiloError, match="silo 'bank-b' answered 0 ciphertexts, not one") as failed:
+            SecureFusion(silos, coordinator_context(kits["coordinator"]), audit=log).fuse(items,
+                                                                                         torch.full((4, 3), 1 / 3))
+        assert failed.value.code == ErrorCode.INTERNAL
+    finally:
+        log.close()
+    (entry,) = [e.fields() for e in read_log(log.path).entries if e.fields().get("event") == "round"]
+    assert (entry["asked"], entry["answered"]) == (list(SILOS), ["hospital-a", "hospital-c"])
+
+
 def test_a_silo_lost_in_a_later_chunk_leaves_no_decrypted_sum_that_included_it(kits, tmp_path: Path) -> None:
     """Over ROWS_PER_REQUEST rows a fuse is several rounds: chunk 1's sum decrypted with hospital-c, then again
     without it after it dropped out of chunk 2, would hand the coordinator hospital-c's terms (the difference)."""

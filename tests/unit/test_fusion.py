@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -71,6 +72,28 @@ def test_a_refused_round_is_on_the_record_with_who_answered(items, pki, tmp_path
         with pytest.raises(SiloError) as refused:
             ClearFusion(silos, audit=log, method="mor").fuse(items, torch.full((3, 2), 0.5))
         assert refused.value.code == ErrorCode.PERMISSION_DENIED
+    finally:
+        log.close()
+    (entry,) = rounds(tmp_path / "coordinator.db")
+    assert (entry["asked"], entry["answered"]) == (["a", "b"], ["a"])
+
+
+class Malformed(Recording):
+    """Answers one score too few: not a refusal, an answer that does not check out."""
+
+    def score(self, request):
+        reply = super().score(request)
+        return replace(reply, scores=reply.scores[:-1])
+
+
+def test_a_round_a_silo_answers_malformed_fails_on_the_record(items, pki, tmp_path: Path) -> None:
+    """The round used to fail with a RuntimeError before it was recorded: a silo could keep a round off the
+    coordinator's record by answering malformed."""
+    log = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
+    try:
+        with pytest.raises(SiloError, match="silo 'b' returned 1 scores for 2 rows") as failed:
+            ClearFusion([Recording("a"), Malformed("b")], audit=log, method="mor").fuse(items, torch.full((3, 2), 0.5))
+        assert failed.value.code == ErrorCode.INTERNAL
     finally:
         log.close()
     (entry,) = rounds(tmp_path / "coordinator.db")

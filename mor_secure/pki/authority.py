@@ -21,6 +21,7 @@ import fcntl
 import ipaddress
 import json
 import os
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
@@ -167,7 +168,15 @@ class CertificateAuthority:
         if resolved == ca_directory or ca_directory in resolved.parents:
             raise ValueError(f"kit directory {kit_dir} is in the CA directory {self.directory}, which holds the "
                              "CA's key and is never handed out; choose one outside it, e.g. pki/kits/<role>-<name>")
+        if resolved in ca_directory.parents:
+            raise ValueError(f"kit directory {kit_dir} holds the CA directory {self.directory}, and a kit is handed "
+                             "out whole; give the kit a directory of its own, e.g. pki/kits/<role>-<name>")
         if not ((kit_dir / KEY_FILE).exists() or (kit_dir / CERT_FILE).exists()):
+            if held := _not_a_kits_own(kit_dir):
+                raise FileExistsError(f"kit directory {kit_dir} is not empty (it holds {', '.join(held[:5])}"
+                                      f"{', ...' if len(held) > 5 else ''}), and a kit is handed out whole, so "
+                                      "anything there would go with it (other parties' kits, say); give the kit a "
+                                      "new or empty directory of its own")
             return None
         if not renew:
             raise FileExistsError(f"{kit_dir} already holds a kit; renew it with --renew (its old key is retired, "
@@ -214,6 +223,8 @@ class CertificateAuthority:
         added = [p for p in (kit_dir / CA_FILE, kit_dir / CRL_FILE, key_path, kit_dir / CERT_FILE) if not p.exists()]
         retired = (kit_dir / f"party-retired-{renewed_serial:x}.key"
                    if renewed_serial is not None and key_path.exists() else None)
+        if retired is not None and retired.exists():
+            _undo_killed_renewal(key_path, retired, CertKit(kit_dir).certificate())
         retired_linked = key_replaced = False
         try:
             write_public(kit_dir / CA_FILE, (self.directory / CA_FILE).read_bytes())
@@ -256,23 +267,26 @@ class CertificateAuthority:
                                  "`mor pki list` shows what was issued")
             now = _now().isoformat()
             serials = {r.serial for r in chosen}
-            self._record([IssuedCertificate(**{**asdict(r), "revoked_at": now, "revocation_reason": reason})
-                          if r.serial in serials else r for r in rows])
-            self._write_crl(CRL_LIFETIME)
+            rows = [IssuedCertificate(**{**asdict(r), "revoked_at": now, "revocation_reason": reason})
+                    if r.serial in serials else r for r in rows]
+            # The CRL first: if it cannot be written, issued.json still says unrevoked and the revocation can be
+            # retried (the other way round, a retry found "no unrevoked certificate" and no CRL listed it).
+            self._write_crl(CRL_LIFETIME, rows)
+            self._record(rows)
         return sorted(serials)
 
     def write_crl(self, *, lifetime: dt.timedelta = CRL_LIFETIME) -> Path:
-        """Sign and publish the CRL of every revoked serial (atomically replaced), numbered one above the last."""
+        """Sign and publish the CRL of every revoked serial (atomically replaced), numbered above the last."""
         with self._exclusive():
-            return self._write_crl(lifetime)
+            return self._write_crl(lifetime, self.issued())
 
-    def _write_crl(self, lifetime: dt.timedelta) -> Path:
+    def _write_crl(self, lifetime: dt.timedelta, rows: Sequence[IssuedCertificate]) -> Path:
         now = _now()
         path = self.directory / CRL_FILE
         builder = (x509.CertificateRevocationListBuilder().issuer_name(self.certificate.subject)
                    .last_update(now).next_update(now + lifetime)
-                   .add_extension(x509.CRLNumber(self._next_crl_number(path)), critical=False))
-        for row in self.issued():
+                   .add_extension(x509.CRLNumber(_next_crl_number(path)), critical=False))
+        for row in rows:
             if row.revoked_at is not None:
                 builder = builder.add_revoked_certificate(
                     x509.RevokedCertificateBuilder().serial_number(row.serial)
@@ -281,12 +295,43 @@ class CertificateAuthority:
         write_public(path, crl.public_bytes(serialization.Encoding.PEM))
         return path
 
-    @staticmethod
-    def _next_crl_number(path: Path) -> int:
-        # RFC 5280 §5.2.3: a monotonically increasing CRL number, so that a server can refuse an older
-        # CRL put back in place of a newer one (which would un-revoke). Timestamps cannot do it: two
-        # CRLs signed within one second carry the same lastUpdate.
-        return crl_number(x509.load_pem_x509_crl(path.read_bytes())) + 1 if path.is_file() else 1
+
+
+def _next_crl_number(path: Path) -> int:
+    """Above the last CRL's number and at least the time in microseconds.
+
+    RFC 5280 §5.2.3: a monotonically increasing CRL number, so that a server can refuse an older CRL put back
+    in place of a newer one (which would un-revoke). One above the last alone restarted at 1 when the CA's
+    crl.pem was lost or restored from an old backup, and every server, holding a higher number, then refused
+    the new CRL and kept serving the newly revoked. Microseconds keep growing without the file (lastUpdate
+    cannot: two CRLs signed within one second carry the same), and fit the 20 octets RFC 5280 allows.
+    """
+    last = crl_number(x509.load_pem_x509_crl(path.read_bytes())) if path.is_file() else 0
+    return max(last + 1, time.time_ns() // 1000)
+
+
+def _not_a_kits_own(kit_dir: Path) -> list[str]:
+    """What `kit_dir` holds besides what an issue killed there could have left (a fresh kit's public files, its
+    pending key, their partial writes)."""
+    if not kit_dir.is_dir():
+        return []
+    own = (CA_FILE, CRL_FILE, CERT_FILE, f"{KEY_FILE}.new")
+    return sorted(p.name for p in kit_dir.iterdir() if p.name not in own and not any(
+        p.name.startswith(f".{name}.") and p.name.endswith(".partial") for name in own))
+
+
+def _undo_killed_renewal(key_path: Path, retired: Path, certificate: x509.Certificate) -> None:
+    """Put a kit a renewal was killed in back on its old key, so the renewal can run again.
+
+    Killed after the old key got its retired name: party.key is still the old key (drop the spare name), or
+    already the new one while party.pem is still the old certificate (a mismatched pair: the old key goes back).
+    """
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    public = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*public) == certificate.public_key().public_bytes(*public):
+        retired.unlink()
+    else:
+        os.replace(retired, key_path)
 
 
 def _check_hosts(hosts: Sequence[str]) -> None:

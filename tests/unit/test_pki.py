@@ -6,6 +6,7 @@ import datetime as dt
 import logging
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
@@ -105,14 +106,31 @@ def test_revocation_is_published_in_a_signed_crl(tmp_path: Path, capsys) -> None
     assert "argument --serial: a serial is hexadecimal" in capsys.readouterr().err
 
 
-def test_every_crl_is_numbered_one_above_the_last(tmp_path: Path) -> None:
+def test_every_crl_is_numbered_above_the_last_also_after_the_cas_crl_was_lost(tmp_path: Path) -> None:
+    """The number used to be one above crl.pem's: lost or restored from an old backup, it started again below
+    what every server held, and the servers refused every later CRL (revocations reached none of them)."""
     ca = CertificateAuthority.create(tmp_path / "ca")
     path = tmp_path / "ca" / "crl.pem"
-    assert crl_number(x509.load_pem_x509_crl(path.read_bytes())) == 1
+
+    def number() -> int:
+        return crl_number(x509.load_pem_x509_crl(path.read_bytes()))
+
+    numbers = [number()]
     ca.revoke(serial=ca.issue(PartyIdentity(Role.SILO, "hospital-a"), tmp_path / "kit").certificate().serial_number)
-    assert crl_number(x509.load_pem_x509_crl(path.read_bytes())) == 2
-    assert main(["pki", "crl", "--ca", str(tmp_path / "ca")]) == 0
-    assert crl_number(x509.load_pem_x509_crl(path.read_bytes())) == 3
+    numbers.append(number())
+    assert main(["pki", "crl", "--ca", str(tmp_path / "ca")]) == 0  # within the same second, too
+    numbers.append(number())
+    old_backup = path.read_bytes()
+    ca.write_crl()
+    numbers.append(number())
+    path.unlink()  # lost
+    ca.write_crl()
+    numbers.append(number())
+    path.write_bytes(old_backup)  # restored from an older backup
+    ca.write_crl()
+    numbers.append(number())
+    assert numbers == sorted(set(numbers)), numbers  # strictly increasing
+    assert numbers[0] >= (time.time() - 60) * 1e6  # the signing time in microseconds, not a count from 1
 
 
 def _crl_signed_by(ca: CertificateAuthority, *, number: int, last_update: dt.datetime,
@@ -127,7 +145,8 @@ def _crl_signed_by(ca: CertificateAuthority, *, number: int, last_update: dt.dat
 def test_a_server_does_not_start_on_a_stale_crl_and_logs_one_that_goes_stale(tmp_path: Path, caplog) -> None:
     ca = CertificateAuthority.create(tmp_path / "ca")
     now = dt.datetime.now(dt.timezone.utc)
-    stale = _crl_signed_by(ca, number=5, last_update=now - dt.timedelta(days=8),
+    newer = crl_number(x509.load_pem_x509_crl((ca.directory / "crl.pem").read_bytes())) + 10**9
+    stale = _crl_signed_by(ca, number=newer, last_update=now - dt.timedelta(days=8),
                            next_update=now - dt.timedelta(days=1))
     path = tmp_path / "crl.pem"
     path.write_bytes(stale)
@@ -315,3 +334,75 @@ def test_a_kit_whose_key_was_moved_away_is_not_overwritten_by_a_plain_issue(tmp_
     with pytest.raises(FileExistsError, match="already holds a kit; renew it with --renew"):
         ca.issue(identity, tmp_path / "kit")
     assert kit.cert_path.read_bytes() == certificate and not kit.key_path.exists()
+
+
+_RENEWAL_KILLED_BEFORE_ITS_CERTIFICATE = """
+import os, sys
+from pathlib import Path
+import mor_secure.pki.authority as authority
+from mor_secure.pki import CertificateAuthority, PartyIdentity, Role
+write_public = authority.write_public
+def killed_at_the_certificate(path, data):
+    if Path(path).name == "party.pem":
+        os._exit(137)  # as SIGKILL or a power cut would: no rollback runs
+    write_public(path, data)
+authority.write_public = killed_at_the_certificate
+CertificateAuthority(sys.argv[1]).issue(PartyIdentity(Role.SILO, "hospital-a"), sys.argv[2], renew=True)
+"""
+
+
+def _key_matches_certificate(kit: CertKit) -> bool:
+    public = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    key = serialization.load_pem_private_key(kit.key_path.read_bytes(), password=None)
+    return key.public_key().public_bytes(*public) == kit.certificate().public_key().public_bytes(*public)
+
+
+def test_a_renewal_killed_before_its_certificate_is_undone_by_the_retry(tmp_path: Path) -> None:
+    """Killed with the new key in place and the old certificate still beside it (a pair that serves nothing), the
+    kit used to refuse every retry: the old key's retired name was taken."""
+    import subprocess
+    import sys
+
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    identity = PartyIdentity(Role.SILO, "hospital-a")
+    old = ca.issue(identity, tmp_path / "kit")
+    old_key, old_serial = old.key_path.read_bytes(), old.certificate().serial_number
+    killed = subprocess.run([sys.executable, "-c", _RENEWAL_KILLED_BEFORE_ITS_CERTIFICATE, str(tmp_path / "ca"),
+                             str(tmp_path / "kit")], timeout=120, check=False)
+    assert killed.returncode == 137
+    assert not _key_matches_certificate(CertKit.load(tmp_path / "kit"))  # the state the kill left
+    renewed = ca.issue(identity, tmp_path / "kit", renew=True)
+    assert _key_matches_certificate(renewed) and renewed.certificate().serial_number != old_serial
+    assert (tmp_path / "kit" / f"party-retired-{old_serial:x}.key").read_bytes() == old_key
+
+
+@pytest.mark.parametrize("out", ["pki", "pki/kits"])
+def test_a_kit_directory_holding_the_ca_or_other_kits_is_refused(tmp_path: Path, capsys, out: str) -> None:
+    """A kit is handed out whole: one issued into pki/ would hand out the CA's key, into pki/kits every kit."""
+    ca = CertificateAuthority.create(tmp_path / "pki" / "ca")
+    ca.issue(PartyIdentity(Role.SILO, "bank-b"), tmp_path / "pki" / "kits" / "silo-bank-b")
+    before = _files(tmp_path / out)
+    assert main(["pki", "issue", "--ca", str(tmp_path / "pki" / "ca"), "--role", "silo", "--name", "hospital-z",
+                 "--out", str(tmp_path / out)]) == 1
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and ("holds the CA directory" in error if out == "pki" else
+                                       "is not empty (it holds silo-bank-b)" in error)
+    assert _files(tmp_path / out) == before
+    assert [row.identity for row in ca.issued()] == ["mor://silo/bank-b"]  # nothing signed
+
+
+def test_a_revocation_whose_crl_cannot_be_written_can_be_retried(tmp_path: Path) -> None:
+    """issued.json used to say revoked before the CRL was written: when that failed, no CRL listed the
+    certificate and a retry found "no unrevoked certificate" to revoke."""
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    serial = ca.issue(PartyIdentity(Role.SILO, "hospital-a"), tmp_path / "kit").certificate().serial_number
+    blocked = tmp_path / "ca" / f".crl.pem.{os.getpid()}.partial"
+    blocked.mkdir()  # where write_public puts the CRL's partial file: a real failure
+    with pytest.raises(IsADirectoryError):
+        ca.revoke(serial=serial, reason="drill")
+    assert [row.revoked_at for row in ca.issued()] == [None]
+    blocked.rmdir()
+    assert ca.revoke(serial=serial, reason="drill") == [serial]
+    crl = x509.load_pem_x509_crl((tmp_path / "ca" / "crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(serial) is not None
+    assert ca.issued()[0].revoked_at is not None

@@ -51,11 +51,19 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 is JSON grammar, but beyond a float: Python reads it as infinity
+        raise ValueError(f"{text} is beyond the range of a float")
+    return value
+
+
 def parse_json(body: bytes) -> object:
-    """`body` as JSON, refusing what `canonical_json` never writes: NaN and Infinity, or nesting deeper than the
-    parser's recursion allows (a crafted body must read as malformed, never crash the reader); ValueError if not."""
+    """`body` as JSON, refusing what `canonical_json` never writes: NaN and Infinity, a number beyond float range
+    (1e400), or nesting deeper than the parser's recursion allows (a crafted body must read as malformed, never
+    crash the reader); ValueError if not."""
     try:
-        return json.loads(body.decode("ascii"), parse_constant=_refuse_constant)
+        return json.loads(body.decode("ascii"), parse_constant=_refuse_constant, parse_float=_finite_float)
     except RecursionError:
         raise ValueError("nested too deeply to be anything the log writes") from None
 
@@ -88,9 +96,12 @@ class Checkpoint:
                 raise ValueError(f"not a {FORMAT} checkpoint")
             checkpoint = cls(log=str(fields["log"]), size=int(fields["size"]), root=bytes.fromhex(fields["root"]),
                              time=float(fields["time"]), key=str(fields["key"]))
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            canonical = checkpoint.body()
+        # ValueError (UnicodeDecodeError is one) from the parser or the conversions; OverflowError: an integer time
+        # beyond float range; RecursionError: a field nested as deep as the parser allows, too deep to re-encode.
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
             raise CheckpointError(f"checkpoint body does not parse: {exc}") from None
-        if checkpoint.body() != body:
+        if canonical != body:
             raise CheckpointError("checkpoint body is not in canonical form (it was re-encoded or edited)")
         if checkpoint.size < 0 or len(checkpoint.root) != _ROOT_BYTES or not math.isfinite(checkpoint.time):
             raise CheckpointError(f"checkpoint has size {checkpoint.size}, a {len(checkpoint.root)}-byte root and "

@@ -38,12 +38,15 @@ from .report_view import (
     ReportView,
     RoundSummary,
     RouterWeight,
+    ServingStart,
     SignedRoot,
     SiloQuery,
 )
 from .verify import Verification, verify_log
 
 logger = logging.getLogger(__name__)
+# The decisions a silo's transport writes (mor_secure.transport.authorization): "failed" is a handler's bug.
+DECISIONS = ("admitted", "refused", "failed")
 
 
 @dataclass(frozen=True)
@@ -87,10 +90,13 @@ def _party_check(log: StoredLog, verification: Verification, shape: Shape) -> Pa
 class Shape:
     """How one log's entries read: `misshapen` were not in the shape the log writes, `left_out` of them not shown.
 
-    The counts a silo's entry holds are read tolerantly (a value that is not a
-    count reads as 0 and marks the entry), so a silo cannot hide a refusal
-    from the page by writing one field in another shape; anything else not
-    in the log's shape leaves the entry out. Either way the page says so.
+    The counts a silo's entry holds, and its call's decision and status, are
+    read tolerantly (a value that is not a count reads as 0, a decision or
+    status the log never writes as its text or repr, and each marks the
+    entry), so a silo cannot hide a refusal from the page by writing one
+    field in another shape: a query is a refusal unless it is exactly
+    "admitted" with status "OK" (`SiloQuery.refused`). Anything else not in
+    the log's shape leaves the entry out. Either way the page says so.
     """
 
     misshapen: int = 0
@@ -103,6 +109,14 @@ class Shape:
             return value or 0
         self._odd = True
         return 0
+
+    def text(self, value: Any, allowed: tuple[str, ...] | None = None) -> str:
+        """A string (one of `allowed`, if given) as the log writes it; a string not allowed reads as itself and
+        anything else as its repr, and either marks the entry."""
+        if isinstance(value, str) and (allowed is None or value in allowed):
+            return value
+        self._odd = True
+        return value if isinstance(value, str) else repr(value)
 
     def read(self, log: StoredLog, read: Callable[[dict[str, Any]], None]) -> None:
         """`read` each entry's fields; an entry `read` cannot take (it raises) is left out."""
@@ -140,9 +154,10 @@ def _strings(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], PolicyInForce | None, Shape]:
+def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], PolicyInForce | None,
+                                         ServingStart | None, Shape]:
     name = _name(silo.party)
-    queries, budgets, policies, times = [], [], [], []
+    queries, budgets, policies, starts, times = [], [], [], [], []
     last_budget = None
     shape = Shape()
 
@@ -157,7 +172,8 @@ def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], Pol
             query = SiloQuery(silo=name, time=when, caller=str(fields.get("caller")),
                               rpc=str(fields["rpc"]).removeprefix(QUERY_PREFIX),
                               objective=str(fields.get("objective") or ""),
-                              decision=str(fields.get("decision")), status=str(fields.get("status")),
+                              decision=shape.text(fields.get("decision"), DECISIONS),
+                              status=shape.text(fields.get("status")),
                               reason=str(fields.get("reason") or ""), items=shape.count(fields.get("items")),
                               epsilon_spent=0.0 if spent is None else _number(spent))
         elif event == "serving_started":
@@ -169,6 +185,7 @@ def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], Pol
         # Everything read: only now does the entry count (never half of one).
         queries.extend([query] if query else [])
         policies.extend([policy] if policy else [])
+        starts.extend([when] if policy else [])
         if state is not None and state != last_budget:  # the ledger changes only with training: one point each
             budgets.append(BudgetPoint(silo=name, time=when, epsilon_spent=state[0], epsilon_budget=state[1],
                                        delta_spent=state[2], delta_budget=state[3]))
@@ -177,6 +194,7 @@ def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], Pol
 
     shape.read(silo, read)
     policy = policies[-1] if policies else None
+    started = ServingStart(silo=name, time=min(starts)) if starts else None
     if budgets and times:
         final = budgets[-1]
         end = times[-1]
@@ -184,7 +202,7 @@ def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], Pol
             budgets.append(BudgetPoint(silo=name, time=end, epsilon_spent=final.epsilon_spent,
                                        epsilon_budget=final.epsilon_budget, delta_spent=final.delta_spent,
                                        delta_budget=final.delta_budget))
-    return queries, budgets, policy, shape
+    return queries, budgets, policy, started, shape
 
 
 def _coordinator_rows(coordinator: StoredLog) -> tuple[list[RoundSummary], list[RouterWeight], Shape]:
@@ -219,16 +237,16 @@ def report_view(coordinator: StoredLog, silos: Sequence[StoredLog], evidence: Ev
                 title: str = "Consortium audit report") -> ReportView:
     """The page's contents (mor_secure.audit.report renders them)."""
     logs = (coordinator, *silos)
-    queries, budgets, policies = [], [], []
+    queries, budgets, policies, starts = [], [], [], []
     rounds, weights, coordinator_shape = _coordinator_rows(coordinator)
     shapes = [coordinator_shape]
     for silo in silos:
-        silo_queries, silo_budgets, policy, shape = _silo_rows(silo)
+        silo_queries, silo_budgets, policy, started, shape = _silo_rows(silo)
         queries += silo_queries
         budgets += silo_budgets
         shapes.append(shape)
-        if policy is not None:
-            policies.append(policy)
+        policies += [policy] if policy is not None else []
+        starts += [started] if started is not None else []
     return ReportView(
         title=title, generated_at=time.time(),
         parties=tuple(_party_check(log, v, shape)
@@ -237,4 +255,4 @@ def report_view(coordinator: StoredLog, silos: Sequence[StoredLog], evidence: Ev
                                             checkpoints_checked=r.checkpoints_checked,
                                             mismatches=tuple(r.mismatches)) for r in evidence.reconciliations),
         queries=tuple(queries), budgets=tuple(budgets), router_weights=tuple(weights), rounds=tuple(rounds),
-        policies=tuple(policies), unlogged=evidence.unlogged)
+        policies=tuple(policies), unlogged=evidence.unlogged, serving_started=tuple(starts))

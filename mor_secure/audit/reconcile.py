@@ -6,8 +6,13 @@ query by query without either holding the query itself:
 
 - every query the coordinator logged to a silo is in that silo's log with
   the same RPC, round and request digest, and the same status (a call that
-  never reached the silo, UNAVAILABLE or DEADLINE_EXCEEDED at the
-  coordinator, may be absent there: it is counted, not a mismatch);
+  never reached the silo, UNAVAILABLE, DEADLINE_EXCEEDED or CANCELLED at the
+  coordinator, may be absent there: it is counted, not a mismatch; but if
+  the silo's log has it, answered, that is a mismatch of its own, "the silo
+  answered a call the coordinator logged as not delivered": a call that
+  broke off or timed out after the silo recorded its answer, or a
+  coordinator that rewrote an answer it got, with the silo's checkpoint,
+  as never delivered);
 - every query the silo logged from the coordinator is in the coordinator's
   log (a silo cannot be asked off the record);
 - every answer carried a checkpoint, and every one the silo handed back is signed by the
@@ -122,6 +127,13 @@ def _calls(log: StoredLog, side: str, peer_field: str, peer: str) -> list[tuple[
     return calls
 
 
+def _status(fields: dict) -> str:
+    """The entry's gRPC status; one the log never writes (a list, a number) reads as its repr, so it differs from
+    every real status and is compared, never crashes the comparison."""
+    status = fields.get("status")
+    return status if isinstance(status, str) else repr(status)
+
+
 def _key(fields: dict) -> tuple:
     # repr: a malformed entry's field may be a list or dict; it must still match by value, not crash.
     return tuple(repr(fields.get(name)) for name in ("rpc", "round_id", "request_digest"))
@@ -178,25 +190,32 @@ def reconcile(coordinator: StoredLog, silo: StoredLog, ca: x509.Certificate) -> 
     held: list[tuple[int, Checkpoint, int | None]] = []  # (coordinator entry, silo checkpoint, silo entry it answers)
     # Answered calls claim the silo's entries first: a retry of the same request after UNAVAILABLE is logged
     # twice by the coordinator and once by the silo, and the silo's entry is the answered one's.
-    for seq, fields in sorted(asked, key=lambda call: call[1].get("status") in NOT_DELIVERED):
+    for seq, fields in sorted(asked, key=lambda call: _status(call[1]) in NOT_DELIVERED):
+        status = _status(fields)
         candidates = waiting.get(_key(fields))
         silo_entry = None
         if candidates:
             silo_seq, silo_fields = candidates.pop(0)
             silo_entry = silo_seq
             result.matched += 1
-            if silo_fields.get("status") != fields.get("status") and fields.get("status") not in NOT_DELIVERED:
-                result.mismatch(f"coordinator entry {seq}: {_short(fields)} ended {fields.get('status')}, but "
-                                f"{silo.party}'s entry {silo_seq} says {silo_fields.get('status')}")
-        elif fields.get("status") in NOT_DELIVERED:
+            silo_status = _status(silo_fields)
+            if silo_status != status and status in NOT_DELIVERED:  # so no checkpoint either: this is the one finding
+                result.mismatch(f"coordinator entry {seq}: {_short(fields)} is logged {status}, as not delivered, "
+                                f"but {silo.party}'s entry {silo_seq} says it answered {silo_status}: the silo "
+                                "answered a call the coordinator logged as not delivered (benign only if the call "
+                                "broke off or timed out after the silo recorded its answer)")
+            elif silo_status != status:
+                result.mismatch(f"coordinator entry {seq}: {_short(fields)} ended {status}, but "
+                                f"{silo.party}'s entry {silo_seq} says {silo_status}")
+        elif status in NOT_DELIVERED:
             result.not_delivered += 1
         else:
-            result.mismatch(f"coordinator entry {seq}: {_short(fields)} answered {fields.get('status')} is not in "
+            result.mismatch(f"coordinator entry {seq}: {_short(fields)} answered {status} is not in "
                             f"{silo.party}'s log")
-        if not fields.get("peer_checkpoint") and fields.get("status") not in NOT_DELIVERED:
+        if not fields.get("peer_checkpoint") and status not in NOT_DELIVERED:
             # Every answer, a refusal too, carries the silo's signed tree head; without them a silo could
             # rewrite its log and re-sign it unnoticed.
-            result.mismatch(f"coordinator entry {seq}: {_short(fields)} was answered {fields.get('status')} "
+            result.mismatch(f"coordinator entry {seq}: {_short(fields)} was answered {status} "
                             f"without {silo.party}'s checkpoint")
         checkpoint = _held_checkpoint(fields, seq, silo_certificates, result)
         if checkpoint is not None:

@@ -101,11 +101,11 @@ def _listed(items) -> str:
 
 
 def _rise(silo: str, served: float, changed: list) -> str:
-    """What a ledger that changed after the silo's first admitted query did, and when."""
+    """What a ledger that changed after the silo began serving did, and when."""
     before, after = changed[0][0], changed[-1][1]
     how = "rose" if after.epsilon_spent > before.epsilon_spent else "changed"
-    return (f"{silo}'s ledger {how} from ε {_num(before.epsilon_spent)} to {_num(after.epsilon_spent)} after its "
-            f"first answered query ({_utc(served)}): at {', '.join(_utc(b.time) for _, b in changed)}. Scores of a "
+    return (f"{silo}'s ledger {how} from ε {_num(before.epsilon_spent)} to {_num(after.epsilon_spent)} after it "
+            f"began serving ({_utc(served)}): at {', '.join(_utc(b.time) for _, b in changed)}. Scores of a "
             "DP-trained model spend no budget, so the silo was charged for something else while it served "
             "(randomized-response labels, or training); its ledger's charges say what.")
 
@@ -142,7 +142,7 @@ class _Page:
                        + (f"; no root yet covers the newest {', '.join(unsigned)}." if unsigned else "."))
         cls = "bad" if fails else "ok"
         counts = Counter(q.silo for q in v.queries)
-        refused = Counter(q.silo for q in v.queries if q.decision == "refused")
+        refused = Counter(q.silo for q in v.queries if q.refused)
         rows = [[_e(s), _fig("queries", s, counts[s]), _fig("refusals", s, refused[s])] for s in self.silos]
         table = _table(["silo", "calls logged", "of which refused"], rows, {1, 2}) if rows else ""
         how = ("The verdict says whether every party's log passed verification (mor audit verify) and whether every "
@@ -181,7 +181,7 @@ class _Page:
     def refusals(self) -> str:
         how = ("Calls a silo refused, grouped by the reason its policy gave; each bar is one reason, "
                "coloured by silo, and the table lists every silo, reason and gRPC status with its count.")
-        refused = Counter((q.silo, q.reason, q.status) for q in self.v.queries if q.decision == "refused")
+        refused = Counter((q.silo, q.reason, q.status) for q in self.v.queries if q.refused)
         if not refused:
             return self._section("refusals", how, "<p>No call was refused.</p>")
         by_reason: dict[str, Counter] = defaultdict(Counter)
@@ -231,8 +231,9 @@ class _Page:
             ax.set_title(plot_label(silo))
             ax.set_ylabel("ε (epsilon)")
             time_axis(ax, maxticks=4)
-            # "Spends nothing while serving" holds only if no ledger change falls after the first admitted query.
-            served = min((q.time for q in self.v.queries if q.silo == silo and q.decision == "admitted"), default=None)
+            # "Spends nothing while serving" holds only if no ledger change falls after serving began (a refusal
+            # is serving too: a rise before the first admitted query is still a rise while it served).
+            served = self.v.serving_since(silo)
             if served is not None:
                 if changed := [(a, b) for a, b in zip(mine, mine[1:]) if b.time > served and
                                (a.epsilon_spent, a.delta_spent) != (b.epsilon_spent, b.delta_spent)]:

@@ -88,11 +88,16 @@ class SiloQuery:
     caller: str
     rpc: str
     objective: str
-    decision: str  # "admitted" or "refused"
+    decision: str  # "admitted", "refused" or "failed" (a bug on the silo's side), as the log writes it
     status: str
     reason: str
     items: int
     epsilon_spent: float
+
+    @property
+    def refused(self) -> bool:
+        """Not answered with scores: only an admitted call that ended OK was, whatever else the entry says."""
+        return self.decision != "admitted" or self.status != "OK"
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,14 @@ class PolicyInForce:
 
 
 @dataclass(frozen=True)
+class ServingStart:
+    """The first time a silo's log records it starting to serve (its first serving-start entry)."""
+
+    silo: str
+    time: float
+
+
+@dataclass(frozen=True)
 class ReportView:
     """Everything on the reviewer's page."""
 
@@ -152,6 +165,14 @@ class ReportView:
     rounds: tuple[RoundSummary, ...]
     policies: tuple[PolicyInForce, ...]
     unlogged: tuple[UnloggedSilo, ...] = ()  # silos the coordinator called or asked whose log was not given
+    serving_started: tuple[ServingStart, ...] = ()
+
+    def serving_since(self, silo: str) -> float | None:
+        """When `silo` began serving: its first serving start, or its first query of any kind if that is earlier
+        (or the log records no start); None if neither is on record."""
+        times = [s.time for s in self.serving_started if s.silo == silo]
+        times += [q.time for q in self.queries if q.silo == silo]
+        return min(times, default=None)
 
     def failures(self) -> list[str]:
         """What stops the record reading INTACT, one phrase each (empty: intact): the page's verdict and the exit

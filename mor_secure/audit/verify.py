@@ -4,13 +4,18 @@ Checks, in one pass over the entries in storage order:
 
 - numbering: entry k is stored at position k (a gap names the deleted entries);
 - content: its leaf hash is SHA-256(0x00 || body) and the body is canonical JSON
-  naming index k (an edited byte, a reordered or inserted entry is named);
+  naming index k (an edited byte, a reordered or inserted entry is named: an
+  entry at k naming an earlier index i follows the inserted entries i..k-1);
 - chain: its `prev_root` is the Merkle root of entries 0..k-1 as stored now,
   so an entry altered together with its leaf hash is named by the first
-  entry after it whose recorded tree head no longer matches;
+  entry after it whose recorded tree head no longer matches (entry k itself,
+  if a checkpoint at size k confirms entries 0..k-1, or if entry k+1's tree
+  head covers entry k with the right root put back: then only entry k's
+  record of the root was edited);
 - checkpoints: each signature verifies under one of the given certificates
-  (which must be the log's party), its size is not beyond the log (a
-  truncated log is named), and its root equals the root of the first
+  (which must be the log's party), its size is not beyond the newest stored
+  entry (a truncated log is named; a gap in the middle is not a truncation),
+  and its root equals the root of the first
   `size` entries. Equal roots at every checkpoint's size mean every later
   checkpoint is consistent with every earlier one (RFC 6962 §2.1.2: the
   consistency proofs of one tree always verify), so no proof needs storing;
@@ -98,8 +103,7 @@ def verify_log(log: StoredLog, certificates: Sequence[x509.Certificate]) -> Veri
         if fields is None:
             problem(position, f"entry {position} was altered: its content is not the canonical JSON the log writes")
         elif fields.get("index") != position:
-            problem(position, f"entry {position} says it is entry {fields.get('index')}: entries were reordered, "
-                    "or one was inserted or removed here")
+            problem(*_misplaced(position, fields.get("index")))
         elif not chain_broken and fields.get("prev_root") != tree.root().hex():
             chain_broken = True
             pinned = next((number for number, c in enumerate(checkpoints)
@@ -107,6 +111,10 @@ def verify_log(log: StoredLog, certificates: Sequence[x509.Certificate]) -> Veri
             if pinned is not None:  # entries 0..position-1 are as signed, so this entry's own record was edited
                 problem(position, f"entry {position} was altered: the Merkle root it records for the entries "
                         f"before it is not theirs, which checkpoint #{pinned} (size {position}) confirms")
+            elif _own_root_record_edited(log.entries, position, fields, tree):
+                problem(position, f"entry {position} was altered: the Merkle root it records for the entries "
+                        f"before it is not theirs; with their root put back, entry {position} is the one entry "
+                        f"{position + 1}'s recorded tree head covers, so only that record was edited")
             else:
                 culprit = max(position - 1, 0)
                 problem(culprit, f"entry {culprit} was altered, removed or inserted: entry {position} recorded a "
@@ -117,14 +125,17 @@ def verify_log(log: StoredLog, certificates: Sequence[x509.Certificate]) -> Veri
         if tree.size in wanted_sizes:
             roots[tree.size] = tree.root()
 
+    # Where the stored entries end: past the newest stored one, so a gap deleted in the middle (named above) is
+    # not also taken for a cut-off tail.
+    end = max(len(log.entries), log.entries[-1].seq + 1) if log.entries else 0
     covered = 0
     for number, checkpoint in enumerate(checkpoints):
         if checkpoint is None:
             continue
-        if checkpoint.size > len(log.entries):
-            problem(len(log.entries), f"the log was truncated: checkpoint #{number} covers {checkpoint.size} "
-                    f"entries but only {len(log.entries)} remain (entries {len(log.entries)}.."
-                    f"{checkpoint.size - 1} are gone)")
+        if checkpoint.size > end:
+            now = f"the log now ends with entry {end - 1}" if end else "the log now holds no entries"
+            problem(end, f"the log was truncated: checkpoint #{number} covers {checkpoint.size} entries but {now} "
+                    f"(entries {end}..{checkpoint.size - 1} are gone)")
         elif checkpoint.size in roots and roots[checkpoint.size] != checkpoint.root:
             # The newest matching checkpoint below bounds where the altered entry is.
             lo = max((c.size for c in checkpoints[:number] if c is not None and c.size < checkpoint.size
@@ -142,6 +153,41 @@ def verify_log(log: StoredLog, certificates: Sequence[x509.Certificate]) -> Veri
         result.latest = checkpoints[-1] or _parsed_or_none(log.checkpoints[-1])
     result.uncovered_entries = max(len(log.entries) - covered, 0)
     return result
+
+
+def _misplaced(position: int, index: object) -> tuple[int, str]:
+    """(the first bad entry, the problem) for entry `position` whose body says it is entry `index`.
+
+    An earlier index means position - index entries came in before it (inserted), the first at `index` or
+    earlier, so that is the entry to name: without a checkpoint at that size, nothing else points at it. A later
+    or unreadable index is this entry's own problem (it was moved here, or entries before it were removed and the
+    rest renumbered).
+    """
+    if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < position:
+        inserted = ("an entry was inserted before it, at" if position - index == 1
+                    else f"{position - index} entries were inserted before it, the first at")
+        return index, (f"entry {position} says it is entry {index}: {inserted} entry {index} or earlier (or "
+                       "entries were reordered)")
+    return position, (f"entry {position} says it is entry {index}: entries were reordered, or one was inserted or "
+                      "removed here")
+
+
+def _own_root_record_edited(entries, position: int, fields: dict, tree: MerkleTree) -> bool:
+    """Whether entry `position`'s record of the root before it is what was edited (rather than an entry before it).
+
+    Put the root the entries before it have now back into its body: if the entry after it then records exactly
+    the tree head those entries and this restored one make, only this entry's record of the root had changed.
+    If an entry before it was altered instead, the restored body holds the altered root and the tree head the
+    next entry recorded (over the unaltered entries) does not match.
+    """
+    following = _canonical_fields(entries[position + 1].body) if position + 1 < len(entries) else None
+    if following is None:
+        return False
+    mark = tree.mark()
+    tree.append(leaf_hash(canonical_json({**fields, "prev_root": tree.root().hex()})))
+    matches = following.get("prev_root") == tree.root().hex()
+    tree.rewind(mark)
+    return matches
 
 
 def _checked_checkpoints(log: StoredLog, certificates, problem) -> list[Checkpoint | None]:
@@ -169,11 +215,12 @@ def _checked_checkpoints(log: StoredLog, certificates, problem) -> list[Checkpoi
 
 
 def _canonical_fields(body: bytes) -> dict | None:
+    """The body's fields, or None unless it is a JSON object in exactly the canonical form the log writes."""
     try:
         fields = parse_json(body)
-    except ValueError:  # UnicodeDecodeError is one
-        return None
-    if not isinstance(fields, dict) or canonical_json(fields) != body:
+        if not isinstance(fields, dict) or canonical_json(fields) != body:
+            return None
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; RecursionError: too deep to re-encode
         return None
     return fields
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from mor_secure.audit.report import render_report, write_report
+from mor_secure.audit.report import SECTIONS, render_report, write_report
 from mor_secure.audit.report_view import (
     BudgetPoint, PartyCheck, PolicyInForce, ReconcileCheck, ReportView, RoundSummary, RouterWeight, SignedRoot,
     SiloQuery,
@@ -249,3 +249,11 @@ def test_page_stays_small_for_5000_queries():
     page = render_report(ReportView(base.title, base.generated_at, base.parties, base.reconciliation, queries,
                                     budgets, base.router_weights, base.rounds, base.policies))
     assert len(page.encode("utf-8")) < 2_000_000
+
+
+def test_the_reviewers_guide_numbers_the_sections_as_the_page_does():
+    """docs/compliance-reviewer.md walks the reviewer through the page by its headings; they must be the page's."""
+    guide = (Path(__file__).parents[2] / "docs" / "compliance-reviewer.md").read_text(encoding="utf-8")
+    reading = guide.split("## Reading the page")[1].split("\n## ")[0]
+    described = [number + text for number, text in re.findall(r"^(\d+\. )?\*\*([^*]+?)\.?\*\*", reading, re.M)]
+    assert described == [heading for sid, (heading, _) in SECTIONS.items() if sid != "glossary"]

@@ -10,6 +10,7 @@ rewrite their log and re-sign it, which `verify` cannot catch and
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import re
@@ -28,6 +29,7 @@ from mor_cli.audit_cli import main as audit_main
 from mor_secure.audit import AuditLog, read_log
 from mor_secure.audit.checkpoints import CheckpointSigner, canonical_json
 from mor_secure.audit.merkle import MerkleTree, leaf_hash
+from mor_secure.models.reward_model import Standardisation
 from mor_secure.policy import SiloAdmission, SiloPolicy
 from mor_secure.transport.server import serve
 from mor_secure.wire import ErrorCode, ImageBlob, ScoreRequest, ScoreRow, SiloError
@@ -40,13 +42,35 @@ from silo_agent.servicer import ROLES_BY_RPC, servicer_registration
 RED = ImageBlob.of(png((200, 30, 30)))
 GOOD = ScoreRequest(objective="correct", images=(RED,), rows=(ScoreRow(0, "what shape?", "right"),
                                                               ScoreRow(0, "what shape?", "wrong")))
+SCORES = (3.96875, -0.03125)  # what TelltaleScoresModel answers GOOD with
+
+
+class TelltaleScoresModel(RightAnswerModel):
+    """RightAnswerModel scoring "right" 3.96875 and anything else -0.03125: numbers no other field of an entry holds
+    (latencies have 3 decimals, the router's weights here are 1.0), so a score copied into a log is found."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.standardisation = Standardisation(mean=0.0078125, std=0.25)
+
+
+def request_data_in(bodies: list[bytes]) -> list[str]:
+    """Which of GOOD's images, prompts and responses, and of the scores, appear in `bodies` as JSON would write them
+    (text, image bytes as hex or base64, scores as numbers)."""
+    text = b"\n".join(bodies).decode("ascii")  # canonical JSON is ASCII
+    data = {"the prompt": GOOD.rows[0].prompt, **{f"the response {row.response!r}": row.response for row in GOOD.rows},
+            "the image bytes as hex": RED.data.hex(), "the image bytes as base64": base64.b64encode(RED.data).decode()}
+    found = [name for name, value in data.items() if value in text]
+    # A score as a JSON number: not a digit run inside a longer number (a time's decimals, say).
+    return found + [f"the score {score!r}" for score in SCORES
+                    if re.search(rf"(?<![\d.]){re.escape(repr(score))}(?!\d)", text)]
 
 
 @pytest.fixture
 def consortium_run(pki, tmp_path: Path) -> dict[str, Path]:
     """One silo served, a coordinator that scores, is refused once, describes, and fuses one round."""
     silo_log = AuditLog.for_kit(tmp_path / "hospital-a.db", pki.kits["hospital-a"], checkpoint_every_entries=1)
-    service = SiloService("hospital-a", RightAnswerModel(), allowed_objectives=frozenset({"correct"}))
+    service = SiloService("hospital-a", TelltaleScoresModel(), allowed_objectives=frozenset({"correct"}))
     running = serve(kit=pki.kits["hospital-a"], crl_path=pki.crl, services=[servicer_registration(service)],
                     roles_by_rpc=ROLES_BY_RPC, admission=SiloAdmission(SiloPolicy()), audit=silo_log)
     running.set_serving(True)
@@ -54,7 +78,7 @@ def consortium_run(pki, tmp_path: Path) -> dict[str, Path]:
     client = NetworkSiloClient("hospital-a", f"127.0.0.1:{running.port}", pki.kits["coordinator"], retries=0,
                                audit=coordinator_log)
     try:
-        assert client.score(GOOD).scores == (1.0, -1.0)
+        assert client.score(GOOD).scores == SCORES
         with pytest.raises(SiloError) as refused:
             client.score(ScoreRequest(objective="correct_and_brief", images=GOOD.images, rows=GOOD.rows))
         assert refused.value.code == ErrorCode.PERMISSION_DENIED
@@ -64,7 +88,7 @@ def consortium_run(pki, tmp_path: Path) -> dict[str, Path]:
         fusion = ClearFusion([client], audit=coordinator_log, method="mor")
         items = FusionItems(images=(image, image), prompts=("what shape?",) * 2, responses=("right", "wrong"),
                             kinds=("shape", "shape"))
-        assert fusion.fuse(items, torch.ones(2, 1)).tolist() == [1.0, -1.0]
+        assert fusion.fuse(items, torch.ones(2, 1)).tolist() == list(SCORES)
     finally:
         client.close()
         running.stop(0)
@@ -89,7 +113,11 @@ def test_every_call_is_on_both_records_and_they_reconcile(consortium_run, pki, c
                                                             for s in calls]
     assert [e["request_digest"] for e in served] == [e["request_digest"] for e in calls]
     assert all(e["peer_checkpoint"] for e in calls)  # every answer carried the silo's tree head
-    assert all("scores" not in e and "prompt" not in str(e) for e in silo + coordinator)  # digests, never data
+    # Digests, never data (docs/threat-model.md cites this): no entry holds what was asked or answered.
+    bodies = [e.body for path in consortium_run.values() for e in read_log(path).entries]
+    assert request_data_in(bodies) == []
+    assert request_data_in([canonical_json({"leaked": [GOOD.rows[0].prompt, RED.data.hex(), *SCORES]})]) == [
+        "the prompt", "the image bytes as hex", "the score 3.96875", "the score -0.03125"]  # and the search finds them
     (round_entry,) = [e for e in coordinator if e["event"] == "round"]
     assert round_entry["round_id"] == calls[-1]["round_id"] and round_entry["answered"] == ["hospital-a"]
     assert round_entry["requests"] == {"hospital-a": [calls[-1]["request_digest"]]}  # what it sent, weights included
@@ -172,6 +200,56 @@ def test_a_retry_after_unavailable_reconciles(consortium_run, pki, capsys) -> No
                     "--ca", str(pki.ca.directory / "ca.pem"), capsys=capsys)
     assert code == 0, out
     assert "4 queries found in both logs, 1 that never reached the silo" in out and "RECONCILED" in out
+
+
+def test_a_coordinator_that_logs_an_answered_call_as_not_delivered_is_a_mismatch(consortium_run, pki,
+                                                                                 capsys) -> None:
+    """The coordinator rewrites an answered Score as UNAVAILABLE and drops the checkpoint it got with the answer;
+    the silo's entry for that very request says it answered OK."""
+    def answer_hidden(entries: list[dict]) -> list[dict]:
+        answered = next(e for e in entries if str(e.get("rpc", "")).endswith("/Score") and e.get("status") == "OK")
+        answered.update(status="UNAVAILABLE", reason="failed to connect", peer_checkpoint=None)
+        return entries
+
+    rewrite(consortium_run["coordinator"], pki.kits["coordinator"], answer_hidden)
+    code, out = cli("reconcile", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
+                    "--ca", str(pki.ca.directory / "ca.pem"), capsys=capsys)
+    assert code == 1 and "MISMATCH: 1 finding(s)" in out, out
+    assert re.search(r"coordinator entry 0: Score \(round -, request \w{12}\.\.\.\) is logged UNAVAILABLE, as not "
+                     r"delivered, but mor://silo/hospital-a's entry 0 says it answered OK: the silo answered a call "
+                     r"the coordinator logged as not delivered", out), out
+
+
+def test_a_status_in_a_shape_the_log_never_writes_is_a_mismatch_not_a_crash(consortium_run, pki, capsys,
+                                                                            tmp_path: Path) -> None:
+    def status_as_a_list(entries: list[dict]) -> list[dict]:
+        next(e for e in entries if e.get("status") == "OK")["status"] = ["OK"]
+        return entries
+
+    rewrite(consortium_run["coordinator"], pki.kits["coordinator"], status_as_a_list)
+    code, out = cli("reconcile", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
+                    "--ca", str(pki.ca.directory / "ca.pem"), capsys=capsys)
+    assert code == 1 and "ended ['OK'], but mor://silo/hospital-a's entry 0 says OK" in out, out
+    code, out = cli("report", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
+                    "--ca", str(pki.ca.directory / "ca.pem"), "--out", str(tmp_path / "audit.html"), capsys=capsys)
+    assert code == 1 and "NOT INTACT" in out
+
+
+def test_a_held_checkpoint_holding_a_number_beyond_float_range_is_a_mismatch_not_a_crash(consortium_run, pki,
+                                                                                        capsys) -> None:
+    """1e400 is valid JSON grammar and parses to infinity; the coordinator re-signs its own log around it."""
+    def size_beyond_float(entries: list[dict]) -> list[dict]:
+        held = next(e for e in entries if e.get("peer_checkpoint"))["peer_checkpoint"]
+        body = json.loads(bytes.fromhex(held["body"]))
+        held["body"] = bytes.fromhex(held["body"]).replace(b'"size":%d' % body["size"], b'"size":1e400').hex()
+        return entries
+
+    rewrite(consortium_run["coordinator"], pki.kits["coordinator"], size_beyond_float)
+    code, out = cli("reconcile", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
+                    "--ca", str(pki.ca.directory / "ca.pem"), capsys=capsys)
+    assert code == 1
+    assert ("coordinator entry 0: the checkpoint the silo sent with its answer does not verify (checkpoint body "
+            "does not parse") in out, out
 
 
 def test_a_coordinator_that_drops_a_query_from_its_record_is_caught(consortium_run, pki, capsys) -> None:
@@ -270,9 +348,11 @@ QUERY = "/mor_secure.proto.v1.SiloRewardService/Score"
 
 
 def served_logs(tmp_path: Path, pki, *, silo_event: Callable[[str, int], dict] | None = None,
-                ledgers: dict[str, Callable[[], LedgerSummary]] | None = None, calls: int = 3) -> dict[str, str]:
-    """Both silos answer `calls` Score calls (the last refused), as the silo's audit trail and the coordinator's
-    client write them, one MoR round per call; `silo_event(silo, i)` overrides fields of a silo's own entry."""
+                ledgers: dict[str, Callable[[], LedgerSummary]] | None = None, calls: int = 3,
+                refused: Callable[[int], bool] | None = None) -> dict[str, str]:
+    """Both silos answer `calls` Score calls (call i refused where `refused(i)`; by default the last), as the silo's
+    audit trail and the coordinator's client write them, one MoR round per call; `silo_event(silo, i)` overrides
+    fields of a silo's own entry."""
     def ledger() -> LedgerSummary:
         return LedgerSummary(epsilon_budget=8.0, delta_budget=1e-5, epsilon_spent=1.0, delta_spent=1e-6, charges=1,
                              open_reservations=0, head_digest="00" * 32)
@@ -284,14 +364,14 @@ def served_logs(tmp_path: Path, pki, *, silo_event: Callable[[str, int], dict] |
     for silo, trail in trails.items():
         trail.serving_started(silo=silo, policy=SiloPolicy(), policy_source="test", address="127.0.0.1:1")
     for i in range(calls):
-        round_id, refused = f"{i:032x}", i == calls - 1
+        round_id, refusal = f"{i:032x}", refused(i) if refused else i == calls - 1
         for silo, trail in trails.items():
             call = {"event": "call", "rpc": QUERY, "round_id": round_id, "objective": "correct", "items": 2,
                     "request_digest": f"{i:02x}{silo}".ljust(64, "0"), "latency_ms": 1.0,
-                    "status": "PERMISSION_DENIED" if refused else "OK", "reason": "rate limit" if refused else ""}
+                    "status": "PERMISSION_DENIED" if refusal else "OK", "reason": "rate limit" if refusal else ""}
             own = silo_event(silo, i) if silo_event else {}
             trail.record({**call, "side": "server", "caller": "mor://coordinator/coordinator", "serial": "1",
-                          "decision": "refused" if refused else "admitted", **own})
+                          "decision": "refused" if refusal else "admitted", **own})
             held = trail.latest_checkpoint()
             coordinator.record({**call, "side": "client", "callee": f"mor://silo/{silo}",
                                 "peer_checkpoint": {"body": held.body.hex(), "signature": held.signature.hex()}})
@@ -414,7 +494,38 @@ def test_a_ledger_that_rises_while_the_silo_serves_is_stated_not_called_post_pro
     logs = served_logs(tmp_path, pki, ledgers={"bank-b": rising}, calls=4)
     _, _, page = report(logs, "hospital-a", "bank-b", capsys=capsys, tmp_path=tmp_path)
     rose = figure(page, "budget-rise:bank-b")
-    assert rose.startswith("bank-b's ledger rose from ε 1.00 to 5.00 after its first answered query (")
-    assert len(re.findall(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", rose)) == 3  # that query, then each rise
+    assert rose.startswith("bank-b's ledger rose from ε 1.00 to 5.00 after it began serving (")
+    assert len(re.findall(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", rose)) == 3  # the serving start, then each rise
     assert "For hospital-a: scores of a DP-trained model are post-processing" in page
     assert "For bank-b" not in page
+
+
+@pytest.mark.parametrize(("decision", "misshapen"), [(["refused"], 1), ("REFUSED", 1), (None, 1), ("admitted", 0)],
+                         ids=["list", "upper-case", "null", "admitted-but-refused-status"])
+def test_a_refusal_whatever_its_decision_says_still_counts_as_one(pki, capsys, tmp_path: Path, decision,
+                                                                  misshapen: int) -> None:
+    """bank-b writes its refusal (PERMISSION_DENIED, "rate limit") with a decision in another shape, or "admitted":
+    it is still a refusal, and a decision the log never writes is a finding."""
+    logs = served_logs(tmp_path, pki, silo_event=lambda silo, i: {"decision": decision} if (silo, i) == ("bank-b", 2)
+                       else {})
+    code, out, page = report(logs, "hospital-a", "bank-b", capsys=capsys, tmp_path=tmp_path)
+    assert figure(page, "refusals:bank-b") == "1" and figure(page, "misshapen:mor://silo/bank-b") == str(misshapen)
+    assert (code, figure(page, "verdict").startswith("INTACT")) == ((1, False) if misshapen else (0, True)), out
+
+
+def test_a_ledger_that_rises_between_refusals_before_any_answer_is_stated(pki, capsys, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """bank-b refuses its first two calls and its ledger rises between them, before its first admitted query:
+    serving began at its serving-start entry, so the rise is while it served."""
+    monkeypatch.setattr(audit_trail, "LEDGER_REFRESH_SECONDS", 0.0)
+    spends = iter([1.0, 1.0, 3.0])  # serving start, call 0, then 3.0 from call 1 on
+
+    def rising() -> LedgerSummary:
+        return LedgerSummary(epsilon_budget=8.0, delta_budget=1e-5, epsilon_spent=next(spends, 3.0),
+                             delta_spent=1e-6, charges=1, open_reservations=0, head_digest="00" * 32)
+
+    logs = served_logs(tmp_path, pki, ledgers={"bank-b": rising}, calls=4, refused=lambda i: i < 2)
+    _, _, page = report(logs, "hospital-a", "bank-b", capsys=capsys, tmp_path=tmp_path)
+    assert figure(page, "budget-rise:bank-b").startswith("bank-b's ledger rose from ε 1.00 to 3.00 after it began "
+                                                         "serving (")
+    assert "For hospital-a: scores of a DP-trained model are post-processing" in page and "For bank-b" not in page

@@ -33,7 +33,7 @@ from mor_secure.audit.checkpoints import (
     verify_checkpoint,
 )
 from mor_secure.audit.merkle import leaf_hash, root_hash
-from mor_secure.audit.verify import verify_log
+from mor_secure.audit.verify import Problem, verify_log
 
 
 def write_log(path: Path, kit, count: int, **kwargs) -> AuditLog:
@@ -117,10 +117,19 @@ def test_a_body_rewritten_as_text_is_named_not_a_crash(log_path: Path, pki) -> N
         AuditLog.for_kit(log_path, pki.kits["hospital-a"])
 
 
-def test_a_deleted_entry_is_named(log_path: Path, pki) -> None:
+def test_a_deleted_entry_is_named_and_not_called_a_truncation(log_path: Path, pki) -> None:
+    """Entry 9 is still stored after entry 3 is deleted: the newest checkpoint (size 10) covers no missing tail."""
     edit(log_path, "DELETE FROM entries WHERE seq = 3")
     result = verified(log_path, pki.kits["hospital-a"])
     assert result.first_bad_entry == 3 and "entry 3 is missing" in result.problems[0].message
+    assert not any("truncated" in p.message for p in result.problems), result.problems
+
+
+def test_a_deleted_entry_and_a_cut_tail_are_both_named(log_path: Path, pki) -> None:
+    edit(log_path, "DELETE FROM entries WHERE seq = 3 OR seq >= 8")
+    result = verified(log_path, pki.kits["hospital-a"])
+    assert result.first_bad_entry == 3
+    assert any("truncated" in p.message and "entries 8..9 are gone" in p.message for p in result.problems)
 
 
 def test_reordered_entries_are_named(log_path: Path, pki) -> None:
@@ -140,20 +149,84 @@ def test_a_truncated_log_is_named(log_path: Path, pki) -> None:
     assert any("truncated" in p.message and "entries 7..9 are gone" in p.message for p in result.problems)
 
 
-def test_an_inserted_entry_is_named(log_path: Path, pki) -> None:
-    # An insider shifts entries 5.. up by one and forges a well-formed entry 5 with the right prev_root.
-    stored = read_log(log_path)
-    forged = canonical_json({"event": "call", "rpc": "/x/Score", "items": 0, "time": 1.0, "index": 5,
-                             "prev_root": root_hash([leaf_hash(e.body) for e in stored.entries[:5]]).hex()})
-    with sqlite3.connect(log_path) as connection:
-        for entry in reversed(stored.entries[5:]):
+def insert_forged_entry(path: Path, at: int) -> None:
+    """An insider shifts entries `at`.. up by one and forges a well-formed entry `at` with the right prev_root."""
+    stored = read_log(path)
+    forged = canonical_json({"event": "call", "rpc": "/x/Score", "items": 0, "time": 1.0, "index": at,
+                             "prev_root": root_hash([leaf_hash(e.body) for e in stored.entries[:at]]).hex()})
+    with sqlite3.connect(path) as connection:
+        for entry in reversed(stored.entries[at:]):
             connection.execute("UPDATE entries SET seq = ? WHERE seq = ?", (entry.seq + 1, entry.seq))
-        connection.execute("INSERT INTO entries(seq, body, leaf_hash) VALUES (5, ?, ?)", (forged, leaf_hash(forged)))
+        connection.execute("INSERT INTO entries(seq, body, leaf_hash) VALUES (?, ?, ?)",
+                           (at, forged, leaf_hash(forged)))
+
+
+def test_an_inserted_entry_is_named(log_path: Path, pki) -> None:
+    insert_forged_entry(log_path, 5)
     result = verified(log_path, pki.kits["hospital-a"])
     messages = [p.message for p in result.problems]
     assert not result.ok and result.first_bad_entry == 5, messages
-    assert "entry 6 says it is entry 5: entries were reordered, or one was inserted or removed here" in messages[0]
+    assert messages[0] == ("entry 6 says it is entry 5: an entry was inserted before it, at entry 5 or earlier "
+                           "(or entries were reordered)")
     assert any("checkpoint #5 (size 6) does not match the entries it covers: entry 5" in m for m in messages)
+
+
+@pytest.fixture
+def coordinator_log_path(tmp_path: Path, pki) -> Path:
+    """A log at the coordinator's cadence: 10 entries, checkpoints only at sizes 1 and 10."""
+    path = tmp_path / "coordinator.db"
+    write_log(path, pki.kits["coordinator"], 10).close()
+    assert [c.checkpoint.size for c in read_log(path).checkpoints] == [1, 10]
+    return path
+
+
+def test_an_inserted_entry_is_named_where_no_checkpoint_pins_its_place(coordinator_log_path: Path, pki) -> None:
+    """Without a checkpoint at size 6 only the shifted entry after it shows the insertion; the inserted one is
+    still the one named."""
+    insert_forged_entry(coordinator_log_path, 5)
+    result = verified(coordinator_log_path, pki.kits["coordinator"])
+    assert result.first_bad_entry == 5, result.problems
+    assert result.problems[0] == Problem(5, "entry 6 says it is entry 5: an entry was inserted before it, at "
+                                            "entry 5 or earlier (or entries were reordered)")
+    assert [p.entry for p in result.problems[1:5]] == [6, 7, 8, 9]  # each shifted entry: at its old place or earlier
+
+
+def test_entries_reordered_without_checkpoints_between_are_named_from_the_first(coordinator_log_path: Path,
+                                                                                pki) -> None:
+    entries = read_log(coordinator_log_path).entries
+    with sqlite3.connect(coordinator_log_path) as connection:
+        for seq, other in ((2, entries[5]), (5, entries[2])):
+            connection.execute("UPDATE entries SET body = ?, leaf_hash = ? WHERE seq = ?",
+                               (other.body, other.leaf_hash, seq))
+    result = verified(coordinator_log_path, pki.kits["coordinator"])
+    assert result.first_bad_entry == 2 and "entry 2 says it is entry 5" in result.problems[0].message
+
+
+def test_an_entrys_own_recorded_root_edited_is_named_where_no_checkpoint_pins_its_place(coordinator_log_path: Path,
+                                                                                      pki) -> None:
+    """Entry 5's prev_root edited (leaf hash recomputed), no checkpoint at size 5: with the right root put back,
+    entry 5 is exactly what entry 6 recorded, so entry 5 is the one edited (not entry 4)."""
+    fields = read_log(coordinator_log_path).entries[5].fields()
+    body = canonical_json({**fields, "prev_root": "00" * 32})
+    edit(coordinator_log_path, "UPDATE entries SET body = ?, leaf_hash = ? WHERE seq = 5", body, leaf_hash(body))
+    result = verified(coordinator_log_path, pki.kits["coordinator"])
+    assert result.first_bad_entry == 5, result.problems
+    assert result.problems[0].message == (
+        "entry 5 was altered: the Merkle root it records for the entries before it is not theirs; with their root "
+        "put back, entry 5 is the one entry 6's recorded tree head covers, so only that record was edited")
+
+
+def test_an_entry_altered_with_its_leaf_hash_recomputed_is_named_where_no_checkpoint_pins_it(
+        coordinator_log_path: Path, pki) -> None:
+    """Entry 4 edited, leaf hash recomputed: entry 5's record of the root no longer matches, and putting the root
+    back into entry 5 does not make it what entry 6 recorded, so entry 4 is named, not entry 5."""
+    stored = read_log(coordinator_log_path).entries[4]
+    body = stored.body.replace(b'"items":4', b'"items":77')
+    edit(coordinator_log_path, "UPDATE entries SET body = ?, leaf_hash = ? WHERE seq = 4", body, leaf_hash(body))
+    result = verified(coordinator_log_path, pki.kits["coordinator"])
+    assert result.first_bad_entry == 4, result.problems
+    assert result.problems[0].message.startswith("entry 4 was altered, removed or inserted: entry 5 recorded a "
+                                                 "different Merkle root for the entries before it")
 
 
 def test_swapped_and_forged_checkpoint_signatures_are_named(log_path: Path, pki) -> None:
@@ -413,7 +486,8 @@ def test_a_tail_the_writer_has_not_yet_signed_still_verifies(tmp_path: Path, pki
 
 
 @pytest.mark.parametrize("body", [b'{"event":"call","items":NaN}', b'{"event":"call","items":-Infinity}',
-                                  b"[" * 100_000 + b"]" * 100_000], ids=["nan", "infinity", "deep"])
+                                  b'{"event":"call","items":1e400}', b"[" * 100_000 + b"]" * 100_000],
+                         ids=["nan", "infinity", "beyond-float", "deep"])
 def test_an_entry_body_json_cannot_hold_is_named_as_altered_not_a_crash(log_path: Path, pki, body: bytes) -> None:
     edit(log_path, "UPDATE entries SET body = ? WHERE seq = 2", body)
     result = verified(log_path, pki.kits["hospital-a"])
@@ -423,9 +497,14 @@ def test_an_entry_body_json_cannot_hold_is_named_as_altered_not_a_crash(log_path
     assert read_log(log_path).entries[2].fields() == {}
 
 
-@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000,
-                                  b'{"format":"mor-secure/audit-checkpoint/v1","key":"00","log":"x","root":"00",'
-                                  b'"size":1,"time":NaN}'], ids=["deep", "nan"])
+_CHECKPOINT_FIELDS = b'"format":"mor-secure/audit-checkpoint/v1","key":"00","log":"x","root":"00"'
+
+
+@pytest.mark.parametrize("body", [b"[" * 100_000 + b"]" * 100_000, b"{" + _CHECKPOINT_FIELDS + b',"size":1,"time":NaN}',
+                                  b"{" + _CHECKPOINT_FIELDS + b',"size":1e400,"time":1.0}',
+                                  b"{" + _CHECKPOINT_FIELDS + b',"size":1,"time":1e400}',
+                                  b"{" + _CHECKPOINT_FIELDS + b',"size":1,"time":1' + b"0" * 400 + b"}"],
+                         ids=["deep", "nan", "size-beyond-float", "time-beyond-float", "time-integer-beyond-float"])
 def test_a_checkpoint_body_json_cannot_hold_is_a_checkpoint_error(log_path: Path, pki, body: bytes) -> None:
     edit(log_path, "UPDATE checkpoints SET body = ? WHERE seq = (SELECT MIN(seq) FROM checkpoints)", body)
     with pytest.raises(CheckpointError, match="checkpoint body does not parse"):

@@ -132,12 +132,17 @@ def test_a_deleted_entry_and_a_cut_tail_are_both_named(log_path: Path, pki) -> N
     assert any("truncated" in p.message and "entries 8..9 are gone" in p.message for p in result.problems)
 
 
-def test_reordered_entries_are_named(log_path: Path, pki) -> None:
-    entries = read_log(log_path).entries
-    with sqlite3.connect(log_path) as connection:
-        for seq, other in ((2, entries[5]), (5, entries[2])):
+def swap_entries(path: Path, first: int, second: int) -> None:
+    """Entries `first` and `second` change places (bodies and leaf hashes; the seq column stays in order)."""
+    entries = read_log(path).entries
+    with sqlite3.connect(path) as connection:
+        for seq, other in ((first, entries[second]), (second, entries[first])):
             connection.execute("UPDATE entries SET body = ?, leaf_hash = ? WHERE seq = ?",
                                (other.body, other.leaf_hash, seq))
+
+
+def test_reordered_entries_are_named(log_path: Path, pki) -> None:
+    swap_entries(log_path, 2, 5)
     result = verified(log_path, pki.kits["hospital-a"])
     assert result.first_bad_entry == 2 and "entry 2 says it is entry 5" in result.problems[0].message
 
@@ -193,11 +198,7 @@ def test_an_inserted_entry_is_named_where_no_checkpoint_pins_its_place(coordinat
 
 def test_entries_reordered_without_checkpoints_between_are_named_from_the_first(coordinator_log_path: Path,
                                                                                 pki) -> None:
-    entries = read_log(coordinator_log_path).entries
-    with sqlite3.connect(coordinator_log_path) as connection:
-        for seq, other in ((2, entries[5]), (5, entries[2])):
-            connection.execute("UPDATE entries SET body = ?, leaf_hash = ? WHERE seq = ?",
-                               (other.body, other.leaf_hash, seq))
+    swap_entries(coordinator_log_path, 2, 5)
     result = verified(coordinator_log_path, pki.kits["coordinator"])
     assert result.first_bad_entry == 2 and "entry 2 says it is entry 5" in result.problems[0].message
 

@@ -14,12 +14,15 @@ import json
 import math
 import statistics
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-# Methods that are not privacy-preserving alternatives but upper bounds; never "best".
-CEILINGS = {"centralized_rm": "reward model trained on all silos' pooled data (breaks privacy)",
+# Methods that are not privacy-preserving alternatives, never "best": reference points, not bounds (the
+# centralised model sees none of the labelled public pairs MoR's router is calibrated on, and can score below it).
+CEILINGS = {"centralized_rm": "reward model trained on all silos' pooled data (breaks privacy; not calibrated "
+                              "on the labelled public pairs MoR's router is)",
             "oracle": "ground-truth reward"}
 _HEAD = ("reference", "mor", "uniform")
 _TAIL = ("fedavg_rm", "centralized_rm", "oracle")
@@ -127,9 +130,10 @@ def write_results_json(summary: dict, path: str | Path, *, extra: dict | None = 
     return path
 
 
-def _cell(stats: dict[str, float], bold: bool = False) -> str:
-    """"0.774 ± 0.012", bold when it is the best non-ceiling mean of its column."""
-    text = f"{stats['mean']:.3f} ± {stats['std']:.3f}"
+def _cell(stats: dict[str, float], bold: bool = False, *, spread: bool = True) -> str:
+    """"0.774 ± 0.012" ("0.774" without `spread`: one seed measures none), bold when it is the best non-ceiling
+    mean of its column."""
+    text = f"{stats['mean']:.3f} ± {stats['std']:.3f}" if spread else f"{stats['mean']:.3f}"
     return f"**{text}**" if bold else text
 
 
@@ -150,24 +154,28 @@ def results_markdown(summary: dict, *, kinds: Sequence[str], title: str, notes: 
     best = {c: max((round(v[m]["mean"], 3) for m in contenders), default=None) for c, v in columns.items()}
 
     seeds = summary.get("seeds", [])
+    spread = len(seeds) > 1
+    over = (f"mean ± sample std over n = {len(seeds)} seeds ({', '.join(map(str, seeds))})" if spread else
+            f"one seed ({', '.join(map(str, seeds))}), so no spread was measured")
+    pairwise = {m: methods[m].get("reward_pairwise_accuracy", {}).get("overall") for m in order}
+    with_pairwise = any(pairwise.values())
     lines = [f"## {title}", "",
-             f"Exact-match accuracy of the aligned VLM on held-out questions, mean ± sample std over "
-             f"n = {len(seeds)} seed{'s' if len(seeds) != 1 else ''} ({', '.join(map(str, seeds))}). "
-             "Last column: pairwise accuracy of the method's reward on held-out preference pairs. "
-             "Bold: best mean per column among privacy-preserving methods.", ""]
-    lines.append("| method | " + " | ".join(columns) + " | reward pairwise acc. |")
-    lines.append("|---|" + "---:|" * (len(columns) + 1))
+             f"Exact-match accuracy of the aligned VLM on held-out questions, {over}. "
+             + ("Last column: pairwise accuracy of the method's reward on held-out preference pairs. "
+                if with_pairwise else "") + "Bold: best mean per column among privacy-preserving methods.", ""]
+    lines.append("| method | " + " | ".join(columns) + (" | reward pairwise acc. |" if with_pairwise else " |"))
+    lines.append("|---|" + "---:|" * (len(columns) + with_pairwise))
     for m in order:
         label = f"{m} {_CEILING_MARK}" if m in CEILINGS else m
-        cells = [_cell(columns[c][m], m not in CEILINGS and round(columns[c][m]["mean"], 3) == best[c])
-                 for c in columns]
-        pairwise = methods[m].get("reward_pairwise_accuracy", {}).get("overall")
-        cells.append(_cell(pairwise) if pairwise else "—")
+        cells = [_cell(columns[c][m], m not in CEILINGS and round(columns[c][m]["mean"], 3) == best[c],
+                       spread=spread) for c in columns]
+        if with_pairwise:
+            cells.append(_cell(pairwise[m], spread=spread) if pairwise[m] else "—")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     ceilings = [m for m in order if m in CEILINGS]
     if ceilings:
-        lines += ["", f"{_CEILING_MARK} Upper bound, not a privacy-preserving method, excluded from the bolding: "
-                  + "; ".join(f"{m} = {CEILINGS[m]}" for m in ceilings) + "."]
+        lines += ["", f"{_CEILING_MARK} Not a privacy-preserving method, excluded from the bolding; a reference "
+                  "point, not a bound: " + "; ".join(f"{m} = {CEILINGS[m]}" for m in ceilings) + "."]
     for note in notes:
         lines += ["", note]
     return "\n".join(lines) + "\n"
@@ -285,3 +293,25 @@ def leave_one_silo_out_markdown(rows: Sequence[dict]) -> str:
         k = n_silos.pop()
         intro += f" Uniform weight would be 1/{k} = {1 / k:.3f}."
     return intro + "\n\n" + "\n".join(lines) + "\n"
+
+
+def results_page_markdown(results: Mapping[str, Any], *, json_name: str, title: str = "MoR vs baselines") -> str:
+    """The generated part of docs/results.md, from the results JSON alone (`evaluation.publish` writes it, and
+    `mor demo table --render-only` renders it again without re-running the evaluation)."""
+    methods = results["methods"]
+    kinds = list(next(iter(methods.values()))["per_kind"])
+    settings = results["settings"]
+    # JSON written before 2026-12-04 holds no count; its sample was test_questions_per_kind of every kind.
+    questions = results.get("test_questions", len(kinds) * (settings.get("test_questions_per_kind") or 0))
+    notes = [f"Exact match of sampled answers (temperature 1, {settings['eval_samples']} per question) on "
+             f"{questions} questions of the test split (held-out easy-VQA test images; in-training "
+             "checks read the separate dev split); overall is the mean over kinds.",
+             f"Every GRPO run: {settings['grpo']['steps']} steps from the same reference; all settings in "
+             f"`{json_name}`."]
+    markdown = results_markdown(results, kinds=kinds, title=title, notes=notes)
+    markdown += "\n" + results_markdown({"seeds": results["seeds"], "methods": results["greedy"]["methods"]},
+                                         kinds=kinds, title=f"{title}: greedy decoding",
+                                         notes=["The same policies, answers decoded greedily."])
+    if "leave_one_silo_out" in results:
+        markdown += "\n" + leave_one_silo_out_markdown(results["leave_one_silo_out"])
+    return markdown

@@ -224,8 +224,8 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool, clear
     print("== coordinator: tiny VLM and reference policy ==")
     reference = build_reference(workdir, consortium_path, progress=progress)
     reference_accuracy = evaluate_answers(*load_vlm(reference), splits.test)
-    print("reference policy, held-out exact match: "
-          + ", ".join(f"{k} {v:.3f}" for k, v in reference_accuracy.items()))
+    print(f"reference policy, exact match of greedy answers on the test split ({len(splits.test)} questions; "
+          "overall = mean over kinds): " + ", ".join(f"{k} {v:.3f}" for k, v in reference_accuracy.items()))
 
     clean = make_pairs(splits.test, seed=EVAL_SEED, max_pairs_per_kind=EVAL_PAIRS_PER_KIND)
     pairs_by_kind = {k: [p for p in clean if p.kind == k] for k in QUESTION_KINDS}
@@ -326,10 +326,15 @@ def main(argv: Sequence[str]) -> int:
                        help="where mor_vs_baselines.json and the plots go")
     table.add_argument("--results-md", type=Path, default=Path("docs/results.md"), help="the Markdown table")
     table.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    table.add_argument("--render-only", action="store_true",
+                       help="only write the tables of <results-dir>/mor_vs_baselines.json into the Markdown again "
+                       "(after a change to how they are printed); runs nothing")
 
     def _table(args: argparse.Namespace) -> int:
-        from .table import run_table
+        from .table import render_table, run_table
 
+        if args.render_only:
+            return render_table(results_dir=args.results_dir, results_md=args.results_md)
         return run_table(Path(args.workdir), results_dir=args.results_dir, results_md=args.results_md,
                          progress=not args.no_progress and sys.stderr.isatty())
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from coordinator.evaluation import publish
+from coordinator.evaluation import RESULTS_JSON, publish, render_results_page
 from coordinator.pool import client_for_model
 from pydantic import Field
 
@@ -58,7 +58,7 @@ def run_table(workdir: Path, *, results_dir: Path, results_md: Path, progress: b
         print("== baseline: FedAvg reward model (simulation only) ==")
         train_fedavg_reward_model(configs, baseline_dirs["fedavg_rm"], settings.fedavg, progress=progress)
     if not baseline_dirs["centralized_rm"].is_dir():
-        print("== baseline: centralised reward model on pooled pairs (breaks privacy: upper bound) ==")
+        print("== baseline: centralised reward model on pooled pairs (breaks privacy; a reference point) ==")
         train_centralized_reward_model(configs, baseline_dirs["centralized_rm"], settings.centralized,
                                        progress=progress)
 
@@ -66,8 +66,18 @@ def run_table(workdir: Path, *, results_dir: Path, results_md: Path, progress: b
     evaluation = evaluation_for(workdir, consortium_path, "evaluation.yaml", progress=progress,
                                 baselines={name: client_for_model(name, path) for name, path in baseline_dirs.items()})
     runs = evaluation.run_all()
-    markdown = publish(evaluation, runs, json_path=results_dir / "mor_vs_baselines.json", markdown_path=results_md,
+    markdown = publish(evaluation, runs, json_path=results_dir / RESULTS_JSON, markdown_path=results_md,
                        plots_prefix=results_dir / "mor_training")
     print(markdown)
     print(f"table finished in {(time.monotonic() - started) / 60:.1f} min; results in {results_dir} and {results_md}")
+    return 0
+
+
+def render_table(*, results_dir: Path, results_md: Path) -> int:
+    """`mor demo table --render-only`: the stored results' tables written into the Markdown again."""
+    json_path = results_dir / RESULTS_JSON
+    if not json_path.is_file():
+        raise FileNotFoundError(f"{json_path}: no results to render; `mor demo table` writes them")
+    render_results_page(json_path, results_md)
+    print(f"tables of {json_path} written into {results_md}")
     return 0

@@ -7,6 +7,7 @@ that names the culprit, and the ceilings are never bolded as "best".
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 
@@ -130,15 +131,24 @@ def test_markdown_table_formats_bolds_best_private_method_and_marks_ceilings():
         cells = _row(md, ceiling)
         assert cells[0] == f"{ceiling} †"
         assert not any("**" in c for c in cells)  # higher than mor, yet never bolded
-    assert "† Upper bound" in md
+    assert "† Not a privacy-preserving method, excluded from the bolding; a reference point, not a bound" in md
+    assert "Upper bound" not in md  # the table it writes can show centralized_rm below MoR
     assert md.count("**") == 2 * 4  # one bold cell per accuracy column
 
 
 def test_markdown_bolds_ties_on_the_printed_value():
     runs = [_run("mor", 0, 0.7001), _run("uniform", 0, 0.6999), _run("reference", 0, 0.5)]
     md = results_markdown(summarise(runs, KINDS), kinds=KINDS, title="t")
-    assert "n = 1 seed " in md
     assert _row(md, "mor")[1].startswith("**") and _row(md, "uniform")[1].startswith("**")
+
+
+def test_one_seed_prints_no_spread_and_no_pairwise_column_without_pairwise_results():
+    """A sample std of one seed is undefined: "± 0.000" claimed a spread of zero (the demo's table)."""
+    runs = [_run("mor", 0, 0.7), _run("reference", 0, 0.5)]
+    md = results_markdown(summarise(runs, KINDS), kinds=KINDS, title="t")
+    assert "one seed (0), so no spread was measured" in md and "±" not in md
+    assert "pairwise" not in md and _row(md, "mor")[1] == "**0.700**"
+    assert len(_row(md, "mor")) == 1 + 1 + len(KINDS)  # method, overall, one per kind: no empty pairwise column
 
 
 def test_markdown_refuses_kinds_the_summary_lacks():
@@ -190,3 +200,24 @@ def test_leave_one_silo_out_refuses_incomplete_rows():
         leave_one_silo_out_markdown([{**LOSO[0], "mean_weight": {"bank-b": 1.0}}])
     with pytest.raises(ValueError):
         leave_one_silo_out_markdown([])
+
+
+def test_the_results_page_is_rendered_again_from_its_json_alone(tmp_path):
+    """`mor demo table --render-only`: the tables come from the stored JSON, and the prose around them stays."""
+    from coordinator.evaluation import GENERATED_BEGIN, GENERATED_END
+    from mor_cli.main import main
+
+    summary = summarise(_runs(), KINDS)
+    greedy = summarise([dataclasses.replace(r, reward_pairwise_accuracy=None) for r in _runs()], KINDS)
+    write_results_json(summary, tmp_path / "mor_vs_baselines.json", extra={
+        "test_questions": 1800, "greedy": {"methods": greedy["methods"]},
+        "settings": {"eval_samples": 4, "grpo": {"steps": 300}}, "leave_one_silo_out": LOSO})
+    page = tmp_path / "results.md"
+    page.write_text(f"prose before\n{GENERATED_BEGIN}\nstale\n{GENERATED_END}\nprose after\n", encoding="utf-8")
+    assert main(["demo", "table", "--render-only", "--results-dir", str(tmp_path), "--results-md", str(page)]) == 0
+    text = page.read_text(encoding="utf-8")
+    assert text.startswith("prose before\n") and text.endswith("prose after\n") and "stale" not in text
+    assert "on 1800 questions of the test split" in text and "Every GRPO run: 300 steps" in text
+    assert "## MoR vs baselines: greedy decoding" in text and "held-out silo" in text
+    assert main(["demo", "table", "--render-only", "--results-dir", str(tmp_path / "none"),
+                 "--results-md", str(page)]) == 1  # no JSON there: one clear line

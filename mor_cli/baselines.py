@@ -11,7 +11,8 @@ both roles) and never in `silo_agent` or `coordinator`.
   spend meets its own `training.dp` targets. Nothing is charged to the silos'
   real ledgers (this is a simulation); the spend is in the report instead.
 - Centralised: every silo's noisy training pairs pooled into one dataset and
-  one model; DP off by default. An upper bound that breaks privacy.
+  one model; DP off by default. A reference point that breaks privacy, not a bound: it never sees the
+  labelled public calibration pairs MoR's router is fitted on.
 
 Train/validation split per silo is exactly `silo_agent.training.train_silo`'s,
 so no baseline trains on a pair a silo held back. A silo YAML naming its own

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from mor_secure.pki.kits import CertKit, identity_of
 
+logger = logging.getLogger(__name__)
 FORMAT = "mor-secure/audit-checkpoint/v1"
 _ROOT_BYTES = 32
 # A silo signs a checkpoint with every answer; looking at its kit's files each time was 4 stat calls, ~0.09 ms of
@@ -142,6 +144,7 @@ class CheckpointSigner:
         self._kit = kit
         self._kit_stamp = _stamp(kit)
         self._kit_checked_at = time.monotonic()
+        self._unusable_stamp: tuple | None = None  # kit files last found mid-renewal (said once, not every second)
 
     @classmethod
     def from_kit(cls, kit: CertKit) -> CheckpointSigner:
@@ -157,9 +160,21 @@ class CheckpointSigner:
         if self._kit is None or now - self._kit_checked_at < KIT_CHECK_SECONDS:
             return self
         self._kit_checked_at = now
-        if _stamp(self._kit) == self._kit_stamp:
+        stamp = _stamp(self._kit)
+        if stamp == self._kit_stamp:
             return self
-        renewed = CheckpointSigner.from_kit(self._kit)
+        try:
+            renewed = CheckpointSigner.from_kit(self._kit)
+        except (ValueError, OSError) as exc:
+            # A renewal between its new key and its new certificate (a pair that does not match), or killed
+            # there: go on signing with the pair in hand, still valid and already in the log, as the transport
+            # goes on serving it; the next check looks again.
+            if stamp != self._unusable_stamp:
+                self._unusable_stamp = stamp
+                logger.warning("audit checkpoints of %s: the kit in %s does not load (%s), so they are still "
+                               "signed with the certificate before it; finish or retry its renewal "
+                               "(`mor pki issue --renew`)", self.party, self._kit.directory, exc)
+            return self
         if renewed.party != self.party:
             raise ValueError(f"{self._kit.directory} now holds {renewed.party}'s kit, not {self.party}'s")
         return renewed

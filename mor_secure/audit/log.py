@@ -14,11 +14,18 @@ latest checkpoint to the coordinator.
 
 Entries hold digests and counts, never raw images, prompts or scores: the
 caller builds the event, and this module refuses nothing but keys it owns.
-One process writes a log; a second writer is detected and refused.
+One process writes a log: a writer holds `<log>.lock` (flock) from opening
+to `close`, so a second one is refused when it opens, before it could
+append (and the first, still running, find its next entry taken); if the
+lock file is deleted meanwhile, the clash of two writers' entries is still
+detected and refused.
 """
 
 from __future__ import annotations
 
+import fcntl
+import math
+import os
 import sqlite3
 import threading
 import time
@@ -50,6 +57,8 @@ DEFAULT_CHECKPOINT_SECONDS = 30.0
 # less per silo entry and 0.14 ms less per coordinator entry (docs/benchmarks.md, "Audit log").
 WAL_CHECKPOINT_PAGES = 100
 
+# The tables of a log; a SQLite file holding any other is not one, and is never written to.
+_TABLES = frozenset({"meta", "entries", "checkpoints", "certificates"})
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (seq INTEGER PRIMARY KEY, body BLOB NOT NULL, leaf_hash BLOB NOT NULL);
@@ -101,6 +110,12 @@ def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
             raise FileNotFoundError(f"{path}: no audit log there")
         return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
     connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    # Before anything writes (the switch to WAL rewrites the file's header): another database is left as it was.
+    foreign = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} - _TABLES
+    if foreign:
+        connection.close()
+        raise AuditLogError(f"{path} is a SQLite database but not an audit log (it holds {', '.join(sorted(foreign))}"
+                            "); it is left as it was: point the party at its own log file")
     mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
     if mode.lower() != "wal":
         raise AuditLogError(f"{path}: SQLite would not switch to WAL mode (got {mode}); put the log on a local disk")
@@ -154,13 +169,19 @@ class AuditLog:
         self.checkpoint_every_seconds = checkpoint_every_seconds
         self._lock = threading.Lock()
         self._tree = MerkleTree()
-        self._connection = _connect(self.path, read_only=False)
+        self._writer_lock = _writer_lock(self.path)
         self._closed = False
+        self._connection: sqlite3.Connection | None = None
         try:
+            self._connection = _connect(self.path, read_only=False)
             self._initialise()
             self._load()
-        except BaseException:
-            self._connection.close()
+        except BaseException as exc:
+            if self._connection is not None:
+                self._connection.close()
+            os.close(self._writer_lock)
+            if isinstance(exc, sqlite3.DatabaseError):  # not a database, a directory, a read-only file
+                raise _unopenable(self.path, exc) from None
             raise
 
     @classmethod
@@ -202,7 +223,8 @@ class AuditLog:
         # Checkpoint times never go back, even if the clock did while the party was down (verify checks the order).
         certificates = [_certificate(self.path, pem) for (pem,) in self._connection.execute(_CERTIFICATES_QUERY)]
         self._last_checkpoint_time = _checkpoint_time(self._latest_checkpoint, certificates)
-        self._checkpointed_at = time.time() if last else 0.0
+        # The cadence runs on the monotonic clock: a wall clock stepped back (NTP) would hold it up that long.
+        self._checkpointed_at = time.monotonic() if last else -math.inf
 
     def _transaction(self):
         return _Transaction(self._connection)
@@ -230,7 +252,7 @@ class AuditLog:
             body = canonical_json(fields)
             leaf = leaf_hash(body)
             due = (index + 1 - max(self._checkpointed_size, 0) >= self.checkpoint_every_entries
-                   or time.time() - self._checkpointed_at >= self.checkpoint_every_seconds)
+                   or time.monotonic() - self._checkpointed_at >= self.checkpoint_every_seconds)
             with self._atomically():
                 self._insert_entry(index, body, leaf)
                 self._tree.append(leaf)
@@ -279,6 +301,7 @@ class AuditLog:
             finally:
                 self._closed = True
                 self._connection.close()
+                os.close(self._writer_lock)  # and with it the lock
 
     def _store_certificate(self) -> None:
         """Keep the signer's certificate in the log, so a reviewer can check every checkpoint, renewals included."""
@@ -293,12 +316,12 @@ class AuditLog:
         if renewed is not self.signer:
             self.signer = renewed
             self._store_certificate()
-        now = time.time()
-        stamped = max(now, self._last_checkpoint_time)  # a clock stepped back (NTP) must not reorder tree heads
+        stamped = max(time.time(), self._last_checkpoint_time)  # a clock stepped back (NTP) must not reorder heads
         signed = self.signer.sign(size=self._tree.size, root=self._tree.root(), time=stamped)
         self._connection.execute("INSERT INTO checkpoints(size, body, signature) VALUES (?, ?, ?)",
                                  (self._tree.size, signed.body, signed.signature))
-        self._checkpointed_size, self._checkpointed_at, self._last_checkpoint_time = self._tree.size, now, stamped
+        self._checkpointed_size, self._checkpointed_at, self._last_checkpoint_time = (self._tree.size,
+                                                                                    time.monotonic(), stamped)
         self._latest_checkpoint = signed
 
     def _insert_entry(self, index: int, body: bytes, leaf: bytes) -> None:
@@ -317,6 +340,28 @@ class AuditLog:
         if stored != index:
             raise AuditLogError(f"{self.path}: holds {stored} entries but this writer expected {index}: another "
                                 "process is appending to the same log; each party runs one writer")
+
+
+def _writer_lock(path: Path) -> int:
+    """The open, flock-held `<log>.lock` of the one process writing `path` (AuditLogError if another holds it)."""
+    lock = path.with_name(f"{path.name}.lock")
+    try:
+        descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise AuditLogError(f"{path}: cannot open the audit log for writing ({exc.strerror}: {lock}); check the "
+                            "directory exists and the party may write there") from None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise AuditLogError(f"{path}: another process is writing this log ({lock} is locked); each party runs "
+                            "one writer") from None
+    return descriptor
+
+
+def _unopenable(path: Path, exc: sqlite3.DatabaseError) -> AuditLogError:
+    return AuditLogError(f"{path}: cannot open the audit log for writing ({exc}); check that it is a mor-secure "
+                         "audit log and that the party may write the file and its directory")
 
 
 class _Transaction:

@@ -429,7 +429,7 @@ def test_verifying_a_live_log_reads_one_snapshot(tmp_path: Path, pki) -> None:
 def test_checkpoint_times_never_go_back_when_the_clock_does(tmp_path: Path, pki, monkeypatch) -> None:
     """An NTP step back between two answers: the next tree head is dated as the last, and the log verifies."""
     clock = iter([1000.0, 1000.0, 1000.0, 998.0, 998.0, 998.0, 999.0, 999.0, 999.0] + [1001.0] * 20)
-    monkeypatch.setattr(log_module, "time", SimpleNamespace(time=lambda: next(clock)))
+    monkeypatch.setattr(log_module, "time", SimpleNamespace(time=lambda: next(clock), monotonic=time.monotonic))
     path = tmp_path / "silo.db"
     write_log(path, pki.kits["hospital-a"], 3, checkpoint_every_entries=1).close()
     times = [c.checkpoint.time for c in read_log(path).checkpoints]
@@ -438,8 +438,21 @@ def test_checkpoint_times_never_go_back_when_the_clock_does(tmp_path: Path, pki,
     assert result.ok, result.problems
 
 
-def test_a_second_writer_is_refused(tmp_path: Path, pki) -> None:
+def test_a_second_writer_is_refused_when_it_opens_and_the_first_goes_on(tmp_path: Path, pki) -> None:
+    """The second used to open without complaint and append, and the first, still running, then found every
+    next entry of its own taken: a second `mor coordinator` run broke the first one's GRPO mid-run."""
     first = write_log(tmp_path / "two.db", pki.kits["coordinator"], 3)
+    with pytest.raises(AuditLogError, match="another process is writing this log .*two.db.lock is locked"):
+        AuditLog.for_kit(tmp_path / "two.db", pki.kits["coordinator"])
+    assert first.record({"event": "call"}) == 3
+    first.close()
+    AuditLog.for_kit(tmp_path / "two.db", pki.kits["coordinator"]).close()  # the lock went with the close
+    assert verified(tmp_path / "two.db", pki.kits["coordinator"]).ok
+
+
+def test_a_second_writer_past_a_deleted_lock_is_still_refused_at_its_first_entry(tmp_path: Path, pki) -> None:
+    first = write_log(tmp_path / "two.db", pki.kits["coordinator"], 3)
+    (tmp_path / "two.db.lock").unlink()  # a flock on a deleted file excludes no one who opens the name anew
     second = AuditLog.for_kit(tmp_path / "two.db", pki.kits["coordinator"])
     first.record({"event": "call"})
     with pytest.raises(AuditLogError, match="another process is appending to the same log"):
@@ -462,6 +475,63 @@ def test_a_renewed_kit_signs_from_the_first_kit_check_after_the_renewal(tmp_path
     renewed = signer.refreshed()
     assert renewed.key == key_id(renewed_kit.certificate().public_key()) != signer.key
     assert renewed.refreshed() is renewed
+
+
+def test_a_kit_caught_mid_renewal_keeps_the_signer_on_its_old_pair(tmp_path: Path, pki, monkeypatch, caplog) -> None:
+    """New key, old certificate (a renewal between the two, or killed there): every checkpoint used to fail with
+    "the private key does not belong to the certificate", and a silo, signing one per answer, refused every call."""
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(checkpoints, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    kit = pki.ca.issue(pki.kits["hospital-a"].identity(), tmp_path / "kit")
+    signer = CheckpointSigner.from_kit(kit)
+    pending = tmp_path / "kit" / "party.key.new"
+    pending.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    pending.replace(kit.key_path)  # the renewal's key is in place; its certificate never came
+    for _ in range(3):
+        clock.now += KIT_CHECK_SECONDS
+        with caplog.at_level("WARNING", logger="mor_secure.audit.checkpoints"):
+            assert signer.refreshed() is signer
+    signed = signer.sign(size=1, root=b"\0" * 32, time=1.0)
+    assert verify_checkpoint(signed, [kit.certificate()]).size == 1  # still signed with the old, valid pair
+    assert [r.getMessage() for r in caplog.records if "does not load" in r.getMessage()] and \
+        len([r for r in caplog.records if "does not load" in r.getMessage()]) == 1  # said once, not every second
+
+
+def test_the_checkpoint_cadence_goes_on_when_the_wall_clock_steps_back(tmp_path: Path, pki, monkeypatch) -> None:
+    """The 30 s cadence ran on the wall clock: stepped back an hour (NTP), no timed checkpoint for an hour."""
+    clock = SimpleNamespace(wall=10_000.0, monotonic=500.0)
+    monkeypatch.setattr(log_module, "time", SimpleNamespace(time=lambda: clock.wall, monotonic=lambda: clock.monotonic))
+    log = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])  # 256 entries or 30 s
+    try:
+        log.record({"event": "call"})  # the first entry gets a checkpoint
+        clock.wall -= 3600.0
+        for _ in range(3):
+            clock.wall += 60.0
+            clock.monotonic += 60.0
+            log.record({"event": "call"})
+    finally:
+        log.close()
+    sizes = [c.checkpoint.size for c in read_log(tmp_path / "coordinator.db").checkpoints]
+    assert sizes[:4] == [1, 2, 3, 4], sizes  # one a minute, as 30 s asks
+
+
+@pytest.mark.parametrize("what", ["not SQLite", "a directory", "another SQLite database"])
+def test_a_file_that_is_no_audit_log_is_refused_in_one_line_and_left_as_it_was(tmp_path: Path, pki,
+                                                                             what: str) -> None:
+    path = tmp_path / "audit.db"
+    if what == "not SQLite":
+        path.write_bytes(b"an operator's notes, not a database" * 100)
+    elif what == "a directory":
+        path.mkdir()
+    else:
+        with closing(sqlite3.connect(path)) as other:
+            other.execute("CREATE TABLE ledger (amount REAL)")
+            other.commit()
+    before = path.read_bytes() if path.is_file() else None
+    with pytest.raises(AuditLogError, match="not an audit log|cannot open the audit log for writing"):
+        AuditLog.for_kit(path, pki.kits["coordinator"])
+    assert (path.read_bytes() if path.is_file() else None) == before
 
 
 def test_a_log_whose_checkpoints_were_all_removed_fails_verification(log_path: Path, pki) -> None:

@@ -74,8 +74,9 @@ class CalibrationConfig(StrictModel):
     randomized_response_epsilon: float | None = Field(
         None, gt=0, allow_inf_nan=False,
         description="When set, each silo answers its bits through randomized response at this epsilon (each "
-        "bit flipped with probability 1 / (1 + e^epsilon)): optional protection of the silo's model behaviour, not "
-        "charged to its privacy ledger, since bits on public pairs from a DP-trained model are post-processing. "
+        "bit flipped with probability 1 / (1 + e^epsilon)): optional protection of the silo's model behaviour, per "
+        "report (a pair asked k times costs k x epsilon; nothing bounds how often), not charged to its privacy "
+        "ledger, since bits on public pairs from a DP-trained model are post-processing. "
         "The router's loss is forward-corrected for the flips. null = exact bits.",
     )
     seed: int = Field(0, description="Seed of the subsample and of the rejected answers drawn (the coordinator's "

@@ -106,8 +106,8 @@ def _rise(silo: str, served: float, changed: list) -> str:
     how = "rose" if after.epsilon_spent > before.epsilon_spent else "changed"
     return (f"{silo}'s ledger {how} from ε {_num(before.epsilon_spent)} to {_num(after.epsilon_spent)} after it "
             f"began serving ({_utc(served)}): at {', '.join(_utc(b.time) for _, b in changed)}. Scores of a "
-            "DP-trained model spend no budget, so the silo was charged for something else while it served "
-            "(randomized-response labels, or training); its ledger's charges say what.")
+            "DP-trained model spend no budget, so the silo was charged for something else while it served (a "
+            "training: nothing else charges a ledger); its ledger's charges say what.")
 
 
 def _human(seconds: int) -> str:

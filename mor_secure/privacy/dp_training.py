@@ -51,6 +51,7 @@ from mor_secure.privacy.privacy_units import (
 from mor_secure.privacy.reports import LocalDiagnostics, PrivacyReport, TrainingResult
 from mor_secure.privacy.training_config import (
     NOISE_SEEDED,
+    PER_PAIR_UNITS,
     TrainingConfig,
     UnitKind,
     guarantee_unit_of,
@@ -292,7 +293,7 @@ def _warn_per_pair(description: str, unit_ids: Sequence[Hashable] | None) -> Non
     """`privacy_unit: pair` weakens the default per-unit guarantee: say so on every run, as for DP off."""
     units = "" if unit_ids is None else f"the {len(set(unit_ids))} units unit_ids names are ignored, and "
     warn_dp_off(f"training {description!r} with privacy_unit 'pair': its epsilon is per preference pair, NOT per "
-                f"unit: {units}a unit with k pairs is protected only at k x epsilon (group privacy)")
+                f"unit: {units}{PER_PAIR_UNITS}")
 
 
 def _train_plain(

@@ -70,7 +70,7 @@ class PrivacyUnitMismatchError(ValueError):
     """A charge is over another privacy unit than the ledger's earlier charges.
 
     Epsilons per pair and per patient do not add up to one guarantee (a
-    patient with k pairs pays k times a pair's epsilon, by group privacy), so
+    per-pair epsilon says nothing useful about a patient with several pairs), so
     the sum a ledger checks against its budget is only meaningful over one unit.
     """
 

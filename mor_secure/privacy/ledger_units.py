@@ -1,10 +1,10 @@
 """What one unit of each ledger charge's guarantee is, and the rule that one ledger holds charges over one unit.
 
 Pure (no file, no lock; `ledger` holds those). Epsilons over different units
-do not add up to one guarantee: per pair and per patient differ by group
-privacy (a patient with k pairs pays k times a pair's epsilon), and per image
-and per patient differ both ways (a per-image run protects a patient with k
-images at k x epsilon; a per-patient run protects one image of a patient with
+do not add up to one guarantee: a per-pair epsilon says nothing useful about
+a patient with several pairs (group privacy for (epsilon, delta)-DP), and per
+image and per patient differ both ways (a per-image run does not protect a
+patient with several images at its epsilon; a per-patient run protects one image of a patient with
 several only at about 2 x epsilon, since removing it changes the patient's
 unit instead of removing it, and Opacus' accountant is for add/remove).
 

@@ -1,9 +1,10 @@
 """Privacy units for DP-SGD: all pairs of one unit (an image, a patient) are one DP sample.
 
 A hospital promises privacy per patient, not per preference pair. easy-VQA
-has ~9.6 questions per image, so a pair-level epsilon of 8 is only an
-image-level epsilon of ~77 by group privacy (Dwork & Roth 2014, Thm 2.2:
-k-fold group privacy costs k * epsilon). DP-SGD protects a unit directly when
+has ~9.6 questions per image, and a pair-level (epsilon 8, delta 1e-5)
+guarantee says nothing useful about an image of several pairs (group privacy
+for (epsilon, delta)-DP multiplies delta by 1 + e^epsilon + ... +
+e^((k-1) epsilon); `training_config.PER_PAIR_UNITS`). DP-SGD protects a unit directly when
 the unit is the sample: Poisson sampling draws units, and each unit
 contributes ONE clipped gradient, the mean of its pairs' gradients.
 

@@ -10,8 +10,11 @@ It is not charged to the silo's privacy ledger: the bits are computed by a
 DP-trained model on the coordinator's PUBLIC calibration pairs, which is
 post-processing of a DP output (Dwork & Roth 2014, Prop. 2.1) and costs the
 silo's data nothing; randomized response only limits what the coordinator
-learns about the model's behaviour. This module only does maths, in the
-style of `accounting`.
+learns about the model's behaviour, and only per report: the epsilon holds
+for one answered bit, nothing bounds how often the coordinator asks about a
+pair, and k reports of one pair's bit cost k x epsilon of that pair (a
+majority of 101 reports at epsilon 1 recovers it). This module only does
+maths, in the style of `accounting`.
 
 The noise is known, so aggregate statistics stay estimable: the observed rate
 of ones m relates to the true rate mu by m = p + mu (1 - 2p), which

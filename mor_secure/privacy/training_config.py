@@ -22,8 +22,16 @@ logger = logging.getLogger(__name__)
 PrivacyUnit = Literal["image", "pair"]
 # What a run's unit_ids name under privacy_unit: image: images (the benchmark's), or patients (a silo's own data,
 # `data.unit`). A per-patient epsilon is no per-image one (removing one image of a patient with several is covered
-# only at 2 x epsilon, by group privacy), so reports and ledger charges name the one the run had.
+# only at about 2 x epsilon: a substitution, accounted at 15.6 for the demo's epsilon 8), so reports and ledger
+# charges name the one the run had.
 UnitKind = Literal["image", "patient"]
+# What per-pair DP says of a unit (a patient, an image) with several pairs. Dwork & Roth's k x epsilon (2014,
+# Thm 2.2) is for pure DP only; for (epsilon, delta)-DP the same induction over the k changed pairs gives
+# (k eps, delta (1 + e^eps + ... + e^((k-1) eps))), whose delta at epsilon 8 and k = 2 is already
+# (1 + e^8) x 1e-5, about 0.03: no guarantee.
+PER_PAIR_UNITS = ("a unit with k > 1 pairs has no stated guarantee (group privacy for (epsilon, delta)-DP bounds it "
+                  "only at k x epsilon with delta multiplied by 1 + e^epsilon + ... + e^((k-1) x epsilon): none at "
+                  "epsilon 8)")
 GuaranteeUnit = Literal["image", "patient", "pair"]
 # Where the DP noise came from, as every report and ledger entry states it.
 NOISE_OS_ENTROPY = "os-entropy: torch generators seeded from os.urandom on every run"
@@ -62,7 +70,7 @@ class DPConfig(StrictModel):
         "image",
         description="What one DP sample is. 'image': all pairs of one unit (the data's unit_id, e.g. a patient "
         "id, or else the image) give one clipped gradient, so the guarantee is per patient/image. 'pair': each "
-        "preference pair is a unit; a unit with k pairs is then only protected at k * epsilon (group privacy).",
+        f"preference pair is a unit, and {PER_PAIR_UNITS}.",
     )
     max_pairs_per_unit: int | None = Field(
         16,
@@ -112,9 +120,8 @@ class DPConfig(StrictModel):
             )
         elif self.privacy_unit == "pair":
             warn_dp_off(
-                "privacy_unit is 'pair': the DP guarantee is per preference pair, NOT per patient/image: a patient "
-                "with k pairs is protected only at k x epsilon (group privacy); set privacy_unit: image unless "
-                "every patient has one pair"
+                f"privacy_unit is 'pair': the DP guarantee is per preference pair, NOT per patient/image: "
+                f"{PER_PAIR_UNITS}; set privacy_unit: image unless every patient has one pair"
             )
         return self
 

@@ -728,7 +728,7 @@ def test_unit_layout_and_flat_layout_give_the_same_unit_gradients(architecture: 
 
 
 def test_pair_unit_warns_that_the_guarantee_is_per_pair_and_unit_ids_are_ignored() -> None:
-    """60 patients of 10 pairs each: per pair, each patient is only protected at 10 x epsilon (group privacy)."""
+    """60 patients of 10 pairs each: per pair, no patient has a stated guarantee (group privacy)."""
     with pytest.warns(UserWarning, match="privacy_unit is 'pair'.*per preference pair, NOT per patient"):
         config = dp_config(epochs=1)
     chosen, rejected = make_pairs(600)

@@ -393,6 +393,7 @@ def publish(evaluation: Evaluation, runs: Sequence[RunResult], *, json_path: str
         "metric": f"exact match of sampled answers (temperature 1, {config.eval_samples} per question); "
                   "`greedy` holds the same runs decoded greedily",
         "test_questions": len(evaluation.test),
+        "grpo_steps": config.grpo_settings(evaluation.out_dir, 0).steps,  # settings name only what was set
         "greedy": {"methods": greedy["methods"]},
         "settings": config.model_dump(mode="json"),
         "routing": evaluation.routing_table(),

@@ -301,12 +301,14 @@ def results_page_markdown(results: Mapping[str, Any], *, json_name: str, title: 
     methods = results["methods"]
     kinds = list(next(iter(methods.values()))["per_kind"])
     settings = results["settings"]
-    # JSON written before 2026-12-04 holds no count; its sample was test_questions_per_kind of every kind.
+    # JSON written before 2026-12-04 holds neither count; its sample was test_questions_per_kind of every kind,
+    # and its settings name the GRPO steps.
     questions = results.get("test_questions", len(kinds) * (settings.get("test_questions_per_kind") or 0))
     notes = [f"Exact match of sampled answers (temperature 1, {settings['eval_samples']} per question) on "
              f"{questions} questions of the test split (held-out easy-VQA test images; in-training "
              "checks read the separate dev split); overall is the mean over kinds.",
-             f"Every GRPO run: {settings['grpo']['steps']} steps from the same reference; all settings in "
+             f"Every GRPO run: {results.get('grpo_steps') or settings['grpo']['steps']} steps from the same "
+             "reference; all settings in "
              f"`{json_name}`."]
     markdown = results_markdown(results, kinds=kinds, title=title, notes=notes)
     markdown += "\n" + results_markdown({"seeds": results["seeds"], "methods": results["greedy"]["methods"]},

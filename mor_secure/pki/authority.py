@@ -267,12 +267,17 @@ class CertificateAuthority:
                                  "`mor pki list` shows what was issued")
             now = _now().isoformat()
             serials = {r.serial for r in chosen}
-            rows = [IssuedCertificate(**{**asdict(r), "revoked_at": now, "revocation_reason": reason})
-                    if r.serial in serials else r for r in rows]
-            # The CRL first: if it cannot be written, issued.json still says unrevoked and the revocation can be
-            # retried (the other way round, a retry found "no unrevoked certificate" and no CRL listed it).
-            self._write_crl(CRL_LIFETIME, rows)
-            self._record(rows)
+            revoked = [IssuedCertificate(**{**asdict(r), "revoked_at": now, "revocation_reason": reason})
+                       if r.serial in serials else r for r in rows]
+            # issued.json first, so no CRL ever lists a serial it does not (the next `mor pki crl`, signed from
+            # it, would un-revoke that one). A CRL that cannot be written puts issued.json back, so the
+            # revocation can be run again (it used to stay revoked on paper only, and a retry found nothing).
+            self._record(revoked)
+            try:
+                self._write_crl(CRL_LIFETIME, revoked)
+            except BaseException:
+                self._record(rows)
+                raise
         return sorted(serials)
 
     def write_crl(self, *, lifetime: dt.timedelta = CRL_LIFETIME) -> Path:

@@ -279,7 +279,10 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
 
     def _unknown_method(self, method: str) -> Callable:
         """A call to a method this server does not have: the caller's standing first (a revoked party learns
-        nothing of which methods exist), then UNIMPLEMENTED; refused either way, and on record."""
+        nothing of which methods exist), then UNIMPLEMENTED; refused either way, and on record. The name is the
+        caller's text, so it is recorded bounded, as every other text a caller chooses."""
+        method = serde.bounded_text(method)
+
         def run(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             started = time.perf_counter()
             caller = None

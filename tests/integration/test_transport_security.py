@@ -210,6 +210,13 @@ def test_a_method_the_server_lacks_is_on_record_and_unimplemented_only_for_a_par
         ("/no.such.Service/Call", "refused", "UNIMPLEMENTED"),
         (f"/{SERVICE_NAME}/NoSuchMethod", "refused", "UNAUTHENTICATED"),
         ("/no.such.Service/Call", "refused", "UNAUTHENTICATED")]
+    # The name is the caller's text: recorded bounded, as every other text a caller chooses.
+    with grpc.secure_channel(f"127.0.0.1:{running.port}", _credentials(kits["auditor"])) as channel:
+        long_name = f"/{SERVICE_NAME}/" + "N" * 6000
+        call = channel.unary_unary(long_name, request_serializer=None, response_deserializer=None)
+        assert rpc_code(call, b"") == grpc.StatusCode.UNIMPLEMENTED
+    (entry,) = logged(audit)[before + 4:]
+    assert entry["status"] == "UNIMPLEMENTED" and len(entry["rpc"]) < 400 < len(long_name)
     still_serves(running.port, kits)
 
 

@@ -406,3 +406,29 @@ def test_a_revocation_whose_crl_cannot_be_written_can_be_retried(tmp_path: Path)
     crl = x509.load_pem_x509_crl((tmp_path / "ca" / "crl.pem").read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(serial) is not None
     assert ca.issued()[0].revoked_at is not None
+
+
+def test_a_revocation_that_cannot_be_recorded_publishes_no_crl_listing_it(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CRL listing a serial issued.json does not would be undone by the next `mor pki crl`, signed from
+    issued.json with a higher number: the revoked party served again, silently."""
+    from mor_secure.pki import authority as authority_module
+
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    serial = ca.issue(PartyIdentity(Role.SILO, "hospital-a"), tmp_path / "kit").certificate().serial_number
+    write_public = authority_module.write_public
+
+    def full_disk_for_the_record(path: Path, data: bytes) -> None:
+        if path.name == "issued.json":
+            raise OSError(28, "No space left on device")
+        write_public(path, data)
+
+    monkeypatch.setattr(authority_module, "write_public", full_disk_for_the_record)
+    with pytest.raises(OSError, match="No space left"):
+        ca.revoke(serial=serial, reason="drill")
+    monkeypatch.undo()
+    crl = x509.load_pem_x509_crl((tmp_path / "ca" / "crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(serial) is None
+    assert [row.revoked_at for row in ca.issued()] == [None]
+    assert ca.revoke(serial=serial, reason="drill") == [serial]  # and it can be run again
+

@@ -210,8 +210,8 @@ def test_the_results_page_is_rendered_again_from_its_json_alone(tmp_path):
     summary = summarise(_runs(), KINDS)
     greedy = summarise([dataclasses.replace(r, reward_pairwise_accuracy=None) for r in _runs()], KINDS)
     write_results_json(summary, tmp_path / "mor_vs_baselines.json", extra={
-        "test_questions": 1800, "greedy": {"methods": greedy["methods"]},
-        "settings": {"eval_samples": 4, "grpo": {"steps": 300}}, "leave_one_silo_out": LOSO})
+        "test_questions": 1800, "grpo_steps": 300, "greedy": {"methods": greedy["methods"]},
+        "settings": {"eval_samples": 4, "grpo": {}}, "leave_one_silo_out": LOSO})  # steps left at their default
     page = tmp_path / "results.md"
     page.write_text(f"prose before\n{GENERATED_BEGIN}\nstale\n{GENERATED_END}\nprose after\n", encoding="utf-8")
     assert main(["demo", "table", "--render-only", "--results-dir", str(tmp_path), "--results-md", str(page)]) == 0

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Methods that are not privacy-preserving alternatives, never "best": reference points, not bounds (the
-# centralised model sees none of the labelled public pairs MoR's router is calibrated on, and can score below it).
-CEILINGS = {"centralized_rm": "reward model trained on all silos' pooled data (breaks privacy; not calibrated "
-                              "on the labelled public pairs MoR's router is)",
-            "oracle": "ground-truth reward"}
+# Methods that are not privacy-preserving alternatives, never "best". The centralised model is a reference point,
+# not a bound: it sees none of the labelled public pairs MoR's router is calibrated on, and can score below it.
+CEILINGS = {"centralized_rm": "reward model trained on all silos' pooled data (breaks privacy; a reference point, "
+                              "not a bound: not calibrated on the labelled public pairs MoR's router is)",
+            "oracle": "ground-truth reward (the ceiling of any reward)"}
 _HEAD = ("reference", "mor", "uniform")
 _TAIL = ("fedavg_rm", "centralized_rm", "oracle")
 _CEILING_MARK = "†"
@@ -174,8 +174,8 @@ def results_markdown(summary: dict, *, kinds: Sequence[str], title: str, notes: 
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     ceilings = [m for m in order if m in CEILINGS]
     if ceilings:
-        lines += ["", f"{_CEILING_MARK} Not a privacy-preserving method, excluded from the bolding; a reference "
-                  "point, not a bound: " + "; ".join(f"{m} = {CEILINGS[m]}" for m in ceilings) + "."]
+        lines += ["", f"{_CEILING_MARK} Not a privacy-preserving method, excluded from the bolding: "
+                  + "; ".join(f"{m} = {CEILINGS[m]}" for m in ceilings) + "."]
     for note in notes:
         lines += ["", note]
     return "\n".join(lines) + "\n"

@@ -137,9 +137,13 @@ def _serve_model(config: SiloConfig, kit: CertKit, policy: SiloPolicy, policy_so
     audit = SiloAuditTrail(AuditLog.for_kit(audit_log_path(config), kit, checkpoint_every_entries=1),
                            None if ledger is None else (lambda: ledger_summary(ledger)))
     servicer = SiloServicer(None)
-    running = serve(kit=kit, crl_path=settings.crl or kit.crl_path, services=[servicer_registration(servicer)],
-                    roles_by_rpc=ROLES_BY_RPC, admission=SiloAdmission(policy), audit=audit,
-                    settings=server_settings(settings, policy))
+    try:
+        running = serve(kit=kit, crl_path=settings.crl or kit.crl_path, services=[servicer_registration(servicer)],
+                        roles_by_rpc=ROLES_BY_RPC, admission=SiloAdmission(policy), audit=audit,
+                        settings=server_settings(settings, policy))
+    except BaseException:
+        audit.close()  # a start that failed (a missing CRL, a port in use) leaves the log free for the next
+        raise
     if port_file is not None:
         write_public(Path(port_file), (json.dumps({"port": running.port, "pid": os.getpid()}) + "\n").encode())
     logger.info("silo %s listening on %s:%d; loading its reward model", config.name, settings.host, running.port)

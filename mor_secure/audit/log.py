@@ -29,6 +29,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -111,7 +112,8 @@ def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
         return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
     connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     # Before anything writes (the switch to WAL rewrites the file's header): another database is left as it was.
-    foreign = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} - _TABLES
+    foreign = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+               if not name.startswith("sqlite_")} - _TABLES  # sqlite_stat1 etc. are SQLite's own (ANALYZE)
     if foreign:
         connection.close()
         raise AuditLogError(f"{path} is a SQLite database but not an audit log (it holds {', '.join(sorted(foreign))}"
@@ -170,6 +172,8 @@ class AuditLog:
         self._lock = threading.Lock()
         self._tree = MerkleTree()
         self._writer_lock = _writer_lock(self.path)
+        # A log dropped without close() (a start that failed part way) still lets go of its lock.
+        self._release_lock = weakref.finalize(self, os.close, self._writer_lock)
         self._closed = False
         self._connection: sqlite3.Connection | None = None
         try:
@@ -179,7 +183,7 @@ class AuditLog:
         except BaseException as exc:
             if self._connection is not None:
                 self._connection.close()
-            os.close(self._writer_lock)
+            self._release_lock()
             if isinstance(exc, sqlite3.DatabaseError):  # not a database, a directory, a read-only file
                 raise _unopenable(self.path, exc) from None
             raise
@@ -301,7 +305,7 @@ class AuditLog:
             finally:
                 self._closed = True
                 self._connection.close()
-                os.close(self._writer_lock)  # and with it the lock
+                self._release_lock()  # and with it the lock
 
     def _store_certificate(self) -> None:
         """Keep the signer's certificate in the log, so a reviewer can check every checkpoint, renewals included."""
@@ -344,7 +348,8 @@ class AuditLog:
 
 def _writer_lock(path: Path) -> int:
     """The open, flock-held `<log>.lock` of the one process writing `path` (AuditLogError if another holds it)."""
-    lock = path.with_name(f"{path.name}.lock")
+    real = path.resolve()  # one lock per file, however it is reached (a symlink)
+    lock = real.with_name(f"{real.name}.lock")
     try:
         descriptor = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:

@@ -292,6 +292,26 @@ def test_serve_is_refused_while_a_training_holds_the_workdir_and_starts_after(tm
         rounds.close()
 
 
+def test_a_start_that_fails_after_opening_the_log_leaves_it_free_for_the_next(tmp_path: Path, consortium_path: Path,
+                                                                             pki) -> None:
+    """A missing CRL failed the start after the audit log was opened: the log (and its writer lock) stayed open,
+    and the next start in the process was refused as another writer."""
+    config = load_silo_config(_silo_yaml(tmp_path, consortium_path, pki.kits["hospital-a"].directory,
+                                         tmp_path / "crl.pem"))
+    create_ledger(config)
+    SmallCNNRewardModel(seed=0).save(config.workdir / MODEL_DIR)
+    with pytest.raises(FileNotFoundError, match="crl.pem"):
+        start_silo_server(config)
+    shutil.copyfile(pki.crl, tmp_path / "crl.pem")
+    running, audit, rounds = start_silo_server(config)
+    try:
+        assert health_status(running.port, pki.kits["coordinator"]) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        running.stop(0)
+        audit.close()
+        rounds.close()
+
+
 def test_sigterm_drains_and_exits_zero_with_a_final_checkpoint(served_silo, pki) -> None:
     """Runs last in this module: it stops the served silo."""
     served_silo.process.send_signal(signal.SIGTERM)

@@ -450,6 +450,31 @@ def test_a_second_writer_is_refused_when_it_opens_and_the_first_goes_on(tmp_path
     assert verified(tmp_path / "two.db", pki.kits["coordinator"]).ok
 
 
+def test_the_lock_is_one_per_file_and_goes_with_a_log_dropped_unclosed(tmp_path: Path, pki) -> None:
+    """A second writer through a symlink used to open unrefused; a log dropped without close() (a start that
+    failed part way) kept its lock, and the party could not open its own log again in that process."""
+    import gc
+
+    first = write_log(tmp_path / "one.db", pki.kits["coordinator"], 2)
+    (tmp_path / "alias.db").symlink_to(tmp_path / "one.db")
+    with pytest.raises(AuditLogError, match="another process is writing this log"):
+        AuditLog.for_kit(tmp_path / "alias.db", pki.kits["coordinator"])
+    del first
+    gc.collect()
+    AuditLog.for_kit(tmp_path / "one.db", pki.kits["coordinator"]).close()
+
+
+def test_a_log_sqlite_analyzed_is_still_its_partys_log(tmp_path: Path, pki) -> None:
+    """ANALYZE (or PRAGMA optimize) adds SQLite's own sqlite_stat1, which is no sign of another database."""
+    write_log(tmp_path / "analyzed.db", pki.kits["coordinator"], 2).close()
+    with closing(sqlite3.connect(tmp_path / "analyzed.db")) as connection:
+        connection.execute("ANALYZE")
+        connection.commit()
+    log = AuditLog.for_kit(tmp_path / "analyzed.db", pki.kits["coordinator"])
+    assert log.record({"event": "call"}) == 2
+    log.close()
+
+
 def test_a_second_writer_past_a_deleted_lock_is_still_refused_at_its_first_entry(tmp_path: Path, pki) -> None:
     first = write_log(tmp_path / "two.db", pki.kits["coordinator"], 3)
     (tmp_path / "two.db.lock").unlink()  # a flock on a deleted file excludes no one who opens the name anew

@@ -131,7 +131,9 @@ def test_markdown_table_formats_bolds_best_private_method_and_marks_ceilings():
         cells = _row(md, ceiling)
         assert cells[0] == f"{ceiling} †"
         assert not any("**" in c for c in cells)  # higher than mor, yet never bolded
-    assert "† Not a privacy-preserving method, excluded from the bolding; a reference point, not a bound" in md
+    assert "† Not a privacy-preserving method, excluded from the bolding: " in md
+    assert "centralized_rm = reward model trained on all silos' pooled data (breaks privacy; a reference point, " \
+        "not a bound" in md and "oracle = ground-truth reward (the ceiling of any reward)" in md
     assert "Upper bound" not in md  # the table it writes can show centralized_rm below MoR
     assert md.count("**") == 2 * 4  # one bold cell per accuracy column
 

@@ -175,6 +175,7 @@ class AuditLog:
         # A log dropped without close() (a start that failed part way) still lets go of its lock.
         self._release_lock = weakref.finalize(self, os.close, self._writer_lock)
         self._closed = False
+        self._failed_commit_in_wal = False
         self._connection: sqlite3.Connection | None = None
         try:
             self._connection = _connect(self.path, read_only=False)
@@ -268,17 +269,38 @@ class AuditLog:
     def _atomically(self) -> Iterator[None]:
         """One transaction; if anything in it fails, its COMMIT included, the in-memory tree, checkpoint and
         signer go back to what is on disk, so no checkpoint is ever handed out over an entry that is not."""
+        if self._failed_commit_in_wal and not self._discard_failed_commit():
+            raise AuditLogError(f"{self.path}: a write that failed (a disk I/O error) may still be in the log's WAL "
+                                "file, where a crash would bring it back as written; nothing more is recorded until "
+                                "SQLite can sync the log again (check the disk)")
         mark = self._tree.mark()
         saved = (self._checkpointed_size, self._checkpointed_at, self._last_checkpoint_time,
                  self._latest_checkpoint, self.signer)
+        transaction = self._transaction()
         try:
-            with self._transaction():
+            with transaction:
                 yield
         except BaseException:
             self._tree.rewind(mark)
             (self._checkpointed_size, self._checkpointed_at, self._last_checkpoint_time,
              self._latest_checkpoint, self.signer) = saved
+            if transaction.commit_failed:
+                self._failed_commit_in_wal = not self._discard_failed_commit()
             raise
+
+    def _discard_failed_commit(self) -> bool:
+        """Drop what a failed COMMIT left in the WAL file; whether that worked.
+
+        A COMMIT whose sync failed (EIO) leaves its frames, commit marker included, past the end SQLite's WAL
+        index knows: rolled back in this process, but the recovery after a crash reads them as committed, and
+        the entry of a call that was refused would come back as written. Folding the WAL into the database and
+        truncating it to nothing (it needs the sync to work again) removes them.
+        """
+        try:
+            busy = self._connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.DatabaseError:
+            return False
+        return busy == 0
 
     def checkpoint(self) -> SignedCheckpoint | None:
         """Sign and store a checkpoint of the current tree if it grew since the last one; the latest one."""
@@ -374,6 +396,7 @@ class _Transaction:
 
     def __init__(self, connection: sqlite3.Connection) -> None:
         self._connection = connection
+        self.commit_failed = False
 
     def __enter__(self) -> None:
         self._connection.execute("BEGIN IMMEDIATE")
@@ -383,6 +406,7 @@ class _Transaction:
             try:
                 self._connection.execute("COMMIT")
             except BaseException:
+                self.commit_failed = True
                 # A COMMIT that fails (disk full, I/O error) may leave the transaction open: end it, so the
                 # next one starts from what is on disk.
                 if self._connection.in_transaction:

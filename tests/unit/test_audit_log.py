@@ -7,6 +7,8 @@ that verification fails and names the entry.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -284,6 +286,66 @@ def test_eight_threads_of_a_thousand_entries_verify_and_the_count_is_exact(tmp_p
     assert result.entries == 8000 and result.latest.size == 8000 and result.uncovered_entries == 0
     seen = {(e.fields()["thread"], e.fields()["i"]) for e in read_log(tmp_path / "busy.db").entries}
     assert seen == {(t, i) for t in range(8) for i in range(1000)}
+
+
+_FAILING_DISK_WRITER = """
+import os, signal, sys
+from pathlib import Path
+from mor_secure.audit import AuditLog
+from mor_secure.pki.kits import CertKit
+path, kit, trigger, failure = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+log = AuditLog.for_kit(path, CertKit.load(kit), checkpoint_every_entries=1)
+for i in range(3):
+    log.record({"event": "call", "i": i})
+trigger.write_text("persistent" if failure == "persistent" else "")  # the shim: empty = the next WAL sync only
+try:
+    log.record({"event": "call", "i": "failed"})
+except Exception as exc:
+    print("failed:", type(exc).__name__, flush=True)
+if failure == "persistent":
+    try:
+        log.record({"event": "call", "i": "while failing"})
+    except Exception as exc:
+        print("refused:", exc, flush=True)
+    trigger.unlink()
+    print("after:", log.record({"event": "call", "i": "after"}), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # a crash before the party writes again: WAL recovery on the next open
+"""
+
+
+@pytest.fixture(scope="module")
+def fsync_failure_shim(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tests/unit/fsync_failure_shim.c built for LD_PRELOAD: fsync of a *-wal file fails with EIO on demand."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("no C compiler to build the fsync-failure shim")
+    shim = tmp_path_factory.mktemp("shim") / "fsync_failure_shim.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", str(shim),
+                    str(Path(__file__).with_name("fsync_failure_shim.c")), "-ldl"], check=True, timeout=120)
+    return shim
+
+
+@pytest.mark.parametrize("failure", ["once", "persistent"])
+def test_a_write_whose_sync_failed_does_not_come_back_after_a_crash(tmp_path: Path, pki, fsync_failure_shim: Path,
+                                                                   failure: str) -> None:
+    """A COMMIT whose WAL sync fails (EIO) left its frames in the WAL: rolled back here, but the recovery after a
+    crash read them as committed, and the entry of a call refused INTERNAL came back as written."""
+    path, kit, trigger = tmp_path / "disk.db", pki.kits["hospital-a"], tmp_path / "fail-wal-sync"
+    child = subprocess.run([sys.executable, "-c", _FAILING_DISK_WRITER, str(path), str(kit.directory), str(trigger),
+                            failure], env={**os.environ, "LD_PRELOAD": str(fsync_failure_shim),
+                                           "FSYNC_FAILS": str(trigger)},
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert child.returncode == -9, child.stderr
+    assert "failed: OperationalError" in child.stdout, child.stdout
+    if failure == "persistent":  # no entry while the disk fails; the next once it syncs again
+        assert "refused: " in child.stdout and "may still be in the log's WAL file" in child.stdout
+        assert "after: 3" in child.stdout
+    stored = [e.fields()["i"] for e in read_log(path).entries]
+    assert stored == [0, 1, 2] + (["after"] if failure == "persistent" else []), stored
+    assert verified(path, kit).ok
+    log = AuditLog.for_kit(path, kit)
+    assert log.record({"event": "call"}) == len(stored)
+    log.close()
 
 
 _WRITER = """

@@ -269,40 +269,17 @@ def test_a_second_server_on_the_same_workdir_is_refused_before_it_opens_anything
     assert health_status(served_silo.port, pki.kits["coordinator"]) == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_serve_is_refused_while_a_training_holds_the_workdir_and_starts_after(tmp_path: Path, consortium_path: Path,
-                                                                             pki) -> None:
-    """A training replaces the model and the report beside it; a server loading them meanwhile could pair the two
-    runs' files, so the start is refused before any port, log or ledger change, and goes ahead once it ends."""
-    config = load_silo_config(_silo_yaml(tmp_path, consortium_path, pki.kits["hospital-a"].directory, pki.crl))
+def _silo_with_a_model(tmp_path: Path, consortium_path: Path, pki, crl: Path):
+    """hospital-a's config in `tmp_path`, its ledger created and an untrained model saved: ready to serve in
+    process."""
+    config = load_silo_config(_silo_yaml(tmp_path, consortium_path, pki.kits["hospital-a"].directory, crl))
     create_ledger(config)
     SmallCNNRewardModel(seed=0).save(config.workdir / MODEL_DIR)
-    port_file = tmp_path / "port.json"
-    with open(config.workdir / TRAINING_LOCK_FILE, "a+b") as training:  # a `mor silo train` in another process
-        fcntl.flock(training, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(WorkdirBusyError, match="is running on this workdir, or a `mor silo serve` is starting "
-                           "on it; wait for it to finish: a training replaces the model and the privacy report"):
-            start_silo_server(config, port_file=port_file)
-    assert not port_file.exists() and not (config.workdir / "audit.db").exists()
-    running, audit, rounds = start_silo_server(config, port_file=port_file)
-    try:
-        assert health_status(running.port, pki.kits["coordinator"]) == health_pb2.HealthCheckResponse.SERVING
-    finally:
-        running.stop(0)
-        audit.close()
-        rounds.close()
+    return config
 
 
-def test_a_start_that_fails_after_opening_the_log_leaves_it_free_for_the_next(tmp_path: Path, consortium_path: Path,
-                                                                             pki) -> None:
-    """A missing CRL failed the start after the audit log was opened: the log (and its writer lock) stayed open,
-    and the next start in the process was refused as another writer."""
-    config = load_silo_config(_silo_yaml(tmp_path, consortium_path, pki.kits["hospital-a"].directory,
-                                         tmp_path / "crl.pem"))
-    create_ledger(config)
-    SmallCNNRewardModel(seed=0).save(config.workdir / MODEL_DIR)
-    with pytest.raises(FileNotFoundError, match="crl.pem"):
-        start_silo_server(config)
-    shutil.copyfile(pki.crl, tmp_path / "crl.pem")
+def _starts_serving_and_stop(config, pki) -> None:
+    """Start `config`'s silo in process, check it is SERVING over mTLS, and stop it."""
     running, audit, rounds = start_silo_server(config)
     try:
         assert health_status(running.port, pki.kits["coordinator"]) == health_pb2.HealthCheckResponse.SERVING
@@ -310,6 +287,32 @@ def test_a_start_that_fails_after_opening_the_log_leaves_it_free_for_the_next(tm
         running.stop(0)
         audit.close()
         rounds.close()
+
+
+def test_serve_is_refused_while_a_training_holds_the_workdir_and_starts_after(tmp_path: Path, consortium_path: Path,
+                                                                             pki) -> None:
+    """A training replaces the model and the report beside it; a server loading them meanwhile could pair the two
+    runs' files, so the start is refused before any port, log or ledger change, and goes ahead once it ends."""
+    config = _silo_with_a_model(tmp_path, consortium_path, pki, pki.crl)
+    port_file = tmp_path / "port.json"
+    with open(config.workdir / TRAINING_LOCK_FILE, "a+b") as training:  # a `mor silo train` in another process
+        fcntl.flock(training, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(WorkdirBusyError, match="is running on this workdir, or a `mor silo serve` is starting "
+                           "on it; wait for it to finish: a training replaces the model and the privacy report"):
+            start_silo_server(config, port_file=port_file)
+    assert not port_file.exists() and not (config.workdir / "audit.db").exists()
+    _starts_serving_and_stop(config, pki)
+
+
+def test_a_start_that_fails_after_opening_the_log_leaves_it_free_for_the_next(tmp_path: Path, consortium_path: Path,
+                                                                             pki) -> None:
+    """A missing CRL failed the start after the audit log was opened: the log (and its writer lock) stayed open,
+    and the next start in the process was refused as another writer."""
+    config = _silo_with_a_model(tmp_path, consortium_path, pki, tmp_path / "crl.pem")
+    with pytest.raises(FileNotFoundError, match="crl.pem"):
+        start_silo_server(config)
+    shutil.copyfile(pki.crl, tmp_path / "crl.pem")
+    _starts_serving_and_stop(config, pki)
 
 
 def test_sigterm_drains_and_exits_zero_with_a_final_checkpoint(served_silo, pki) -> None:

@@ -332,8 +332,7 @@ def _undo_killed_renewal(key_path: Path, retired: Path, certificate: x509.Certif
     already the new one while party.pem is still the old certificate (a mismatched pair: the old key goes back).
     """
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    public = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(*public) == certificate.public_key().public_bytes(*public):
+    if key.public_key() == certificate.public_key():
         retired.unlink()
     else:
         os.replace(retired, key_path)

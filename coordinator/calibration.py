@@ -164,12 +164,17 @@ def collect_bits(clients: Sequence[SiloClient], records: Sequence[VQARecord], fe
     if not clients:
         raise ValueError("calibration needs at least one silo client")
     chosen = calibration_records(records, config)
+    # Pairs are drawn over every kind's questions and the excluded kinds dropped after: make_pairs draws from one
+    # sequential stream, so drawing over the kept kinds alone would give every later kind other pairs, and a
+    # leave-one-silo-out router would differ from the full one in more than the held-out kind.
+    every_kind = calibration_records(records, config.model_copy(update={"exclude_kinds": []}))
     rows_features = features.encode([r.image_path for r in chosen], [r.question for r in chosen], progress=progress)
 
     objective_blocks, bit_blocks = [], []
     silo_accuracy: dict[str, dict[str, dict[str, float]]] = {}
     for objective_id, objective in enumerate(config.objectives):
-        pairs = objective_pairs(chosen, objective, seed=config.seed)
+        pairs = [p for p in objective_pairs(every_kind, objective, seed=config.seed)
+                 if p.kind not in config.exclude_kinds]
         requests = bits_requests(pairs, objective=objective, round_id=new_round_id(),
                                  randomized_response_epsilon=config.randomized_response_epsilon)
         answers, asked = [], []

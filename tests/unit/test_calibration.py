@@ -174,3 +174,30 @@ def test_leaving_a_kind_out_keeps_the_other_kinds_calibration_records(consortium
     for held_out in QUESTION_KINDS:
         config = CalibrationConfig(max_records_per_kind=3, exclude_kinds=[held_out])
         assert calibration_records(splits.calibration, config) == [r for r in full if r.kind != held_out]
+
+
+class PairRecorder(KindExpert):
+    """A kind expert that keeps every pair it was asked about, as (image bytes, prompt, chosen, rejected)."""
+
+    def __init__(self, name: str, kind: str | None) -> None:
+        super().__init__(name, kind)
+        self.asked: list[tuple[bytes, str, str, str]] = []
+
+    def correctness_bits(self, request: BitsRequest) -> BitsReply:
+        self.asked.extend((request.images[p.image].data, p.prompt, p.chosen, p.rejected) for p in request.pairs)
+        return super().correctness_bits(request)
+
+
+def test_leaving_a_kind_out_keeps_the_other_kinds_pairs(consortium, features) -> None:
+    """The rejected answers (and padded answers) of the other kinds are the full calibration's, not a redraw."""
+    _, splits = consortium
+
+    def asked(exclude_kinds: list[str]) -> list[tuple[bytes, str, str, str]]:
+        silo = PairRecorder("recorder", None)
+        collect_bits([silo], splits.calibration, features,
+                     CalibrationConfig(max_records_per_kind=20, exclude_kinds=exclude_kinds))
+        return silo.asked
+
+    full = asked([])
+    for held_out in QUESTION_KINDS:
+        assert asked([held_out]) == [pair for pair in full if kind_of_answer(pair[2]) != held_out], held_out

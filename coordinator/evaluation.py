@@ -55,7 +55,7 @@ from mor_secure.wire.client import SiloClient
 
 from .answer_eval import AccuracyCallback, balanced_sample, evaluate_answers
 from .calibration import CalibrationBits, CalibrationConfig, Objective, collect_bits, fit_router, mean_weights_by_kind
-from .grpo import GRPOSettings, train_grpo
+from .grpo import GRPOSettings, latest_checkpoint, train_grpo
 from .results_report import RunResult, plot_training_curves, results_page_markdown, summarise, write_results_json
 from .fusion import ClearFusion, Fusion
 from .methods import RewardTransform, grpo_reward, method_reward
@@ -290,7 +290,10 @@ class Evaluation:
             _, processor = load_vlm(self.reference_dir)
             callback = AccuracyCallback(processor, self.dev_probe, every=self.config.eval_every,
                                         samples=self.config.eval_samples)
-            policy = train_grpo(self.reference_dir, self.prompts, reward, settings, resume=False, callbacks=[callback])
+            # A run interrupted after a checkpoint (transformers writes one at the last step, too) continues there.
+            resumed = latest_checkpoint(settings.output_dir) is not None
+            policy = train_grpo(self.reference_dir, self.prompts, reward, settings, resume=resumed,
+                                callbacks=[callback])
             state = json.loads((settings.output_dir / "trainer_state.json").read_text(encoding="utf-8"))
             history = state["log_history"]
         model, processor = load_vlm(policy)

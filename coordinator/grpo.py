@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
-from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerState
 
 from mor_secure.config import StrictModel
 from mor_secure.data.records import VQARecord
@@ -263,6 +263,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return Path(found) if found else None
 
 
+def _checkpoint_state(checkpoint: Path) -> TrainerState:
+    return TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))  # transformers' TRAINER_STATE_NAME
+
+
 RewardFunction = Callable[..., list[float]]
 
 
@@ -325,7 +329,14 @@ def train_grpo(policy_dir: str | Path, records: Sequence[VQARecord], reward: Rew
                          f"prompts ({args.generation_batch_size} completions / {args.num_generations} generations); "
                          "give more records or lower per_device_train_batch_size")
     dataset = grpo_dataset(records)
-    model, processor = load_vlm(policy_dir)
+    # transformers 5.23 resuming from a checkpoint at max_steps trains one step more (measured: step 5 of 4), so a
+    # run interrupted after its last checkpoint is finished from that checkpoint's weights and state, untrained.
+    reached = _checkpoint_state(checkpoint).global_step if checkpoint is not None else 0
+    if reached > args.max_steps:
+        raise ValueError(f"{checkpoint} is at step {reached}, past steps={args.max_steps}: give the run's own steps, "
+                         "or an empty output_dir for a shorter run")
+    finished = checkpoint is not None and reached == args.max_steps
+    model, processor = load_vlm(checkpoint if finished else policy_dir)
     if not settings.train_vision:
         for module in (model.model.vision_tower, model.model.multi_modal_projector):
             module.requires_grad_(False)
@@ -337,13 +348,18 @@ def train_grpo(policy_dir: str | Path, records: Sequence[VQARecord], reward: Rew
     trainer.remove_callback(ProgressCallback)
     if not args.disable_tqdm:
         trainer.add_callback(StepProgress(description=f"GRPO {getattr(reward, '__name__', 'reward')}"))
-    if checkpoint is not None:
-        logger.info("resuming GRPO from %s", checkpoint)
-    with warnings.catch_warnings():
-        # TRL 1.16 reads transformers' deprecated `is_gradient_checkpointing` when training starts
-        # (trl/models/utils.py): a FutureWarning about TRL's code, printed once per GRPO run.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    if finished:
+        logger.info("GRPO already reached step %d at %s: saving that policy, training nothing", args.max_steps,
+                    checkpoint)
+        trainer.state = _checkpoint_state(checkpoint)
+    else:
+        if checkpoint is not None:
+            logger.info("resuming GRPO from %s", checkpoint)
+        with warnings.catch_warnings():
+            # TRL 1.16 reads transformers' deprecated `is_gradient_checkpointing` when training starts
+            # (trl/models/utils.py): a FutureWarning about TRL's code, printed once per GRPO run.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     trainer.save_state()
     final = output_dir / FINAL_DIR
     trainer.save_model(str(final))  # model + processor, from the main process, unwrapped

@@ -123,6 +123,20 @@ def test_resume_continues_from_latest_checkpoint(tiny_vlm_dir: Path, grpo_record
     assert [e for e in state["log_history"] if e["step"] <= 2 and "kl" in e] == [e for e in first_half if "kl" in e]
     assert (out / "checkpoint-4").is_dir()
 
+    # Interrupted after the last step's checkpoint, before the caller used the policy: resuming trains no step
+    # and keeps the checkpoint's weights (transformers alone would train a step 5).
+    (out / RUN_RECORD).unlink()
+    final = train_grpo(tiny_vlm_dir, grpo_records, TextHashReward(), tiny_settings(out, steps=4, save_steps=2),
+                       resume=True)
+    assert json.loads((out / RUN_RECORD).read_text())["resumed_from"] == "checkpoint-4"
+    assert json.loads((out / RUN_RECORD).read_text())["global_step"] == 4
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [e for e in history if "kl" in e] == [e for e in state["log_history"] if "kl" in e]
+    saved, checkpointed = load_file(final / "model.safetensors"), load_file(out / "checkpoint-4" / "model.safetensors")
+    assert saved.keys() == checkpointed.keys() and all(torch.equal(saved[k], checkpointed[k]) for k in saved)
+    with pytest.raises(ValueError, match="at step 4, past steps=3"):
+        train_grpo(tiny_vlm_dir, grpo_records, TextHashReward(), tiny_settings(out, steps=3), resume=True)
+
 
 @pytest.mark.slow
 def test_two_processes_under_accelerate_launch(tiny_vlm_dir: Path, tmp_path: Path):

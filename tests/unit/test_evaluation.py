@@ -307,3 +307,32 @@ def test_a_resume_refuses_runs_made_from_another_reference_or_other_silos(consor
     (reference / "model.safetensors").write_bytes(b"policy v2")
     with pytest.raises(ValueError, match=r"changed: \['reference_checkpoint'\]"):
         evaluation()
+
+
+def test_an_interrupted_run_continues_from_its_grpo_checkpoint(consortium, tmp_path: Path, monkeypatch) -> None:
+    """No result.json yet but a checkpoint (transformers writes one at the last step): GRPO resumes, not refuses."""
+    import coordinator.evaluation as evaluation_module
+    from coordinator.evaluation import Evaluation
+
+    class StopHere(Exception):
+        pass
+
+    resumes: list[bool] = []
+
+    def train_grpo(policy_dir, records, reward, settings, *, resume, callbacks):
+        resumes.append(resume)
+        raise StopHere  # what GRPO does with the flag is tests/integration/test_grpo.py's business
+
+    monkeypatch.setattr(evaluation_module, "RouterFeatures", lambda cache: None)  # no encoder needed here
+    monkeypatch.setattr(evaluation_module, "load_vlm", lambda path: (None, None))
+    monkeypatch.setattr(evaluation_module, "train_grpo", train_grpo)
+    spec, _ = consortium
+    config = EvaluationConfig(seeds=[0], methods=["oracle"], leave_one_silo_out=False, test_questions_per_kind=2,
+                              eval_questions_per_kind=1, pairwise_pairs_per_kind=2)
+    evaluation = Evaluation(spec, [], tmp_path / "reference", tmp_path / "out", config, progress=False)
+    for _ in range(2):
+        with pytest.raises(StopHere):
+            evaluation.run("oracle", 0)
+        (tmp_path / "out" / "runs" / "oracle" / "seed-0" / "grpo" / "checkpoint-300").mkdir(parents=True,
+                                                                                          exist_ok=True)
+    assert resumes == [False, True]

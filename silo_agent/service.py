@@ -23,6 +23,7 @@ image decoding run outside it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from mor_secure.models.digests import directory_digest
 from mor_secure.models.reward_model import LocalResources, RewardModel, load_reward_model
 from mor_secure.policy import RequestLimits
 from mor_secure.privacy import PrivacyLedger
@@ -57,6 +59,8 @@ from .request_checks import (
     decode_images,
 )
 from .training import REPORT_FILE
+
+logger = logging.getLogger(__name__)
 
 
 class SiloService:
@@ -172,11 +176,24 @@ def ledger_summary(ledger: PrivacyLedger) -> LedgerSummary:
                          head_digest=ledger.head_digest)
 
 
-def published_privacy_report(path: Path) -> PrivacyReport | None:
-    """The public privacy report a training job wrote next to its model (None when there is none)."""
+def published_privacy_report(path: Path, model_dir: Path) -> PrivacyReport | None:
+    """The public privacy report a training job wrote next to `model_dir` (None when there is none).
+
+    ValueError when it does not describe exactly those weights: a claim about
+    another run's model (or a half-written one) is never published.
+    """
     if not path.is_file():
         return None
-    return PrivacyReport.from_dict(json.loads(path.read_text(encoding="utf-8"))["privacy"])
+    retrain = "train again (`mor silo train`) so that model and report are of one run"
+    try:
+        published = json.loads(path.read_text(encoding="utf-8"))
+        report, described = PrivacyReport.from_dict(published["privacy"]), published.get("model_digest")
+    except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{path} is not a complete privacy report ({error}); {retrain}") from None
+    if described != directory_digest(model_dir):
+        raise ValueError(f"{path} does not describe the weights in {model_dir} (the job that wrote them did not "
+                         f"finish writing its report, or an older job wrote this one); {retrain}")
+    return report
 
 
 def open_model_service(name: str, model_dir: str | Path, *, resources: LocalResources | None = None,
@@ -184,13 +201,20 @@ def open_model_service(name: str, model_dir: str | Path, *, resources: LocalReso
                        ledger: PrivacyLedger | None = None,
                        allowed_objectives: frozenset[str] = frozenset(OBJECTIVES),
                        max_weight: float = 1.0) -> SiloService:
-    """A service over a saved reward model; its public privacy report is read from beside it when present."""
+    """A service over a saved reward model and the public privacy report beside it (refused if not that model's)."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"silo {name!r}: reward model directory {model_dir} not found; "
                                 "train it first (`mor silo train --config <silo>.yaml`)")
+    report = published_privacy_report(model_dir.parent / REPORT_FILE, model_dir)
+    if report is None:
+        logger.warning("silo %r serves a model with no %s beside it: callers get no privacy claim", name,
+                       REPORT_FILE)
+    elif not report.private:
+        logger.warning("silo %r serves a model that is NOT differentially private (%s); every caller's Describe "
+                       "says so", name, "trained without DP" if not report.dp_enabled else f"noise {report.noise}")
     model = load_reward_model(model_dir, resources)
-    return SiloService(name, model, limits=limits, privacy_report=published_privacy_report(model_dir.parent / REPORT_FILE),
+    return SiloService(name, model, limits=limits, privacy_report=report,
                        ledger_summary=None if ledger is None else (lambda: ledger_summary(ledger)),
                        randomized_response_seed=randomized_response_seed, allowed_objectives=allowed_objectives,
                        max_weight=max_weight)

@@ -34,6 +34,7 @@ from mor_secure.models.reward_architectures import (
     LoraVLMRewardModel,
     SmallCNNRewardModel,
 )
+from mor_secure.models.digests import directory_digest
 from mor_secure.models.reward_model import RewardModel
 from mor_secure.privacy import PrivacyLedger, PrivacyReport, train_bradley_terry
 from mor_secure.privacy.ledger_chain import NEW_LEDGER_IS_NOT_A_RESET, LedgerMissingError
@@ -264,11 +265,15 @@ def _train_silo(config: SiloConfig, ledger: PrivacyLedger | None, *, progress: b
                                  ledger=ledger, reservation=reservation, purpose=purpose, progress=progress,
                                  description=f"{config.name} {config.architecture}")
     standardisation = model.fit_standardisation(public_standardisation_pairs(spec, splits))
-    model_dir = model.save(config.workdir / MODEL_DIR)
     report_path = config.workdir / REPORT_FILE
+    # The previous run's report goes before its model is overwritten, and the new one names the weights it
+    # describes: a job stopped in between leaves no report, never one of another run (serving refuses both).
+    report_path.unlink(missing_ok=True)
+    model_dir = model.save(config.workdir / MODEL_DIR)
     report_path.write_text(json.dumps({
         "silo": config.name,
         "architecture": config.architecture,
+        "model_digest": directory_digest(model_dir),
         "trainable_params": model.trainable_parameters(),
         "privacy": result.report.to_dict(),
         "standardisation": {"mean": standardisation.mean, "std": standardisation.std,

@@ -8,8 +8,6 @@ tokenizer, processor with chat template) and every consumer loads it back with
 
 from __future__ import annotations
 
-import hashlib
-
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -30,6 +28,8 @@ from transformers import (
 
 from mor_secure.config import StrictModel
 from mor_secure.data.text_rules import CHAT_TEMPLATE_MARKERS
+
+from .digests import directory_digest
 
 IMAGE_TOKEN = "<image>"
 END_TOKEN = "<|end|>"
@@ -167,14 +167,7 @@ def checkpoint_digest(path: str | Path) -> str:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a model checkpoint (no config.json)")
-    digest = hashlib.sha256()
-    for file in sorted(f for f in path.iterdir() if f.is_file()):
-        digest.update(file.name.encode("utf-8") + b"\0")
-        with file.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        digest.update(b"\0")
-    return digest.hexdigest()
+    return directory_digest(path)
 
 
 def user_prompt(question: str) -> list[dict]:

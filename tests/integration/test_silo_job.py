@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 
 from mor_cli.main import main
 from mor_secure.models import load_reward_model
+from mor_secure.models.digests import directory_digest
 from mor_secure.models.images import image_key
 from mor_secure.models.reward_architectures import FrozenEncoderRewardModel
 from mor_secure.models.reward_architectures.small_cnn import WordsAndHead
@@ -110,7 +112,9 @@ def test_first_run_succeeds_and_writes_model_and_report(first_run: FirstRun) -> 
     assert {p.name for p in (workdir / MODEL_DIR).iterdir()} == {"reward_model.json", "trunk.safetensors",
                                                                  "scorer.safetensors"}
     report = json.loads((workdir / REPORT_FILE).read_text())
-    assert set(report) == {"silo", "architecture", "trainable_params", "privacy", "standardisation", "ledger"}
+    assert set(report) == {"silo", "architecture", "model_digest", "trainable_params", "privacy", "standardisation",
+                           "ledger"}
+    assert report["model_digest"] == directory_digest(workdir / MODEL_DIR)
     assert report["silo"] == "hospital-a"
     assert report["architecture"] == "small_cnn"
     assert report["trainable_params"] == sum(p.numel() for p in WordsAndHead(32, 64, 64).parameters())
@@ -415,3 +419,32 @@ def test_without_a_policy_file_the_silo_admits_its_own_consortiums_coordinator(s
     assert policy.allowed_callers["Describe"] == ["mor://coordinator/central", "mor://auditor/regulator"]
     assert "for coordinator 'central'" in source
     assert SiloPolicy().allowed_callers["Score"] == ["mor://coordinator/coordinator"]  # the consortium file's default
+
+
+def test_a_privacy_report_is_served_only_beside_the_weights_it_describes(first_run: FirstRun, tmp_path: Path,
+                                                                          caplog) -> None:
+    """A job stopped between writing its model and its report (or failing to write the report) must not leave
+    the previous run's claim published beside the new weights."""
+    from silo_agent.service import open_model_service
+
+    workdir = tmp_path / "work"
+    shutil.copytree(first_run.workdir, workdir)
+    model_dir, report_path = workdir / MODEL_DIR, workdir / REPORT_FILE
+    served = open_model_service("hospital-a", model_dir).describe().privacy_report
+    assert served is not None and served.epsilon == json.loads(report_path.read_text())["privacy"]["epsilon"]
+
+    original = (model_dir / "scorer.safetensors").read_bytes()
+    (model_dir / "scorer.safetensors").write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # other weights
+    with pytest.raises(ValueError, match="does not describe the weights"):
+        open_model_service("hospital-a", model_dir)
+    (model_dir / "scorer.safetensors").write_bytes(original)
+
+    complete = report_path.read_text()
+    report_path.write_text(complete[: len(complete) // 2])  # a report cut short
+    with pytest.raises(ValueError, match="not a complete privacy report"):
+        open_model_service("hospital-a", model_dir)
+
+    report_path.unlink()  # what a job stopped after its model leaves: no claim at all, said loudly
+    with caplog.at_level(logging.WARNING, logger="silo_agent.service"):
+        assert open_model_service("hospital-a", model_dir).describe().privacy_report is None
+    assert "callers get no privacy claim" in caplog.text

@@ -23,7 +23,6 @@ image decoding run outside it.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import threading
 from collections.abc import Callable
@@ -59,8 +58,6 @@ from .request_checks import (
     decode_images,
 )
 from .training import REPORT_FILE
-
-logger = logging.getLogger(__name__)
 
 
 class SiloService:
@@ -207,12 +204,6 @@ def open_model_service(name: str, model_dir: str | Path, *, resources: LocalReso
         raise FileNotFoundError(f"silo {name!r}: reward model directory {model_dir} not found; "
                                 "train it first (`mor silo train --config <silo>.yaml`)")
     report = published_privacy_report(model_dir.parent / REPORT_FILE, model_dir)
-    if report is None:
-        logger.warning("silo %r serves a model with no %s beside it: callers get no privacy claim", name,
-                       REPORT_FILE)
-    elif not report.private:
-        logger.warning("silo %r serves a model that is NOT differentially private (%s); every caller's Describe "
-                       "says so", name, "trained without DP" if not report.dp_enabled else f"noise {report.noise}")
     model = load_reward_model(model_dir, resources)
     return SiloService(name, model, limits=limits, privacy_report=report,
                        ledger_summary=None if ledger is None else (lambda: ledger_summary(ledger)),

@@ -40,7 +40,7 @@ from .config import ServeSettings, SiloConfig
 from .secure_rounds import ROUND_RECORD, RoundRecord, SecureRounds
 from .service import SiloService, ledger_summary, open_model_service
 from .servicer import ROLES_BY_RPC, SiloServicer, servicer_registration
-from .training import MODEL_DIR, open_ledger, served_feature_cache_dir, training_lock
+from .training import MODEL_DIR, REPORT_FILE, open_ledger, served_feature_cache_dir, training_lock
 
 logger = logging.getLogger(__name__)
 # Workers beyond the policy's calls and streams, for health checks and quick refusals while those are all taken.
@@ -61,9 +61,17 @@ def load_service(config: SiloConfig, policy: SiloPolicy, ledger: PrivacyLedger |
     resources = LocalResources(base_model=config.base_model,
                                feature_cache=served_feature_cache_dir(config)
                                if config.architecture == "frozen_encoders" else None)
-    return open_model_service(config.name, config.workdir / MODEL_DIR, resources=resources, limits=policy.limits,
-                              ledger=ledger, allowed_objectives=frozenset(policy.allowed_objectives),
-                              max_weight=policy.max_weight)
+    service = open_model_service(config.name, config.workdir / MODEL_DIR, resources=resources, limits=policy.limits,
+                                 ledger=ledger, allowed_objectives=frozenset(policy.allowed_objectives),
+                                 max_weight=policy.max_weight)
+    report = service.describe().privacy_report
+    if report is None:
+        logger.warning("silo %r serves a model with no %s beside it: callers get no privacy claim", config.name,
+                       REPORT_FILE)
+    elif not report.private:
+        logger.warning("silo %r serves a model that is NOT differentially private (%s); every caller's Describe "
+                       "says so", config.name, "trained without DP" if not report.dp_enabled else f"noise {report.noise}")
+    return service
 
 
 def audit_log_path(config: SiloConfig) -> Path:

@@ -444,7 +444,8 @@ def test_a_privacy_report_is_served_only_beside_the_weights_it_describes(first_r
     with pytest.raises(ValueError, match="not a complete privacy report"):
         open_model_service("hospital-a", model_dir)
 
-    report_path.unlink()  # what a job stopped after its model leaves: no claim at all, said loudly
-    with caplog.at_level(logging.WARNING, logger="silo_agent.service"):
-        assert open_model_service("hospital-a", model_dir).describe().privacy_report is None
+    report_path.unlink()  # what a job stopped after its model leaves: no claim at all, said loudly when served
+    config = silo_training.load_silo_config(first_run.config).model_copy(update={"workdir": workdir})
+    with caplog.at_level(logging.WARNING, logger="silo_agent.serving"):
+        assert load_service(config, SiloPolicy(), ledger=None).describe().privacy_report is None
     assert "callers get no privacy claim" in caplog.text

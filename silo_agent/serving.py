@@ -82,14 +82,22 @@ def audit_log_path(config: SiloConfig) -> Path:
 def serving_policy(config: SiloConfig) -> tuple[SiloPolicy, str]:
     """The policy `config`'s silo serves under, and where it came from (for the audit log).
 
-    Without a policy file, the secure defaults of mor_secure/policy/schema.py
-    for this consortium's own coordinator and auditors: a consortium that
-    names its coordinator otherwise is not refused by every silo.
+    Without a policy file, or where the file leaves `allowed_callers` out,
+    the secure defaults of mor_secure/policy/schema.py for this consortium's
+    own coordinator and auditors: a consortium that names its coordinator
+    otherwise is not refused by every silo, and a file that only tightens a
+    limit does not change who may call.
     """
+    policy = None
     if config.serve is not None and config.serve.policy is not None:
-        return load_policy(config.serve.policy), str(config.serve.policy)
+        policy = load_policy(config.serve.policy)
+        if "allowed_callers" in policy.model_fields_set:
+            return policy, str(config.serve.policy)
     spec = load_consortium(config.consortium)
     callers = default_allowed_callers(coordinator=spec.coordinator, auditors=spec.auditors)
+    if policy is not None:
+        return policy.model_copy(update={"allowed_callers": callers}), (
+            f"{config.serve.policy}, its callers the defaults for coordinator {spec.coordinator!r}")
     return SiloPolicy(allowed_callers=callers), ("no policy file: the secure defaults of mor_secure/policy/schema.py, "
                                                  f"for coordinator {spec.coordinator!r}")
 

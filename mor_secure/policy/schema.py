@@ -78,8 +78,9 @@ class SiloPolicy(StrictModel):
     allowed_callers: dict[str, list[str]] = Field(
         default_factory=default_allowed_callers,
         description="Per RPC, the SAN URIs of the parties allowed to call it (on top of the roles the RPC "
-        "admits at all). An RPC left out is refused to everyone. Default: mor://coordinator/coordinator for "
-        "every RPC, and mor://auditor/auditor for Describe.")
+        "admits at all). An RPC left out is refused to everyone. Default: the consortium's coordinator for "
+        "every RPC and its auditors for Describe (`mor silo serve` reads their names from the consortium file; "
+        "mor://coordinator/coordinator and mor://auditor/auditor without one).")
     rate_limit: RateLimit = Field(default_factory=RateLimit, description="Requests per caller over time.")
     daily_cap: int = Field(200_000, gt=0,
                            description="Most requests per caller per UTC day (a 300-step GRPO run makes ~600).")

@@ -420,6 +420,17 @@ def test_without_a_policy_file_the_silo_admits_its_own_consortiums_coordinator(s
     assert "for coordinator 'central'" in source
     assert SiloPolicy().allowed_callers["Score"] == ["mor://coordinator/coordinator"]  # the consortium file's default
 
+    # A policy file that only tightens a limit keeps the consortium's callers; one that names callers is obeyed.
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text("daily_cap: 5000\n", encoding="utf-8")
+    config_path.write_text(config_path.read_text(encoding="utf-8") + f"  policy: {policy_path}\n", encoding="utf-8")
+    policy, source = serving_policy(silo_training.load_silo_config(config_path))
+    assert (policy.daily_cap, policy.allowed_callers["Score"]) == (5000, ["mor://coordinator/central"])
+    assert str(policy_path) in source and "for coordinator 'central'" in source
+    policy_path.write_text("allowed_callers:\n  Score: [mor://coordinator/central]\n", encoding="utf-8")
+    policy, source = serving_policy(silo_training.load_silo_config(config_path))
+    assert policy.allowed_callers == {"Score": ["mor://coordinator/central"]} and source == str(policy_path)
+
 
 def test_a_privacy_report_is_served_only_beside_the_weights_it_describes(first_run: FirstRun, tmp_path: Path,
                                                                           caplog) -> None:

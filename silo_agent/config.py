@@ -34,7 +34,10 @@ class ServeSettings(StrictModel):
     port: int = Field(0, ge=0, le=65535, description="Port to listen on; 0 lets the OS choose (reported on start).")
     audit_log: Path | None = Field(None, description="The silo's tamper-evident audit log, an SQLite file "
                                    "(default: <workdir>/audit.db); `mor audit verify` checks it.")
-    drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM: how long in-flight calls may finish.")
+    # Finite and bounded: gRPC's shutdown thread dies with OverflowError on inf or a huge grace, leaving the
+    # server neither drained nor stopped; an hour already outlasts what a process supervisor waits.
+    drain_seconds: float = Field(30.0, ge=0, le=3600, allow_inf_nan=False,
+                                 description="On SIGTERM: how long in-flight calls may finish (at most 3600 s).")
 
 
 class OwnData(StrictModel):

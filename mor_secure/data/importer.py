@@ -25,12 +25,18 @@ surrogate, no control character but tab and newlines, and no chat-template
 marker in a prompt or answer. A field named twice in one row is refused, not
 resolved: JSON readers disagree on which copy wins, so a swapped
 chosen/rejected or a second unit_id would otherwise pass unseen.
+
+A row that repeats an earlier one exactly (same image, prompt, chosen,
+rejected and unit_id) is refused: it would silently weigh that pair twice in
+training. The same question with chosen and rejected swapped is kept: that is
+two annotators disagreeing, which the data may honestly hold.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -133,6 +139,7 @@ def import_preference_jsonl(jsonl_path: str | Path, image_root: str | Path, *,
 
     images = _ImageChecker(root)
     units = _UnitOfImage()
+    repeats = _RepeatedPairs()
     pairs: list[PreferencePair] = []
     rows = 0
     with jsonl_path.open("rb") as handle:
@@ -148,7 +155,8 @@ def import_preference_jsonl(jsonl_path: str | Path, image_root: str | Path, *,
                 break
             pair, reasons = _parse_row(raw, images)
             if pair is not None:
-                reasons = units.check(pair, line_number) + _declared_unit_problems(pair, unit)
+                reasons = (units.check(pair, line_number) + _declared_unit_problems(pair, unit)
+                           + repeats.check(pair, line_number))
             for reason in reasons:
                 problems.add(line_number, reason)
             if pair is not None and not reasons:
@@ -193,6 +201,11 @@ def _parse_row(raw: bytes, images: _ImageChecker) -> tuple[PreferencePair | None
         return None, [f"field(s) {exc.fields} appear more than once; keep one of each"]
     except json.JSONDecodeError as exc:
         return None, [f"invalid JSON: {exc.msg} at column {exc.colno}"]
+    # Valid JSON that json.loads still cannot read: the row's problem, not a crash of the whole import.
+    except RecursionError:
+        return None, ["arrays or objects nested too deeply to read; a row is one object of strings and a list"]
+    except ValueError:  # after the two ValueErrors above, only an integer past Python's digit limit is left
+        return None, [f"a number with more than {sys.get_int_max_str_digits()} digits; no field of a row is a number"]
     if not isinstance(row, dict):
         return None, [f"a row must be a JSON object, got {_json_type(row)}"]
 
@@ -255,6 +268,21 @@ class _UnitOfImage:
         return [f"unit_id {_named(pair.unit_id)} differs from line {first_line}'s {_named(unit)} for {same}: every "
                 "row of one image must name the same unit_id, or none (one picture in two units counts its person "
                 "twice)"]
+
+
+class _RepeatedPairs:
+    """Refuses a row that repeats an earlier one exactly: the pair would weigh twice in training."""
+
+    def __init__(self) -> None:
+        self._first: dict[tuple[str, str, str, str, str | None], int] = {}  # the pair's fields -> its first line
+
+    def check(self, pair: PreferencePair, line: int) -> list[str]:
+        fields = (pair.image_id, pair.prompt, pair.chosen, pair.rejected, pair.unit_id)
+        first_line = self._first.setdefault(fields, line)
+        if first_line == line:
+            return []
+        return [f"repeats line {first_line} (same image, prompt, chosen, rejected and unit_id): the pair would "
+                "weigh twice in training; remove one"]
 
 
 def _named(unit_id: str | None) -> str:

@@ -51,6 +51,42 @@ def test_unknown_key_is_rejected_with_the_file_name(tmp_path: Path) -> None:
         load_consortium(path)
 
 
+@pytest.mark.parametrize(("text", "key", "line", "first"), [
+    ("seed: 0\n" + _silos(("hospital-a", 0.5)) + "seed: 1\n", "seed", 7, 1),
+    (_silos(("hospital-a", 0.5)) + "    label_flip_rate: 0.0\n", "label_flip_rate", 6, 5),
+], ids=["top-level", "nested"])
+def test_a_repeated_key_is_rejected_with_its_line(tmp_path: Path, text: str, key: str, line: int, first: int) -> None:
+    """Not "the last copy wins": an old block left further down would silently replace the one read."""
+    with pytest.raises(ConfigError, match=rf"consortium\.yaml:{line}: key '{key}' is repeated \(first on line "
+                                          rf"{first}\); keep one"):
+        load_consortium(_write(tmp_path, text))
+
+
+def test_a_merge_key_may_be_overridden_and_the_loader_stays_safe(tmp_path: Path) -> None:
+    spec = ConsortiumSpec.model_validate({"silos": [{"name": "hospital-a", "image_share": 0.5,
+                                                     "reliable_kinds": ["shape"], "label_flip_rate": 0.1}]})
+    path = _write(tmp_path, "silos:\n  - <<: {image_share: 0.5, reliable_kinds: [shape], label_flip_rate: 0.2}\n"
+                            "    name: hospital-a\n    label_flip_rate: 0.1\n")
+    assert load_consortium(path) == spec
+    with pytest.raises(ConfigError, match="not valid YAML.*python/object"):
+        load_consortium(_write(tmp_path, "seed: !!python/object/apply:os.getcwd []\n"))
+
+
+def test_a_file_that_is_not_utf8_is_rejected_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "consortium.yaml"
+    path.write_bytes(("seed: 0\n" + _silos(("hospital-a", 0.5)) + "# r\xe9sum\xe9\n").encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"consortium\.yaml:7: not UTF-8 \(byte 0xe9\); save the file as UTF-8"):
+        load_consortium(path)
+
+
+def test_a_path_that_cannot_be_read_is_a_config_error_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / ("c" * 300 + ".yaml")  # over NAME_MAX: the OS refuses even to look
+    with pytest.raises(ConfigError, match=rf"{path}: cannot read the config file \(File name too long\)"):
+        load_consortium(path)
+    with pytest.raises(ConfigError, match=rf"{tmp_path / 'missing.yaml'}: config file not found"):
+        load_consortium(tmp_path / "missing.yaml")
+
+
 def test_shares_summing_over_one_are_rejected(tmp_path: Path) -> None:
     path = _write(tmp_path, _silos(("hospital-a", 0.6), ("bank-b", 0.5)))
     with pytest.raises(ConfigError, match="sum to 1.1 > 1"):

@@ -66,7 +66,7 @@ def test_one_picture_is_one_privacy_unit_whatever_its_path_or_spelling(tmp_path:
     (image_root / "copy" / "a-again.png").write_bytes((image_root / "img/a.png").read_bytes())
     like_an_image_id = "import:sha256:" + "0" * 64
     jsonl = _write(tmp_path / "prefs.jsonl", [_row(unit_id="patient-1"),
-                                              _row("copy/a-again.png", unit_id=" patient-1 "),
+                                              _row("copy/a-again.png", unit_id=" patient-1 ", rejected="green"),
                                               _row("img/b.png", unit_id=like_an_image_id)])
     pairs = import_preference_jsonl(jsonl, image_root)
     assert pairs[0].image_id == pairs[1].image_id and pairs[1].unit_id == "patient-1"
@@ -214,6 +214,34 @@ def test_a_repeated_field_is_refused_not_resolved_by_last_wins(tmp_path: Path, i
         import_preference_jsonl(jsonl, image_root)
     assert [(p.line, p.reason) for p in caught.value.problems] == [
         (2, "field(s) ['chosen', 'rejected', 'unit_id'] appear more than once; keep one of each")]
+
+
+@pytest.mark.parametrize(("line", "expected_reason"), [
+    ('{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}", "arrays or objects nested too deeply to read"),
+    ('{"prompt": ' + "9" * 5000 + "}", "a number with more than 4300 digits; no field of a row is a number"),
+], ids=["deep-nesting", "huge-integer"])
+def test_json_that_json_loads_cannot_read_is_a_bad_row(tmp_path: Path, image_root: Path, line: str,
+                                                       expected_reason: str) -> None:
+    """Valid JSON that json.loads raises RecursionError or ValueError on: that row's problem, not a crash."""
+    jsonl = _write(tmp_path / "prefs.jsonl", [_row(), line])
+    with pytest.raises(DataImportError) as caught:
+        import_preference_jsonl(jsonl, image_root)
+    assert [p.line for p in caught.value.problems] == [2]
+    assert caught.value.problems[0].reason.startswith(expected_reason)
+
+
+def test_an_exact_repeat_of_a_row_is_refused_but_a_swapped_pair_is_kept(tmp_path: Path, image_root: Path) -> None:
+    """A repeat would weigh its pair twice; the same question answered the other way is annotators disagreeing."""
+    (image_root / "copy").mkdir()
+    (image_root / "copy" / "a-again.png").write_bytes((image_root / "img/a.png").read_bytes())
+    kept = [_row(unit_id="p1"), _row(unit_id="p1", chosen="blue", rejected="red"), _row("img/b.png", unit_id="p1")]
+    assert len(import_preference_jsonl(_write(tmp_path / "prefs.jsonl", kept), image_root)) == 3
+    repeats = [_row(unit_id="p1"), _row("copy/a-again.png", unit_id=" p1 ", kind="color")]
+    with pytest.raises(DataImportError) as caught:
+        import_preference_jsonl(_write(tmp_path / "prefs.jsonl", kept + repeats), image_root)
+    says = ("repeats line 1 (same image, prompt, chosen, rejected and unit_id): the pair would weigh twice in "
+            "training; remove one")
+    assert [(p.line, p.reason) for p in caught.value.problems] == [(4, says), (5, says)]
 
 
 @pytest.mark.parametrize(("field", "value", "expected_reason"), [

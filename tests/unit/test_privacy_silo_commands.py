@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mor_secure.config import ConfigError
 from mor_secure.privacy import NOISE_SEEDED
 from silo_agent.cli import main
 from silo_agent.training import REPORT_FILE, TRAINING_LOCK_FILE, ledger_path, load_silo_config, open_ledger
@@ -116,6 +117,20 @@ def test_own_data_with_dp_off_or_seeded_noise_is_refused_at_load(silo_yaml: Path
     assert load_silo_config(silo_yaml).data is None
 
 
+@pytest.mark.parametrize(("drain", "says"), [
+    (".inf", "Input should be a finite number"),
+    (".nan", "Input should be a finite number"),
+    ("3601", "Input should be less than or equal to 3600"),
+], ids=["inf", "nan", "over-an-hour"])
+def test_serve_drain_seconds_must_be_finite_and_at_most_an_hour(silo_yaml: Path, drain: str, says: str) -> None:
+    """gRPC's shutdown thread dies with OverflowError on an infinite grace: the silo would never drain or stop."""
+    silo_yaml.write_text(SILO_YAML + f"serve:\n  kit: kit\n  drain_seconds: {drain}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=rf"hospital-a\.yaml: invalid SiloConfig: serve\.drain_seconds: {says}"):
+        load_silo_config(silo_yaml)
+    silo_yaml.write_text(SILO_YAML + "serve:\n  kit: kit\n  drain_seconds: 3600\n", encoding="utf-8")
+    assert load_silo_config(silo_yaml).serve.drain_seconds == 3600
+
+
 def test_the_ledger_command_asks_for_and_records_the_unit_of_charges_from_before_data_unit(
         silo_yaml: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["init", "--config", str(silo_yaml)]) == 0
@@ -144,3 +159,4 @@ def test_declaring_with_json_keeps_stdout_json(silo_yaml: Path, capsys: pytest.C
     captured = capsys.readouterr()
     assert [c["privacy_unit"] for c in json.loads(captured.out)["charges"]] == ["image"]
     assert "declared: the charges recorded before data.unit are per image" in captured.err
+

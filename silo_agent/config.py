@@ -97,6 +97,12 @@ class SiloConfig(StrictModel):
                 "training.dp.enabled: true and remove training.dp.insecure_seeded_noise (without DP the run "
                 "would reach no privacy ledger; with seeded noise it would be charged as private and is not). "
                 "Remove data: to run the easy-VQA benchmark without DP")
+        if self.data is not None and dp.public_unit_count is None:
+            raise ValueError(
+                "data: names the silo's own data, whose number of units is private: set "
+                "training.dp.public_unit_count to a count you may publish (your patient count, rounded); the "
+                "published sample rate, steps and noise are planned from it, so they reveal nothing of who is in "
+                "the data (planned from the actual count, they give it away to within one batch)")
         if dp.enabled and (dp.target_epsilon > self.privacy_budget.epsilon or dp.target_delta > self.privacy_budget.delta):
             raise ValueError(
                 f"training.dp targets (epsilon {dp.target_epsilon}, delta {dp.target_delta}) exceed the whole "

@@ -210,7 +210,11 @@ def _train_private(
         check_dp_compatible(model)
         # The noise is planned at the rate Opacus' accountant charges, for exactly the
         # steps that run, so the epsilon it reports stays within the target.
-        schedule = poisson_schedule(n_units=n_units, batch_size=config.batch_size)
+        # Planned from the public count when there is one: the schedule is published, and n_units is private.
+        schedule = poisson_schedule(n_units=dp.public_unit_count or n_units, batch_size=config.batch_size)
+        if n_units * schedule.sampler_rate < 1:
+            raise ValueError(f"dp.public_unit_count ({dp.public_unit_count}) is so far above the data's units "
+                             "that the expected batch holds less than one; declare a count nearer the data's")
         noise_multiplier = noise_multiplier_for(
             target_epsilon=dp.target_epsilon,
             target_delta=dp.target_delta,
@@ -219,7 +223,7 @@ def _train_private(
             accountant=dp.accountant,
         )
         frozen_before = FrozenStateSnapshot(model)  # before Opacus attaches: nothing to detach if it fails
-        private = prepare_private_training(model, units, optimizer, dp, batch_size=config.batch_size,
+        private = prepare_private_training(model, units, optimizer, dp, sample_rate=schedule.sampler_rate,
                                            noise_multiplier=noise_multiplier)
     except BaseException:
         if reservation is not None:  # refused before the first noisy step: nothing was released
@@ -227,9 +231,11 @@ def _train_private(
         raise
     failure: BaseException | None = None
     try:
-        if (private.loader.sample_rate, len(private.loader)) != (schedule.sampler_rate, schedule.steps_per_epoch):
+        # The batch sampler's: in secure mode Opacus hands back a plain DataLoader around it, with its CSPRNG.
+        sampled_at = private.loader.batch_sampler.sample_rate
+        if (sampled_at, len(private.loader)) != (schedule.sampler_rate, schedule.steps_per_epoch):
             raise RuntimeError(
-                f"Opacus sampled at rate {private.loader.sample_rate} for {len(private.loader)} steps per epoch, "
+                f"Opacus sampled at rate {sampled_at} for {len(private.loader)} steps per epoch, "
                 f"but the noise was planned for {schedule.sampler_rate} and {schedule.steps_per_epoch}; "
                 "check the installed Opacus version"
             )

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import GradSampleModule
 from opacus.validators import ModuleValidator
 from torch import nn
@@ -55,7 +56,7 @@ class PrivateTraining:
 
 def prepare_private_training(
     model: nn.Module, units: Dataset, optimizer: torch.optim.Optimizer, dp: DPConfig, *,
-    batch_size: int, noise_multiplier: float,
+    sample_rate: float, noise_multiplier: float,
 ) -> PrivateTraining:
     """Opacus' engine, wrapped module, DP optimizer and Poisson loader, with noise nobody can regenerate.
 
@@ -74,14 +75,16 @@ def prepare_private_training(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_OPACUS_SECURE_RNG_WARNING)
         engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)
-    # Opacus builds its Poisson sampler on the loader's generator when it has no CSPRNG.
+    # Poisson sampling at the planned rate, not Opacus' 1 / len(DataLoader over the units), which would tie the
+    # published rate to the private unit count; Opacus charges its accountant 1 / len(this loader), and in secure
+    # mode swaps the loader's generator for its CSPRNG.
     dp_model, dp_optimizer, dp_loader = engine.make_private(
         module=model,
         optimizer=optimizer,
-        data_loader=DataLoader(units, batch_size=batch_size, generator=sampling),
+        data_loader=DPDataLoader(units, sample_rate=sample_rate, generator=sampling),
         noise_multiplier=noise_multiplier,
         max_grad_norm=dp.max_grad_norm,
-        poisson_sampling=True,
+        poisson_sampling=False,
         noise_generator=noise_generator,
     )
     return PrivateTraining(engine=engine, module=dp_model, optimizer=dp_optimizer, loader=dp_loader,

@@ -20,9 +20,11 @@ class PrivacyReport:
 
     Enough to recompute the epsilon with `accounting.epsilon_spent`. The unit
     count is not in it, nor the expected batch size (which is the unit count
-    times the sample rate); the sample rate is, as in any DP-SGD analysis (the
-    rate the accountant charged, `accounting.poisson_schedule`), and it
-    reveals the number of units only to within one batch size. Loss values,
+    times the sample rate); the sample rate is (the rate the accountant
+    charged, `accounting.poisson_schedule`), planned with the steps and noise
+    from `DPConfig.public_unit_count` when set, so that none of them depends
+    on who is in the data (from the actual count otherwise, which they then
+    give away to within one batch size: public benchmark data only). Loss values,
     exact counts and timings are in `LocalDiagnostics`, never here. Without
     DP, epsilon is infinite and delta is 1: no guarantee at all.
     """

@@ -78,6 +78,17 @@ class DPConfig(StrictModel):
         description="privacy_unit 'image' only: keep a seeded sample of at most this many pairs per unit "
         "(bounds padding and memory; easy-VQA has 2-21 questions per image, 9.6 on average). null = keep all.",
     )
+    public_unit_count: int | None = Field(
+        None,
+        gt=0,
+        description="The number of privacy units the run is planned for: a number you may publish (your patient "
+        "count, rounded). The sample rate 1 / ceil(public_unit_count / batch_size), the steps and the noise follow "
+        "from it alone, so the report, which publishes them, says nothing of who is in the data; each unit still "
+        "joins each batch with that probability, however many there are. null = planned from the actual number "
+        "of units, which the report then gives away to within one batch, and a unit whose presence moves that "
+        "number across a multiple of batch_size changes the published schedule, which epsilon does not cover: "
+        "for public benchmark data only (a silo's own data, `data:`, must set it).",
+    )
     secure_mode: bool = Field(
         False,
         description="Opacus secure_mode: noise and sampling from a CSPRNG, with the floating-point-attack "
@@ -134,14 +145,22 @@ class TrainingConfig(StrictModel):
         256,
         gt=0,
         description="Expected batch size, in privacy units. With DP each unit joins each batch independently "
-        "with probability sample_rate = 1 / ceil(n_units / batch_size) (Poisson sampling), which is "
-        "batch_size / n_units when batch_size divides n_units. Must be smaller than n_units.",
+        "with probability sample_rate = 1 / ceil(n / batch_size) (Poisson sampling), n being dp.public_unit_count "
+        "(or the actual number of units without it), which is batch_size / n when batch_size divides n. Must be "
+        "smaller than n.",
     )
     learning_rate: float = Field(2e-3, gt=0, allow_inf_nan=False, description="Adam learning rate.")
     weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False, description="Adam weight decay.")
     seed: int = Field(0, description="Seed of weight initialisation, data order and the per-unit cap's sample. "
                       "Never of the DP noise or Poisson sampling (see dp.insecure_seeded_noise).")
     dp: DPConfig = Field(default_factory=DPConfig, description="Differential-privacy settings.")
+
+    @model_validator(mode="after")
+    def _batch_below_public_count(self) -> TrainingConfig:
+        if self.dp.public_unit_count is not None and self.batch_size >= self.dp.public_unit_count:
+            raise ValueError(f"batch_size ({self.batch_size}) must be smaller than dp.public_unit_count "
+                             f"({self.dp.public_unit_count}); lower batch_size")
+        return self
 
 
 def noise_label(dp: DPConfig) -> str:

@@ -212,8 +212,9 @@ def test_a_silo_with_its_own_data_is_refused_before_its_file_is_read(baseline: s
     (tmp_path / "images").mkdir()
     # Unreadable on purpose: a baseline that opened it would fail with DataImportError, not this refusal.
     (tmp_path / "pairs.jsonl").write_text("not json\n", encoding="utf-8")
-    own.write_text(own.read_text(encoding="utf-8") + "data:\n  pairs: pairs.jsonl\n  images: images\n",
-                   encoding="utf-8")
+    own.write_text(own.read_text(encoding="utf-8").replace("    accountant: rdp\n", "    accountant: rdp\n"
+                                                             "    public_unit_count: 100\n")
+                   + "data:\n  pairs: pairs.jsonl\n  images: images\n", encoding="utf-8")
     configs = silo_configs_from_paths(paths)
     train, settings = ((train_fedavg_reward_model, FedAvgSettings()) if baseline == "fedavg" else
                        (train_centralized_reward_model, CentralizedSettings(training=TrainingConfig())))

@@ -38,6 +38,7 @@ training:
   dp:
     target_epsilon: 8.0
     target_delta: 1.0e-5
+    public_unit_count: 15
 privacy_budget:
   epsilon: 10.0
   delta: 2.0e-5

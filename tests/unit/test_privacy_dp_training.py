@@ -557,7 +557,7 @@ def test_engine_generators_are_not_torchs_default() -> None:
     units = unit_dataset(TensorDataset(chosen, rejected), group_pairs_by_unit(range(100), max_pairs_per_unit=None,
                                                                                seed=0))
     private = prepare_private_training(model, units, torch.optim.Adam(model.head.parameters()), DPConfig(),
-                                       batch_size=10, noise_multiplier=1.0)
+                                       sample_rate=0.1, noise_multiplier=1.0)
     try:
         noise, sampling = private.optimizer.generator, private.loader.batch_sampler.generator
         for generator in (noise, sampling):
@@ -604,7 +604,7 @@ def test_image_units_give_one_clipped_gradient_per_image() -> None:
     model = make_model()
     dp = DPConfig(max_grad_norm=0.01)  # small: every unit's gradient is clipped
     private = prepare_private_training(model, units, torch.optim.SGD(model.head.parameters(), lr=0.0), dp,
-                                       batch_size=30, noise_multiplier=0.0)
+                                       sample_rate=0.5, noise_multiplier=0.0)
     norms: list[Tensor] = []
     try:
         from mor_secure.privacy.dp_training import _run_epochs
@@ -753,3 +753,30 @@ def test_a_pair_or_per_image_run_on_a_ledger_of_per_patient_charges_is_refused_b
     # The reservation, and the report settled into the ledger, both name the patient.
     assert [(c.privacy_unit, c.details["privacy_unit"], c.settled) for c in ledger.charges] == [
         ("patient", "patient", True)]
+
+
+def test_a_public_unit_count_makes_the_published_schedule_the_same_for_neighbours() -> None:
+    """Planned from the private count, one more unit at a batch boundary changes the published sample rate, steps
+    and noise (neighbouring datasets told apart with certainty); planned from a public count, it changes none."""
+
+    def published(n_units: int, **dp: object) -> tuple[float, int, float]:
+        chosen, rejected = make_pairs(n_units)
+        config = TrainingConfig(epochs=1, batch_size=256, learning_rate=0.05, dp=DPConfig(**dp))
+        report = train_bradley_terry(make_model(), TensorDataset(chosen, rejected), config,
+                                     unit_ids=[f"unit-{i}" for i in range(n_units)], progress=False).report
+        return report.sample_rate, report.steps, report.noise_multiplier
+
+    assert published(512) != published(513)
+    planned = published(512, public_unit_count=1000)
+    assert planned == published(513, public_unit_count=1000)
+    assert planned[:2] == (1 / 4, 4)  # 1 / ceil(1000 / 256), whatever the data's count
+
+
+def test_a_public_unit_count_is_checked_against_the_batch_and_the_data() -> None:
+    with pytest.raises(ValidationError, match="smaller than dp.public_unit_count"):
+        TrainingConfig(batch_size=256, dp=DPConfig(public_unit_count=256))
+    chosen, rejected = make_pairs(100)
+    config = TrainingConfig(epochs=1, batch_size=10, dp=DPConfig(public_unit_count=100_000))
+    with pytest.raises(ValueError, match="expected batch holds less than one"):
+        train_bradley_terry(make_model(), TensorDataset(chosen, rejected), config,
+                            unit_ids=[f"unit-{i}" for i in range(100)], progress=False)

@@ -160,3 +160,12 @@ def test_declaring_with_json_keeps_stdout_json(silo_yaml: Path, capsys: pytest.C
     assert [c["privacy_unit"] for c in json.loads(captured.out)["charges"]] == ["image"]
     assert "declared: the charges recorded before data.unit are per image" in captured.err
 
+
+def test_own_data_needs_a_public_unit_count(silo_yaml: Path) -> None:
+    """The published schedule is planned from it: from the private count it would give that count away."""
+    silo_yaml.write_text(SILO_YAML + "data:\n  pairs: pairs.jsonl\n  images: images\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"set training.dp.public_unit_count to a count you may publish"):
+        load_silo_config(silo_yaml)
+    silo_yaml.write_text(SILO_YAML + "data:\n  pairs: pairs.jsonl\n  images: images\n"
+                         "training:\n  dp:\n    public_unit_count: 5000\n", encoding="utf-8")
+    assert load_silo_config(silo_yaml).training.dp.public_unit_count == 5000

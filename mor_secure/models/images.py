@@ -71,9 +71,18 @@ def as_pil(image: ImageInput | Image.Image) -> Image.Image:
     return keyed(image).image
 
 
-def to_uint8_tensor(image: ImageInput | Image.Image, size: int) -> torch.Tensor:
-    """(3, size, size) uint8 tensor, resized with bilinear filtering when needed."""
+def as_square(image: ImageInput | Image.Image, size: int) -> Image.Image:
+    """An RGB PIL image of size x size, resized with bilinear filtering when needed (aspect ratio not kept).
+
+    Every model takes its input at one square size, so this bounds what any
+    image costs it at size^2 pixels, whatever the image's shape: a 16384x1
+    image passed whole to a processor that scales the shortest edge to 64
+    became 1,048,576x64 (~620 MB) before its centre crop.
+    """
     pil = as_pil(image)
-    if pil.size != (size, size):
-        pil = pil.resize((size, size), Image.BILINEAR)
-    return torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
+    return pil if pil.size == (size, size) else pil.resize((size, size), Image.BILINEAR)
+
+
+def to_uint8_tensor(image: ImageInput | Image.Image, size: int) -> torch.Tensor:
+    """(3, size, size) uint8 tensor of `as_square(image, size)`."""
+    return torch.from_numpy(np.asarray(as_square(image, size), dtype=np.uint8).copy()).permute(2, 0, 1)

@@ -13,12 +13,14 @@ import pytest
 import torch
 from opacus.grad_sample import GradSampleModule
 from opacus.validators import ModuleValidator
+from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
 from mor_secure.data import make_pairs
 from mor_secure.data.records import PreferencePair
 from mor_secure.models import RewardModel, Standardisation, architectures, load_reward_model
+from mor_secure.models.images import KeyedImage
 from mor_secure.models.reward_architectures import (
     FrozenEncoderRewardModel,
     LoraVLMRewardModel,
@@ -340,3 +342,28 @@ def test_lora_vlm_refuses_text_holding_its_tokenizers_control_tokens(consortium,
         assert refused.value.code == ErrorCode.INVALID_ARGUMENT
     assert len(service.score(ScoreRequest(objective="correct", images=(image,),
                                           rows=(ScoreRow(0, record.question, "red"),))).scores) == 1
+
+
+def test_lora_vlm_hands_its_processor_every_image_square_at_the_vision_towers_size(tiny_vlm_dir: Path) -> None:
+    """The processor scales an image's shortest edge to the tower's size keeping its aspect ratio, so a thin
+    image grew by its aspect ratio before the centre crop: a 132-byte 16384x1 PNG cost ~620 MB, and the
+    1,048,576x1 the default policy admits would have needed ~40 GB. A square image reaches it unchanged."""
+    model = LoraVLMRewardModel(base_model=tiny_vlm_dir, rank=4, alpha=8, seed=0)
+    processor, sizes = model.processor, []
+
+    class Recording:
+        def __getattr__(self, name: str):
+            return getattr(processor, name)
+
+        def __call__(self, *, images, **kwargs):
+            sizes.extend(image.size for image in images)
+            return processor(images=images, **kwargs)
+
+    model.processor = Recording()
+    square = KeyedImage("square", Image.effect_noise((64, 64), 64).convert("RGB"))
+    images = [KeyedImage("wide", Image.new("RGB", (4096, 1), "red")),
+              KeyedImage("tall", Image.new("RGB", (1, 4096), "red")), square]
+    side = model.side_inputs(images, ["what color is the shape?"] * 3, ["red"] * 3)
+    assert model.image_size == 64 and sizes == [(64, 64)] * 3
+    unchanged = processor.image_processor(images=[square.image], return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(side[2][2], unchanged)

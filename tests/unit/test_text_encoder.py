@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from mor_secure.models import encoders
 from mor_secure.models.encoders import TextFeatureEncoder
 
 
@@ -19,3 +21,14 @@ def test_special_token_names_in_text_are_read_as_text_not_as_control_tokens() ->
     # And an answer naming a control token is a different answer from one without it.
     red, injected = encoder.encode(["red", "red [SEP]"])
     assert not torch.allclose(red, injected)
+
+
+def test_a_served_text_cache_keeps_the_most_recent_strings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every string a caller sent stayed cached for the server's life; one call may still bring more than the cap."""
+    monkeypatch.setattr(encoders, "SERVED_TEXT_EMBEDDINGS", 3)
+    served, own = TextFeatureEncoder(serving=True), TextFeatureEncoder()
+    texts = [f"what colour is shape {i}?" for i in range(5)]
+    assert torch.allclose(served.encode(texts), own.encode(texts), atol=1e-6)
+    assert len(served._cache) == 3 and len(own._cache) == 5
+    served.encode(texts[:1])  # evicted, encoded again
+    assert texts[0] in dict(served._cache.items()) and len(served._cache) == 3

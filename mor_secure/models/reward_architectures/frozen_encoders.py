@@ -30,13 +30,14 @@ class FrozenEncoderRewardModel(RewardModel):
     architecture = "frozen_encoders"
 
     def __init__(self, *, width: int = 64, cache_dir: str | Path | None = None,
-                 standardisation: Standardisation | None = None, seed: int = 0):
+                 standardisation: Standardisation | None = None, seed: int = 0, serving: bool = False):
+        """serving: encode callers' inputs, with bounded caches (`encoders` module docstring), not the silo's own."""
         torch.manual_seed(seed)  # the head's initialisation, as the other architectures seed theirs
         super().__init__(InteractionHead(EFFICIENTNET_FEATURES, MINILM_FEATURES, MINILM_FEATURES, width=width),
                          standardisation)
         self.width = width
-        self.image_encoder = ImageFeatureEncoder(cache_dir)
-        self.text_encoder = TextFeatureEncoder()
+        self.image_encoder = ImageFeatureEncoder(cache_dir, serving=serving)
+        self.text_encoder = TextFeatureEncoder(serving=serving)
 
     def side_inputs(self, images: Sequence[ImageInput], prompts: Sequence[str],
                     responses: Sequence[str]) -> tuple[torch.Tensor, ...]:
@@ -52,6 +53,8 @@ class FrozenEncoderRewardModel(RewardModel):
     @classmethod
     def _load(cls, directory: Path, settings: dict, standardisation: Standardisation,
               resources: LocalResources) -> FrozenEncoderRewardModel:
-        model = cls(width=settings["width"], cache_dir=resources.feature_cache, standardisation=standardisation)
+        # A loaded model is a served one (the silo's service is what loads models): callers choose its inputs.
+        model = cls(width=settings["width"], cache_dir=resources.feature_cache, standardisation=standardisation,
+                    serving=True)
         model.module.load_state_dict(load_file(str(directory / HEAD_FILE)))
         return model

@@ -41,7 +41,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..images import ImageInput, as_pil, image_key
+from ..caches import LRUCache
+from ..images import ImageInput, as_square, image_key
 from ..reward_model import LocalResources, RewardModel, Standardisation, register
 from ..tiny_vlm import END_TOKEN, checkpoint_digest, load_vlm, user_prompt
 
@@ -118,7 +119,8 @@ class LoraVLMRewardModel(RewardModel):
         super().__init__(LoraVLMScorer(backbone, vlm.config.text_config.hidden_size), standardisation)
         # The backbone's digest, not its path: a path is this machine's; the digest says which VLM it must be.
         self.settings = {"base_model_digest": checkpoint_digest(base_model), "rank": rank, "alpha": alpha}
-        self._reference_cache: dict[tuple[str, str, str], torch.Tensor] = {}
+        self.image_size = vlm.config.vision_config.image_size
+        self._reference_cache: LRUCache[tuple[str, str, str], torch.Tensor] = LRUCache(_REFERENCE_CACHE_ROWS)
         # Every token the tokenizer matches in raw text before BPE: the chat's control tokens and <image>.
         self.reserved_text = tuple(sorted(t.content for t in self.processor.tokenizer.added_tokens_decoder.values()))
 
@@ -135,8 +137,10 @@ class LoraVLMRewardModel(RewardModel):
         self._check_text("responses", responses)
         texts = [self.processor.apply_chat_template(user_prompt(p), add_generation_prompt=True, tokenize=False)
                  + r + END_TOKEN for p, r in zip(prompts, responses)]
-        pil = [as_pil(p) for p in images]
-        batch = self.processor(images=pil, text=texts, return_tensors="pt", padding=True)
+        # Square at the vision tower's size first: the processor keeps the aspect ratio when it scales the
+        # shortest edge, so a thin image would grow by its aspect ratio (`as_square`).
+        square = [as_square(p, self.image_size) for p in images]
+        batch = self.processor(images=square, text=texts, return_tensors="pt", padding=True)
         # Left padding: the response and end token are the last tokens of each row.
         response_mask = torch.zeros_like(batch["attention_mask"], dtype=torch.float32)
         for row, response in enumerate(responses):
@@ -156,19 +160,19 @@ class LoraVLMRewardModel(RewardModel):
         mostly finds it cached (the second forward pass is what made the
         fused reward's GRPO step 1.32x a constant reward's; docs/benchmarks.md).
         """
-        missing = sorted({row for row, key in enumerate(keys) if key not in self._reference_cache})
+        # This call's values are kept apart from the cache: a call with more new rows than its cap evicts some.
+        found = {key: value for key in dict.fromkeys(keys) if (value := self._reference_cache.get(key)) is not None}
+        missing = sorted({row for row, key in enumerate(keys) if key not in found})
         was_training = self.module.training
         self.module.eval()
         for start in range(0, len(missing), _REFERENCE_BATCH):
             rows = torch.tensor(missing[start:start + _REFERENCE_BATCH])
             values = self.module.reference_likelihood(*(t[rows] for t in tensors))
             for row, value in zip(rows.tolist(), values):
-                self._reference_cache[keys[row]] = value
+                found[keys[row]] = value
+                self._reference_cache.put(keys[row], value)
         self.module.train(was_training)
-        result = torch.stack([self._reference_cache[key] for key in keys]) if keys else torch.zeros(0, 1)
-        while len(self._reference_cache) > _REFERENCE_CACHE_ROWS:  # oldest first: dicts keep insertion order
-            self._reference_cache.pop(next(iter(self._reference_cache)))
-        return result
+        return torch.stack([found[key] for key in keys]) if keys else torch.zeros(0, 1)
 
     def _save_weights(self, directory: Path) -> dict:
         self.module.backbone.save_pretrained(directory / ADAPTER_DIR)

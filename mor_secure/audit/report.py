@@ -351,9 +351,9 @@ class _Page:
                   "another party so the log cannot later be rewritten unnoticed."),
                  ("Reconciliation", "Matching the coordinator's record of each call with the silo's own record "
                   "of it, call by call, without either seeing the query itself."),
-                 ("Epsilon (ε) / delta (δ)", "The differential-privacy budget: how much any single person's "
-                  "record can change what is released (smaller is more private); δ is the small chance the "
-                  "ε guarantee does not hold.")]
+                 ("Epsilon (ε) / delta (δ)", "The differential-privacy budget: how much one privacy unit (a "
+                  "patient, an image or a pair: each silo's report names its unit) can change what is released "
+                  "(smaller is more private); δ is the small chance the ε guarantee does not hold.")]
         items = "".join(f"<dt><b>{_e(t)}</b></dt><dd>{_e(d)}</dd>" for t, d in terms)
         return f'<section id="glossary"><h2>{SECTIONS["glossary"][0]}</h2><dl>{items}</dl></section>'
 

@@ -23,31 +23,36 @@ class ConfigError(ValueError):
     """A configuration file is missing, unreadable or invalid; the message says how to fix it."""
 
 
-class _RepeatedKey(Exception):
-    """A YAML mapping names `key` again on `line` (1-based), first named on `first_line`."""
-
-    def __init__(self, key: Any, first_line: int, line: int) -> None:
-        super().__init__(key, first_line, line)
-        self.key, self.first_line, self.line = key, first_line, line
+_MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader (still safe: no arbitrary objects) that refuses a key repeated in one mapping."""
+def _first_repeated_key(document: yaml.Node | None) -> tuple[str, int, int] | None:
+    """(key, first line, repeat line) of the first key named twice in one mapping of `document`, or None.
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        first_lines: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            # A merge (`<<: *base`) may legitimately be overridden by the mapping's own keys.
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first_line = first_lines.setdefault(key, key_node.start_mark.line + 1)
-            except TypeError:  # an unhashable key: SafeLoader's own construct_mapping reports it
-                continue
-            if first_line != key_node.start_mark.line + 1:
-                raise _RepeatedKey(key, first_line, key_node.start_mark.line + 1)
-        return super().construct_mapping(node, deep=deep)
+    On the composed nodes, before any construction: a merge (`<<: *base`) is
+    not a repeat (the mapping's own keys may override what it merges), and an
+    anchored mapping is checked once as written, however often it is aliased.
+    Keys are compared as written with their resolved tag (`1` and `"1"` differ).
+    """
+    pending, visited = [document], set()
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first_lines: dict[tuple[str, str], int] = {}
+            for key, _ in node.value:
+                if key.tag == _MERGE_TAG or not isinstance(key, yaml.ScalarNode):
+                    continue
+                line, written = key.start_mark.line + 1, (key.tag, key.value)
+                if written in first_lines:
+                    return key.value, first_lines[written], line
+                first_lines[written] = line
+            pending.extend(reversed([child for pair in node.value for child in pair]))
+        elif isinstance(node, yaml.SequenceNode):
+            pending.extend(reversed(node.value))
+    return None
 
 
 class StrictModel(BaseModel):
@@ -78,12 +83,14 @@ def load_config(path: str | Path, model: type[ModelT], *, overrides: Mapping[str
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from exc
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except _RepeatedKey as exc:
-        raise ConfigError(f"{path}:{exc.line}: key {exc.key!r} is repeated (first on line {exc.first_line}); "
-                          "keep one: YAML would silently use the last") from exc
+        repeated = _first_repeated_key(yaml.compose(text, Loader=yaml.SafeLoader))
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if repeated is not None:
+        key, first, line = repeated
+        raise ConfigError(f"{path}:{line}: key {key!r} is repeated (first on line {first}); keep one: YAML would "
+                          "silently use the last")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -54,7 +54,8 @@ def test_unknown_key_is_rejected_with_the_file_name(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("text", "key", "line", "first"), [
     ("seed: 0\n" + _silos(("hospital-a", 0.5)) + "seed: 1\n", "seed", 7, 1),
     (_silos(("hospital-a", 0.5)) + "    label_flip_rate: 0.0\n", "label_flip_rate", 6, 5),
-], ids=["top-level", "nested"])
+    ("{seed: 0, seed: 1}\n", "seed", 1, 1),
+], ids=["top-level", "nested", "one-line"])
 def test_a_repeated_key_is_rejected_with_its_line(tmp_path: Path, text: str, key: str, line: int, first: int) -> None:
     """Not "the last copy wins": an old block left further down would silently replace the one read."""
     with pytest.raises(ConfigError, match=rf"consortium\.yaml:{line}: key '{key}' is repeated \(first on line "
@@ -68,6 +69,12 @@ def test_a_merge_key_may_be_overridden_and_the_loader_stays_safe(tmp_path: Path)
     path = _write(tmp_path, "silos:\n  - <<: {image_share: 0.5, reliable_kinds: [shape], label_flip_rate: 0.2}\n"
                             "    name: hospital-a\n    label_flip_rate: 0.1\n")
     assert load_consortium(path) == spec
+    # An anchored mapping with a merge of its own, merged once and aliased again: still as written, no repeat.
+    path = _write(tmp_path, "silos:\n  - <<: &silo\n      <<: {image_share: 0.5, label_flip_rate: 0.2}\n"
+                            "      label_flip_rate: 0.1\n    name: hospital-a\n    reliable_kinds: [shape]\n"
+                            "x-copies: [*silo]\n")
+    with pytest.raises(ConfigError, match="x-copies"):  # the unknown key, reached only once the YAML has loaded
+        load_consortium(path)
     with pytest.raises(ConfigError, match="not valid YAML.*python/object"):
         load_consortium(_write(tmp_path, "seed: !!python/object/apply:os.getcwd []\n"))
 

@@ -6,14 +6,17 @@ import hashlib
 from pathlib import Path
 
 
-def directory_digest(directory: str | Path) -> str:
-    """SHA-256 over every file under `directory` (relative paths and contents, sorted by path).
+def directory_digest(directory: str | Path, *, recursive: bool = True) -> str:
+    """SHA-256 over the files of `directory` (relative paths and contents, sorted by path): name + NUL +
+    contents + NUL per file.
 
-    For a flat directory this is name + NUL + contents + NUL per file in name order, the digest base-model
-    checkpoints have always been recorded by (`tiny_vlm.checkpoint_digest`).
+    `recursive=False` takes the top-level files only, which is how base-model checkpoints are identified
+    (`tiny_vlm.checkpoint_digest`): a downloaded checkpoint's folder may hold tool metadata in subfolders (e.g.
+    `.cache/huggingface/`, with timestamps) that is not the model.
     """
     directory = Path(directory)
-    files = sorted((f for f in directory.rglob("*") if f.is_file()), key=lambda f: f.relative_to(directory).as_posix())
+    found = directory.rglob("*") if recursive else directory.iterdir()
+    files = sorted((f for f in found if f.is_file()), key=lambda f: f.relative_to(directory).as_posix())
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.relative_to(directory).as_posix().encode("utf-8") + b"\0")

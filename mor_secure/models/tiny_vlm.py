@@ -158,7 +158,7 @@ def load_vlm(path: str | Path) -> tuple[LlavaForConditionalGeneration, LlavaProc
 
 
 def checkpoint_digest(path: str | Path) -> str:
-    """SHA-256 over a checkpoint directory's files (names and contents, sorted by name): its identity.
+    """SHA-256 over a checkpoint directory's top-level files (names and contents, sorted by name): its identity.
 
     What a model trained on top of a checkpoint records instead of the
     checkpoint's path, so it can be moved between machines and still refuse a
@@ -167,7 +167,7 @@ def checkpoint_digest(path: str | Path) -> str:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a model checkpoint (no config.json)")
-    return directory_digest(path)
+    return directory_digest(path, recursive=False)
 
 
 def user_prompt(question: str) -> list[dict]:

@@ -23,6 +23,7 @@ image decoding run outside it.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import threading
 from collections.abc import Callable
@@ -58,6 +59,8 @@ from .request_checks import (
     decode_images,
 )
 from .training import REPORT_FILE
+
+logger = logging.getLogger(__name__)
 
 
 class SiloService:
@@ -177,7 +180,8 @@ def published_privacy_report(path: Path, model_dir: Path) -> PrivacyReport | Non
     """The public privacy report a training job wrote next to `model_dir` (None when there is none).
 
     ValueError when it does not describe exactly those weights: a claim about
-    another run's model (or a half-written one) is never published.
+    another run's model (or a half-written one) is never published. A report
+    from before reports named their weights is not published either (None).
     """
     if not path.is_file():
         return None
@@ -187,6 +191,10 @@ def published_privacy_report(path: Path, model_dir: Path) -> PrivacyReport | Non
         report, described = PrivacyReport.from_dict(published["privacy"]), published.get("model_digest")
     except (ValueError, KeyError, TypeError) as error:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path} is not a complete privacy report ({error}); {retrain}") from None
+    if described is None:  # written before reports named their weights: true then, unverifiable now
+        logger.warning("%s names no model_digest (a report from before 2026-12-04), so nothing ties it to the "
+                       "weights in %s: published without a privacy claim; %s", path, model_dir, retrain)
+        return None
     if described != directory_digest(model_dir):
         raise ValueError(f"{path} does not describe the weights in {model_dir} (the job that wrote them did not "
                          f"finish writing its report, or an older job wrote this one); {retrain}")

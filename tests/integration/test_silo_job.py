@@ -455,6 +455,14 @@ def test_a_privacy_report_is_served_only_beside_the_weights_it_describes(first_r
     with pytest.raises(ValueError, match="not a complete privacy report"):
         open_model_service("hospital-a", model_dir)
 
+    # A report from before reports named their weights: not refused (it was true when written), not published.
+    older = json.loads(complete)
+    del older["model_digest"]
+    report_path.write_text(json.dumps(older))
+    with caplog.at_level(logging.WARNING, logger="silo_agent.service"):
+        assert open_model_service("hospital-a", model_dir).describe().privacy_report is None
+    assert "names no model_digest" in caplog.text and "train again" in caplog.text
+
     report_path.unlink()  # what a job stopped after its model leaves: no claim at all, said loudly when served
     config = silo_training.load_silo_config(first_run.config).model_copy(update={"workdir": workdir})
     with caplog.at_level(logging.WARNING, logger="silo_agent.serving"):

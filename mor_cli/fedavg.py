@@ -70,8 +70,9 @@ def plan_fedavg_noise(*, n_units: int, batch_size: int, rounds: int, local_epoch
     that noise. That pick is recomputed here and the all-rounds epsilon checked before any step.
     Releasing the global model after each round is post-processing; rounds compose adaptively.
     """
-    # Planned as dp_training._train_private plans a run: at the rate Opacus' accountant charges.
-    schedule = poisson_schedule(n_units=n_units, batch_size=batch_size)
+    # Planned as dp_training._train_private plans a run: at the rate Opacus' accountant charges, for the public
+    # unit count when the silo declares one.
+    schedule = poisson_schedule(n_units=dp.planned_units(n_units), batch_size=batch_size)
     sample_rate = schedule.accounted_rate
     steps_per_round = local_epochs * schedule.steps_per_epoch
     total_steps = rounds * steps_per_round

@@ -47,11 +47,12 @@ class PoissonSchedule:
 
 
 def poisson_schedule(*, n_units: int, batch_size: int) -> PoissonSchedule:
-    """Opacus' schedule for DataLoader(batch_size) over `n_units` (make_private with poisson_sampling).
+    """The Poisson schedule of `batch_size` over `n_units` (the planned count: `DPConfig.planned_units`).
 
-    Opacus draws at 1 / len(data_loader) for int(1 / that rate) steps, which
-    float rounding makes len - 1 for some lengths (92 for 93, 98 for 99, 104
-    for 105, ...), and then charges its accountant 1 / len(its own loader).
+    Units are drawn at 1 / ceil(n_units / batch_size) (Opacus' rate for a
+    DataLoader of that many batches) for int(1 / that rate) steps, which
+    float rounding makes one fewer for some counts (92 for 93, 98 for 99, 104
+    for 105, ...), and Opacus charges its accountant 1 / len(its loader).
     Noise planned at `accounted_rate` for `steps_per_epoch` steps is what the
     accountant will report; the true guarantee, at `sampler_rate`, is no worse.
     """

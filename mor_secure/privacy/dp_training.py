@@ -211,7 +211,7 @@ def _train_private(
         # The noise is planned at the rate Opacus' accountant charges, for exactly the
         # steps that run, so the epsilon it reports stays within the target.
         # Planned from the public count when there is one: the schedule is published, and n_units is private.
-        schedule = poisson_schedule(n_units=dp.public_unit_count or n_units, batch_size=config.batch_size)
+        schedule = poisson_schedule(n_units=dp.planned_units(n_units), batch_size=config.batch_size)
         if n_units * schedule.sampler_rate < 1:
             raise ValueError(f"dp.public_unit_count ({dp.public_unit_count}) is so far above the data's units "
                              "that the expected batch holds less than one; declare a count nearer the data's")

@@ -106,6 +106,10 @@ class DPConfig(StrictModel):
         description="Privacy accountant: 'prv' (tight numerical composition) or 'rdp' (Renyi DP bound).",
     )
 
+    def planned_units(self, actual: int) -> int:
+        """The number of units a run over `actual` units is planned for: public_unit_count when set."""
+        return self.public_unit_count if self.public_unit_count is not None else actual
+
     @model_validator(mode="after")
     def _check_noise_source(self) -> DPConfig:
         if self.secure_mode and self.insecure_seeded_noise is not None:

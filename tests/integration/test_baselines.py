@@ -24,7 +24,7 @@ from mor_cli.baselines import (
     train_centralized_reward_model,
     train_fedavg_reward_model,
 )
-from mor_cli.fedavg import trainable_state, weighted_average
+from mor_cli.fedavg import plan_fedavg_noise, trainable_state, weighted_average
 from mor_secure.data import pairs_for_silo
 from mor_secure.data.preferences import silo_seed
 from mor_secure.models import load_reward_model
@@ -222,3 +222,11 @@ def test_a_silo_with_its_own_data_is_refused_before_its_file_is_read(baseline: s
         train(configs, tmp_path / "out", settings, progress=False)
     assert type(refused.value) is ValueError
     assert not (tmp_path / "out").exists()
+
+
+def test_fedavg_plans_its_rounds_over_the_public_unit_count_as_a_silos_run_is_planned() -> None:
+    """Each round's train_bradley_terry plans from dp.public_unit_count; a FedAvg plan from the actual count
+    would not be the run's (512 units, batch 256: rate 1/2 and 2 steps, against the run's 1/4 and 4)."""
+    plan = plan_fedavg_noise(n_units=512, batch_size=256, rounds=2, local_epochs=1,
+                             dp=DPConfig(public_unit_count=1000))
+    assert (plan.sample_rate, plan.steps_per_round) == (1 / 4, 4)

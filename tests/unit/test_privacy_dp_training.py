@@ -780,3 +780,22 @@ def test_a_public_unit_count_is_checked_against_the_batch_and_the_data() -> None
     with pytest.raises(ValueError, match="expected batch holds less than one"):
         train_bradley_terry(make_model(), TensorDataset(chosen, rejected), config,
                             unit_ids=[f"unit-{i}" for i in range(100)], progress=False)
+
+
+def test_the_gradient_scale_is_the_public_counts_too() -> None:
+    """Opacus divides the noisy sum by int(units x rate): from the private count, the released weights' scale
+    would move with it (1003 units: 250; 1004: 251)."""
+    scales = []
+    for n_units in (1003, 1004):
+        chosen, rejected = make_pairs(n_units)
+        units = unit_dataset(TensorDataset(chosen, rejected),
+                             group_pairs_by_unit(range(n_units), max_pairs_per_unit=None, seed=0))
+        model = make_model()
+        private = prepare_private_training(model, units, torch.optim.SGD(model.head.parameters(), lr=0.0),
+                                           DPConfig(public_unit_count=1024), sample_rate=1 / 4, noise_multiplier=1.0)
+        try:
+            scales.append(private.optimizer.expected_batch_size)
+            assert not private.module.grad_accumulation_allowed  # as under make_private's own Poisson sampling
+        finally:
+            private.module.to_standard_module()
+    assert scales == [256, 256]

@@ -23,15 +23,13 @@ class ConfigError(ValueError):
     """A configuration file is missing, unreadable or invalid; the message says how to fix it."""
 
 
-_MERGE_TAG = "tag:yaml.org,2002:merge"
-
-
 def _first_repeated_key(document: yaml.Node | None) -> tuple[str, int, int] | None:
     """(key, first line, repeat line) of the first key named twice in one mapping of `document`, or None.
 
-    On the composed nodes, before any construction: a merge (`<<: *base`) is
-    not a repeat (the mapping's own keys may override what it merges), and an
-    anchored mapping is checked once as written, however often it is aliased.
+    On the composed nodes, before any construction: what a merge (`<<: *base`)
+    brings in is not a repeat (the mapping's own keys may override it), but a
+    second `<<` is, and an anchored mapping is checked once as written,
+    however often it is aliased.
     Keys are compared as written with their resolved tag (`1` and `"1"` differ).
     """
     pending, visited = [document], set()
@@ -43,7 +41,7 @@ def _first_repeated_key(document: yaml.Node | None) -> tuple[str, int, int] | No
         if isinstance(node, yaml.MappingNode):
             first_lines: dict[tuple[str, str], int] = {}
             for key, _ in node.value:
-                if key.tag == _MERGE_TAG or not isinstance(key, yaml.ScalarNode):
+                if not isinstance(key, yaml.ScalarNode):
                     continue
                 line, written = key.start_mark.line + 1, (key.tag, key.value)
                 if written in first_lines:
@@ -87,6 +85,8 @@ def load_config(path: str | Path, model: type[ModelT], *, overrides: Mapping[str
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    except RecursionError:  # PyYAML composes and constructs recursively
+        raise ConfigError(f"{path}: nested too deeply to read as YAML; a config is a few levels deep") from None
     if repeated is not None:
         key, first, line = repeated
         raise ConfigError(f"{path}:{line}: key {key!r} is repeated (first on line {first}); keep one: YAML would "

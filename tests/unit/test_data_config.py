@@ -55,7 +55,8 @@ def test_unknown_key_is_rejected_with_the_file_name(tmp_path: Path) -> None:
     ("seed: 0\n" + _silos(("hospital-a", 0.5)) + "seed: 1\n", "seed", 7, 1),
     (_silos(("hospital-a", 0.5)) + "    label_flip_rate: 0.0\n", "label_flip_rate", 6, 5),
     ("{seed: 0, seed: 1}\n", "seed", 1, 1),
-], ids=["top-level", "nested", "one-line"])
+    ("a: &a {seed: 0}\nb: &b {seed: 1}\nc:\n  <<: *a\n  <<: *b\n", "<<", 5, 4),
+], ids=["top-level", "nested", "one-line", "two-merges"])
 def test_a_repeated_key_is_rejected_with_its_line(tmp_path: Path, text: str, key: str, line: int, first: int) -> None:
     """Not "the last copy wins": an old block left further down would silently replace the one read."""
     with pytest.raises(ConfigError, match=rf"consortium\.yaml:{line}: key '{key}' is repeated \(first on line "
@@ -181,3 +182,8 @@ def test_the_sft_config_says_the_vision_warm_up_trains_only_the_vision_tower() -
 
     description = SFTConfig.model_fields["vision_pretraining"].description
     assert "vision tower" in description and "projector" not in description
+
+
+def test_yaml_nested_past_what_pyyaml_can_read_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"consortium\.yaml: nested too deeply to read as YAML"):
+        load_consortium(_write(tmp_path, "seed: " + "[" * 5000 + "]" * 5000 + "\n"))

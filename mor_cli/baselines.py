@@ -224,10 +224,12 @@ def train_fedavg_reward_model(silo_configs: Sequence[SiloConfig], out_dir: str |
     unit_ids = {name: [privacy_unit_of(p) for p in data[name][0]] for name in names}
     n_units = {c.name: len(set(unit_ids[c.name])) if c.training.dp.privacy_unit == "image" else n_train[c.name]
                for c in silo_configs}
-    for name, n in n_units.items():
-        if settings.batch_size >= n:
-            raise ValueError(f"batch_size {settings.batch_size} is not below silo {name}'s {n} training units; "
-                             "lower batch_size")
+    for config in silo_configs:  # below the units the rounds are planned for, too: before any model is built
+        n = n_units[config.name]
+        units = min(n, config.training.dp.planned_units(n))
+        if settings.batch_size >= units:
+            raise ValueError(f"batch_size {settings.batch_size} is not below silo {config.name}'s {units} training "
+                             "units (its dp.public_unit_count when that is fewer); lower batch_size")
     plans = {c.name: plan_fedavg_noise(n_units=n_units[c.name], batch_size=settings.batch_size,
                                        rounds=settings.rounds, local_epochs=settings.local_epochs,
                                        dp=c.training.dp)

@@ -90,9 +90,10 @@ def prepare_private_training(
     # What make_private does under its own Poisson sampling: one backward per step, never accumulated across
     # batches (the accountant counts each step as one sample of the data).
     dp_model.forbid_grad_accumulation()
-    # The noisy sum is divided by this: Opacus' int(len(units) / len(loader)) would tie the released weights'
-    # scale to the private unit count, so it is the planned count's (the same number when none is declared).
-    dp_optimizer.expected_batch_size = int(dp.planned_units(len(units)) / len(dp_loader))
+    # The noisy sum is divided by this: Opacus' int(len(units) * (1 / len(loader))) would tie the released
+    # weights' scale to the private unit count, so it is the planned count's, in Opacus' own arithmetic (its
+    # value when no count is declared), but never 0, which its float rounding gives for 49 units in 49 batches.
+    dp_optimizer.expected_batch_size = max(1, int(dp.planned_units(len(units)) * (1 / len(dp_loader))))
     return PrivateTraining(engine=engine, module=dp_model, optimizer=dp_optimizer, loader=dp_loader,
                            noise=noise_label(dp))
 

@@ -230,3 +230,15 @@ def test_fedavg_plans_its_rounds_over_the_public_unit_count_as_a_silos_run_is_pl
     plan = plan_fedavg_noise(n_units=512, batch_size=256, rounds=2, local_epochs=1,
                              dp=DPConfig(public_unit_count=1000))
     assert (plan.sample_rate, plan.steps_per_round) == (1 / 4, 4)
+
+
+def test_fedavg_refuses_a_batch_not_below_a_silos_public_unit_count_before_building_a_model(
+        tmp_path: Path, consortium_path: Path) -> None:
+    paths = write_silos(tmp_path, consortium_path)
+    paths[0].write_text(paths[0].read_text(encoding="utf-8").replace("    accountant: rdp\n",
+                                                                       "    accountant: rdp\n    public_unit_count: 20\n"),
+                        encoding="utf-8")
+    with pytest.raises(ValueError, match=r"batch_size 32 is not below silo hospital-a's 20 training units"):
+        train_fedavg_reward_model(silo_configs_from_paths(paths), tmp_path / "out", FedAvgSettings(batch_size=32),
+                                  progress=False)
+    assert not (tmp_path / "out").exists()

@@ -7,7 +7,7 @@ filled from them needs a cap; each user states its own and what it costs.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -15,11 +15,16 @@ V = TypeVar("V")
 
 
 class LRUCache(Generic[K, V]):
-    """At most `max_entries` values (None: no cap); a new entry beyond the cap drops the least recently used."""
+    """At most `max_entries` values (None: no cap), and, given `weigh`, at most `max_weight` in all; a new
+    entry beyond either cap drops the least recently used, and one that alone weighs more is not kept."""
 
-    def __init__(self, max_entries: int | None):
-        self._max_entries = max_entries
+    def __init__(self, max_entries: int | None, *, max_weight: int | None = None,
+                 weigh: Callable[[V], int] | None = None):
+        if (max_weight is None) != (weigh is None):
+            raise ValueError("max_weight and weigh go together: give both or neither")
+        self._max_entries, self._max_weight, self._weigh = max_entries, max_weight, weigh
         self._entries: OrderedDict[K, V] = OrderedDict()
+        self._weight = 0
 
     def get(self, key: K) -> V | None:
         """The value, now the most recently used; None if absent."""
@@ -29,11 +34,23 @@ class LRUCache(Generic[K, V]):
         return self._entries[key]
 
     def put(self, key: K, value: V) -> None:
+        if key in self._entries:
+            self._drop(key)
+        weight = self._weigh(value) if self._weigh is not None else 0
+        if self._max_weight is not None and weight > self._max_weight:
+            return  # not kept: it would push out everything else
         self._entries[key] = value
-        self._entries.move_to_end(key)
-        if self._max_entries is not None:
-            while len(self._entries) > self._max_entries:
-                self._entries.popitem(last=False)
+        self._weight += weight
+        while self._entries and self._over():
+            self._drop(next(iter(self._entries)))
+
+    def _over(self) -> bool:
+        return ((self._max_entries is not None and len(self._entries) > self._max_entries)
+                or (self._max_weight is not None and self._weight > self._max_weight))
+
+    def _drop(self, key: K) -> None:
+        value = self._entries.pop(key)
+        self._weight -= self._weigh(value) if self._weigh is not None else 0
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -9,22 +9,26 @@ machine finds its caches valid and scores identically.
 
 easy-VQA images are 64x64 PNGs; the whole benchmark (5,000 images) fits in a
 few tens of MB decoded, so a process-wide cache removes repeated PNG decoding
-from every training epoch.
+from every training epoch. The cache is bounded by decoded bytes: a silo's
+own photos beyond it are decoded again when read again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-# 5,000 easy-VQA images * 64*64*3 bytes ~ 60 MB: cache them all.
-_IMAGE_CACHE_SIZE = 8192
+from .caches import LRUCache
+
+# Bounded by decoded bytes, not by count: the 5,000 easy-VQA images (64*64*3 bytes each, ~60 MB) all fit, and a
+# silo's own photos cannot fill memory (8,192 of 2000x2000 pixels would be ~98 GB; 512 MB holds ~45 of them).
+_IMAGE_CACHE_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,20 +42,36 @@ class KeyedImage:
 ImageInput = KeyedImage | str | Path
 
 
-@lru_cache(maxsize=_IMAGE_CACHE_SIZE)
-def _file_image(path: str, mtime_ns: int, size: int) -> KeyedImage:
-    # Keyed by (path, mtime, size) so an edited file is read again rather than served stale.
-    data = Path(path).read_bytes()
-    with Image.open(Path(path)) as image:
+def _decoded_bytes(image: KeyedImage) -> int:
+    width, height = image.image.size
+    return width * height * 3  # RGB, one byte a channel
+
+
+_file_images: LRUCache[tuple[str, int, int], KeyedImage] = LRUCache(None, max_weight=_IMAGE_CACHE_BYTES,
+                                                                     weigh=_decoded_bytes)
+_file_images_lock = threading.Lock()  # the coordinator reads images from several threads
+
+
+def _read_file_image(path: Path) -> KeyedImage:
+    data = path.read_bytes()
+    with Image.open(path) as image:
         return KeyedImage(sha256=hashlib.sha256(data).hexdigest(), image=image.convert("RGB"))
 
 
 def keyed(image: ImageInput) -> KeyedImage:
-    """A `KeyedImage` as is; a path read (once per process while unchanged), hashed and decoded to RGB."""
+    """A `KeyedImage` as is; a path read (once per process while unchanged and cached), hashed and decoded."""
     if isinstance(image, KeyedImage):
         return image
     stat = Path(image).stat()
-    return _file_image(str(image), stat.st_mtime_ns, stat.st_size)
+    # Keyed by (path, mtime, size) so an edited file is read again rather than served stale.
+    key = (str(image), stat.st_mtime_ns, stat.st_size)
+    with _file_images_lock:
+        found = _file_images.get(key)
+    if found is None:
+        found = _read_file_image(Path(image))
+        with _file_images_lock:
+            _file_images.put(key, found)
+    return found
 
 
 def image_key(image: ImageInput) -> str:

@@ -89,8 +89,9 @@ def load_config(path: str | Path, model: type[ModelT], *, overrides: Mapping[str
         raise ConfigError(f"{path}: nested too deeply to read as YAML; a config is a few levels deep") from None
     if repeated is not None:
         key, first, line = repeated
-        raise ConfigError(f"{path}:{line}: key {key!r} is repeated (first on line {first}); keep one: YAML would "
-                          "silently use the last")
+        fix = ("merge several mappings with one `<<: [*a, *b]` (the earlier wins where they share a key)"
+               if key == "<<" else "keep one: YAML would silently use the last")
+        raise ConfigError(f"{path}:{line}: key {key!r} is repeated (first on line {first}); {fix}")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

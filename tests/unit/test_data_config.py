@@ -51,16 +51,17 @@ def test_unknown_key_is_rejected_with_the_file_name(tmp_path: Path) -> None:
         load_consortium(path)
 
 
-@pytest.mark.parametrize(("text", "key", "line", "first"), [
-    ("seed: 0\n" + _silos(("hospital-a", 0.5)) + "seed: 1\n", "seed", 7, 1),
-    (_silos(("hospital-a", 0.5)) + "    label_flip_rate: 0.0\n", "label_flip_rate", 6, 5),
-    ("{seed: 0, seed: 1}\n", "seed", 1, 1),
-    ("a: &a {seed: 0}\nb: &b {seed: 1}\nc:\n  <<: *a\n  <<: *b\n", "<<", 5, 4),
+@pytest.mark.parametrize(("text", "key", "line", "first", "fix"), [
+    ("seed: 0\n" + _silos(("hospital-a", 0.5)) + "seed: 1\n", "seed", 7, 1, "keep one"),
+    (_silos(("hospital-a", 0.5)) + "    label_flip_rate: 0.0\n", "label_flip_rate", 6, 5, "keep one"),
+    ("{seed: 0, seed: 1}\n", "seed", 1, 1, "keep one"),
+    ("a: &a {seed: 0}\nb: &b {seed: 1}\nc:\n  <<: *a\n  <<: *b\n", "<<", 5, 4, r"one `<<: \[\*a, \*b\]`"),
 ], ids=["top-level", "nested", "one-line", "two-merges"])
-def test_a_repeated_key_is_rejected_with_its_line(tmp_path: Path, text: str, key: str, line: int, first: int) -> None:
+def test_a_repeated_key_is_rejected_with_its_line(tmp_path: Path, text: str, key: str, line: int, first: int,
+                                                  fix: str) -> None:
     """Not "the last copy wins": an old block left further down would silently replace the one read."""
     with pytest.raises(ConfigError, match=rf"consortium\.yaml:{line}: key '{key}' is repeated \(first on line "
-                                          rf"{first}\); keep one"):
+                                          rf"{first}\); .*{fix}"):
         load_consortium(_write(tmp_path, text))
 
 

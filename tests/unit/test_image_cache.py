@@ -12,7 +12,7 @@ from mor_secure.models.caches import LRUCache
 from mor_secure.models.images import image_key, keyed
 
 SIDE = 64
-DECODED = SIDE * SIDE * 3
+DECODED = SIDE * SIDE * 4
 
 
 def test_decoded_images_are_kept_up_to_a_byte_budget(tmp_path: Path, monkeypatch) -> None:

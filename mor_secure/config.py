@@ -80,13 +80,19 @@ def load_config(path: str | Path, model: type[ModelT], *, overrides: Mapping[str
     except UnicodeDecodeError as exc:
         line = data.count(b"\n", 0, exc.start) + 1
         raise ConfigError(f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save the file as UTF-8") from exc
+    # yaml.safe_load's two steps, parsed once: the repeats are looked for between composing and constructing,
+    # which flattens merges into the nodes.
+    loader = yaml.SafeLoader(text)
     try:
-        repeated = _first_repeated_key(yaml.compose(text, Loader=yaml.SafeLoader))
-        raw = yaml.safe_load(text)
+        document = loader.get_single_node()
+        repeated = _first_repeated_key(document)
+        raw = None if document is None or repeated is not None else loader.construct_document(document)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     except RecursionError:  # PyYAML composes and constructs recursively
         raise ConfigError(f"{path}: nested too deeply to read as YAML; a config is a few levels deep") from None
+    finally:
+        loader.dispose()
     if repeated is not None:
         key, first, line = repeated
         fix = ("merge several mappings with one `<<: [*a, *b]` (the earlier wins where they share a key)"

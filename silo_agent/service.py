@@ -96,6 +96,11 @@ class SiloService:
     def name(self) -> str:
         return self._name
 
+    @property
+    def privacy_report(self) -> PrivacyReport | None:
+        """The public privacy report this service publishes (None: no privacy claim)."""
+        return self._privacy_report
+
     def describe(self) -> SiloDescription:
         """Architecture, trainable-parameter count, public privacy report, ledger summary."""
         return SiloDescription(name=self._name, architecture=self._model.architecture,

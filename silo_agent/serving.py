@@ -64,7 +64,7 @@ def load_service(config: SiloConfig, policy: SiloPolicy, ledger: PrivacyLedger |
     service = open_model_service(config.name, config.workdir / MODEL_DIR, resources=resources, limits=policy.limits,
                                  ledger=ledger, allowed_objectives=frozenset(policy.allowed_objectives),
                                  max_weight=policy.max_weight)
-    report = service.describe().privacy_report
+    report = service.privacy_report
     if report is None:
         logger.warning("silo %r serves a model with no %s beside it: callers get no privacy claim", config.name,
                        REPORT_FILE)

@@ -29,12 +29,12 @@ from mor_secure.data import (
 )
 from mor_secure.data.preferences import silo_seed
 from mor_secure.data.records import privacy_unit_of
+from mor_secure.models.digests import directory_digest
 from mor_secure.models.reward_architectures import (
     FrozenEncoderRewardModel,
     LoraVLMRewardModel,
     SmallCNNRewardModel,
 )
-from mor_secure.models.digests import directory_digest
 from mor_secure.models.reward_model import RewardModel
 from mor_secure.privacy import PrivacyLedger, PrivacyReport, train_bradley_terry
 from mor_secure.privacy.ledger_chain import NEW_LEDGER_IS_NOT_A_RESET, LedgerMissingError

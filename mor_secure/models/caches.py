@@ -7,7 +7,7 @@ filled from them needs a cap; each user states its own and what it costs.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -32,6 +32,11 @@ class LRUCache(Generic[K, V]):
             return None
         self._entries.move_to_end(key)
         return self._entries[key]
+
+    def get_many(self, keys: Iterable[K]) -> dict[K, V]:
+        """The cached values among `keys`, each now recently used, in a dict of the caller's own: it adds what it
+        computes and reads its whole result from it, even where its puts evicted some (more new keys than the cap)."""
+        return {key: value for key in dict.fromkeys(keys) if (value := self.get(key)) is not None}
 
     def put(self, key: K, value: V) -> None:
         if key in self._entries:

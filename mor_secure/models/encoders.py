@@ -78,8 +78,7 @@ class ImageFeatureEncoder:
     def encode(self, images: Sequence[ImageInput], *, progress: bool = False) -> torch.Tensor:
         """(N, 1280) features for `images` (paths or `KeyedImage`s), computing only those not cached yet."""
         keys = [image_key(image) for image in images]
-        # This call's features are kept apart from the cache: a call with more new images than its cap evicts some.
-        found = {key: feature for key in dict.fromkeys(keys) if (feature := self._cache.get(key)) is not None}
+        found = self._cache.get_many(keys)
         pending = {key: image for key, image in zip(keys, images) if key not in found}
         missing = sorted(pending)
         if missing:
@@ -136,8 +135,7 @@ class TextFeatureEncoder:
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, 384) embeddings; distinct strings are encoded once while cached."""
-        # This call's embeddings are kept apart from the cache: a call with more new strings than its cap evicts some.
-        found = {text: embedding for text in dict.fromkeys(texts) if (embedding := self._cache.get(text)) is not None}
+        found = self._cache.get_many(texts)
         missing = sorted(set(texts) - found.keys())
         for start in range(0, len(missing), self._batch_size):
             chunk = missing[start:start + self._batch_size]

@@ -160,8 +160,7 @@ class LoraVLMRewardModel(RewardModel):
         mostly finds it cached (the second forward pass is what made the
         fused reward's GRPO step 1.32x a constant reward's; docs/benchmarks.md).
         """
-        # This call's values are kept apart from the cache: a call with more new rows than its cap evicts some.
-        found = {key: value for key in dict.fromkeys(keys) if (value := self._reference_cache.get(key)) is not None}
+        found = self._reference_cache.get_many(keys)
         missing = sorted({row for row, key in enumerate(keys) if key not in found})
         was_training = self.module.training
         self.module.eval()

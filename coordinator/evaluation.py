@@ -287,6 +287,9 @@ class Evaluation:
             reward = grpo_reward(reward, vocabulary=answer_vocabulary(self.calibration_records),
                                  format_guard=self.config.format_guard, transform=self.config.reward_transform)
             settings = self.config.grpo_settings(run_dir / "grpo", seed)
+            if not self.progress:  # the run's step bar (grpo.StepProgress) goes with the other bars
+                settings = settings.model_copy(update={"trl_overrides": {**settings.trl_overrides,
+                                                                         "disable_tqdm": True}})
             _, processor = load_vlm(self.reference_dir)
             callback = AccuracyCallback(processor, self.dev_probe, every=self.config.eval_every,
                                         samples=self.config.eval_samples)

@@ -211,8 +211,6 @@ def run_demo(workdir: Path, *, write_results: Path | None, progress: bool, clear
     # The per-pair DP comparison is for the published results only: it adds a third training per silo.
     compare_privacy_units = write_results is not None
     started = time.monotonic()
-    if not progress:
-        hf_logging.disable_progress_bar()  # checkpoint save/load bars too, not only ours
     claim_workdir(workdir)
     consortium_path = _install_configs(workdir)
     splits = make_splits(load_consortium(consortium_path))
@@ -330,14 +328,21 @@ def main(argv: Sequence[str]) -> int:
                        help="only write the tables of <results-dir>/mor_vs_baselines.json into the Markdown again "
                        "(after a change to how they are printed); runs nothing")
 
+    def _progress(args: argparse.Namespace) -> bool:
+        """Bars only on a terminal and without --no-progress; without ours, transformers' checkpoint bars go too."""
+        shown = not args.no_progress and sys.stderr.isatty()
+        if not shown:
+            hf_logging.disable_progress_bar()
+        return shown
+
     def _table(args: argparse.Namespace) -> int:
         from .table import render_table, run_table
 
         if args.render_only:
             return render_table(results_dir=args.results_dir, results_md=args.results_md)
         return run_table(Path(args.workdir), results_dir=args.results_dir, results_md=args.results_md,
-                         progress=not args.no_progress and sys.stderr.isatty())
+                         progress=_progress(args))
 
     return run_command(parser, argv, {"run": lambda args: run_demo(
-        Path(args.workdir), write_results=args.write_results, progress=not args.no_progress and sys.stderr.isatty(),
+        Path(args.workdir), write_results=args.write_results, progress=_progress(args),
         clear_aggregation=args.clear_aggregation), "table": _table})

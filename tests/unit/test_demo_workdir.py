@@ -1,4 +1,4 @@
-"""`mor demo run --workdir`: it replaces its own earlier run and never a directory it did not make."""
+"""`mor demo` on the command line: `--workdir` replaces its own earlier run and never a directory it did not make; `--no-progress` hides every bar."""
 
 from __future__ import annotations
 
@@ -30,3 +30,24 @@ def test_an_earlier_run_is_replaced_and_a_new_or_empty_directory_is_claimed(tmp_
     empty.mkdir()
     claim_workdir(empty)
     assert (empty / DEMO_MARKER).is_file()
+
+
+def test_without_progress_bars_the_table_hides_transformers_checkpoint_bars_too(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """`mor demo table --no-progress` (or with no terminal): no "Loading weights" bar for every checkpoint load."""
+    import mor_cli.table
+    from transformers.utils import logging as hf_logging
+
+    seen: list[tuple[bool, bool]] = []
+
+    def run_table(workdir, *, results_dir, results_md, progress):
+        seen.append((progress, hf_logging.is_progress_bar_enabled()))
+        return 0
+
+    monkeypatch.setattr(mor_cli.table, "run_table", run_table)  # the table itself is an hour's work
+    try:
+        hf_logging.enable_progress_bar()
+        assert main(["table", "--workdir", str(tmp_path), "--no-progress"]) == 0
+    finally:
+        hf_logging.enable_progress_bar()
+    assert seen == [(False, False)]

@@ -336,3 +336,31 @@ def test_an_interrupted_run_continues_from_its_grpo_checkpoint(consortium, tmp_p
         (tmp_path / "out" / "runs" / "oracle" / "seed-0" / "grpo" / "checkpoint-300").mkdir(parents=True,
                                                                                           exist_ok=True)
     assert resumes == [False, True]
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_the_grpo_step_bar_follows_the_evaluations_progress_setting(consortium, tmp_path: Path, monkeypatch,
+                                                                     progress: bool) -> None:
+    """`--no-progress` (or no terminal) hides the GRPO run's bar as well as the others."""
+    import coordinator.evaluation as evaluation_module
+    from coordinator.evaluation import Evaluation
+
+    class StopHere(Exception):
+        pass
+
+    shown: list[bool] = []
+
+    def train_grpo(policy_dir, records, reward, settings, *, resume, callbacks):
+        shown.append(not settings.to_grpo_config().disable_tqdm)
+        raise StopHere
+
+    monkeypatch.setattr(evaluation_module, "RouterFeatures", lambda cache: None)
+    monkeypatch.setattr(evaluation_module, "load_vlm", lambda path: (None, None))
+    monkeypatch.setattr(evaluation_module, "train_grpo", train_grpo)
+    spec, _ = consortium
+    config = EvaluationConfig(seeds=[0], methods=["oracle"], leave_one_silo_out=False, test_questions_per_kind=2,
+                              eval_questions_per_kind=1, pairwise_pairs_per_kind=2)
+    evaluation = Evaluation(spec, [], tmp_path / "reference", tmp_path / "out", config, progress=progress)
+    with pytest.raises(StopHere):
+        evaluation.run("oracle", 0)
+    assert shown == [progress]

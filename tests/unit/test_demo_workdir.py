@@ -1,4 +1,5 @@
-"""`mor demo` on the command line: `--workdir` replaces its own earlier run and never a directory it did not make; `--no-progress` hides every bar."""
+"""`mor demo` on the command line: `--workdir` replaces its own earlier run and never a directory it did
+not make; `--no-progress` hides every bar."""
 
 from __future__ import annotations
 

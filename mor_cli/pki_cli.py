@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
                        f"(repeatable; added to {' and '.join(DEFAULT_HOSTS)}, which the certificate always names)")
     issue.add_argument("--renew", action="store_true", help="replace an existing kit's certificate and key "
                        "(the old key is kept as party-retired-<serial>.key); servers pick it up without a restart")
+    issue.add_argument("--new-agreement-key", action="store_true", help="with --renew, after a key compromise: "
+                       "also replace the silo's secure-aggregation key (agreement.key), which a renewal otherwise "
+                       "keeps; restart the silo, then the coordinator, to use it")
     revoke = commands.add_parser("revoke", help="revoke a certificate and re-sign the CRL")
     revoke.add_argument("--ca", required=True)
     target = revoke.add_mutually_exclusive_group(required=True)
@@ -133,9 +136,12 @@ def _init(args: argparse.Namespace) -> int:
 def _issue(args: argparse.Namespace) -> int:
     authority = CertificateAuthority(args.ca)
     identity = PartyIdentity(Role(args.role), args.name)
+    if args.new_agreement_key and not (args.renew and identity.role == Role.SILO):
+        raise ValueError("--new-agreement-key replaces the key-agreement key of a silo kit renewed with --renew; "
+                         "a new silo kit gets a new one anyway, and other kits have none")
     kit = authority.issue(identity, args.out, lifetime=dt.timedelta(days=args.days),
                           hosts=tuple(dict.fromkeys([*DEFAULT_HOSTS, *args.host])), renew=args.renew)
-    provision_kit(kit, identity.role, authority.directory)
+    provision_kit(kit, identity.role, authority.directory, new_agreement_key=args.new_agreement_key)
     print(f"{'renewed' if args.renew else 'issued'} {identity}: serial {kit.certificate().serial_number:x}, kit {kit.directory}")
     return 0
 

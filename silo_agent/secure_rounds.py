@@ -267,7 +267,8 @@ class SecureRounds:
                 raise SiloError(ErrorCode.PERMISSION_DENIED, f"participant {participant.name!r}: {exc}") from None
             if participant.name == self.name and signed.public_key != self._own_key.public_key:
                 raise SiloError(ErrorCode.PERMISSION_DENIED, "this silo's own key-agreement key in the round is "
-                                "not its key (swapped on the way)")
+                                "not its key (swapped on the way, or fetched by the coordinator before the silo "
+                                "was renewed with a new one: restart the coordinator)")
         return keys
 
     def _check_current(self, name: str, certificate: x509.Certificate) -> None:

@@ -11,11 +11,15 @@ One context per consortium: every silo can decrypt a round's blinded sum
 (the round's decryptor is one of them), the coordinator cannot. Whoever runs
 `mor pki init` holds the CA key and this context; that party must not be the
 coordinator's operator acting alone (docs/threat-model.md). A renewed silo
-kit keeps its X25519 key, re-signed by the new certificate key.
+kit keeps its X25519 key, re-signed by the new certificate key, unless it is
+renewed with a new one (`--new-agreement-key`, after a compromise: whoever
+copied the kit could otherwise unmask the silo's terms with the
+coordinator's help under the renewed, unrevoked certificate).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import tenseal as ts
@@ -26,7 +30,7 @@ from mor_secure.pki.files import write_private, write_public
 from mor_secure.pki.identity import Role
 from mor_secure.pki.kits import CertKit
 
-from .agreement import SignedAgreementKey, sign_agreement_key, verified_agreement_key
+from .agreement import AgreementKeyError, SignedAgreementKey, sign_agreement_key, verified_agreement_key
 from .he_context import load_public, load_secret, new_secret_context, public_bytes, secret_bytes
 
 HE_SECRET_FILE = "he_secret.ctx"
@@ -42,9 +46,14 @@ def new_consortium_context(ca_directory: Path) -> bytes:
     return secret
 
 
-def provision_kit(kit: CertKit, role: Role, ca_directory: Path) -> None:
-    """Give a freshly issued (or renewed) kit its secure-aggregation material, if the CA has a context."""
+def provision_kit(kit: CertKit, role: Role, ca_directory: Path, *, new_agreement_key: bool = False) -> None:
+    """Give a freshly issued (or renewed) kit its secure-aggregation material, if the CA has a context.
+
+    `new_agreement_key` replaces a silo kit's X25519 key instead of re-signing it.
+    """
     secret_path = Path(ca_directory) / HE_SECRET_FILE
+    if new_agreement_key and role != Role.SILO:
+        raise ValueError(f"only a silo kit has a key-agreement key; a {role.value} kit has none to replace")
     if not secret_path.is_file() or role == Role.AUDITOR:
         return
     secret = secret_path.read_bytes()
@@ -54,12 +63,17 @@ def provision_kit(kit: CertKit, role: Role, ca_directory: Path) -> None:
     if not (kit.directory / HE_SECRET_FILE).is_file():
         write_private(kit.directory / HE_SECRET_FILE, secret)
     key_path = kit.directory / AGREEMENT_KEY_FILE
-    if key_path.is_file():
+    if key_path.is_file() and not new_agreement_key:
         private = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     else:
         private = x25519.X25519PrivateKey.generate()
-        write_private(key_path, private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                      serialization.NoEncryption()))
+        # Written aside, then renamed over the old key: a kill leaves the old key or the new one, never none or
+        # half of one. The old one is not kept: a running server holds it in memory, and nothing else needs it.
+        pending = key_path.with_name(f".{AGREEMENT_KEY_FILE}.pending")
+        pending.unlink(missing_ok=True)  # left by a replacement killed before its rename: never in use
+        write_private(pending, private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                     serialization.NoEncryption()))
+        os.replace(pending, key_path)
     signed = sign_agreement_key(private.public_key(), _certificate_key(kit), kit.certificate())
     write_public(kit.directory / AGREEMENT_PUBLIC_FILE, signed.to_json().encode("utf-8"))
 
@@ -92,5 +106,9 @@ def silo_agreement(kit: CertKit) -> tuple[x25519.X25519PrivateKey, SignedAgreeme
     """A silo's X25519 private key and its signed public half (checked against the kit's own certificate)."""
     private = serialization.load_pem_private_key((kit.directory / AGREEMENT_KEY_FILE).read_bytes(), password=None)
     signed = SignedAgreementKey.from_json((kit.directory / AGREEMENT_PUBLIC_FILE).read_text(encoding="utf-8"))
-    verified_agreement_key(signed, kit.certificate())
+    verified = verified_agreement_key(signed, kit.certificate())
+    if verified.public_bytes_raw() != private.public_key().public_bytes_raw():
+        raise AgreementKeyError(f"{kit.directory / AGREEMENT_PUBLIC_FILE} is not the public half of "
+                                f"{AGREEMENT_KEY_FILE} (a renewal cut short?): run the same `mor pki issue --renew` "
+                                "again")
     return private, signed

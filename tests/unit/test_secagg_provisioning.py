@@ -67,3 +67,39 @@ def test_a_silo_issued_later_joins_the_same_context_and_a_renewal_re_signs_its_a
     _, renewed = silo_agreement(CertKit.load(out))  # verified against the NEW certificate
     assert renewed.public_key == first.public_key and renewed.signature != first.signature
     capsys.readouterr()
+
+
+def test_a_renewal_after_a_compromise_replaces_the_agreement_key_a_copied_kit_holds(provisioned: Path,
+                                                                                     capsys) -> None:
+    """The renewed, unrevoked certificate must not vouch for the X25519 key whoever copied the kit has."""
+    out = provisioned / "kits" / "silo-hospital-e"
+    issue = ["issue", "--ca", str(provisioned / "ca"), "--role", "silo", "--name", "hospital-e", "--out", str(out)]
+    assert pki_main(issue) == 0
+    stolen = (out / AGREEMENT_KEY_FILE).read_bytes()
+    _, first = silo_agreement(CertKit.load(out))
+    assert pki_main([*issue, "--renew", "--new-agreement-key"]) == 0
+    private, renewed = silo_agreement(CertKit.load(out))  # the pair matches and the new certificate signed it
+    assert renewed.public_key != first.public_key and (out / AGREEMENT_KEY_FILE).read_bytes() != stolen
+    assert stat.S_IMODE((out / AGREEMENT_KEY_FILE).stat().st_mode) == 0o600
+    assert sorted(p.name for p in out.iterdir() if "agreement" in p.name) == ["agreement.json", AGREEMENT_KEY_FILE]
+    capsys.readouterr()
+    assert pki_main([*issue[:-2], "--out", str(provisioned / "kits" / "silo-hospital-f"), "--new-agreement-key"]) == 1
+    assert "--new-agreement-key replaces the key-agreement key of a silo kit renewed with --renew" in (
+        capsys.readouterr().err)
+    assert not (provisioned / "kits" / "silo-hospital-f").exists()
+
+
+def test_a_kit_whose_agreement_key_and_its_signed_public_half_differ_is_refused(provisioned: Path) -> None:
+    """What a replacement killed between its two files leaves: the server must not start masking with it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import x25519
+
+    from mor_secure.secagg.agreement import AgreementKeyError
+
+    out = provisioned / "kits" / "silo-hospital-g"
+    assert pki_main(["issue", "--ca", str(provisioned / "ca"), "--role", "silo", "--name", "hospital-g",
+                     "--out", str(out)]) == 0
+    (out / AGREEMENT_KEY_FILE).write_bytes(x25519.X25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    with pytest.raises(AgreementKeyError, match="is not the public half of agreement.key"):
+        silo_agreement(CertKit.load(out))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from collections.abc import Sequence
 
@@ -27,6 +28,7 @@ from mor_secure.wire.messages import OBJECTIVES, ImageBlob, sha256_hex
 
 # The image formats a caller may send (PIL format names); see the module docstring for why no others.
 IMAGE_FORMATS = ("PNG", "JPEG")
+_MEMORY_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def check_objective(objective: str, allowed: frozenset[str]) -> str:
@@ -114,7 +116,9 @@ def _decode(index: int, data: bytes, limits: RequestLimits, request_pixels: int)
     # version (UnidentifiedImageError, ValueError, SyntaxError, EOFError ..., and an AssertionError from
     # convert() for a palette PNG without its palette), so every exception here is the caller's input.
     except Exception as exc:  # noqa: BLE001
-        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        # Without the " at 0x..." of an object's repr (PIL names its BytesIO): an address of this process has no
+        # place in a caller's error or in the audit log.
+        reason = f"{type(exc).__name__}: {_MEMORY_ADDRESS.sub('', str(exc))}" if str(exc) else type(exc).__name__
         raise invalid(f"images[{index}] could not be decoded as an image ({reason})") from None
 
 

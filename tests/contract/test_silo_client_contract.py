@@ -114,7 +114,8 @@ def _bad_score_requests() -> list[tuple[str, ScoreRequest, str]]:
          r"images\[1\] repeats an earlier image"),
         ("unused image", Score(images=(RED, BLUE), rows=(row,)), r"images \[1\] are not referred to"),
         ("undecodable image", Score(images=(ImageBlob.of(b"not an image"),), rows=(row,)),
-         r"images\[0\] could not be decoded"),
+         r"images\[0\] could not be decoded as an image \(UnidentifiedImageError: cannot identify image file "
+         r"<_io\.BytesIO object>\)$"),  # no address of the silo's process
         ("empty image", Score(images=(ImageBlob.of(b""),), rows=(row,)), r"images\[0\] is empty"),
         ("blank response", Score(images=(RED,), rows=(ScoreRow(0, QUESTION, "  "),)), r"responses\[0\] is empty"),
         ("empty prompt", Score(images=(RED,), rows=(ScoreRow(0, "", "x"),)), r"prompts\[0\] is empty"),

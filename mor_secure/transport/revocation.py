@@ -6,7 +6,9 @@ open, on their next call). A CRL is used only if the consortium CA signed it
 and its number (RFC 5280 §5.2.3) is not below the one in use: an older CRL
 put back in place would un-revoke whatever was revoked since. One that fails
 any of these checks keeps the last good list and is logged, since silently
-accepting every certificate would be worse than a stale list.
+accepting every certificate would be worse than a stale list: once per
+version of the file (and once while it cannot be read), not on every call,
+so that a bad file does not turn each caller's call into a logged error.
 
 A server does not start on a CRL past its next update (`mor pki crl`
 re-signs it); one that goes stale while the server runs is logged as an
@@ -38,6 +40,8 @@ class RevocationList:
         self._ca = ca_certificate
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
+        self._rejected_stamp: tuple[int, int] | None = None  # the file version last refused: not parsed again
+        self._unreadable_logged = False
         self._number = -1
         self._next_update: dt.datetime | None = None
         self._stale_logged = False
@@ -55,7 +59,7 @@ class RevocationList:
     def _reload(self) -> None:
         stat = self.path.stat()
         stamp = (stat.st_mtime_ns, stat.st_size)
-        if stamp == self._stamp:
+        if stamp in (self._stamp, self._rejected_stamp):
             return
         try:
             crl = x509.load_pem_x509_crl(self.path.read_bytes())
@@ -66,8 +70,10 @@ class RevocationList:
                 raise ValueError(f"CRL number {number} is older than the {self._number} in use; an older CRL "
                                  "would un-revoke the certificates revoked since")
         except ValueError as exc:
+            self._rejected_stamp = stamp
             logger.error("%s: CRL rejected (%s); keeping the previous revocation list", self.path, exc)
             return
+        self._rejected_stamp = None
         self._revoked = frozenset(entry.serial_number for entry in crl)
         self._number, self._next_update, self._stamp = number, crl.next_update_utc, stamp
         self._stale_logged = False
@@ -80,8 +86,12 @@ class RevocationList:
         with self._lock:
             try:
                 self._reload()
+                self._unreadable_logged = False
             except OSError as exc:
-                logger.error("%s: cannot read the CRL (%s); keeping the previous revocation list", self.path, exc)
+                if not self._unreadable_logged:
+                    self._unreadable_logged = True
+                    logger.error("%s: cannot read the CRL (%s); keeping the previous revocation list", self.path,
+                                 exc)
             if not self._stale_logged and self._is_stale():
                 self._stale_logged = True
                 logger.error("%s: the CRL in use went stale at %s; %s", self.path, self._next_update, _RESIGN_HINT)

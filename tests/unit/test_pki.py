@@ -164,6 +164,36 @@ def test_a_server_does_not_start_on_a_stale_crl_and_logs_one_that_goes_stale(tmp
         "with `mor pki crl --ca pki/ca` and publish it here") == 1
 
 
+
+def test_a_bad_or_missing_crl_is_logged_once_per_version_and_the_last_good_list_stays(tmp_path: Path,
+                                                                                     caplog) -> None:
+    """A bad file must not make every call a parsed, verified and logged error (a log flood), nor un-revoke."""
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    serial = ca.issue(PartyIdentity(Role.SILO, "hospital-a"), tmp_path / "kit").certificate().serial_number
+    ca.revoke(serial=serial)
+    path = tmp_path / "crl.pem"
+    path.write_bytes((ca.directory / "crl.pem").read_bytes())
+    revocations = RevocationList(path, ca.certificate)
+
+    def errors_over(calls: int) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.ERROR, logger="mor_secure.transport.revocation"):
+            for _ in range(calls):
+                assert revocations.is_revoked(serial)
+        return [r.getMessage().split(" (")[0] for r in caplog.records]
+
+    path.write_bytes(b"garbage")
+    assert errors_over(5) == [f"{path}: CRL rejected"]
+    path.unlink()
+    assert errors_over(5) == [f"{path}: cannot read the CRL"]
+    path.write_bytes(b"other garbage")  # a new version: said again, once
+    assert errors_over(5) == [f"{path}: CRL rejected"]
+    path.write_bytes((ca.directory / "crl.pem").read_bytes())
+    assert errors_over(2) == []
+    path.unlink()
+    assert errors_over(2) == [f"{path}: cannot read the CRL"]  # said again after a readable spell
+
+
 def test_identities_are_strict(tmp_path: Path) -> None:
     assert parse_identity("mor://silo/hospital-a") == PartyIdentity(Role.SILO, "hospital-a")
     for bad in ("https://silo/hospital-a", "mor://silo", "mor://janitor/x", "mor://silo/Hospital_A", "mor://silo/a/b",

@@ -49,7 +49,7 @@ results: $(STAMP)
 	$(VENV)/bin/mor demo run --workdir runs/results --write-results docs/results/dp_reward_models.json
 
 # The full MoR-vs-baselines table (3 seeds, every baseline): docs/results/mor_vs_baselines.json,
-# docs/results.md and docs/results/mor_training_*.png. 47 min to about 2 hours on 2 cores by host (47 min on 2026-12-03, 126 on 2026-12-02); resumes if interrupted.
+# docs/results.md and docs/results/mor_training_*.png. 47 min to about 2 hours on 2 cores by host (52 min on 2026-12-05, 47 on 2026-12-03, 126 on 2026-12-02); resumes if interrupted.
 results-table: $(STAMP)
 	$(VENV)/bin/mor demo table --workdir runs/table
 

@@ -93,8 +93,8 @@ class SecureFusion(ClearFusion):
 
     def _secure_round(self, clients: Sequence[SecureSiloClient], rows: tuple[list, list, list],
                       weights: torch.Tensor, kinds: Sequence[str] | None,
-                      failures: dict[str, SiloError]) -> tuple[str, int, list[bytes]]:
-        """One round of at most one ciphertext, asked but not decrypted: (round id, rows, the silos' ciphertexts).
+                      failures: dict[str, SiloError]) -> tuple[str, int, list[ts.BFVVector]]:
+        """One round of at most one ciphertext, asked but not decrypted: (round id, rows, the silos' vectors).
 
         Fills `failures` (absent silos) instead of raising for them; the round is then worthless.
         """
@@ -109,8 +109,7 @@ class SecureFusion(ClearFusion):
         participants = tuple(keys[c.name] for c in clients)
         requests = {c.name: SecureScoreRequest(score=weighted([shared], weights[:, column[c.name]])[0],
                                                participants=participants) for c in clients}
-        answers = self._in_parallel(clients, lambda c: _one(c.secure_score(requests[c.name]).ciphertexts, "ciphertext",
-                                                            c.name))
+        answers = self._in_parallel(clients, lambda c: self._contribution(c, requests[c.name], len(shared.rows)))
         present = [name for name, answer in answers.items() if not isinstance(answer, Exception)]
         self._on_record(round_id, [c.name for c in clients], present,
                         {name: [request] for name, request in requests.items()}, weights, kinds)  # a refused one too
@@ -118,16 +117,26 @@ class SecureFusion(ClearFusion):
         failures.update({name: a for name, a in answers.items() if isinstance(a, SiloError)})
         return round_id, len(shared.rows), [a for a in answers.values() if not isinstance(a, SiloError)]
 
+    def _contribution(self, client: SecureSiloClient, request: SecureScoreRequest, items: int) -> ts.BFVVector:
+        """A silo's answer to `SecureScore`: one ciphertext of `items` terms, or INTERNAL (its fault)."""
+        ciphertext = _one(client.secure_score(request).ciphertexts, "ciphertext", client.name)
+        try:
+            return aggregation.vector(ciphertext, self.context, items=items)
+        except (ValueError, RuntimeError, TypeError) as exc:
+            raise SiloError(ErrorCode.INTERNAL, f"silo {client.name!r} answered a ciphertext that is not the "
+                            f"round's: {exc}") from None
+
     def _decrypted_sum(self, clients: Sequence[SecureSiloClient], round_id: str, count: int,
-                       ciphertexts: list[bytes]) -> torch.Tensor:
+                       contributions: list[ts.BFVVector]) -> torch.Tensor:
         """The round's sum over `clients`: added under encryption, blinded, decrypted by one of them, unblinded."""
         blinding = aggregation.new_blinding(count)
-        blinded = aggregation.blind(aggregation.add(ciphertexts, self.context), blinding)
-        decrypted = self._decrypt(clients, round_id, blinded)
+        blinded = aggregation.blind(aggregation.add(contributions), blinding)
+        decrypted = self._decrypt(clients, round_id, blinded, count)
         return torch.tensor(aggregation.unblind(decrypted, blinding, count), dtype=torch.float32)
 
-    def _decrypt(self, clients: Sequence[SecureSiloClient], round_id: str, blinded: bytes) -> np.ndarray:
-        """The round's decryptor decrypts: the participants in turn, the next one if it is unreachable."""
+    def _decrypt(self, clients: Sequence[SecureSiloClient], round_id: str, blinded: bytes, count: int) -> np.ndarray:
+        """The round's decryptor decrypts its `count` values: the participants in turn, the next one if it is
+        unreachable."""
         names = tuple(c.name for c in clients)
         start, self._rounds = self._rounds % len(clients), self._rounds + 1
         errors = []
@@ -136,11 +145,16 @@ class SecureFusion(ClearFusion):
             try:
                 reply = decryptor.decrypt(DecryptRequest(round_id=round_id, participants=names,
                                                          ciphertexts=(blinded,)))
-                return np.asarray(_one(reply.values, "decrypted vector", decryptor.name), dtype=np.int64)
+                values = _one(reply.values, "decrypted vector", decryptor.name)
             except SiloError as error:
                 if error.code not in ABSENT:
                     raise
                 errors.append(str(error))
+                continue
+            if len(values) != count:
+                raise SiloError(ErrorCode.INTERNAL, f"silo {decryptor.name!r} decrypted {len(values)} values of round "
+                                f"{round_id}, which has {count} items")
+            return np.asarray(values, dtype=np.int64)
         raise RoundFailedError(f"no participant of round {round_id} could decrypt it: {'; '.join(errors)}")
 
 

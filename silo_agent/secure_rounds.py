@@ -324,8 +324,9 @@ class SecureRounds:
         # values leave only once the mark is on disk.
         try:
             values = tuple(int(v) for v in aggregation.decrypt(request.ciphertexts[0], self._context))
-        except (ValueError, RuntimeError, TypeError):
-            raise invalid("the ciphertext of the request is not a BFV vector of this consortium's context") from None
+        except (ValueError, RuntimeError, TypeError) as exc:  # TenSEAL's and `aggregation.vector`'s, no data in them
+            raise invalid(f"the ciphertext of the request is not a BFV vector of this consortium's context: {exc}"
+                          ) from None
         with self._lock:
             self._check_decryptable(request.round_id)  # again: a concurrent request may have decrypted it meanwhile
             self._record("decrypted", request.round_id)

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from crafted_vectors import redeclared
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from silo_fakes import RightAnswerModel, png
 
@@ -121,22 +122,28 @@ def test_a_silo_that_fails_makes_the_round_restart_with_the_others(kits, items, 
         SecureFusion(silos, coordinator_context(kits["coordinator"])).fuse(items, weights)
 
 
-def test_a_secure_round_a_silo_answers_without_its_ciphertext_fails_on_the_record(kits, items, pki,
-                                                                                  tmp_path: Path) -> None:
-    """An empty answer used to fail the round with an IndexError before it was recorded (and as a traceback)."""
+@pytest.mark.parametrize(("answer", "error"), [
+    # An empty answer used to fail the round with an IndexError before it was recorded (and as a traceback).
+    (lambda ciphertexts: (), "answered 0 ciphertexts, not one"),
+    # A vector declaring more items than its rows: adding it to the others, then the blinding, read past it.
+    (lambda ciphertexts: (redeclared(ciphertexts[0], [100_000]),),
+     r"answered a ciphertext that is not the round's: 1 ciphertext\(s\) declaring 100000 items, not one "
+     "ciphertext of 3 items"),
+], ids=["no ciphertext", "over-declared"])
+def test_a_secure_round_a_silo_answers_without_its_ciphertext_fails_on_the_record(kits, items, pki, tmp_path: Path,
+                                                                                  answer, error) -> None:
     from mor_secure.audit import AuditLog, read_log
     from mor_secure.wire.messages import SecureScoreReply
 
-    class Empty(InProcessSiloClient):
+    class Malformed(InProcessSiloClient):
         def secure_score(self, request):
-            super().secure_score(request)
-            return SecureScoreReply(ciphertexts=())
+            return SecureScoreReply(ciphertexts=answer(super().secure_score(request).ciphertexts))
 
     silos = clients(kits, tmp_path)
-    silos[1] = Empty(silos[1].service, secure=silos[1].secure)
+    silos[1] = Malformed(silos[1].service, secure=silos[1].secure)
     log = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
     try:
-        with pytest.raises(SiloError, match="silo 'bank-b' answered 0 ciphertexts, not one") as failed:
+        with pytest.raises(SiloError, match=f"silo 'bank-b' {error}") as failed:
             SecureFusion(silos, coordinator_context(kits["coordinator"]), audit=log).fuse(items,
                                                                                          torch.full((4, 3), 1 / 3))
         assert failed.value.code == ErrorCode.INTERNAL
@@ -291,9 +298,14 @@ def test_a_decrypt_of_other_than_one_valid_ciphertext_is_refused_and_the_round_k
     refused(lambda: silos[0].decrypt(replace(decrypt, ciphertexts=tuple(ciphertexts[:2]))),
             ErrorCode.INVALID_ARGUMENT, "this one has 2")
     refused(lambda: silos[0].decrypt(replace(decrypt, ciphertexts=(b"not a ciphertext",))),
-            ErrorCode.INVALID_ARGUMENT, "is not a BFV vector")
+            ErrorCode.INVALID_ARGUMENT, "is not a BFV vector of this consortium's context: failed to parse")
+    # A real ciphertext declaring more items than its 8192 slots: TenSEAL would answer that many values, the
+    # silo's heap past the slots (and crash the silo at 10^6).
+    refused(lambda: silos[0].decrypt(replace(decrypt, ciphertexts=(redeclared(ciphertexts[0], [100_000]),))),
+            ErrorCode.INVALID_ARGUMENT, r"1 ciphertext\(s\) declaring 100000 items, not one ciphertext of 1 to 8192")
     # None of those used up the round's one decryption: the sum decrypts, 0.5 * (1 + 3 + 5) (scores 1, 3, 5).
-    total = aggregation.add(ciphertexts, coordinator_context(kits["coordinator"])).serialize()
+    public = coordinator_context(kits["coordinator"])
+    total = aggregation.add([aggregation.vector(c, public) for c in ciphertexts]).serialize()
     (values,) = silos[0].decrypt(replace(decrypt, ciphertexts=(total,))).values
     assert abs(decode(np.asarray(values[:1]))[0] - 4.5) < 1e-4
     refused(lambda: silos[0].decrypt(replace(decrypt, ciphertexts=(total,))), ErrorCode.FAILED_PRECONDITION,

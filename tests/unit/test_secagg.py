@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from crafted_vectors import redeclared
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import x25519
 from hypothesis import HealthCheck, given, settings
@@ -37,7 +38,8 @@ def secure_sum(terms: dict[str, np.ndarray], contexts, round_id: str = "round-1"
     contributions = [aggregation.contribution(terms[n], masks.mask(private[n], public_keys, me=n, round_id=round_id,
                                                                       count=count), public) for n in names]
     blinding = aggregation.new_blinding(count)
-    blinded = aggregation.blind(aggregation.add(contributions, public), blinding)
+    blinded = aggregation.blind(aggregation.add([aggregation.vector(c, public, items=count) for c in contributions]),
+                                blinding)
     return aggregation.unblind(aggregation.decrypt(blinded, secret), blinding, count)
 
 
@@ -93,6 +95,25 @@ def test_the_coordinators_public_context_cannot_decrypt(contexts) -> None:
         aggregation.decrypt(ciphertext, public)
     with pytest.raises(ValueError, match="holds the secret key; the coordinator must only ever get the public one"):
         he_context.load_public(he_context.secret_bytes(contexts[0]))
+
+
+@pytest.mark.parametrize(("sizes", "copies", "declared"), [
+    ([100_000], 1, "1 ciphertext.s. declaring 100000 items"),  # read 91,808 values past the 8,192 slots
+    ([8193], 1, "1 ciphertext.s. declaring 8193 items"),
+    ([], 1, "1 ciphertext.s. declaring 0 items"),  # decrypt read sizes[0] of an empty list
+    ([2, 2], 2, "2 ciphertext.s. declaring 4 items"),
+])
+def test_a_vector_declaring_other_than_one_ciphertext_of_at_most_8192_items_is_refused_before_decryption(
+        contexts, sizes, copies, declared) -> None:
+    """TenSEAL copies as many decoded slots as a vector declares: past 8192, the decryptor's heap."""
+    secret, public = contexts
+    honest = aggregation.contribution([1.0, 2.0], np.zeros(2, dtype=np.int64), public)
+    crafted = redeclared(honest, sizes, copies)
+    with pytest.raises(ValueError, match=f"{declared}, not one ciphertext of 1 to 8192 items"):
+        aggregation.decrypt(crafted, secret)
+    with pytest.raises(ValueError, match=f"{declared}, not one ciphertext of 2 items"):
+        aggregation.vector(crafted, public, items=2)
+    assert decode(aggregation.decrypt(redeclared(honest, [2]), secret)).tolist() == [1.0, 2.0]  # the same, declared right
 
 
 def test_a_swapped_key_agreement_key_is_detected(pki) -> None:

@@ -76,7 +76,7 @@ def _items(request: Request) -> int:
 def record_round(audit: AuditSink, *, stage: str, round_id: str, objective: str, asked: Sequence[str],
                  answered: Sequence[str], requests: Mapping[str, Sequence[Request]],
                  weights: torch.Tensor | None = None, columns: Sequence[str] | None = None,
-                 kinds: Sequence[str] | None = None, method: str = "") -> None:
+                 kinds: Sequence[str | None] | None = None, method: str = "") -> None:
     """One entry for one scoring round (see the module docstring).
 
     `asked` are the silos the round was sent to and `requests` what each was
@@ -101,12 +101,13 @@ def record_round(audit: AuditSink, *, stage: str, round_id: str, objective: str,
 
 
 def _mean_weight_by_kind(weights: torch.Tensor, columns: Mapping[str, int],
-                         kinds: Sequence[str]) -> dict[str, dict[str, list[float]]]:
-    """silo -> question kind -> [mean weight, rows], for each silo's column of `weights`."""
+                         kinds: Sequence[str | None]) -> dict[str, dict[str, list[float]]]:
+    """silo -> question kind -> [mean weight, rows], for each silo's column of `weights` (rows of kind None,
+    whose weights are not the router's, left out)."""
     table: dict[str, dict[str, list[float]]] = {}
     for silo, k in columns.items():
         table[silo] = {}
-        for kind in sorted(set(kinds)):
+        for kind in sorted(set(kinds) - {None}):
             rows = torch.tensor([x == kind for x in kinds])
             table[silo][kind] = [round(weights[rows, k].mean().item(), 6), int(rows.sum())]
     return table

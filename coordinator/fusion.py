@@ -15,7 +15,8 @@ after its client's retries) is left out of the round when at least
 `minimum_participants` silos answered: the sum of the others' terms is
 divided by their total weight per item (their weights renormalised), and an
 item with (almost) all its weight on absent silos (`MIN_PRESENT_WEIGHT`) is
-asked again, in a second round, with equal weights for the present ones; `last_round` says who
+asked again, in a second round, with equal weights for the present ones (`SecureFusion` sends them
+within its restarted round instead: see there); `last_round` says who
 answered, and the reward logs it with GRPO's metrics. It is asked again next round, so a silo that
 comes back rejoins. With fewer answers than the minimum the round fails
 with an error naming the missing silos. Any other refusal (a policy limit,
@@ -161,8 +162,9 @@ class ClearFusion:
         return {client.name: answer for client, answer in zip(clients, answers, strict=True)}
 
     def _round(self, clients: Sequence[SiloClient], rows: tuple[list, list, list], weights: torch.Tensor,
-               kinds: Sequence[str] | None) -> tuple[list[str], torch.Tensor]:
-        """One scoring round over `clients` (fresh round id, on the record): who answered, and their summed terms."""
+               kinds: Sequence[str] | None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+        """One scoring round over `clients` (fresh round id, on the record): who answered, their summed terms, and
+        the weights they were sent (here `weights`)."""
         round_id = new_round_id()
         # Read, hash and pack the images once per round; each silo's copy differs only in its weights.
         shared = score_requests(*rows, objective=self.objective, round_id=round_id)
@@ -173,7 +175,7 @@ class ClearFusion:
         self._on_record(round_id, list(answers), present, requests, weights, kinds)  # a refused round too
         raise_refusal(answers)
         self._check_minimum(answers, present)
-        return present, sum(answers[name] for name in present)
+        return present, sum(answers[name] for name in present), weights
 
     def _on_record(self, round_id: str, asked: Sequence[str], present: Sequence[str], requests: dict,
                    weights: torch.Tensor, kinds: Sequence[str] | None) -> None:
@@ -206,10 +208,10 @@ class ClearFusion:
         columns = tuple(list(column) for column in zip(*distinct, strict=True))
         distinct_weights = weights[list(first.values())].detach().float().cpu()  # a row's weights depend on it alone
         kinds = None if items.kinds is None else [items.kinds[i] for i in first.values()]
-        answered, summed = self._round(self.clients, columns, distinct_weights, kinds)
+        answered, summed, sent = self._round(self.clients, columns, distinct_weights, kinds)
         self.last_round = {c.name: c.name in answered for c in self.clients}
         present = torch.tensor([self.last_round[c.name] for c in self.clients])
-        fused, orphans = renormalised(summed, distinct_weights, present)
+        fused, orphans = renormalised(summed, sent, present)
         if orphans.any():
             fused[orphans] = self._uniform_over(answered, columns, orphans)
         return fused[index]
@@ -226,7 +228,7 @@ class ClearFusion:
         rows = tuple([column[i] for i in chosen] for column in columns)
         # No question kinds on this round's record: its weights are this fallback's, not the router's, and the
         # report's mean router weight per silo and kind must not count them.
-        again, summed = self._round(clients, rows, uniform, None)
+        again, summed, _ = self._round(clients, rows, uniform, None)
         return summed * (len(clients) / len(again))
 
 
@@ -246,6 +248,14 @@ def weighted(requests: Sequence[ScoreRequest], weights: torch.Tensor) -> list[Sc
         out.append(replace(request, weights=tuple(weights[start:end].tolist())))
         start = end
     return out
+
+
+def equal_weights_for_orphans(weights: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weights` [N, K] with every row that `renormalised` would call an orphan given equal weights for the
+    `present` silos (0 for the others); and which rows those are."""
+    orphans = weights[:, present].sum(dim=1) < MIN_PRESENT_WEIGHT
+    equal = torch.where(present, 1.0 / int(present.sum()), 0.0).to(weights.dtype)
+    return torch.where(orphans[:, None], equal, weights), orphans
 
 
 def renormalised(summed: torch.Tensor, weights: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,9 @@
 """`SecureFusion`: the fused reward by secure aggregation; the coordinator learns only the sum over silos.
 
 The same rounds as `ClearFusion` (each silo is sent only its own weights;
-absent silos' weight goes to the others; orphan rows get the plain average),
+absent silos' weight goes to the others; orphan rows get the plain average,
+here within the restarted round itself, since asking them again, as
+`ClearFusion` does, would decrypt two sums of one row over the same silos),
 with each round's sum formed under encryption (DESIGN §4,
 silo_agent/secure_rounds.py):
 
@@ -40,7 +42,7 @@ from mor_secure.wire.errors import ErrorCode, SiloError
 from mor_secure.wire.messages import DecryptRequest, Participant, SecureScoreRequest
 
 from .audit_trail import new_round_id
-from .fusion import ABSENT, ClearFusion, RoundFailedError, raise_refusal, weighted
+from .fusion import ABSENT, ClearFusion, RoundFailedError, equal_weights_for_orphans, raise_refusal, weighted
 from .silo_requests import ROWS_PER_REQUEST, score_requests
 
 
@@ -72,21 +74,32 @@ class SecureFusion(ClearFusion):
         return self._participants[client.name]
 
     def _round(self, clients: Sequence[SecureSiloClient], rows: tuple[list, list, list], weights: torch.Tensor,
-               kinds: Sequence[str] | None) -> tuple[list[str], torch.Tensor]:
+               kinds: Sequence[str] | None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
         asked = list(clients)
+        position = {c.name: k for k, c in enumerate(self.clients)}
         while True:
+            # A row with (almost) none of its weight on the silos asked is sent their equal weights in this round,
+            # not asked again in a second one: two sums of one row over the same silos under two known weightings
+            # are two equations in their scores (two silos: both solved, to 1e-3 in a probe). Its router weights
+            # are left out of the round's mean weights on record (the kind None).
+            present = torch.zeros(len(self.clients), dtype=torch.bool)
+            present[[position[c.name] for c in asked]] = True
+            sent, orphans = equal_weights_for_orphans(weights, present)
+            labels = None if kinds is None else [None if o else kind for kind, o in zip(kinds, orphans.tolist(),
+                                                                                      strict=True)]
             failures: dict[str, SiloError] = {}
             answered = []
             for start in range(0, len(rows[0]), ROWS_PER_REQUEST):
                 part = tuple(column[start:start + ROWS_PER_REQUEST] for column in rows)
-                answered.append(self._secure_round(asked, part, weights[start:start + ROWS_PER_REQUEST],
-                                                   None if kinds is None else kinds[start:start + ROWS_PER_REQUEST],
+                answered.append(self._secure_round(asked, part, sent[start:start + ROWS_PER_REQUEST],
+                                                   None if labels is None else labels[start:start + ROWS_PER_REQUEST],
                                                    failures))
                 if failures:
                     break  # the remaining chunks would be asked again anyway, of the present silos
             if not failures:
                 # Every chunk was answered by all of `asked`: only now is any sum decrypted, each over that one set.
-                return [c.name for c in asked], torch.cat([self._decrypted_sum(asked, *chunk) for chunk in answered])
+                return ([c.name for c in asked], torch.cat([self._decrypted_sum(asked, *chunk) for chunk in answered]),
+                        sent)
             present = [c for c in asked if c.name not in failures]
             self._check_minimum({**{c.name: None for c in asked}, **failures}, [c.name for c in present])
             asked = present  # a restart under new round ids: the absent silo's masks would not cancel

@@ -122,6 +122,47 @@ def test_a_silo_that_fails_makes_the_round_restart_with_the_others(kits, items, 
         SecureFusion(silos, coordinator_context(kits["coordinator"])).fuse(items, weights)
 
 
+def test_a_row_whose_weight_was_on_a_lost_silo_is_in_one_decrypted_sum_only(kits, pki, tmp_path: Path) -> None:
+    """A row with its weight on the silo that failed gets the present silos' plain average. Asked of them again
+    in a second round (as the clear fusion does), it was in two decrypted sums over the same two silos under two
+    known weightings: the coordinator solved both silos' scores to 1e-3."""
+    from mor_secure.audit import AuditLog, read_log
+
+    decrypted_over: list[tuple[str, ...]] = []
+
+    class Witnessed(InProcessSiloClient):
+        def decrypt(self, request):
+            decrypted_over.append(tuple(request.participants))
+            return super().decrypt(request)
+
+    class WitnessedDown(Witnessed, Down):
+        pass
+
+    silos = [(WitnessedDown if c.name == "hospital-c" else Witnessed)(c.service, secure=c.secure)
+             for c in clients(kits, tmp_path)]
+    image = tmp_path / "a.png"
+    image.write_bytes(png())
+    items = FusionItems(images=(image,) * 4, prompts=("q0", "q1", "q2", "q3"),
+                        responses=("right", "wrong", "right", "other"), kinds=("color", "shape", "color", "shape"))
+    # Rows 0 and 1: under 2^-7 of their weight on the silos that answer (orphans); rows 2 and 3 renormalised.
+    weights = torch.tensor([[0.002, 0.003, 0.995], [0.004, 0.001, 0.995], [0.2, 0.3, 0.5], [0.2, 0.3, 0.5]])
+    log = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
+    try:
+        fusion = SecureFusion(silos, coordinator_context(kits["coordinator"]), minimum_participants=2, audit=log)
+        fused = fusion.fuse(items, weights)
+    finally:
+        log.close()
+    assert decrypted_over == [("hospital-a", "bank-b")]  # every row in one decrypted sum
+    equal_then_renormalised = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.4, 0.6], [0.4, 0.6]])
+    expected = ClearFusion(clients(kits, None)[:2]).fuse(items, equal_then_renormalised)
+    assert torch.allclose(fused, expected, atol=1e-4), (fused, expected)
+    first, restart = [e.fields() for e in read_log(log.path).entries if e.fields().get("event") == "round"]
+    assert first["answered"] == restart["asked"] == ["hospital-a", "bank-b"]
+    # The router's weights of every row are on record once (the first round); the equal ones sent instead are not.
+    assert first["mean_weight"]["hospital-a"] == {"color": [0.101, 2], "shape": [0.102, 2]}
+    assert restart["mean_weight"]["hospital-a"] == {"color": [0.2, 1], "shape": [0.2, 1]}
+
+
 @pytest.mark.parametrize(("answer", "error"), [
     # An empty answer used to fail the round with an IndexError before it was recorded (and as a traceback).
     (lambda ciphertexts: (), "answered 0 ciphertexts, not one"),

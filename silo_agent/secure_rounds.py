@@ -20,7 +20,11 @@ Both "once"s survive a restart: the masks depend only on the round id and
 the participants, so a restarted silo that answered a round id again would
 give two answers whose difference is its own terms. Every answered and
 decrypted round id goes to an append-only record in the silo's workdir
-(`RoundRecord`), flushed to disk before the answer leaves.
+(`RoundRecord`), flushed to disk before the answer leaves. A round id is
+recorded as answered once its ciphertext is built, not when the round
+arrives: a round refused on its checks is not one the silo took part in,
+so it decrypts nothing for it (it is held in memory meanwhile, so a
+concurrent replay is refused too).
 
 Scores of a DP-trained model are post-processing: a secure round spends no
 privacy budget, like a clear one.
@@ -227,6 +231,7 @@ class SecureRounds:
         self._ca = kit.ca_certificate()
         self.minimum_participants = minimum_participants
         self._lock = threading.Lock()
+        self._answering: set[str] = set()  # round ids being answered now (recorded once their answer exists)
 
     def agreement_key(self) -> AgreementKeyReply:
         return AgreementKeyReply(agreement_key=self._own_key.to_json(), certificate_pem=self._certificate_pem)
@@ -299,18 +304,25 @@ class SecureRounds:
             raise invalid(f"{len(score.rows)} rows in one secure round; one ciphertext holds at most {SLOTS}")
         self._check_participants([p.name for p in request.participants])
         with self._lock:
-            if self.rounds.seen("answered", score.round_id):
+            if self.rounds.seen("answered", score.round_id) or score.round_id in self._answering:
                 raise SiloError(ErrorCode.FAILED_PRECONDITION, f"round {score.round_id!r} was already answered; "
                                 "a restart uses a new round id")
-            self._record("answered", score.round_id)  # reserved now: a concurrent replay is refused too
-        peers = self._peer_keys(request)
-        terms = self.service.score(score).scores  # the same checks as a clear Score; pre-weighted
-        mask = masks.mask(self._private, peers, me=self.name, round_id=score.round_id, count=len(terms))
+            self._answering.add(score.round_id)  # reserved now: a concurrent replay is refused too
         try:
-            ciphertext = aggregation.contribution(terms, mask, self._context)
-        except ValueError as exc:  # standardised scores are O(1) and weights at most 1: only a broken model gets here
-            raise SiloError(ErrorCode.FAILED_PRECONDITION, f"silo {self.name!r} cannot encode its scores for "
-                            f"round {score.round_id!r}: {exc}; check its reward model") from None
+            peers = self._peer_keys(request)
+            terms = self.service.score(score).scores  # the same checks as a clear Score; pre-weighted
+            mask = masks.mask(self._private, peers, me=self.name, round_id=score.round_id, count=len(terms))
+            try:
+                ciphertext = aggregation.contribution(terms, mask, self._context)
+            except ValueError as exc:  # standardised scores are O(1), weights at most 1: only a broken model
+                raise SiloError(ErrorCode.FAILED_PRECONDITION, f"silo {self.name!r} cannot encode its scores for "
+                                f"round {score.round_id!r}: {exc}; check its reward model") from None
+            # Recorded once there is an answer, and on disk before it leaves: a round refused above used no masks,
+            # and it is not one this silo took part in, so it is not decrypted here either.
+            self._record("answered", score.round_id)
+        finally:
+            with self._lock:
+                self._answering.discard(score.round_id)
         return SecureScoreReply(ciphertexts=(ciphertext,))
 
     def decrypt(self, request: DecryptRequest) -> DecryptReply:

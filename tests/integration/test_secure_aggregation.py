@@ -319,6 +319,12 @@ def test_a_round_below_the_minimum_a_weight_over_the_cap_and_a_swapped_key_are_r
     refused(lambda: silos[0].secure_score(alone), ErrorCode.FAILED_PRECONDITION, "needs at least 2 participants")
     refused(lambda: silos[0].secure_score(request(silos, "r2", weights=(1.5,))), ErrorCode.PERMISSION_DENIED,
             "weight of at most 1")
+    # A refused round is not one the silo took part in: it decrypts nothing for it (it used to decrypt whatever
+    # ciphertext came, the round id having been recorded before the weights were checked).
+    (elsewhere,) = silos[1].secure_score(request(silos, "r2-elsewhere")).ciphertexts
+    refused(lambda: silos[0].decrypt(DecryptRequest(round_id="r2", participants=tuple(p.name for p in alone.participants)
+                                                    + ("bank-b",), ciphertexts=(elsewhere,))),
+            ErrorCode.FAILED_PRECONDITION, "took no part in round 'r2'")
     good = request(silos, "r3")
     other = good.participants[2]
     swapped = replace(good.participants[1], agreement_key=other.agreement_key)  # bank-b's slot, hospital-c's key

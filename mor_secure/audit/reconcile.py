@@ -13,8 +13,10 @@ query by query without either holding the query itself:
   broke off or timed out after the silo recorded its answer, or a
   coordinator that rewrote an answer it got, with the silo's checkpoint,
   as never delivered);
-- every query the silo logged from the coordinator is in the coordinator's
-  log (a silo cannot be asked off the record);
+- every query the silo logged from a coordinator is in the coordinator's
+  log (a silo cannot be asked off the record); one from a coordinator other
+  than the log's party is a mismatch too, so the log of another coordinator
+  identity, or one whose party was renamed, cannot stand in for the real one;
 - every answer carried a checkpoint, and every one the silo handed back is signed by the
   silo's consortium certificate, covers the silo's own entry for that call,
   and the silo's log today is consistent with it (its first `size` entries
@@ -35,7 +37,7 @@ never a silent pass.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,14 +119,26 @@ def trusted_certificates(log: StoredLog, ca: x509.Certificate) -> list[x509.Cert
     return trusted
 
 
-def _calls(log: StoredLog, side: str, peer_field: str, peer: str) -> list[tuple[int, dict]]:
+def _calls(log: StoredLog, side: str, peer_field: str, is_peer: Callable[[object], bool]) -> list[tuple[int, dict]]:
+    """(position, fields) of each query entry on `side` whose `peer_field` passes `is_peer`.
+
+    Entries are named by their position in storage order, the order the tree is built in, never by their stored
+    `seq`: a renumbered log (verify names that) must not move an entry into the range a checkpoint covers.
+    """
     calls = []
-    for entry in log.entries:
+    for position, entry in enumerate(log.entries):
         fields = entry.fields()
-        if (fields.get("event") == "call" and fields.get("side") == side and fields.get(peer_field) == peer
+        if (fields.get("event") == "call" and fields.get("side") == side and is_peer(fields.get(peer_field))
                 and str(fields.get("rpc", "")).startswith(QUERY_PREFIX)):
-            calls.append((entry.seq, fields))
+            calls.append((position, fields))
     return calls
+
+
+def _is_coordinator(party: object) -> bool:
+    try:
+        return isinstance(party, str) and parse_identity(party).role is Role.COORDINATOR
+    except ValueError:
+        return False
 
 
 def _status(fields: dict) -> str:
@@ -181,18 +195,20 @@ def reconcile(coordinator: StoredLog, silo: StoredLog, ca: x509.Certificate) -> 
     if not silo_certificates:
         result.mismatch(f"{silo.path.name} holds no certificate the consortium CA issued to {silo.party}: its "
                         "checkpoints cannot be trusted")
-    asked = _calls(coordinator, "client", "callee", silo.party)
-    answered = _calls(silo, "server", "caller", coordinator.party)
+    asked = _calls(coordinator, "client", "callee", silo.party.__eq__)
+    # Every query the silo answered a coordinator, whichever coordinator it names: only those of the log given can
+    # match, so a log that is another coordinator's, or one whose party was renamed, leaves the real one's unmatched.
+    answered = _calls(silo, "server", "caller", _is_coordinator)
     waiting: dict[tuple, list[tuple[int, dict]]] = defaultdict(list)
     for seq, fields in answered:
-        waiting[_key(fields)].append((seq, fields))
+        waiting[fields["caller"], *_key(fields)].append((seq, fields))
 
     held: list[tuple[int, Checkpoint, int | None]] = []  # (coordinator entry, silo checkpoint, silo entry it answers)
     # Answered calls claim the silo's entries first: a retry of the same request after UNAVAILABLE is logged
     # twice by the coordinator and once by the silo, and the silo's entry is the answered one's.
     for seq, fields in sorted(asked, key=lambda call: _status(call[1]) in NOT_DELIVERED):
         status = _status(fields)
-        candidates = waiting.get(_key(fields))
+        candidates = waiting.get((coordinator.party, *_key(fields)))
         silo_entry = None
         if candidates:
             silo_seq, silo_fields = candidates.pop(0)
@@ -222,8 +238,10 @@ def reconcile(coordinator: StoredLog, silo: StoredLog, ca: x509.Certificate) -> 
             held.append((seq, checkpoint, silo_entry))
     for candidates in waiting.values():
         for silo_seq, silo_fields in candidates:
-            result.mismatch(f"{silo.party}'s entry {silo_seq}: {_short(silo_fields)} from {coordinator.party} is "
-                            "not in the coordinator's log")
+            caller = silo_fields["caller"]
+            given = "" if caller == coordinator.party else f" given (it is {coordinator.party}'s)"
+            result.mismatch(f"{silo.party}'s entry {silo_seq}: {_short(silo_fields)} from {caller} is "
+                            f"not in the coordinator's log{given}")
     _check_consistency(silo, held, result)
     return result
 

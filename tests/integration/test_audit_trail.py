@@ -264,6 +264,50 @@ def test_a_coordinator_that_drops_a_query_from_its_record_is_caught(consortium_r
     assert "from mor://coordinator/coordinator is not in the coordinator's log" in out
 
 
+@pytest.mark.parametrize("command", ["reconcile", "report"])
+def test_a_coordinator_log_whose_party_was_renamed_leaves_the_real_coordinators_queries_unmatched(
+        consortium_run, pki, capsys, tmp_path: Path, command: str) -> None:
+    """Reconcile once matched only the silo entries whose caller was the party the coordinator's log names: emptied
+    and renamed (no key needed), that log matched none, and every query the silo answered passed as RECONCILED, the
+    page as INTACT. Another coordinator identity's genuine log stands in the same way."""
+    with sqlite3.connect(consortium_run["coordinator"]) as connection:
+        connection.execute("DELETE FROM entries")
+        connection.execute("DELETE FROM checkpoints")
+        connection.execute("UPDATE meta SET value = 'mor://coordinator/nobody' WHERE key = 'party'")
+    extra = ["--out", str(tmp_path / "audit.html")] if command == "report" else []
+    code, out = cli(command, str(consortium_run["coordinator"]), str(consortium_run["silo"]),
+                    "--ca", str(pki.ca.directory / "ca.pem"), *extra, capsys=capsys)
+    assert code == 1 and "RECONCILED" not in out and "record INTACT" not in out, out
+    if command == "reconcile":
+        assert ("mor://silo/hospital-a's entry 0: Score (round -, request" in out and "from "
+                "mor://coordinator/coordinator is not in the coordinator's log given (it is mor://coordinator/nobody's)"
+                in out)
+        assert out.count("is not in the coordinator's log given") == 4  # three Scores (one refused), the Describe
+
+
+def test_reconcile_names_a_silo_entry_by_its_position_not_its_stored_number(consortium_run, pki, capsys) -> None:
+    """A silo that handed out stale heads (size 0) is caught because they do not cover its own entries; renumbering
+    those entries below 0 once hid it, since the check compared stored numbers while the tree is built in storage
+    order."""
+    stale = CheckpointSigner.from_kit(pki.kits["hospital-a"]).sign(size=0, root=MerkleTree().root(), time=time.time())
+
+    def stale_heads(entries: list[dict]) -> list[dict]:
+        for entry in entries:
+            if entry.get("peer_checkpoint"):
+                entry["peer_checkpoint"] = {"body": stale.body.hex(), "signature": stale.signature.hex()}
+        return entries
+
+    rewrite(consortium_run["coordinator"], pki.kits["coordinator"], stale_heads)
+    with sqlite3.connect(consortium_run["silo"]) as connection:
+        connection.execute("UPDATE entries SET seq = seq - 1000")
+    code, out = cli("reconcile", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
+                    "--ca", str(pki.ca.directory / "ca.pem"), capsys=capsys)
+    assert code == 1 and "the silo's checkpoint (size 0) does not cover its own entry 0 for that call" in out, out
+    code, out = cli("verify", str(consortium_run["silo"]), "--cert", str(pki.kits["hospital-a"].cert_path),
+                    capsys=capsys)
+    assert code == 1 and "entry 0 is stored numbered -1000: the entries were renumbered" in out
+
+
 def test_the_report_is_written_from_the_logs(consortium_run, pki, capsys, tmp_path: Path) -> None:
     out_file = tmp_path / "report" / "audit.html"
     code, out = cli("report", str(consortium_run["coordinator"]), str(consortium_run["silo"]),

@@ -8,8 +8,8 @@ canonical JSON holding its own index and the Merkle root of every entry
 before it (`prev_root`), so `mor audit verify` can name the first entry that
 was altered, removed, reordered or inserted, not only say that a root
 differs. Checkpoints (the party's signed tree heads, `checkpoints.py`) are
-written every `checkpoint_every_entries` entries or `checkpoint_every_seconds`,
-and at `close`; a silo writes one per entry, since each answer carries its
+written every `checkpoint_every_entries` (at most 256) entries or
+`checkpoint_every_seconds`, and at `close`; a silo writes one per entry, since each answer carries its
 latest checkpoint to the coordinator.
 
 Entries hold digests and counts, never raw images, prompts or scores: the
@@ -46,7 +46,9 @@ from .merkle import MerkleTree, leaf_hash
 FORMAT = "mor-secure/audit-log/v1"
 # The keys this module writes into every entry; an event may not set them itself.
 OWN_KEYS = ("index", "prev_root")
-# A coordinator writes a checkpoint at least this often; 256 entries is ~2 GRPO steps' calls of the demo.
+# A coordinator writes a checkpoint at least this often; 256 entries is ~2 GRPO steps' calls of the demo. It is also
+# the most any writer may wait: `mor audit verify` refuses a log whose newest unsigned stretch is longer, since
+# only a removed checkpoint can leave one (`verify.MAX_UNSIGNED_ENTRIES`).
 DEFAULT_CHECKPOINT_ENTRIES = 256
 DEFAULT_CHECKPOINT_SECONDS = 30.0
 # SQLite folds its WAL into the database every this many pages (default 1000), and the next commit then reuses
@@ -68,9 +70,13 @@ CREATE TABLE IF NOT EXISTS checkpoints (seq INTEGER PRIMARY KEY, size INTEGER NO
 CREATE TABLE IF NOT EXISTS certificates (key TEXT PRIMARY KEY, pem TEXT NOT NULL);
 """
 # As blobs whatever their storage class: a body rewritten as TEXT (the sqlite3 shell, a script) reads as its bytes,
-# and verification then names the altered entry instead of failing on the type.
-_ENTRIES_QUERY = "SELECT seq, CAST(body AS BLOB), CAST(leaf_hash AS BLOB) FROM entries ORDER BY seq"
-_CERTIFICATES_QUERY = "SELECT CAST(pem AS BLOB) FROM certificates ORDER BY rowid"
+# and verification then names the altered entry instead of failing on the type; a NULL (in a table rebuilt without
+# its NOT NULL) reads as no bytes, which no entry, checkpoint or certificate the log writes is.
+_ENTRIES_QUERY = ("SELECT seq, COALESCE(CAST(body AS BLOB), X''), COALESCE(CAST(leaf_hash AS BLOB), X'') "
+                  "FROM entries ORDER BY seq")
+_CHECKPOINTS_QUERY = ("SELECT COALESCE(CAST(body AS BLOB), X''), COALESCE(CAST(signature AS BLOB), X'') "
+                      "FROM checkpoints ORDER BY seq")
+_CERTIFICATES_QUERY = "SELECT COALESCE(CAST(pem AS BLOB), X'') FROM certificates ORDER BY rowid"
 
 
 class AuditLogError(RuntimeError):
@@ -137,9 +143,9 @@ def read_log(path: str | Path) -> StoredLog:
         meta = dict(connection.execute("SELECT key, value FROM meta"))
         if meta.get("format") != FORMAT:
             raise AuditLogError(f"{path}: not a {FORMAT} log (format {meta.get('format')!r})")
-        entries = tuple(StoredEntry(seq, body, leaf) for seq, body, leaf in connection.execute(_ENTRIES_QUERY))
+        entries = _stored_entries(path, connection)
         checkpoints = tuple(SignedCheckpoint(body, signature) for body, signature in connection.execute(
-            "SELECT CAST(body AS BLOB), CAST(signature AS BLOB) FROM checkpoints ORDER BY seq"))
+            _CHECKPOINTS_QUERY))
         certificates = tuple(_certificate(path, pem) for (pem,) in connection.execute(_CERTIFICATES_QUERY))
     except sqlite3.DatabaseError as exc:
         raise AuditLogError(f"{path}: not a readable audit log ({exc})") from None
@@ -147,6 +153,18 @@ def read_log(path: str | Path) -> StoredLog:
         connection.close()
     return StoredLog(path=path, party=meta.get("party", ""), entries=entries, checkpoints=checkpoints,
                      certificates=certificates)
+
+
+def _stored_entries(path: Path, connection: sqlite3.Connection) -> tuple[StoredEntry, ...]:
+    """The entries table as stored; AuditLogError naming the row if one's number is not an integer (the table was
+    rebuilt without its INTEGER PRIMARY KEY: no numbering, order or gap can be read from it)."""
+    entries = []
+    for position, (seq, body, leaf) in enumerate(connection.execute(_ENTRIES_QUERY)):
+        if isinstance(seq, bool) or not isinstance(seq, int):
+            raise AuditLogError(f"{path}: the entry stored at position {position} is numbered {seq!r:.40}, not by "
+                                "an integer: the entries table was altered; keep the file as evidence")
+        entries.append(StoredEntry(seq, body, leaf))
+    return tuple(entries)
 
 
 def _certificate(path: Path, pem: bytes) -> x509.Certificate:
@@ -162,8 +180,9 @@ class AuditLog:
     def __init__(self, path: str | Path, signer: CheckpointSigner, *,
                  checkpoint_every_entries: int = DEFAULT_CHECKPOINT_ENTRIES,
                  checkpoint_every_seconds: float = DEFAULT_CHECKPOINT_SECONDS) -> None:
-        if checkpoint_every_entries < 1 or checkpoint_every_seconds <= 0:
-            raise ValueError("checkpoint_every_entries must be >= 1 and checkpoint_every_seconds > 0")
+        if not 1 <= checkpoint_every_entries <= DEFAULT_CHECKPOINT_ENTRIES or checkpoint_every_seconds <= 0:
+            raise ValueError(f"checkpoint_every_entries must be 1 to {DEFAULT_CHECKPOINT_ENTRIES} (mor audit verify "
+                             "refuses a longer unsigned stretch) and checkpoint_every_seconds > 0")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.signer = signer
@@ -214,15 +233,15 @@ class AuditLog:
 
     def _load(self) -> None:
         """Rebuild the tree from the stored entries, refusing to extend a log that is already damaged."""
-        for position, (seq, body, stored_leaf) in enumerate(self._connection.execute(_ENTRIES_QUERY)):
-            fields = StoredEntry(seq, body, stored_leaf).fields()
+        for position, entry in enumerate(_stored_entries(self.path, self._connection)):
+            seq, body, stored_leaf, fields = entry.seq, entry.body, entry.leaf_hash, entry.fields()
             if (seq != position or leaf_hash(body) != stored_leaf or fields.get("index") != position
                     or fields.get("prev_root") != self._tree.root().hex()):
                 raise AuditLogError(f"{self.path}: entry {position} does not check out, so the log will not be "
                                     "extended; run `mor audit verify` on it and keep the file as evidence")
             self._tree.append(stored_leaf)
-        last = self._connection.execute("SELECT size, CAST(body AS BLOB), CAST(signature AS BLOB) FROM checkpoints "
-                                        "ORDER BY seq DESC LIMIT 1").fetchone()
+        last = self._connection.execute("SELECT size, COALESCE(CAST(body AS BLOB), X''), COALESCE(CAST(signature AS "
+                                        "BLOB), X'') FROM checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
         self._checkpointed_size = last[0] if last else -1
         self._latest_checkpoint = SignedCheckpoint(last[1], last[2]) if last else None
         # Checkpoint times never go back, even if the clock did while the party was down (verify checks the order).

@@ -21,9 +21,15 @@ Checks, in one pass over the entries in storage order:
   consistency proofs of one tree always verify), so no proof needs storing;
 - signed at all: the writer signs a checkpoint in the same transaction as its
   first entry, so a log with entries and no checkpoint was stripped of
-  them or rebuilt without the party's key. A newest stretch of up to
+  them or rebuilt without the party's key. A newest stretch of fewer than
   `checkpoint_every_entries` (or `checkpoint_every_seconds` of) entries is
-  legitimately not yet covered; `uncovered_entries` counts it.
+  legitimately not yet covered (the party is running, or was killed before
+  its next checkpoint); `uncovered_entries` counts it. No writer leaves
+  more than `MAX_UNSIGNED_ENTRIES` (it signs at least every 256 entries, and
+  across a restart it counts from its last stored checkpoint), so a longer
+  stretch means newer checkpoints were removed, and the entries they
+  covered could then be rewritten unseen: that is a problem, naming the
+  first of them.
 
 A log can pass this and still have been rewritten wholesale by its own party
 (who can re-sign): checkpoints another party holds catch that
@@ -38,11 +44,13 @@ from dataclasses import dataclass, field
 from cryptography import x509
 
 from .checkpoints import Checkpoint, CheckpointError, canonical_json, parse_json, verify_checkpoint
-from .log import StoredLog
+from .log import DEFAULT_CHECKPOINT_ENTRIES, StoredLog
 from .merkle import MerkleTree, leaf_hash
 
 # A log is judged by its first problems; after a broken chain every later entry would repeat the same news.
 MAX_PROBLEMS = 50
+# The writer signs with the entry that would make its unsigned stretch this long (log.AuditLog.record).
+MAX_UNSIGNED_ENTRIES = DEFAULT_CHECKPOINT_ENTRIES - 1
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,10 @@ def verify_log(log: StoredLog, certificates: Sequence[x509.Certificate]) -> Veri
     if 0 in wanted_sizes:
         roots[0] = tree.root()
     for position, entry in enumerate(log.entries):
-        if entry.seq != position:
+        if entry.seq < position:
+            problem(position, f"entry {position} is stored numbered {entry.seq}: the entries were renumbered")
+            break
+        if entry.seq > position:
             jump = f"jump from {position - 1} to {entry.seq}" if position else f"start at {entry.seq}"
             problem(position, f"entry {position} is missing: the stored entries {jump} (entries "
                     f"{position}..{entry.seq - 1} were deleted)")
@@ -152,6 +163,11 @@ def verify_log(log: StoredLog, certificates: Sequence[x509.Certificate]) -> Veri
         result.latest_signature_ok = checkpoints[-1] is not None
         result.latest = checkpoints[-1] or _parsed_or_none(log.checkpoints[-1])
     result.uncovered_entries = max(len(log.entries) - covered, 0)
+    if any(c is not None for c in checkpoints) and result.uncovered_entries > MAX_UNSIGNED_ENTRIES:
+        problem(covered, f"entries {covered}..{len(log.entries) - 1} ({result.uncovered_entries}) are covered by no "
+                f"signed checkpoint, more than the {MAX_UNSIGNED_ENTRIES} newest a writer ever leaves unsigned (it "
+                f"signs at least every {DEFAULT_CHECKPOINT_ENTRIES} entries): newer checkpoints were removed, and "
+                "these entries may have been rewritten since")
     return result
 
 

@@ -643,6 +643,66 @@ def test_a_tail_the_writer_has_not_yet_signed_still_verifies(tmp_path: Path, pki
         log.close()
 
 
+def test_more_unsigned_entries_than_any_writer_leaves_is_a_problem_naming_the_first(tmp_path: Path, pki) -> None:
+    """With the newer checkpoints deleted, the entries they covered can be rewritten unseen (no key needed); a writer
+    signs at least every 256 entries, also across restarts, so more than 255 unsigned ones means checkpoints went."""
+    path = tmp_path / "coordinator.db"
+    write_log(path, pki.kits["coordinator"], 300).close()
+    assert verified(path, pki.kits["coordinator"]).ok
+    edit(path, "DELETE FROM checkpoints WHERE size > 1")
+    result = verified(path, pki.kits["coordinator"])
+    assert result.uncovered_entries == 299 and result.first_bad_entry == 1
+    assert [p.message for p in result.problems] == [
+        "entries 1..299 (299) are covered by no signed checkpoint, more than the 255 newest a writer ever leaves "
+        "unsigned (it signs at least every 256 entries): newer checkpoints were removed, and these entries may have "
+        "been rewritten since"]
+    with pytest.raises(ValueError, match="checkpoint_every_entries must be 1 to 256"):
+        AuditLog.for_kit(tmp_path / "lax.db", pki.kits["coordinator"], checkpoint_every_entries=257)
+
+
+@pytest.mark.parametrize(("table", "column"), [("entries", "body"), ("checkpoints", "body"),
+                                               ("checkpoints", "signature")])
+def test_a_null_where_the_log_writes_bytes_is_named_not_a_crash(log_path: Path, pki, table: str, column: str) -> None:
+    """A table rebuilt without its NOT NULL (the sqlite3 shell can) once crashed verify, reconcile and report with a
+    TypeError or AttributeError; a NULL reads as no bytes, which is named like any other altered value."""
+    _drop_not_null(log_path, table)
+    edit(log_path, f"UPDATE {table} SET {column} = NULL WHERE seq = 3")
+    result = verified(log_path, pki.kits["hospital-a"])
+    assert not result.ok
+    if table == "entries":
+        assert result.first_bad_entry == 3 and "entry 3 was altered" in result.problems[0].message
+    else:
+        assert result.problems[0].message.startswith("checkpoint #2: ")
+
+
+def test_entries_numbered_by_anything_but_integers_are_refused_with_a_message(log_path: Path, pki) -> None:
+    """A TEXT column stores the numbers as text: no numbering, order or gap can be read from it (once a TypeError)."""
+    _drop_not_null(log_path, "entries", seq_type="TEXT")
+    with pytest.raises(AuditLogError, match="the entry stored at position 0 is numbered '0', not by an integer"):
+        read_log(log_path)
+    with pytest.raises(AuditLogError, match="numbered '0'"):
+        AuditLog.for_kit(log_path, pki.kits["hospital-a"])
+
+
+def test_a_null_certificate_is_refused_with_a_message(log_path: Path) -> None:
+    _drop_not_null(log_path, "certificates")
+    edit(log_path, "UPDATE certificates SET pem = NULL")
+    with pytest.raises(AuditLogError, match="a certificate stored in the log does not parse"):
+        read_log(log_path)
+
+
+def _drop_not_null(path: Path, table: str, seq_type: str = "INTEGER PRIMARY KEY") -> None:
+    """Rebuild `table` as an insider with the sqlite3 shell might: same rows, no NOT NULL (and `seq` typed so)."""
+    columns = {"entries": f"seq {seq_type}, body BLOB, leaf_hash BLOB",
+               "checkpoints": "seq INTEGER PRIMARY KEY, size INTEGER, body BLOB, signature BLOB",
+               "certificates": "key TEXT PRIMARY KEY, pem TEXT"}[table]
+    with closing(sqlite3.connect(path)) as connection, connection:
+        connection.execute(f"ALTER TABLE {table} RENAME TO old_{table}")
+        connection.execute(f"CREATE TABLE {table} ({columns})")
+        connection.execute(f"INSERT INTO {table} SELECT * FROM old_{table}")
+        connection.execute(f"DROP TABLE old_{table}")
+
+
 @pytest.mark.parametrize("body", [b'{"event":"call","items":NaN}', b'{"event":"call","items":-Infinity}',
                                   b'{"event":"call","items":1e400}', b"[" * 100_000 + b"]" * 100_000],
                          ids=["nan", "infinity", "beyond-float", "deep"])

@@ -35,6 +35,7 @@ from mor_secure.models.digests import directory_digest
 from mor_secure.models.reward_model import LocalResources, RewardModel, load_reward_model
 from mor_secure.policy import RequestLimits
 from mor_secure.privacy import PrivacyLedger
+from mor_secure.privacy.os_entropy import os_entropy_generator
 from mor_secure.privacy.randomized_response import flip_probability, randomize_bits
 from mor_secure.privacy.reports import PrivacyReport
 from mor_secure.wire.errors import ErrorCode, SiloError
@@ -85,12 +86,10 @@ class SiloService:
         self._privacy_report = privacy_report
         self._ledger_summary = ledger_summary
         self._model_lock = threading.Lock()
-        # OS entropy unless a simulation asks for reproducible noise (which voids randomized response).
-        self._generator = torch.Generator()
-        if randomized_response_seed is None:
-            self._generator.seed()
-        else:
-            self._generator.manual_seed(randomized_response_seed)
+        # OS entropy, the whole generator state (a seed would give one of 2^32 streams, which the bits of pairs whose
+        # truth the caller knows would find), unless a simulation asks for reproducible noise (voiding the protection).
+        self._generator = (os_entropy_generator() if randomized_response_seed is None
+                           else torch.Generator().manual_seed(randomized_response_seed))
 
     @property
     def name(self) -> str:

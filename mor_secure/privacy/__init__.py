@@ -1,10 +1,11 @@
 """Differential privacy for silos: accounting maths, privacy units, the ledger, DP-SGD training.
 
 `accounting` and `randomized_response` are pure (no state); `privacy_units`
-groups pairs into DP samples; `ledger` owns the on-disk, hash-chained record of
-spends; `dp_training` trains reward models with Opacus and settles the
-ledger, `opacus_engine` attaching Opacus (with noise of its own) and taking it
-off, `unprotected_state` refusing model state that changes outside the noised
+groups pairs into DP samples; `os_entropy` makes generators nobody can
+regenerate; `ledger` owns the on-disk, hash-chained record of spends;
+`dp_training` trains reward models with Opacus and settles the ledger,
+`opacus_engine` attaching Opacus (with noise of its own) and taking it off,
+`unprotected_state` refusing model state that changes outside the noised
 gradients; `reports` separates the public privacy report from local diagnostics.
 """
 

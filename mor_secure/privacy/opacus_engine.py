@@ -8,7 +8,6 @@ optimizer and Poisson loader with generators nobody can regenerate;
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from mor_secure.privacy.accounting import quiet_accountant
+from mor_secure.privacy.os_entropy import os_entropy_generator
 from mor_secure.privacy.training_config import DPConfig, noise_label
 from mor_secure.privacy.unprotected_state import running_statistics_problems
 
@@ -62,16 +62,17 @@ def prepare_private_training(
 
     Opacus draws Poisson masks and noise from torch's global generator unless
     given one (DESIGN §5), and the global generator is seeded with the
-    training seed; so both get their own generators here, seeded from OS
-    entropy (or Opacus' CSPRNG in secure mode, or the explicitly insecure seed).
+    training seed; so both get their own generators here, their whole state
+    OS entropy (`os_entropy`: a seed would give one of 2^32 streams), or
+    Opacus' CSPRNG in secure mode, or the explicitly insecure seed.
     """
     sampling = noise_generator = None  # secure mode: Opacus uses its CSPRNG for both
     if not dp.secure_mode:
         if dp.insecure_seeded_noise is not None:
-            seeds = (dp.insecure_seeded_noise, dp.insecure_seeded_noise + 1)
+            seed = dp.insecure_seeded_noise
+            sampling, noise_generator = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
         else:
-            seeds = (int.from_bytes(os.urandom(8), "big"), int.from_bytes(os.urandom(8), "big"))
-        sampling, noise_generator = (torch.Generator().manual_seed(seed) for seed in seeds)
+            sampling, noise_generator = os_entropy_generator(), os_entropy_generator()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_OPACUS_SECURE_RNG_WARNING)
         engine = PrivacyEngine(accountant=dp.accountant, secure_mode=dp.secure_mode)

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 PrivacyUnit = Literal["image", "pair"]
 # What a run's unit_ids name under privacy_unit: image: images (the benchmark's), or patients (a silo's own data,
 # `data.unit`). A per-patient epsilon is no per-image one (removing one image of a patient with several is covered
-# only at about 2 x epsilon: a substitution, accounted at 15.6 for the demo's epsilon 8), so reports and ledger
+# only as a substitution: accounted directly, 15.6 for hospital-a's demo setting at epsilon 8), so reports and ledger
 # charges name the one the run had.
 UnitKind = Literal["image", "patient"]
 # What per-pair DP says of a unit (a patient, an image) with several pairs. Dwork & Roth's k x epsilon (2014,

@@ -195,7 +195,7 @@ def reconcile(coordinator: StoredLog, silo: StoredLog, ca: x509.Certificate) -> 
     if not silo_certificates:
         result.mismatch(f"{silo.path.name} holds no certificate the consortium CA issued to {silo.party}: its "
                         "checkpoints cannot be trusted")
-    asked = _calls(coordinator, "client", "callee", silo.party.__eq__)
+    asked = _calls(coordinator, "client", "callee", lambda callee: callee == silo.party)
     # Every query the silo answered a coordinator, whichever coordinator it names: only those of the log given can
     # match, so a log that is another coordinator's, or one whose party was renamed, leaves the real one's unmatched.
     answered = _calls(silo, "server", "caller", _is_coordinator)

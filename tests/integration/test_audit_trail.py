@@ -285,6 +285,19 @@ def test_a_coordinator_log_whose_party_was_renamed_leaves_the_real_coordinators_
         assert out.count("is not in the coordinator's log given") == 4  # three Scores (one refused), the Describe
 
 
+def test_a_coordinator_entry_naming_no_callee_is_not_taken_for_a_call_to_the_silo(consortium_run, pki,
+                                                                                 capsys) -> None:
+    def callee_removed(entries: list[dict]) -> list[dict]:
+        next(e for e in entries if e.get("side") == "client" and e.get("status") == "OK")["callee"] = None
+        return entries
+
+    rewrite(consortium_run["coordinator"], pki.kits["coordinator"], callee_removed)
+    code, out = cli("reconcile", str(consortium_run["coordinator"]), str(consortium_run["silo"]),
+                    "--ca", str(pki.ca.directory / "ca.pem"), capsys=capsys)
+    assert code == 1 and "mor://silo/hospital-a's entry 0: Score (round -, request" in out, out
+    assert out.count("from mor://coordinator/coordinator is not in the coordinator's log") == 1
+
+
 def test_reconcile_names_a_silo_entry_by_its_position_not_its_stored_number(consortium_run, pki, capsys) -> None:
     """A silo that handed out stale heads (size 0) is caught because they do not cover its own entries; renumbering
     those entries below 0 once hid it, since the check compared stored numbers while the tree is built in storage

@@ -9,8 +9,8 @@ before it (`prev_root`), so `mor audit verify` can name the first entry that
 was altered, removed, reordered or inserted, not only say that a root
 differs. Checkpoints (the party's signed tree heads, `checkpoints.py`) are
 written every `checkpoint_every_entries` (at most 256) entries or
-`checkpoint_every_seconds`, and at `close`; a silo writes one per entry, since each answer carries its
-latest checkpoint to the coordinator.
+`checkpoint_every_seconds`, and at `close`; a silo writes one per entry,
+since each answer carries its latest checkpoint to the coordinator.
 
 Entries hold digests and counts, never raw images, prompts or scores: the
 caller builds the event, and this module refuses nothing but keys it owns.

@@ -74,8 +74,8 @@ CREATE TABLE IF NOT EXISTS certificates (key TEXT PRIMARY KEY, pem TEXT NOT NULL
 # its NOT NULL) reads as no bytes, which no entry, checkpoint or certificate the log writes is.
 _ENTRIES_QUERY = ("SELECT seq, COALESCE(CAST(body AS BLOB), X''), COALESCE(CAST(leaf_hash AS BLOB), X'') "
                   "FROM entries ORDER BY seq")
-_CHECKPOINTS_QUERY = ("SELECT COALESCE(CAST(body AS BLOB), X''), COALESCE(CAST(signature AS BLOB), X'') "
-                      "FROM checkpoints ORDER BY seq")
+_CHECKPOINT_COLUMNS = "COALESCE(CAST(body AS BLOB), X''), COALESCE(CAST(signature AS BLOB), X'')"
+_CHECKPOINTS_QUERY = f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY seq"
 _CERTIFICATES_QUERY = "SELECT COALESCE(CAST(pem AS BLOB), X'') FROM certificates ORDER BY rowid"
 
 
@@ -240,8 +240,8 @@ class AuditLog:
                 raise AuditLogError(f"{self.path}: entry {position} does not check out, so the log will not be "
                                     "extended; run `mor audit verify` on it and keep the file as evidence")
             self._tree.append(stored_leaf)
-        last = self._connection.execute("SELECT size, COALESCE(CAST(body AS BLOB), X''), COALESCE(CAST(signature AS "
-                                        "BLOB), X'') FROM checkpoints ORDER BY seq DESC LIMIT 1").fetchone()
+        last = self._connection.execute(f"SELECT size, {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY seq DESC "
+                                        "LIMIT 1").fetchone()
         self._checkpointed_size = last[0] if last else -1
         self._latest_checkpoint = SignedCheckpoint(last[1], last[2]) if last else None
         # Checkpoint times never go back, even if the clock did while the party was down (verify checks the order).

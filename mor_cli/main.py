@@ -12,6 +12,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from mor_secure.weakened_privacy import WeakenedPrivacyWarning
+
 # group -> (module defining it, one-line help).
 GROUPS: dict[str, tuple[str, str]] = {
     "pki": ("mor_cli.pki_cli", "consortium operator: the certificate authority, party kits, revocation"),
@@ -39,9 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"mor: unknown group {group!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # DP-off and seeded-noise warnings are raised both as UserWarning (for library users) and as log lines
-    # (mor_secure.privacy.training_config.warn_dp_off); on the command line the log line says it once.
-    warnings.filterwarnings("ignore", category=UserWarning, message=r".*(WITHOUT differential privacy|DP noise is SEEDED)")
+    # Weakened-privacy warnings come both as warnings (for library users) and as log lines; here the log line
+    # says each once (mor_secure.weakened_privacy).
+    warnings.filterwarnings("ignore", category=WeakenedPrivacyWarning)
     if group in ("coordinator", "demo"):
         from .roles import allow_in_process_silos
 

@@ -56,9 +56,9 @@ from mor_secure.privacy.training_config import (
     UnitKind,
     guarantee_unit_of,
     run_declaration,
-    warn_dp_off,
 )
 from mor_secure.privacy.unprotected_state import FrozenStateSnapshot
+from mor_secure.weakened_privacy import warn_weakened_privacy
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +298,7 @@ def _state_changed_message(changed: list[str]) -> str:
 def _warn_per_pair(description: str, unit_ids: Sequence[Hashable] | None) -> None:
     """`privacy_unit: pair` weakens the default per-unit guarantee: say so on every run, as for DP off."""
     units = "" if unit_ids is None else f"the {len(set(unit_ids))} units unit_ids names are ignored, and "
-    warn_dp_off(f"training {description!r} with privacy_unit 'pair': its epsilon is per preference pair, NOT per "
+    warn_weakened_privacy(f"training {description!r} with privacy_unit 'pair': its epsilon is per preference pair, NOT per "
                 f"unit: {units}{PER_PAIR_UNITS}")
 
 
@@ -313,7 +313,7 @@ def _train_plain(
     progress: bool,
     description: str,
 ) -> tuple[PrivacyReport, list[float]]:
-    warn_dp_off(
+    warn_weakened_privacy(
         f"training {description!r} WITHOUT differential privacy"
         + (f"; nothing is charged to the privacy ledger {ledger.path}" if ledger is not None else "")
     )

@@ -7,8 +7,6 @@ entropy; every way to weaken them is a named field that warns loudly.
 from __future__ import annotations
 
 import importlib.util
-import logging
-import warnings
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -16,8 +14,7 @@ from pydantic import Field, model_validator
 from mor_secure.config import StrictModel
 from mor_secure.privacy.accounting import Accountant
 from mor_secure.privacy.ledger_units import GUARANTEE_UNIT
-
-logger = logging.getLogger(__name__)
+from mor_secure.weakened_privacy import warn_weakened_privacy
 
 PrivacyUnit = Literal["image", "pair"]
 # What a run's unit_ids name under privacy_unit: image: images (the benchmark's), or patients (a silo's own data,
@@ -122,19 +119,19 @@ class DPConfig(StrictModel):
                 "entropy on every run), or, in production, install torchcsprng built for your torch "
                 "(docs/silo-operator.md, 'Noise')")
         if self.enabled and self.insecure_seeded_noise is not None:
-            warn_dp_off(f"DP noise is SEEDED (insecure_seeded_noise={self.insecure_seeded_noise}): anyone who "
+            warn_weakened_privacy(f"DP noise is SEEDED (insecure_seeded_noise={self.insecure_seeded_noise}): anyone who "
                          "knows the seed can remove it, so this run is NOT private; for simulations only")
         return self
 
     @model_validator(mode="after")
     def _warn_when_weakened(self) -> DPConfig:
         if not self.enabled:
-            warn_dp_off(
+            warn_weakened_privacy(
                 "DP is OFF: the reward model will be trained without differential privacy, so its "
                 "weights and scores can reveal individual training pairs; never use for data that must stay private"
             )
         elif self.privacy_unit == "pair":
-            warn_dp_off(
+            warn_weakened_privacy(
                 f"privacy_unit is 'pair': the DP guarantee is per preference pair, NOT per patient/image: "
                 f"{PER_PAIR_UNITS}; set privacy_unit: image unless every patient has one pair"
             )
@@ -184,8 +181,3 @@ def run_declaration(dp: DPConfig, *, units_are: UnitKind = "image") -> dict[str,
     noise from there (`PrivacyLedger.check_open` holds the run to it)."""
     return {"mechanism": "dp-sgd", "privacy_unit": dp.privacy_unit,
             GUARANTEE_UNIT: guarantee_unit_of(dp, units_are=units_are), "noise": noise_label(dp)}
-
-
-def warn_dp_off(message: str) -> None:
-    warnings.warn(message, UserWarning, stacklevel=3)
-    logger.warning(message)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import fcntl
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -145,3 +147,14 @@ def test_a_second_training_on_a_busy_workdir_is_refused_before_reserving_and_the
     assert main(["silo", "train", "--config", str(config), "--no-progress"]) == 0, capsys.readouterr().err
     (charge,) = silo_training.open_ledger(silo_training.load_silo_config(config)).charges
     assert charge.settled and charge.epsilon > 0
+
+
+def test_the_command_line_says_a_weakened_privacy_warning_once(own_data: Path) -> None:
+    # Said as a warning and as a log line (mor_secure.weakened_privacy); a real process, since pytest takes over
+    # both the warnings and the root logger of this one. 'pair' is one the command line once printed twice.
+    per_pair = own_data / "warned-pair.yaml"
+    per_pair.write_text(OWN_DATA_YAML.format(workdir="work/warned-pair", pairs="pairs.jsonl").replace(
+        "    target_delta: 1.0e-5\n", "    target_delta: 1.0e-5\n    privacy_unit: pair\n"), encoding="utf-8")
+    shown = subprocess.run([sys.executable, "-m", "mor_cli", "silo", "ledger", "--config", str(per_pair)],
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert shown.stderr.count("privacy_unit is 'pair'") == 1, shown.stderr

@@ -145,19 +145,7 @@ def train_bradley_terry(
             if dp.enabled:
                 _warn_per_pair(description, unit_ids)
             grouping = group_pairs_by_unit(range(len(dataset)), max_pairs_per_unit=None, seed=config.seed)
-        if config.batch_size >= grouping.units:
-            raise ValueError(
-                f"batch_size ({config.batch_size}) must be smaller than the number of privacy units "
-                f"({grouping.units}); lower batch_size or add data"
-            )
-        if dp.enabled and dp.target_delta >= 1 / grouping.units:
-            # Dwork & Roth 2014, section 2.3: publishing each record with probability delta is
-            # (0, delta)-DP, so delta >= 1/n lets about one whole unit out in the clear.
-            raise ValueError(
-                f"target_delta ({dp.target_delta:g}) must be below 1/n = {1 / grouping.units:.3g} for the "
-                f"{grouping.units} privacy units (with delta >= 1/n the guarantee allows publishing a whole unit in "
-                "the clear); lower target_delta (1/n^1.1 or less is usual) or add data"
-            )
+        _check_unit_count(config, grouping.units, description)
         torch.manual_seed(config.seed)
         optimizer = torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
         units = unit_dataset(dataset, grouping)
@@ -212,9 +200,6 @@ def _train_private(
         # steps that run, so the epsilon it reports stays within the target.
         # Planned from the public count when there is one: the schedule is published, and n_units is private.
         schedule = poisson_schedule(n_units=dp.planned_units(n_units), batch_size=config.batch_size)
-        if n_units * schedule.sampler_rate < 1:
-            raise ValueError(f"dp.public_unit_count ({dp.public_unit_count}) is so far above the data's units "
-                             "that the expected batch holds less than one; declare a count nearer the data's")
         noise_multiplier = noise_multiplier_for(
             target_epsilon=dp.target_epsilon,
             target_delta=dp.target_delta,
@@ -293,6 +278,45 @@ def _state_changed_message(changed: list[str]) -> str:
             "outside the clipped, noised gradients, so the model is not private. The run's spending is recorded; "
             "buffers were put back, a frozen parameter cannot be (discard the model). Keep such state out of "
             "training (eval mode, no buffer, no writes into frozen weights)")
+
+
+def _check_unit_count(config: TrainingConfig, units: int, description: str) -> None:
+    """Refuse a run the number of privacy units makes unsound; under a public unit count, only say so locally.
+
+    With `dp.public_unit_count` the published schedule says nothing of the
+    actual count, and neither may the release: refusing on the actual count
+    would release a model for one dataset and none for its neighbour with a
+    unit more or less at the boundary, which epsilon does not cover. So then
+    the same conditions hold against the public count (the config refuses
+    them: `TrainingConfig`, `DPConfig`), and against the actual count they are
+    only told to the operator here, who knows the data; the run goes on.
+    """
+    dp = config.dp
+    if units == 0:
+        raise ValueError("no privacy units to train on; add data")
+    problems = []
+    if config.batch_size >= units:
+        problems.append((f"batch_size ({config.batch_size}) must be smaller than the number of privacy units "
+                         f"({units})", "lower batch_size or add data"))
+    if dp.enabled and dp.target_delta >= 1 / units:
+        # Dwork & Roth 2014, section 2.3: publishing each record with probability delta is
+        # (0, delta)-DP, so delta >= 1/n lets about one whole unit out in the clear.
+        problems.append((f"target_delta ({dp.target_delta:g}) must be below 1/n = {1 / units:.3g} for the {units} "
+                         "privacy units (with delta >= 1/n the guarantee allows publishing a whole unit in the clear)",
+                         "lower target_delta (1/n^1.1 or less is usual) or add data"))
+    public = dp.public_unit_count
+    if dp.enabled and public is not None:
+        rate = poisson_schedule(n_units=public, batch_size=config.batch_size).sampler_rate
+        if units * rate < 1:
+            problems.append((f"dp.public_unit_count ({public}) is so far above the data's {units} units that the "
+                             f"expected batch holds {units * rate:.2g} of them", "declare a count nearer the data's"))
+        for problem, fix in problems:
+            warn_weakened_privacy(f"training {description!r}: {problem}. It trains and is released all the same, "
+                                  "since under a public unit count whether a model comes out must not depend on the "
+                                  f"actual count; {fix} for the next run")
+    elif problems:
+        problem, fix = problems[0]
+        raise ValueError(f"{problem}; {fix}")
 
 
 def _warn_per_pair(description: str, unit_ids: Sequence[Hashable] | None) -> None:

@@ -81,7 +81,9 @@ class DPConfig(StrictModel):
         description="The number of privacy units the run is planned for: a number you may publish (your patient "
         "count, rounded). The sample rate 1 / ceil(public_unit_count / batch_size), the steps and the noise follow "
         "from it alone, so the report, which publishes them, says nothing of who is in the data; each unit still "
-        "joins each batch with that probability, however many there are. null = planned from the actual number "
+        "joins each batch with that probability, however many there are. Whether a model is released does not depend on "
+        "the actual count either: a target_delta not below 1 / public_unit_count is refused, and a batch_size or "
+        "target_delta the actual count makes unsound is only warned of, locally. null = planned from the actual number "
         "of units, which the report then gives away to within one batch, and a unit whose presence moves that "
         "number across a multiple of batch_size changes the published schedule, which epsilon does not cover: "
         "for public benchmark data only (a silo's own data, `data:`, must set it).",
@@ -106,6 +108,16 @@ class DPConfig(StrictModel):
     def planned_units(self, actual: int) -> int:
         """The number of units a run over `actual` units is planned for: public_unit_count when set."""
         return self.public_unit_count if self.public_unit_count is not None else actual
+
+    @model_validator(mode="after")
+    def _delta_below_one_over_the_public_count(self) -> DPConfig:
+        # Dwork & Roth 2014, section 2.3: delta >= 1/n lets about one whole unit out in the clear. Checked here
+        # against the public count, so that the refusal depends on nothing private (dp_training._check_unit_count).
+        if self.enabled and self.public_unit_count is not None and self.target_delta >= 1 / self.public_unit_count:
+            raise ValueError(f"target_delta ({self.target_delta:g}) must be below 1/public_unit_count = "
+                             f"{1 / self.public_unit_count:.3g} (with delta >= 1/n the guarantee allows publishing "
+                             "a whole unit in the clear); lower target_delta (1/n^1.1 or less is usual)")
+        return self
 
     @model_validator(mode="after")
     def _check_noise_source(self) -> DPConfig:

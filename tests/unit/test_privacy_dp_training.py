@@ -35,6 +35,7 @@ from mor_secure.privacy.ledger import PrivacyUnitMismatchError
 from mor_secure.privacy.training_config import run_declaration
 from mor_secure.privacy.privacy_units import group_pairs_by_unit, held_out_units, unit_dataset
 from mor_secure.privacy.unprotected_state import FrozenStateSnapshot
+from mor_secure.weakened_privacy import WeakenedPrivacyWarning
 
 DIM = 8
 
@@ -773,14 +774,35 @@ def test_a_public_unit_count_makes_the_published_schedule_the_same_for_neighbour
     assert planned[:2] == (1 / 4, 4)  # 1 / ceil(1000 / 256), whatever the data's count
 
 
-def test_a_public_unit_count_is_checked_against_the_batch_and_the_data() -> None:
+def test_a_public_unit_count_is_checked_against_the_batch_and_delta_in_the_config() -> None:
     with pytest.raises(ValidationError, match="smaller than dp.public_unit_count"):
         TrainingConfig(batch_size=256, dp=DPConfig(public_unit_count=256))
-    chosen, rejected = make_pairs(100)
-    config = TrainingConfig(epochs=1, batch_size=10, dp=DPConfig(public_unit_count=100_000))
-    with pytest.raises(ValueError, match="expected batch holds less than one"):
-        train_bradley_terry(make_model(), TensorDataset(chosen, rejected), config,
-                            unit_ids=[f"unit-{i}" for i in range(100)], progress=False)
+    with pytest.raises(ValidationError, match=r"target_delta \(0.001\) must be below 1/public_unit_count = 0.001"):
+        DPConfig(public_unit_count=1000, target_delta=1e-3)
+    assert DPConfig(public_unit_count=1000, target_delta=1e-3, enabled=False).public_unit_count == 1000
+
+
+def test_under_a_public_unit_count_the_actual_count_never_decides_whether_a_model_is_released() -> None:
+    """Refused on the actual count, a run would release a model for one dataset and none for its neighbour (one
+    unit fewer at the boundary), which epsilon does not cover: it trains, and the operator is told."""
+    config = TrainingConfig(epochs=1, batch_size=10, dp=DPConfig(public_unit_count=1000, target_delta=1e-6,
+                                                                 accountant="rdp"))
+    for n_units, problems in ((11, ["expected batch holds"]),
+                              (10, ["batch_size (10) must be smaller", "expected batch holds"])):
+        chosen, rejected = make_pairs(n_units)
+        model = make_model()
+        with pytest.warns(WeakenedPrivacyWarning) as warned:
+            report = train_bradley_terry(model, TensorDataset(chosen, rejected), config,
+                                         unit_ids=[f"unit-{i}" for i in range(n_units)], progress=False).report
+        messages = [str(w.message) for w in warned]
+        assert len(messages) == len(problems) and all(p in m for p, m in zip(problems, messages, strict=True))
+        assert all("trains and is released all the same" in m for m in messages)
+        assert report.private and report.sample_rate == 1 / 100
+    # Without one, the schedule is the actual count's anyway, and the run is refused on it.
+    with pytest.raises(ValueError, match=r"batch_size \(10\) must be smaller than the number of privacy units"):
+        train_bradley_terry(make_model(), TensorDataset(*make_pairs(10)),
+                            config.model_copy(update={"dp": DPConfig(target_delta=1e-6)}),
+                            unit_ids=[f"unit-{i}" for i in range(10)], progress=False)
 
 
 def test_the_gradient_scale_is_the_public_counts_too() -> None:

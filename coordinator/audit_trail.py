@@ -7,8 +7,9 @@ scoring round of calibration and GRPO: the round id every request of the
 round carries, the silos asked and those that answered, the digest of the
 requests sent to each silo (the same digests the call entries and the
 silos' logs hold), the digest of the router weights sent to each silo, and the router's mean
-weight per silo and question kind (aggregates of the coordinator's own
-routing, never a silo's score).
+weight per silo and question kind over the rows those weights scored
+(aggregates of the coordinator's own routing, never a silo's score; the
+fusion leaves out a round that failed or was abandoned, and orphan rows).
 """
 
 from __future__ import annotations

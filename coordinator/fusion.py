@@ -172,10 +172,24 @@ class ClearFusion:
         requests = {c.name: weighted(shared, weights[:, column[c.name]]) for c in clients}  # its own weights only
         answers = self._in_parallel(clients, lambda c: send_scores(c, requests[c.name]))
         present = [name for name, answer in answers.items() if not isinstance(answer, Exception)]
-        self._on_record(round_id, list(answers), present, requests, weights, kinds)  # a refused round too
+        self._on_record(round_id, list(answers), present, requests, weights,
+                        self._router_scored(answers, present, weights, kinds))  # a refused round too
         raise_refusal(answers)
         self._check_minimum(answers, present)
         return present, sum(answers[name] for name in present), weights
+
+    def _router_scored(self, answers: dict[str, object], present: Sequence[str], weights: torch.Tensor,
+                       kinds: Sequence[str] | None) -> list[str | None] | None:
+        """The kinds of the round's rows whose reward the router's weights formed (None for the others), or None
+        if none did: the rows the report's mean router weight counts.
+
+        A round that fails the reward (a refusal, too few answers) forms none;
+        an orphan row's reward is the plain average of the present silos.
+        """
+        if kinds is None or len(present) < self.minimum_participants or any(map(is_refusal, answers.values())):
+            return None
+        _, orphans = equal_weights_for_orphans(weights, torch.tensor([c.name in present for c in self.clients]))
+        return [None if orphan else kind for kind, orphan in zip(kinds, orphans.tolist(), strict=True)]
 
     def _on_record(self, round_id: str, asked: Sequence[str], present: Sequence[str], requests: dict,
                    weights: torch.Tensor, kinds: Sequence[str] | None) -> None:
@@ -232,11 +246,16 @@ class ClearFusion:
         return summed * (len(clients) / len(again))
 
 
+def is_refusal(answer: object) -> bool:
+    """Whether a silo's answer is an error that is not an absence: a refusal, a malformed answer, a bug."""
+    return isinstance(answer, Exception) and not (isinstance(answer, SiloError) and answer.code in ABSENT)
+
+
 def raise_refusal(answers: dict[str, object]) -> None:
-    """Raise the first error among `answers` that is not an absence (a refusal, a malformed answer, a bug: the
-    round fails at once; an exception keeps its traceback)."""
+    """Raise the first refusal among `answers` (`is_refusal`: the round fails at once; an exception keeps its
+    traceback)."""
     for answer in answers.values():
-        if isinstance(answer, Exception) and not (isinstance(answer, SiloError) and answer.code in ABSENT):
+        if is_refusal(answer):
             raise answer
 
 

@@ -88,15 +88,23 @@ class SecureFusion(ClearFusion):
             labels = None if kinds is None else [None if o else kind for kind, o in zip(kinds, orphans.tolist(),
                                                                                       strict=True)]
             failures: dict[str, SiloError] = {}
-            answered = []
-            for start in range(0, len(rows[0]), ROWS_PER_REQUEST):
-                part = tuple(column[start:start + ROWS_PER_REQUEST] for column in rows)
-                answered.append(self._secure_round(asked, part, sent[start:start + ROWS_PER_REQUEST],
-                                                   None if labels is None else labels[start:start + ROWS_PER_REQUEST],
-                                                   failures))
-                if failures:
-                    break  # the remaining chunks would be asked again anyway, of the present silos
-            if not failures:
+            answered, on_record, complete = [], [], False
+            try:
+                for start in range(0, len(rows[0]), ROWS_PER_REQUEST):
+                    part = tuple(column[start:start + ROWS_PER_REQUEST] for column in rows)
+                    answered.append(self._secure_round(
+                        asked, part, sent[start:start + ROWS_PER_REQUEST],
+                        None if labels is None else labels[start:start + ROWS_PER_REQUEST], failures, on_record))
+                    if failures:
+                        break  # the remaining chunks would be asked again anyway, of the present silos
+                complete = not failures
+            finally:
+                # The attempt's rounds go on record when it ends, before anything is decrypted, each with the
+                # router's weights only if every chunk was answered (the attempt to be decrypted): an abandoned
+                # attempt's rows are in the restart too, and the report's mean router weight would count them twice.
+                for *entry, kinds_of_round in on_record:
+                    self._on_record(*entry, kinds_of_round if complete else None)
+            if complete:
                 # Every chunk was answered by all of `asked`: only now is any sum decrypted, each over that one set.
                 return ([c.name for c in asked], torch.cat([self._decrypted_sum(asked, *chunk) for chunk in answered]),
                         sent)
@@ -105,11 +113,12 @@ class SecureFusion(ClearFusion):
             asked = present  # a restart under new round ids: the absent silo's masks would not cancel
 
     def _secure_round(self, clients: Sequence[SecureSiloClient], rows: tuple[list, list, list],
-                      weights: torch.Tensor, kinds: Sequence[str] | None,
-                      failures: dict[str, SiloError]) -> tuple[str, int, list[ts.BFVVector]]:
+                      weights: torch.Tensor, kinds: Sequence[str] | None, failures: dict[str, SiloError],
+                      on_record: list[tuple]) -> tuple[str, int, list[ts.BFVVector]]:
         """One round of at most one ciphertext, asked but not decrypted: (round id, rows, the silos' vectors).
 
-        Fills `failures` (absent silos) instead of raising for them; the round is then worthless.
+        Fills `failures` (absent silos) instead of raising for them; the round is then worthless. Appends what
+        its entry records (`_on_record`'s arguments) to `on_record`, a refused round's too; `_round` writes them.
         """
         keys = self._in_parallel(clients, self._participant)  # a silo's key is fetched once, when first asked
         raise_refusal(keys)
@@ -124,8 +133,8 @@ class SecureFusion(ClearFusion):
                                                participants=participants) for c in clients}
         answers = self._in_parallel(clients, lambda c: self._contribution(c, requests[c.name], len(shared.rows)))
         present = [name for name, answer in answers.items() if not isinstance(answer, Exception)]
-        self._on_record(round_id, [c.name for c in clients], present,
-                        {name: [request] for name, request in requests.items()}, weights, kinds)  # a refused one too
+        on_record.append((round_id, [c.name for c in clients], present,
+                          {name: [request] for name, request in requests.items()}, weights, kinds))
         raise_refusal(answers)
         failures.update({name: a for name, a in answers.items() if isinstance(a, SiloError)})
         return round_id, len(shared.rows), [a for a in answers.values() if not isinstance(a, SiloError)]

@@ -257,7 +257,9 @@ class _Page:
     # -- (4) router weights ------------------------------------------------------------------
     def router(self) -> str:
         how = ("Which silo's judgement the aligned model followed, and where: each cell is the router's mean "
-               "weight on that silo over the rows the MoR reward scored for that question kind (darker = "
+               "weight on that silo over the rows of that question kind whose MoR reward its weights formed (not the "
+               "rows of a round that failed or was restarted, nor a row scored by the plain average because the "
+               "silos it weighted were down) (darker = "
                "followed more; the largest in each row is bold), with n the number of rows.")
         ws = self.v.router_weights
         if not ws:

@@ -100,6 +100,22 @@ def test_a_round_a_silo_answers_malformed_fails_on_the_record(items, pki, tmp_pa
     assert (entry["asked"], entry["answered"]) == (["a", "b"], ["a"])
 
 
+def test_a_round_that_fails_the_reward_records_no_router_weights(items, pki, tmp_path: Path) -> None:
+    """Below the minimum, the round scored no row: its weights would be counted in the report's mean router weight."""
+    log = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
+    kinds = FusionItems(images=items.images, prompts=items.prompts, responses=items.responses, kinds=("color",) * 3)
+    try:
+        with pytest.raises(RoundFailedError, match="fewer than the consortium's minimum of 2"):
+            ClearFusion([Recording("a"), Recording("b", down=True)], audit=log, method="mor").fuse(
+                kinds, torch.full((3, 2), 0.5))
+        ClearFusion([Recording("a"), Recording("b")], audit=log, method="mor").fuse(kinds, torch.full((3, 2), 0.5))
+    finally:
+        log.close()
+    failed, scored = rounds(tmp_path / "coordinator.db")
+    assert (failed["answered"], "mean_weight" in failed) == (["a"], False)
+    assert scored["mean_weight"] == {"a": {"color": [0.5, 2]}, "b": {"color": [0.5, 2]}}
+
+
 def test_the_fallback_round_records_only_the_silos_it_asked_and_no_router_weights(items, pki, tmp_path: Path) -> None:
     """The orphan rows' second round goes to the present silos with equal weights, which are not the router's."""
     log = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
@@ -113,7 +129,9 @@ def test_the_fallback_round_records_only_the_silos_it_asked_and_no_router_weight
         log.close()
     first, fallback = rounds(tmp_path / "coordinator.db")
     assert (first["asked"], first["answered"]) == (["a", "b", "c"], ["a", "b"])
-    assert set(first["mean_weight"]) == {"a", "b", "c"}  # the router's weights, for every silo asked
+    # The router's weights, for every silo asked, over the rows they scored (row 0; row 2 is the same row, sent
+    # once): not the orphan (row 1), whose reward is the fallback's plain average.
+    assert first["mean_weight"] == {"a": {"color": [0.25, 1]}, "b": {"color": [0.0, 1]}, "c": {"color": [0.75, 1]}}
     assert (fallback["asked"], fallback["answered"]) == (["a", "b"], ["a", "b"])
     assert set(fallback["requests"]) == set(fallback["weights_digest"]) == {"a", "b"}
     assert "mean_weight" not in fallback

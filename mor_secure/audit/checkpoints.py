@@ -78,17 +78,28 @@ def key_id(public_key: ec.EllipticCurvePublicKey) -> str:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """The log of party `log` had `size` entries with Merkle root `root` at `time` (UNIX seconds)."""
+    """The log of party `log` had `size` entries with Merkle root `root` at `time` (UNIX seconds).
+
+    `signs_every`: the writer signs at least every this many entries, so it
+    never leaves more than `signs_every - 1` newer entries unsigned; signed
+    with the head, so `mor audit verify` holds the log to its own writer's
+    cadence (a silo signs every entry: 1). None in checkpoints signed before
+    2026-12-07, which said nothing of it.
+    """
 
     log: str
     size: int
     root: bytes
     time: float
     key: str
+    signs_every: int | None = None
 
     def body(self) -> bytes:
-        return canonical_json({"format": FORMAT, "log": self.log, "size": self.size, "root": self.root.hex(),
-                               "time": self.time, "key": self.key})
+        fields = {"format": FORMAT, "log": self.log, "size": self.size, "root": self.root.hex(), "time": self.time,
+                  "key": self.key}
+        if self.signs_every is not None:
+            fields["signs_every"] = self.signs_every
+        return canonical_json(fields)
 
     @classmethod
     def parse(cls, body: bytes) -> Checkpoint:
@@ -96,8 +107,10 @@ class Checkpoint:
             fields = parse_json(body)
             if not isinstance(fields, dict) or fields.get("format") != FORMAT:
                 raise ValueError(f"not a {FORMAT} checkpoint")
+            every = fields.get("signs_every")
             checkpoint = cls(log=str(fields["log"]), size=int(fields["size"]), root=bytes.fromhex(fields["root"]),
-                             time=float(fields["time"]), key=str(fields["key"]))
+                             time=float(fields["time"]), key=str(fields["key"]),
+                             signs_every=None if every is None else int(every))
             canonical = checkpoint.body()
         # ValueError (UnicodeDecodeError is one) from the parser or the conversions; OverflowError: an integer time
         # beyond float range; RecursionError: a field nested as deep as the parser allows, too deep to re-encode.
@@ -105,9 +118,10 @@ class Checkpoint:
             raise CheckpointError(f"checkpoint body does not parse: {exc}") from None
         if canonical != body:
             raise CheckpointError("checkpoint body is not in canonical form (it was re-encoded or edited)")
-        if checkpoint.size < 0 or len(checkpoint.root) != _ROOT_BYTES or not math.isfinite(checkpoint.time):
-            raise CheckpointError(f"checkpoint has size {checkpoint.size}, a {len(checkpoint.root)}-byte root and "
-                                  f"time {checkpoint.time}")
+        if (checkpoint.size < 0 or len(checkpoint.root) != _ROOT_BYTES or not math.isfinite(checkpoint.time)
+                or (checkpoint.signs_every is not None and checkpoint.signs_every < 1)):
+            raise CheckpointError(f"checkpoint has size {checkpoint.size}, a {len(checkpoint.root)}-byte root, "
+                                  f"time {checkpoint.time} and signs every {checkpoint.signs_every} entries")
         return checkpoint
 
 
@@ -179,8 +193,9 @@ class CheckpointSigner:
             raise ValueError(f"{self._kit.directory} now holds {renewed.party}'s kit, not {self.party}'s")
         return renewed
 
-    def sign(self, *, size: int, root: bytes, time: float) -> SignedCheckpoint:
-        body = Checkpoint(log=self.party, size=size, root=root, time=time, key=self.key).body()
+    def sign(self, *, size: int, root: bytes, time: float, signs_every: int) -> SignedCheckpoint:
+        body = Checkpoint(log=self.party, size=size, root=root, time=time, key=self.key,
+                          signs_every=signs_every).body()
         return SignedCheckpoint(body=body, signature=self._key.sign(body, ec.ECDSA(hashes.SHA256())))
 
 

@@ -10,7 +10,9 @@ was altered, removed, reordered or inserted, not only say that a root
 differs. Checkpoints (the party's signed tree heads, `checkpoints.py`) are
 written every `checkpoint_every_entries` (at most 256) entries or
 `checkpoint_every_seconds`, and at `close`; a silo writes one per entry,
-since each answer carries its latest checkpoint to the coordinator.
+since each answer carries its latest checkpoint to the coordinator. Each
+states that cadence (`Checkpoint.signs_every`), which verify holds the log
+to; a writer opening a log last signed at another cadence signs at once.
 
 Entries hold digests and counts, never raw images, prompts or scores: the
 caller builds the event, and this module refuses nothing but keys it owns.
@@ -39,8 +41,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .checkpoints import (CheckpointError, CheckpointSigner, SignedCheckpoint, canonical_json, key_id, parse_json,
-                          verify_checkpoint)
+from .checkpoints import (Checkpoint, CheckpointError, CheckpointSigner, SignedCheckpoint, canonical_json, key_id,
+                          parse_json, verify_checkpoint)
 from .merkle import MerkleTree, leaf_hash
 
 FORMAT = "mor-secure/audit-log/v1"
@@ -246,9 +248,15 @@ class AuditLog:
         self._latest_checkpoint = SignedCheckpoint(last[1], last[2]) if last else None
         # Checkpoint times never go back, even if the clock did while the party was down (verify checks the order).
         certificates = [_certificate(self.path, pem) for (pem,) in self._connection.execute(_CERTIFICATES_QUERY)]
-        self._last_checkpoint_time = _checkpoint_time(self._latest_checkpoint, certificates)
+        own = _own_checkpoint(self._latest_checkpoint, certificates)
+        self._last_checkpoint_time = own.time if own else 0.0
         # The cadence runs on the monotonic clock: a wall clock stepped back (NTP) would hold it up that long.
         self._checkpointed_at = time.monotonic() if last else -math.inf
+        if last and (own is None or own.signs_every != self.checkpoint_every_entries):
+            # A writer with another cadence (or one from before checkpoints stated it) signed last: say this one's
+            # now, before the unsigned stretch it may leave outgrows what the last checkpoint allows.
+            with self._atomically():
+                self._write_checkpoint()
 
     def _transaction(self):
         return _Transaction(self._connection)
@@ -362,7 +370,8 @@ class AuditLog:
             self.signer = renewed
             self._store_certificate()
         stamped = max(time.time(), self._last_checkpoint_time)  # a clock stepped back (NTP) must not reorder heads
-        signed = self.signer.sign(size=self._tree.size, root=self._tree.root(), time=stamped)
+        signed = self.signer.sign(size=self._tree.size, root=self._tree.root(), time=stamped,
+                                  signs_every=self.checkpoint_every_entries)
         self._connection.execute("INSERT INTO checkpoints(size, body, signature) VALUES (?, ?, ?)",
                                  (self._tree.size, signed.body, signed.signature))
         self._checkpointed_size, self._checkpointed_at, self._last_checkpoint_time = (self._tree.size,
@@ -435,12 +444,12 @@ class _Transaction:
             self._connection.execute("ROLLBACK")
 
 
-def _checkpoint_time(signed: SignedCheckpoint | None, certificates: list[x509.Certificate]) -> float:
-    """The newest checkpoint's time if it is this log's own (signed under a certificate stored in it), else 0."""
+def _own_checkpoint(signed: SignedCheckpoint | None, certificates: list[x509.Certificate]) -> Checkpoint | None:
+    """The newest checkpoint if it is this log's own (signed under a certificate stored in it), else None."""
     if signed is None:
-        return 0.0
+        return None
     try:
-        return verify_checkpoint(signed, certificates).time
-    except CheckpointError:  # forged or damaged: `mor audit verify` names it; its time is not to be trusted
-        return 0.0
+        return verify_checkpoint(signed, certificates)
+    except CheckpointError:  # forged or damaged: `mor audit verify` names it; nothing in it is to be trusted
+        return None
 

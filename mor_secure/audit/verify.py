@@ -25,11 +25,14 @@ Checks, in one pass over the entries in storage order:
   `checkpoint_every_entries` (or `checkpoint_every_seconds` of) entries is
   legitimately not yet covered (the party is running, or was killed before
   its next checkpoint); `uncovered_entries` counts it. No writer leaves
-  more than `MAX_UNSIGNED_ENTRIES` (it signs at least every 256 entries, and
-  across a restart it counts from its last stored checkpoint), so a longer
-  stretch means newer checkpoints were removed, and the entries they
-  covered could then be rewritten unseen: that is a problem, naming the
-  first of them.
+  more than the newest valid checkpoint's `signs_every - 1` (its writer's
+  cadence, signed with it: 0 for a silo, which signs with every entry) or,
+  in a checkpoint that states none, `MAX_UNSIGNED_ENTRIES` (every writer
+  signs at least every 256 entries; across a restart it counts from its
+  last stored checkpoint, and one with another cadence signs a checkpoint
+  stating its own when it opens), so a longer stretch means newer
+  checkpoints were removed, and the entries they covered could then be
+  rewritten unseen: that is a problem, naming the first of them.
 
 A log can pass this and still have been rewritten wholesale by its own party
 (who can re-sign): checkpoints another party holds catch that
@@ -163,11 +166,20 @@ def verify_log(log: StoredLog, certificates: Sequence[x509.Certificate]) -> Veri
         result.latest_signature_ok = checkpoints[-1] is not None
         result.latest = checkpoints[-1] or _parsed_or_none(log.checkpoints[-1])
     result.uncovered_entries = max(len(log.entries) - covered, 0)
-    if any(c is not None for c in checkpoints) and result.uncovered_entries > MAX_UNSIGNED_ENTRIES:
-        problem(covered, f"entries {covered}..{len(log.entries) - 1} ({result.uncovered_entries}) are covered by no "
-                f"signed checkpoint, more than the {MAX_UNSIGNED_ENTRIES} newest a writer ever leaves unsigned (it "
-                f"signs at least every {DEFAULT_CHECKPOINT_ENTRIES} entries): newer checkpoints were removed, and "
-                "these entries may have been rewritten since")
+    newest = next((c for c in reversed(checkpoints) if c is not None), None)
+    if newest is not None:
+        if newest.signs_every is None:  # signed before checkpoints stated their writer's cadence
+            allowed, reason = MAX_UNSIGNED_ENTRIES, f"a writer signs at least every {DEFAULT_CHECKPOINT_ENTRIES} entries"
+        else:  # a silo's is 1: it signs with every entry, so it leaves none unsigned
+            allowed = min(newest.signs_every - 1, MAX_UNSIGNED_ENTRIES)
+            reason = (f"the newest valid checkpoint, at size {newest.size}, states that its writer signs at least "
+                      f"every {newest.signs_every}")
+        if result.uncovered_entries > allowed:
+            first = (f"entry {covered} is" if result.uncovered_entries == 1 else
+                     f"entries {covered}..{len(log.entries) - 1} ({result.uncovered_entries}) are")
+            problem(covered, f"{first} covered by no signed checkpoint, more than the {allowed} newest its writer "
+                    f"can leave unsigned ({reason}): newer checkpoints were removed, and these entries may have "
+                    "been rewritten or added since")
     return result
 
 

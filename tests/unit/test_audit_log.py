@@ -245,7 +245,8 @@ def test_swapped_and_forged_checkpoint_signatures_are_named(log_path: Path, pki)
     other = CheckpointSigner.from_kit(pki.kits["bank-b"])
     root = root_hash([leaf_hash(e.body) for e in read_log(log_path).entries])
     with pytest.raises(CheckpointError, match="none of the given certificates"):
-        verify_checkpoint(other.sign(size=10, root=root, time=time.time()), [pki.kits["hospital-a"].certificate()])
+        verify_checkpoint(other.sign(size=10, root=root, time=time.time(), signs_every=1),
+                          [pki.kits["hospital-a"].certificate()])
     body = Checkpoint(log="mor://silo/hospital-a", size=10, root=root, time=time.time(), key=other.key).body()
     bank_key = serialization.load_pem_private_key(pki.kits["bank-b"].key_path.read_bytes(), password=None)
     impersonation = SignedCheckpoint(body, bank_key.sign(body, ec.ECDSA(hashes.SHA256())))
@@ -347,6 +348,16 @@ def test_a_write_whose_sync_failed_does_not_come_back_after_a_crash(tmp_path: Pa
     assert log.record({"event": "call"}) == len(stored)
     log.close()
 
+
+_KILLED_WRITER = """
+import os, sys
+from mor_secure.audit import AuditLog
+from mor_secure.pki.kits import CertKit
+log = AuditLog.for_kit(sys.argv[1], CertKit.load(sys.argv[2]))
+for i in range(5):
+    log.record({"event": "call", "i": i})
+os._exit(9)
+"""
 
 _WRITER = """
 import sys
@@ -579,7 +590,7 @@ def test_a_kit_caught_mid_renewal_keeps_the_signer_on_its_old_pair(tmp_path: Pat
         clock.now += KIT_CHECK_SECONDS
         with caplog.at_level("WARNING", logger="mor_secure.audit.checkpoints"):
             assert signer.refreshed() is signer
-    signed = signer.sign(size=1, root=b"\0" * 32, time=1.0)
+    signed = signer.sign(size=1, root=b"\0" * 32, time=1.0, signs_every=1)
     assert verify_checkpoint(signed, [kit.certificate()]).size == 1  # still signed with the old, valid pair
     assert [r.getMessage() for r in caplog.records if "does not load" in r.getMessage()] and \
         len([r for r in caplog.records if "does not load" in r.getMessage()]) == 1  # said once, not every second
@@ -653,11 +664,42 @@ def test_more_unsigned_entries_than_any_writer_leaves_is_a_problem_naming_the_fi
     result = verified(path, pki.kits["coordinator"])
     assert result.uncovered_entries == 299 and result.first_bad_entry == 1
     assert [p.message for p in result.problems] == [
-        "entries 1..299 (299) are covered by no signed checkpoint, more than the 255 newest a writer ever leaves "
-        "unsigned (it signs at least every 256 entries): newer checkpoints were removed, and these entries may have "
-        "been rewritten since"]
+        "entries 1..299 (299) are covered by no signed checkpoint, more than the 255 newest its writer can leave "
+        "unsigned (the newest valid checkpoint, at size 1, states that its writer signs at least every 256): newer "
+        "checkpoints were removed, and these entries may have been rewritten or added since"]
     with pytest.raises(ValueError, match="checkpoint_every_entries must be 1 to 256"):
         AuditLog.for_kit(tmp_path / "lax.db", pki.kits["coordinator"], checkpoint_every_entries=257)
+
+
+def test_a_silo_entry_rewritten_with_its_checkpoint_removed_is_named_by_verify_alone(log_path: Path, pki) -> None:
+    """A silo signs with every entry, and its checkpoints say so: with the newest one deleted, the entry it covered
+    could be rewritten without the key and, at the coordinator's cadence, verify passed (only reconcile caught it)."""
+    body = read_log(log_path).entries[9].body.replace(b'"items":9', b'"items":1')
+    edit(log_path, "DELETE FROM checkpoints WHERE size = 10")
+    edit(log_path, "UPDATE entries SET body = ?, leaf_hash = ? WHERE seq = 9", body, leaf_hash(body))
+    result = verified(log_path, pki.kits["hospital-a"])
+    assert (result.uncovered_entries, result.first_bad_entry) == (1, 9)
+    assert [p.message for p in result.problems] == [
+        "entry 9 is covered by no signed checkpoint, more than the 0 newest its writer can leave unsigned (the newest "
+        "valid checkpoint, at size 9, states that its writer signs at least every 1): newer checkpoints were removed, "
+        "and these entries may have been rewritten or added since"]
+
+
+def test_a_writer_with_another_cadence_states_its_own_when_it_opens(tmp_path: Path, pki) -> None:
+    """Killed at the coordinator's cadence with 4 entries unsigned, reopened signing every entry: its first checkpoint
+    covers them at once, or verify would hold those 4 to the new cadence of none unsigned."""
+    path, kit = tmp_path / "killed.db", pki.kits["hospital-a"]
+    child = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(path), str(kit.directory)], timeout=120,
+                           check=False)
+    assert child.returncode == 9
+    assert verified(path, kit).uncovered_entries == 4
+    reopened = AuditLog.for_kit(path, kit, checkpoint_every_entries=1)
+    try:  # verified before close, which signs a tree that grew anyway
+        result = verified(path, kit)
+        assert result.ok and result.uncovered_entries == 0, result.problems
+        assert read_log(path).checkpoints[-1].checkpoint.signs_every == 1
+    finally:
+        reopened.close()
 
 
 @pytest.mark.parametrize(("table", "column"), [("entries", "body"), ("checkpoints", "body"),

@@ -169,7 +169,8 @@ def verify_log(log: StoredLog, certificates: Sequence[x509.Certificate]) -> Veri
     newest = next((c for c in reversed(checkpoints) if c is not None), None)
     if newest is not None:
         if newest.signs_every is None:  # signed before checkpoints stated their writer's cadence
-            allowed, reason = MAX_UNSIGNED_ENTRIES, f"a writer signs at least every {DEFAULT_CHECKPOINT_ENTRIES} entries"
+            allowed = MAX_UNSIGNED_ENTRIES
+            reason = f"a writer signs at least every {DEFAULT_CHECKPOINT_ENTRIES} entries"
         else:  # a silo's is 1: it signs with every entry, so it leaves none unsigned
             allowed = min(newest.signs_every - 1, MAX_UNSIGNED_ENTRIES)
             reason = (f"the newest valid checkpoint, at size {newest.size}, states that its writer signs at least "

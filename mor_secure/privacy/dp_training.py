@@ -322,8 +322,8 @@ def _check_unit_count(config: TrainingConfig, units: int, description: str) -> N
 def _warn_per_pair(description: str, unit_ids: Sequence[Hashable] | None) -> None:
     """`privacy_unit: pair` weakens the default per-unit guarantee: say so on every run, as for DP off."""
     units = "" if unit_ids is None else f"the {len(set(unit_ids))} units unit_ids names are ignored, and "
-    warn_weakened_privacy(f"training {description!r} with privacy_unit 'pair': its epsilon is per preference pair, NOT per "
-                f"unit: {units}{PER_PAIR_UNITS}")
+    warn_weakened_privacy(f"training {description!r} with privacy_unit 'pair': its epsilon is per preference pair, "
+                          f"NOT per unit: {units}{PER_PAIR_UNITS}")
 
 
 def _train_plain(

@@ -81,12 +81,12 @@ class DPConfig(StrictModel):
         description="The number of privacy units the run is planned for: a number you may publish (your patient "
         "count, rounded). The sample rate 1 / ceil(public_unit_count / batch_size), the steps and the noise follow "
         "from it alone, so the report, which publishes them, says nothing of who is in the data; each unit still "
-        "joins each batch with that probability, however many there are. Whether a model is released does not depend on "
-        "the actual count either: a target_delta not below 1 / public_unit_count is refused, and a batch_size or "
-        "target_delta the actual count makes unsound is only warned of, locally. null = planned from the actual number "
-        "of units, which the report then gives away to within one batch, and a unit whose presence moves that "
-        "number across a multiple of batch_size changes the published schedule, which epsilon does not cover: "
-        "for public benchmark data only (a silo's own data, `data:`, must set it).",
+        "joins each batch with that probability, however many there are. Whether a model is released does not "
+        "depend on the actual count either: a target_delta not below 1 / public_unit_count is refused, and a "
+        "batch_size or target_delta the actual count makes unsound is only warned of, locally. null = planned from "
+        "the actual number of units, which the report then gives away to within one batch, and a unit whose "
+        "presence moves that number across a multiple of batch_size changes the published schedule, which epsilon "
+        "does not cover: for public benchmark data only (a silo's own data, `data:`, must set it).",
     )
     secure_mode: bool = Field(
         False,
@@ -131,8 +131,8 @@ class DPConfig(StrictModel):
                 "entropy on every run), or, in production, install torchcsprng built for your torch "
                 "(docs/silo-operator.md, 'Noise')")
         if self.enabled and self.insecure_seeded_noise is not None:
-            warn_weakened_privacy(f"DP noise is SEEDED (insecure_seeded_noise={self.insecure_seeded_noise}): anyone who "
-                         "knows the seed can remove it, so this run is NOT private; for simulations only")
+            warn_weakened_privacy(f"DP noise is SEEDED (insecure_seeded_noise={self.insecure_seeded_noise}): anyone "
+                                  "who knows the seed can remove it, so this run is NOT private; for simulations only")
         return self
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Mapping, Sequence
 
-from mor_secure.audit.log import AuditLogError
+from mor_secure.audit.store import AuditLogError
 from mor_secure.config import ConfigError
 from mor_secure.data.consortium import UnknownNameError
 from mor_secure.data.importer import DataImportError

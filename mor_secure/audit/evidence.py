@@ -26,7 +26,7 @@ from cryptography import x509
 
 from mor_secure.pki.identity import parse_identity
 
-from .log import StoredLog
+from .store import StoredLog
 from .reconcile import (QUERY_PREFIX, Reconciliation, UnloggedSilo, check_parties, reconcile, trusted_certificates,
                         unlogged_silos)
 from .report_view import (

@@ -34,7 +34,6 @@ import time
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +41,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from .checkpoints import (Checkpoint, CheckpointError, CheckpointSigner, SignedCheckpoint, canonical_json, key_id,
-                          parse_json, verify_checkpoint)
+                          verify_checkpoint)
 from .merkle import MerkleTree, leaf_hash
+from .store import (CERTIFICATES_QUERY, CHECKPOINT_COLUMNS, FORMAT, SCHEMA, AuditLogError, connect, stored_certificate,
+                    stored_entries)
 
-FORMAT = "mor-secure/audit-log/v1"
 # The keys this module writes into every entry; an event may not set them itself.
 OWN_KEYS = ("index", "prev_root")
 # A coordinator writes a checkpoint at least this often; 256 entries is ~2 GRPO steps' calls of the demo. It is also
@@ -53,127 +53,6 @@ OWN_KEYS = ("index", "prev_root")
 # only a removed checkpoint can leave one (`verify.MAX_UNSIGNED_ENTRIES`).
 DEFAULT_CHECKPOINT_ENTRIES = 256
 DEFAULT_CHECKPOINT_SECONDS = 30.0
-# SQLite folds its WAL into the database every this many pages (default 1000), and the next commit then reuses
-# the WAL file from its start. A commit that overwrites WAL bytes already on disk is fsynced without a journal
-# commit for the file's growth: 0.10 to 0.19 ms here against 0.20 to 0.32 ms for one that appends. With the
-# default, a silo's first ~400 entries after every start append (each is 2 to 3 pages) and a coordinator's
-# first ~1000; with 100 pages (400 KB) it is the first ~40 and ~100, and a fold every 40 to 100 entries costs
-# less than the appends it saves: timed right after a forward pass over 800 entries, folds included, 0.13 ms
-# less per silo entry and 0.14 ms less per coordinator entry (docs/benchmarks.md, "Audit log").
-WAL_CHECKPOINT_PAGES = 100
-
-# The tables of a log; a SQLite file holding any other is not one, and is never written to.
-_TABLES = frozenset({"meta", "entries", "checkpoints", "certificates"})
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS entries (seq INTEGER PRIMARY KEY, body BLOB NOT NULL, leaf_hash BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS checkpoints (seq INTEGER PRIMARY KEY, size INTEGER NOT NULL, body BLOB NOT NULL,
-                                        signature BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS certificates (key TEXT PRIMARY KEY, pem TEXT NOT NULL);
-"""
-# As blobs whatever their storage class: a body rewritten as TEXT (the sqlite3 shell, a script) reads as its bytes,
-# and verification then names the altered entry instead of failing on the type; a NULL (in a table rebuilt without
-# its NOT NULL) reads as no bytes, which no entry, checkpoint or certificate the log writes is.
-_ENTRIES_QUERY = ("SELECT seq, COALESCE(CAST(body AS BLOB), X''), COALESCE(CAST(leaf_hash AS BLOB), X'') "
-                  "FROM entries ORDER BY seq")
-_CHECKPOINT_COLUMNS = "COALESCE(CAST(body AS BLOB), X''), COALESCE(CAST(signature AS BLOB), X'')"
-_CHECKPOINTS_QUERY = f"SELECT {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY seq"
-_CERTIFICATES_QUERY = "SELECT COALESCE(CAST(pem AS BLOB), X'') FROM certificates ORDER BY rowid"
-
-
-class AuditLogError(RuntimeError):
-    """The log cannot be opened or appended to safely (another party's log, damaged, a second writer)."""
-
-
-@dataclass(frozen=True)
-class StoredEntry:
-    """One row of the entries table, as stored (not yet checked)."""
-
-    seq: int
-    body: bytes
-    leaf_hash: bytes
-
-    def fields(self) -> dict[str, Any]:
-        """The entry's JSON fields ({} when the body does not parse: verification says why)."""
-        try:
-            value = parse_json(self.body)
-        except ValueError:  # UnicodeDecodeError is one
-            return {}
-        return value if isinstance(value, dict) else {}
-
-
-@dataclass(frozen=True)
-class StoredLog:
-    """Everything a log file holds, read without changing it."""
-
-    path: Path
-    party: str
-    entries: tuple[StoredEntry, ...]
-    checkpoints: tuple[SignedCheckpoint, ...]
-    certificates: tuple[x509.Certificate, ...]
-
-
-def _connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
-    if read_only:
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no audit log there")
-        return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
-    connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    # Before anything writes (the switch to WAL rewrites the file's header): another database is left as it was.
-    foreign = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-               if not name.startswith("sqlite_")} - _TABLES  # sqlite_stat1 etc. are SQLite's own (ANALYZE)
-    if foreign:
-        connection.close()
-        raise AuditLogError(f"{path} is a SQLite database but not an audit log (it holds {', '.join(sorted(foreign))}"
-                            "); it is left as it was: point the party at its own log file")
-    mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-    if mode.lower() != "wal":
-        raise AuditLogError(f"{path}: SQLite would not switch to WAL mode (got {mode}); put the log on a local disk")
-    connection.execute("PRAGMA synchronous=FULL")
-    connection.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
-    return connection
-
-
-def read_log(path: str | Path) -> StoredLog:
-    """The log at `path`, read-only (a reviewer's copy, or a live party's log)."""
-    path = Path(path)
-    connection = _connect(path, read_only=True)
-    try:
-        # One read transaction: every SELECT sees the same snapshot, so a live party's commit between
-        # two of them cannot show a checkpoint beyond the entries read (which would look like a truncation).
-        connection.execute("BEGIN")
-        meta = dict(connection.execute("SELECT key, value FROM meta"))
-        if meta.get("format") != FORMAT:
-            raise AuditLogError(f"{path}: not a {FORMAT} log (format {meta.get('format')!r})")
-        entries = _stored_entries(path, connection)
-        checkpoints = tuple(SignedCheckpoint(body, signature) for body, signature in connection.execute(
-            _CHECKPOINTS_QUERY))
-        certificates = tuple(_certificate(path, pem) for (pem,) in connection.execute(_CERTIFICATES_QUERY))
-    except sqlite3.DatabaseError as exc:
-        raise AuditLogError(f"{path}: not a readable audit log ({exc})") from None
-    finally:
-        connection.close()
-    return StoredLog(path=path, party=meta.get("party", ""), entries=entries, checkpoints=checkpoints,
-                     certificates=certificates)
-
-
-def _stored_entries(path: Path, connection: sqlite3.Connection) -> tuple[StoredEntry, ...]:
-    """The entries table as stored; AuditLogError naming the row if one's number is not an integer (the table was
-    rebuilt without its INTEGER PRIMARY KEY: no numbering, order or gap can be read from it)."""
-    entries = []
-    for position, (seq, body, leaf) in enumerate(connection.execute(_ENTRIES_QUERY)):
-        if isinstance(seq, bool) or not isinstance(seq, int):
-            raise AuditLogError(f"{path}: the entry stored at position {position} is numbered {seq!r:.40}, not by "
-                                "an integer: the entries table was altered; keep the file as evidence")
-        entries.append(StoredEntry(seq, body, leaf))
-    return tuple(entries)
-
-
-def _certificate(path: Path, pem: bytes) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(pem)
-    except ValueError as exc:
-        raise AuditLogError(f"{path}: a certificate stored in the log does not parse ({exc})") from None
 
 
 class AuditLog:
@@ -199,7 +78,7 @@ class AuditLog:
         self._failed_commit_in_wal = False
         self._connection: sqlite3.Connection | None = None
         try:
-            self._connection = _connect(self.path, read_only=False)
+            self._connection = connect(self.path, read_only=False)
             self._initialise()
             self._load()
         except BaseException as exc:
@@ -218,7 +97,7 @@ class AuditLog:
     # --- opening -------------------------------------------------------------------------
     def _initialise(self) -> None:
         c = self._connection
-        c.executescript(_SCHEMA)
+        c.executescript(SCHEMA)
         meta = dict(c.execute("SELECT key, value FROM meta"))
         if not meta:
             with self._transaction():
@@ -235,19 +114,19 @@ class AuditLog:
 
     def _load(self) -> None:
         """Rebuild the tree from the stored entries, refusing to extend a log that is already damaged."""
-        for position, entry in enumerate(_stored_entries(self.path, self._connection)):
+        for position, entry in enumerate(stored_entries(self.path, self._connection)):
             seq, body, stored_leaf, fields = entry.seq, entry.body, entry.leaf_hash, entry.fields()
             if (seq != position or leaf_hash(body) != stored_leaf or fields.get("index") != position
                     or fields.get("prev_root") != self._tree.root().hex()):
                 raise AuditLogError(f"{self.path}: entry {position} does not check out, so the log will not be "
                                     "extended; run `mor audit verify` on it and keep the file as evidence")
             self._tree.append(stored_leaf)
-        last = self._connection.execute(f"SELECT size, {_CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY seq DESC "
+        last = self._connection.execute(f"SELECT size, {CHECKPOINT_COLUMNS} FROM checkpoints ORDER BY seq DESC "
                                         "LIMIT 1").fetchone()
         self._checkpointed_size = last[0] if last else -1
         self._latest_checkpoint = SignedCheckpoint(last[1], last[2]) if last else None
         # Checkpoint times never go back, even if the clock did while the party was down (verify checks the order).
-        certificates = [_certificate(self.path, pem) for (pem,) in self._connection.execute(_CERTIFICATES_QUERY)]
+        certificates = [stored_certificate(self.path, pem) for (pem,) in self._connection.execute(CERTIFICATES_QUERY)]
         own = _own_checkpoint(self._latest_checkpoint, certificates)
         self._last_checkpoint_time = own.time if own else 0.0
         # The cadence runs on the monotonic clock: a wall clock stepped back (NTP) would hold it up that long.

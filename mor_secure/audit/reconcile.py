@@ -49,7 +49,7 @@ from mor_secure.pki.identity import SCHEME, Role, parse_identity
 from mor_secure.pki.kits import identity_of
 
 from .checkpoints import Checkpoint, CheckpointError, SignedCheckpoint, verify_checkpoint
-from .log import StoredLog
+from .store import StoredLog
 from .merkle import MerkleTree, ProofError, leaf_hash, verify_consistency
 
 QUERY_PREFIX = "/mor_secure.proto.v1.SiloRewardService/"

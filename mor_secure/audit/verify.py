@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 from cryptography import x509
 
 from .checkpoints import Checkpoint, CheckpointError, canonical_json, parse_json, verify_checkpoint
-from .log import DEFAULT_CHECKPOINT_ENTRIES, StoredLog
+from .log import DEFAULT_CHECKPOINT_ENTRIES
+from .store import StoredLog
 from .merkle import MerkleTree, leaf_hash
 
 # A log is judged by its first problems; after a broken chain every later entry would repeat the same news.

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from mor_secure.audit import AuditLog, AuditLogError, SignedCheckpoint, checkpoints, read_log
 from mor_secure.audit import log as log_module
+from mor_secure.audit import store
 from mor_secure.audit.checkpoints import (
     KIT_CHECK_SECONDS,
     Checkpoint,
@@ -432,7 +433,7 @@ def test_the_wal_is_reused_from_its_start_so_commits_overwrite_instead_of_growin
     wal_bytes = (tmp_path / "silo.db-wal").stat().st_size
     log.close()
     frame_bytes = page_size + 24  # a WAL frame: 24-byte header and one page
-    assert wal_bytes <= 32 + (log_module.WAL_CHECKPOINT_PAGES + 8) * frame_bytes < 300 * frame_bytes
+    assert wal_bytes <= 32 + (store.WAL_CHECKPOINT_PAGES + 8) * frame_bytes < 300 * frame_bytes
     assert verified(path, pki.kits["hospital-a"]).entries == 300
 
 

@@ -33,6 +33,9 @@ from mor_secure.pki.kits import CertKit, identity_of
 
 logger = logging.getLogger(__name__)
 FORMAT = "mor-secure/audit-checkpoint/v1"
+# The most entries any writer lets pass between two checkpoints: `log.AuditLog` refuses a longer cadence, so a
+# checkpoint that states none (signed before 2026-12-07) still bounds its writer's unsigned stretch.
+MAX_CHECKPOINT_INTERVAL = 256
 _ROOT_BYTES = 32
 # A silo signs a checkpoint with every answer; looking at its kit's files each time was 4 stat calls, ~0.09 ms of
 # a 20 ms Score call (benchmarks/audit.py). A renewal is rare and the old certificate stays valid (and in the log),
@@ -93,6 +96,11 @@ class Checkpoint:
     time: float
     key: str
     signs_every: int | None = None
+
+    @property
+    def unsigned_allowed(self) -> int:
+        """How many newer entries its writer may leave unsigned after it: signs_every - 1 (at most 255)."""
+        return min(self.signs_every or MAX_CHECKPOINT_INTERVAL, MAX_CHECKPOINT_INTERVAL) - 1
 
     def body(self) -> bytes:
         fields = {"format": FORMAT, "log": self.log, "size": self.size, "root": self.root.hex(), "time": self.time,

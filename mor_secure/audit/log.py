@@ -13,6 +13,10 @@ written every `checkpoint_every_entries` (at most 256) entries or
 since each answer carries its latest checkpoint to the coordinator. Each
 states that cadence (`Checkpoint.signs_every`), which verify holds the log
 to; a writer opening a log last signed at another cadence signs at once.
+A writer never signs over what its newest checkpoint does not vouch for:
+it refuses to extend a log whose newest checkpoint does not verify, does
+not match its entries, or is followed by more entries than its cadence
+leaves unsigned (entries rewritten after their checkpoints were deleted).
 
 Entries hold digests and counts, never raw images, prompts or scores: the
 caller builds the event, and this module refuses nothing but keys it owns.
@@ -40,8 +44,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .checkpoints import (Checkpoint, CheckpointError, CheckpointSigner, SignedCheckpoint, canonical_json, key_id,
-                          verify_checkpoint)
+from .checkpoints import (MAX_CHECKPOINT_INTERVAL, Checkpoint, CheckpointError, CheckpointSigner, SignedCheckpoint,
+                          canonical_json, key_id, verify_checkpoint)
 from .merkle import MerkleTree, leaf_hash
 from .store import (CERTIFICATES_QUERY, CHECKPOINT_COLUMNS, FORMAT, SCHEMA, AuditLogError, connect, stored_certificate,
                     stored_entries)
@@ -49,9 +53,9 @@ from .store import (CERTIFICATES_QUERY, CHECKPOINT_COLUMNS, FORMAT, SCHEMA, Audi
 # The keys this module writes into every entry; an event may not set them itself.
 OWN_KEYS = ("index", "prev_root")
 # A coordinator writes a checkpoint at least this often; 256 entries is ~2 GRPO steps' calls of the demo. It is also
-# the most any writer may wait: `mor audit verify` refuses a log whose newest unsigned stretch is longer, since
-# only a removed checkpoint can leave one (`verify.MAX_UNSIGNED_ENTRIES`).
-DEFAULT_CHECKPOINT_ENTRIES = 256
+# the most any writer may wait (`checkpoints.MAX_CHECKPOINT_INTERVAL`): `mor audit verify` refuses a log whose newest
+# unsigned stretch is longer than its newest checkpoint's cadence allows, since only a removed checkpoint can leave one.
+DEFAULT_CHECKPOINT_ENTRIES = MAX_CHECKPOINT_INTERVAL
 DEFAULT_CHECKPOINT_SECONDS = 30.0
 
 
@@ -128,14 +132,38 @@ class AuditLog:
         # Checkpoint times never go back, even if the clock did while the party was down (verify checks the order).
         certificates = [stored_certificate(self.path, pem) for (pem,) in self._connection.execute(CERTIFICATES_QUERY)]
         own = _own_checkpoint(self._latest_checkpoint, certificates)
+        self._refuse_unsigned_changes(last is not None, own)
         self._last_checkpoint_time = own.time if own else 0.0
         # The cadence runs on the monotonic clock: a wall clock stepped back (NTP) would hold it up that long.
         self._checkpointed_at = time.monotonic() if last else -math.inf
-        if last and (own is None or own.signs_every != self.checkpoint_every_entries):
+        if own is not None and own.signs_every != self.checkpoint_every_entries:
             # A writer with another cadence (or one from before checkpoints stated it) signed last: say this one's
             # now, before the unsigned stretch it may leave outgrows what the last checkpoint allows.
             with self._atomically():
                 self._write_checkpoint()
+
+    def _refuse_unsigned_changes(self, any_checkpoint: bool, newest: Checkpoint | None) -> None:
+        """Refuse to extend a log its newest checkpoint does not vouch for, before this writer signs over it.
+
+        Extended, it would be signed as it is: entries rewritten after their
+        checkpoints were deleted (no key needed) would then verify. So the
+        newest checkpoint must verify, match the entries it covers, and be
+        followed by no more entries than its writer leaves unsigned (for a
+        silo, none), as `mor audit verify` checks.
+        """
+        evidence = "so the log will not be extended; run `mor audit verify` on it and keep the file as evidence"
+        if any_checkpoint and newest is None:
+            raise AuditLogError(f"{self.path}: its newest checkpoint does not verify under the certificates stored "
+                                f"in it, {evidence}")
+        if newest is None:
+            return
+        if newest.size > self._tree.size or self._tree.root_at(newest.size) != newest.root:
+            raise AuditLogError(f"{self.path}: its entries are not those its newest checkpoint (size {newest.size}) "
+                                f"signed, {evidence}")
+        if self._tree.size - newest.size > newest.unsigned_allowed:
+            raise AuditLogError(f"{self.path}: {self._tree.size - newest.size} entries follow its newest checkpoint "
+                                f"(size {newest.size}), more than the {newest.unsigned_allowed} its writer leaves "
+                                f"unsigned: newer checkpoints were removed, {evidence}")
 
     def _transaction(self):
         return _Transaction(self._connection)

@@ -27,8 +27,8 @@ Checks, in one pass over the entries in storage order:
   its next checkpoint); `uncovered_entries` counts it. No writer leaves
   more than the newest valid checkpoint's `signs_every - 1` (its writer's
   cadence, signed with it: 0 for a silo, which signs with every entry) or,
-  in a checkpoint that states none, `MAX_UNSIGNED_ENTRIES` (every writer
-  signs at least every 256 entries; across a restart it counts from its
+  in a checkpoint that states none, 255 (every writer signs at least every
+  `MAX_CHECKPOINT_INTERVAL` = 256 entries; across a restart it counts from its
   last stored checkpoint, and one with another cadence signs a checkpoint
   stating its own when it opens), so a longer stretch means newer
   checkpoints were removed, and the entries they covered could then be
@@ -46,15 +46,13 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 
-from .checkpoints import Checkpoint, CheckpointError, canonical_json, parse_json, verify_checkpoint
-from .log import DEFAULT_CHECKPOINT_ENTRIES
+from .checkpoints import (MAX_CHECKPOINT_INTERVAL, Checkpoint, CheckpointError, canonical_json, parse_json,
+                          verify_checkpoint)
 from .store import StoredLog
 from .merkle import MerkleTree, leaf_hash
 
 # A log is judged by its first problems; after a broken chain every later entry would repeat the same news.
 MAX_PROBLEMS = 50
-# The writer signs with the entry that would make its unsigned stretch this long (log.AuditLog.record).
-MAX_UNSIGNED_ENTRIES = DEFAULT_CHECKPOINT_ENTRIES - 1
 
 
 @dataclass(frozen=True)
@@ -169,11 +167,10 @@ def verify_log(log: StoredLog, certificates: Sequence[x509.Certificate]) -> Veri
     result.uncovered_entries = max(len(log.entries) - covered, 0)
     newest = next((c for c in reversed(checkpoints) if c is not None), None)
     if newest is not None:
+        allowed = newest.unsigned_allowed  # a silo signs with every entry: 0
         if newest.signs_every is None:  # signed before checkpoints stated their writer's cadence
-            allowed = MAX_UNSIGNED_ENTRIES
-            reason = f"a writer signs at least every {DEFAULT_CHECKPOINT_ENTRIES} entries"
-        else:  # a silo's is 1: it signs with every entry, so it leaves none unsigned
-            allowed = min(newest.signs_every - 1, MAX_UNSIGNED_ENTRIES)
+            reason = f"a writer signs at least every {MAX_CHECKPOINT_INTERVAL} entries"
+        else:
             reason = (f"the newest valid checkpoint, at size {newest.size}, states that its writer signs at least "
                       f"every {newest.signs_every}")
         if result.uncovered_entries > allowed:

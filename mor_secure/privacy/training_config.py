@@ -54,8 +54,9 @@ class DPConfig(StrictModel):
         1e-5,
         gt=0,
         lt=1,
-        description="Delta of the guarantee; a run with delta >= 1 / number of privacy units is refused "
-        "(it would allow publishing a whole unit); keep it well below that.",
+        description="Delta of the guarantee; delta >= 1 / number of privacy units would allow publishing a whole "
+        "unit, so it is refused: against public_unit_count when the config is read, else against the actual count "
+        "before training (with public_unit_count, the actual count is only warned of); keep it well below that.",
     )
     max_grad_norm: float = Field(
         1.0,

@@ -687,20 +687,37 @@ def test_a_silo_entry_rewritten_with_its_checkpoint_removed_is_named_by_verify_a
 
 
 def test_a_writer_with_another_cadence_states_its_own_when_it_opens(tmp_path: Path, pki) -> None:
-    """Killed at the coordinator's cadence with 4 entries unsigned, reopened signing every entry: its first checkpoint
-    covers them at once, or verify would hold those 4 to the new cadence of none unsigned."""
+    """A log last signed at a silo's cadence (none unsigned), then written at the coordinator's and killed with 5
+    entries unsigned: without the checkpoint its writer signs when it opens, stating 256, verify would hold those 5
+    to the old cadence and fail a genuine log."""
     path, kit = tmp_path / "killed.db", pki.kits["hospital-a"]
+    write_log(path, kit, 3, checkpoint_every_entries=1).close()
     child = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(path), str(kit.directory)], timeout=120,
                            check=False)
     assert child.returncode == 9
-    assert verified(path, kit).uncovered_entries == 4
-    reopened = AuditLog.for_kit(path, kit, checkpoint_every_entries=1)
-    try:  # verified before close, which signs a tree that grew anyway
-        result = verified(path, kit)
-        assert result.ok and result.uncovered_entries == 0, result.problems
-        assert read_log(path).checkpoints[-1].checkpoint.signs_every == 1
-    finally:
-        reopened.close()
+    result = verified(path, kit)
+    assert result.ok and result.uncovered_entries == 5, result.problems
+    assert [c.checkpoint.signs_every for c in read_log(path).checkpoints][-2:] == [1, 256]
+
+
+def test_a_writer_refuses_to_sign_over_entries_its_newest_checkpoint_does_not_vouch_for(log_path: Path, pki) -> None:
+    """A silo's last entry rewritten (no key needed) fails verify; reopened, the silo used to sign its next answer
+    over it, and the rewrite then verified. Now it refuses, whether the checkpoint covering the entry is still there,
+    was deleted, or the newest left was forged."""
+    kit = pki.kits["hospital-a"]
+    body = read_log(log_path).entries[9].body.replace(b'"items":9', b'"items":1')
+    edit(log_path, "UPDATE entries SET body = ?, leaf_hash = ? WHERE seq = 9", body, leaf_hash(body))
+    with pytest.raises(AuditLogError, match=r"its entries are not those its newest checkpoint \(size 10\) signed, so "
+                                            r"the log will not be extended"):
+        AuditLog.for_kit(log_path, kit, checkpoint_every_entries=1)
+    edit(log_path, "DELETE FROM checkpoints WHERE size = 10")
+    with pytest.raises(AuditLogError, match=r"1 entries follow its newest checkpoint \(size 9\), more than the 0 its "
+                                            r"writer leaves unsigned: newer checkpoints were removed"):
+        AuditLog.for_kit(log_path, kit, checkpoint_every_entries=1)
+    assert verified(log_path, kit).first_bad_entry == 9  # left as it was, for the reviewer
+    edit(log_path, "UPDATE checkpoints SET signature = X'00' WHERE size = 9")
+    with pytest.raises(AuditLogError, match="its newest checkpoint does not verify under the certificates stored"):
+        AuditLog.for_kit(log_path, kit, checkpoint_every_entries=1)
 
 
 @pytest.mark.parametrize(("table", "column"), [("entries", "body"), ("checkpoints", "body"),

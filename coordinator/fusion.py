@@ -189,7 +189,7 @@ class ClearFusion:
         if kinds is None or len(present) < self.minimum_participants or any(map(is_refusal, answers.values())):
             return None
         _, orphans = equal_weights_for_orphans(weights, torch.tensor([c.name in present for c in self.clients]))
-        return [None if orphan else kind for kind, orphan in zip(kinds, orphans.tolist(), strict=True)]
+        return without_orphans(kinds, orphans)
 
     def _on_record(self, round_id: str, asked: Sequence[str], present: Sequence[str], requests: dict,
                    weights: torch.Tensor, kinds: Sequence[str] | None) -> None:
@@ -275,6 +275,13 @@ def equal_weights_for_orphans(weights: torch.Tensor, present: torch.Tensor) -> t
     orphans = weights[:, present].sum(dim=1) < MIN_PRESENT_WEIGHT
     equal = torch.where(present, 1.0 / int(present.sum()), 0.0).to(weights.dtype)
     return torch.where(orphans[:, None], equal, weights), orphans
+
+
+def without_orphans(kinds: Sequence[str | None] | None, orphans: torch.Tensor) -> list[str | None] | None:
+    """`kinds` with None for the orphan rows: their reward is the present silos' plain average, not the router's, so
+    the round's mean router weight per kind leaves them out."""
+    return None if kinds is None else [None if orphan else kind for kind, orphan in zip(kinds, orphans.tolist(),
+                                                                                        strict=True)]
 
 
 def renormalised(summed: torch.Tensor, weights: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

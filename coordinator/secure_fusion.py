@@ -42,7 +42,8 @@ from mor_secure.wire.errors import ErrorCode, SiloError
 from mor_secure.wire.messages import DecryptRequest, Participant, SecureScoreRequest
 
 from .audit_trail import new_round_id
-from .fusion import ABSENT, ClearFusion, RoundFailedError, equal_weights_for_orphans, raise_refusal, weighted
+from .fusion import (ABSENT, ClearFusion, RoundFailedError, equal_weights_for_orphans, raise_refusal, weighted,
+                     without_orphans)
 from .silo_requests import ROWS_PER_REQUEST, score_requests
 
 
@@ -85,8 +86,7 @@ class SecureFusion(ClearFusion):
             present = torch.zeros(len(self.clients), dtype=torch.bool)
             present[[position[c.name] for c in asked]] = True
             sent, orphans = equal_weights_for_orphans(weights, present)
-            labels = None if kinds is None else [None if o else kind for kind, o in zip(kinds, orphans.tolist(),
-                                                                                      strict=True)]
+            labels = without_orphans(kinds, orphans)
             failures: dict[str, SiloError] = {}
             answered, on_record, complete = [], [], False
             try:

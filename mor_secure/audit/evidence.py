@@ -26,7 +26,6 @@ from cryptography import x509
 
 from mor_secure.pki.identity import parse_identity
 
-from .store import StoredLog
 from .reconcile import (QUERY_PREFIX, Reconciliation, UnloggedSilo, check_parties, reconcile, trusted_certificates,
                         unlogged_silos)
 from .report_view import (
@@ -42,6 +41,7 @@ from .report_view import (
     SignedRoot,
     SiloQuery,
 )
+from .store import StoredLog
 from .verify import Verification, verify_log
 
 logger = logging.getLogger(__name__)

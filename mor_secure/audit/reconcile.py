@@ -49,8 +49,8 @@ from mor_secure.pki.identity import SCHEME, Role, parse_identity
 from mor_secure.pki.kits import identity_of
 
 from .checkpoints import Checkpoint, CheckpointError, SignedCheckpoint, verify_checkpoint
-from .store import StoredLog
 from .merkle import MerkleTree, ProofError, leaf_hash, verify_consistency
+from .store import StoredLog
 
 QUERY_PREFIX = "/mor_secure.proto.v1.SiloRewardService/"
 # Statuses the coordinator sees when its call may never have reached the silo.
@@ -134,13 +134,6 @@ def _calls(log: StoredLog, side: str, peer_field: str, is_peer: Callable[[object
     return calls
 
 
-def _is_coordinator(party: object) -> bool:
-    try:
-        return isinstance(party, str) and parse_identity(party).role is Role.COORDINATOR
-    except ValueError:
-        return False
-
-
 def _status(fields: dict) -> str:
     """The entry's gRPC status; one the log never writes (a list, a number) reads as its repr, so it differs from
     every real status and is compared, never crashes the comparison."""
@@ -159,9 +152,10 @@ def _short(fields: dict) -> str:
     return f"{rpc} (round {fields.get('round_id') or '-'}, request {digest}...)"
 
 
-def _role(log: StoredLog) -> Role | None:
+def _role(party: object) -> Role | None:
+    """The role a party URI names; None for anything that is not one (an entry's field may be any JSON value)."""
     try:
-        return parse_identity(log.party).role
+        return parse_identity(party).role if isinstance(party, str) else None
     except ValueError:
         return None
 
@@ -173,12 +167,12 @@ def check_parties(coordinator: StoredLog, silos: Sequence[StoredLog]) -> None:
     or the coordinator's against itself) would compare the wrong sides of
     every call and could call an unchecked record reconciled.
     """
-    if _role(coordinator) is not Role.COORDINATOR:
+    if _role(coordinator.party) is not Role.COORDINATOR:
         raise ValueError(f"{coordinator.path} is the log of {coordinator.party or 'no party'}, not of a "
                          "coordinator: give the coordinator's log first, then each silo's")
     seen: dict[str, Path] = {}
     for silo in silos:
-        if _role(silo) is not Role.SILO:
+        if _role(silo.party) is not Role.SILO:
             raise ValueError(f"{silo.path} is the log of {silo.party or 'no party'}, not of a silo: give the "
                              "coordinator's log first, then each silo's")
         if silo.party in seen:
@@ -198,7 +192,7 @@ def reconcile(coordinator: StoredLog, silo: StoredLog, ca: x509.Certificate) -> 
     asked = _calls(coordinator, "client", "callee", lambda callee: callee == silo.party)
     # Every query the silo answered a coordinator, whichever coordinator it names: only those of the log given can
     # match, so a log that is another coordinator's, or one whose party was renamed, leaves the real one's unmatched.
-    answered = _calls(silo, "server", "caller", _is_coordinator)
+    answered = _calls(silo, "server", "caller", lambda caller: _role(caller) is Role.COORDINATOR)
     waiting: dict[tuple, list[tuple[int, dict]]] = defaultdict(list)
     for seq, fields in answered:
         waiting[fields["caller"], *_key(fields)].append((seq, fields))

@@ -48,8 +48,8 @@ from cryptography import x509
 
 from .checkpoints import (MAX_CHECKPOINT_INTERVAL, Checkpoint, CheckpointError, canonical_json, parse_json,
                           verify_checkpoint)
-from .store import StoredLog
 from .merkle import MerkleTree, leaf_hash
+from .store import StoredLog
 
 # A log is judged by its first problems; after a broken chain every later entry would repeat the same news.
 MAX_PROBLEMS = 50

@@ -9,6 +9,7 @@ run on one machine. Router, GRPO and evaluation code take any `SiloClient`.
 
     kit: pki/kits/coordinator-coordinator     # networked pools: the coordinator's certificate kit
     audit_log: audit/coordinator.db           # default: coordinator-audit.db beside this file
+    decrypted_rows: audit/decrypted-rows.db   # default: decrypted-rows.db beside this file (secure pools)
     minimum_participants: 2                   # a scoring round goes on without a silo that is down
     deadline_seconds: 60
     silos:
@@ -46,6 +47,7 @@ from mor_secure.secagg.provisioning import coordinator_context, has_coordinator_
 from mor_secure.wire.client import SiloClient
 
 from .audit_trail import coordinator_log
+from .decrypted_rows import DecryptedRows
 from .fusion import ClearFusion
 from .secure_fusion import SecureFusion
 
@@ -106,6 +108,11 @@ class PoolConfig(StrictModel):
     audit_log: Path | None = Field(
         None, description="Networked pools: the coordinator's tamper-evident audit log of every call and round "
         "(SQLite; default: coordinator-audit.db beside the pool file). `mor audit verify` checks it.")
+    decrypted_rows: Path | None = Field(
+        None, description="Networked secure pools: the coordinator's record of each row it has decrypted a sum of, "
+        "under which weights (SQLite; default: decrypted-rows.db beside the pool file), so that no later sum, in "
+        "this run or another, determines a silo's score on a row (coordinator/decrypted_rows.py). Keep it as long "
+        "as the silos serve the same models.")
 
     @field_validator("silos")
     @classmethod
@@ -144,8 +151,9 @@ def load_pool(path: str | Path) -> PoolConfig:
     if pool.kit is not None:
         pool = pool.model_copy(update={"kit": resolve_relative(path, pool.kit)})
     if pool.networked:
-        audit_log = resolve_relative(path, pool.audit_log or Path("coordinator-audit.db"))
-        pool = pool.model_copy(update={"audit_log": audit_log})
+        pool = pool.model_copy(update={
+            "audit_log": resolve_relative(path, pool.audit_log or Path("coordinator-audit.db")),
+            "decrypted_rows": resolve_relative(path, pool.decrypted_rows or Path("decrypted-rows.db"))})
     silos = []
     for silo in pool.silos:
         updates = {field: resolve_relative(path, getattr(silo, field))
@@ -205,9 +213,10 @@ def pool_fusion(pool: PoolConfig) -> Callable[..., ClearFusion]:
                        "coordinator; for benchmarks and comparisons only, never with patients' data (set "
                        "aggregation: secure, the default)")
     context = None  # the public BFV context, read once for every fusion this pool builds
+    decrypted = None  # the pool's one record of decrypted rows, shared by every fusion it builds
 
     def fusion(clients: Sequence[SiloClient], *, objective: str = "correct", method: str = "") -> ClearFusion:
-        nonlocal context
+        nonlocal context, decrypted
         minimum = None
         if pool.minimum_participants is not None:
             # The minimum is for the whole pool; a single-silo baseline needs its one silo.
@@ -220,7 +229,9 @@ def pool_fusion(pool: PoolConfig) -> Callable[..., ClearFusion]:
                     raise ValueError(f"{kit.directory} holds no public secure-aggregation context (he_public.ctx): "
                                      "provision the consortium with `mor pki init`, or set aggregation: clear")
                 context = coordinator_context(kit)
-            return SecureFusion(clients, context, **settings)
+            if decrypted is None:
+                decrypted = DecryptedRows(pool.names, pool.decrypted_rows)
+            return SecureFusion(clients, context, decrypted=decrypted, **settings)
         if secure_aggregation(pool):
             logger.warning("%s asks one silo alone: its round is clear (a sum over one silo is its own scores)",
                            method or "this reward")

@@ -23,7 +23,10 @@ are several rounds, restarted together if a silo drops out in any of them.
 Nothing is decrypted until every one of those rounds has been answered by the
 same participants: a chunk decrypted over {A, B, C} and again, after C
 dropped out of a later chunk, over {A, B} would hand the coordinator the
-difference of the two sums, C's own terms.
+difference of the two sums, C's own terms. Across calls, fusions and
+processes, `DecryptedRows` keeps the same promise: a row fused again under
+the same weights is answered from the record, and no sum is decrypted that
+would, with the row's earlier sums, determine a silo's score on it.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ from mor_secure.wire.errors import ErrorCode, SiloError
 from mor_secure.wire.messages import DecryptRequest, Participant, SecureScoreRequest
 
 from .audit_trail import new_round_id
-from .fusion import (ABSENT, ClearFusion, RoundFailedError, equal_weights_for_orphans, raise_refusal, weighted,
-                     without_orphans)
+from .decrypted_rows import DecryptedRows
+from .fusion import (ABSENT, ClearFusion, FusionItems, RoundFailedError, equal_weights_for_orphans, raise_refusal,
+                     renormalised, weighted, without_orphans)
 from .silo_requests import ROWS_PER_REQUEST, score_requests
 
 
@@ -51,7 +55,8 @@ class SecureFusion(ClearFusion):
     """`ClearFusion`'s rounds, with each round's sum computed under masks and encryption."""
 
     def __init__(self, clients: Sequence[SecureSiloClient], context: ts.Context, *, objective: str = "correct",
-                 minimum_participants: int | None = None, audit: AuditSink | None = None, method: str = "") -> None:
+                 minimum_participants: int | None = None, audit: AuditSink | None = None, method: str = "",
+                 decrypted: DecryptedRows | None = None) -> None:
         super().__init__(clients, objective=objective, minimum_participants=minimum_participants, audit=audit,
                          method=method)
         for index, client in enumerate(self.clients):
@@ -64,6 +69,8 @@ class SecureFusion(ClearFusion):
         if not context.is_public():
             raise ValueError("the coordinator's context must be the public one (it must never be able to decrypt)")
         self.context = context
+        # The pool's record, shared by all its fusions (coordinator.pool); alone, this fusion's own.
+        self.decrypted = decrypted if decrypted is not None else DecryptedRows(self.silo_names)
         self._participants: dict[str, Participant] = {}
         self._rounds = 0
 
@@ -73,6 +80,27 @@ class SecureFusion(ClearFusion):
             self._participants[client.name] = Participant(name=client.name, agreement_key=reply.agreement_key,
                                                           certificate_pem=reply.certificate_pem)
         return self._participants[client.name]
+
+    def fuse(self, items: FusionItems, weights: torch.Tensor) -> torch.Tensor:
+        """`ClearFusion.fuse` over the rows not fused before under the same weights (`SAME_WEIGHTS`); the others
+        from the record."""
+        if tuple(weights.shape) != (len(items), len(self.clients)):
+            return super().fuse(items, weights)  # its shape error
+        rows = self.decrypted.row_keys(self.objective, items.images, items.prompts, items.responses)
+        known = self.decrypted.known(rows, self._by_silo(weights))
+        new = [i for i, value in enumerate(known) if value is None]
+        fused = torch.tensor([0.0 if value is None else value for value in known])
+        if not new:
+            self.last_round = {}  # no silo was asked
+            return fused
+        fused[new] = super().fuse(FusionItems(
+            images=tuple(items.images[i] for i in new), prompts=tuple(items.prompts[i] for i in new),
+            responses=tuple(items.responses[i] for i in new),
+            kinds=None if items.kinds is None else tuple(items.kinds[i] for i in new)), weights[new])
+        return fused
+
+    def _by_silo(self, weights: torch.Tensor) -> list[dict[str, float]]:
+        return [dict(zip(self.silo_names, row, strict=True)) for row in weights.detach().double().cpu().tolist()]
 
     def _round(self, clients: Sequence[SecureSiloClient], rows: tuple[list, list, list], weights: torch.Tensor,
                kinds: Sequence[str] | None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
@@ -105,9 +133,15 @@ class SecureFusion(ClearFusion):
                 for *entry, kinds_of_round in on_record:
                     self._on_record(*entry, kinds_of_round if complete else None)
             if complete:
-                # Every chunk was answered by all of `asked`: only now is any sum decrypted, each over that one set.
-                return ([c.name for c in asked], torch.cat([self._decrypted_sum(asked, *chunk) for chunk in answered]),
-                        sent)
+                # Every chunk was answered by all of `asked`: only now is any sum decrypted, each over that one set,
+                # and none that would, with the sums of its rows decrypted before, determine a silo's score.
+                keys = self.decrypted.row_keys(self.objective, *rows)
+                vectors = [{c.name: row[position[c.name]] for c in asked} for row in sent.double().tolist()]
+                self.decrypted.refuse_revealing(keys, vectors)
+                summed = torch.cat([self._decrypted_sum(asked, *chunk) for chunk in answered])
+                fused, _ = renormalised(summed, sent, present)
+                self.decrypted.add(keys, self._by_silo(weights), vectors, fused.tolist())
+                return [c.name for c in asked], summed, sent
             present = [c for c in asked if c.name not in failures]
             self._check_minimum({**{c.name: None for c in asked}, **failures}, [c.name for c in present])
             asked = present  # a restart under new round ids: the absent silo's masks would not cancel

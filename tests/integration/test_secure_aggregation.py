@@ -230,6 +230,97 @@ def test_a_silo_lost_in_a_later_chunk_leaves_no_decrypted_sum_that_included_it(k
     assert fusion.last_round == {"hospital-a": True, "bank-b": True, "hospital-c": False}
 
 
+class Witnessed(InProcessSiloClient):
+    """A silo that counts the decryptions it makes and can be switched off (UNAVAILABLE) by the test."""
+
+    decrypted_over: list[tuple[str, ...]] = []
+    down: set[str] = set()
+
+    def secure_score(self, request):
+        if self.name in self.down:
+            raise SiloError(ErrorCode.UNAVAILABLE, f"silo {self.name!r}: connection refused")
+        return super().secure_score(request)
+
+    def decrypt(self, request):
+        self.decrypted_over.append(tuple(request.participants))
+        return super().decrypt(request)
+
+
+def witnessed(kits, tmp_path: Path) -> list[Witnessed]:
+    Witnessed.decrypted_over, Witnessed.down = [], set()
+    return [Witnessed(c.service, secure=c.secure) for c in clients(kits, tmp_path)]
+
+
+def distinct_items(tmp_path: Path, rows: int) -> FusionItems:
+    image = tmp_path / "a.png"
+    image.write_bytes(png())
+    return FusionItems(images=(image,) * rows, prompts=tuple(f"q{i}" for i in range(rows)),
+                       responses=tuple("right" if i % 3 else "wrong" for i in range(rows)))
+
+
+def test_a_row_fused_again_while_a_silo_is_down_is_answered_from_the_record_not_decrypted_again(
+        kits, tmp_path: Path) -> None:
+    """GRPO fuses the same rows in many steps under the same router weights. Decrypted over {A, B, C} in one step
+    and over {A, B} in the next, after C dropped out, the two fused rewards gave C's scores exactly (found by a
+    review probe: S1 - f2 (w_A + w_B) = w_C r_C). Now the second fuse asks nobody."""
+    silos = witnessed(kits, tmp_path)
+    items = distinct_items(tmp_path, 6)
+    weights = torch.softmax(torch.randn(6, 3, generator=torch.Generator().manual_seed(0)), dim=1)
+    fusion = SecureFusion(silos, coordinator_context(kits["coordinator"]), minimum_participants=2)
+    first = fusion.fuse(items, weights)
+    Witnessed.down = {"hospital-c"}
+    again = fusion.fuse(items, weights)
+    assert torch.equal(again, first) and fusion.last_round == {}
+    # The router's weights for a row, computed in another batch, differ in their last bits: the same weighting.
+    assert torch.equal(fusion.fuse(items, weights + 1e-7), first)
+    assert Witnessed.decrypted_over == [tuple(SILOS)]  # one decryption, over all three
+    # A new row in the same fuse is still decrypted, over the silos present, and the known ones are not.
+    more = distinct_items(tmp_path, 7)
+    fused = fusion.fuse(more, torch.cat([weights, torch.full((1, 3), 1 / 3)]))
+    assert torch.equal(fused[:6], first) and Witnessed.decrypted_over[1:] == [("hospital-a", "bank-b")]
+    expected = ClearFusion(clients(kits, None)[:2]).fuse(
+        FusionItems(images=more.images[6:], prompts=more.prompts[6:], responses=more.responses[6:]),
+        torch.full((1, 2), 0.5))
+    assert torch.allclose(fused[6:], expected, atol=1e-4)
+
+
+def test_no_sum_is_decrypted_that_with_a_rows_earlier_sums_determines_a_silos_score(kits, tmp_path: Path) -> None:
+    """An evaluation fuses its test pairs under every method and seed; the pool's fusions share one record, so
+    the third generic weighting of a row over three silos (a linear system the coordinator could solve for every
+    silo's score: 2e-5 in a review probe) is refused before anything is decrypted. Two are allowed."""
+    from coordinator.decrypted_rows import DecryptedRows, RevealingSumError
+
+    silos = witnessed(kits, tmp_path)
+    items = distinct_items(tmp_path, 5)
+    record = DecryptedRows(SILOS, tmp_path / "decrypted-rows.db")
+    context = coordinator_context(kits["coordinator"])
+    uniform = torch.full((5, 3), 1 / 3)
+    router = torch.softmax(torch.randn(5, 3, generator=torch.Generator().manual_seed(1)), dim=1)
+    other_router = torch.softmax(torch.randn(5, 3, generator=torch.Generator().manual_seed(2)), dim=1)
+    SecureFusion(silos, context, decrypted=record).fuse(items, uniform)
+    SecureFusion(silos, context, decrypted=record).fuse(items, router)
+    assert len(Witnessed.decrypted_over) == 2
+    with pytest.raises(RevealingSumError, match="would determine the score of silo 'bank-b'"):
+        SecureFusion(silos, context, decrypted=record).fuse(items, other_router)
+    assert len(Witnessed.decrypted_over) == 2  # refused before the decryption
+    # The record is on disk: a coordinator restarted with it refuses the same, in any column order.
+    record.close()
+    reordered = [silos[2], silos[0], silos[1]]
+    with pytest.raises(RevealingSumError):
+        SecureFusion(reordered, context, decrypted=DecryptedRows(SILOS, tmp_path / "decrypted-rows.db")).fuse(
+            items, other_router[:, [2, 0, 1]])
+    # A row fused under uniform weights over {A, B, C} and then, with C down, over {A, B} in a fusion of its own
+    # (not the same weights, so not answered from the record): 3 x first - 2 x second is C's score.
+    (tmp_path / "fresh").mkdir()
+    fresh = distinct_items(tmp_path / "fresh", 1)
+    shared = DecryptedRows(SILOS)
+    SecureFusion(silos, context, decrypted=shared).fuse(fresh, torch.full((1, 3), 1 / 3))
+    Witnessed.down = {"hospital-c"}
+    with pytest.raises(RevealingSumError, match="would determine the score of silo 'hospital-c'"):
+        SecureFusion(silos, context, decrypted=shared, minimum_participants=2).fuse(
+            fresh, torch.tensor([[0.5, 0.5, 0.0]]))
+
+
 def request(silos, round_id: str, weights=(0.5,)) -> SecureScoreRequest:
     """One row ("right": score 1 at hospital-a) for every silo in `silos`, as the coordinator would relay them."""
     score = ScoreRequest(images=(ImageBlob.of(png()),), rows=(ScoreRow(0, "q", "right"),), round_id=round_id,

@@ -38,7 +38,7 @@ from mor_secure.transport.server import RunningServer, ServerSettings, serve
 from .audit_trail import SiloAuditTrail
 from .config import ServeSettings, SiloConfig
 from .secure_rounds import ROUND_RECORD, RoundRecord, SecureRounds
-from .service import SiloService, ledger_summary, open_model_service
+from .service import SiloService, ledger_summary, open_model_service, published_privacy_report
 from .servicer import ROLES_BY_RPC, SiloServicer, servicer_registration
 from .training import MODEL_DIR, REPORT_FILE, open_ledger, served_feature_cache_dir, training_lock
 
@@ -149,9 +149,12 @@ def _serve_model(config: SiloConfig, kit: CertKit, policy: SiloPolicy, policy_so
     """`start_silo_server` once the workdir is its own: ledger, audit log, port, model, secure rounds."""
     settings = config.serve
     ledger = open_ledger(config) if config.training.dp.enabled else None
+    # The report the service will publish (read under the same training lock, so of the same run): every entry
+    # states whether the served model is differentially private, from the first one on.
+    served_report = published_privacy_report(config.workdir / REPORT_FILE, config.workdir / MODEL_DIR)
     # One checkpoint per entry: every answer carries a signed tree head that covers its own entry.
     audit = SiloAuditTrail(AuditLog.for_kit(audit_log_path(config), kit, checkpoint_every_entries=1),
-                           None if ledger is None else (lambda: ledger_summary(ledger)))
+                           None if ledger is None else (lambda: ledger_summary(ledger)), served_report=served_report)
     servicer = SiloServicer(None)
     try:
         running = serve(kit=kit, crl_path=settings.crl or kit.crl_path, services=[servicer_registration(servicer)],

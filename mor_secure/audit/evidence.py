@@ -5,7 +5,8 @@ certificate that says whose keys to trust): queries and refusals from each
 silo's own entries, its privacy ledger's state as recorded with each call,
 the router's weights (from the rounds of the MoR reward only: the other
 methods' weights are fixed) and the scoring rounds from the coordinator's
-round entries, the policy in force from the silo's serving-start entry.
+round entries, the policy in force and the served model's privacy status from the silo's
+serving-start entries.
 
 The logs are untrusted input: a party signs whatever its own software wrote.
 Every value the page uses is checked for the type and range the log writes
@@ -37,6 +38,7 @@ from .report_view import (
     ReportView,
     RoundSummary,
     RouterWeight,
+    ServedModel,
     ServingStart,
     SignedRoot,
     SiloQuery,
@@ -154,10 +156,20 @@ def _strings(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _served_model(silo: str, when: float, stated: Any) -> ServedModel | None:
+    """What a serving start says of its model (None: nothing, as a start logged before starts said it)."""
+    if stated is None:
+        return None
+    if not (isinstance(stated, dict) and isinstance(stated.get("private"), bool)
+            and isinstance(stated.get("why"), str)):
+        raise ValueError(f"model_privacy {stated!r} is not a private flag and a sentence")
+    return ServedModel(silo=silo, time=when, private=stated["private"], why=stated["why"])
+
+
 def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], PolicyInForce | None,
-                                         ServingStart | None, Shape]:
+                                         ServingStart | None, list[ServedModel], Shape]:
     name = _name(silo.party)
-    queries, budgets, policies, starts, times = [], [], [], [], []
+    queries, budgets, policies, starts, models, times = [], [], [], [], [], []
     last_budget = None
     shape = Shape()
 
@@ -166,7 +178,7 @@ def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], Pol
         event, when = fields.get("event"), _time(fields)
         privacy = fields.get("privacy") or {}
         ledger = privacy.get("ledger") if event == "call" else fields.get("ledger")
-        query = policy = state = None
+        query = policy = state = model = None
         if event == "call" and str(fields.get("rpc", "")).startswith(QUERY_PREFIX):
             spent = privacy.get("epsilon_spent")
             query = SiloQuery(silo=name, time=when, caller=str(fields.get("caller")),
@@ -179,6 +191,7 @@ def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], Pol
         elif event == "serving_started":
             policy = PolicyInForce(silo=name, digest=str(fields.get("policy_digest")),
                                    text=str(fields.get("policy_text")))
+            model = _served_model(name, when, fields.get("model_privacy"))
         if ledger:
             state = tuple(_number(ledger[key]) for key in ("epsilon_spent", "epsilon_budget", "delta_spent",
                                                            "delta_budget"))
@@ -186,6 +199,7 @@ def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], Pol
         queries.extend([query] if query else [])
         policies.extend([policy] if policy else [])
         starts.extend([when] if policy else [])
+        models.extend([model] if model else [])
         if state is not None and state != last_budget:  # the ledger changes only with training: one point each
             budgets.append(BudgetPoint(silo=name, time=when, epsilon_spent=state[0], epsilon_budget=state[1],
                                        delta_spent=state[2], delta_budget=state[3]))
@@ -202,7 +216,7 @@ def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], Pol
             budgets.append(BudgetPoint(silo=name, time=end, epsilon_spent=final.epsilon_spent,
                                        epsilon_budget=final.epsilon_budget, delta_spent=final.delta_spent,
                                        delta_budget=final.delta_budget))
-    return queries, budgets, policy, started, shape
+    return queries, budgets, policy, started, models, shape
 
 
 def _coordinator_rows(coordinator: StoredLog) -> tuple[list[RoundSummary], list[RouterWeight], Shape]:
@@ -237,12 +251,13 @@ def report_view(coordinator: StoredLog, silos: Sequence[StoredLog], evidence: Ev
                 title: str = "Consortium audit report") -> ReportView:
     """The page's contents (mor_secure.audit.report renders them)."""
     logs = (coordinator, *silos)
-    queries, budgets, policies, starts = [], [], [], []
+    queries, budgets, policies, starts, models = [], [], [], [], []
     rounds, weights, coordinator_shape = _coordinator_rows(coordinator)
     shapes = [coordinator_shape]
     for silo in silos:
-        silo_queries, silo_budgets, policy, started, shape = _silo_rows(silo)
+        silo_queries, silo_budgets, policy, started, silo_models, shape = _silo_rows(silo)
         queries += silo_queries
+        models += silo_models
         budgets += silo_budgets
         shapes.append(shape)
         policies += [policy] if policy is not None else []
@@ -255,4 +270,5 @@ def report_view(coordinator: StoredLog, silos: Sequence[StoredLog], evidence: Ev
                                             checkpoints_checked=r.checkpoints_checked,
                                             mismatches=tuple(r.mismatches)) for r in evidence.reconciliations),
         queries=tuple(queries), budgets=tuple(budgets), router_weights=tuple(weights), rounds=tuple(rounds),
-        policies=tuple(policies), unlogged=evidence.unlogged, serving_started=tuple(starts))
+        policies=tuple(policies), unlogged=evidence.unlogged, serving_started=tuple(starts),
+        served_models=tuple(models))

@@ -23,7 +23,7 @@ import matplotlib
 from matplotlib.lines import Line2D
 
 from .report_plots import PALETTE, PLOT_STYLE, inline_svg, new_figure, plot_dates, plot_label, time_axis
-from .report_view import ReportView, plural, silo_name, utc_text
+from .report_view import ReportView, ServedModel, plural, silo_name, utc_text
 
 # Bucket widths for the queries-over-time plot (seconds); the first giving at most ~30 buckets wins, and beyond a
 # week a whole number of weeks does, so a log spanning centuries still plots ~30 buckets (not one per week).
@@ -110,6 +110,17 @@ def _rise(silo: str, served: float, changed: list) -> str:
             "training: nothing else charges a ledger); its ledger's charges say what.")
 
 
+def _not_private(silo: str, models: list[ServedModel]) -> str:
+    """The warning for a silo that served a model that is not differentially private (or has no report to show
+    that it is: the page says only what holds for both), with what its log says of it."""
+    whys = "; ".join(dict.fromkeys(m.why for m in models))
+    starts = f"start at {_utc(models[0].time)} says" if len(models) == 1 else (
+        f"starts at {', '.join(_utc(m.time) for m in models)} say")
+    return (f"WARNING: the model {silo} served is not shown to be differentially private: its answers carry no DP "
+            "guarantee and this page makes no privacy claim for them, whatever its ledger shows. Its serving "
+            f"{starts}: {whys}")
+
+
 def _human(seconds: int) -> str:
     for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if seconds >= size and seconds % size == 0:
@@ -126,6 +137,7 @@ class _Page:
         names = {q.silo for q in view.queries} | {b.silo for b in view.budgets}
         names |= {w.silo for w in view.router_weights} | {r.silo for r in view.reconciliation}
         names |= {p.silo for p in view.policies} | {s for p in view.parties if (s := silo_name(p.party))}
+        names |= {m.silo for m in view.served_models}
         self.silos = sorted(names)
         self.colour = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(self.silos)}
 
@@ -209,10 +221,15 @@ class _Page:
     # -- (3) privacy budget ------------------------------------------------------------------
     def budgets(self) -> str:
         how = ("The differential-privacy budget each silo's ledger records as spent (solid line) against its "
-               "lifetime limit (dashed line); the solid line must never cross the dashed one.")
+               "lifetime limit (dashed line); the solid line must never cross the dashed one. A silo whose served "
+               "model is not differentially private, as its serving start says, is warned of in red.")
         pts = sorted(self.v.budgets, key=lambda b: b.time)
+        # Whatever its ledger shows: a silo without a ledger (DP off) may serve such a model too.
+        warnings = "".join(f"<p>{_fig('model-not-private', silo, _not_private(silo, unsafe), 'bad')}</p>"
+                           for silo in self.silos
+                           if (unsafe := [m for m in self.v.models_served(silo) if not m.private]))
         if not pts:
-            return self._section("budget", how, "<p>No privacy-ledger entries were recorded.</p>")
+            return self._section("budget", how, warnings + "<p>No privacy-ledger entries were recorded.</p>")
         silos = sorted({b.silo for b in pts})
         cols = min(3, len(silos))
         fig = new_figure(10, 3.2 * math.ceil(len(silos) / cols))
@@ -246,11 +263,18 @@ class _Page:
         fig.legend(handles=[Line2D([], [], color="#555", lw=2, label="ε spent (in the silo's colour)"),
                             Line2D([], [], color="#b00020", ls="--", label="ε lifetime budget")],
                    loc="outside lower center", ncols=2)
-        body = inline_svg(fig, "privacy budget spent against the limit per silo")
+        body = warnings + inline_svg(fig, "privacy budget spent against the limit per silo")
         body += "".join(f"<p>{rise}</p>" for rise in rises)
-        if flat:
-            body += (f"<p>For {_e(', '.join(flat))}: scores of a DP-trained model are post-processing: "
+        # Post-processing only where every model the silo served was private, as its serving starts say.
+        private = [s for s in flat if (models := self.v.models_served(s)) and all(m.private for m in models)]
+        unstated = [s for s in flat if not self.v.models_served(s)]
+        if private:
+            body += (f"<p>For {_e(', '.join(private))}: scores of a DP-trained model are post-processing: "
                      "answering queries spends no budget. The spend was made once, when the model was trained.</p>")
+        if unstated:
+            body += (f"<p>For {_e(', '.join(unstated))}: the ledger did not change while serving, but the log does "
+                     "not say whether the model served was differentially private (no serving start states it), "
+                     "so this page does not call its answers post-processing of a DP-trained model.</p>")
         body += _table(["silo", "ε spent", "ε budget", "δ spent", "δ budget", "as of (UTC)"], rows, {1, 2, 3, 4})
         return self._section("budget", how, body)
 

@@ -152,6 +152,17 @@ class ServingStart:
 
 
 @dataclass(frozen=True)
+class ServedModel:
+    """What one serving-start entry of a silo says of the model it served: differentially private or not, and why
+    (the sentence as the silo logged it, from the model's privacy report)."""
+
+    silo: str
+    time: float
+    private: bool
+    why: str
+
+
+@dataclass(frozen=True)
 class ReportView:
     """Everything on the reviewer's page."""
 
@@ -166,6 +177,12 @@ class ReportView:
     policies: tuple[PolicyInForce, ...]
     unlogged: tuple[UnloggedSilo, ...] = ()  # silos the coordinator called or asked whose log was not given
     serving_started: tuple[ServingStart, ...] = ()
+    # One per serving-start entry that states its model's privacy (a silo's log from before they did has none).
+    served_models: tuple[ServedModel, ...] = ()
+
+    def models_served(self, silo: str) -> tuple[ServedModel, ...]:
+        """What `silo`'s serving starts say of the models it served, oldest first (empty: its log does not say)."""
+        return tuple(sorted((m for m in self.served_models if m.silo == silo), key=lambda m: m.time))
 
     def serving_since(self, silo: str) -> float | None:
         """When `silo` began serving: its first serving start, or its first query of any kind if that is earlier

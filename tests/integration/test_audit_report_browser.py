@@ -29,8 +29,8 @@ import pytest
 
 from mor_secure.audit.report import SECTIONS, render_report, write_report
 from mor_secure.audit.report_view import (
-    BudgetPoint, PartyCheck, PolicyInForce, ReconcileCheck, ReportView, RoundSummary, RouterWeight, SignedRoot,
-    SiloQuery,
+    BudgetPoint, PartyCheck, PolicyInForce, ReconcileCheck, ReportView, RoundSummary, RouterWeight, ServedModel,
+    SignedRoot, SiloQuery,
 )
 
 CHROMIUM = "/usr/bin/chromium"
@@ -77,8 +77,10 @@ def _view(*, broken: bool) -> ReportView:
                                 SILOS if r != 7 else SILOS[:2], 24) for r in range(30))
     policies = tuple(PolicyInForce(s, "ab" * 32, f"silo: {s}\nallowed_objectives: [safety]\nmax_rps: 60\n")
                      for s in SILOS)
+    # Every silo serves a DP-trained model (its serving start says so): the page may call its scores post-processing.
+    served = tuple(ServedModel(s, T0, True, "scores of a DP-trained model are post-processing") for s in SILOS)
     return ReportView("Consortium audit — test run", T0 + 1300, tuple(parties), recon, tuple(queries),
-                      tuple(budgets), weights, rounds, policies)
+                      tuple(budgets), weights, rounds, policies, served_models=served)
 
 
 class _Figures(HTMLParser):

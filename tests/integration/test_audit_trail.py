@@ -26,11 +26,14 @@ from silo_fakes import RightAnswerModel, png
 from coordinator.fusion import ClearFusion, FusionItems
 from coordinator.network_client import NetworkSiloClient
 from mor_cli.audit_cli import main as audit_main
+from mor_cli.main import main as mor_main
 from mor_secure.audit import AuditLog, read_log
 from mor_secure.audit.checkpoints import CheckpointSigner, canonical_json
 from mor_secure.audit.merkle import MerkleTree, leaf_hash
 from mor_secure.models.reward_model import Standardisation
 from mor_secure.policy import SiloAdmission, SiloPolicy
+from mor_secure.privacy import PrivacyReport
+from mor_secure.privacy.training_config import NOISE_OS_ENTROPY
 from mor_secure.transport.server import serve
 from mor_secure.wire import ErrorCode, ImageBlob, ScoreRequest, ScoreRow, SiloError
 from mor_secure.wire.messages import LedgerSummary
@@ -38,6 +41,8 @@ from silo_agent import audit_trail
 from silo_agent.audit_trail import SiloAuditTrail
 from silo_agent.service import SiloService
 from silo_agent.servicer import ROLES_BY_RPC, servicer_registration
+from silo_agent.serving import audit_log_path, start_silo_server
+from silo_agent.training import load_silo_config
 
 RED = ImageBlob.of(png((200, 30, 30)))
 GOOD = ScoreRequest(objective="correct", images=(RED,), rows=(ScoreRow(0, "what shape?", "right"),
@@ -403,6 +408,10 @@ def test_an_entry_in_a_shape_the_log_never_writes_is_left_out_of_the_report(cons
 
 
 QUERY = "/mor_secure.proto.v1.SiloRewardService/Score"
+# A DP-trained model's report, as a training with real noise writes it: what the served logs' silos serve.
+PRIVATE_REPORT = PrivacyReport(dp_enabled=True, epsilon=4.0, delta=1e-5, noise_multiplier=1.1, sample_rate=0.2,
+                               steps=10, epochs=2, max_grad_norm=1.0, accountant="prv", privacy_unit="image",
+                               max_pairs_per_unit=None, noise=NOISE_OS_ENTROPY, private=True, mechanisms=())
 
 
 def served_logs(tmp_path: Path, pki, *, silo_event: Callable[[str, int], dict] | None = None,
@@ -418,7 +427,7 @@ def served_logs(tmp_path: Path, pki, *, silo_event: Callable[[str, int], dict] |
     silos = ("hospital-a", "bank-b")
     coordinator = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
     trails = {s: SiloAuditTrail(AuditLog.for_kit(tmp_path / f"{s}.db", pki.kits[s], checkpoint_every_entries=1),
-                                (ledgers or {}).get(s, ledger)) for s in silos}
+                                (ledgers or {}).get(s, ledger), served_report=PRIVATE_REPORT) for s in silos}
     for silo, trail in trails.items():
         trail.serving_started(silo=silo, policy=SiloPolicy(), policy_source="test", address="127.0.0.1:1")
     for i in range(calls):
@@ -587,3 +596,90 @@ def test_a_ledger_that_rises_between_refusals_before_any_answer_is_stated(pki, c
     assert figure(page, "budget-rise:bank-b").startswith("bank-b's ledger rose from ε 1.00 to 3.00 after it began "
                                                          "serving (")
     assert "For hospital-a: scores of a DP-trained model are post-processing" in page and "For bank-b" not in page
+
+
+TRAINED_SILO_YAML = """\
+name: hospital-a
+consortium: {consortium}
+workdir: {workdir}
+architecture: small_cnn
+public_pretraining_steps: 5
+training:
+  epochs: 2
+  batch_size: 16
+  learning_rate: 0.005
+  dp:
+    enabled: {dp}
+    target_epsilon: 4.0
+    target_delta: 1.0e-5
+    accountant: prv
+{noise}
+privacy_budget:
+  epsilon: 10.0
+  delta: 2.0e-5
+serve:
+  kit: {kit}
+  crl: {crl}
+  port: 0
+"""
+
+
+@pytest.mark.parametrize(("trainings", "private", "why"), [
+    (["dp"], True, audit_trail.POST_PROCESSING),
+    (["seeded"], False, "its DP-SGD noise was 'seeded: not private'"),
+    (["dp", "dp-off"], False, "trained without DP"),
+], ids=["dp", "seeded-noise", "dp-off-retrain"])
+def test_a_served_model_is_logged_and_reported_as_private_only_if_its_privacy_report_says_so(
+        pki, consortium_path: Path, tmp_path: Path, capsys, trainings: list[str], private: bool, why: str) -> None:
+    """Real trainings, a real silo server, its log and the coordinator's, the reviewer's page. Scores are
+    post-processing only of a private model: one trained with seeded noise, or retrained with DP off in a workdir
+    that has a ledger (served under the DP config, so its ledger stays flat while it serves), once had every call
+    logged, and the page say, "scores of a DP-trained model are post-processing"."""
+    configs = {}
+    for kind, dp, noise in (("dp", "true", ""), ("seeded", "true", "    insecure_seeded_noise: 7"),
+                            ("dp-off", "false", "")):
+        configs[kind] = tmp_path / f"{kind}.yaml"
+        configs[kind].write_text(TRAINED_SILO_YAML.format(
+            consortium=consortium_path, workdir=tmp_path / "work", dp=dp, noise=noise,
+            kit=pki.kits["hospital-a"].directory, crl=pki.crl), encoding="utf-8")
+    assert mor_main(["silo", "init", "--config", str(configs["dp"])]) == 0
+    for kind in trainings:
+        assert mor_main(["silo", "train", "--config", str(configs[kind]), "--no-progress"]) == 0
+    config = load_silo_config(configs["dp"])
+    running, trail, rounds = start_silo_server(config)
+    coordinator_log = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
+    client = NetworkSiloClient("hospital-a", f"127.0.0.1:{running.port}", pki.kits["coordinator"], retries=0,
+                               audit=coordinator_log)
+    try:
+        assert len(client.score(GOOD).scores) == 2
+    finally:
+        client.close()
+        running.stop(0)
+        trail.serving_stopped(silo="hospital-a")
+        trail.close()
+        rounds.close()
+        coordinator_log.close()
+
+    entries = [e.fields() for e in read_log(audit_log_path(config)).entries]
+    (started,) = [e for e in entries if e["event"] == "serving_started"]
+    (score,) = [e for e in entries if e.get("rpc") == QUERY]
+    assert why in started["model_privacy"]["why"] and started["model_privacy"]["private"] is private
+    assert (score["privacy"]["why"], score["privacy"]["model_private"]) == (started["model_privacy"]["why"], private)
+    if not private:
+        assert "NOT differentially private" in score["privacy"]["why"] and "post-processing" not in json.dumps(entries)
+
+    capsys.readouterr()
+    code, out = cli("report", str(tmp_path / "coordinator.db"), str(audit_log_path(config)),
+                    "--ca", str(pki.ca.directory / "ca.pem"), "--out", str(tmp_path / "audit.html"), capsys=capsys)
+    page = (tmp_path / "audit.html").read_text(encoding="utf-8")
+    assert code == 0 and figure(page, "verdict").startswith("INTACT"), out
+    claimed = "For hospital-a: scores of a DP-trained model are post-processing" in page
+    assert (claimed, "The spend was made once, when the model was trained" in page) == (private, private)
+    if private:
+        assert 'data-figure="model-not-private:' not in page
+    else:
+        warning = figure(page, "model-not-private:hospital-a")
+        assert warning.startswith("WARNING: the model hospital-a served is not shown to be differentially private: "
+                                  "its answers carry no DP guarantee") and why in warning
+        assert "the served model is NOT differentially private (" in warning
+        assert 'class="bad">WARNING' in page  # in the page's style for problems

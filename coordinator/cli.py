@@ -166,7 +166,7 @@ def _align(args: argparse.Namespace) -> int:
 
 def _evaluate_all(args: argparse.Namespace) -> int:
     from .evaluation import Evaluation, EvaluationConfig, publish
-    from .pool import client_for_model, load_pool, pool_audit_log, pool_clients, pool_fusion
+    from .pool import client_for_model, load_pool, pool_audit_log, pool_clients, pool_fusion, secure_aggregation
 
     config = load_config(args.config, EvaluationConfig) if args.config else EvaluationConfig()
     baselines = {name: client_for_model(name, path) for name, path in
@@ -175,7 +175,8 @@ def _evaluate_all(args: argparse.Namespace) -> int:
     pool = load_pool(args.pool)
     evaluation = Evaluation(load_consortium(args.consortium), pool_clients(pool), args.reference, out, config,
                             baselines=baselines, feature_cache=args.feature_cache, progress=not args.no_progress,
-                            fusion=pool_fusion(pool), audit=pool_audit_log(pool))
+                            fusion=pool_fusion(pool), audit=pool_audit_log(pool),
+                            secure_aggregation=secure_aggregation(pool))
     markdown = publish(evaluation, evaluation.run_all(), json_path=args.results_json or out / "mor_vs_baselines.json",
                        markdown_path=args.results_md or out / "results.md", plots_prefix=args.plots or out / "training")
     print(markdown)

@@ -40,6 +40,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,42 @@ class EvaluationConfig(StrictModel):
         return GRPOSettings(output_dir=output_dir, seed=seed, **self.grpo)
 
 
+def weightings_of_test_pairs(methods: Sequence[str], config: EvaluationConfig, spec: ConsortiumSpec,
+                         silos: Sequence[str]) -> dict[str, int]:
+    """Per question kind, how many weightings of the silos the evaluation fuses its test pairs under.
+
+    `mor` one per seed (each seed's router), `uniform` one; the leave-one-silo-out experiment one more per
+    held-out router on that kind's pairs, and the first seed's full router if `mor` is not run. The other methods
+    fuse nothing (`single:` asks one silo in the clear, baselines are the coordinator's own models).
+    """
+    fused = len(config.seeds) * ("mor" in methods) + ("uniform" in methods)
+    counts = dict.fromkeys(QUESTION_KINDS, fused)
+    if config.leave_one_silo_out:
+        held_out = Counter(kind for silo in spec.silos if silo.name in silos for kind in silo.reliable_kinds)
+        for kind, routers in held_out.items():
+            counts[kind] += routers + ("mor" not in methods)
+    return counts
+
+
+def refuse_revealing_comparison(methods: Sequence[str], config: EvaluationConfig, spec: ConsortiumSpec,
+                                silos: Sequence[str]) -> None:
+    """On a secure pool: ValueError, before anything runs, for a comparison the pool would refuse mid-run.
+
+    As many generic weightings of a row as there are silos solve for every silo's score on it, so the pool's
+    record of decrypted rows (coordinator/decrypted_rows.py) refuses the sum that completes them; on the test
+    pairs, which every method scores, that would come hours into the evaluation.
+    """
+    counts = weightings_of_test_pairs(methods, config, spec, silos)
+    revealing = {kind: n for kind, n in counts.items() if n >= len(silos)}
+    if revealing:
+        raise ValueError(
+            f"on a secure pool this evaluation would fuse its test pairs under {max(revealing.values())} weightings "
+            f"of {len(silos)} silos (kinds {', '.join(sorted(revealing))}: mor once per seed, uniform, the "
+            "leave-one-silo-out routers), enough to solve for every silo's score on them, so the pool would refuse "
+            "it partway: run fewer seeds or methods (or leave_one_silo_out: false), or the comparison on a pool "
+            "with aggregation: clear (benchmark data only)")
+
+
 def available_methods(silos: Sequence[str], baselines: Sequence[str]) -> list[str]:
     """Every method the given silos and baseline models make possible, in report order."""
     return (["reference", "mor", "uniform"] + [f"single:{s}" for s in silos]
@@ -208,7 +245,10 @@ class Evaluation:
     def __init__(self, spec: ConsortiumSpec, clients: Sequence[SiloClient], reference_dir: str | Path,
                  out_dir: str | Path, config: EvaluationConfig, *, baselines: dict[str, SiloClient] | None = None,
                  feature_cache: str | Path | None = None, progress: bool = True,
-                 fusion: Callable[..., Fusion] = ClearFusion, audit: AuditSink | None = None) -> None:
+                 fusion: Callable[..., Fusion] = ClearFusion, audit: AuditSink | None = None,
+                 secure_aggregation: bool = False) -> None:
+        """`secure_aggregation`: `fusion` sums securely (the pool's `secure_aggregation`), so a comparison that
+        would fuse the test pairs under as many weightings as there are silos is refused here, before it runs."""
         self.spec, self.config, self.progress, self.fusion = spec, config, progress, fusion
         self.audit = audit  # the coordinator's log: calibration rounds are entries (fusion records GRPO's)
         self.clients = list(clients)
@@ -225,6 +265,8 @@ class Evaluation:
         if missing:
             raise ValueError(f"method(s) {missing} cannot run with these inputs; possible: {possible} "
                              "(fedavg_rm / centralized_rm need their reward models)")
+        if secure_aggregation:
+            refuse_revealing_comparison(self.methods, config, spec, [c.name for c in self.clients])
         splits = make_splits(spec)
         self.calibration_records = list(splits.calibration)
         self.prompts = grpo_prompts(splits.calibration, config.prompts_per_kind)

@@ -33,7 +33,7 @@ from coordinator.answer_eval import evaluate_answers
 from coordinator.cli import vlm_corpus
 from coordinator.audit_trail import close_coordinator_logs, coordinator_log
 from coordinator.evaluation import Evaluation, EvaluationConfig
-from coordinator.pool import load_pool, pool_audit_log, pool_clients, pool_fusion
+from coordinator.pool import load_pool, pool_audit_log, pool_clients, pool_fusion, secure_aggregation
 from coordinator.reference import train_reference
 from coordinator.results_report import results_markdown, summarise
 from coordinator.router import save_router
@@ -149,7 +149,7 @@ def evaluation_for(workdir: Path, consortium_path: Path, config_name: str, *, pr
     return Evaluation(load_consortium(consortium_path), pool_clients(pool), workdir / "vlm" / "reference",
                       workdir / "evaluation" / Path(config_name).stem, config, baselines=baselines,
                       feature_cache=workdir / "router_cache", progress=progress, fusion=pool_fusion(pool),
-                      audit=pool_audit_log(pool))
+                      audit=pool_audit_log(pool), secure_aggregation=secure_aggregation(pool))
 
 
 def audit_demo(workdir: Path) -> bool:

@@ -364,3 +364,30 @@ def test_the_grpo_step_bar_follows_the_evaluations_progress_setting(consortium, 
     with pytest.raises(StopHere):
         evaluation.run("oracle", 0)
     assert shown == [progress]
+
+
+def test_a_comparison_a_secure_pool_would_refuse_partway_is_refused_before_it_runs(consortium, tmp_path: Path) -> None:
+    """As many weightings of the test pairs as there are silos solve for every silo's score on them, and the
+    pool's record refuses the sum that completes them (coordinator/decrypted_rows.py): hours into the run."""
+    from coordinator.evaluation import Evaluation, weightings_of_test_pairs
+    from silo_agent.in_process import InProcessSiloClient
+    from silo_agent.service import SiloService
+    from silo_fakes import RightAnswerModel
+
+    spec, _ = consortium
+    silos = [s.name for s in spec.silos]
+    clients = [InProcessSiloClient(SiloService(name, RightAnswerModel())) for name in silos]
+    demo = EvaluationConfig(seeds=[0], methods=["reference", "mor", "uniform"], leave_one_silo_out=False)
+    assert set(weightings_of_test_pairs(demo.methods, demo, spec, silos).values()) == {2}
+    table = EvaluationConfig(seeds=[0, 1, 2], methods=["reference", "mor", "uniform"], leave_one_silo_out=False)
+    reliable = {kind for silo in spec.silos for kind in silo.reliable_kinds}
+    held_out = EvaluationConfig(seeds=[0], methods=["reference", "mor", "uniform"])  # the leave-one-silo-out too
+    assert {k: n for k, n in weightings_of_test_pairs(held_out.methods, held_out, spec, silos).items()
+            if k in reliable} == dict.fromkeys(reliable, 3)
+    for config in (table, held_out):
+        with pytest.raises(ValueError, match=f"test pairs under [34] weightings of {len(silos)} silos"):
+            Evaluation(spec, clients, tmp_path / "reference", tmp_path / "out", config, progress=False,
+                       secure_aggregation=True)
+    # The demo's comparison is allowed; in the clear, any is.
+    Evaluation(spec, clients, tmp_path / "reference", tmp_path / "out", demo, progress=False, secure_aggregation=True)
+    Evaluation(spec, clients, tmp_path / "reference", tmp_path / "out", table, progress=False)

@@ -44,6 +44,8 @@ import numpy as np
 
 from mor_secure.secagg.fixed_point import SCALE
 
+from .silo_requests import image_blob
+
 # Weights of one row closer than this (each, per silo) are the same weighting: the silos encode each term w_k r_k
 # at a resolution of 1/SCALE (2^-20), so a smaller change of w moves the sum by less than its own rounding.
 SAME_WEIGHTS = 1.0 / SCALE
@@ -89,14 +91,9 @@ class DecryptedRows:
     def row_keys(objective: str, images: Sequence[str | Path], prompts: Sequence[str],
                  responses: Sequence[str]) -> list[str]:
         """Each row's key: the same image bytes, prompt, response and objective are the same row to a silo."""
-        digests: dict[str, str] = {}
-        keys = []
-        for image, prompt, response in zip(images, prompts, responses, strict=True):
-            if str(image) not in digests:
-                digests[str(image)] = hashlib.sha256(Path(image).read_bytes()).hexdigest()
-            fields = (objective, digests[str(image)], prompt, response)
-            keys.append(hashlib.sha256("\0".join(fields).encode("utf-8", "surrogatepass")).hexdigest())
-        return keys
+        return [hashlib.sha256("\0".join((objective, image_blob(image).sha256, prompt, response))
+                               .encode("utf-8", "surrogatepass")).hexdigest()
+                for image, prompt, response in zip(images, prompts, responses, strict=True)]
 
     def known(self, rows: Sequence[str], weights: Sequence[Mapping[str, float]]) -> list[float | None]:
         """Per row, the fused reward formed before under the same requested weights (`SAME_WEIGHTS`), or None."""
@@ -130,9 +127,9 @@ class DecryptedRows:
                 raise RevealingSumError(
                     f"row {index} of this round was decrypted before under {len(earlier)} other weighting(s); one "
                     f"more sum of it would determine the score of silo {silo!r} on it, so it is not decrypted. A "
-                    "secure pool fuses each row under few enough weightings that no silo's score can be solved for: compare "
-                    "several methods, seeds or held-out routers on the same rows over a pool with aggregation: clear "
-                    "(benchmark data only), or on other rows")
+                    "secure pool fuses each row under few enough weightings that no silo's score can be solved for: "
+                    "compare several methods, seeds or held-out routers on the same rows over a pool with "
+                    "aggregation: clear (benchmark data only), or on other rows")
 
     def add(self, rows: Sequence[str], requested: Sequence[Mapping[str, float]],
             vectors: Sequence[Mapping[str, float]], fused: Sequence[float]) -> None:

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography import x509
@@ -195,14 +195,14 @@ def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], Pol
         if ledger:
             state = tuple(_number(ledger[key]) for key in ("epsilon_spent", "epsilon_budget", "delta_spent",
                                                            "delta_budget"))
+            state += (shape.count(ledger.get("charges")), shape.count(ledger.get("open_reservations")))
         # Everything read: only now does the entry count (never half of one).
         queries.extend([query] if query else [])
         policies.extend([policy] if policy else [])
         starts.extend([when] if policy else [])
         models.extend([model] if model else [])
         if state is not None and state != last_budget:  # the ledger changes only with training: one point each
-            budgets.append(BudgetPoint(silo=name, time=when, epsilon_spent=state[0], epsilon_budget=state[1],
-                                       delta_spent=state[2], delta_budget=state[3]))
+            budgets.append(BudgetPoint(name, when, *state))
             last_budget = state
         times.append(when)
 
@@ -213,9 +213,7 @@ def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], Pol
         final = budgets[-1]
         end = times[-1]
         if end > final.time:  # carry the last known state to the end of the log, for the plot
-            budgets.append(BudgetPoint(silo=name, time=end, epsilon_spent=final.epsilon_spent,
-                                       epsilon_budget=final.epsilon_budget, delta_spent=final.delta_spent,
-                                       delta_budget=final.delta_budget))
+            budgets.append(replace(final, time=end))
     return queries, budgets, policy, started, models, shape
 
 

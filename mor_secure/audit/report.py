@@ -23,7 +23,7 @@ import matplotlib
 from matplotlib.lines import Line2D
 
 from .report_plots import PALETTE, PLOT_STYLE, inline_svg, new_figure, plot_dates, plot_label, time_axis
-from .report_view import ReportView, ServedModel, plural, silo_name, utc_text
+from .report_view import BudgetPoint, ReportView, ServedModel, plural, silo_name, utc_text
 
 # Bucket widths for the queries-over-time plot (seconds); the first giving at most ~30 buckets wins, and beyond a
 # week a whole number of weeks does, so a log spanning centuries still plots ~30 buckets (not one per week).
@@ -103,11 +103,25 @@ def _listed(items) -> str:
 def _rise(silo: str, served: float, changed: list) -> str:
     """What a ledger that changed after the silo began serving did, and when."""
     before, after = changed[0][0], changed[-1][1]
-    how = "rose" if after.epsilon_spent > before.epsilon_spent else "changed"
+    how = ("rose" if after.epsilon_spent > before.epsilon_spent else
+           "went down" if after.epsilon_spent < before.epsilon_spent else "changed")
     return (f"{silo}'s ledger {how} from ε {_num(before.epsilon_spent)} to {_num(after.epsilon_spent)} after it "
             f"began serving ({_utc(served)}): at {', '.join(_utc(b.time) for _, b in changed)}. Scores of a "
-            "DP-trained model spend no budget, so the silo was charged for something else while it served (a "
-            "training: nothing else charges a ledger); its ledger's charges say what.")
+            "DP-trained model spend no budget, so the ledger changed for something else while the silo served: a "
+            "training (nothing else charges a ledger; a run is charged all it reserved until it settles for what "
+            "it spent); its ledger's charges say what.")
+
+
+def _fall(silo: str, mine: list[BudgetPoint], falls: list) -> str:
+    """The warning for a ledger that went down in a way no ledger does (`BudgetPoint.fell_unexplained`)."""
+    steps = "; ".join(f"at {_utc(b.time)} from ε {_num(a.epsilon_spent)} over {a.charges} charges "
+                      f"({a.open_reservations} open) to ε {_num(b.epsilon_spent)} over {b.charges} "
+                      f"({b.open_reservations} open)" for a, b in falls)
+    return (f"WARNING: {silo}'s ledger went down in a way a ledger cannot: {steps}. A ledger never loses a "
+            "charge, and its spent total falls only when a run settles for less than it reserved, which closes "
+            "one of its open reservations; that did not happen here. Charges were removed from the ledger or it "
+            f"was replaced, so what it shows may be less than {silo} spent: the most this log shows it spent is "
+            f"ε {_num(max(b.epsilon_spent for b in mine))}.")
 
 
 def _not_private(silo: str, models: list[ServedModel]) -> str:
@@ -222,7 +236,8 @@ class _Page:
     def budgets(self) -> str:
         how = ("The differential-privacy budget each silo's ledger records as spent (solid line) against its "
                "lifetime limit (dashed line); the solid line must never cross the dashed one. A silo whose served "
-               "model is not differentially private, as its serving start says, is warned of in red.")
+               "model is not differentially private, as its serving start says, is warned of in red, and so is a "
+               "ledger that went down in a way no ledger does (a charge gone, or a fall with no reservation settled).")
         pts = sorted(self.v.budgets, key=lambda b: b.time)
         # Whatever its ledger shows: a silo without a ledger (DP off) may serve such a model too.
         warnings = "".join(f"<p>{_fig('model-not-private', silo, _not_private(silo, unsafe), 'bad')}</p>"
@@ -250,6 +265,8 @@ class _Page:
             time_axis(ax, maxticks=4)
             # "Spends nothing while serving" holds only if no ledger change falls after serving began (a refusal
             # is serving too: a rise before the first admitted query is still a rise while it served).
+            if falls := [(a, b) for a, b in zip(mine, mine[1:]) if b.fell_unexplained(a)]:
+                warnings += f"<p>{_fig('budget-fall', silo, _fall(silo, mine, falls), 'bad')}</p>"
             served = self.v.serving_since(silo)
             if served is not None:
                 if changed := [(a, b) for a, b in zip(mine, mine[1:]) if b.time > served and

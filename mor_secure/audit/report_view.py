@@ -110,6 +110,14 @@ class BudgetPoint:
     epsilon_budget: float
     delta_spent: float
     delta_budget: float
+    charges: int = 0  # the ledger's reservations, settled or not (0 where the log does not say)
+    open_reservations: int = 0  # of them, those not settled yet
+
+    def fell_unexplained(self, before: "BudgetPoint") -> bool:
+        """Whether the ledger went from `before` to this in a way no ledger can: a charge removed, or its spent
+        total lower with no reservation settled (settling for less than was reserved is a ledger's only fall)."""
+        fell = self.epsilon_spent < before.epsilon_spent or self.delta_spent < before.delta_spent
+        return self.charges < before.charges or (fell and self.open_reservations >= before.open_reservations)
 
 
 @dataclass(frozen=True)

@@ -598,6 +598,43 @@ def test_a_ledger_that_rises_between_refusals_before_any_answer_is_stated(pki, c
     assert "For hospital-a: scores of a DP-trained model are post-processing" in page and "For bank-b" not in page
 
 
+def ledger_states(*states: tuple[float, int, int]) -> Callable[[], LedgerSummary]:
+    """bank-b's ledger read by read, (epsilon spent, charges, open reservations), the last one repeated."""
+    reads = iter(states)
+
+    def read() -> LedgerSummary:
+        spent, charges, open_reservations = next(reads, states[-1])
+        return LedgerSummary(epsilon_budget=8.0, delta_budget=1e-5, epsilon_spent=spent, delta_spent=1e-6,
+                             charges=charges, open_reservations=open_reservations, head_digest="00" * 32)
+    return read
+
+
+@pytest.mark.parametrize(("states", "fall"), [
+    # A training reserves 4 while bank-b serves and settles for 2: the only way a ledger's total falls.
+    (((1.0, 1, 0), (1.0, 1, 0), (5.0, 2, 1), (3.0, 2, 0)), None),
+    # The newest charge removed from the ledger file (or the ledger replaced by an older copy).
+    (((5.0, 2, 0), (5.0, 2, 0), (1.0, 1, 0)), "from ε 5.00 over 2 charges (0 open) to ε 1.00 over 1 (0 open)"),
+    # The total cut with every charge still there and nothing settled: a recomputed chain.
+    (((5.0, 2, 1), (5.0, 2, 1), (1.0, 2, 1)), "from ε 5.00 over 2 charges (1 open) to ε 1.00 over 2 (1 open)"),
+], ids=["settled-for-less", "charge-removed", "total-cut"])
+def test_a_ledger_that_goes_down_is_warned_of_unless_a_run_settled_for_less(pki, capsys, tmp_path: Path,
+                                                                            monkeypatch, states, fall) -> None:
+    monkeypatch.setattr(audit_trail, "LEDGER_REFRESH_SECONDS", 0.0)
+    logs = served_logs(tmp_path, pki, ledgers={"bank-b": ledger_states(*states)}, calls=4)
+    code, _, page = report(logs, "hospital-a", "bank-b", capsys=capsys, tmp_path=tmp_path)
+    how = "rose from ε 1.00 to 3.00" if fall is None else "went down from ε 5.00 to 1.00"
+    assert figure(page, "budget-rise:bank-b").startswith(f"bank-b's ledger {how} after it began serving (")
+    assert "For bank-b" not in page and 'data-figure="budget-fall:hospital-a"' not in page
+    if fall is None:
+        assert 'data-figure="budget-fall:' not in page
+    else:
+        warning = figure(page, "budget-fall:bank-b")
+        assert warning.startswith("WARNING: bank-b's ledger went down in a way a ledger cannot: at ")
+        assert fall in warning
+        assert warning.endswith("the most this log shows it spent is ε 5.00.")
+    assert code == 0 and figure(page, "verdict").startswith("INTACT")  # a finding about privacy, not the record
+
+
 TRAINED_SILO_YAML = """\
 name: hospital-a
 consortium: {consortium}

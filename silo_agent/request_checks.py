@@ -67,6 +67,11 @@ def check_count(label: str, count: int, limit: int) -> None:
     """At least one, at most `limit`."""
     if count == 0:
         raise invalid(f"{label} is empty: send at least one")
+    check_at_most(label, count, limit)
+
+
+def check_at_most(label: str, count: int, limit: int) -> None:
+    """At most `limit` (INVALID_ARGUMENT)."""
     if count > limit:
         raise invalid(f"{count} {label} in one request; this silo's policy allows at most {limit} "
                       "(split the request)")

@@ -43,7 +43,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from mor_secure.pki.identity import PartyIdentity, Role
+from mor_secure.pki.identity import Role
 from mor_secure.pki.kits import CertKit, identity_of
 from mor_secure.secagg import aggregation, masks
 from mor_secure.secagg.agreement import AgreementKeyError, SignedAgreementKey, verified_agreement_key
@@ -261,7 +261,7 @@ class SecureRounds:
             except (ValueError, TypeError, InvalidSignature):
                 raise SiloError(ErrorCode.PERMISSION_DENIED, f"participant {participant.name!r} has no certificate "
                                 "issued by this consortium's CA") from None
-            if identity != PartyIdentity(Role.SILO, participant.name):
+            if (identity.role, identity.name) != (Role.SILO, participant.name):  # any name, even no party's
                 raise SiloError(ErrorCode.PERMISSION_DENIED, f"participant {participant.name!r} came with the "
                                 f"certificate of {identity}")
             self._check_current(participant.name, certificate)

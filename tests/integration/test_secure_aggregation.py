@@ -407,6 +407,18 @@ def test_a_refusal_quoting_long_participant_names_is_answered_with_its_own_statu
     assert len(silos[0].secure_score(good).ciphertexts) == 1  # and it still serves
 
 
+@pytest.mark.parametrize("name", ["Bank-B", "", "bank b"])
+def test_a_participant_named_as_no_party_can_be_is_refused_not_failed(silos, kits, name: str) -> None:
+    """bank-b's certificate and signed key under a name no party can have: it was a ValueError in the silo, answered
+    INTERNAL and logged as a bug of the silo's."""
+    good = request(silos, f"misnamed-{name}")
+    misnamed = replace(good.participants[1], name=name)
+    refused(lambda: silos[0].secure_score(replace(good, participants=(good.participants[0], misnamed,
+                                                                     good.participants[2]))),
+            ErrorCode.PERMISSION_DENIED, f"participant {name!r} came with the certificate of mor://silo/bank-b")
+    assert len(silos[0].secure_score(good).ciphertexts) == 1  # and it still serves
+
+
 def test_a_round_below_the_minimum_a_weight_over_the_cap_and_a_swapped_key_are_refused(silos, kits) -> None:
     alone = replace(request(silos, "r1"), participants=request(silos, "r1").participants[:1])
     refused(lambda: silos[0].secure_score(alone), ErrorCode.FAILED_PRECONDITION, "needs at least 2 participants")

@@ -384,6 +384,39 @@ def test_every_rpc_refuses_a_request_over_max_request_bytes_before_parsing_it(co
         audit.close()
 
 
+def test_a_request_of_more_rows_than_the_policy_allows_is_refused_before_a_row_is_converted(
+        consortium_pki, tmp_path: Path, monkeypatch) -> None:
+    """4 MB of empty rows is 2 million of them, within max_request_bytes: serde built a dataclass for each (8 MiB:
+    13 s and 750 MB) before the service's own count check refused them."""
+    ca, _, kits = consortium_pki
+    converted = Counter()
+    for name in ("score_request_from_proto", "bits_request_from_proto", "secure_score_request_from_proto"):
+        monkeypatch.setattr(serde, name, lambda *a, _name=name, _real=getattr(serde, name): (
+            converted.update([_name]), _real(*a))[1])
+    running, audit = start(ca, kits["silo"], tmp_path)
+    rows = b"\x1a\x00" * 2_000_000  # field 3 (rows of a ScoreRequest, pairs of a BitsRequest), empty, 2M times
+    score = b"\x22\x07correct" + rows
+    requests = {"Score": (score, "rows"), "CorrectnessBits": (b"\x2a\x07correct" + rows, "pairs"),
+                "SecureScore": (b"\x0a" + _varint(len(score)) + score, "rows")}
+    try:
+        with grpc.secure_channel(f"127.0.0.1:{running.port}", _credentials(kits["coordinator"])) as channel:
+            for rpc, (raw, label) in requests.items():
+                call = channel.unary_unary(f"/{SERVICE_NAME}/{rpc}", request_serializer=lambda raw: raw,
+                                           response_deserializer=lambda raw: raw)
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(raw, timeout=60)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, rpc
+                assert refused.value.details().startswith(f"2000000 {label} in one request; this silo's policy "
+                                                          "allows at most 1024"), rpc
+                assert logged(audit)[-1]["status"] == "INVALID_ARGUMENT"
+        assert not converted, converted
+        still_serves(running.port, kits)
+        assert converted["score_request_from_proto"] == 1  # the wrapper sees what the silo converts
+    finally:
+        running.stop(0)
+        audit.close()
+
+
 def test_a_request_without_weights_is_refused_when_the_policy_caps_the_weight(consortium_pki, tmp_path: Path) -> None:
     """No weights means weight 1 on every row: under max_weight 0.5 that is above the cap, as an explicit 1 is."""
     ca, _, kits = consortium_pki

@@ -193,16 +193,16 @@ def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], Pol
                                    text=str(fields.get("policy_text")))
             model = _served_model(name, when, fields.get("model_privacy"))
         if ledger:
-            state = tuple(_number(ledger[key]) for key in ("epsilon_spent", "epsilon_budget", "delta_spent",
-                                                           "delta_budget"))
-            state += (shape.count(ledger.get("charges")), shape.count(ledger.get("open_reservations")))
+            state = {key: _number(ledger[key]) for key in ("epsilon_spent", "epsilon_budget", "delta_spent",
+                                                           "delta_budget")}
+            state |= {key: shape.count(ledger.get(key)) for key in ("charges", "open_reservations")}
         # Everything read: only now does the entry count (never half of one).
         queries.extend([query] if query else [])
         policies.extend([policy] if policy else [])
         starts.extend([when] if policy else [])
         models.extend([model] if model else [])
         if state is not None and state != last_budget:  # the ledger changes only with training: one point each
-            budgets.append(BudgetPoint(name, when, *state))
+            budgets.append(BudgetPoint(silo=name, time=when, **state))
             last_budget = state
         times.append(when)
 

@@ -75,7 +75,8 @@ class SiloConfig(StrictModel):
         "this may not be, hold or lie within.")
     validation_fraction: float = Field(
         0.1, gt=0, lt=0.5, description="Share of the silo's privacy units held back (never trained on) for the "
-        "local held-out accuracy in local_diagnostics.json. Scores are standardised on public calibration "
+        "local held-out accuracy in local_diagnostics.json; each unit is drawn on its own id, so a silo of few units "
+        "may hold none back (then there is no held-out accuracy). Scores are standardised on public calibration "
         "pairs instead, so nothing fitted on private data is served.")
     public_pretraining_steps: int = Field(
         800, gt=0, description="small_cnn only: steps of public (non-private) trunk pre-training on the SFT split.")

@@ -190,7 +190,8 @@ def units_are(config: SiloConfig) -> UnitKind:
 def split_silo_pairs(config: SiloConfig, spec: ConsortiumSpec,
                      splits: ConsortiumSplits) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """(train, held-out) pairs of the silo, split by privacy unit: about `validation_fraction` of the units,
-    each chosen on its own id (`held_out_units`), held back for the local held-out accuracy."""
+    each chosen on its own id (`held_out_units`), held back for the local held-out accuracy (none, at times,
+    of a few units)."""
     pairs = list(silo_pairs(config, spec, splits))
     held_out = held_out_units((privacy_unit_of(p) for p in pairs), fraction=config.validation_fraction,
                               salt=f"{silo_seed(spec.seed, config.name)}/held-out")
@@ -248,6 +249,10 @@ def _train_silo(config: SiloConfig, ledger: PrivacyLedger | None, *, progress: b
         train, held_out = split_silo_pairs(config, spec, splits)
         logger.info("silo %s: %d training pairs, %d held-out pairs, from %s", config.name, len(train), len(held_out),
                     config.data.pairs if config.data is not None else "its easy-VQA partition")
+        if not held_out:
+            logger.warning("silo %s: none of its privacy units fell in the held-out share (validation_fraction "
+                           "%s), so local_diagnostics.json has no held-out accuracy; with this few units, a larger "
+                           "validation_fraction holds some back", config.name, config.validation_fraction)
         model = build_reward_model(config)
         if isinstance(model, SmallCNNRewardModel):
             # Public data only (the coordinator's published SFT split): no privacy cost.
@@ -287,6 +292,6 @@ def _train_silo(config: SiloConfig, ledger: PrivacyLedger | None, *, progress: b
         **result.diagnostics.to_dict(),
         "train_pairs": len(train),
         "held_out_pairs": len(held_out),
-        "held_out_pairwise_accuracy": model.pairwise_accuracy(held_out),
+        "held_out_pairwise_accuracy": model.pairwise_accuracy(held_out) if held_out else None,
     }, indent=2), encoding="utf-8")
     return SiloTrainingOutcome(model, result.report, model_dir, report_path, diagnostics_path)

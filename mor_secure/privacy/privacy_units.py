@@ -76,18 +76,17 @@ def held_out_units(units: Iterable[str], *, fraction: float, salt: str) -> froze
     DP-SGD's guarantee holds between training sets one unit apart, so the
     split must keep datasets one unit apart that close: a unit's side depends
     on `salt` and its id alone (a seeded shuffle of all units would move many
-    units when one is added). If no unit falls under the threshold, the one
-    with the lowest hash is held out, so there is always one; that keeps the
-    training sets of neighbouring datasets one unit apart too (adding a unit
-    either holds it out instead, or trains it).
+    units when one is added). So few units may hold none out. There is no
+    fallback (until 2026-12-07 the lowest hash was held out when none fell
+    under the threshold): under `dp.privacy_unit: pair`, removing the one pair
+    of that unit moved the next-lowest unit, all its pairs, out of training,
+    so datasets one pair apart trained on sets several pairs apart.
     """
     if not 0 < fraction < 1:
         raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction!r}")
-    keys = {unit: int.from_bytes(hashlib.sha256(f"{salt}/{unit}".encode()).digest()[:8], "big") for unit in units}
-    if not keys:
-        raise ValueError("no units to split")
     threshold = fraction * 2**64
-    return frozenset(unit for unit, key in keys.items() if key < threshold) or frozenset({min(keys, key=keys.get)})
+    return frozenset(unit for unit in units
+                     if int.from_bytes(hashlib.sha256(f"{salt}/{unit}".encode()).digest()[:8], "big") < threshold)
 
 
 def unit_dataset(pairs: Dataset, grouping: UnitGrouping) -> TensorDataset:

@@ -97,6 +97,24 @@ def test_a_silo_trains_on_its_own_file_with_the_patient_as_the_privacy_unit(own_
     assert (workdir / MODEL_DIR / "reward_model.json").is_file()
 
 
+def test_a_silo_of_too_few_units_to_hold_one_back_trains_and_says_it_has_no_held_out_accuracy(
+        own_data: Path, capsys, caplog) -> None:
+    """Each patient is held back on its own id (no fallback unit: it broke pair-level neighbours); at a share of
+    0.001 none of the 15 is, and the diagnostics said NaN, which is not JSON."""
+    config = own_data / "few-units.yaml"
+    config.write_text(OWN_DATA_YAML.format(workdir="work/few-units", pairs="pairs.jsonl").replace(
+        "public_pretraining_steps: 5\n", "public_pretraining_steps: 5\nvalidation_fraction: 0.001\n"),
+        encoding="utf-8")
+    assert main(["silo", "init", "--config", str(config)]) == 0
+    with caplog.at_level("WARNING", logger="silo_agent.training"):
+        assert main(["silo", "train", "--config", str(config), "--no-progress"]) == 0, capsys.readouterr().err
+    diagnostics = json.loads((own_data / "work" / "few-units" / DIAGNOSTICS_FILE).read_text(),
+                             parse_constant=lambda name: pytest.fail(f"{name} in the diagnostics"))
+    assert diagnostics["held_out_pairs"] == 0 and diagnostics["held_out_pairwise_accuracy"] is None
+    assert diagnostics["train_pairs"] == PATIENTS * IMAGES_PER_PATIENT * PAIRS_PER_IMAGE
+    assert any("no held-out accuracy" in record.getMessage() for record in caplog.records)
+
+
 def test_pair_level_training_takes_rows_without_a_unit_id_that_a_per_patient_one_refuses(own_data: Path,
                                                                                         consortium) -> None:
     rows = [json.loads(line) for line in (own_data / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -1,6 +1,6 @@
 """`mor audit ...`: the compliance reviewer's three commands.
 
-    mor audit verify LOG --cert CERT                 is this log whole and are its checkpoints the party's?
+    mor audit verify LOG --cert CERT | --ca CA       is this log whole and are its checkpoints the party's?
     mor audit reconcile COORDINATOR_LOG SILO_LOG... --ca CA
                                                      does what the coordinator asked match what each silo answered?
     mor audit report COORDINATOR_LOG SILO_LOG... --ca CA --out report.html
@@ -19,17 +19,21 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from contextlib import suppress
 from pathlib import Path
 
 from cryptography import x509
 
 from mor_secure.audit import read_log
 from mor_secure.audit.evidence import check_logs, report_view
-from mor_secure.audit.reconcile import check_parties, reconcile, unlogged_silos
+from mor_secure.audit.checkpoints import key_id
+from mor_secure.audit.reconcile import check_parties, reconcile, trusted_certificates, unlogged_silos
+from mor_secure.audit.store import StoredLog
 from mor_secure.audit.report import write_report
 from mor_secure.audit.report_view import utc_text
 from mor_secure.audit.verify import Verification, verify_log
 from mor_secure.cli_errors import run_command
+from mor_secure.pki import identity_of
 
 PROG = "mor audit"
 
@@ -67,9 +71,36 @@ def describe_verification(path: Path, result: Verification) -> list[str]:
 
 def _verify(args: argparse.Namespace) -> int:
     log = read_log(args.log)
-    result = verify_log(log, [_certificate(c) for c in args.cert])
-    print("\n".join(describe_verification(Path(args.log), result)))
+    if args.ca is not None:
+        # Every certificate the CA issued to this party that the log keeps: a renewed kit's old ones too.
+        certificates = trusted_certificates(log, _certificate(args.ca))
+        print(f"{args.log}: checkpoints checked against the {len(certificates)} certificate(s) of {log.party} "
+              f"that the log holds and {args.ca} issued (serials {', '.join(_serials(certificates)) or 'none'})")
+    else:
+        certificates = [_certificate(c) for c in args.cert]
+    result = verify_log(log, certificates)
+    lines = describe_verification(Path(args.log), result)
+    if not result.ok and args.ca is None and (others := _other_certificates(log, certificates)):
+        lines.append(f"  The log also holds {len(others)} other certificate(s) naming {log.party} (serials "
+                     f"{', '.join(_serials(others))}), as after a renewal: verify with --ca CA (the consortium's "
+                     "ca.pem) to check each checkpoint against every certificate the CA issued to this party")
+    print("\n".join(lines))
     return 0 if result.ok else 1
+
+
+def _serials(certificates: Sequence[x509.Certificate]) -> list[str]:
+    return [f"{c.serial_number:x}" for c in certificates]  # hex, as `mor pki list` shows them
+
+
+def _other_certificates(log: StoredLog, given: Sequence[x509.Certificate]) -> list[x509.Certificate]:
+    """The log's certificates naming its party whose key none of `given` holds (unchecked: a hint, not evidence)."""
+    keys = {key_id(c.public_key()) for c in given}
+    others = []
+    for certificate in log.certificates:
+        with suppress(ValueError):  # names no party
+            if identity_of(certificate).uri == log.party and key_id(certificate.public_key()) not in keys:
+                others.append(certificate)
+    return others
 
 
 def _reconcile(args: argparse.Namespace) -> int:
@@ -124,8 +155,12 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     verify = commands.add_parser("verify", help="check one log: entries, Merkle tree, checkpoint signatures")
     verify.add_argument("log", help="the party's audit log (an SQLite file)")
-    verify.add_argument("--cert", required=True, action="append",
+    signer = verify.add_mutually_exclusive_group(required=True)
+    signer.add_argument("--cert", action="append",
                         help="the party's certificate (its kit's party.pem); repeat for a renewed kit's old one")
+    signer.add_argument("--ca", help="the consortium CA certificate (any kit's ca.pem): check the checkpoints "
+                        "against every certificate it issued to the log's party that the log holds (a renewed "
+                        "kit's old ones too)")
     rec = commands.add_parser("reconcile", help="match the coordinator's log against each silo's, query by query")
     rec.add_argument("coordinator_log")
     rec.add_argument("silo_logs", nargs="+")

@@ -28,9 +28,11 @@ from coordinator.network_client import NetworkSiloClient
 from mor_cli.audit_cli import main as audit_main
 from mor_cli.main import main as mor_main
 from mor_secure.audit import AuditLog, read_log
+from mor_secure.audit import checkpoints
 from mor_secure.audit.checkpoints import CheckpointSigner, canonical_json
 from mor_secure.audit.merkle import MerkleTree, leaf_hash
 from mor_secure.models.reward_model import Standardisation
+from mor_secure.pki import CertificateAuthority, CertKit
 from mor_secure.policy import SiloAdmission, SiloPolicy
 from mor_secure.privacy import PrivacyReport
 from mor_secure.privacy.training_config import NOISE_OS_ENTROPY
@@ -142,6 +144,37 @@ def test_every_call_is_on_both_records_and_they_reconcile(consortium_run, pki, c
 def test_verify_with_the_wrong_certificate_fails_naming_the_checkpoints(consortium_run, pki, capsys) -> None:
     code, out = cli("verify", str(consortium_run["silo"]), "--cert", str(pki.kits["bank-b"].cert_path), capsys=capsys)
     assert code == 1 and "FAILED" in out and "which none of the given certificates holds" in out
+
+
+def test_a_log_signed_across_a_renewal_verifies_against_the_ca_not_the_new_certificate_alone(
+        pki, tmp_path: Path, monkeypatch, capsys) -> None:
+    """The kit keeps no old certificate, so `--cert kit/party.pem` after a renewal failed on every checkpoint
+    before it (17 problems in the review's probe) with nothing saying why or what to do."""
+    monkeypatch.setattr(checkpoints, "KIT_CHECK_SECONDS", 0.0)  # the renewed kit is picked up at the next entry
+    kit_dir, identity = tmp_path / "kit", pki.kits["hospital-a"].identity()
+    old_serial = pki.ca.issue(identity, kit_dir).certificate().serial_number
+    log = AuditLog.for_kit(tmp_path / "silo.db", CertKit.load(kit_dir), checkpoint_every_entries=1)
+    try:
+        log.record({"event": "call"})
+        new_kit = pki.ca.issue(identity, kit_dir, renew=True)
+        log.record({"event": "call"})
+    finally:
+        log.close()
+    serials = f"{old_serial:x}", f"{new_kit.certificate().serial_number:x}"
+
+    code, out = cli("verify", str(tmp_path / "silo.db"), "--cert", str(new_kit.cert_path), capsys=capsys)
+    assert code == 1 and "which none of the given certificates holds" in out
+    assert f"other certificate(s) naming mor://silo/hospital-a (serials {serials[0]})" in out and "--ca" in out
+    code, out = cli("verify", str(tmp_path / "silo.db"), "--ca", str(pki.ca.directory / "ca.pem"), capsys=capsys)
+    assert code == 0 and "VERIFIED" in out and "2 signed checkpoints" in out, out
+    assert "the 2 certificate(s) of mor://silo/hospital-a" in out and all(s in out for s in serials)
+
+    other_ca = CertificateAuthority.create(tmp_path / "other-ca")
+    code, out = cli("verify", str(tmp_path / "silo.db"), "--ca", str(other_ca.directory / "ca.pem"), capsys=capsys)
+    assert code == 1 and "the 0 certificate(s)" in out and "serials none" in out and "FAILED" in out
+    assert audit_main(["verify", str(tmp_path / "silo.db"), "--ca", str(pki.ca.directory / "ca.pem"),
+                       "--cert", str(new_kit.cert_path)]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def rewrite(path: Path, kit, change: Callable[[list[dict]], list[dict]]) -> None:

@@ -14,7 +14,8 @@ training job of the silo runs.
 Serving start and stop are entries too; the start records the policy in
 force: every field with the defaults filled in, as YAML, and the SHA-256 of
 its canonical JSON (configuration, not data), and the served model's privacy
-status (`model_privacy`), which the reviewer's page shows per silo.
+status (`model_privacy`: for a private model, with the unit of its guarantee), which the reviewer's page shows
+per silo.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ NO_REPORT = ("the served model has no privacy report tied to its weights: it is 
 
 
 def model_privacy(report: PrivacyReport | None) -> dict[str, Any]:
-    """What the served model's privacy report says of it, for the log: private or not, and the sentence why.
+    """What the served model's privacy report says of it, for the log: private or not, the sentence why, and for
+    a private one the unit its epsilon protects (image, patient or pair: a per-pair epsilon says nothing of a
+    patient with several pairs, and the reviewer's page must not read like a per-patient one).
 
     Post-processing only protects what the model's training protected: a model
     trained without DP, or with noise anyone knowing the seed can remove, has
@@ -59,7 +62,7 @@ def model_privacy(report: PrivacyReport | None) -> dict[str, Any]:
     elif not report.private:
         why = f"its DP-SGD noise was {report.noise!r}: its privacy report says private false"
     else:
-        return {"private": True, "why": POST_PROCESSING}
+        return {"private": True, "why": POST_PROCESSING, "unit": report.privacy_unit}
     return {"private": False, "why": NOT_PRIVATE.format(why=why)}
 
 

@@ -161,9 +161,9 @@ def _served_model(silo: str, when: float, stated: Any) -> ServedModel | None:
     if stated is None:
         return None
     if not (isinstance(stated, dict) and isinstance(stated.get("private"), bool)
-            and isinstance(stated.get("why"), str)):
-        raise ValueError(f"model_privacy {stated!r} is not a private flag and a sentence")
-    return ServedModel(silo=silo, time=when, private=stated["private"], why=stated["why"])
+            and isinstance(stated.get("why"), str) and isinstance(stated.get("unit"), str | None)):
+        raise ValueError(f"model_privacy {stated!r} is not a private flag, a sentence and a unit")
+    return ServedModel(silo=silo, time=when, private=stated["private"], why=stated["why"], unit=stated.get("unit"))
 
 
 def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], PolicyInForce | None,

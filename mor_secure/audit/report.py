@@ -135,6 +135,15 @@ def _not_private(silo: str, models: list[ServedModel]) -> str:
             f"{starts}: {whys}")
 
 
+def _per_pair(silo: str, models: list[ServedModel]) -> str:
+    """The warning for a silo whose private model's epsilon is per preference pair (`dp.privacy_unit: pair`)."""
+    starts = ", ".join(_utc(m.time) for m in models)
+    return (f"WARNING: the model {silo} served (serving start at {starts}) was trained at its epsilon per "
+            "preference pair, not per image or patient: an image or a patient with several pairs has no stated "
+            "guarantee at that epsilon (group privacy for (ε, δ)-DP multiplies δ by 1 + e^ε + ... + e^((k-1)ε) for "
+            "k pairs: none at ε 8).")
+
+
 def _human(seconds: int) -> str:
     for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if seconds >= size and seconds % size == 0:
@@ -237,12 +246,16 @@ class _Page:
         how = ("The differential-privacy budget each silo's ledger records as spent (solid line) against its "
                "lifetime limit (dashed line); the solid line must never cross the dashed one. A silo whose served "
                "model is not differentially private, as its serving start says, is warned of in red, and so is a "
-               "ledger that went down in a way no ledger does (a charge gone, or a fall with no reservation settled).")
+               "ledger that went down in a way no ledger does (a charge gone, or a fall with no reservation settled). "
+               "'ε per' is what the epsilon protects, as the served model's privacy report says: one image, one "
+               "patient (all of a patient's rows), or one preference pair, which is warned of in red too.")
         pts = sorted(self.v.budgets, key=lambda b: b.time)
         # Whatever its ledger shows: a silo without a ledger (DP off) may serve such a model too.
         warnings = "".join(f"<p>{_fig('model-not-private', silo, _not_private(silo, unsafe), 'bad')}</p>"
                            for silo in self.silos
                            if (unsafe := [m for m in self.v.models_served(silo) if not m.private]))
+        warnings += "".join(f"<p>{_fig('per-pair', silo, _per_pair(silo, paired), 'bad')}</p>" for silo in self.silos
+                            if (paired := [m for m in self.v.models_served(silo) if m.private and m.unit == "pair"]))
         if not pts:
             return self._section("budget", how, warnings + "<p>No privacy-ledger entries were recorded.</p>")
         silos = sorted({b.silo for b in pts})
@@ -276,6 +289,7 @@ class _Page:
                     flat.append(silo)
             rows.append([_e(silo), _fig("epsilon-spent", silo, _num(last.epsilon_spent)),
                          _fig("epsilon-budget", silo, _num(last.epsilon_budget)),
+                         _fig("epsilon-unit", silo, self._units(silo)),
                          f"{last.delta_spent:.3g}", f"{last.delta_budget:.3g}", _when(last.time)])
         fig.legend(handles=[Line2D([], [], color="#555", lw=2, label="ε spent (in the silo's colour)"),
                             Line2D([], [], color="#b00020", ls="--", label="ε lifetime budget")],
@@ -292,8 +306,14 @@ class _Page:
             body += (f"<p>For {_e(', '.join(unstated))}: the ledger did not change while serving, but the log does "
                      "not say whether the model served was differentially private (no serving start states it), "
                      "so this page does not call its answers post-processing of a DP-trained model.</p>")
-        body += _table(["silo", "ε spent", "ε budget", "δ spent", "δ budget", "as of (UTC)"], rows, {1, 2, 3, 4})
+        body += _table(["silo", "ε spent", "ε budget", "ε per", "δ spent", "δ budget", "as of (UTC)"], rows,
+                       {1, 2, 4, 5})
         return self._section("budget", how, body)
+
+    def _units(self, silo: str) -> str:
+        """What one unit of the epsilon of the private models `silo` served is, as its serving starts say."""
+        units = dict.fromkeys(m.unit or "not stated" for m in self.v.models_served(silo) if m.private)
+        return ", ".join(units) or "no private model on record"
 
     # -- (4) router weights ------------------------------------------------------------------
     def router(self) -> str:

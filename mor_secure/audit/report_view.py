@@ -168,6 +168,7 @@ class ServedModel:
     time: float
     private: bool
     why: str
+    unit: str | None = None  # what one unit of a private model's epsilon is; None: the start does not say
 
 
 @dataclass(frozen=True)

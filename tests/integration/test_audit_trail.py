@@ -696,18 +696,20 @@ serve:
 
 @pytest.mark.parametrize(("trainings", "private", "why"), [
     (["dp"], True, audit_trail.POST_PROCESSING),
+    (["pair"], True, audit_trail.POST_PROCESSING),
     (["seeded"], False, "its DP-SGD noise was 'seeded: not private'"),
     (["dp", "dp-off"], False, "trained without DP"),
-], ids=["dp", "seeded-noise", "dp-off-retrain"])
+], ids=["dp", "dp-per-pair", "seeded-noise", "dp-off-retrain"])
 def test_a_served_model_is_logged_and_reported_as_private_only_if_its_privacy_report_says_so(
         pki, consortium_path: Path, tmp_path: Path, capsys, trainings: list[str], private: bool, why: str) -> None:
     """Real trainings, a real silo server, its log and the coordinator's, the reviewer's page. Scores are
     post-processing only of a private model: one trained with seeded noise, or retrained with DP off in a workdir
     that has a ledger (served under the DP config, so its ledger stays flat while it serves), once had every call
-    logged, and the page say, "scores of a DP-trained model are post-processing"."""
+    logged, and the page say, "scores of a DP-trained model are post-processing". The page says what one unit of
+    a private model's epsilon is, and warns of a per-pair one (it read exactly like a per-patient one)."""
     configs = {}
-    for kind, dp, noise in (("dp", "true", ""), ("seeded", "true", "    insecure_seeded_noise: 7"),
-                            ("dp-off", "false", "")):
+    for kind, dp, noise in (("dp", "true", ""), ("pair", "true", "    privacy_unit: pair"),
+                            ("seeded", "true", "    insecure_seeded_noise: 7"), ("dp-off", "false", "")):
         configs[kind] = tmp_path / f"{kind}.yaml"
         configs[kind].write_text(TRAINED_SILO_YAML.format(
             consortium=consortium_path, workdir=tmp_path / "work", dp=dp, noise=noise,
@@ -735,6 +737,8 @@ def test_a_served_model_is_logged_and_reported_as_private_only_if_its_privacy_re
     (score,) = [e for e in entries if e.get("rpc") == QUERY]
     assert why in started["model_privacy"]["why"] and started["model_privacy"]["private"] is private
     assert (score["privacy"]["why"], score["privacy"]["model_private"]) == (started["model_privacy"]["why"], private)
+    unit = "pair" if trainings == ["pair"] else "image"  # the benchmark partition's unit is the image
+    assert started["model_privacy"].get("unit") == (unit if private else None)
     if not private:
         assert "NOT differentially private" in score["privacy"]["why"] and "post-processing" not in json.dumps(entries)
 
@@ -745,6 +749,12 @@ def test_a_served_model_is_logged_and_reported_as_private_only_if_its_privacy_re
     assert code == 0 and figure(page, "verdict").startswith("INTACT"), out
     claimed = "For hospital-a: scores of a DP-trained model are post-processing" in page
     assert (claimed, "The spend was made once, when the model was trained" in page) == (private, private)
+    assert figure(page, "epsilon-unit:hospital-a") == (unit if private else "no private model on record")
+    if unit == "pair":
+        assert figure(page, "per-pair:hospital-a").startswith(
+            "WARNING: the model hospital-a served (serving start at ") and "has no stated guarantee" in page
+    else:
+        assert 'data-figure="per-pair:' not in page
     if private:
         assert 'data-figure="model-not-private:' not in page
     else:

@@ -161,6 +161,7 @@ def test_fedavg_spends_at_most_each_silos_target_and_charges_no_ledger(fedavg, s
         # Each round alone spends much less than the target: the noise is planned for both rounds.
         assert all(r["epsilon"] < 8.0 - 1.0 for r in rounds)
         assert privacy["charged_to_ledger"] is False
+        assert privacy["covers"].startswith("the silo's DP-SGD local updates only, not the averaged model")
         assert not (config.workdir / LEDGER_FILE).exists()
 
 

@@ -115,8 +115,15 @@ class SecureFusion(ClearFusion):
             present[[position[c.name] for c in asked]] = True
             sent, orphans = equal_weights_for_orphans(weights, present)
             labels = without_orphans(kinds, orphans)
+            # Before any silo is asked: no sum is decrypted that would, with the sums of its rows decrypted
+            # before, determine a silo's score, and a weighting refused here costs the silos nothing and is no
+            # round on record (refused after the asks, its rounds were logged with the router's weights as if
+            # their rows had got a reward).
+            keys = self.decrypted.row_keys(self.objective, *rows)
+            vectors = [{c.name: row[position[c.name]] for c in asked} for row in sent.double().tolist()]
+            self.decrypted.refuse_revealing(keys, vectors)
             failures: dict[str, SiloError] = {}
-            answered, on_record, complete = [], [], False
+            answered, on_record, rewarded = [], [], False
             try:
                 for start in range(0, len(rows[0]), ROWS_PER_REQUEST):
                     part = tuple(column[start:start + ROWS_PER_REQUEST] for column in rows)
@@ -125,22 +132,20 @@ class SecureFusion(ClearFusion):
                         None if labels is None else labels[start:start + ROWS_PER_REQUEST], failures, on_record))
                     if failures:
                         break  # the remaining chunks would be asked again anyway, of the present silos
-                complete = not failures
+                if not failures:
+                    # Every chunk was answered by all of `asked`: only now is any sum decrypted, each over that
+                    # one set.
+                    summed = torch.cat([self._decrypted_sum(asked, *chunk) for chunk in answered])
+                    fused, _ = renormalised(summed, sent, present)
+                    self.decrypted.add(keys, self._by_silo(weights), vectors, fused.tolist())
+                    rewarded = True
             finally:
-                # The attempt's rounds go on record when it ends, before anything is decrypted, each with the
-                # router's weights only if every chunk was answered (the attempt to be decrypted): an abandoned
-                # attempt's rows are in the restart too, and the report's mean router weight would count them twice.
+                # The attempt's rounds go on record when it ends, each with the router's weights only if its sums
+                # were decrypted into the rows' reward: an abandoned attempt's rows are in the restart too (the
+                # report's mean router weight would count them twice), and a decryption that failed formed none.
                 for *entry, kinds_of_round in on_record:
-                    self._on_record(*entry, kinds_of_round if complete else None)
-            if complete:
-                # Every chunk was answered by all of `asked`: only now is any sum decrypted, each over that one set,
-                # and none that would, with the sums of its rows decrypted before, determine a silo's score.
-                keys = self.decrypted.row_keys(self.objective, *rows)
-                vectors = [{c.name: row[position[c.name]] for c in asked} for row in sent.double().tolist()]
-                self.decrypted.refuse_revealing(keys, vectors)
-                summed = torch.cat([self._decrypted_sum(asked, *chunk) for chunk in answered])
-                fused, _ = renormalised(summed, sent, present)
-                self.decrypted.add(keys, self._by_silo(weights), vectors, fused.tolist())
+                    self._on_record(*entry, kinds_of_round if rewarded else None)
+            if rewarded:
                 return [c.name for c in asked], summed, sent
             present = [c for c in asked if c.name not in failures]
             self._check_minimum({**{c.name: None for c in asked}, **failures}, [c.name for c in present])

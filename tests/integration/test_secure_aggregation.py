@@ -321,6 +321,51 @@ def test_no_sum_is_decrypted_that_with_a_rows_earlier_sums_determines_a_silos_sc
             fresh, torch.tensor([[0.5, 0.5, 0.0]]))
 
 
+def test_a_round_whose_sums_are_never_decrypted_puts_no_router_weight_on_record(kits, pki, tmp_path: Path) -> None:
+    """The page's mean router weight is over the rows those weights formed a reward for. A weighting refused as
+    revealing was asked of every silo first and its round logged with the router's weights (the docs review's
+    page read 0.50 n=4 where 3 rows got a reward, at 0.467); so was a round that no participant could decrypt."""
+    from coordinator.decrypted_rows import DecryptedRows, RevealingSumError
+    from mor_secure.audit import AuditLog, read_log
+
+    asked: list[str] = []
+
+    class Counted(Witnessed):
+        def secure_score(self, request):
+            asked.append(self.name)
+            return super().secure_score(request)
+
+    Witnessed.decrypted_over, Witnessed.down = [], set()
+    silos = [Counted(c.service, secure=c.secure) for c in clients(kits, tmp_path)]
+    items = replace(distinct_items(tmp_path, 5), kinds=("color",) * 5)
+    generator = torch.Generator().manual_seed(1)
+    routers = [torch.full((5, 3), 1 / 3), *(torch.softmax(torch.randn(5, 3, generator=generator), dim=1)
+                                             for _ in range(2))]
+    record, context = DecryptedRows(SILOS), coordinator_context(kits["coordinator"])
+    log = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
+    try:
+        for router in routers[:2]:
+            SecureFusion(silos, context, decrypted=record, audit=log, method="mor").fuse(items, router)
+        asked.clear()
+        with pytest.raises(RevealingSumError):
+            SecureFusion(silos, context, decrypted=record, audit=log, method="mor").fuse(items, routers[2])
+        assert asked == []  # refused before a silo computed anything
+
+        class Undecryptable(Counted):
+            def decrypt(self, request):
+                raise SiloError(ErrorCode.UNAVAILABLE, f"silo {self.name!r}: connection refused")
+
+        lost = [Undecryptable(c.service, secure=c.secure) for c in silos]
+        with pytest.raises(RoundFailedError, match="could decrypt it"):  # a record of its own: nothing decrypted
+            SecureFusion(lost, context, audit=log, method="mor").fuse(items, routers[0])
+    finally:
+        log.close()
+    rounds = [e.fields() for e in read_log(log.path).entries if e.fields().get("event") == "round"]
+    assert len(rounds) == 3  # the two decrypted fusions and the undecryptable one; the refused one asked nobody
+    assert all("mean_weight" in r for r in rounds[:2]) and "mean_weight" not in rounds[2]
+    assert rounds[2]["answered"] == list(SILOS)  # on record as answered, but it formed no reward
+
+
 def request(silos, round_id: str, weights=(0.5,)) -> SecureScoreRequest:
     """One row ("right": score 1 at hospital-a) for every silo in `silos`, as the coordinator would relay them."""
     score = ScoreRequest(images=(ImageBlob.of(png()),), rows=(ScoreRow(0, "q", "right"),), round_id=round_id,

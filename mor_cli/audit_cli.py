@@ -63,7 +63,8 @@ def describe_verification(path: Path, result: Verification) -> list[str]:
                      "consistent with the entries")
     else:
         first = result.first_bad_entry
-        lines.append(f"  FAILED: {len(result.problems)} problem(s)"
+        lines.append(f"  FAILED: {result.problem_count} problem(s)"
+                     + (f", the first {len(result.problems)} listed" if result.unlisted_problems else "")
                      + (f"; the first bad entry is entry {first}" if first is not None else ""))
         lines += [f"  - {problem.message}" for problem in result.problems]
     return lines

@@ -83,7 +83,8 @@ def _party_check(log: StoredLog, verification: Verification, shape: Shape) -> Pa
         latest = SignedRoot(party=log.party, size=c.size, root=c.root.hex(), time=c.time,
                             signature_ok=verification.latest_signature_ok)
     return PartyCheck(party=log.party, log_name=log.path.name, entries=verification.entries, ok=verification.ok,
-                      problems=tuple(p.message for p in verification.problems), latest_root=latest,
+                      problems=tuple(p.message for p in verification.problems),
+                      unlisted_problems=verification.unlisted_problems, latest_root=latest,
                       uncovered_entries=verification.uncovered_entries, misshapen_entries=shape.misshapen,
                       left_out_entries=shape.left_out)
 

@@ -375,7 +375,8 @@ class _Page:
                  _fig("uncovered", p.party, p.uncovered_entries),
                  _fig("misshapen", p.party, p.misshapen_entries, "bad" if p.misshapen_entries else ""),
                  _fig("verification", p.party, "verified" if p.ok else "FAILED", "ok" if p.ok else "bad"),
-                 _listed(p.problems)] for p in self.v.parties]
+                 _listed(p.problems) + (f'<p class="muted">and {_e(plural(p.unlisted_problems, "more problem"))}, '
+                                        'not listed</p>' if p.unlisted_problems else "")] for p in self.v.parties]
         body = (_table(["party", "log", "entries", "newest not yet signed", "not in the log's shape",
                         "verification", "problems"], prow, {2, 3, 4}) if prow
                 else "<p>No party's log was verified.</p>")

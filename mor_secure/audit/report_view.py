@@ -60,6 +60,7 @@ class PartyCheck:
     ok: bool
     problems: tuple[str, ...]
     latest_root: SignedRoot | None
+    unlisted_problems: int = 0  # found beyond those `problems` lists
     # The newest entries no signed checkpoint covers yet (up to a checkpoint interval while the party runs).
     uncovered_entries: int = 0
     # Entries not in the shape the log writes (a field of the wrong type, a time no calendar holds), and how many
@@ -207,7 +208,7 @@ class ReportView:
         reconciled = {r.silo for r in self.reconciliation}
         for p in self.parties:
             if not p.ok:
-                out.append(f"verification of {p.party} ({plural(len(p.problems), 'problem')})")
+                out.append(f"verification of {p.party} ({plural(len(p.problems) + p.unlisted_problems, 'problem')})")
             if p.latest_root is not None and not p.latest_root.signature_ok:
                 out.append(f"signature on the latest root of {p.party}")
             if (silo := silo_name(p.party)) is not None and silo not in reconciled:

@@ -74,10 +74,15 @@ class Verification:
     latest: Checkpoint | None = None
     latest_signature_ok: bool = False
     uncovered_entries: int = 0
+    unlisted_problems: int = 0  # found beyond the first MAX_PROBLEMS, counted but not kept
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def problem_count(self) -> int:
+        return len(self.problems) + self.unlisted_problems
 
     @property
     def first_bad_entry(self) -> int | None:
@@ -92,6 +97,8 @@ def verify_log(log: StoredLog, certificates: Sequence[x509.Certificate]) -> Veri
     def problem(entry: int | None, message: str) -> None:
         if len(result.problems) < MAX_PROBLEMS:
             result.problems.append(Problem(entry, message))
+        else:
+            result.unlisted_problems += 1
 
     checkpoints = _checked_checkpoints(log, certificates, problem)
     wanted_sizes = {c.size for c in checkpoints if c is not None}

@@ -177,6 +177,27 @@ def test_a_log_signed_across_a_renewal_verifies_against_the_ca_not_the_new_certi
     assert "not allowed with argument" in capsys.readouterr().err
 
 
+def test_verify_says_how_many_problems_it_found_beyond_those_it_lists(pki, tmp_path: Path, capsys) -> None:
+    """It lists the first 50 (MAX_PROBLEMS) and printed "FAILED: 50 problem(s)" for a log with 125."""
+    log = AuditLog.for_kit(tmp_path / "silo.db", pki.kits["hospital-a"], checkpoint_every_entries=1)
+    try:
+        for _ in range(60):
+            log.record({"event": "call"})
+    finally:
+        log.close()
+    code, out = cli("verify", str(tmp_path / "silo.db"), "--cert", str(pki.kits["bank-b"].cert_path), capsys=capsys)
+    assert code == 1 and "FAILED: 60 problem(s), the first 50 listed" in out, out
+    assert out.count("which none of the given certificates holds") == 50
+    with sqlite3.connect(tmp_path / "silo.db") as connection:  # the page says it too: 60 entries altered
+        connection.execute("UPDATE entries SET body = CAST(REPLACE(CAST(body AS TEXT), 'call', 'cal!') AS BLOB)")
+    AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"]).close()
+    code, _ = cli("report", str(tmp_path / "coordinator.db"), str(tmp_path / "silo.db"), "--ca",
+                  str(pki.ca.directory / "ca.pem"), "--out", str(tmp_path / "audit.html"), capsys=capsys)
+    page = (tmp_path / "audit.html").read_text(encoding="utf-8")
+    found = int(re.search(r"verification of mor://silo/hospital-a \((\d+) problems\)", page)[1])
+    assert code == 1 and found > 50 and f"and {found - 50} more problems, not listed" in page
+
+
 def rewrite(path: Path, kit, change: Callable[[list[dict]], list[dict]]) -> None:
     """An insider's rewrite: change the entries, re-chain every one and re-sign, with the party's own key."""
     entries = [{k: v for k, v in e.fields().items() if k not in ("index", "prev_root")} for e in read_log(path).entries]

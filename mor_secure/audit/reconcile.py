@@ -12,7 +12,10 @@ query by query without either holding the query itself:
   answered a call the coordinator logged as not delivered": a call that
   broke off or timed out after the silo recorded its answer, or a
   coordinator that rewrote an answer it got, with the silo's checkpoint,
-  as never delivered);
+  as never delivered); identical requests (every Describe is one) are
+  paired by the checkpoint each answer carried, and a call that was not
+  delivered only with a silo entry after those of the answers that came
+  back before it began (`_pick`);
 - every query the silo logged from a coordinator is in the coordinator's
   log (a silo cannot be asked off the record); one from a coordinator other
   than the log's party is a mismatch too, so the log of another coordinator
@@ -36,9 +39,12 @@ never a silent pass.
 
 from __future__ import annotations
 
+import math
+from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 
 from cryptography import x509
@@ -56,6 +62,9 @@ QUERY_PREFIX = "/mor_secure.proto.v1.SiloRewardService/"
 # Statuses the coordinator sees when its call may never have reached the silo.
 NOT_DELIVERED = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"})
 MAX_MISMATCHES = 100
+# A client call's entry is written after the call returns, under the log's lock: its time less its latency can be
+# later than the call's start by that wait (a commit, ~1 ms; far less than this).
+CLOCK_MARGIN_SECONDS = 1.0
 SILO_PREFIX = f"{SCHEME}://{Role.SILO.value}/"  # a round's `asked` names silos; calls name them by identity
 
 
@@ -198,14 +207,17 @@ def reconcile(coordinator: StoredLog, silo: StoredLog, ca: x509.Certificate) -> 
         waiting[fields["caller"], *_key(fields)].append((seq, fields))
 
     held: list[tuple[int, Checkpoint, int | None]] = []  # (coordinator entry, silo checkpoint, silo entry it answers)
+    checkpoints = {seq: _held_checkpoint(fields, silo_certificates, result.silo) for seq, fields in asked}
+    first_possible = _first_possible_entries(asked, checkpoints)
     # Answered calls claim the silo's entries first: a retry of the same request after UNAVAILABLE is logged
     # twice by the coordinator and once by the silo, and the silo's entry is the answered one's.
     for seq, fields in sorted(asked, key=lambda call: _status(call[1]) in NOT_DELIVERED):
         status = _status(fields)
-        candidates = waiting.get((coordinator.party, *_key(fields)))
+        checkpoint, problem = checkpoints[seq]
+        picked = _pick(waiting.get((coordinator.party, *_key(fields)), []), status, checkpoint, first_possible[seq])
         silo_entry = None
-        if candidates:
-            silo_seq, silo_fields = candidates.pop(0)
+        if picked is not None:
+            silo_seq, silo_fields = picked
             silo_entry = silo_seq
             result.matched += 1
             silo_status = _status(silo_fields)
@@ -227,7 +239,8 @@ def reconcile(coordinator: StoredLog, silo: StoredLog, ca: x509.Certificate) -> 
             # rewrite its log and re-sign it unnoticed.
             result.mismatch(f"coordinator entry {seq}: {_short(fields)} was answered {status} "
                             f"without {silo.party}'s checkpoint")
-        checkpoint = _held_checkpoint(fields, seq, silo_certificates, result)
+        if problem is not None:
+            result.mismatch(f"coordinator entry {seq}: {problem}")
         if checkpoint is not None:
             held.append((seq, checkpoint, silo_entry))
     for candidates in waiting.values():
@@ -240,22 +253,59 @@ def reconcile(coordinator: StoredLog, silo: StoredLog, ca: x509.Certificate) -> 
     return result
 
 
-def _held_checkpoint(fields: dict, seq: int, certificates, result: Reconciliation) -> Checkpoint | None:
+def _held_checkpoint(fields: dict, certificates, silo: str) -> tuple[Checkpoint | None, str | None]:
+    """(the silo's checkpoint the call's answer carried, verified, or None; what is wrong with it, if anything)."""
     held = fields.get("peer_checkpoint")
     if not held:
-        return None
+        return None, None
     try:
         signed = SignedCheckpoint(body=bytes.fromhex(held["body"]), signature=bytes.fromhex(held["signature"]))
         checkpoint = verify_checkpoint(signed, certificates)
     except (CheckpointError, KeyError, TypeError, ValueError) as exc:
-        result.mismatch(f"coordinator entry {seq}: the checkpoint the silo sent with its answer does not verify "
-                        f"({exc})")
+        return None, f"the checkpoint the silo sent with its answer does not verify ({exc})"
+    if checkpoint.log != silo:
+        return None, f"the answer carried {checkpoint.log}'s checkpoint, not {silo}'s"
+    return checkpoint, None
+
+
+def _pick(candidates: list[tuple[int, dict]], status: str, checkpoint: Checkpoint | None,
+          first_possible: int) -> tuple[int, dict] | None:
+    """Take the silo's entry (position, fields) that is this call's from the same-keyed `candidates`, in order.
+
+    Identical requests (every Describe has one digest and no round) cannot be told apart by their key. An
+    answer's checkpoint names its entry (the silo signs it with the entry, one before its size) unless another
+    call's came in between; a call that was not delivered can only be at or after `first_possible`, or it would
+    claim an earlier call's entry (one made off the coordinator's record, say) as answered, and hide that one.
+    """
+    if status in NOT_DELIVERED:
+        eligible = [k for k, (position, _) in enumerate(candidates) if position >= first_possible]
+    else:
+        eligible = [k for k, (position, _) in enumerate(candidates)
+                    if checkpoint is not None and position == checkpoint.size - 1] or list(range(len(candidates)))
+    return candidates.pop(eligible[0]) if eligible else None
+
+
+def _first_possible_entries(asked: list[tuple[int, dict]],
+                            checkpoints: dict[int, tuple[Checkpoint | None, str | None]]) -> dict[int, int]:
+    """For each coordinator call, the first silo entry that can be its own: the largest checkpoint size of the
+    answers that came back more than CLOCK_MARGIN_SECONDS before the call began, both on the coordinator's clock
+    (the silo commits a call's entry before it answers, and only appends)."""
+    ends = sorted((end, checkpoint.size) for seq, fields in asked
+                  if (checkpoint := checkpoints[seq][0]) is not None and (end := _number(fields.get("time"))) is not None)
+    times, largest = [end for end, _ in ends], list(accumulate((size for _, size in ends), max))
+    first = {}
+    for seq, fields in asked:
+        end, latency = _number(fields.get("time")), _number(fields.get("latency_ms"))
+        answered = bisect_left(times, end - latency / 1e3 - CLOCK_MARGIN_SECONDS) if None not in (end, latency) else 0
+        first[seq] = largest[answered - 1] if answered else 0
+    return first
+
+
+def _number(value: object) -> float | None:
+    """A finite JSON number, else None (an entry's field may be any JSON value)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         return None
-    if checkpoint.log != result.silo:
-        result.mismatch(f"coordinator entry {seq}: the answer carried {checkpoint.log}'s checkpoint, not "
-                        f"{result.silo}'s")
-        return None
-    return checkpoint
+    return float(value)
 
 
 def _check_consistency(silo: StoredLog, held: list[tuple[int, Checkpoint, int | None]],

@@ -29,6 +29,7 @@ from mor_cli.audit_cli import main as audit_main
 from mor_cli.main import main as mor_main
 from mor_secure.audit import AuditLog, read_log
 from mor_secure.audit import checkpoints
+from mor_secure.audit import reconcile as reconcile_module
 from mor_secure.audit.checkpoints import CheckpointSigner, canonical_json
 from mor_secure.audit.merkle import MerkleTree, leaf_hash
 from mor_secure.models.reward_model import Standardisation
@@ -196,6 +197,42 @@ def test_verify_says_how_many_problems_it_found_beyond_those_it_lists(pki, tmp_p
     page = (tmp_path / "audit.html").read_text(encoding="utf-8")
     found = int(re.search(r"verification of mor://silo/hospital-a \((\d+) problems\)", page)[1])
     assert code == 1 and found > 50 and f"and {found - 50} more problems, not listed" in page
+
+
+def test_identical_requests_are_paired_by_the_checkpoint_their_answers_carried(pki, tmp_path: Path,
+                                                                               capsys) -> None:
+    """Every Describe has one digest and no round. A Describe made off the coordinator's record (grpcurl with its
+    kit) was paired with the coordinator's answered one, whose own silo entry then went to a later Describe that
+    never reached the stopped silo: "the silo answered a call the coordinator logged as not delivered (benign
+    only if ...)", naming the wrong entries, and the off-record call was not named (docs review helper-67)."""
+    silo_log = AuditLog.for_kit(tmp_path / "hospital-a.db", pki.kits["hospital-a"], checkpoint_every_entries=1)
+    service = SiloService("hospital-a", TelltaleScoresModel(), allowed_objectives=frozenset({"correct"}))
+    running = serve(kit=pki.kits["hospital-a"], crl_path=pki.crl, services=[servicer_registration(service)],
+                    roles_by_rpc=ROLES_BY_RPC, admission=SiloAdmission(SiloPolicy()), audit=silo_log)
+    running.set_serving(True)
+    coordinator_log = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
+    address = f"127.0.0.1:{running.port}"
+    off_record = NetworkSiloClient("hospital-a", address, pki.kits["coordinator"], retries=0)
+    client = NetworkSiloClient("hospital-a", address, pki.kits["coordinator"], retries=0, audit=coordinator_log)
+    try:
+        assert off_record.describe().name == client.describe().name == "hospital-a"
+        running.stop(0)
+        time.sleep(reconcile_module.CLOCK_MARGIN_SECONDS + 0.1)  # begun clearly after the answer came back
+        with pytest.raises(SiloError) as lost:
+            client.describe()
+        assert lost.value.code == ErrorCode.UNAVAILABLE
+    finally:
+        off_record.close()
+        client.close()
+        running.stop(0)
+        silo_log.close()
+        coordinator_log.close()
+    code, out = cli("reconcile", str(tmp_path / "coordinator.db"), str(tmp_path / "hospital-a.db"),
+                    "--ca", str(pki.ca.directory / "ca.pem"), capsys=capsys)
+    assert code == 1 and "1 queries found in both logs, 1 that never reached the silo" in out, out
+    assert "mor://silo/hospital-a's entry 0: Describe (round -, request e3b0c44298fc...) from " \
+           "mor://coordinator/coordinator is not in the coordinator's log" in out, out
+    assert "not delivered, but" not in out and "MISMATCH: 1 finding(s)" in out
 
 
 def rewrite(path: Path, kit, change: Callable[[list[dict]], list[dict]]) -> None:

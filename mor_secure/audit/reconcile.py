@@ -13,9 +13,8 @@ query by query without either holding the query itself:
   broke off or timed out after the silo recorded its answer, or a
   coordinator that rewrote an answer it got, with the silo's checkpoint,
   as never delivered); identical requests (every Describe is one) are
-  paired by the checkpoint each answer carried, and a call that was not
-  delivered only with a silo entry after those of the answers that came
-  back before it began (`_pick`);
+  paired with the silo's entries by the checkpoints the answers carried
+  and the order of the calls (`call_pairing`);
 - every query the silo logged from a coordinator is in the coordinator's
   log (a silo cannot be asked off the record); one from a coordinator other
   than the log's party is a mismatch too, so the log of another coordinator
@@ -39,12 +38,9 @@ never a silent pass.
 
 from __future__ import annotations
 
-import math
-from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
 from pathlib import Path
 
 from cryptography import x509
@@ -54,17 +50,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mor_secure.pki.identity import SCHEME, Role, parse_identity
 from mor_secure.pki.kits import identity_of
 
+from .call_pairing import NOT_DELIVERED, call_key, pair_calls, status_of
 from .checkpoints import Checkpoint, CheckpointError, SignedCheckpoint, verify_checkpoint
 from .merkle import MerkleTree, ProofError, leaf_hash, verify_consistency
 from .store import StoredLog
 
 QUERY_PREFIX = "/mor_secure.proto.v1.SiloRewardService/"
-# Statuses the coordinator sees when its call may never have reached the silo.
-NOT_DELIVERED = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED"})
 MAX_MISMATCHES = 100
-# A client call's entry is written after the call returns, under the log's lock: its time less its latency can be
-# later than the call's start by that wait (a commit, ~1 ms; far less than this).
-CLOCK_MARGIN_SECONDS = 1.0
 SILO_PREFIX = f"{SCHEME}://{Role.SILO.value}/"  # a round's `asked` names silos; calls name them by identity
 
 
@@ -143,18 +135,6 @@ def _calls(log: StoredLog, side: str, peer_field: str, is_peer: Callable[[object
     return calls
 
 
-def _status(fields: dict) -> str:
-    """The entry's gRPC status; one the log never writes (a list, a number) reads as its repr, so it differs from
-    every real status and is compared, never crashes the comparison."""
-    status = fields.get("status")
-    return status if isinstance(status, str) else repr(status)
-
-
-def _key(fields: dict) -> tuple:
-    # repr: a malformed entry's field may be a list or dict; it must still match by value, not crash.
-    return tuple(repr(fields.get(name)) for name in ("rpc", "round_id", "request_digest"))
-
-
 def _short(fields: dict) -> str:
     rpc = str(fields.get("rpc", "")).removeprefix(QUERY_PREFIX)
     digest = str(fields.get("request_digest", ""))[:12]
@@ -204,23 +184,23 @@ def reconcile(coordinator: StoredLog, silo: StoredLog, ca: x509.Certificate) -> 
     answered = _calls(silo, "server", "caller", lambda caller: _role(caller) is Role.COORDINATOR)
     waiting: dict[tuple, list[tuple[int, dict]]] = defaultdict(list)
     for seq, fields in answered:
-        waiting[fields["caller"], *_key(fields)].append((seq, fields))
+        waiting[fields["caller"], *call_key(fields)].append((seq, fields))
 
     held: list[tuple[int, Checkpoint, int | None]] = []  # (coordinator entry, silo checkpoint, silo entry it answers)
     checkpoints = {seq: _held_checkpoint(fields, silo_certificates, result.silo) for seq, fields in asked}
-    first_possible = _first_possible_entries(asked, checkpoints)
-    # Answered calls claim the silo's entries first: a retry of the same request after UNAVAILABLE is logged
-    # twice by the coordinator and once by the silo, and the silo's entry is the answered one's.
-    for seq, fields in sorted(asked, key=lambda call: _status(call[1]) in NOT_DELIVERED):
-        status = _status(fields)
+    # The same lists as `waiting`'s: what a call is paired with is no longer left over below.
+    pairs = pair_calls(asked, {key[1:]: entries for key, entries in waiting.items() if key[0] == coordinator.party},
+                       {seq: checkpoint for seq, (checkpoint, _) in checkpoints.items()})
+    for seq, fields in sorted(asked, key=lambda call: status_of(call[1]) in NOT_DELIVERED):
+        status = status_of(fields)
         checkpoint, problem = checkpoints[seq]
-        picked = _pick(waiting.get((coordinator.party, *_key(fields)), []), status, checkpoint, first_possible[seq])
+        picked = pairs[seq]
         silo_entry = None
         if picked is not None:
             silo_seq, silo_fields = picked
             silo_entry = silo_seq
             result.matched += 1
-            silo_status = _status(silo_fields)
+            silo_status = status_of(silo_fields)
             if silo_status != status and status in NOT_DELIVERED:  # so no checkpoint either: this is the one finding
                 result.mismatch(f"coordinator entry {seq}: {_short(fields)} is logged {status}, as not delivered, "
                                 f"but {silo.party}'s entry {silo_seq} says it answered {silo_status}: the silo "
@@ -266,46 +246,6 @@ def _held_checkpoint(fields: dict, certificates, silo: str) -> tuple[Checkpoint 
     if checkpoint.log != silo:
         return None, f"the answer carried {checkpoint.log}'s checkpoint, not {silo}'s"
     return checkpoint, None
-
-
-def _pick(candidates: list[tuple[int, dict]], status: str, checkpoint: Checkpoint | None,
-          first_possible: int) -> tuple[int, dict] | None:
-    """Take the silo's entry (position, fields) that is this call's from the same-keyed `candidates`, in order.
-
-    Identical requests (every Describe has one digest and no round) cannot be told apart by their key. An
-    answer's checkpoint names its entry (the silo signs it with the entry, one before its size) unless another
-    call's came in between; a call that was not delivered can only be at or after `first_possible`, or it would
-    claim an earlier call's entry (one made off the coordinator's record, say) as answered, and hide that one.
-    """
-    if status in NOT_DELIVERED:
-        eligible = [k for k, (position, _) in enumerate(candidates) if position >= first_possible]
-    else:
-        eligible = [k for k, (position, _) in enumerate(candidates)
-                    if checkpoint is not None and position == checkpoint.size - 1] or list(range(len(candidates)))
-    return candidates.pop(eligible[0]) if eligible else None
-
-
-def _first_possible_entries(asked: list[tuple[int, dict]],
-                            checkpoints: dict[int, tuple[Checkpoint | None, str | None]]) -> dict[int, int]:
-    """For each coordinator call, the first silo entry that can be its own: the largest checkpoint size of the
-    answers that came back more than CLOCK_MARGIN_SECONDS before the call began, both on the coordinator's clock
-    (the silo commits a call's entry before it answers, and only appends)."""
-    ends = sorted((end, checkpoint.size) for seq, fields in asked
-                  if (checkpoint := checkpoints[seq][0]) is not None and (end := _number(fields.get("time"))) is not None)
-    times, largest = [end for end, _ in ends], list(accumulate((size for _, size in ends), max))
-    first = {}
-    for seq, fields in asked:
-        end, latency = _number(fields.get("time")), _number(fields.get("latency_ms"))
-        answered = bisect_left(times, end - latency / 1e3 - CLOCK_MARGIN_SECONDS) if None not in (end, latency) else 0
-        first[seq] = largest[answered - 1] if answered else 0
-    return first
-
-
-def _number(value: object) -> float | None:
-    """A finite JSON number, else None (an entry's field may be any JSON value)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def _check_consistency(silo: StoredLog, held: list[tuple[int, Checkpoint, int | None]],

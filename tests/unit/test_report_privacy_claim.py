@@ -54,7 +54,9 @@ def test_every_entry_states_the_served_models_privacy_from_its_report(report, pr
     trail.record({"event": "call", "rpc": "Score", "decision": "admitted"})
     privacy = log.entries[0]["privacy"]
     assert privacy["model_private"] is private and privacy["why"].startswith(why)
-    assert model_privacy(report) == {"private": private, "why": privacy["why"]}
+    # A private model's guarantee names its unit (the report's privacy_unit), so the page can say "ε per image".
+    assert model_privacy(report) == {"private": private, "why": privacy["why"],
+                                     **({"unit": report.privacy_unit} if private else {})}
     if not private:
         assert "post-processing" not in privacy["why"] and "no DP guarantee" in privacy["why"]
     if report is None:  # a model without a report may be private: not called NOT private, only not shown to be

@@ -134,7 +134,9 @@ class SecureFusion(ClearFusion):
                         break  # the remaining chunks would be asked again anyway, of the present silos
                 if not failures:
                     # Every chunk was answered by all of `asked`: only now is any sum decrypted, each over that
-                    # one set.
+                    # one set. Checked again: another coordinator process sharing the record file may have
+                    # decrypted these rows meanwhile.
+                    self.decrypted.refuse_revealing(keys, vectors)
                     summed = torch.cat([self._decrypted_sum(asked, *chunk) for chunk in answered])
                     fused, _ = renormalised(summed, sent, present)
                     self.decrypted.add(keys, self._by_silo(weights), vectors, fused.tolist())

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from contextlib import suppress
 from pathlib import Path
 
 from cryptography import x509
@@ -27,7 +26,7 @@ from cryptography import x509
 from mor_secure.audit import read_log
 from mor_secure.audit.evidence import check_logs, report_view
 from mor_secure.audit.checkpoints import key_id
-from mor_secure.audit.reconcile import check_parties, reconcile, trusted_certificates, unlogged_silos
+from mor_secure.audit.reconcile import check_parties, reconcile, unlogged_silos
 from mor_secure.audit.store import StoredLog
 from mor_secure.audit.report import write_report
 from mor_secure.audit.report_view import utc_text
@@ -74,17 +73,15 @@ def _verify(args: argparse.Namespace) -> int:
     log = read_log(args.log)
     if args.ca is not None:
         # Every certificate the CA issued to this party that the log keeps: a renewed kit's old ones too.
-        certificates = trusted_certificates(log, _certificate(args.ca))
+        certificates = log.certificates_issued_by(_certificate(args.ca))
         print(f"{args.log}: checkpoints checked against the {len(certificates)} certificate(s) of {log.party} "
               f"that the log holds and {args.ca} issued (serials {', '.join(_serials(certificates)) or 'none'})")
     else:
         certificates = [_certificate(c) for c in args.cert]
     result = verify_log(log, certificates)
     lines = describe_verification(Path(args.log), result)
-    if not result.ok and args.ca is None and (others := _other_certificates(log, certificates)):
-        lines.append(f"  The log also holds {len(others)} other certificate(s) naming {log.party} (serials "
-                     f"{', '.join(_serials(others))}), as after a renewal: verify with --ca CA (the consortium's "
-                     "ca.pem) to check each checkpoint against every certificate the CA issued to this party")
+    if not result.ok and args.ca is None:
+        lines += _certificate_hint(log, certificates)
     print("\n".join(lines))
     return 0 if result.ok else 1
 
@@ -93,15 +90,29 @@ def _serials(certificates: Sequence[x509.Certificate]) -> list[str]:
     return [f"{c.serial_number:x}" for c in certificates]  # hex, as `mor pki list` shows them
 
 
+def _certificate_hint(log: StoredLog, given: Sequence[x509.Certificate]) -> list[str]:
+    """What to try when the certificates given are not all the log's party's: another party's, or too few."""
+    if log.party not in (named := {_party_named(c) for c in given}):
+        return [f"  None of the certificates given is {log.party}'s (they name "
+                f"{', '.join(sorted(str(p) for p in named))}): give its own, or --ca CA (the consortium's ca.pem)"]
+    if others := _other_certificates(log, given):
+        return [f"  The log also holds {len(others)} other certificate(s) naming {log.party} (serials "
+                f"{', '.join(_serials(others))}), as after a renewal: verify with --ca CA (the consortium's ca.pem) "
+                "to check each checkpoint against every certificate the CA issued to this party"]
+    return []
+
+
+def _party_named(certificate: x509.Certificate) -> str | None:
+    try:
+        return identity_of(certificate).uri
+    except ValueError:  # names no party
+        return None
+
+
 def _other_certificates(log: StoredLog, given: Sequence[x509.Certificate]) -> list[x509.Certificate]:
     """The log's certificates naming its party whose key none of `given` holds (unchecked: a hint, not evidence)."""
     keys = {key_id(c.public_key()) for c in given}
-    others = []
-    for certificate in log.certificates:
-        with suppress(ValueError):  # names no party
-            if identity_of(certificate).uri == log.party and key_id(certificate.public_key()) not in keys:
-                others.append(certificate)
-    return others
+    return [c for c in log.certificates if _party_named(c) == log.party and key_id(c.public_key()) not in keys]
 
 
 def _reconcile(args: argparse.Namespace) -> int:

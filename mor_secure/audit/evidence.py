@@ -27,8 +27,7 @@ from cryptography import x509
 
 from mor_secure.pki.identity import parse_identity
 
-from .reconcile import (QUERY_PREFIX, Reconciliation, UnloggedSilo, check_parties, reconcile, trusted_certificates,
-                        unlogged_silos)
+from .reconcile import QUERY_PREFIX, Reconciliation, UnloggedSilo, check_parties, reconcile, unlogged_silos
 from .report_view import (
     LATEST_TIME,
     BudgetPoint,
@@ -71,7 +70,7 @@ def check_logs(coordinator: StoredLog, silos: Sequence[StoredLog], ca: x509.Cert
     """`verify` every log with its CA-issued certificates, `reconcile` the coordinator's with each silo's, and name
     each silo the coordinator called or asked whose log is not among `silos`."""
     check_parties(coordinator, silos)
-    verifications = tuple(verify_log(log, trusted_certificates(log, ca)) for log in (coordinator, *silos))
+    verifications = tuple(verify_log(log, log.certificates_issued_by(ca)) for log in (coordinator, *silos))
     reconciliations = tuple(reconcile(coordinator, silo, ca) for silo in silos)
     return Evidence(verifications, reconciliations, tuple(unlogged_silos(coordinator, silos)))
 

@@ -44,11 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from mor_secure.pki.identity import SCHEME, Role, parse_identity
-from mor_secure.pki.kits import identity_of
 
 from .call_pairing import NOT_DELIVERED, call_key, pair_calls, status_of
 from .checkpoints import Checkpoint, CheckpointError, SignedCheckpoint, verify_checkpoint
@@ -106,20 +103,6 @@ def unlogged_silos(coordinator: StoredLog, silos: Sequence[StoredLog]) -> list[U
     return [UnloggedSilo(silo, calls[silo], rounds[silo]) for silo in sorted((calls.keys() | rounds.keys()) - given)]
 
 
-def trusted_certificates(log: StoredLog, ca: x509.Certificate) -> list[x509.Certificate]:
-    """The certificates a log holds that the consortium CA issued to the log's own party."""
-    trusted = []
-    for certificate in log.certificates:
-        try:
-            certificate.verify_directly_issued_by(ca)
-            if identity_of(certificate).uri == log.party and isinstance(certificate.public_key(),
-                                                                       ec.EllipticCurvePublicKey):
-                trusted.append(certificate)
-        except (ValueError, TypeError, InvalidSignature):  # not issued by this CA, or names no party
-            continue
-    return trusted
-
-
 def _calls(log: StoredLog, side: str, peer_field: str, is_peer: Callable[[object], bool]) -> list[tuple[int, dict]]:
     """(position, fields) of each query entry on `side` whose `peer_field` passes `is_peer`.
 
@@ -174,7 +157,7 @@ def reconcile(coordinator: StoredLog, silo: StoredLog, ca: x509.Certificate) -> 
     """Every check of the module docstring between `coordinator`'s log and `silo`'s (`check_parties` first)."""
     check_parties(coordinator, [silo])
     result = Reconciliation(silo=silo.party)
-    silo_certificates = trusted_certificates(silo, ca)
+    silo_certificates = silo.certificates_issued_by(ca)
     if not silo_certificates:
         result.mismatch(f"{silo.path.name} holds no certificate the consortium CA issued to {silo.party}: its "
                         "checkpoints cannot be trusted")

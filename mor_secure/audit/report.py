@@ -140,8 +140,8 @@ def _per_pair(silo: str, models: list[ServedModel]) -> str:
     starts = ", ".join(_utc(m.time) for m in models)
     return (f"WARNING: the model {silo} served (serving start at {starts}) was trained at its epsilon per "
             "preference pair, not per image or patient: an image or a patient with several pairs has no stated "
-            "guarantee at that epsilon (group privacy for (ε, δ)-DP multiplies δ by 1 + e^ε + ... + e^((k-1)ε) for "
-            "k pairs: none at ε 8).")
+            "guarantee at that epsilon (group privacy for (ε, δ)-DP covers k pairs only at kε, with δ multiplied by "
+            "1 + e^ε + ... + e^((k-1)ε)).")
 
 
 def _human(seconds: int) -> str:

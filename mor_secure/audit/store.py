@@ -15,6 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from mor_secure.pki.kits import identity_of
 
 from .checkpoints import SignedCheckpoint, parse_json
 
@@ -78,6 +82,20 @@ class StoredLog:
     entries: tuple[StoredEntry, ...]
     checkpoints: tuple[SignedCheckpoint, ...]
     certificates: tuple[x509.Certificate, ...]
+
+    def certificates_issued_by(self, ca: x509.Certificate) -> list[x509.Certificate]:
+        """The certificates this log holds that the consortium CA issued to the log's own party (a renewed
+        kit's old ones too): the keys its checkpoints may be signed with."""
+        trusted = []
+        for certificate in self.certificates:
+            try:
+                certificate.verify_directly_issued_by(ca)
+                if identity_of(certificate).uri == self.party and isinstance(certificate.public_key(),
+                                                                            ec.EllipticCurvePublicKey):
+                    trusted.append(certificate)
+            except (ValueError, TypeError, InvalidSignature):  # not issued by this CA, or names no party
+                continue
+        return trusted
 
 
 def connect(path: Path, *, read_only: bool) -> sqlite3.Connection:

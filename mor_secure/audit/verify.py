@@ -75,6 +75,8 @@ class Verification:
     latest_signature_ok: bool = False
     uncovered_entries: int = 0
     unlisted_problems: int = 0  # found beyond the first MAX_PROBLEMS, counted but not kept
+    # The lowest entry any problem names, unlisted ones too (checkpoint problems, listed first, name none).
+    first_bad_entry: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -84,17 +86,14 @@ class Verification:
     def problem_count(self) -> int:
         return len(self.problems) + self.unlisted_problems
 
-    @property
-    def first_bad_entry(self) -> int | None:
-        named = [p.entry for p in self.problems if p.entry is not None]
-        return min(named) if named else None
-
 
 def verify_log(log: StoredLog, certificates: Sequence[x509.Certificate]) -> Verification:
     """Every check of the module docstring on `log`, with checkpoint signatures checked against `certificates`."""
     result = Verification(party=log.party, entries=len(log.entries), checkpoints=len(log.checkpoints))
 
     def problem(entry: int | None, message: str) -> None:
+        if entry is not None and (result.first_bad_entry is None or entry < result.first_bad_entry):
+            result.first_bad_entry = entry
         if len(result.problems) < MAX_PROBLEMS:
             result.problems.append(Problem(entry, message))
         else:

@@ -145,6 +145,9 @@ def test_every_call_is_on_both_records_and_they_reconcile(consortium_run, pki, c
 def test_verify_with_the_wrong_certificate_fails_naming_the_checkpoints(consortium_run, pki, capsys) -> None:
     code, out = cli("verify", str(consortium_run["silo"]), "--cert", str(pki.kits["bank-b"].cert_path), capsys=capsys)
     assert code == 1 and "FAILED" in out and "which none of the given certificates holds" in out
+    # Another party's certificate, not a renewed kit's: said so, not "as after a renewal".
+    assert "None of the certificates given is mor://silo/hospital-a's (they name mor://silo/bank-b)" in out
+    assert "renewal" not in out
 
 
 def test_a_log_signed_across_a_renewal_verifies_against_the_ca_not_the_new_certificate_alone(
@@ -189,6 +192,11 @@ def test_verify_says_how_many_problems_it_found_beyond_those_it_lists(pki, tmp_p
     code, out = cli("verify", str(tmp_path / "silo.db"), "--cert", str(pki.kits["bank-b"].cert_path), capsys=capsys)
     assert code == 1 and "FAILED: 60 problem(s), the first 50 listed" in out, out
     assert out.count("which none of the given certificates holds") == 50
+    with sqlite3.connect(tmp_path / "silo.db") as connection:  # the first bad entry too, though its problem is 61st
+        connection.execute("UPDATE entries SET body = CAST(REPLACE(CAST(body AS TEXT), 'call', 'cal!') AS BLOB) "
+                           "WHERE seq = 3")
+    code, out = cli("verify", str(tmp_path / "silo.db"), "--cert", str(pki.kits["bank-b"].cert_path), capsys=capsys)
+    assert code == 1 and "the first 50 listed; the first bad entry is entry 3" in out, out
     with sqlite3.connect(tmp_path / "silo.db") as connection:  # the page says it too: 60 entries altered
         connection.execute("UPDATE entries SET body = CAST(REPLACE(CAST(body AS TEXT), 'call', 'cal!') AS BLOB)")
     AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"]).close()

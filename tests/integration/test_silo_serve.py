@@ -29,7 +29,6 @@ from coordinator.network_client import NetworkSiloClient
 from coordinator.silo_requests import bits_request, score_request
 from mor_secure.audit import read_log
 from mor_secure.audit.checkpoints import key_id
-from mor_secure.audit.reconcile import trusted_certificates
 from mor_secure.audit.verify import verify_log
 from mor_secure.data import make_pairs
 from mor_secure.models.reward_architectures import SmallCNNRewardModel
@@ -324,7 +323,7 @@ def test_sigterm_drains_and_exits_zero_with_a_final_checkpoint(served_silo, pki)
     assert log.entries[-1].fields()["event"] == "serving_stopped"
     # The kit was renewed mid-module: checkpoints before it verify with the old certificate, after it with the new.
     assert len(log.certificates) == 2
-    result = verify_log(log, trusted_certificates(log, pki.ca.certificate))
+    result = verify_log(log, log.certificates_issued_by(pki.ca.certificate))
     assert result.ok, result.problems[:3]
     assert result.uncovered_entries == 0  # the final checkpoint covers everything
     assert result.latest.key == key_id(pki.kits["hospital-a"].certificate().public_key())

@@ -95,6 +95,10 @@ class SiloAuditTrail:
     def latest_checkpoint(self) -> SignedCheckpoint | None:
         return self.log.latest_checkpoint()
 
+    @property
+    def size(self) -> int:
+        return self.log.size
+
     def serving_started(self, *, silo: str, policy: SiloPolicy, policy_source: str, address: str) -> None:
         """The first entry of a serving run: where, under which policy (all of it, defaults filled in), and whether
         the model it serves is differentially private."""

@@ -171,9 +171,9 @@ def reconcile(coordinator: StoredLog, silo: StoredLog, ca: x509.Certificate) -> 
 
     held: list[tuple[int, Checkpoint, int | None]] = []  # (coordinator entry, silo checkpoint, silo entry it answers)
     checkpoints = {seq: _held_checkpoint(fields, silo_certificates, result.silo) for seq, fields in asked}
-    # The same lists as `waiting`'s: what a call is paired with is no longer left over below.
     pairs = pair_calls(asked, {key[1:]: entries for key, entries in waiting.items() if key[0] == coordinator.party},
                        {seq: checkpoint for seq, (checkpoint, _) in checkpoints.items()})
+    paired = {entry[0] for entry in pairs.values() if entry is not None}
     for seq, fields in sorted(asked, key=lambda call: status_of(call[1]) in NOT_DELIVERED):
         status = status_of(fields)
         checkpoint, problem = checkpoints[seq]
@@ -207,7 +207,7 @@ def reconcile(coordinator: StoredLog, silo: StoredLog, ca: x509.Certificate) -> 
         if checkpoint is not None:
             held.append((seq, checkpoint, silo_entry))
     for candidates in waiting.values():
-        for silo_seq, silo_fields in candidates:
+        for silo_seq, silo_fields in (entry for entry in candidates if entry[0] not in paired):
             caller = silo_fields["caller"]
             given = "" if caller == coordinator.party else f" given (it is {coordinator.party}'s)"
             result.mismatch(f"{silo.party}'s entry {silo_seq}: {_short(silo_fields)} from {caller} is "

@@ -103,6 +103,11 @@ class AuditSink(Protocol):
         """The newest signed tree head."""
         ...
 
+    @property
+    def size(self) -> int:
+        """How many entries are recorded."""
+        ...
+
 
 def peer_caller(context: grpc.ServicerContext) -> Caller:
     """The caller's identity and serial from the TLS auth context; UNAUTHENTICATED if there is none."""

@@ -3,9 +3,9 @@
 `secure_channel(..., audit=log)` installs `AuditingClientInterceptor`, so no
 call on that channel can skip it. The entry holds what the called party's
 entry holds (RPC, round, objective, request digest, item count, status,
-latency; `serde.call_facts` on the very bytes sent), the party called, when
-the call began (wall clock: reconcile orders it after the answers that came
-back before it), and the signed checkpoint its answer carried in the trailing metadata: the
+latency; `serde.call_facts` on the very bytes sent), the party called, how
+many entries the log held when the call was sent (reconcile orders it after
+the answers recorded before it), and the signed checkpoint its answer carried in the trailing metadata: the
 called party's tree head, which it can later only extend
 (`mor audit reconcile` checks). A call that could not be recorded raises:
 a coordinator must not use an answer that is not on its record.
@@ -46,7 +46,7 @@ class AuditingClientInterceptor(grpc.UnaryUnaryClientInterceptor):
         self.callee = callee
 
     def intercept_unary_unary(self, continuation: Callable, client_call_details: Any, request: Any) -> Any:
-        started, began = time.perf_counter(), time.time()
+        started, sent_after = time.perf_counter(), self.audit.size
         facts = serde.call_facts(client_call_details.method, request.SerializeToString())
         outcome = continuation(client_call_details, request)
         try:
@@ -57,7 +57,7 @@ class AuditingClientInterceptor(grpc.UnaryUnaryClientInterceptor):
         self.audit.record({"event": "call", "side": "client", "rpc": client_call_details.method,
                            "callee": self.callee.uri, "round_id": facts.round_id, "objective": facts.objective,
                            "request_digest": facts.request_digest, "items": facts.items, "status": status,
-                           "reason": serde.bounded_text(reason), "began": began,
+                           "reason": serde.bounded_text(reason), "sent_after_entries": sent_after,
                            "latency_ms": round((time.perf_counter() - started) * 1e3, 3),
                            "peer_checkpoint": _held_checkpoint(outcome.trailing_metadata())})
         return outcome

@@ -73,15 +73,21 @@ def request_data_in(bodies: list[bytes]) -> list[str]:
                     if re.search(rf"(?<![\d.]){re.escape(repr(score))}(?!\d)", text)]
 
 
-@pytest.fixture
-def consortium_run(pki, tmp_path: Path) -> dict[str, Path]:
-    """One silo served, a coordinator that scores, is refused once, describes, and fuses one round."""
+def served_hospital_a(pki, tmp_path: Path):
+    """hospital-a served over mTLS with its audit log in `tmp_path`, and the coordinator's log there: (silo log,
+    running server, coordinator log); the caller stops and closes them."""
     silo_log = AuditLog.for_kit(tmp_path / "hospital-a.db", pki.kits["hospital-a"], checkpoint_every_entries=1)
     service = SiloService("hospital-a", TelltaleScoresModel(), allowed_objectives=frozenset({"correct"}))
     running = serve(kit=pki.kits["hospital-a"], crl_path=pki.crl, services=[servicer_registration(service)],
                     roles_by_rpc=ROLES_BY_RPC, admission=SiloAdmission(SiloPolicy()), audit=silo_log)
     running.set_serving(True)
-    coordinator_log = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
+    return silo_log, running, AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
+
+
+@pytest.fixture
+def consortium_run(pki, tmp_path: Path) -> dict[str, Path]:
+    """One silo served, a coordinator that scores, is refused once, describes, and fuses one round."""
+    silo_log, running, coordinator_log = served_hospital_a(pki, tmp_path)
     client = NetworkSiloClient("hospital-a", f"127.0.0.1:{running.port}", pki.kits["coordinator"], retries=0,
                                audit=coordinator_log)
     try:
@@ -212,12 +218,7 @@ def test_identical_requests_are_paired_by_the_checkpoint_their_answers_carried(p
     kit) was paired with the coordinator's answered one, whose own silo entry then went to a later Describe that
     never reached the stopped silo: "the silo answered a call the coordinator logged as not delivered (benign
     only if ...)", naming the wrong entries, and the off-record call was not named (docs review helper-67)."""
-    silo_log = AuditLog.for_kit(tmp_path / "hospital-a.db", pki.kits["hospital-a"], checkpoint_every_entries=1)
-    service = SiloService("hospital-a", TelltaleScoresModel(), allowed_objectives=frozenset({"correct"}))
-    running = serve(kit=pki.kits["hospital-a"], crl_path=pki.crl, services=[servicer_registration(service)],
-                    roles_by_rpc=ROLES_BY_RPC, admission=SiloAdmission(SiloPolicy()), audit=silo_log)
-    running.set_serving(True)
-    coordinator_log = AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"])
+    silo_log, running, coordinator_log = served_hospital_a(pki, tmp_path)
     address = f"127.0.0.1:{running.port}"
     off_record = NetworkSiloClient("hospital-a", address, pki.kits["coordinator"], retries=0)
     client = NetworkSiloClient("hospital-a", address, pki.kits["coordinator"], retries=0, audit=coordinator_log)

@@ -24,12 +24,12 @@ from pathlib import Path
 from cryptography import x509
 
 from mor_secure.audit import read_log
-from mor_secure.audit.evidence import check_logs, report_view
 from mor_secure.audit.checkpoints import key_id
+from mor_secure.audit.evidence import check_logs, report_view
 from mor_secure.audit.reconcile import check_parties, reconcile, unlogged_silos
-from mor_secure.audit.store import StoredLog
 from mor_secure.audit.report import write_report
 from mor_secure.audit.report_view import utc_text
+from mor_secure.audit.store import StoredLog
 from mor_secure.audit.verify import Verification, verify_log
 from mor_secure.cli_errors import run_command
 from mor_secure.pki import identity_of
@@ -94,7 +94,8 @@ def _certificate_hint(log: StoredLog, given: Sequence[x509.Certificate]) -> list
     """What to try when the certificates given are not all the log's party's: another party's, or too few."""
     if log.party not in (named := {_party_named(c) for c in given}):
         return [f"  None of the certificates given is {log.party}'s (they name "
-                f"{', '.join(sorted(str(p) for p in named))}): give its own, or --ca CA (the consortium's ca.pem)"]
+                f"{', '.join(sorted(p or 'no party' for p in named))}): give its own, or --ca CA (the consortium's "
+                "ca.pem)"]
     if others := _other_certificates(log, given):
         return [f"  The log also holds {len(others)} other certificate(s) naming {log.party} (serials "
                 f"{', '.join(_serials(others))}), as after a renewal: verify with --ca CA (the consortium's ca.pem) "

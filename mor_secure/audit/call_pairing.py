@@ -25,7 +25,11 @@ can be, after swapping an answered call onto another entry its checkpoint
 covers if that frees one (the answered call's checkpoint may have been read
 late, covering the undelivered call's entry too). For an honest pair of
 logs the undelivered calls only change which entries a finding names, never
-how many findings there are: the silo logs no call as not delivered.
+how many findings there are: the silo logs no call as not delivered. A chain
+of late reads the one swap cannot undo may still name a late answer as a
+call off the record (a review's simulation of stalled handlers: 21 to 59 in
+15,000 runs, every count right; first-come-first-served pairing had wrong
+counts in 535 to 8,329 of them).
 """
 
 from __future__ import annotations

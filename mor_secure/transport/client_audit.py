@@ -5,9 +5,9 @@ call on that channel can skip it. The entry holds what the called party's
 entry holds (RPC, round, objective, request digest, item count, status,
 latency; `serde.call_facts` on the very bytes sent), the party called, how
 many entries the log held when the call was sent (reconcile orders it after
-the answers recorded before it), and the signed checkpoint its answer carried in the trailing metadata: the
-called party's tree head, which it can later only extend
-(`mor audit reconcile` checks). A call that could not be recorded raises:
+the answers recorded before it), and the signed checkpoint its answer
+carried in the trailing metadata: the called party's tree head, which it
+can later only extend (`mor audit reconcile` checks). A call that could not be recorded raises:
 a coordinator must not use an answer that is not on its record.
 """
 

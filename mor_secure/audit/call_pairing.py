@@ -111,8 +111,8 @@ def pair_calls(calls: Sequence[Entry], silo_entries: Mapping[tuple, Sequence[Ent
         size = checkpoint.size if checkpoint is not None else math.inf  # no checkpoint: a finding of its own
         position = entries.newest_below(size, status_of(fields))
         position = entries.newest_below(size) if position is None else position
-        if position is None and entries.fields:  # none it covers: the first, which the finding then names
-            position = min(entries.fields)
+        if position is None:  # none it covers: the first, which the finding then names
+            position = entries.first_from(0)
         paired[seq] = None if position is None else entries.take(position)
     first_possible = _first_possible_entries(calls, checkpoints)
     answered_by_key: dict[tuple, list[int]] = {}
@@ -152,7 +152,7 @@ def _first_possible_entries(calls: Sequence[Entry], checkpoints: Mapping[int, Ch
     """For each call, the first silo entry that can be its own: the largest checkpoint size of the answers the
     coordinator recorded before it sent the call. 0 for a call whose entry does not say when it was sent
     (logged before entries did)."""
-    in_order = sorted(calls)
+    in_order = sorted(calls, key=lambda call: call[0])
     positions = [seq for seq, _ in in_order]
     largest = list(accumulate((0 if checkpoints[seq] is None else checkpoints[seq].size for seq, _ in in_order),
                               max))

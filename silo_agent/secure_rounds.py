@@ -74,6 +74,19 @@ def no_secure_rounds(name: str):
                     "provision them with `mor pki init` (or `mor pki issue`)")
 
 
+def check_participant_count(count: int) -> None:
+    """At most MAX_PARTICIPANTS participants (INVALID_ARGUMENT); the servicer checks it before converting them."""
+    if count > MAX_PARTICIPANTS:
+        raise invalid(f"a secure round has at most {MAX_PARTICIPANTS} participants (its sum would overflow "
+                      f"the fixed-point range); this one has {count}")
+
+
+def check_ciphertext_count(count: int) -> None:
+    """A Decrypt carries exactly one ciphertext (INVALID_ARGUMENT)."""
+    if count != 1:
+        raise invalid(f"a Decrypt request carries one ciphertext, the round's blinded sum; this one has {count}")
+
+
 class _Seen:
     """A bounded set of round ids (oldest forgotten first)."""
 
@@ -238,9 +251,7 @@ class SecureRounds:
 
     def _check_participants(self, names: list[str]) -> None:
         # The count first: the checks after it then look at no more than MAX_PARTICIPANTS names.
-        if len(names) > MAX_PARTICIPANTS:
-            raise invalid(f"a secure round has at most {MAX_PARTICIPANTS} participants (its sum would overflow "
-                          f"the fixed-point range); this one has {len(names)}")
+        check_participant_count(len(names))
         repeated = sorted(name for name, count in Counter(names).items() if count > 1)
         if repeated:
             raise invalid(f"participants repeat a silo: {repeated}")
@@ -327,9 +338,7 @@ class SecureRounds:
 
     def decrypt(self, request: DecryptRequest) -> DecryptReply:
         self._check_participants(list(request.participants))
-        if len(request.ciphertexts) != 1:
-            raise invalid(f"a Decrypt request carries one ciphertext, the round's blinded sum; this one has "
-                          f"{len(request.ciphertexts)}")
+        check_ciphertext_count(len(request.ciphertexts))
         with self._lock:  # a replay is refused before it costs a decryption
             self._check_decryptable(request.round_id)
         # Decrypted before the round is marked, so a malformed request does not use up its one decryption; the

@@ -10,7 +10,8 @@ not a valid message then answer INVALID_ARGUMENT naming the message type,
 where gRPC's own deserializer would answer INTERNAL. Every RPC's raw length is
 checked against the policy's `max_request_bytes` before it is parsed (unknown
 fields make any message, an empty DescribeRequest too, as large as a caller likes),
-and a request's repeated fields against the policy's counts before they are
+and a request's repeated fields against the policy's counts (a secure round's
+participants and ciphertexts against the protocol's) before they are
 converted: 8 MiB of empty rows is 4 million of them, 13 s and 750 MB of
 dataclasses to build before the service's own count check refused them.
 """
@@ -28,7 +29,7 @@ from mor_secure.wire import serde
 from mor_secure.wire.errors import ErrorCode, SiloError, invalid
 
 from .request_checks import check_at_most
-from .secure_rounds import SecureRounds, no_secure_rounds
+from .secure_rounds import SecureRounds, check_ciphertext_count, check_participant_count, no_secure_rounds
 from .service import SiloService
 
 SERVICE_NAME = silo_pb2.DESCRIPTOR.services_by_name["SiloRewardService"].full_name
@@ -100,9 +101,14 @@ class SiloServicer(silo_pb2_grpc.SiloRewardServiceServicer):
     def SecureScore(self, request: silo_pb2.SecureScoreRequest,
                     context: grpc.ServicerContext) -> silo_pb2.SecureScoreReply:
         self.check_counts(request.score)
-        return serde.secure_score_reply_to_proto(self.secure.secure_score(serde.secure_score_request_from_proto(request)))
+        check_participant_count(len(request.participants))
+        secure_request = serde.secure_score_request_from_proto(request)
+        return serde.secure_score_reply_to_proto(self.secure.secure_score(secure_request))
 
     def Decrypt(self, request: silo_pb2.DecryptRequest, context: grpc.ServicerContext) -> silo_pb2.DecryptReply:
+        self.service  # noqa: B018 - FAILED_PRECONDITION while the model loads, before anything else
+        check_participant_count(len(request.participants))
+        check_ciphertext_count(len(request.ciphertexts))
         return serde.decrypt_reply_to_proto(self.secure.decrypt(serde.decrypt_request_from_proto(request)))
 
 

@@ -417,6 +417,40 @@ def test_a_request_of_more_rows_than_the_policy_allows_is_refused_before_a_row_i
         audit.close()
 
 
+def test_a_secure_round_of_more_participants_than_the_protocol_allows_is_refused_before_one_is_converted(
+        consortium_pki, tmp_path: Path, monkeypatch) -> None:
+    """8 MiB of empty participants is 4 million of them: serde built each (11.6 s, +850 MB of the server's memory,
+    a review probe) before the secure round's own check of at most 16 refused them; so did a Decrypt's."""
+    ca, _, kits = consortium_pki
+    converted = Counter()
+    for name in ("secure_score_request_from_proto", "decrypt_request_from_proto"):
+        monkeypatch.setattr(serde, name, lambda *a, _name=name, _real=getattr(serde, name): (
+            converted.update([_name]), _real(*a))[1])
+    running, audit = start(ca, kits["silo"], tmp_path)
+    empty_entries = b"\x12\x00" * 2_000_000  # field 2 (participants of both requests), empty, 2M times
+    requests = {"SecureScore": empty_entries, "Decrypt": b"\x0a\x01r" + empty_entries,
+                "Decrypt ": b"\x0a\x01r\x12\x00" + b"\x1a\x00" * 2_000_000}  # one participant, 2M ciphertexts
+    refusals = {"SecureScore": "a secure round has at most 16 participants (its sum would overflow the fixed-point "
+                               "range); this one has 2000000",
+                "Decrypt": "a secure round has at most 16 participants",
+                "Decrypt ": "a Decrypt request carries one ciphertext, the round's blinded sum; this one has 2000000"}
+    try:
+        with grpc.secure_channel(f"127.0.0.1:{running.port}", _credentials(kits["coordinator"])) as channel:
+            for rpc, raw in requests.items():
+                call = channel.unary_unary(f"/{SERVICE_NAME}/{rpc.strip()}", request_serializer=lambda raw: raw,
+                                           response_deserializer=lambda raw: raw)
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(raw, timeout=60)
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, rpc
+                assert refused.value.details().startswith(refusals[rpc]), (rpc, refused.value.details())
+                assert logged(audit)[-1]["status"] == "INVALID_ARGUMENT"
+        assert not converted, converted
+        still_serves(running.port, kits)
+    finally:
+        running.stop(0)
+        audit.close()
+
+
 def test_a_request_without_weights_is_refused_when_the_policy_caps_the_weight(consortium_pki, tmp_path: Path) -> None:
     """No weights means weight 1 on every row: under max_weight 0.5 that is above the cap, as an explicit 1 is."""
     ca, _, kits = consortium_pki

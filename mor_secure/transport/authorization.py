@@ -228,7 +228,10 @@ class AuthorizingInterceptor(grpc.ServerInterceptor):
                 release()  # the party's own refusal (bad input, a policy limit the handler checks)
                 self._finish(context, method, caller, request, "refused", error.code.value, error.message, started)
                 abort_with(context, error)
-            except Exception as exc:  # noqa: BLE001 - a bug must answer INTERNAL, never kill the server
+            except BaseException as exc:  # noqa: BLE001 - a bug must answer INTERNAL, never kill the server
+                # BaseException too: a SystemExit from a library in this worker thread went past an `except
+                # Exception` to gRPC, which never answered (the caller waited for its deadline), nothing was
+                # recorded, and the policy slot stayed taken until the silo restarted.
                 release()
                 ended = _status_set_by_handler(context)
                 if ended is not None:  # context.abort, or set_code then raise: gRPC answers that status

@@ -61,10 +61,11 @@ def consortium_pki(tmp_path_factory: pytest.TempPathFactory):
 
 
 def start(ca, silo_kit: CertKit, tmp_path: Path, policy: SiloPolicy | None = None,
-          audit=None) -> tuple[RunningServer, AuditLog]:
+          audit=None, model: RightAnswerModel | None = None) -> tuple[RunningServer, AuditLog]:
     policy = policy or SiloPolicy()
     audit = audit or AuditLog.for_kit(tmp_path / "audit.db", silo_kit, checkpoint_every_entries=1)
-    service = SiloService("hospital-a", RightAnswerModel(), limits=policy.limits, max_weight=policy.max_weight)
+    service = SiloService("hospital-a", model or RightAnswerModel(), limits=policy.limits,
+                          max_weight=policy.max_weight)
     running = serve(kit=silo_kit, crl_path=ca.directory / "crl.pem", services=[servicer_registration(service)],
                     roles_by_rpc=ROLES_BY_RPC, admission=SiloAdmission(policy), audit=audit)
     running.set_serving(True)
@@ -447,6 +448,38 @@ def test_a_secure_round_of_more_participants_than_the_protocol_allows_is_refused
         assert not converted, converted
         still_serves(running.port, kits)
     finally:
+        running.stop(0)
+        audit.close()
+
+
+class ExitingOnceModel(RightAnswerModel):
+    """Raises SystemExit on its first call, as a library calling sys.exit() in a worker thread would."""
+
+    def side_inputs(self, images, prompts, responses):
+        if self.calls == 0:
+            self.calls += 1
+            raise SystemExit("a library gave up")
+        return super().side_inputs(images, prompts, responses)
+
+
+def test_a_handler_that_raises_a_base_exception_is_answered_internal_on_record_and_frees_its_slot(
+        consortium_pki, tmp_path: Path) -> None:
+    """The wrapper caught Exception only: on a SystemExit gRPC answered nothing (the caller waited for its
+    deadline), the silo recorded nothing, and the policy slot stayed taken, so with max_concurrent_requests 1
+    every later call was RESOURCE_EXHAUSTED until the silo restarted."""
+    ca, _, kits = consortium_pki
+    policy = SiloPolicy(max_concurrent_requests=1)
+    running, audit = start(ca, kits["silo"], tmp_path, policy, model=ExitingOnceModel())
+    coordinator = NetworkSiloClient("hospital-a", f"127.0.0.1:{running.port}", kits["coordinator"], retries=0,
+                                    deadline_s=3)
+    try:
+        with pytest.raises(SiloError) as failed:
+            coordinator.score(GOOD)
+        assert failed.value.code == ErrorCode.INTERNAL, failed.value
+        assert logged(audit)[-1]["status"] == "INTERNAL" and logged(audit)[-1]["reason"] == "SystemExit"
+        still_serves(running.port, kits)
+    finally:
+        coordinator.close()
         running.stop(0)
         audit.close()
 

@@ -115,16 +115,17 @@ class SiloService:
         limits = self.limits
         check_objective(request.objective, self.allowed_objectives)
         check_count("rows", len(request.rows), limits.max_items)
+        check_count("images", len(request.images), limits.max_images)  # before an index is read against them
         weights = check_weights(request.weights, len(request.rows), self.max_weight)
-        images = decode_images(request.images, limits)
         used: set[int] = set()
-        row_images, prompts, responses = [], [], []
+        prompts, responses = [], []
         for index, row in enumerate(request.rows):
-            used.add(check_image_index("rows", index, row.image, len(images)))
-            row_images.append(images[row.image])
+            used.add(check_image_index("rows", index, row.image, len(request.images)))
             prompts.append(check_text("prompts", index, row.prompt, limits, self._reserved_text))
             responses.append(check_text("responses", index, row.response, limits, self._reserved_text))
-        check_all_images_used(used, len(images))
+        check_all_images_used(used, len(request.images))
+        images = decode_images(request.images, limits)  # the costliest check last: up to max_request_pixels
+        row_images = [images[row.image] for row in request.rows]
         with self._model_lock:
             scores = self._checked(self._model.score(row_images, prompts, responses), len(responses))
         if weights is not None:
@@ -140,16 +141,17 @@ class SiloService:
         check_objective(request.objective, self.allowed_objectives)
         epsilon = check_epsilon(request.randomized_response_epsilon)
         check_count("pairs", len(request.pairs), limits.max_items)
-        images = decode_images(request.images, limits)
+        check_count("images", len(request.images), limits.max_images)  # before an index is read against them
         used: set[int] = set()
-        row_images, prompts, chosen, rejected = [], [], [], []
+        prompts, chosen, rejected = [], [], []
         for index, pair in enumerate(request.pairs):
-            used.add(check_image_index("pairs", index, pair.image, len(images)))
-            row_images.append(images[pair.image])
+            used.add(check_image_index("pairs", index, pair.image, len(request.images)))
             prompts.append(check_text("prompts", index, pair.prompt, limits, self._reserved_text))
             chosen.append(check_text("chosen", index, pair.chosen, limits, self._reserved_text))
             rejected.append(check_text("rejected", index, pair.rejected, limits, self._reserved_text))
-        check_all_images_used(used, len(images))
+        check_all_images_used(used, len(request.images))
+        images = decode_images(request.images, limits)  # the costliest check last, as in `score`
+        row_images = [images[pair.image] for pair in request.pairs]
         with self._model_lock:
             # One batched call for both sides: [chosen..., rejected...]; raw scores rank exactly like standardised.
             raw = self._model.raw_scores(row_images * 2, prompts * 2, chosen + rejected)

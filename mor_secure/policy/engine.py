@@ -4,8 +4,10 @@
 authorizing wrapper, after identity, revocation and role are checked, and
 raises `SiloError` to refuse: PERMISSION_DENIED for a caller the policy does
 not list, RESOURCE_EXHAUSTED for a rate, cap or concurrency limit (nothing is
-queued: a refused call costs the silo no model time). A refused request does
-not count against the caller's rate or cap. Counters live in memory: a restart
+queued: a refused call costs the silo no model time). A request this policy
+refuses does not count against the caller's rate or cap; one it admits does,
+even if the silo then refuses it (a bad request, a model still loading), as
+it took the silo's time. Counters live in memory: a restart
 resets the day's count, which the audit log (not this counter) records.
 """
 

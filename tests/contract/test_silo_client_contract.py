@@ -154,6 +154,17 @@ def test_policy_limits_refuse_oversize_requests(connect) -> None:
             "4 pairs in one request; this silo's policy allows at most 3")
 
 
+def test_texts_and_image_indices_are_checked_before_any_image_is_decoded(connect) -> None:
+    """Decoding the images (up to max_request_pixels of them) came right after the counts, so a request with a bad
+    text cost the silo a decode of every image before it was refused; the cheap checks now come first."""
+    client = connect(service()[0])
+    undecodable = ImageBlob.of(b"not an image")
+    refused(client, client.score, Score(images=(undecodable,), rows=(ScoreRow(0, QUESTION, " "),)),
+            ErrorCode.INVALID_ARGUMENT, r"responses\[0\] is empty")
+    refused(client, client.correctness_bits, Bits(images=(undecodable,), pairs=(BitsPair(0, QUESTION, "right", " "),)),
+            ErrorCode.INVALID_ARGUMENT, r"rejected\[0\] is empty")
+
+
 def test_bad_bits_requests_name_the_field(connect) -> None:
     client = connect(service()[0])
     refused(client, client.correctness_bits, Bits(images=(RED,), pairs=()), ErrorCode.INVALID_ARGUMENT,

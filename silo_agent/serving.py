@@ -27,7 +27,7 @@ from mor_secure.audit import AuditLog
 from mor_secure.data import load_consortium
 from mor_secure.models.reward_model import LocalResources
 from mor_secure.pki.files import write_public
-from mor_secure.pki.identity import Role
+from mor_secure.pki.identity import Role, parse_identity
 from mor_secure.pki.kits import CertKit
 from mor_secure.policy import SiloAdmission, SiloPolicy, default_allowed_callers, load_policy
 from mor_secure.privacy import PrivacyLedger
@@ -39,7 +39,7 @@ from .audit_trail import SiloAuditTrail
 from .config import ServeSettings, SiloConfig
 from .secure_rounds import ROUND_RECORD, RoundRecord, SecureRounds
 from .service import SiloService, ledger_summary, open_model_service, published_privacy_report
-from .servicer import ROLES_BY_RPC, SiloServicer, servicer_registration
+from .servicer import ROLES_BY_RPC, SERVICE_NAME, SiloServicer, servicer_registration
 from .training import MODEL_DIR, REPORT_FILE, open_ledger, served_feature_cache_dir, training_lock
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ def serving_policy(config: SiloConfig) -> tuple[SiloPolicy, str]:
     if config.serve is not None and config.serve.policy is not None:
         policy = load_policy(config.serve.policy)
         if "allowed_callers" in policy.model_fields_set:
+            _refuse_callers_of_a_barred_role(policy, config.serve.policy)
             return policy, str(config.serve.policy)
     spec = load_consortium(config.consortium)
     callers = default_allowed_callers(coordinator=spec.coordinator, auditors=spec.auditors)
@@ -100,6 +101,18 @@ def serving_policy(config: SiloConfig) -> tuple[SiloPolicy, str]:
             f"{config.serve.policy}, its callers the defaults for coordinator {spec.coordinator!r}")
     return SiloPolicy(allowed_callers=callers), ("no policy file: the secure defaults of mor_secure/policy/schema.py, "
                                                  f"for coordinator {spec.coordinator!r}")
+
+
+def _refuse_callers_of_a_barred_role(policy: SiloPolicy, source: Path) -> None:
+    """ValueError for a caller the policy lists on an RPC its role may never call: the roles table refuses it on
+    every call (PERMISSION_DENIED), so the operator would learn of the mistake only from refused calls."""
+    for rpc, callers in policy.allowed_callers.items():
+        roles = ROLES_BY_RPC[f"/{SERVICE_NAME}/{rpc}"]
+        barred = [caller for caller in callers if parse_identity(caller).role not in roles]
+        if barred:
+            raise ValueError(f"{source}: allowed_callers.{rpc} lists {', '.join(barred)}, but only "
+                             f"{' or '.join(sorted(role.value for role in roles))} parties may call {rpc} on a silo "
+                             "(every other role is refused whatever the policy says); remove them")
 
 
 def server_settings(settings: ServeSettings, policy: SiloPolicy) -> ServerSettings:

@@ -432,6 +432,31 @@ def test_without_a_policy_file_the_silo_admits_its_own_consortiums_coordinator(s
     assert policy.allowed_callers == {"Score": ["mor://coordinator/central"]} and source == str(policy_path)
 
 
+def test_a_policy_listing_a_caller_whose_role_may_never_call_the_rpc_is_refused_when_loaded(
+        silo_dir: Path, tmp_path: Path) -> None:
+    """It loaded, and the roles table refused the caller on every call (PERMISSION_DENIED): the operator learnt of
+    the mistake only from refused calls."""
+    from silo_agent.serving import serving_policy
+
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text("allowed_callers:\n  Score: [mor://coordinator/coordinator, mor://auditor/auditor]\n"
+                           "  Describe: [mor://silo/bank-b]\n", encoding="utf-8")
+    config_path = tmp_path / "silo.yaml"
+    consortium = f"consortium: {silo_dir / 'consortium.yaml'}"
+    config_path.write_text(SILO_YAML.replace("consortium: consortium.yaml", consortium)
+                           + f"serve:\n  kit: kit\n  policy: {policy_path}\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"allowed_callers.Score lists mor://auditor/auditor, but only coordinator "
+                       r"parties may call Score on a silo"):
+        serving_policy(silo_training.load_silo_config(config_path))
+    policy_path.write_text("allowed_callers:\n  Describe: [mor://silo/bank-b]\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"allowed_callers.Describe lists mor://silo/bank-b, but only auditor or "
+                       r"coordinator parties may call Describe"):
+        serving_policy(silo_training.load_silo_config(config_path))
+    policy_path.write_text("allowed_callers:\n  Describe: [mor://auditor/auditor]\n", encoding="utf-8")
+    assert serving_policy(silo_training.load_silo_config(config_path))[0].allowed_callers == {
+        "Describe": ["mor://auditor/auditor"]}
+
+
 def test_a_privacy_report_is_served_only_beside_the_weights_it_describes(first_run: FirstRun, tmp_path: Path,
                                                                           caplog) -> None:
     """A job stopped between writing its model and its report (or failing to write the report) must not leave

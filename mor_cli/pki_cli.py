@@ -7,7 +7,9 @@
     mor pki crl --ca pki/ca                                    re-sign the CRL before it goes stale
 
 Kits are directories (mor_secure/pki/kits.py); hand each party its own and
-nothing else. Private keys are written mode 0600 and never overwritten.
+nothing else: `issue` refuses a party that already has a live kit elsewhere.
+Private keys are written mode 0600 and never overwritten. `list` needs only
+ca.pem and issued.json, so ca.key can stay offline but to sign.
 Silo kits also get the consortium's homomorphic-encryption context with its
 secret key and an X25519 key whose public half their certificate key signs;
 the coordinator's kit gets the public context only
@@ -126,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _init(args: argparse.Namespace) -> int:
     authority, kits = init_pki(args.consortium, args.out, days=args.days)
-    print(f"consortium CA: {authority.directory} (keep ca.key offline; it signs every kit and the CRL)")
+    print(f"consortium CA: {authority.directory} (ca.key is stored unencrypted: keep it offline, mode 0600; it "
+          "signs every kit and the CRL)")
     for identity, kit in kits.items():
         print(f"  {identity:<36} {kit.directory}")
     print("hand each party its own kit directory, and nothing else")
@@ -140,9 +143,15 @@ def _issue(args: argparse.Namespace) -> int:
         raise ValueError("--new-agreement-key replaces the key-agreement key of a silo kit renewed with --renew; "
                          "a new silo kit gets a new one anyway, and other kits have none")
     kit = authority.issue(identity, args.out, lifetime=dt.timedelta(days=args.days),
-                          hosts=tuple(dict.fromkeys([*DEFAULT_HOSTS, *args.host])), renew=args.renew)
+                          hosts=tuple(dict.fromkeys([*DEFAULT_HOSTS, *args.host])), renew=args.renew,
+                          refuse_second_live_kit=True)
     provision_kit(kit, identity.role, authority.directory, new_agreement_key=args.new_agreement_key)
-    print(f"{'renewed' if args.renew else 'issued'} {identity}: serial {kit.certificate().serial_number:x}, kit {kit.directory}")
+    serial = kit.certificate().serial_number
+    print(f"{'renewed' if args.renew else 'issued'} {identity}: serial {serial:x}, kit {kit.directory}")
+    # Only in this kit directory (issue refuses another): the renewed one, or one whose kit was deleted.
+    for old in (row for row in authority.live_certificates(identity) if row.serial != serial):
+        print(f"the old certificate {old.serial:x} stays valid until {old.not_after}; if its key may be "
+              f"compromised, revoke it: mor pki revoke --ca {authority.directory} --serial {old.serial:x}")
     return 0
 
 
@@ -156,9 +165,15 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    now = dt.datetime.now(dt.timezone.utc)
     for row in CertificateAuthority(args.ca).issued():
-        status = f"revoked {row.revoked_at} ({row.revocation_reason})" if row.revoked_at else f"valid until {row.not_after}"
-        print(f"{row.serial:x}  {row.identity:<36} {status}")
+        if row.revoked_at:
+            status = f"revoked {row.revoked_at} ({row.revocation_reason})"
+        elif dt.datetime.fromisoformat(row.not_after) <= now:
+            status = f"expired {row.not_after}"
+        else:
+            status = f"valid until {row.not_after}"
+        print(f"{row.serial:x}  {row.identity:<36} {status:<37} kit {row.kit}")
     return 0
 
 

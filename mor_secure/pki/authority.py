@@ -9,7 +9,7 @@ domain that clients pin (so a connection reaches the party it meant to, not
 any consortium member listening at that address), and the hosts a server
 answers on.
 
-    <ca>/ca.pem       CA certificate          <ca>/ca.key     its key (0600)
+    <ca>/ca.pem       CA certificate          <ca>/ca.key     its key (0600, unencrypted PKCS8: keep it offline)
     <ca>/issued.json  every certificate issued, with its serial and status
     <ca>/crl.pem      the signed CRL (rewritten on every revocation)
 """
@@ -24,7 +24,8 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
+from functools import cached_property
 from pathlib import Path
 
 from cryptography import x509
@@ -32,9 +33,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .files import write_private, write_public
-from .identity import IDENTITY_DOMAIN, PartyIdentity, parse_identity
-from .kits import CA_FILE, CERT_FILE, CRL_FILE, KEY_FILE, CertKit, crl_number, identity_of
+from .files import make_private_directory, write_private, write_public
+from .identity import PartyIdentity, check_hosts, parse_identity
+from .kits import (CA_FILE, CERT_FILE, CRL_FILE, KEY_FILE, CertKit, crl_number, identity_of, not_a_kits_own,
+                   undo_killed_renewal)
 
 CA_KEY_FILE = "ca.key"
 ISSUED_FILE = "issued.json"
@@ -71,23 +73,44 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 class CertificateAuthority:
-    """An existing CA directory (`create` makes one)."""
+    """An existing CA directory (`create` makes one); its key is read only to sign, so `issued` works offline."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        if not (self.directory / CA_FILE).is_file() or not (self.directory / CA_KEY_FILE).is_file():
-            raise FileNotFoundError(f"{self.directory}: no consortium CA here (ca.pem and ca.key); create one with "
+        if not (self.directory / CA_FILE).is_file():
+            raise FileNotFoundError(f"{self.directory}: no consortium CA here (no ca.pem); create one with "
                                     "`mor pki init`")
         self.certificate = x509.load_pem_x509_certificate((self.directory / CA_FILE).read_bytes())
-        self._key = serialization.load_pem_private_key((self.directory / CA_KEY_FILE).read_bytes(), password=None)
+
+    @cached_property
+    def _key(self) -> ec.EllipticCurvePrivateKey:
+        """ca.key, read at the first signature and checked to be ca.pem's."""
+        path = self.directory / CA_KEY_FILE
+        try:
+            pem = path.read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"ca.key not found in {self.directory}; bring the CA key back to issue, revoke "
+                                    "or sign a CRL") from None
+        try:
+            key = serialization.load_pem_private_key(pem, password=None)
+        except TypeError:  # cryptography's answer to an encrypted key read without a password
+            raise ValueError(f"{path} is encrypted, and `mor pki` has no passphrase support: it reads the "
+                             "unencrypted PKCS8 key `mor pki init` wrote; put that back (mode 0600) and protect it "
+                             "by keeping it offline") from None
+        # A ca.pem from another CA would sign kits that verify against no one's ca.pem, theirs included.
+        if key.public_key() != self.certificate.public_key():
+            raise ValueError(f"{path} is not the key of {self.directory / CA_FILE} (their public keys differ); put "
+                             "back this CA's own pair")
+        return key
 
     @classmethod
     def create(cls, directory: str | Path, *, name: str = "mor-secure consortium CA",
                lifetime: dt.timedelta = CA_LIFETIME) -> CertificateAuthority:
         """A new self-signed CA; refused if `directory` already holds one (its key is never overwritten)."""
         directory = Path(directory)
-        if (directory / CA_KEY_FILE).exists():
-            raise FileExistsError(f"{directory} already holds a CA key; a consortium has one CA (use it, or choose "
+        # ca.pem and issued.json too: with its key kept offline, a CA is still there, and its record irreplaceable.
+        if any((directory / name).exists() for name in (CA_KEY_FILE, CA_FILE, ISSUED_FILE)):
+            raise FileExistsError(f"{directory} already holds a CA; a consortium has one CA (use it, or choose "
                                   "another directory)")
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -103,6 +126,7 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
+        make_private_directory(directory)
         write_private(directory / CA_KEY_FILE, _pem_key(key))
         write_public(directory / CA_FILE, certificate.public_bytes(serialization.Encoding.PEM))
         write_public(directory / ISSUED_FILE, b"[]\n")
@@ -112,8 +136,20 @@ class CertificateAuthority:
 
     # --- issued certificates ------------------------------------------------------------
     def issued(self) -> list[IssuedCertificate]:
-        """Every certificate this CA issued, oldest first."""
-        return [IssuedCertificate(**row) for row in json.loads((self.directory / ISSUED_FILE).read_text("utf-8"))]
+        """Every certificate this CA issued, oldest first; ValueError naming the row of a file that is not one."""
+        path = self.directory / ISSUED_FILE
+        try:
+            rows = json.loads(path.read_text("utf-8"))
+        except ValueError as exc:
+            raise ValueError(f"{path} is not JSON ({exc}); restore it from a backup") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path} holds a JSON {type(rows).__name__}, not the list of certificates `mor pki` "
+                             "writes; restore it from a backup")
+        return [_issued_row(row, number, path) for number, row in enumerate(rows, start=1)]
+
+    def live_certificates(self, identity: PartyIdentity) -> list[IssuedCertificate]:
+        """The certificates of `identity` neither revoked nor expired, oldest first."""
+        return _live(self.issued(), identity)
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -130,7 +166,7 @@ class CertificateAuthority:
         write_public(self.directory / ISSUED_FILE, (json.dumps([asdict(r) for r in rows], indent=2) + "\n").encode())
 
     def issue(self, identity: PartyIdentity, kit_dir: str | Path, *, lifetime: dt.timedelta = LEAF_LIFETIME,
-              hosts: Sequence[str] = DEFAULT_HOSTS, renew: bool = False,
+              hosts: Sequence[str] = DEFAULT_HOSTS, renew: bool = False, refuse_second_live_kit: bool = False,
               not_before: dt.datetime | None = None) -> CertKit:
         """Write a kit for `identity` into `kit_dir`, its certificate naming `hosts` besides the party itself.
 
@@ -138,11 +174,14 @@ class CertificateAuthority:
         issuer cannot be verified). `renew` replaces an existing kit's
         certificate and key, keeping the old key as party-retired-<serial>.key;
         without it an existing kit is refused, and so is renewing a kit that
-        belongs to another party. The certificate is recorded in issued.json
+        belongs to another party. `refuse_second_live_kit` (`mor pki issue`
+        sets it) refuses a party that has a live certificate in another kit
+        directory: two live kits of one party are two keys to revoke, one of
+        them easily forgotten. The certificate is recorded in issued.json
         before the kit is written, so that one signed is always listed and
         revocable; a kit that cannot be written is left as it was. `not_before`
         (default: now) exists for tests and rotation drills (e.g. an already
-        expired kit).
+        expired kit, or a party's second kit).
         """
         kit_dir = Path(kit_dir)
         start = (not_before or _now()) - dt.timedelta(minutes=5)  # tolerate clock skew between parties
@@ -152,18 +191,37 @@ class CertificateAuthority:
                              f"(valid until {self.certificate.not_valid_after_utc:%Y-%m-%d}); choose a shorter "
                              "lifetime")
         renewed_serial = self._kit_to_replace(identity, kit_dir, renew)
-        _check_hosts(hosts)
+        check_hosts(hosts)
         key = ec.generate_private_key(ec.SECP256R1())
-        certificate = self._sign_leaf(identity, key, hosts, start, end)
-        with self._exclusive():
-            self._record([*self.issued(), IssuedCertificate(
+        with self._exclusive():  # checked and recorded under one lock: two issues at once cannot both pass
+            rows = self.issued()
+            if refuse_second_live_kit:
+                self._refuse_live_kit_elsewhere(identity, kit_dir, rows)
+            certificate = self._sign_leaf(identity, key, hosts, start, end)
+            self._record([*rows, IssuedCertificate(
                 serial=certificate.serial_number, identity=identity.uri, not_before=start.isoformat(),
                 not_after=end.isoformat(), kit=str(kit_dir.resolve()))])
         self._write_kit(kit_dir, key, certificate, renewed_serial)
         return CertKit.load(kit_dir)
 
+    def _refuse_live_kit_elsewhere(self, identity: PartyIdentity, kit_dir: Path,
+                                   rows: Sequence[IssuedCertificate]) -> None:
+        elsewhere = [row for row in _live(rows, identity) if Path(row.kit) != kit_dir.resolve()]
+        if not elsewhere:
+            return
+        held = "; ".join(f"serial {row.serial:x} in {row.kit}, valid until {row.not_after[:10]}" for row in elsewhere)
+        revocations = ", ".join(f"`mor pki revoke --ca {self.directory} --serial {row.serial:x}`" for row in elsewhere)
+        raise FileExistsError(f"{identity} already has a live kit ({held}); a party holds one kit: renew it there "
+                              f"(`mor pki issue --ca {self.directory} --role {identity.role.value} --name "
+                              f"{identity.name} --renew --out {elsewhere[-1].kit}`), or revoke it first "
+                              f"({revocations}) if it is lost or no longer used")
+
     def _kit_to_replace(self, identity: PartyIdentity, kit_dir: Path, renew: bool) -> int | None:
         """The serial of the kit in `kit_dir` that `issue` renews (None for a new kit); refuses any other kit."""
+        # Checked before anything is signed: the kit's write would fail only after its certificate was recorded.
+        if not next(path for path in (kit_dir, *kit_dir.parents) if path.exists()).is_dir():
+            raise NotADirectoryError(f"--out {kit_dir} is a file, not a directory" if kit_dir.exists() else
+                                     f"--out {kit_dir} is under a file, not a directory")
         resolved, ca_directory = kit_dir.resolve(), self.directory.resolve()
         if resolved == ca_directory or ca_directory in resolved.parents:
             raise ValueError(f"kit directory {kit_dir} is in the CA directory {self.directory}, which holds the "
@@ -172,11 +230,13 @@ class CertificateAuthority:
             raise ValueError(f"kit directory {kit_dir} holds the CA directory {self.directory}, and a kit is handed "
                              "out whole; give the kit a directory of its own, e.g. pki/kits/<role>-<name>")
         if not ((kit_dir / KEY_FILE).exists() or (kit_dir / CERT_FILE).exists()):
-            if held := _not_a_kits_own(kit_dir):
+            if held := not_a_kits_own(kit_dir):
                 raise FileExistsError(f"kit directory {kit_dir} is not empty (it holds {', '.join(held[:5])}"
                                       f"{', ...' if len(held) > 5 else ''}), and a kit is handed out whole, so "
                                       "anything there would go with it (other parties' kits, say); give the kit a "
                                       "new or empty directory of its own")
+            if renew:
+                raise FileNotFoundError(f"no kit in {kit_dir} to renew; drop --renew to issue a new one")
             return None
         if not renew:
             raise FileExistsError(f"{kit_dir} already holds a kit; renew it with --renew (its old key is retired, "
@@ -216,15 +276,14 @@ class CertificateAuthority:
     def _write_kit(self, kit_dir: Path, key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate,
                    renewed_serial: int | None) -> None:
         """Put the kit's files in place; on any failure, remove the ones this call added and restore the old key."""
-        made_directory = not kit_dir.exists()
-        kit_dir.mkdir(parents=True, exist_ok=True)
+        made_directory = make_private_directory(kit_dir)  # 0700: it holds party.key
         key_path, pending_key = kit_dir / KEY_FILE, kit_dir / f"{KEY_FILE}.new"
         pending_key.unlink(missing_ok=True)  # left by a renewal killed before it moved it in place: never in use
         added = [p for p in (kit_dir / CA_FILE, kit_dir / CRL_FILE, key_path, kit_dir / CERT_FILE) if not p.exists()]
         retired = (kit_dir / f"party-retired-{renewed_serial:x}.key"
                    if renewed_serial is not None and key_path.exists() else None)
         if retired is not None and retired.exists():
-            _undo_killed_renewal(key_path, retired, CertKit(kit_dir).certificate())
+            undo_killed_renewal(key_path, retired, CertKit(kit_dir).certificate())
         retired_linked = key_replaced = False
         try:
             write_public(kit_dir / CA_FILE, (self.directory / CA_FILE).read_bytes())
@@ -252,7 +311,8 @@ class CertificateAuthority:
             raise
 
     # --- revocation ---------------------------------------------------------------------
-    def revoke(self, *, serial: int | None = None, identity: str | None = None, reason: str = "unspecified") -> list[int]:
+    def revoke(self, *, serial: int | None = None, identity: str | None = None,
+               reason: str = "unspecified") -> list[int]:
         """Revoke one certificate (by serial) or every live one of a party (by identity URI); rewrite the CRL."""
         if (serial is None) == (identity is None):
             raise ValueError("revoke needs exactly one of serial or identity")
@@ -301,6 +361,43 @@ class CertificateAuthority:
         return path
 
 
+def _live(rows: Sequence[IssuedCertificate], identity: PartyIdentity) -> list[IssuedCertificate]:
+    now = _now()
+    return [row for row in rows if row.identity == identity.uri and row.revoked_at is None
+            and dt.datetime.fromisoformat(row.not_after) > now]
+
+
+_ROW_FIELDS = {field.name: field.default is MISSING for field in fields(IssuedCertificate)}  # name: required
+_ROW_TIMES = ("not_before", "not_after", "revoked_at")
+
+
+def _issued_row(row: object, number: int, path: Path) -> IssuedCertificate:
+    """Row `number` (from 1) of issued.json, checked: a hand-edited or older file fails naming the row."""
+    def wrong(what: str) -> ValueError:
+        return ValueError(f"{path}: row {number} {what}; every row has {', '.join(_ROW_FIELDS)} (the last two "
+                          "null unless revoked): mend it or restore the file from a backup")
+
+    if not isinstance(row, dict):
+        raise wrong(f"is a JSON {type(row).__name__}, not an object")
+    if missing := [name for name, required in _ROW_FIELDS.items() if required and name not in row]:
+        raise wrong(f"has no {', '.join(missing)}")
+    if unknown := sorted(set(row) - set(_ROW_FIELDS)):
+        raise wrong(f"has unknown {', '.join(unknown)}")
+    if type(row["serial"]) is not int or row["serial"] < 1:  # not `isinstance`: True is an int
+        raise wrong(f"has serial {row['serial']!r}, not a positive integer")
+    for name, required in _ROW_FIELDS.items():
+        if name != "serial" and (required or row.get(name) is not None) and not isinstance(row[name], str):
+            raise wrong(f"has {name} {row[name]!r}, not a string")
+    for name in _ROW_TIMES:
+        if row.get(name) is not None:
+            try:
+                aware = dt.datetime.fromisoformat(row[name]).tzinfo is not None
+            except ValueError:
+                aware = False
+            if not aware:
+                raise wrong(f"has {name} {row[name]!r}, not an ISO date and time with its time zone")
+    return IssuedCertificate(**row)
+
 
 def _next_crl_number(path: Path) -> int:
     """Above the last CRL's number and at least the time in microseconds.
@@ -313,38 +410,3 @@ def _next_crl_number(path: Path) -> int:
     """
     last = crl_number(x509.load_pem_x509_crl(path.read_bytes())) if path.is_file() else 0
     return max(last + 1, time.time_ns() // 1000)
-
-
-def _not_a_kits_own(kit_dir: Path) -> list[str]:
-    """What `kit_dir` holds besides what an issue killed there could have left (a fresh kit's public files, its
-    pending key, their partial writes)."""
-    if not kit_dir.is_dir():
-        return []
-    own = (CA_FILE, CRL_FILE, CERT_FILE, f"{KEY_FILE}.new")
-    return sorted(p.name for p in kit_dir.iterdir() if p.name not in own and not any(
-        p.name.startswith(f".{name}.") and p.name.endswith(".partial") for name in own))
-
-
-def _undo_killed_renewal(key_path: Path, retired: Path, certificate: x509.Certificate) -> None:
-    """Put a kit a renewal was killed in back on its old key, so the renewal can run again.
-
-    Killed after the old key got its retired name: party.key is still the old key (drop the spare name), or
-    already the new one while party.pem is still the old certificate (a mismatched pair: the old key goes back).
-    """
-    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    if key.public_key() == certificate.public_key():
-        retired.unlink()
-    else:
-        os.replace(retired, key_path)
-
-
-def _check_hosts(hosts: Sequence[str]) -> None:
-    for host in hosts:
-        if not host or any(character.isspace() for character in host):
-            raise ValueError(f"host {host!r} is empty or has a space; name the machine's real host or IP")
-        # Clients pin a connection to the party they meant by its name under IDENTITY_DOMAIN: a host there
-        # (or a wildcard) in another party's certificate would let that party answer in its place.
-        name = host.lower().rstrip(".")
-        if "*" in host or name == IDENTITY_DOMAIN or name.endswith("." + IDENTITY_DOMAIN):
-            raise ValueError(f"host {host!r} is a wildcard or a party name under {IDENTITY_DOMAIN}, which "
-                             "only the party's own identity may carry; name the machine's real host or IP")

@@ -2,7 +2,7 @@
 
     <kit>/ca.pem      the consortium CA certificate (trust anchor)
     <kit>/party.pem   this party's certificate (role and name in its SAN URI)
-    <kit>/party.key   its private key (mode 0600; *.key is git-ignored)
+    <kit>/party.key   its private key (mode 0600; *.key is git-ignored; the directory is 0700)
     <kit>/crl.pem     the CA's certificate revocation list, as of issue (servers reload their CRL file on change)
 
 A renewed kit replaces party.pem and party.key; servers pick the new pair up
@@ -11,10 +11,12 @@ on the next connection without a restart (transport/credentials.py).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from .identity import PartyIdentity, parse_identity
 
@@ -48,6 +50,29 @@ def crl_number(crl: x509.CertificateRevocationList) -> int:
         return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound:
         return 0
+
+
+def not_a_kits_own(kit_dir: Path) -> list[str]:
+    """What `kit_dir` holds besides what an issue killed there could have left (a fresh kit's public files, its
+    pending key, their partial writes)."""
+    if not kit_dir.is_dir():
+        return []
+    own = (CA_FILE, CRL_FILE, CERT_FILE, f"{KEY_FILE}.new")
+    return sorted(p.name for p in kit_dir.iterdir() if p.name not in own and not any(
+        p.name.startswith(f".{name}.") and p.name.endswith(".partial") for name in own))
+
+
+def undo_killed_renewal(key_path: Path, retired: Path, certificate: x509.Certificate) -> None:
+    """Put a kit a renewal was killed in back on its old key, so the renewal can run again.
+
+    Killed after the old key got its retired name: party.key is still the old key (drop the spare name), or
+    already the new one while party.pem is still the old certificate (a mismatched pair: the old key goes back).
+    """
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if key.public_key() == certificate.public_key():
+        retired.unlink()
+    else:
+        os.replace(retired, key_path)
 
 
 @dataclass(frozen=True)

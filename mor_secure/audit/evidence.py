@@ -5,13 +5,14 @@ certificate that says whose keys to trust): queries and refusals from each
 silo's own entries, its privacy ledger's state as recorded with each call,
 the router's weights (from the rounds of the MoR reward only: the other
 methods' weights are fixed) and the scoring rounds from the coordinator's
-round entries, the policy in force and the served model's privacy status from the silo's
-serving-start entries.
+round entries, each policy a silo served under and the served model's
+privacy status from the silo's serving-start entries.
 
 The logs are untrusted input: a party signs whatever its own software wrote.
 Every value the page uses is checked for the type and range the log writes
-(a time within 1970..9999, finite numbers, lists of names), and an entry that
-is not in that shape is counted, per party, as a finding of the page (`Shape`).
+(a time within 1970..9999, finite numbers, amounts of privacy budget >= 0,
+counts up to 2**53, lists of names), and an entry that is not in that shape
+is counted, per party, as a finding of the page (`Shape`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ from .verify import Verification, verify_log
 logger = logging.getLogger(__name__)
 # The decisions a silo's transport writes (mor_secure.transport.authorization): "failed" is a handler's bug.
 DECISIONS = ("admitted", "refused", "failed")
+# A count the log writes (rows, charges) is at most 2**53, the last whole number a float holds exactly: a larger one
+# (10**308, say) is not in the log's shape, and summing two would overflow the page's arithmetic.
+MAX_COUNT = 2**53
 
 
 @dataclass(frozen=True)
@@ -106,8 +110,9 @@ class Shape:
     _odd: bool = field(default=False, init=False, repr=False)  # the entry being read had a field out of shape
 
     def count(self, value: Any) -> int:
-        """A whole number >= 0 as the log writes it (absent: 0); anything else reads as 0 and marks the entry."""
-        if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        """A whole number in 0..MAX_COUNT as the log writes it (absent: 0); anything else reads as 0 and marks the
+        entry."""
+        if value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_COUNT):
             return value or 0
         self._odd = True
         return 0
@@ -142,6 +147,14 @@ def _number(value: Any) -> float:
     return float(value)
 
 
+def _spent(value: Any) -> float:
+    """An amount of privacy budget (spent or a budget): a finite number >= 0, as a ledger keeps, else ValueError."""
+    amount = _number(value)
+    if amount < 0:
+        raise ValueError(f"{value!r} is a negative amount of privacy budget")
+    return amount
+
+
 def _time(fields: dict[str, Any]) -> float:
     """The entry's time: the log's clock writes seconds within the calendar, never NaN or 1e300."""
     when = _number(fields.get("time"))
@@ -166,7 +179,7 @@ def _served_model(silo: str, when: float, stated: Any) -> ServedModel | None:
     return ServedModel(silo=silo, time=when, private=stated["private"], why=stated["why"], unit=stated.get("unit"))
 
 
-def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], PolicyInForce | None,
+def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], list[PolicyInForce],
                                          ServingStart | None, list[ServedModel], Shape]:
     name = _name(silo.party)
     queries, budgets, policies, starts, models, times = [], [], [], [], [], []
@@ -187,14 +200,14 @@ def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], Pol
                               decision=shape.text(fields.get("decision"), DECISIONS),
                               status=shape.text(fields.get("status")),
                               reason=str(fields.get("reason") or ""), items=shape.count(fields.get("items")),
-                              epsilon_spent=0.0 if spent is None else _number(spent))
+                              epsilon_spent=0.0 if spent is None else _spent(spent))
         elif event == "serving_started":
             policy = PolicyInForce(silo=name, digest=str(fields.get("policy_digest")),
-                                   text=str(fields.get("policy_text")))
+                                   text=str(fields.get("policy_text")), time=when)
             model = _served_model(name, when, fields.get("model_privacy"))
         if ledger:
-            state = {key: _number(ledger[key]) for key in ("epsilon_spent", "epsilon_budget", "delta_spent",
-                                                           "delta_budget")}
+            state = {key: _spent(ledger[key]) for key in ("epsilon_spent", "epsilon_budget", "delta_spent",
+                                                          "delta_budget")}
             state |= {key: shape.count(ledger.get(key)) for key in ("charges", "open_reservations")}
         # Everything read: only now does the entry count (never half of one).
         queries.extend([query] if query else [])
@@ -207,14 +220,15 @@ def _silo_rows(silo: StoredLog) -> tuple[list[SiloQuery], list[BudgetPoint], Pol
         times.append(when)
 
     shape.read(silo, read)
-    policy = policies[-1] if policies else None
+    # Each policy from the start that put it in force: a restart under the policy already in force changes nothing.
+    changes = [p for before, p in zip([None, *policies], policies) if before is None or p.digest != before.digest]
     started = ServingStart(silo=name, time=min(starts)) if starts else None
     if budgets and times:
         final = budgets[-1]
         end = times[-1]
         if end > final.time:  # carry the last known state to the end of the log, for the plot
             budgets.append(replace(final, time=end))
-    return queries, budgets, policy, started, models, shape
+    return queries, budgets, changes, started, models, shape
 
 
 def _coordinator_rows(coordinator: StoredLog) -> tuple[list[RoundSummary], list[RouterWeight], Shape]:
@@ -253,12 +267,12 @@ def report_view(coordinator: StoredLog, silos: Sequence[StoredLog], evidence: Ev
     rounds, weights, coordinator_shape = _coordinator_rows(coordinator)
     shapes = [coordinator_shape]
     for silo in silos:
-        silo_queries, silo_budgets, policy, started, silo_models, shape = _silo_rows(silo)
+        silo_queries, silo_budgets, silo_policies, started, silo_models, shape = _silo_rows(silo)
         queries += silo_queries
         models += silo_models
         budgets += silo_budgets
         shapes.append(shape)
-        policies += [policy] if policy is not None else []
+        policies += silo_policies
         starts += [started] if started is not None else []
     return ReportView(
         title=title, generated_at=time.time(),

@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 import matplotlib.dates as mdates
 from matplotlib.figure import Figure
 
-from .report_view import LATEST_TIME
+from .report_view import LATEST_TIME, page_text
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000", "#F0E442")
@@ -25,8 +25,8 @@ PLOT_STYLE = {"svg.fonttype": "none", "font.size": 11, "font.family": "DejaVu Sa
 
 
 def plot_label(text: str, limit: int = 60) -> str:
-    """A log string safe as a matplotlib label: one line, short, no mathtext."""
-    text = " ".join(str(text).split())
+    """A log string safe as a matplotlib label: one line, short, no mathtext, nothing it cannot draw."""
+    text = " ".join(page_text(text).split())
     text = text if len(text) <= limit else text[: limit - 1] + "…"
     return text.replace("$", r"\$")
 

@@ -7,6 +7,7 @@ shown; roots and digests are hex.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -26,6 +27,19 @@ def utc_text(seconds: float, *, iso: bool = False) -> str:
     if iso:
         return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
     return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def page_text(value: object) -> str:
+    """`value` as text the page can hold: a lone surrogate (canonical JSON takes "\\ud800", UTF-8 cannot encode it,
+    and matplotlib cannot draw it) as its escape, so the page shows what the log holds and is still written."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def number_text(x: float) -> str:
+    """A ledger figure as the page writes it: two decimals, a forged 1.7e308 as a number (not 309 digits)."""
+    if math.isinf(x):
+        return "∞"
+    return f"{x:.2f}" if abs(x) < 1e6 else f"{x:.3g}"
 
 
 def plural(n: int, word: str) -> str:
@@ -114,6 +128,11 @@ class BudgetPoint:
     charges: int = 0  # the ledger's reservations, settled or not (0 where the log does not say)
     open_reservations: int = 0  # of them, those not settled yet
 
+    @property
+    def overspent(self) -> bool:
+        """Spent more than the budget: a ledger refuses any charge beyond it, so this one was not kept as one."""
+        return self.epsilon_spent > self.epsilon_budget or self.delta_spent > self.delta_budget
+
     def fell_unexplained(self, before: "BudgetPoint") -> bool:
         """Whether the ledger went from `before` to this in a way no ledger can: a charge removed, or its spent
         total lower with no reservation settled (settling for less than was reserved is a ledger's only fall)."""
@@ -145,11 +164,13 @@ class RoundSummary:
 
 @dataclass(frozen=True)
 class PolicyInForce:
-    """The serving policy a silo recorded when it started (its digest and its text)."""
+    """A serving policy a silo recorded when it started (its digest and its text), from `time` on (None: the view
+    does not say when)."""
 
     silo: str
     digest: str
     text: str
+    time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -193,6 +214,15 @@ class ReportView:
     def models_served(self, silo: str) -> tuple[ServedModel, ...]:
         """What `silo`'s serving starts say of the models it served, oldest first (empty: its log does not say)."""
         return tuple(sorted((m for m in self.served_models if m.silo == silo), key=lambda m: m.time))
+
+    @property
+    def coordinator(self) -> str | None:
+        """The coordinator's party: the one party whose log was given that is not a silo."""
+        return next((p.party for p in self.parties if silo_name(p.party) is None), None)
+
+    def unverified_silos(self) -> frozenset[str]:
+        """The silos whose own log failed verification: nothing the page reads from it is vouched for."""
+        return frozenset(silo for p in self.parties if not p.ok and (silo := silo_name(p.party)) is not None)
 
     def serving_since(self, silo: str) -> float | None:
         """When `silo` began serving: its first serving start, or its first query of any kind if that is earlier

@@ -130,7 +130,8 @@ def _reconcile(args: argparse.Namespace) -> int:
             print("  RECONCILED: the coordinator's record and the silo's agree")
         else:
             failed = True
-            print(f"  MISMATCH: {len(result.mismatches)} finding(s)")
+            print(f"  MISMATCH: {result.mismatches_found} finding(s)"
+                  + (f", the first {len(result.mismatches)} listed" if result.unlisted_mismatches else ""))
             print("\n".join(f"  - {m}" for m in result.mismatches))
     for unlogged in unlogged_silos(coordinator, silos):
         failed = True

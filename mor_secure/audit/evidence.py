@@ -280,7 +280,9 @@ def report_view(coordinator: StoredLog, silos: Sequence[StoredLog], evidence: Ev
                       for log, v, shape in zip(logs, evidence.verifications, shapes, strict=True)),
         reconciliation=tuple(ReconcileCheck(silo=_name(r.silo), ok=r.ok, queries_matched=r.matched,
                                             checkpoints_checked=r.checkpoints_checked,
-                                            mismatches=tuple(r.mismatches)) for r in evidence.reconciliations),
+                                            mismatches=tuple(r.mismatches),
+                                            unlisted_mismatches=r.unlisted_mismatches)
+                      for r in evidence.reconciliations),
         queries=tuple(queries), budgets=tuple(budgets), router_weights=tuple(weights), rounds=tuple(rounds),
         policies=tuple(policies), unlogged=evidence.unlogged, serving_started=tuple(starts),
         served_models=tuple(models))

@@ -65,15 +65,22 @@ class Reconciliation:
     matched: int = 0
     not_delivered: int = 0
     checkpoints_checked: int = 0
-    mismatches: list[str] = field(default_factory=list)
+    mismatches: list[str] = field(default_factory=list)  # the first MAX_MISMATCHES found
+    unlisted_mismatches: int = 0  # found beyond those `mismatches` lists
 
     @property
     def ok(self) -> bool:
         return not self.mismatches
 
+    @property
+    def mismatches_found(self) -> int:
+        return len(self.mismatches) + self.unlisted_mismatches
+
     def mismatch(self, message: str) -> None:
         if len(self.mismatches) < MAX_MISMATCHES:
             self.mismatches.append(message)
+        else:
+            self.unlisted_mismatches += 1
 
 
 @dataclass(frozen=True)

@@ -271,8 +271,8 @@ class _Page:
         how = ("Verification (mor audit verify) checks each log is whole, in order and unaltered; reconciliation "
                "(mor audit reconcile) checks the coordinator's record of each silo matches the silo's own; "
                f"each problem is quoted as found (a log's first {MAX_PROBLEMS}, with how many more; a silo's first "
-               f"{MAX_MISMATCHES} mismatches). 'Newest not yet signed' entries are covered by no signed root yet "
-               "(a silo signs with every answer, the coordinator every 256 entries or 30 s, both when they stop); "
+               f"{MAX_MISMATCHES} mismatches, with how many more). 'Newest not yet signed' entries are covered by "
+               "no signed root yet (a silo signs with every answer, the coordinator every 256 entries or 30 s, both when they stop); "
                "'not in the log's shape' entries hold a value the log never writes and are read as 0 or left out "
                "of this page.")
         prow = [[esc(p.party), f"<code>{esc(p.log_name)}</code>", str(p.entries),
@@ -286,7 +286,9 @@ class _Page:
                 else "<p>No party's log was verified.</p>")
         rrow = [[self.silo_html(r.silo),
                  figure_span("reconciliation", r.silo, *(("reconciled", "ok") if r.ok else ("MISMATCH", "bad"))),
-                 str(r.queries_matched), str(r.checkpoints_checked), listed(r.mismatches)]
+                 str(r.queries_matched), str(r.checkpoints_checked),
+                 listed(r.mismatches) + (f'<p class="muted">and {esc(plural(r.unlisted_mismatches, "more mismatch"))}, '
+                                         'not listed</p>' if r.unlisted_mismatches else "")]
                 for r in self.v.reconciliation]
         body += "<h3>Reconciliation with the coordinator</h3>" + (
             html_table(["silo", "reconciliation", "queries matched", "checkpoints checked", "mismatches"], rrow, {2, 3})

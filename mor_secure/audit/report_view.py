@@ -92,6 +92,7 @@ class ReconcileCheck:
     queries_matched: int
     checkpoints_checked: int
     mismatches: tuple[str, ...]
+    unlisted_mismatches: int = 0  # found beyond those `mismatches` lists
 
 
 @dataclass(frozen=True)
@@ -247,7 +248,8 @@ class ReportView:
                 out.append(f"{plural(p.misshapen_entries, 'entry')} of {p.party} "
                            f"{'is' if p.misshapen_entries == 1 else 'are'} not in the shape the log writes "
                            f"({p.left_out_entries} left out of the page)")
-        out += [f"reconciliation of {r.silo} with the coordinator ({plural(len(r.mismatches), 'mismatch')})"
+        out += [f"reconciliation of {r.silo} with the coordinator "
+                f"({plural(len(r.mismatches) + r.unlisted_mismatches, 'mismatch')})"
                 for r in self.reconciliation if not r.ok]
         out += [f"no log given of {u.silo} (the coordinator called it {plural(u.calls, 'time')} and asked it in "
                 f"{plural(u.rounds, 'round')})" for u in self.unlogged]

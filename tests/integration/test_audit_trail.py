@@ -31,6 +31,7 @@ from mor_secure.audit import AuditLog, read_log
 from mor_secure.audit import checkpoints
 from mor_secure.audit.checkpoints import CheckpointSigner, canonical_json
 from mor_secure.audit.merkle import MerkleTree, leaf_hash
+from mor_secure.audit.reconcile import QUERY_PREFIX
 from mor_secure.models.reward_model import Standardisation
 from mor_secure.pki import CertificateAuthority, CertKit
 from mor_secure.policy import SiloAdmission, SiloPolicy
@@ -210,6 +211,27 @@ def test_verify_says_how_many_problems_it_found_beyond_those_it_lists(pki, tmp_p
     page = (tmp_path / "audit.html").read_text(encoding="utf-8")
     found = int(re.search(r"verification of mor://silo/hospital-a \((\d+) problems\)", page)[1])
     assert code == 1 and found > 50 and f"and {found - 50} more problems, not listed" in page
+
+
+def test_reconcile_says_how_many_mismatches_it_found_beyond_those_it_lists(pki, tmp_path: Path, capsys) -> None:
+    """It lists the first 100 (MAX_MISMATCHES) and dropped the rest uncounted: "MISMATCH: 100 finding(s)" for a
+    silo that answered 105 calls the coordinator never logged (report review helper-75)."""
+    silo = AuditLog.for_kit(tmp_path / "silo.db", pki.kits["hospital-a"], checkpoint_every_entries=1)
+    try:
+        for k in range(105):
+            silo.record({"event": "call", "side": "server", "rpc": f"{QUERY_PREFIX}Score",
+                         "caller": "mor://coordinator/coordinator", "round_id": f"r{k}", "request_digest": f"{k:064x}",
+                         "items": 1, "decision": "admitted", "status": "OK", "reason": "", "latency_ms": 1.0})
+    finally:
+        silo.close()
+    AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"]).close()
+    logs, ca = (str(tmp_path / "coordinator.db"), str(tmp_path / "silo.db")), str(pki.ca.directory / "ca.pem")
+    code, out = cli("reconcile", *logs, "--ca", ca, capsys=capsys)
+    assert code == 1 and "MISMATCH: 105 finding(s), the first 100 listed" in out, out
+    code, _ = cli("report", *logs, "--ca", ca, "--out", str(tmp_path / "audit.html"), capsys=capsys)
+    page = (tmp_path / "audit.html").read_text(encoding="utf-8")
+    assert code == 1 and "reconciliation of hospital-a with the coordinator (105 mismatches)" in page
+    assert "and 5 more mismatches, not listed" in page
 
 
 def test_identical_requests_are_paired_by_the_checkpoint_their_answers_carried(pki, tmp_path: Path,

@@ -11,7 +11,7 @@ privacy status from the silo's serving-start entries.
 The logs are untrusted input: a party signs whatever its own software wrote.
 Every value the page uses is checked for the type and range the log writes
 (a time within 1970..9999, finite numbers, amounts of privacy budget >= 0,
-counts up to 2**53, lists of names), and an entry that is not in that shape
+router weights within 0..1, counts up to 2**53, lists of names), and an entry that is not in that shape
 is counted, per party, as a finding of the page (`Shape`).
 """
 
@@ -155,6 +155,15 @@ def _spent(value: Any) -> float:
     return amount
 
 
+def _router_weight(value: Any) -> float:
+    """A router's mean weight on a silo: in 0..1, as a convex mixture's weights are, else ValueError (a forged 1e300
+    would set the scale of the page's shading, and every real weight would read as 0)."""
+    weight = _number(value)
+    if not 0 <= weight <= 1:
+        raise ValueError(f"{value!r} is not a router weight (0 to 1)")
+    return weight
+
+
 def _time(fields: dict[str, Any]) -> float:
     """The entry's time: the log's clock writes seconds within the calendar, never NaN or 1e300."""
     when = _number(fields.get("time"))
@@ -244,7 +253,7 @@ def _coordinator_rows(coordinator: StoredLog) -> tuple[list[RoundSummary], list[
                                answered=_strings(fields.get("answered", [])), items=shape.count(fields.get("items")))
         weights = []
         if fields.get("method") == "mor":  # the router's weights only mean something in the router-fused reward
-            weights = [(str(silo), str(kind), _number(mean), shape.count(count))
+            weights = [(str(silo), str(kind), _router_weight(mean), shape.count(count))
                        for silo, by_kind in (fields.get("mean_weight") or {}).items()
                        for kind, (mean, count) in by_kind.items()]
         rounds.append(summary)  # only once the whole entry has been read

@@ -49,7 +49,7 @@ def ledger(epsilon_spent: float = 1.0, epsilon_budget: float = 8.0, delta_spent:
 
 
 def consortium_logs(tmp_path: Path, pki, *, ledgers: dict | None = None, silo_event: Callable | None = None,
-                    policies: dict | None = None, row_count: int = 2,
+                    policies: dict | None = None, row_count: int = 2, weight: float = 0.5,
                     extra_calls: dict[str, list[dict]] | None = None) -> dict[str, str]:
     """Both silos serve (under `policies[silo]`, one serving start each) and answer three Score calls from the
     coordinator, the last refused ("rate limit"), one MoR round per call counting `row_count` rows;
@@ -76,7 +76,7 @@ def consortium_logs(tmp_path: Path, pki, *, ledgers: dict | None = None, silo_ev
         coordinator.record({"event": "round", "stage": "grpo", "method": "mor", "round_id": f"{i:032x}",
                             "objective": "correct", "asked": list(SILOS), "answered": list(SILOS), "requests": {},
                             "items": 2, "items_digest": "00",
-                            "mean_weight": {s: {"shape": [0.5, row_count]} for s in SILOS}})
+                            "mean_weight": {s: {"shape": [weight, row_count]} for s in SILOS}})
     for silo, calls in (extra_calls or {}).items():
         for k, call in enumerate(calls):
             trails[silo].record({"event": "call", "rpc": QUERY, "side": "server", "serial": "9", "round_id": "",
@@ -149,6 +149,14 @@ def test_a_row_count_beyond_2_53_is_not_in_the_logs_shape_and_overflows_nothing(
     code, page = report(consortium_logs(tmp_path, pki, row_count=10**308), tmp_path, capsys)
     assert code == 1 and figure(page, "misshapen:mor://coordinator/coordinator") == "3"
     assert "3 entries of mor://coordinator/coordinator are not in the shape the log writes" in figure(page, "verdict")
+    assert "No round of the MoR reward was recorded." in section(page, "router")
+
+
+@pytest.mark.parametrize("weight", [1e300, -0.5, 1.5])
+def test_a_router_weight_outside_0_to_1_is_not_in_the_logs_shape(pki, tmp_path: Path, capsys, weight: float) -> None:
+    """A convex mixture's weights are within 0..1: a forged 1e300 set the scale of the router table's shading."""
+    code, page = report(consortium_logs(tmp_path, pki, weight=weight), tmp_path, capsys)
+    assert code == 1 and figure(page, "misshapen:mor://coordinator/coordinator") == "3"
     assert "No round of the MoR reward was recorded." in section(page, "router")
 
 

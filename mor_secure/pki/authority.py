@@ -192,21 +192,33 @@ class CertificateAuthority:
                              "lifetime")
         renewed_serial = self._kit_to_replace(identity, kit_dir, renew)
         check_hosts(hosts)
-        key = ec.generate_private_key(ec.SECP256R1())
-        with self._exclusive():  # checked and recorded under one lock: two issues at once cannot both pass
-            rows = self.issued()
-            if refuse_second_live_kit:
-                self._refuse_live_kit_elsewhere(identity, kit_dir, rows)
-            certificate = self._sign_leaf(identity, key, hosts, start, end)
-            self._record([*rows, IssuedCertificate(
-                serial=certificate.serial_number, identity=identity.uri, not_before=start.isoformat(),
-                not_after=end.isoformat(), kit=str(kit_dir.resolve()))])
-        self._write_kit(kit_dir, key, certificate, renewed_serial)
+        # The directory before the certificate: one that cannot be made (a read-only parent, a link to nowhere)
+        # fails before anything is signed, not with a signed certificate on record for a kit that never existed.
+        made_directory = make_private_directory(kit_dir)  # 0700: it holds party.key
+        try:
+            key = ec.generate_private_key(ec.SECP256R1())
+            with self._exclusive():  # checked and recorded under one lock: two issues at once cannot both pass
+                rows = self.issued()
+                if refuse_second_live_kit:
+                    self._refuse_live_kit_elsewhere(identity, kit_dir, rows, renewed_serial)
+                certificate = self._sign_leaf(identity, key, hosts, start, end)
+                self._record([*rows, IssuedCertificate(
+                    serial=certificate.serial_number, identity=identity.uri, not_before=start.isoformat(),
+                    not_after=end.isoformat(), kit=str(kit_dir.resolve()))])
+            self._write_kit(kit_dir, key, certificate, renewed_serial)
+        except BaseException:
+            if made_directory:
+                with suppress(OSError):  # not empty: someone else wrote there meanwhile, so it is not all ours
+                    kit_dir.rmdir()
+            raise
         return CertKit.load(kit_dir)
 
-    def _refuse_live_kit_elsewhere(self, identity: PartyIdentity, kit_dir: Path,
-                                   rows: Sequence[IssuedCertificate]) -> None:
-        elsewhere = [row for row in _live(rows, identity) if Path(row.kit) != kit_dir.resolve()]
+    def _refuse_live_kit_elsewhere(self, identity: PartyIdentity, kit_dir: Path, rows: Sequence[IssuedCertificate],
+                                   renewed_serial: int | None) -> None:
+        # The renewed kit's own certificate is not elsewhere, wherever it was recorded (a CA or kit directory moved
+        # since, or storage mounted at another path).
+        elsewhere = [row for row in _live(rows, identity)
+                     if Path(row.kit) != kit_dir.resolve() and row.serial != renewed_serial]
         if not elsewhere:
             return
         held = "; ".join(f"serial {row.serial:x} in {row.kit}, valid until {row.not_after[:10]}" for row in elsewhere)
@@ -219,6 +231,9 @@ class CertificateAuthority:
     def _kit_to_replace(self, identity: PartyIdentity, kit_dir: Path, renew: bool) -> int | None:
         """The serial of the kit in `kit_dir` that `issue` renews (None for a new kit); refuses any other kit."""
         # Checked before anything is signed: the kit's write would fail only after its certificate was recorded.
+        if kit_dir.is_symlink() and not kit_dir.exists():
+            raise FileNotFoundError(f"--out {kit_dir} is a symbolic link to {os.readlink(kit_dir)}, which does not "
+                                    "exist; name the kit's real directory")
         if not next(path for path in (kit_dir, *kit_dir.parents) if path.exists()).is_dir():
             raise NotADirectoryError(f"--out {kit_dir} is a file, not a directory" if kit_dir.exists() else
                                      f"--out {kit_dir} is under a file, not a directory")
@@ -276,7 +291,6 @@ class CertificateAuthority:
     def _write_kit(self, kit_dir: Path, key: ec.EllipticCurvePrivateKey, certificate: x509.Certificate,
                    renewed_serial: int | None) -> None:
         """Put the kit's files in place; on any failure, remove the ones this call added and restore the old key."""
-        made_directory = make_private_directory(kit_dir)  # 0700: it holds party.key
         key_path, pending_key = kit_dir / KEY_FILE, kit_dir / f"{KEY_FILE}.new"
         pending_key.unlink(missing_ok=True)  # left by a renewal killed before it moved it in place: never in use
         added = [p for p in (kit_dir / CA_FILE, kit_dir / CRL_FILE, key_path, kit_dir / CERT_FILE) if not p.exists()]
@@ -305,9 +319,6 @@ class CertificateAuthority:
                 retired.unlink()  # the old key never left party.key
             for path in added:
                 path.unlink(missing_ok=True)
-            if made_directory:
-                with suppress(OSError):  # not empty: someone else wrote there meanwhile, so it is not all ours
-                    kit_dir.rmdir()
             raise
 
     # --- revocation ---------------------------------------------------------------------

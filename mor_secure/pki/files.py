@@ -7,6 +7,7 @@ writable by anyone, one of 077 public files another account's server cannot read
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 PRIVATE_DIRECTORY_MODE = 0o700
@@ -14,12 +15,14 @@ PUBLIC_FILE_MODE = 0o644
 
 
 def make_private_directory(path: Path) -> bool:
-    """Create `path` (and its parents) if missing, `path` itself mode 0700; whether this call created it."""
-    if path.is_dir():
-        return False
-    path.mkdir(parents=True)
+    """`path` as a directory of mode 0700, created (with its parents, whose modes the umask sets) if missing, made
+    0700 if it was not (an empty --out others may write: they could plant files in a kit); whether this call
+    created it."""
+    created = not path.is_dir()
+    if created:
+        path.mkdir(mode=PRIVATE_DIRECTORY_MODE, parents=True)  # never wider than 0700, even for an instant
     os.chmod(path, PRIVATE_DIRECTORY_MODE)
-    return True
+    return created
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -51,8 +54,14 @@ def write_public(path: Path, data: bytes) -> None:
     the new name on an empty file (issued.json losing every row, a CRL no server accepts).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PUBLIC_FILE_MODE)
+    # A new name no one else can have made (O_EXCL, random): a fixed one could be a link planted by whoever may
+    # write the directory, and the write would follow it and the rename put the link in place.
+    try:
+        descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    except PermissionError as exc:
+        raise PermissionError(exc.errno, f"cannot write {path}: its directory {path.parent} is not writable "
+                              f"({exc.strerror})") from None
+    partial = Path(name)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             os.fchmod(handle.fileno(), PUBLIC_FILE_MODE)  # the open's mode is masked by the umask

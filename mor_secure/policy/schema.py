@@ -10,11 +10,11 @@ ask for scores and bits, an auditor may only read the description.
 over a limit is refused with INVALID_ARGUMENT. The serialised size and the
 counts are checked before the request is converted, its texts and image
 references next, and its images are decoded last, each checked from its
-header first (so a bad prompt costs the silo no decoding). The defaults fit a GRPO step of the shipped consortium with room to
-spare (8 generations x 16 prompts = 128 rows, one 64x64 PNG per prompt, ~2 KB
-each) and stop a caller from making the silo decode a decompression bomb,
-hold more decoded pixels per request than `max_request_pixels`, or hold
-megabytes of text.
+header first (so a bad prompt costs the silo no decoding). The defaults
+fit a GRPO step of the shipped consortium with room to spare (8 generations
+x 16 prompts = 128 rows, one 64x64 PNG per prompt, ~2 KB each) and stop a
+caller from making the silo decode a decompression bomb, hold more decoded
+pixels per request than `max_request_pixels`, or hold megabytes of text.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import os
 import stat
@@ -13,6 +14,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
+import mor_secure.pki.authority as authority
 from mor_cli.main import main
 from mor_secure.pki import CertificateAuthority, CertKit, PartyIdentity, Role, identity_of, parse_identity
 from mor_secure.pki.kits import crl_number
@@ -303,19 +305,30 @@ def test_an_out_in_the_ca_directory_is_refused_in_one_line(tmp_path: Path, capsy
     assert _files(tmp_path / "ca") == ca_before and not (tmp_path / "ca" / "kit").exists()
 
 
-def test_a_kit_that_cannot_be_written_leaves_its_certificate_on_record_and_no_files(tmp_path: Path) -> None:
+def _disk_full_at(monkeypatch, name: str) -> None:
+    """Writing the PKI file `name` fails as on a full disk (the code around the write is under test)."""
+    write_public = authority.write_public
+
+    def full(path, data):
+        if Path(path).name == name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write_public(path, data)
+    monkeypatch.setattr(authority, "write_public", full)
+
+
+def test_a_kit_that_cannot_be_written_leaves_its_certificate_on_record_and_no_files(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
     """A CA-signed certificate must be listed (and revocable) even when its kit could not be written."""
     ca = CertificateAuthority.create(tmp_path / "ca")
     identity = PartyIdentity(Role.SILO, "hospital-a")
     fresh, renewed = tmp_path / "fresh", tmp_path / "renewed"
     old = ca.issue(identity, renewed)
     kit_before = _files(renewed)
-    for kit in (fresh, renewed):  # a directory where write_public puts party.pem's partial file: a real failure
-        (kit / f".party.pem.{os.getpid()}.partial").mkdir(parents=True)
-    with pytest.raises(IsADirectoryError):
+    _disk_full_at(monkeypatch, "party.pem")
+    with pytest.raises(OSError, match="No space left"):
         ca.issue(identity, fresh)
-    assert _files(fresh) == {}
-    with pytest.raises(IsADirectoryError):
+    assert not fresh.exists()  # the directory it made is gone with the files
+    with pytest.raises(OSError, match="No space left"):
         ca.issue(identity, renewed, renew=True)
     assert _files(renewed) == kit_before and CertKit.load(renewed).certificate() == old.certificate()
     rows = [row for row in ca.issued() if row.identity == identity.uri]
@@ -420,17 +433,16 @@ def test_a_kit_directory_holding_the_ca_or_other_kits_is_refused(tmp_path: Path,
     assert [row.identity for row in ca.issued()] == ["mor://silo/bank-b"]  # nothing signed
 
 
-def test_a_revocation_whose_crl_cannot_be_written_can_be_retried(tmp_path: Path) -> None:
+def test_a_revocation_whose_crl_cannot_be_written_can_be_retried(tmp_path: Path, monkeypatch) -> None:
     """issued.json used to say revoked before the CRL was written: when that failed, no CRL listed the
     certificate and a retry found "no unrevoked certificate" to revoke."""
     ca = CertificateAuthority.create(tmp_path / "ca")
     serial = ca.issue(PartyIdentity(Role.SILO, "hospital-a"), tmp_path / "kit").certificate().serial_number
-    blocked = tmp_path / "ca" / f".crl.pem.{os.getpid()}.partial"
-    blocked.mkdir()  # where write_public puts the CRL's partial file: a real failure
-    with pytest.raises(IsADirectoryError):
-        ca.revoke(serial=serial, reason="drill")
+    with monkeypatch.context() as disk:
+        _disk_full_at(disk, "crl.pem")
+        with pytest.raises(OSError, match="No space left"):
+            ca.revoke(serial=serial, reason="drill")
     assert [row.revoked_at for row in ca.issued()] == [None]
-    blocked.rmdir()
     assert ca.revoke(serial=serial, reason="drill") == [serial]
     crl = x509.load_pem_x509_crl((tmp_path / "ca" / "crl.pem").read_bytes())
     assert crl.get_revoked_certificate_by_serial_number(serial) is not None

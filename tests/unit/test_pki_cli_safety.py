@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -123,6 +124,51 @@ def test_modes_do_not_depend_on_the_umask(tmp_path: Path, umask: int) -> None:
             assert mode(path) == (0o600 if path.suffix == ".key" or path.name == ".lock" else 0o644), path
 
 
+def test_an_existing_kit_directory_others_may_write_is_made_private(tmp_path: Path) -> None:
+    """An empty --out of mode 0777 stayed 0777: anyone could plant files in the kit (diff review helper-77)."""
+    CertificateAuthority.create(tmp_path / "ca")
+    (tmp_path / "kit").mkdir()
+    os.chmod(tmp_path / "kit", 0o777)
+    assert _issue(tmp_path / "ca", tmp_path / "kit") == 0
+    assert stat.S_IMODE((tmp_path / "kit").stat().st_mode) == 0o700
+
+
+def test_a_link_planted_where_a_public_file_is_written_first_is_not_followed(tmp_path: Path) -> None:
+    """The file was written first under a fixed name (`.crl.pem.<pid>.partial`), opened without O_EXCL: a link
+    planted there by whoever may write the directory had its target overwritten, and the rename put the link in
+    place of crl.pem (diff review helper-77)."""
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"someone else's file")
+    for pid in (os.getpid(), os.getppid()):
+        (ca.directory / f".crl.pem.{pid}.partial").symlink_to(victim)
+    ca.write_crl()
+    assert victim.read_bytes() == b"someone else's file"
+    assert not (ca.directory / "crl.pem").is_symlink() and b"X509 CRL" in (ca.directory / "crl.pem").read_bytes()
+
+
+def test_a_kit_directory_that_cannot_be_made_is_refused_before_anything_is_signed(tmp_path: Path, capsys) -> None:
+    """A link to nowhere as --out failed only when the kit was written, its certificate already on record as
+    live, so every later issue of the party was refused as a second kit (diff review helper-77)."""
+    CertificateAuthority.create(tmp_path / "ca")
+    (tmp_path / "kit").symlink_to(tmp_path / "gone")
+    assert _issue(tmp_path / "ca", tmp_path / "kit") == 1
+    assert f"--out {tmp_path / 'kit'} is a symbolic link to {tmp_path / 'gone'}, which does not exist" in \
+        capsys.readouterr().err
+    assert _serials(tmp_path / "ca") == []
+    assert _issue(tmp_path / "ca", tmp_path / "kit-2") == 0
+
+
+def test_a_kit_renews_after_the_pki_directory_was_moved(tmp_path: Path) -> None:
+    """issued.json records kits by their path at issue: after `mv pki elsewhere`, --renew in the kit itself was
+    refused as a second live kit, at the old path (diff review helper-77)."""
+    CertificateAuthority.create(tmp_path / "old" / "ca")
+    assert _issue(tmp_path / "old" / "ca", tmp_path / "old" / "kit") == 0
+    (tmp_path / "old").rename(tmp_path / "new")
+    assert _issue(tmp_path / "new" / "ca", tmp_path / "new" / "kit", "--renew") == 0
+    assert _issue(tmp_path / "new" / "ca", tmp_path / "new" / "copy") == 1  # still one live kit per party
+
+
 def test_an_out_that_is_a_file_is_refused_before_anything_is_signed(tmp_path: Path, capsys) -> None:
     CertificateAuthority.create(tmp_path / "ca")
     (tmp_path / "a-file").write_text("x", encoding="utf-8")
@@ -195,8 +241,10 @@ def test_public_files_are_synced_before_their_rename_and_their_directory_after(
     monkeypatch.setattr(os, "replace", recorded_replace)
     path = tmp_path / "issued.json"
     pki_files.write_public(path, b"[]\n")
-    assert events == [("fsync", str(tmp_path / f".issued.json.{os.getpid()}.partial")), ("replace", str(path)),
-                      ("fsync", str(tmp_path))]
+    (synced_partial, partial), renamed, synced_directory = events
+    assert synced_partial == "fsync" and re.fullmatch(rf"{re.escape(str(tmp_path))}/\.issued\.json\.\w+\.partial",
+                                                      partial)
+    assert (renamed, synced_directory) == (("replace", str(path)), ("fsync", str(tmp_path)))
     assert path.read_bytes() == b"[]\n" and os.listdir(tmp_path) == ["issued.json"]
 
 

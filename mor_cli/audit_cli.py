@@ -18,6 +18,8 @@ these on a live party's log or on a copy.
 from __future__ import annotations
 
 import argparse
+import io
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -189,4 +191,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str]) -> int:
+    # A log's text is its party's: a lone surrogate (canonical JSON accepts "\ud800") is printed as that escape,
+    # not an encoding error in place of the findings that quote it.
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     return run_command(_parser(), argv, {"verify": _verify, "reconcile": _reconcile, "report": _report})

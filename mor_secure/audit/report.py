@@ -16,12 +16,13 @@ pieces are `report_html`'s; section 3 (the privacy budget) is `report_budget`'s.
 from __future__ import annotations
 
 import math
-import os
-import secrets
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
+
+from mor_secure.pki.files import write_public
 
 from .reconcile import MAX_MISMATCHES
 from .report_budget import budget_section
@@ -34,9 +35,17 @@ from .verify import MAX_PROBLEMS
 # week a whole number of weeks does, so a log spanning centuries still plots ~30 buckets (not one per week).
 _BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 21600, 43200, 86400, 604800)
 _MAX_BUCKETS = 30
-# The refusal table lists each silo's most common reasons up to this many, then one row for the rest: one silo's
-# thousand distinct reasons cannot push another silo's off the table.
-_REASONS_PER_SILO = 20
+# The refusal and caller tables list each silo's most common reasons (callers) up to this many, then one row for
+# the rest: one silo's thousand distinct reasons or callers cannot push another silo's off the table.
+_ROWS_PER_SILO = 20
+
+
+def _each_silos_most(counts: Counter) -> Iterator[tuple[str, list, list]]:
+    """For each silo in `counts` (keyed by (silo, key)): its _ROWS_PER_SILO most counted (key, count), most first,
+    and the rest."""
+    for silo in sorted({silo for silo, _ in counts}):
+        mine = sorted(((key, n) for (s, key), n in counts.items() if s == silo), key=lambda kn: (-kn[1], kn[0]))
+        yield silo, mine[:_ROWS_PER_SILO], mine[_ROWS_PER_SILO:]
 
 # Section id -> (heading, name in the page's contents line).
 SECTIONS = {"summary": ("Is the record intact?", "Verdict"), "queries": ("1. Queries per silo over time", "Queries"),
@@ -159,27 +168,35 @@ class _Page:
         coordinator = self.v.coordinator
         calls = Counter((q.silo, q.caller) for q in self.v.queries)
         refused = Counter((q.silo, q.caller) for q in self.v.queries if q.refused)
-        rows = [[self.silo_html(silo), esc(caller) if caller == coordinator else
-                 f'<span class="bad">{esc(caller)} (not the coordinator)</span>',
-                 figure_span("calls-from", f"{silo} {caller}", n), str(refused[silo, caller])]
-                for (silo, caller), n in sorted(calls.items())]
+        rows = []
+        for silo, most, rest in _each_silos_most(calls):
+            rows += [[self.silo_html(silo), esc(caller) if caller == coordinator else
+                      f'<span class="bad">{esc(caller)} (not the coordinator)</span>',
+                      figure_span("calls-from", f"{silo} {caller}", n), str(refused[silo, caller])]
+                     for caller, n in most]
+            if rest:
+                rows.append([self.silo_html(silo), f'<span class="bad">{plural(len(rest), "other caller")}, '
+                             "together</span>", figure_span("calls-from-others", silo, sum(n for _, n in rest)),
+                             str(sum(refused[silo, caller] for caller, _ in rest))])
         warnings = ""
         for silo in self.silos:
             if others := {c: n - refused[s, c] for (s, c), n in sorted(calls.items())
                           if s == silo and c != coordinator and n > refused[s, c]}:
+                named = "; ".join(f"{c}: {n}" for c, n in list(others.items())[:_ROWS_PER_SILO])
+                more = f"; and {plural(len(others) - _ROWS_PER_SILO, 'other caller')}" if len(others) > _ROWS_PER_SILO \
+                    else ""
                 text = (f"WARNING: {silo} answered {plural(sum(others.values()), 'call')} from callers other than "
-                        f"the coordinator ({'; '.join(f'{c}: {n}' for c, n in others.items())}). Reconciliation "
-                        "matches only the coordinator's calls, so these are on the silo's own record alone: ask "
-                        "who called it, and why its policy let them.")
+                        f"the coordinator ({named}{more}). Reconciliation matches only the coordinator's calls, so "
+                        "these are on the silo's own record alone: ask who called it, and why its policy let them.")
                 warnings += red_paragraph("other-callers", silo, text)
         return ("<h3>Calls by caller</h3><p>Who asked each silo, as its own log records it; a caller that is not "
                 "the coordinator whose log was given is marked in red.</p>" + warnings
-                + html_table(["silo", "caller", "calls logged", "of which refused"], rows, {2, 3}))
+                + html_table(["silo", "caller", "calls logged", "of which refused"], rows, {2, 3}, limit=None))
 
     # -- (2) refusals ------------------------------------------------------------------------
     def refusals(self) -> str:
         how = ("Calls a silo refused, grouped by the reason its policy gave; each bar is one reason, coloured by "
-               f"silo, and the table lists, for every silo, its {_REASONS_PER_SILO} most common reasons with their "
+               f"silo, and the table lists, for every silo, its {_ROWS_PER_SILO} most common reasons with their "
                "gRPC status and count, and its other reasons, if any, counted together in one row.")
         refused = Counter((q.silo, q.reason, q.status) for q in self.v.queries if q.refused)
         if not refused:
@@ -201,16 +218,14 @@ class _Page:
         ax.set_xlabel("refused calls (count)")
         ax.legend(title="silo", loc="upper left", bbox_to_anchor=(1.01, 1))
         rows = []
-        for silo in sorted({s for s, _, _ in refused}):
-            mine = sorted(((r, st, c) for (s, r, st), c in refused.items() if s == silo), key=lambda x: (-x[2], x[0]))
-            rows += [[self.silo_html(silo), esc(r), f"<code>{esc(st)}</code>", str(c)] for r, st, c in
-                     mine[:_REASONS_PER_SILO]]
-            if rest := mine[_REASONS_PER_SILO:]:
-                rows.append([self.silo_html(silo), f'<span class="muted">{plural(len(rest), "other reason")}, '
-                             "together</span>", "", figure_span("other-reasons", silo, sum(c for *_, c in rest))])
+        for silo, most, rest in _each_silos_most(Counter({(s, (r, st)): c for (s, r, st), c in refused.items()})):
+            rows += [[self.silo_html(silo), esc(r), f"<code>{esc(st)}</code>", str(c)] for (r, st), c in most]
+            if rest:  # rows are (reason, status) pairs: one reason refused with two statuses is two of them
+                rows.append([self.silo_html(silo), f'<span class="muted">the other {len(rest)} reasons and statuses, '
+                             "together</span>", "", figure_span("other-reasons", silo, sum(c for _, c in rest))])
         note = "" if len(by_reason) <= 12 else (f'<p class="muted">The plot shows the 12 most common of '
                                                  f'{len(by_reason)} reasons; the table shows each silo\'s.</p>')
-        # Not cut at MAX_ROWS: at most _REASONS_PER_SILO + 1 rows a silo, so every silo is in it.
+        # Not cut at MAX_ROWS: at most _ROWS_PER_SILO + 1 rows a silo, so every silo is in it.
         table = html_table(["silo", "reason", "status", "count"], rows, {3}, limit=None)
         return self.section("refusals", how, inline_svg(fig, "refused calls by reason") + note + table)
 
@@ -272,9 +287,9 @@ class _Page:
                "(mor audit reconcile) checks the coordinator's record of each silo matches the silo's own; "
                f"each problem is quoted as found (a log's first {MAX_PROBLEMS}, with how many more; a silo's first "
                f"{MAX_MISMATCHES} mismatches, with how many more). 'Newest not yet signed' entries are covered by "
-               "no signed root yet (a silo signs with every answer, the coordinator every 256 entries or 30 s, both when they stop); "
-               "'not in the log's shape' entries hold a value the log never writes and are read as 0 or left out "
-               "of this page.")
+               "no signed root yet (a silo signs with every answer, the coordinator every 256 entries or 30 s, both "
+               "when they stop); 'not in the log's shape' entries hold a value the log never writes and are read as "
+               "0 or left out of this page.")
         prow = [[esc(p.party), f"<code>{esc(p.log_name)}</code>", str(p.entries),
                  figure_span("uncovered", p.party, p.uncovered_entries),
                  figure_span("misshapen", p.party, p.misshapen_entries, "bad" if p.misshapen_entries else ""),
@@ -366,21 +381,12 @@ def render_report(view: ReportView) -> str:
 
 
 def write_report(view: ReportView, path) -> Path:
-    """Render `view` and write it to `path` (UTF-8, parent folders created); returns the path.
+    """Render `view` and write it to `path` (UTF-8, mode 0644, parent folders created); returns the path.
 
-    The page is written to a new file beside `path` and moved over it only once whole, so a run that fails
-    (rendering, a full disk) leaves the report already there as it was, never emptied or cut short."""
+    The page is rendered whole, then written to a new file beside `path` and moved over it (`write_public`), so
+    a run that fails (rendering, a full disk) leaves the report already there as it was, never emptied or cut
+    short. A `path` that is a symbolic link (`latest.html`) has its target replaced, not the link."""
     path = Path(path)
     page = render_report(view).encode("utf-8")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}.partial")
-    try:
-        # O_EXCL: never a file someone else made; 0o666 less the umask, as any new file (write_text) gets.
-        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as out:
-            out.write(page)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    write_public(path.resolve() if path.is_symlink() else path, page)
     return path

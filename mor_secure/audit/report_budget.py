@@ -192,8 +192,7 @@ def _ledger_plot(page, ax, silo: str, mine: list) -> None:
     """`silo`'s ledger points on `ax`: spent (solid) against its budget (dashed), each as logged over time."""
     dates = plot_dates([b.time for b in mine])
     spent = [min(b.epsilon_spent, _PLOT_MAX) for b in mine]
-    # An unlimited (infinite) budget has no line to draw.
-    limits = [min(b.epsilon_budget, _PLOT_MAX) if math.isfinite(b.epsilon_budget) else 0.0 for b in mine]
+    limits = [min(b.epsilon_budget, _PLOT_MAX) for b in mine]
     ax.step(dates, spent, where="post", linewidth=2, color=page.colour[silo],
             marker="o" if len(mine) <= 60 else None, markersize=3)
     if len(set(limits)) > 1:  # a budget that changed is drawn as logged, step by step

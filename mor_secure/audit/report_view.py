@@ -7,9 +7,10 @@ shown; roots and digests are hex.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
+
+from mor_secure.privacy.ledger_chain import BUDGET_RTOL
 
 from .reconcile import SILO_PREFIX, UnloggedSilo
 
@@ -36,9 +37,8 @@ def page_text(value: object) -> str:
 
 
 def number_text(x: float) -> str:
-    """A ledger figure as the page writes it: two decimals, a forged 1.7e308 as a number (not 309 digits)."""
-    if math.isinf(x):
-        return "∞"
+    """A ledger figure (finite: evidence refuses others) as the page writes it: two decimals, a forged 1.7e308 as a
+    number (not 309 digits)."""
     return f"{x:.2f}" if abs(x) < 1e6 else f"{x:.3g}"
 
 
@@ -131,8 +131,11 @@ class BudgetPoint:
 
     @property
     def overspent(self) -> bool:
-        """Spent more than the budget: a ledger refuses any charge beyond it, so this one was not kept as one."""
-        return self.epsilon_spent > self.epsilon_budget or self.delta_spent > self.delta_budget
+        """Spent more than the budget allows: a ledger refuses any charge beyond it (beyond its rounding slack,
+        `BUDGET_RTOL`: 0.1 + 0.2 of a budget of 0.3 is 0.30000000000000004, within it), so this one was not kept
+        as one."""
+        slack = 1 + BUDGET_RTOL
+        return self.epsilon_spent > self.epsilon_budget * slack or self.delta_spent > self.delta_budget * slack
 
     def fell_unexplained(self, before: "BudgetPoint") -> bool:
         """Whether the ledger went from `before` to this in a way no ledger can: a charge removed, or its spent

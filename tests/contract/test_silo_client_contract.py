@@ -154,7 +154,7 @@ def test_policy_limits_refuse_oversize_requests(connect) -> None:
             "4 pairs in one request; this silo's policy allows at most 3")
 
 
-def test_texts_and_image_indices_are_checked_before_any_image_is_decoded(connect) -> None:
+def test_texts_are_checked_before_any_image_is_decoded(connect) -> None:
     """Decoding the images (up to max_request_pixels of them) came right after the counts, so a request with a bad
     text cost the silo a decode of every image before it was refused; the cheap checks now come first."""
     client = connect(service()[0])

@@ -234,6 +234,23 @@ def test_reconcile_says_how_many_mismatches_it_found_beyond_those_it_lists(pki, 
     assert "and 5 more mismatches, not listed" in page
 
 
+def test_reconcile_prints_a_lone_surrogate_a_log_holds_as_its_escape(pki, tmp_path: Path, capsys) -> None:
+    """Canonical JSON takes "\\ud800": reconcile printed "MISMATCH: 1 finding(s)", then a UTF-8 error in place of
+    the finding that quoted it (diff review helper-77)."""
+    silo = AuditLog.for_kit(tmp_path / "silo.db", pki.kits["hospital-a"], checkpoint_every_entries=1)
+    try:
+        silo.record({"event": "call", "side": "server", "rpc": f"{QUERY_PREFIX}Score",
+                     "caller": "mor://coordinator/coordinator", "round_id": "r\ud800", "request_digest": "0" * 64,
+                     "items": 1, "decision": "admitted", "status": "OK", "reason": "", "latency_ms": 1.0})
+    finally:
+        silo.close()
+    AuditLog.for_kit(tmp_path / "coordinator.db", pki.kits["coordinator"]).close()
+    code, out = cli("reconcile", str(tmp_path / "coordinator.db"), str(tmp_path / "silo.db"), "--ca",
+                    str(pki.ca.directory / "ca.pem"), capsys=capsys)
+    assert code == 1 and "Score (round r\\ud800, request 000000000000...) from mor://coordinator/coordinator is not " \
+        "in the coordinator's log" in out, out
+
+
 def test_identical_requests_are_paired_by_the_checkpoint_their_answers_carried(pki, tmp_path: Path,
                                                                                capsys) -> None:
     """Every Describe has one digest and no round. A Describe made off the coordinator's record (grpcurl with its

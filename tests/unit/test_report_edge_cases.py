@@ -143,6 +143,16 @@ def test_a_run_that_fails_to_write_leaves_the_report_already_there_whole(tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["audit.html"]  # no partial page left beside it
 
 
+def test_a_report_written_through_a_link_replaces_the_links_target(tmp_path: Path) -> None:
+    """latest.html -> 2026-03-08.html: the link was replaced by a file and the dated page never updated (diff review
+    helper-77)."""
+    (tmp_path / "2026-03-08.html").write_text("the previous report", encoding="utf-8")
+    (tmp_path / "latest.html").symlink_to("2026-03-08.html")
+    write_report(ReportView("t", 0.0, (), (), (), (), (), (), ()), tmp_path / "latest.html")
+    assert (tmp_path / "latest.html").is_symlink() and "<title>t</title>" in (tmp_path / "2026-03-08.html").read_text(
+        encoding="utf-8")
+
+
 # -- 2. a count no log writes ---------------------------------------------------------------------------------------
 def test_a_row_count_beyond_2_53_is_not_in_the_logs_shape_and_overflows_nothing(pki, tmp_path: Path, capsys) -> None:
     """Each of three MoR rounds counts 10**308 rows (a JSON integer verify accepts): summed, they overflow a float."""
@@ -172,6 +182,14 @@ def test_a_ledger_spent_beyond_its_budget_is_warned_of_and_gets_no_privacy_claim
     assert warning.startswith("WARNING: bank-b's ledger records more spent than its lifetime budget allows: from ")
     assert over in warning and "makes no claim that bank-b's answers are within a privacy budget" in warning
     assert claims(page) == "hospital-a" and figure(page, "budget-overspent:hospital-a") is None
+
+
+def test_a_ledger_spent_to_its_budget_within_rounding_is_not_overspent(pki, tmp_path: Path, capsys) -> None:
+    """0.1 + 0.2 charged against 0.3 is 0.30000000000000004, which the ledger accepts (BUDGET_RTOL): the page called
+    it overspent or altered and withdrew the silo's claim (diff review helper-77)."""
+    _, page = report(consortium_logs(tmp_path, pki, ledgers={"bank-b": ledger(epsilon_spent=0.1 + 0.2,
+                                                                             epsilon_budget=0.3)}), tmp_path, capsys)
+    assert figure(page, "budget-overspent:bank-b") is None and claims(page) == "bank-b, hospital-a"
 
 
 @pytest.mark.parametrize("negative", [{"epsilon_spent": -5.0}, {"epsilon_budget": -1.0}, {"delta_spent": -1e-6}],
@@ -279,6 +297,24 @@ def test_every_distinct_policy_a_silo_served_under_is_shown_with_when_it_took_ef
 
 
 # -- 9. one silo's many refusal reasons --------------------------------------------------------------------------------
+def test_one_silos_many_callers_leave_every_other_silos_in_the_caller_table() -> None:
+    """The callers table was cut at 500 rows, silo by silo: one silo's log naming 510 callers hid every later
+    silo's (diff review helper-77)."""
+    def answered(silo: str, k: int, caller: str) -> SiloQuery:
+        return SiloQuery(silo, 1.9e9 + k, caller, "Score", "correct", "admitted", "OK", "", 0, 0.0)
+
+    queries = (*(answered("bank-b", k, f"mor://auditor/a{k}") for k in range(510)),
+               answered("hospital-a", 0, COORDINATOR))
+    parties = tuple(PartyCheck(party, "log", 1, True, (), None) for party in (COORDINATOR, "mor://silo/bank-b"))
+    queries_section = section(render_report(ReportView("t", 2e9, parties, (), queries, (), (), (), ())), "queries")
+    rows = re.findall(r"<tr><td>([\w-]+)</td><td>(.*?)</td>", queries_section)
+    assert [silo for silo, _ in rows].count("bank-b") == 21 and ("hospital-a", COORDINATOR) in rows
+    assert rows[20] == ("bank-b", '<span class="bad">490 other callers, together</span>')
+    assert figure(queries_section, "calls-from-others:bank-b") == "490"
+    warning = figure(queries_section, "other-callers:bank-b")
+    assert warning.startswith("WARNING: bank-b answered 510 calls") and "; and 490 other callers)" in warning
+
+
 def test_one_silos_many_refusal_reasons_leave_every_other_silos_in_the_table() -> None:
     """bank-b (listed first) refuses the auditor 510 times, each for its own reason; hospital-a refuses once."""
     def refusal(silo: str, k: int, reason: str) -> SiloQuery:
@@ -289,5 +325,5 @@ def test_one_silos_many_refusal_reasons_leave_every_other_silos_in_the_table() -
     refusals = section(render_report(ReportView("t", 2e9, (), (), queries, (), (), (), ())), "refusals")
     rows = re.findall(r"<tr><td>([\w-]+)</td><td>(.*?)</td>", refusals)
     assert [silo for silo, _ in rows].count("bank-b") == 21 and ("hospital-a", "rate limit") in rows
-    assert rows[20] == ("bank-b", '<span class="muted">490 other reasons, together</span>')
+    assert rows[20] == ("bank-b", '<span class="muted">the other 490 reasons and statuses, together</span>')
     assert figure(refusals, "other-reasons:bank-b") == "490" and "Showing the first" not in refusals

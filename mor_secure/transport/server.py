@@ -13,7 +13,9 @@ NOT_SERVING while it drains on shutdown. Reflection lets standard tools
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -70,6 +72,24 @@ class RunningServer:
         self.server.stop(grace_seconds).wait()
 
 
+def _why_unbindable(host: str, port: int) -> str:
+    """Why gRPC could not listen on host:port, in words an operator can act on (gRPC says only "Failed to bind")."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return f"{host!r} is neither an address of this machine nor a name it can resolve; fix serve.host"
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return f"port {port} is in use (another server, or a silo already serving); choose another " \
+                           "serve.port or --port"
+                return f"{exc.strerror}; fix serve.host or serve.port"
+    return "gRPC could not bind it; fix serve.host or serve.port"
+
+
 def serve(*, kit: CertKit, crl_path, services: Sequence[tuple[Callable[[object, grpc.Server], None], object, str]],
           roles_by_rpc: Mapping[str, frozenset[Role]], admission: Admission | None = None,
           audit: AuditSink | None = None, settings: ServerSettings | None = None) -> RunningServer:
@@ -101,9 +121,13 @@ def serve(*, kit: CertKit, crl_path, services: Sequence[tuple[Callable[[object, 
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_secure_port(f"{settings.host}:{settings.port}", server_credentials(kit))
+    try:
+        port = server.add_secure_port(f"{settings.host}:{settings.port}", server_credentials(kit))
+    except RuntimeError:  # gRPC's "Failed to bind to address ...; set GRPC_VERBOSITY=debug ..."
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {settings.host}:{settings.port}")
+        raise ValueError(f"cannot listen on {settings.host}:{settings.port}: "
+                         f"{_why_unbindable(settings.host, settings.port)}")
     running = RunningServer(server=server, port=port, health=health_servicer, service_names=tuple(names),
                             revocations=revocations)
     running.set_serving(False)

@@ -34,7 +34,7 @@ from mor_secure.pki import CertificateAuthority, CertKit, PartyIdentity
 from mor_secure.policy import RateLimit, RequestLimits, SiloAdmission, SiloPolicy
 from mor_secure.proto.v1 import silo_pb2, silo_pb2_grpc
 from mor_secure.transport.authorization import DEFAULT_MAX_OPEN_STREAMS
-from mor_secure.transport.server import RunningServer, serve
+from mor_secure.transport.server import RunningServer, ServerSettings, serve
 from mor_secure.wire import ErrorCode, ImageBlob, ScoreRequest, ScoreRow, SiloError, serde
 from mor_secure.wire.messages import DecryptRequest, SecureScoreRequest
 from silo_agent.config import ServeSettings
@@ -450,6 +450,29 @@ def test_a_secure_round_of_more_participants_than_the_protocol_allows_is_refused
     finally:
         running.stop(0)
         audit.close()
+
+
+def test_a_server_that_cannot_listen_says_why_in_one_line(consortium_pki) -> None:
+    """gRPC's RuntimeError "Failed to bind to address ...; set GRPC_VERBOSITY=debug" reached the operator of
+    `mor silo serve` as a traceback (operator walkthrough helper-76)."""
+    ca, _, kits = consortium_pki
+    service = SiloService("hospital-a", RightAnswerModel())
+
+    def start_on(host: str, port: int) -> None:
+        serve(kit=kits["silo"], crl_path=ca.directory / "crl.pem", services=[servicer_registration(service)],
+              roles_by_rpc=ROLES_BY_RPC, settings=ServerSettings(host=host, port=port))
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"^cannot listen on 127.0.0.1:{port}: port {port} is in use \(another "
+                           "server, or a silo already serving\); choose another serve.port or --port$"):
+            start_on("127.0.0.1", port)
+    # 192.0.2.1 (TEST-NET-1, RFC 5737) is an address but none of this machine's: nothing leaves it, not even DNS.
+    with pytest.raises(ValueError, match=r"^cannot listen on 192.0.2.1:0: Cannot assign requested address; fix "
+                       "serve.host or serve.port$"):
+        start_on("192.0.2.1", 0)
 
 
 class ExitingOnceModel(RightAnswerModel):

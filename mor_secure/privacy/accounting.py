@@ -27,6 +27,9 @@ ACCOUNTANTS: tuple[Accountant, ...] = get_args(Accountant)
 # (at worst loose), and the PRV accountant runs that analysis on every epsilon it computes: a warning per
 # call that tells a silo operator nothing.
 _RDP_LARGEST_ORDER_WARNING = "Optimal order is the largest alpha"
+# How close below its target a run's epsilon lands (opacus.accountants.utils.get_noise_multiplier's default); a
+# target below 1 gets 1% of itself instead, or the tolerance would be as large as the target.
+DEFAULT_EPSILON_TOLERANCE = 0.01
 
 
 @contextmanager
@@ -95,14 +98,18 @@ def noise_multiplier_for(
     sample_rate: float,
     steps: int,
     accountant: Accountant,
-    epsilon_tolerance: float = 0.01,
+    epsilon_tolerance: float | None = None,
 ) -> float:
     """Smallest noise multiplier (to `epsilon_tolerance`) whose run spends at most `target_epsilon`.
 
     Wraps Opacus's binary search, which returns the upper end of its bracket:
     the epsilon of the returned noise is <= target_epsilon and within
-    `epsilon_tolerance` of it.
+    `epsilon_tolerance` of it: by default Opacus's 0.01, or 1% of a target
+    below 1 (a silo asking for epsilon 0.01 was refused with "epsilon_tolerance
+    must be in (0, target_epsilon=0.01)", a parameter it never set).
     """
+    if epsilon_tolerance is None and math.isfinite(target_epsilon) and target_epsilon > 0:
+        epsilon_tolerance = min(DEFAULT_EPSILON_TOLERANCE, target_epsilon / 100)
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ValueError(f"target_epsilon must be a finite number > 0, got {target_epsilon!r}")
     _check_delta(target_delta, name="target_delta")

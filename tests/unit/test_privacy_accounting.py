@@ -38,6 +38,14 @@ def test_noise_multiplier_for_round_trips(accountant: str) -> None:
     assert 4.0 - 0.01 <= eps <= 4.0
 
 
+def test_a_target_epsilon_at_the_default_tolerance_gets_a_tolerance_of_its_own() -> None:
+    """The tolerance was Opacus's 0.01 whatever the target: `target_epsilon: 0.01` failed with "epsilon_tolerance
+    must be in (0, target_epsilon=0.01)", a parameter the silo never set (operator walkthrough helper-76)."""
+    plan = dict(sample_rate=0.1, steps=100, accountant="prv")  # RDP cannot certify an epsilon this small at all
+    sigma = noise_multiplier_for(target_epsilon=0.01, target_delta=1e-5, **plan)
+    assert 0.0099 <= epsilon_spent(noise_multiplier=sigma, delta=1e-5, **plan) <= 0.01
+
+
 def test_noise_multiplier_for_explains_an_impossible_target() -> None:
     with pytest.raises(ValueError, match="no noise multiplier reaches epsilon=1e-09"):
         noise_multiplier_for(target_epsilon=1e-9, target_delta=1e-9, sample_rate=1.0, steps=10_000,

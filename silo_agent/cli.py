@@ -6,13 +6,15 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mor_secure.cli_errors import run_command
 from mor_secure.privacy import NOISE_SEEDED
 from mor_secure.privacy.ledger_chain import NEW_LEDGER_IS_NOT_A_RESET, LedgerExistsError
 from mor_secure.privacy.ledger_units import DECLARABLE_UNITS, UNDECLARED_EARLIER_UNIT
 
-from .training import create_ledger, ledger_path, load_silo_config, open_ledger, train_silo
+from .config import SiloConfig
+from .training import LEDGER_FILE, create_ledger, ledger_path, load_silo_config, open_ledger, train_silo
 
 PROG = "mor silo"
 
@@ -54,6 +56,7 @@ def _port(text: str) -> int:
 
 def _init(args: argparse.Namespace) -> int:
     config = load_silo_config(args.config)
+    _refuse_the_configs_own_folder(Path(args.config), config)
     try:
         ledger = create_ledger(config, force=args.force_new_ledger)
     except LedgerExistsError:
@@ -64,6 +67,20 @@ def _init(args: argparse.Namespace) -> int:
     print(f"lifetime budget: epsilon {ledger.epsilon_budget:g}, delta {ledger.delta_budget:g}; back this file up: "
           "it cannot be recreated without resetting the budget")
     return 0
+
+
+def _refuse_the_configs_own_folder(config_path: Path, config: SiloConfig) -> None:
+    """ValueError for a workdir (with no ledger yet) that holds the YAML itself, `workdir: .` most often: a
+    workdir is for the silo's commands alone, and one holding anything else looks like one that lost its
+    ledger, which `create_ledger`'s refusal would then wrongly claim."""
+    config_file, workdir = config_path.resolve(), config.workdir.resolve()
+    if not config_file.is_relative_to(workdir) or ledger_path(config).exists():
+        return
+    where = "is this config's own folder" if config_file.parent == workdir else "holds this config"
+    raise ValueError(f"{config_path}: workdir {config.workdir} {where}; the silo's commands keep their ledger, "
+                     "model and audit log in a workdir of their own: set workdir to a new subdirectory (e.g. "
+                     "`workdir: hospital-a`), and keep the YAML and data outside it. If a ledger was lost from "
+                     f"this folder, restore {LEDGER_FILE} from backup into it instead")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -84,8 +101,6 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from .serving import serve_until_signalled
 
     config = load_silo_config(args.config)
@@ -113,6 +128,8 @@ def _ledger(args: argparse.Namespace) -> int:
         print(f"  {len(ledger.charges)} charge(s):")
         for c in ledger.charges:
             state = "settled" if c.settled else "reserved, not settled (a job running, or one that died)"
+            if c.settled and "outcome" in c.details:  # a release at zero says why nothing was spent
+                state += f" ({c.details['outcome']})"
             unit = f"per {c.privacy_unit}" if c.privacy_unit is not None else "no stated privacy unit"
             seeded = c.noise == NOISE_SEEDED
             print(f"    {c.timestamp}  {c.purpose}  epsilon {c.epsilon:.4g}  delta {c.delta:.3g}  {unit}  {state}"
@@ -128,7 +145,8 @@ def _ledger(args: argparse.Namespace) -> int:
         "spent": {"epsilon": ledger.spent_epsilon, "delta": ledger.spent_delta},
         "remaining": {"epsilon": ledger.remaining_epsilon, "delta": ledger.remaining_delta},
         "charges": [{"timestamp": c.timestamp, "purpose": c.purpose, "epsilon": c.epsilon, "delta": c.delta,
-                     "settled": c.settled, "privacy_unit": c.privacy_unit, "noise": c.noise,
+                     "settled": c.settled, "outcome": c.details.get("outcome") if c.settled else None,
+                     "privacy_unit": c.privacy_unit, "noise": c.noise,
                      # None: the reservation named no noise source, so nobody can say.
                      "private": None if c.noise is None else c.noise != NOISE_SEEDED} for c in ledger.charges],
         "head_digest": ledger.head_digest,

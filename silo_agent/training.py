@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from mor_secure.models.reward_architectures import (
     SmallCNNRewardModel,
 )
 from mor_secure.models.reward_model import RewardModel
+from mor_secure.pki.files import make_private_directory
 from mor_secure.privacy import PrivacyLedger, PrivacyReport, train_bradley_terry
 from mor_secure.privacy.ledger_chain import NEW_LEDGER_IS_NOT_A_RESET, LedgerMissingError
 from mor_secure.privacy.privacy_units import held_out_units
@@ -49,6 +51,8 @@ MODEL_DIR = "reward_model"
 LEDGER_FILE = "privacy_ledger.json"
 REPORT_FILE = "privacy_report.json"
 DIAGNOSTICS_FILE = "local_diagnostics.json"
+# The private files in the workdir (local diagnostics): for the silo's own account only.
+PRIVATE_FILE_MODE = 0o600
 # Held (flock) for the whole of `train_silo`: one training per workdir at a time.
 TRAINING_LOCK_FILE = ".training.lock"
 # Where the served scores' standardisation comes from: public data, so it releases nothing (DESIGN §4).
@@ -215,7 +219,7 @@ def training_lock(workdir: Path, *, refused: str) -> Iterator[None]:
     `mor silo init`, which takes it too) changes nothing; `mor silo serve` takes it while it loads the model
     and its report, so it never pairs one run's model with another's report. `refused` says why, in the
     refusal."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    _make_workdir(workdir)
     with open(workdir / TRAINING_LOCK_FILE, "a+b") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -224,6 +228,23 @@ def training_lock(workdir: Path, *, refused: str) -> Iterator[None]:
                 f"{workdir}: another `mor silo train` or `mor silo init` is running on this workdir, or a "
                 f"`mor silo serve` is starting on it; wait for it to finish: {refused}") from None
         yield  # the lock goes with the file's closing, however the job ends
+
+
+def _make_workdir(workdir: Path) -> None:
+    """Create `workdir` mode 0700 if missing (its parents as the umask has them); an existing one is left as it is.
+
+    It holds the silo's exact private statistics and its audit log, so no other user may list or read it.
+    """
+    if not workdir.is_dir():
+        make_private_directory(workdir)
+
+
+def write_private_text(path: Path, text: str) -> None:
+    """Write `text` to `path` readable by its owner only (0600 whatever the umask, also over an older, wider file)."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        os.fchmod(handle.fileno(), PRIVATE_FILE_MODE)
+        handle.write(text)
 
 
 def train_silo(config: SiloConfig, *, progress: bool = True) -> SiloTrainingOutcome:
@@ -288,10 +309,11 @@ def _train_silo(config: SiloConfig, ledger: PrivacyLedger | None, *, progress: b
             "budget_epsilon": ledger.epsilon_budget, "budget_delta": ledger.delta_budget},
     }, indent=2), encoding="utf-8")
     diagnostics_path = config.workdir / DIAGNOSTICS_FILE
-    diagnostics_path.write_text(json.dumps({
+    # Exact statistics of the private data, without noise: NOT FOR RELEASE, so for the silo's own account only.
+    write_private_text(diagnostics_path, json.dumps({
         **result.diagnostics.to_dict(),
         "train_pairs": len(train),
         "held_out_pairs": len(held_out),
         "held_out_pairwise_accuracy": model.pairwise_accuracy(held_out) if held_out else None,
-    }, indent=2), encoding="utf-8")
+    }, indent=2))
     return SiloTrainingOutcome(model, result.report, model_dir, report_path, diagnostics_path)

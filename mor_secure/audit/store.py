@@ -9,6 +9,7 @@ table is not a log and is never written to.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,9 @@ FORMAT = "mor-secure/audit-log/v1"
 # less than the appends it saves: timed right after a forward pass over 800 entries, folds included, 0.13 ms
 # less per silo entry and 0.14 ms less per coordinator entry (docs/benchmarks.md, "Audit log").
 WAL_CHECKPOINT_PAGES = 100
+
+# A new log file's mode: owner only.
+LOG_FILE_MODE = 0o600
 
 # The tables of a log; a SQLite file holding any other is not one, and is never written to.
 _TABLES = frozenset({"meta", "entries", "checkpoints", "certificates"})
@@ -103,6 +107,7 @@ def connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no audit log there")
         return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None)
+    _create_private(path)
     connection = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     # Before anything writes (the switch to WAL rewrites the file's header): another database is left as it was.
     foreign = {name for (name,) in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
@@ -117,6 +122,22 @@ def connect(path: Path, *, read_only: bool) -> sqlite3.Connection:
     connection.execute("PRAGMA synchronous=FULL")
     connection.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
     return connection
+
+
+def _create_private(path: Path) -> None:
+    """Create a missing log file empty and mode 0600, whatever the umask: SQLite would create it 0644, and gives
+    its -wal and -shm files the database file's mode. The log names every caller and call of the party."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, LOG_FILE_MODE)
+    except FileExistsError:  # an existing log keeps the mode its owner gave it
+        return
+    except OSError as exc:
+        raise AuditLogError(f"{path}: cannot open the audit log for writing ({exc.strerror}); check that the party "
+                            "may write its directory") from None
+    try:
+        os.fchmod(descriptor, LOG_FILE_MODE)
+    finally:
+        os.close(descriptor)
 
 
 def read_log(path: str | Path) -> StoredLog:

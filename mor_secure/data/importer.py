@@ -138,7 +138,7 @@ def import_preference_jsonl(jsonl_path: str | Path, image_root: str | Path, *,
     problems.raise_if_any()
 
     images = _ImageChecker(root)
-    units = _UnitOfImage()
+    units = _UnitOfImage(root)
     repeats = _RepeatedPairs()
     pairs: list[PreferencePair] = []
     rows = 0
@@ -155,8 +155,10 @@ def import_preference_jsonl(jsonl_path: str | Path, image_root: str | Path, *,
                 break
             pair, reasons = _parse_row(raw, images)
             if pair is not None:
-                reasons = (units.check(pair, line_number) + _declared_unit_problems(pair, unit)
-                           + repeats.check(pair, line_number))
+                # A row refused for its unit_id does not hold its image to that unit: the next rows of the
+                # image would each get a second error for the same mistake.
+                reasons = (_declared_unit_problems(pair, unit) or units.check(pair, line_number)) \
+                    + repeats.check(pair, line_number)
             for reason in reasons:
                 problems.add(line_number, reason)
             if pair is not None and not reasons:
@@ -257,17 +259,23 @@ def _text_problems(name: str, value: Any, content_problem: Callable[[str], str |
 class _UnitOfImage:
     """Holds each image to the unit_id its first row named (or to none): one picture, one privacy unit."""
 
-    def __init__(self) -> None:
+    def __init__(self, root: Path) -> None:
+        self._root = root
         self._first: dict[str, tuple[str | None, int, Path]] = {}  # image id -> (unit_id, line, path)
 
     def check(self, pair: PreferencePair, line: int) -> list[str]:
         unit, first_line, first_path = self._first.setdefault(pair.image_id, (pair.unit_id, line, pair.image_path))
         if unit == pair.unit_id:
             return []
-        same = "this image" if first_path == pair.image_path else f"the same picture ({first_path.name})"
-        return [f"unit_id {_named(pair.unit_id)} differs from line {first_line}'s {_named(unit)} for {same}: every "
-                "row of one image must name the same unit_id, or none (one picture in two units counts its person "
-                "twice)"]
+        why = ("every row of one image must name the same unit_id, or none (one picture in two units counts its "
+               "person twice)")
+        if first_path == pair.image_path:
+            return [f"unit_id {_named(pair.unit_id)} differs from line {first_line}'s {_named(unit)} for this "
+                    f"image: {why}"]
+        # Another file with the same bytes: name both, as the rows wrote them under the image root.
+        return [f"{pair.image_path.relative_to(self._root)} (line {line}) has the same content as "
+                f"{first_path.relative_to(self._root)} (line {first_line}), which line {first_line} gives to "
+                f"{_given(unit)} and this row to {_given(pair.unit_id)}: {why}"]
 
 
 class _RepeatedPairs:
@@ -287,6 +295,10 @@ class _RepeatedPairs:
 
 def _named(unit_id: str | None) -> str:
     return "(none)" if unit_id is None else repr(unit_id)
+
+
+def _given(unit_id: str | None) -> str:
+    return "no unit_id" if unit_id is None else f"unit_id {unit_id!r}"
 
 
 class _ImageChecker:

@@ -29,6 +29,16 @@ from mor_secure.pki.kits import crl_number
 
 logger = logging.getLogger(__name__)
 
+# Said of a CRL that parses but is not the kit CA's: another CA's looks like a forged one (consortium CAs share
+# their name, and a CRL does not name its key), and a kit or CRL from the wrong consortium is the likelier.
+NOT_THE_KITS_CA = ("the kit's ca.pem is not the CA that signed this CRL: a kit from another consortium, or the "
+                   "wrong CRL")
+
+
+class _SignedByAnotherCA(ValueError):
+    """The CRL parses, but the CA it was checked against did not sign it."""
+
+
 _RESIGN_HINT = "re-sign it with `mor pki crl --ca pki/ca` and publish it here"
 
 
@@ -41,6 +51,7 @@ class RevocationList:
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._rejected_stamp: tuple[int, int] | None = None  # the file version last refused: not parsed again
+        self._signed_by_another_ca = False  # whether that version parsed and failed only the CA: said at start
         self._unreadable_logged = False
         self._number = -1
         self._next_update: dt.datetime | None = None
@@ -51,7 +62,8 @@ class RevocationList:
                                     "(`mor pki init` writes it, `mor pki revoke` updates it)")
         self._reload()
         if self._stamp is None:
-            raise ValueError(f"{self.path}: not a CRL signed by the consortium CA")
+            raise ValueError(f"{self.path}: " + (NOT_THE_KITS_CA if self._signed_by_another_ca
+                                                 else "not a CRL signed by the consortium CA"))
         if self._is_stale():
             raise ValueError(f"{self.path}: the CRL went stale at {self._next_update:%Y-%m-%d %H:%M} UTC, so "
                              f"revocations since then may be missing; {_RESIGN_HINT}")
@@ -64,13 +76,13 @@ class RevocationList:
         try:
             crl = x509.load_pem_x509_crl(self.path.read_bytes())
             if crl.issuer != self._ca.subject or not crl.is_signature_valid(self._ca.public_key()):
-                raise ValueError("not signed by the consortium CA")
+                raise _SignedByAnotherCA(NOT_THE_KITS_CA)
             number = crl_number(crl)
             if number < self._number:
                 raise ValueError(f"CRL number {number} is older than the {self._number} in use; an older CRL "
                                  "would un-revoke the certificates revoked since")
         except ValueError as exc:
-            self._rejected_stamp = stamp
+            self._rejected_stamp, self._signed_by_another_ca = stamp, isinstance(exc, _SignedByAnotherCA)
             logger.error("%s: CRL rejected (%s); keeping the previous revocation list", self.path, exc)
             return
         self._rejected_stamp = None

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,6 +150,13 @@ def test_public_report_holds_no_loss_count_or_timing(first_run: FirstRun) -> Non
                     "validation_pairs", "n_pairs", "held_out_pairwise_accuracy"):
         assert private not in keys
     assert not any("loss" in key or "second" in key for key in keys)
+
+
+def test_the_workdir_and_the_local_diagnostics_are_for_the_silos_account_only(first_run: FirstRun) -> None:
+    """The diagnostics are exact statistics of the private data (NOT FOR RELEASE), like the ledger beside them."""
+    modes = {name: stat.S_IMODE((first_run.workdir / name).stat().st_mode) for name in (DIAGNOSTICS_FILE, LEDGER_FILE)}
+    assert modes == {DIAGNOSTICS_FILE: 0o600, LEDGER_FILE: 0o600}
+    assert stat.S_IMODE(first_run.workdir.stat().st_mode) == 0o700
 
 
 def test_train_without_init_is_refused_and_creates_nothing(silo_dir: Path, capsys) -> None:

@@ -32,6 +32,7 @@ from mor_secure.audit.checkpoints import key_id
 from mor_secure.audit.verify import verify_log
 from mor_secure.data import make_pairs
 from mor_secure.models.reward_architectures import SmallCNNRewardModel
+from mor_secure.pki import CertificateAuthority
 from mor_secure.transport.credentials import channel_credentials
 from silo_agent.serving import start_silo_server
 from silo_agent.training import MODEL_DIR, TRAINING_LOCK_FILE, WorkdirBusyError, create_ledger, load_silo_config
@@ -312,6 +313,36 @@ def test_a_start_that_fails_after_opening_the_log_leaves_it_free_for_the_next(tm
         start_silo_server(config)
     shutil.copyfile(pki.crl, tmp_path / "crl.pem")
     _starts_serving_and_stop(config, pki)
+
+
+def test_a_kit_whose_private_key_others_can_read_is_refused_before_anything_opens(tmp_path: Path, consortium_path: Path,
+                                                                                 pki) -> None:
+    """A key its group or others may read is a compromised key: serving under it is refused, not warned of."""
+    kit = tmp_path / "kit"
+    shutil.copytree(pki.kits["hospital-a"].directory, kit)
+    os.chmod(kit / "party.key", 0o644)
+    config = load_silo_config(_silo_yaml(tmp_path, consortium_path, kit, pki.crl))
+    create_ledger(config)
+    SmallCNNRewardModel(seed=0).save(config.workdir / MODEL_DIR)
+    port_file = tmp_path / "port.json"
+    with pytest.raises(PermissionError, match=rf"{kit / 'party.key'}: this private key is mode 0644, open to users "
+                       rf"other than its owner \(it must be 0600\): run `chmod 600 {kit / 'party.key'}`"):
+        start_silo_server(config, port_file=port_file)
+    assert not port_file.exists() and not (config.workdir / "audit.db").exists()
+    os.chmod(kit / "party.key", 0o600)
+    _starts_serving_and_stop(config, pki)
+
+
+def test_a_kit_from_another_consortium_is_named_as_the_cause_not_the_crl(tmp_path: Path, consortium_path: Path,
+                                                                        pki) -> None:
+    """Both CAs carry the same name; the CRL is the consortium's own and fine, the kit is not its CA's."""
+    other = CertificateAuthority.create(tmp_path / "other-ca")
+    kit = other.issue(pki.kits["hospital-a"].identity(), tmp_path / "other-kit")
+    config = _silo_with_a_model(tmp_path, consortium_path, pki, pki.crl)
+    config = config.model_copy(update={"serve": config.serve.model_copy(update={"kit": kit.directory})})
+    with pytest.raises(ValueError, match=rf"{pki.crl}: the kit's ca.pem is not the CA that signed this CRL: a kit "
+                       "from another consortium, or the wrong CRL"):
+        start_silo_server(config)
 
 
 def test_sigterm_drains_and_exits_zero_with_a_final_checkpoint(served_silo, pki) -> None:

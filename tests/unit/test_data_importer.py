@@ -78,8 +78,12 @@ def test_one_picture_is_one_privacy_unit_whatever_its_path_or_spelling(tmp_path:
 @pytest.mark.parametrize(("second", "says"), [
     (_row(), "unit_id (none) differs from line 1's 'patient-1' for this image"),
     (_row(unit_id="patient-2"), "unit_id 'patient-2' differs from line 1's 'patient-1' for this image"),
-    (_row("copy/a-again.png"), "unit_id (none) differs from line 1's 'patient-1' for the same picture (a.png)"),
-], ids=["no-unit", "another-unit", "a-copy-with-no-unit"])
+    (_row("copy/a-again.png"), "copy/a-again.png (line 3) has the same content as img/a.png (line 1), which line 1 "
+                               "gives to unit_id 'patient-1' and this row to no unit_id"),
+    (_row("copy/a-again.png", unit_id="patient-2"), "copy/a-again.png (line 3) has the same content as img/a.png "
+                                                    "(line 1), which line 1 gives to unit_id 'patient-1' and this row "
+                                                    "to unit_id 'patient-2'"),
+], ids=["no-unit", "another-unit", "a-copy-with-no-unit", "a-copy-in-another-unit"])
 def test_an_image_in_two_privacy_units_is_refused(tmp_path: Path, image_root: Path, second: str, says: str) -> None:
     """One picture in two units would count its patient twice under a per-unit guarantee."""
     (image_root / "copy").mkdir()
@@ -292,3 +296,14 @@ def test_the_declared_unit_holds_every_row_to_it(tmp_path: Path, image_root: Pat
         import_preference_jsonl(jsonl, image_root, unit="image")
     assert len(refused.value.problems) == 1
     assert len(import_preference_jsonl(jsonl, image_root)) == 2
+
+
+def test_a_row_refused_for_lacking_its_unit_id_gives_the_rows_of_its_image_no_second_error(
+        tmp_path: Path, image_root: Path) -> None:
+    """The refused row is not the image's first: the next row of that image, which names its patient, is fine."""
+    jsonl = _write(tmp_path / "prefs.jsonl", [_row("img/b.png", unit_id="patient-0"), _row(),
+                                              _row(unit_id="patient-1", chosen="green")])
+    with pytest.raises(DataImportError) as caught:
+        import_preference_jsonl(jsonl, image_root, unit="patient")
+    assert [(p.line, p.reason.split(":")[0]) for p in caught.value.problems] == [
+        (2, "no unit_id, but data.unit is patient")]

@@ -169,3 +169,32 @@ def test_own_data_needs_a_public_unit_count(silo_yaml: Path) -> None:
     silo_yaml.write_text(SILO_YAML + "data:\n  pairs: pairs.jsonl\n  images: images\n"
                          "training:\n  dp:\n    public_unit_count: 5000\n", encoding="utf-8")
     assert load_silo_config(silo_yaml).training.dp.public_unit_count == 5000
+
+
+@pytest.mark.parametrize("force", [[], ["--force-new-ledger"]], ids=["plain", "forced"])
+def test_init_with_the_configs_own_folder_as_workdir_says_so(silo_yaml: Path, capsys: pytest.CaptureFixture,
+                                                             force: list[str]) -> None:
+    """`workdir: .` holds the YAML: not a workdir that lost its ledger, and a ledger beside the YAML is no fix."""
+    silo_yaml.write_text(SILO_YAML.replace("workdir: work/hospital-a", "workdir: ."), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["init", "--config", str(silo_yaml), *force]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mor silo: error: ") and err.count("\n") == 1
+    assert "is this config's own folder" in err and "set workdir to a new subdirectory" in err
+    assert "was used before" not in err
+    assert not ledger_path(load_silo_config(silo_yaml)).exists()
+
+
+def test_the_ledger_shows_why_a_charge_was_released_at_zero(silo_yaml: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["init", "--config", str(silo_yaml)]) == 0
+    ledger = open_ledger(load_silo_config(silo_yaml))
+    ledger.release(ledger.reserve(purpose="train:reward-model:small_cnn", epsilon=8.0, delta=1e-5,
+                                  details={"privacy_unit": "image"}), reason="the job failed before DP-SGD started")
+    capsys.readouterr()
+    assert main(["ledger", "--config", str(silo_yaml)]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "train:reward-model" in line]
+    assert line.endswith("epsilon 0  delta 0  per image  settled (released unspent: the job failed before DP-SGD "
+                         "started)")
+    assert main(["ledger", "--config", str(silo_yaml), "--json"]) == 0
+    (charge,) = json.loads(capsys.readouterr().out)["charges"]
+    assert charge["outcome"] == "released unspent: the job failed before DP-SGD started"

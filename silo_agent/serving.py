@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import signal
-import stat
 import threading
 from pathlib import Path
 
@@ -49,24 +48,12 @@ SPARE_WORKERS = 2
 
 
 def _checked_kit(config: SiloConfig) -> CertKit:
-    kit = CertKit.load(config.serve.kit)
-    _refuse_a_key_others_can_read(kit.key_path)
+    kit = CertKit.load(config.serve.kit)  # refuses secrets others may read
     identity = kit.identity()
     if identity.role != Role.SILO or identity.name != config.name:
         raise ValueError(f"{kit.directory} is the kit of {identity}, not of mor://silo/{config.name}; point "
                          "serve.kit at this silo's own kit")
     return kit
-
-
-def _refuse_a_key_others_can_read(key_path: Path) -> None:
-    """PermissionError for a private key open to its group or others: whoever could read it can answer as this
-    silo and sign its audit checkpoints, so serving with it is refused, not warned of."""
-    mode = stat.S_IMODE(key_path.stat().st_mode)
-    if mode & 0o077:
-        raise PermissionError(f"{key_path}: this private key is mode {mode:04o}, open to users other than its "
-                              f"owner (it must be 0600): run `chmod 600 {key_path}`. A key others could read is "
-                              "compromised: if anyone may have read it, have the consortium revoke it and renew "
-                              "the kit")
 
 
 def load_service(config: SiloConfig, policy: SiloPolicy, ledger: PrivacyLedger | None) -> SiloService:

@@ -12,6 +12,7 @@ on the next connection without a restart (transport/credentials.py).
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +89,22 @@ class CertKit:
         if missing:
             raise FileNotFoundError(f"{kit.directory}: not a complete certificate kit (missing {', '.join(missing)}); "
                                     "issue one with `mor pki issue` or `mor pki init`")
+        kit.refuse_secrets_others_can_read()
         return kit
+
+    def refuse_secrets_others_can_read(self) -> None:
+        """PermissionError for a secret of the kit (party.key, every other *.key, the secure-aggregation secret)
+        open to its group or others: whoever could read it can answer as this party and sign its audit
+        checkpoints, so a party refuses to start with it rather than warn."""
+        secrets = dict.fromkeys([self.key_path, *sorted(self.directory.glob("*.key")),
+                                 *sorted(self.directory.glob("*secret*"))])
+        for path in secrets:
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode & 0o077:
+                raise PermissionError(f"{path}: this private key is mode {mode:04o}, open to users other than its "
+                                      f"owner (it must be 0600): run `chmod 600 {path}`. A key others could read is "
+                                      "compromised: if anyone may have read it, have the consortium revoke it and "
+                                      "renew the kit")
 
     @property
     def ca_path(self) -> Path:

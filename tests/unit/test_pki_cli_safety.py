@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from mor_cli.main import main
-from mor_secure.pki import CertificateAuthority, PartyIdentity, Role
+from mor_secure.pki import CertificateAuthority, CertKit, PartyIdentity, Role
 from mor_secure.pki import files as pki_files
 
 AUDITOR = PartyIdentity(Role.AUDITOR, "auditor-a")
@@ -167,6 +167,22 @@ def test_a_kit_renews_after_the_pki_directory_was_moved(tmp_path: Path) -> None:
     (tmp_path / "old").rename(tmp_path / "new")
     assert _issue(tmp_path / "new" / "ca", tmp_path / "new" / "kit", "--renew") == 0
     assert _issue(tmp_path / "new" / "ca", tmp_path / "new" / "copy") == 1  # still one live kit per party
+
+
+@pytest.mark.parametrize("secret", ["party.key", "agreement.key", "he_secret.ctx"])
+def test_a_kit_whose_secrets_others_can_read_is_refused_when_loaded(tmp_path: Path, secret: str) -> None:
+    """Only the silo's serve checked party.key: the coordinator, and every other secret of a kit, went unchecked
+    (helper-78)."""
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    kit = ca.issue(AUDITOR, tmp_path / "kit")
+    if secret != "party.key":
+        pki_files.write_private(kit.directory / secret, b"a secret")
+    os.chmod(kit.directory / secret, 0o640)
+    with pytest.raises(PermissionError, match=rf"{kit.directory / secret}: this private key is mode 0640, open to "
+                       rf"users other than its owner \(it must be 0600\): run `chmod 600 {kit.directory / secret}`"):
+        CertKit.load(kit.directory)
+    os.chmod(kit.directory / secret, 0o600)
+    assert CertKit.load(kit.directory).identity() == AUDITOR
 
 
 def test_an_out_that_is_a_file_is_refused_before_anything_is_signed(tmp_path: Path, capsys) -> None:

@@ -211,7 +211,9 @@ class CertificateAuthority:
                 with suppress(OSError):  # not empty: someone else wrote there meanwhile, so it is not all ours
                     kit_dir.rmdir()
             raise
-        return CertKit.load(kit_dir)
+        # Not CertKit.load: its refusal of a secret others may read (a renewed kit's other old files) would come
+        # after the certificate was signed and the kit written, and leave the renewal half done.
+        return CertKit(kit_dir)
 
     def _refuse_live_kit_elsewhere(self, identity: PartyIdentity, kit_dir: Path, rows: Sequence[IssuedCertificate],
                                    renewed_serial: int | None) -> None:
@@ -306,6 +308,7 @@ class CertificateAuthority:
             if retired is not None:
                 os.link(key_path, retired)  # a second name, so that party.key is replaced in one step, never absent
                 retired_linked = True
+                os.chmod(retired, 0o600)  # the old key was perhaps readable by others (why it is renewed)
             os.replace(pending_key, key_path)
             key_replaced = True
             # Key first, then certificate: a server reloading between the two sees a mismatched pair and keeps its

@@ -19,8 +19,8 @@ def make_private_directory(path: Path) -> bool:
     0700 if it was not (an empty --out others may write: they could plant files in a kit); whether this call
     created it."""
     created = not path.is_dir()
-    if created:
-        path.mkdir(mode=PRIVATE_DIRECTORY_MODE, parents=True)  # never wider than 0700, even for an instant
+    if created:  # never wider than 0700, even for an instant; exist_ok: two commands making it at once both go on
+        path.mkdir(mode=PRIVATE_DIRECTORY_MODE, parents=True, exist_ok=True)
     os.chmod(path, PRIVATE_DIRECTORY_MODE)
     return created
 

@@ -185,6 +185,20 @@ def test_a_kit_whose_secrets_others_can_read_is_refused_when_loaded(tmp_path: Pa
     assert CertKit.load(kit.directory).identity() == AUDITOR
 
 
+def test_a_kit_whose_key_others_could_read_renews_whole(tmp_path: Path) -> None:
+    """The remedy the refusal names: renewal hard-links the old key to its retired name, which kept its 0644, so
+    the renewal's own CertKit.load refused the kit after signing, and provisioning never ran (diff review
+    helper-79)."""
+    ca = CertificateAuthority.create(tmp_path / "ca")
+    old = ca.issue(AUDITOR, tmp_path / "kit")
+    old_serial = old.certificate().serial_number
+    os.chmod(old.key_path, 0o644)
+    assert _issue(ca.directory, tmp_path / "kit", "--renew") == 0
+    retired = tmp_path / "kit" / f"party-retired-{old_serial:x}.key"
+    assert stat.S_IMODE(retired.stat().st_mode) == 0o600
+    assert CertKit.load(tmp_path / "kit").certificate().serial_number == ca.issued()[-1].serial
+
+
 def test_an_out_that_is_a_file_is_refused_before_anything_is_signed(tmp_path: Path, capsys) -> None:
     CertificateAuthority.create(tmp_path / "ca")
     (tmp_path / "a-file").write_text("x", encoding="utf-8")

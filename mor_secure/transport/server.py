@@ -74,8 +74,10 @@ class RunningServer:
 
 def _why_unbindable(host: str, port: int) -> str:
     """Why gRPC could not listen on host:port, in words an operator can act on (gRPC says only "Failed to bind")."""
+    if ":" in host and not host.startswith("["):
+        return f"an IPv6 address is written in brackets, as [{host}]; fix serve.host"
     try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
     except socket.gaierror:
         return f"{host!r} is neither an address of this machine nor a name it can resolve; fix serve.host"
     for family, kind, protocol, _, address in addresses:
@@ -121,8 +123,9 @@ def serve(*, kit: CertKit, crl_path, services: Sequence[tuple[Callable[[object, 
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((*names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    credentials = server_credentials(kit)
     try:
-        port = server.add_secure_port(f"{settings.host}:{settings.port}", server_credentials(kit))
+        port = server.add_secure_port(f"{settings.host}:{settings.port}", credentials)
     except RuntimeError:  # gRPC's "Failed to bind to address ...; set GRPC_VERBOSITY=debug ..."
         port = 0
     if port == 0:

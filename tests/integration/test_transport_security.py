@@ -469,6 +469,16 @@ def test_a_server_that_cannot_listen_says_why_in_one_line(consortium_pki) -> Non
         with pytest.raises(ValueError, match=rf"^cannot listen on 127.0.0.1:{port}: port {port} is in use \(another "
                            "server, or a silo already serving\); choose another serve.port or --port$"):
             start_on("127.0.0.1", port)
+    if socket.has_ipv6:  # gRPC takes an IPv6 address in brackets, which the name lookup does not
+        with socket.socket(socket.AF_INET6) as taken:
+            taken.bind(("::1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            with pytest.raises(ValueError, match=rf"^cannot listen on \[::1\]:{port}: port {port} is in use"):
+                start_on("[::1]", port)
+        with pytest.raises(ValueError, match=r"^cannot listen on ::1:0: an IPv6 address is written in brackets, as "
+                           r"\[::1\]; fix serve.host$"):
+            start_on("::1", 0)
     # 192.0.2.1 (TEST-NET-1, RFC 5737) is an address but none of this machine's: nothing leaves it, not even DNS.
     with pytest.raises(ValueError, match=r"^cannot listen on 192.0.2.1:0: Cannot assign requested address; fix "
                        "serve.host or serve.port$"):

@@ -13,8 +13,6 @@ from torch import Tensor, nn
 from mor_secure.privacy import DPConfig
 from mor_secure.privacy.accounting import epsilon_spent, noise_multiplier_for, poisson_schedule
 
-# noise_multiplier_for's default epsilon tolerance: a per-round target must exceed it.
-_EPSILON_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -80,9 +78,6 @@ def plan_fedavg_noise(*, n_units: int, batch_size: int, rounds: int, local_epoch
     sigma = noise_multiplier_for(target_epsilon=dp.target_epsilon, steps=total_steps, **common)
     round_epsilon = epsilon_spent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps_per_round,
                                   delta=dp.target_delta, accountant=dp.accountant)
-    if round_epsilon <= _EPSILON_TOLERANCE:
-        raise ValueError(f"a FedAvg round may spend only epsilon {round_epsilon:.4g} of the silo's target "
-                         f"{dp.target_epsilon}: too little to calibrate; use fewer rounds or local epochs")
     run_sigma = noise_multiplier_for(target_epsilon=round_epsilon, steps=steps_per_round, **common)
     total = epsilon_spent(noise_multiplier=run_sigma, sample_rate=sample_rate, steps=total_steps,
                           delta=dp.target_delta, accountant=dp.accountant)

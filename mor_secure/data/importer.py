@@ -272,7 +272,7 @@ class _UnitOfImage:
         if first_path == pair.image_path:
             return [f"unit_id {_named(pair.unit_id)} differs from line {first_line}'s {_named(unit)} for this "
                     f"image: {why}"]
-        # Another file with the same bytes: name both, as the rows wrote them under the image root.
+        # Another file with the same bytes: name both, relative to the image root (as resolved there).
         return [f"{pair.image_path.relative_to(self._root)} (line {line}) has the same content as "
                 f"{first_path.relative_to(self._root)} (line {first_line}), which line {first_line} gives to "
                 f"{_given(unit)} and this row to {_given(pair.unit_id)}: {why}"]

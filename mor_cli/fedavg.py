@@ -14,7 +14,6 @@ from mor_secure.privacy import DPConfig
 from mor_secure.privacy.accounting import epsilon_spent, noise_multiplier_for, poisson_schedule
 
 
-
 @dataclass(frozen=True)
 class NoisePlan:
     """DP-SGD noise of one silo in FedAvg: the same noise every round, planned for all rounds together."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from mor_secure.models.reward_architectures import (
     SmallCNNRewardModel,
 )
 from mor_secure.models.reward_model import RewardModel
-from mor_secure.pki.files import make_private_directory
+from mor_secure.pki.files import PRIVATE_FILE_MODE, make_private_directory, replace_file
 from mor_secure.privacy import PrivacyLedger, PrivacyReport, train_bradley_terry
 from mor_secure.privacy.ledger_chain import NEW_LEDGER_IS_NOT_A_RESET, LedgerMissingError
 from mor_secure.privacy.privacy_units import held_out_units
@@ -51,8 +50,6 @@ MODEL_DIR = "reward_model"
 LEDGER_FILE = "privacy_ledger.json"
 REPORT_FILE = "privacy_report.json"
 DIAGNOSTICS_FILE = "local_diagnostics.json"
-# The private files in the workdir (local diagnostics): for the silo's own account only.
-PRIVATE_FILE_MODE = 0o600
 # Held (flock) for the whole of `train_silo`: one training per workdir at a time.
 TRAINING_LOCK_FILE = ".training.lock"
 # Where the served scores' standardisation comes from: public data, so it releases nothing (DESIGN §4).
@@ -239,14 +236,6 @@ def _make_workdir(workdir: Path) -> None:
         make_private_directory(workdir)
 
 
-def write_private_text(path: Path, text: str) -> None:
-    """Write `text` to `path` readable by its owner only (0600 whatever the umask, also over an older, wider file)."""
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        os.fchmod(handle.fileno(), PRIVATE_FILE_MODE)
-        handle.write(text)
-
-
 def train_silo(config: SiloConfig, *, progress: bool = True) -> SiloTrainingOutcome:
     """Run the whole job, alone on its workdir. With DP, the target spend is reserved before any private data
     is read."""
@@ -310,10 +299,10 @@ def _train_silo(config: SiloConfig, ledger: PrivacyLedger | None, *, progress: b
     }, indent=2), encoding="utf-8")
     diagnostics_path = config.workdir / DIAGNOSTICS_FILE
     # Exact statistics of the private data, without noise: NOT FOR RELEASE, so for the silo's own account only.
-    write_private_text(diagnostics_path, json.dumps({
+    replace_file(diagnostics_path, json.dumps({
         **result.diagnostics.to_dict(),
         "train_pairs": len(train),
         "held_out_pairs": len(held_out),
         "held_out_pairwise_accuracy": model.pairwise_accuracy(held_out) if held_out else None,
-    }, indent=2))
+    }, indent=2).encode("utf-8"), mode=PRIVATE_FILE_MODE)
     return SiloTrainingOutcome(model, result.report, model_dir, report_path, diagnostics_path)

@@ -19,6 +19,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from mor_secure.pki.files import PRIVATE_FILE_MODE
 from mor_secure.pki.kits import identity_of
 
 from .checkpoints import SignedCheckpoint, parse_json
@@ -33,9 +34,6 @@ FORMAT = "mor-secure/audit-log/v1"
 # less than the appends it saves: timed right after a forward pass over 800 entries, folds included, 0.13 ms
 # less per silo entry and 0.14 ms less per coordinator entry (docs/benchmarks.md, "Audit log").
 WAL_CHECKPOINT_PAGES = 100
-
-# A new log file's mode: owner only.
-LOG_FILE_MODE = 0o600
 
 # The tables of a log; a SQLite file holding any other is not one, and is never written to.
 _TABLES = frozenset({"meta", "entries", "checkpoints", "certificates"})
@@ -128,14 +126,14 @@ def _create_private(path: Path) -> None:
     """Create a missing log file empty and mode 0600, whatever the umask: SQLite would create it 0644, and gives
     its -wal and -shm files the database file's mode. The log names every caller and call of the party."""
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, LOG_FILE_MODE)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
     except FileExistsError:  # an existing log keeps the mode its owner gave it
         return
     except OSError as exc:
         raise AuditLogError(f"{path}: cannot open the audit log for writing ({exc.strerror}); check that the party "
                             "may write its directory") from None
     try:
-        os.fchmod(descriptor, LOG_FILE_MODE)
+        os.fchmod(descriptor, PRIVATE_FILE_MODE)
     finally:
         os.close(descriptor)
 

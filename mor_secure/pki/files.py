@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 PRIVATE_DIRECTORY_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
 PUBLIC_FILE_MODE = 0o644
 
 
@@ -32,7 +33,7 @@ def write_private(path: Path, data: bytes) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
     except FileExistsError:
         raise FileExistsError(f"{path} exists; private keys are never overwritten (move it away first, or "
                               "renew the kit with `mor pki issue --renew`, which retires the old key)") from None
@@ -48,7 +49,13 @@ def write_private(path: Path, data: bytes) -> None:
 
 
 def write_public(path: Path, data: bytes) -> None:
-    """Write then rename, so a reader (a server reloading its CRL or certificate) never sees half a file.
+    """Replace `path` with `data`, mode 0644 (`replace_file`)."""
+    replace_file(path, data, mode=PUBLIC_FILE_MODE)
+
+
+def replace_file(path: Path, data: bytes, *, mode: int) -> None:
+    """Write then rename, so a reader (a server reloading its CRL or certificate) never sees half a file; the
+    file gets `mode` whatever the umask, also over an older file of another mode.
 
     The data is synced before the rename and the directory after it: without that, a power cut could leave
     the new name on an empty file (issued.json losing every row, a CRL no server accepts).
@@ -64,7 +71,7 @@ def write_public(path: Path, data: bytes) -> None:
     partial = Path(name)
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            os.fchmod(handle.fileno(), PUBLIC_FILE_MODE)  # the open's mode is masked by the umask
+            os.fchmod(handle.fileno(), mode)  # mkstemp's 0600 is not always the mode wanted
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from mor_secure.audit import AuditLog
+from mor_secure.pki.files import PRIVATE_FILE_MODE, replace_file
 from silo_agent.cli import main
 from silo_agent import training
 
@@ -53,10 +54,10 @@ def test_an_existing_workdir_keeps_its_mode(tmp_path: Path, consortium_path: Pat
 def test_private_text_is_written_0600_also_over_a_wider_file(tmp_path: Path, umask: int) -> None:
     """How `mor silo train` writes local_diagnostics.json: exact statistics of the private data."""
     path = tmp_path / "local_diagnostics.json"
-    training.write_private_text(path, "{}")
+    replace_file(path, b"{}", mode=PRIVATE_FILE_MODE)
     assert mode_of(path) == 0o600 and path.read_text(encoding="utf-8") == "{}"
     os.chmod(path, 0o644)  # a diagnostics file from before this was fixed
-    training.write_private_text(path, '{"train_pairs": 3}')
+    replace_file(path, b'{"train_pairs": 3}', mode=PRIVATE_FILE_MODE)
     assert mode_of(path) == 0o600 and path.read_text(encoding="utf-8") == '{"train_pairs": 3}'
 
 
